@@ -1,0 +1,8 @@
+"""Run federated training: ``python run_websocket_client.py --spawn-workers``."""
+
+import sys
+
+from syncfed.cli.client import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Command-line entry points: thin layers from flags to a config to ``asyncio.run``."""

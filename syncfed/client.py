@@ -1,0 +1,152 @@
+"""The coordinator's side of one worker connection: requests matched to replies by id."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from .exceptions import ProtocolError, RemoteError, WorkerUnavailable
+from .protocol import REQUESTS, Error, Message, decode, encode
+from .transport import connection_options, receive
+
+__all__ = ["WorkerClient"]
+
+logger = logging.getLogger("syncfed.client")
+
+
+class WorkerClient:
+    """One connection to a worker; several requests may be in flight at once.
+
+    Usage::
+
+        async with WorkerClient("alice", "ws://localhost:8777") as alice:
+            info = await alice.request(Hello())
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        *,
+        # Limits
+        max_message_size: int,
+        # Timeouts
+        connect_timeout: float = 30.0,
+        request_timeout: float = 600.0,
+    ) -> None:
+        self.name = name
+        self.uri = uri
+        self.max_message_size = max_message_size
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self._connection: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._ids = itertools.count(1)
+        self._closed_reason = "not connected"
+
+    async def __aenter__(self) -> WorkerClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection.
+
+        Raises:
+            WorkerUnavailable: if the worker cannot be reached within ``connect_timeout``.
+        """
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                self._connection = await connect(
+                    self.uri, open_timeout=None, **connection_options(self.max_message_size)
+                )
+        except TimeoutError:
+            raise WorkerUnavailable(self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s") from None
+        except (OSError, ConnectionClosed) as exc:
+            raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        except Exception as exc:  # invalid URI or handshake: websockets raises several types
+            raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        self._closed_reason = "connection closed"
+        self._reader = asyncio.create_task(self._read_replies(self._connection))
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
+        if self._reader is not None:
+            await self._reader
+
+    async def request(self, message: Message, *, timeout: float | None = None) -> Message:
+        """Send a request and wait for its reply.
+
+        Raises:
+            RemoteError: if the worker answered with an error reply.
+            WorkerUnavailable: if the connection is gone or the reply is late.
+            ProtocolError: if the reply is of the wrong kind.
+        """
+        if self._connection is None or self._reader is None or self._reader.done():
+            raise WorkerUnavailable(self.name, self._closed_reason)
+        request_id = next(self._ids)
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
+        limit = self.request_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                await self._connection.send(encode(request_id, message))
+                answer = await reply
+        except TimeoutError:
+            raise WorkerUnavailable(self.name, f"no reply to {message.kind} within {limit:g} s") from None
+        except ConnectionClosed:
+            raise WorkerUnavailable(self.name, self._closed_reason) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(answer, Error):
+            raise RemoteError(self.name, answer.code, answer.reason)
+        expected = REQUESTS[message.kind]
+        if answer.kind != expected:
+            raise ProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
+        return answer
+
+    async def _read_replies(self, connection: ClientConnection) -> None:
+        """Route each reply to the request waiting for it; fail them all when the connection ends."""
+        failure: Exception
+        try:
+            while True:
+                data = await receive(connection, self.max_message_size)
+                try:
+                    envelope = decode(data)
+                except ProtocolError as exc:
+                    if exc.request_id in self._pending:
+                        self._resolve(exc.request_id, exc)
+                        continue
+                    raise
+                if envelope.id in self._pending:
+                    self._resolve(envelope.id, envelope.message)
+                elif isinstance(envelope.message, Error):
+                    logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
+                else:  # a reply to a request that timed out
+                    logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
+        except ConnectionClosed as exc:
+            self._closed_reason = f"connection closed ({exc})"
+            failure = WorkerUnavailable(self.name, self._closed_reason)
+        except ProtocolError as exc:
+            self._closed_reason = f"sent an invalid reply: {exc}"
+            failure = WorkerUnavailable(self.name, self._closed_reason)
+            await connection.close(1002, "invalid reply")
+        for request_id in list(self._pending):
+            self._resolve(request_id, failure)
+
+    def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
+        future = self._pending.pop(request_id)
+        if future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)

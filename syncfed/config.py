@@ -1,0 +1,151 @@
+"""Frozen settings of a worker and of a coordinator, with their defaults.
+
+The command-line tools build these from flags; library users build them
+directly. Validation happens on construction, so a config that exists is
+usable.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from .aggregation import AGGREGATORS
+from .datasets import DATASETS
+from .exceptions import ConfigError
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_WORKERS",
+    "DEFAULT_EVALUATOR",
+    "WorkerConfig",
+    "CoordinatorConfig",
+    "parse_endpoints",
+]
+
+# Limits
+#: Large enough for a 100M-parameter float32 model (400 MB) plus framing.
+DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
+
+# Timeouts
+DEFAULT_CONNECT_TIMEOUT: Final = 30.0
+DEFAULT_REQUEST_TIMEOUT: Final = 600.0
+
+DEFAULT_WORKERS: Final = "alice=ws://localhost:8777,bob=ws://localhost:8778,charlie=ws://localhost:8779"
+DEFAULT_EVALUATOR: Final = "testing=ws://localhost:8780"
+
+
+def parse_endpoints(text: str) -> dict[str, str]:
+    """Parse ``"alice=ws://host:8777,bob=ws://host:8778"`` into ``{id: uri}``.
+
+    Raises:
+        ConfigError: if an entry lacks ``=``, a uri is not ws:// or wss://, or an id repeats.
+    """
+    endpoints: dict[str, str] = {}
+    for entry in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, uri = entry.partition("=")
+        if not sep or not name or not uri.startswith(("ws://", "wss://")):
+            raise ConfigError(f"worker entry {entry!r} must look like alice=ws://localhost:8777")
+        if name in endpoints:
+            raise ConfigError(f"worker id {name!r} appears twice")
+        endpoints[name] = uri
+    return endpoints
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name} must be a positive number, not {value!r}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """How a worker serves: who it is, what it holds, its limits."""
+
+    worker_id: str
+    host: str = "localhost"
+    port: int = 8777
+    testing: bool = False
+    dataset: str = "digits"
+    data_dir: Path = Path("data")
+    digits: tuple[int, ...] | None = None  # None: by worker id, or all for the evaluator
+    models: tuple[str, ...] = ()  # import paths of user models this worker may build
+    cuda: bool = False
+    threads: int | None = None  # torch threads; None keeps torch's default
+    download: bool = True
+    # Limits
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    max_in_flight: int = 8  # concurrent requests per connection
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            raise ConfigError("worker id must not be empty")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"data set {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not in 0..65535")
+        if self.max_message_size < 1024:
+            raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
+        if self.max_in_flight < 1:
+            raise ConfigError("max in-flight requests must be at least 1")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError("threads must be at least 1")
+
+    @property
+    def role(self) -> str:
+        return "evaluator" if self.testing else "trainer"
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    """A federated training run: who takes part, the recipe, limits and outputs."""
+
+    workers: dict[str, str] = field(default_factory=lambda: parse_endpoints(DEFAULT_WORKERS))
+    evaluator: dict[str, str] = field(default_factory=lambda: parse_endpoints(DEFAULT_EVALUATOR))
+    model: str | None = None  # None: the default model of the workers' data set
+    training_rounds: int = 40
+    federate_after_n_batches: int = 10
+    batch_size: int = 32
+    test_batch_size: int = 128
+    lr: float = 0.1
+    lr_decay: float = 0.98
+    lr_min: float = 0.001
+    seed: int = 1
+    aggregation: str = "fedavg"
+    eval_every: int = 10
+    save_model: Path | None = None
+    metrics_out: Path | None = None
+    # Limits
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    # Timeouts
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+
+    def __post_init__(self) -> None:
+        if not self.workers:
+            raise ConfigError("at least one training worker is needed")
+        if len(self.evaluator) > 1:
+            raise ConfigError(f"at most one evaluator is supported, got {len(self.evaluator)}")
+        overlap = set(self.workers) & set(self.evaluator)
+        if overlap:
+            raise ConfigError(f"worker id {sorted(overlap)[0]!r} is both a trainer and the evaluator")
+        for name in ("training_rounds", "federate_after_n_batches", "batch_size", "test_batch_size", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("lr", "lr_decay", "lr_min", "connect_timeout", "request_timeout"):
+            _positive(name, getattr(self, name))
+        if self.aggregation not in AGGREGATORS:
+            raise ConfigError(f"aggregation {self.aggregation!r} is not one of {', '.join(AGGREGATORS)}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed {self.seed} is not in 0..{2**32 - 1}")
+        if self.max_message_size < 1024:
+            raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
+
+    def learning_rate(self, round_number: int) -> float:
+        """``lr`` decayed by ``lr_decay`` each round, never below ``lr_min``."""
+        return max(self.lr * self.lr_decay ** (round_number - 1), self.lr_min)
+
+    def is_eval_round(self, round_number: int) -> bool:
+        """Rounds 1, 1 + eval_every, 1 + 2 * eval_every, ... and the last."""
+        return (round_number - 1) % self.eval_every == 0 or round_number == self.training_rounds

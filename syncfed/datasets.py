@@ -1,0 +1,199 @@
+"""Data sets a worker can hold: scikit-learn's digits (offline) and MNIST.
+
+- ``digits``: the 1,797 8x8 images bundled with scikit-learn, split 80/20
+  into train and test, stratified, with a fixed seed. Needs no download.
+- ``mnist``: the standard IDX files in torchvision's layout,
+  ``<data_dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``,
+  downloaded (through torchvision when it imports, else from the usual
+  mirrors with checksums) when missing. Any number of images works.
+
+Images become float32 arrays of shape ``(N, 1, H, W)``, normalised with the
+data set's usual mean and standard deviation; labels become int64.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final, Literal
+
+import numpy as np
+
+from .exceptions import DatasetError
+
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "read_idx", "mnist_paths"]
+
+Split = Literal["train", "test"]
+DATASETS: Final = ("digits", "mnist")
+
+# Mean and standard deviation of the pixel values, scaled to [0, 1].
+_DIGITS_MEAN, _DIGITS_STD = 0.3053, 0.3760
+_MNIST_MEAN, _MNIST_STD = 0.1307, 0.3081
+
+_DIGITS_SPLIT_SEED: Final = 0
+
+_MNIST_MIRRORS: Final = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://yann.lecun.com/exdb/mnist/",
+)
+_MNIST_FILES: Final[dict[str, str]] = {  # file name -> md5 of the gzipped file
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+_IDX_TYPES: Final[dict[int, str]] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images and labels held in memory by one worker."""
+
+    name: str
+    images: np.ndarray  # float32, (N, 1, H, W)
+    labels: np.ndarray  # int64, (N,)
+    num_classes: int = 10
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def histogram(self) -> list[int]:
+        """Examples per class."""
+        return [int(n) for n in np.bincount(self.labels, minlength=self.num_classes)]
+
+    def subset(self, indices: np.ndarray) -> Dataset:
+        return Dataset(self.name, self.images[indices], self.labels[indices], self.num_classes)
+
+
+def load_dataset(name: str, split: Split, data_dir: str | os.PathLike[str] = "data", *, download: bool = True) -> Dataset:
+    """Load ``split`` of the named data set.
+
+    Raises:
+        DatasetError: if the name is unknown or the files cannot be read or fetched.
+    """
+    if name == "digits":
+        return _load_digits(split)
+    if name == "mnist":
+        return _load_mnist(split, Path(data_dir), download=download)
+    raise DatasetError(f"data set {name!r} is not one of {', '.join(DATASETS)}")
+
+
+def _load_digits(split: Split) -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = (bunch.images / 16.0 - _DIGITS_MEAN) / _DIGITS_STD
+    train_x, test_x, train_y, test_y = train_test_split(
+        images, bunch.target, test_size=0.2, random_state=_DIGITS_SPLIT_SEED, stratify=bunch.target
+    )
+    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
+    return Dataset("digits", x[:, None].astype(np.float32), y.astype(np.int64))
+
+
+def mnist_paths(split: Split, data_dir: Path) -> tuple[Path, Path]:
+    """Base paths (without ``.gz``) of the image and label files of ``split``."""
+    prefix = "train" if split == "train" else "t10k"
+    raw = data_dir / "MNIST" / "raw"
+    return raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+
+
+def _existing(base: Path) -> Path | None:
+    for path in (base, base.with_name(base.name + ".gz")):
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_mnist(split: Split, data_dir: Path, *, download: bool) -> Dataset:
+    bases = mnist_paths(split, data_dir)
+    if any(_existing(base) is None for base in bases):
+        where = bases[0].parent
+        if not download:
+            raise DatasetError(f"MNIST files not found in {where}; use --dataset digits to work offline")
+        try:
+            _download_mnist(data_dir)
+        except Exception as exc:  # any failure to fetch ends in the same clear line
+            raise DatasetError(
+                f"MNIST files not found in {where} and the download failed ({exc}); "
+                f"put the IDX files there, or use --dataset digits to work offline"
+            ) from None
+    image_path, label_path = (_existing(base) for base in bases)
+    assert image_path is not None and label_path is not None
+    images = read_idx(image_path)
+    labels = read_idx(label_path)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DatasetError(f"{image_path} must hold 3-d images and {label_path} 1-d labels")
+    if len(images) != len(labels):
+        raise DatasetError(f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise DatasetError(f"{label_path} holds labels outside 0..9")
+    pixels = (images.astype(np.float32) / 255.0 - _MNIST_MEAN) / _MNIST_STD
+    return Dataset("mnist", pixels[:, None], labels.astype(np.int64))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (gzipped when its name ends in ``.gz``).
+
+    Raises:
+        DatasetError: if the header or the size is wrong.
+    """
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise DatasetError(f"cannot read {path}: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_TYPES:
+        raise DatasetError(f"{path} is not an IDX file (bad magic number)")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DatasetError(f"{path} is truncated in its header")
+    shape = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = np.dtype(_IDX_TYPES[data[2]])
+    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) != expected:
+        raise DatasetError(f"{path} has {len(data)} bytes, its header says {expected}")
+    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+
+
+def _download_mnist(data_dir: Path) -> None:
+    try:
+        from torchvision.datasets import MNIST
+    except Exception:  # torchvision is optional and may fail to import beside CPU torch
+        MNIST = None
+    if MNIST is not None:
+        for train in (True, False):
+            MNIST(str(data_dir), train=train, download=True)
+        return
+    raw = data_dir / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, md5 in _MNIST_FILES.items():
+        target = raw / f"{name}.gz"
+        if target.is_file() or (raw / name).is_file():
+            continue
+        errors = []
+        for mirror in _MNIST_MIRRORS:
+            try:
+                with urllib.request.urlopen(mirror + target.name, timeout=30) as response:
+                    payload = response.read(100 * 2**20)
+            except OSError as exc:
+                errors.append(f"{mirror}: {exc}")
+                continue
+            if hashlib.md5(payload).hexdigest() != md5:
+                errors.append(f"{mirror}: checksum mismatch for {target.name}")
+                continue
+            partial = target.with_name(target.name + ".part")
+            partial.write_bytes(payload)
+            partial.replace(target)
+            break
+        else:
+            raise DatasetError("; ".join(errors))

@@ -1,0 +1,112 @@
+"""Exceptions raised by syncfed.
+
+Every error derives from :class:`SyncfedError`, so callers can catch one type::
+
+    SyncfedError
+    ├── ConfigError          the caller misused the API or a command-line flag
+    ├── DatasetError         data files are missing, unreadable or inconsistent
+    ├── ModelError           a model name cannot be resolved or weights do not fit it
+    ├── ProtocolError        a message on the wire is invalid
+    │   ├── MessageTooLarge  a message exceeds the configured size limit
+    │   └── TensorError      a tensor's dtype, shape or bytes are inconsistent
+    ├── AggregationError     updates cannot be combined (names, shapes, counts)
+    ├── RemoteError          a peer answered a request with an error reply
+    ├── WorkerUnavailable    a worker cannot be reached or did not answer in time
+    └── IncompatibleWorkers  workers disagree with each other or with the model
+
+Messages name the offending value and the limit, in lowercase, without a
+trailing period, as in "message with 12 bytes exceeds limit of 8 bytes".
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SyncfedError",
+    "ConfigError",
+    "DatasetError",
+    "ModelError",
+    "ProtocolError",
+    "MessageTooLarge",
+    "TensorError",
+    "AggregationError",
+    "RemoteError",
+    "WorkerUnavailable",
+    "IncompatibleWorkers",
+]
+
+
+class SyncfedError(Exception):
+    """Base class for every error raised by syncfed."""
+
+
+class ConfigError(SyncfedError):
+    """The caller passed an invalid setting."""
+
+
+class DatasetError(SyncfedError):
+    """A data set cannot be loaded."""
+
+
+class ModelError(SyncfedError):
+    """A model cannot be built or does not match the given weights."""
+
+
+class ProtocolError(SyncfedError):
+    """A peer sent a message that breaks the wire protocol.
+
+    ``code`` is the error code sent back to the peer (see ``docs/protocol.md``);
+    ``request_id`` is the id of the request it concerns, when that was readable.
+    """
+
+    code = "malformed"
+
+    def __init__(self, reason: str, *, code: str | None = None, request_id: int | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        if code is not None:
+            self.code = code
+        self.request_id = request_id
+
+
+class MessageTooLarge(ProtocolError):
+    """A message exceeds the receiver's size limit."""
+
+    code = "too_large"
+
+    def __init__(self, size: int, limit: int) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(f"message with {size} bytes exceeds limit of {limit} bytes")
+
+
+class TensorError(ProtocolError):
+    """A tensor on the wire is inconsistent (dtype, shape or byte count)."""
+
+    code = "bad_tensor"
+
+
+class AggregationError(SyncfedError):
+    """Updates cannot be aggregated."""
+
+
+class RemoteError(SyncfedError):
+    """A peer answered with an error reply."""
+
+    def __init__(self, peer: str, code: str, reason: str) -> None:
+        self.peer = peer
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{peer} answered with error {code}: {reason}")
+
+
+class WorkerUnavailable(SyncfedError):
+    """A worker cannot be reached, closed the connection or timed out."""
+
+    def __init__(self, worker: str, reason: str) -> None:
+        self.worker = worker
+        self.reason = reason
+        super().__init__(f"worker {worker} is unavailable: {reason}")
+
+
+class IncompatibleWorkers(SyncfedError):
+    """Workers disagree with each other or with the model."""

@@ -1,0 +1,76 @@
+"""Which examples each worker holds: pure, index-based sharding by class.
+
+The classic demo gives alice digits 0-3, bob 4-6 and charlie 7-9; any worker
+can be given any set of classes. Functions return index arrays and never
+touch files, so a shard is a view of a data set loaded elsewhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from .exceptions import ConfigError
+
+__all__ = ["DEFAULT_CLASSES", "default_classes", "parse_classes", "class_indices", "group_label"]
+
+#: The classic demo's shards by worker id.
+DEFAULT_CLASSES: dict[str, tuple[int, ...]] = {
+    "alice": (0, 1, 2, 3),
+    "bob": (4, 5, 6),
+    "charlie": (7, 8, 9),
+}
+
+
+def default_classes(worker_id: str) -> tuple[int, ...]:
+    """The classes a training worker holds when no ``--digits`` are given.
+
+    Raises:
+        ConfigError: if the id has no default shard.
+    """
+    try:
+        return DEFAULT_CLASSES[worker_id]
+    except KeyError:
+        known = ", ".join(DEFAULT_CLASSES)
+        raise ConfigError(
+            f"worker id {worker_id!r} has no default digits (only {known} do); pass --digits, e.g. --digits 0,5,9"
+        ) from None
+
+
+def parse_classes(text: str, num_classes: int = 10) -> tuple[int, ...]:
+    """Parse ``"0,5,9"`` or ``"0-3,7"`` into sorted, distinct class indices.
+
+    Raises:
+        ConfigError: if an entry is not a class in ``0..num_classes-1``.
+    """
+    classes: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        low, _, high = part.partition("-")
+        try:
+            first, last = int(low), int(high or low)
+        except ValueError:
+            raise ConfigError(f"digits {text!r} must be a comma-separated list such as 0,5,9 or 0-3") from None
+        if not 0 <= first <= last < num_classes:
+            raise ConfigError(f"digits entry {part!r} is not within 0..{num_classes - 1}")
+        classes.update(range(first, last + 1))
+    return tuple(sorted(classes))
+
+
+def class_indices(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:
+    """Indices of the examples whose label is one of ``classes``, in order."""
+    return np.flatnonzero(np.isin(labels, np.fromiter(classes, dtype=np.int64)))
+
+
+def group_label(classes: Sequence[int]) -> str:
+    """Name a set of classes compactly: ``(0, 1, 2, 3)`` is ``"0-3"``, ``(0, 5, 6)`` is ``"0,5-6"``."""
+    parts: list[str] = []
+    ordered = sorted(set(classes))
+    start = 0
+    for index in range(1, len(ordered) + 1):
+        if index == len(ordered) or ordered[index] != ordered[index - 1] + 1:
+            first, last = ordered[start], ordered[index - 1]
+            parts.append(str(first) if first == last else f"{first}-{last}")
+            start = index
+    return ",".join(parts)

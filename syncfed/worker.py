@@ -1,0 +1,267 @@
+"""A worker: serves its private shard over websockets, never the data itself.
+
+Each connection is a session that starts with ``hello``. Requests are served
+concurrently and answered by id; training and evaluation run in a thread,
+one at a time, so the event loop keeps answering pings and other requests.
+A bad request gets an error reply and the worker keeps serving.
+
+Usage::
+
+    config = WorkerConfig("alice", port=8777)
+    asyncio.run(run_worker(config, load_shard(config)))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+from .config import WorkerConfig
+from .datasets import Dataset, load_dataset
+from .exceptions import MessageTooLarge, ModelError, ProtocolError
+from .models import MODELS, ModelFactory, get_weights, resolve_model, set_weights
+from .partition import class_indices, default_classes
+from .protocol import (
+    PROTOCOL_VERSION,
+    REQUESTS,
+    Envelope,
+    Error,
+    Evaluate,
+    EvalResult,
+    Fit,
+    FitResult,
+    Hello,
+    Info,
+    Message,
+    Ping,
+    Pong,
+    decode,
+    encode,
+)
+from .training import evaluate, train
+from .transport import connection_options, receive
+
+__all__ = ["Worker", "load_shard", "model_factories", "run_worker"]
+
+logger = logging.getLogger("syncfed.worker")
+
+
+class RequestFailed(Exception):
+    """Internal: a request cannot be served; becomes an error reply."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def load_shard(config: WorkerConfig) -> Dataset:
+    """Load what this worker holds: the test set, or its classes of the training set."""
+    if config.testing:
+        data = load_dataset(config.dataset, "test", config.data_dir, download=config.download)
+    else:
+        data = load_dataset(config.dataset, "train", config.data_dir, download=config.download)
+    classes = config.digits
+    if classes is None and not config.testing:
+        classes = default_classes(config.worker_id)
+    return data if classes is None else data.subset(class_indices(data.labels, classes))
+
+
+def model_factories(import_paths: tuple[str, ...]) -> dict[str, ModelFactory]:
+    """The built-in models plus the user models this worker was started with."""
+    factories = dict(MODELS)
+    for path in import_paths:
+        factories[path] = resolve_model(path)
+    return factories
+
+
+class Worker:
+    """Serves fit, evaluate, hello and ping requests over its data."""
+
+    def __init__(self, config: WorkerConfig, data: Dataset) -> None:
+        self.config = config
+        self.data = data
+        self.factories = model_factories(config.models)
+        self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+        # One compute job at a time: it owns the cached models and the CPU.
+        self._compute = asyncio.Lock()
+        self._models: dict[str, nn.Module] = {}
+
+    def info(self) -> Info:
+        return Info(
+            worker_id=self.config.worker_id,
+            role=self.config.role,
+            dataset=self.data.name,
+            input_shape=self.data.input_shape,
+            num_classes=self.data.num_classes,
+            histogram=tuple(self.data.histogram()),
+            models=tuple(self.factories),
+        )
+
+    async def handle(self, connection: ServerConnection) -> None:
+        """Serve one connection until it closes."""
+        peer = "{}:{}".format(*connection.remote_address[:2]) if connection.remote_address else "?"
+        session = _Session(self, connection, peer)
+        try:
+            await session.run()
+        finally:
+            session.abandon()
+
+    async def compute(self, message: Fit | Evaluate) -> Message:
+        """Run a fit or an evaluation in a thread, one at a time."""
+        if message.model not in self.factories:
+            raise RequestFailed(
+                "unknown_model",
+                f"model {message.model!r} is not registered on this worker "
+                f"(it has {', '.join(self.factories)}; start it with --model to add one)",
+            )
+        if isinstance(message, Fit) and self.config.testing:
+            raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        async with self._compute:
+            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message)
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # A thread cannot be stopped: keep the lock until it ends, so
+                # the next job never shares the cached model with it.
+                await asyncio.wait([job])
+                raise
+
+    def _model(self, name: str) -> nn.Module:
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = self.factories[name]()
+        return model
+
+    def _compute_sync(self, message: Fit | Evaluate) -> Message:
+        model = self._model(message.model)
+        try:
+            set_weights(model, message.weights)
+        except ModelError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
+        if isinstance(message, Fit):
+            started = time.perf_counter()
+            torch.manual_seed(message.plan.seed)  # dropout and other random layers
+            result = train(model, self.data, message.plan, self.device)
+            return FitResult(get_weights(model), len(self.data), result.loss, time.perf_counter() - started)
+        outcome = evaluate(model, self.data, message.batch_size, self.device)
+        return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
+
+
+class _Session:
+    """The state of one connection: handshake done, requests in flight."""
+
+    def __init__(self, worker: Worker, connection: ServerConnection, peer: str) -> None:
+        self.worker = worker
+        self.connection = connection
+        self.peer = peer
+        self.greeted = False
+        self.in_flight: dict[int, asyncio.Task[None]] = {}
+        self.replies: set[asyncio.Task[None]] = set()  # error replies being sent
+
+    async def run(self) -> None:
+        limit = self.worker.config.max_message_size
+        while True:
+            try:
+                data = await receive(self.connection, limit)
+            except ConnectionClosed:
+                return
+            except MessageTooLarge as exc:  # the rest was read and dropped
+                self.fail(0, exc.code, str(exc), exc.size)
+                continue
+            try:
+                envelope = decode(data)
+            except ProtocolError as exc:
+                self.fail(exc.request_id or 0, exc.code, str(exc), len(data))
+                continue
+            self.dispatch(envelope, len(data))
+
+    def dispatch(self, envelope: Envelope, size: int) -> None:
+        """Check a request against the session's rules, then serve it in a task."""
+        request_id, message = envelope.id, envelope.message
+        limit = self.worker.config.max_in_flight
+        if message.kind not in REQUESTS:
+            self.fail(request_id, "unknown_kind", f"message kind {message.kind!r} is not a request", size)
+        elif request_id == 0:
+            self.fail(request_id, "malformed", "request id 0 is reserved for unattributable errors", size)
+        elif not self.greeted and not isinstance(message, Hello):
+            self.fail(request_id, "out_of_order", f"{message.kind} before hello", size)
+        elif request_id in self.in_flight:
+            self.fail(request_id, "out_of_order", f"request id {request_id} is already in flight", size)
+        elif len(self.in_flight) >= limit:
+            self.fail(request_id, "busy", f"{len(self.in_flight) + 1} requests in flight exceed limit of {limit}", size)
+        else:
+            if isinstance(message, Hello) and message.protocol_version == PROTOCOL_VERSION:
+                # Set here, not in the task, so requests pipelined after hello are accepted.
+                self.greeted = True
+            task = asyncio.create_task(self.serve(request_id, message, size))
+            self.in_flight[request_id] = task
+            task.add_done_callback(lambda _: self.in_flight.pop(request_id, None))
+
+    async def serve(self, request_id: int, message: Message, size: int) -> None:
+        started = time.perf_counter()
+        try:
+            reply = await self.answer(message)
+        except RequestFailed as exc:
+            await self.reply_error(request_id, exc.code, exc.reason, size)
+            return
+        except Exception:
+            logger.exception("%s from %s failed", message.kind, self.peer)
+            await self.reply_error(request_id, "internal", f"{message.kind} failed on the worker", size)
+            return
+        sent = await self.send(request_id, reply)
+        log = logger.debug if isinstance(message, Ping) else logger.info
+        log("%s from %s: %d bytes in, %d bytes out, %.3f s", message.kind, self.peer, size, sent, time.perf_counter() - started)
+
+    async def answer(self, message: Message) -> Message:
+        if isinstance(message, Hello):
+            if message.protocol_version != PROTOCOL_VERSION:
+                raise RequestFailed(
+                    "unsupported_version",
+                    f"protocol version {message.protocol_version} is not supported"
+                    f" (this worker speaks {PROTOCOL_VERSION})",
+                )
+            return self.worker.info()
+        if isinstance(message, (Fit, Evaluate)):
+            return await self.worker.compute(message)
+        return Pong()
+
+    def fail(self, request_id: int, code: str, reason: str, size: int) -> None:
+        """Answer with an error without holding up the read loop."""
+        task = asyncio.create_task(self.reply_error(request_id, code, reason, size))
+        self.replies.add(task)
+        task.add_done_callback(self.replies.discard)
+
+    async def reply_error(self, request_id: int, code: str, reason: str, size: int) -> None:
+        logger.warning("error reply to %s (request %d, %d bytes in): %s: %s", self.peer, request_id, size, code, reason)
+        await self.send(request_id, Error(code, reason[:1000]))
+
+    async def send(self, request_id: int, message: Message) -> int:
+        data = encode(request_id, message)
+        try:
+            await self.connection.send(data)
+        except ConnectionClosed:
+            logger.info("%s left before the reply to request %d", self.peer, request_id)
+        return len(data)
+
+    def abandon(self) -> None:
+        """Cancel what is still in flight for a closed connection."""
+        for task in [*self.in_flight.values(), *self.replies]:
+            task.cancel()
+
+
+async def run_worker(config: WorkerConfig, data: Dataset, *, ready: Callable[[str], None] = print) -> None:
+    """Serve ``data`` until cancelled; ``ready`` gets the line naming the bound address."""
+    worker = Worker(config, data)
+    options = connection_options(config.max_message_size)
+    async with serve(worker.handle, config.host, config.port, **options) as server:
+        host, port = next(iter(server.sockets)).getsockname()[:2]
+        ready(f"syncfed worker {config.worker_id} listening on ws://{host}:{port}")
+        await server.serve_forever()
