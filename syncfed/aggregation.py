@@ -40,8 +40,7 @@ def _validate(updates: Sequence[Update]) -> None:
         for name in names:
             if weights[name].shape != first[name].shape:
                 raise AggregationError(
-                    f"update {index} has tensor {name} of shape {weights[name].shape},"
-                    f" update 0 has {first[name].shape}"
+                    f"update {index} has tensor {name} of shape {weights[name].shape}, update 0 has {first[name].shape}"
                 )
 
 

@@ -68,7 +68,9 @@ class WorkerClient:
                     self.uri, open_timeout=None, **connection_options(self.max_message_size)
                 )
         except TimeoutError:
-            raise WorkerUnavailable(self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s") from None
+            raise WorkerUnavailable(
+                self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s"
+            ) from None
         except (OSError, ConnectionClosed) as exc:
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
         except Exception as exc:  # invalid URI or handshake: websockets raises several types

@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 from .aggregation import get_aggregator
+from .client import WorkerClient
 from .config import CoordinatorConfig
 from .exceptions import IncompatibleWorkers, ModelError
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
-from .protocol import PROTOCOL_VERSION, Evaluate, EvalResult, Fit, FitResult, Hello, Info, TrainingPlan
-from .client import WorkerClient
+from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
 from .tensors import Weights
 
 __all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "save_model"]
@@ -88,7 +88,9 @@ def save_model(path: Path, weights: Weights, metadata: Mapping[str, str]) -> Non
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
-    save_file({name: np.ascontiguousarray(array) for name, array in weights.items()}, str(partial), metadata=dict(metadata))
+    save_file(
+        {name: np.ascontiguousarray(array) for name, array in weights.items()}, str(partial), metadata=dict(metadata)
+    )
     os.replace(partial, path)
 
 
@@ -141,14 +143,19 @@ class Coordinator:
         )
 
     async def _handshake(self, clients: Sequence[WorkerClient]) -> dict[str, Info]:
-        replies = await asyncio.gather(*(client.request(Hello(), timeout=self.config.connect_timeout) for client in clients))
+        replies = await asyncio.gather(
+            *(client.request(Hello(), timeout=self.config.connect_timeout) for client in clients)
+        )
         infos: dict[str, Info] = {}
         for client, info in zip(clients, replies, strict=True):
             assert isinstance(info, Info)
             infos[client.name] = info
             logger.info(
                 "%s holds %d examples of %s (classes %s)",
-                client.name, info.num_examples, info.dataset, group_label(_held_classes(info)),
+                client.name,
+                info.num_examples,
+                info.dataset,
+                group_label(_held_classes(info)),
             )
         return infos
 
@@ -211,7 +218,9 @@ class Coordinator:
             )
             for index, _ in enumerate(trainers)
         ]
-        replies = await asyncio.gather(*(client.request(request) for client, request in zip(trainers, requests, strict=True)))
+        replies = await asyncio.gather(
+            *(client.request(request) for client, request in zip(trainers, requests, strict=True))
+        )
         updates: dict[str, FitResult] = {}
         for client, reply in zip(trainers, replies, strict=True):
             assert isinstance(reply, FitResult)
@@ -226,7 +235,14 @@ class Coordinator:
         )
         result.rounds.append(record)
         losses = ", ".join(f"{name} {loss:.4f}" for name, loss in record.train_loss.items())
-        logger.info("round %d/%d: %.2f s, lr %.4f, training loss %s", round_number, config.training_rounds, record.seconds, lr, losses)
+        logger.info(
+            "round %d/%d: %.2f s, lr %.4f, training loss %s",
+            round_number,
+            config.training_rounds,
+            record.seconds,
+            lr,
+            losses,
+        )
         self._write(
             {
                 "event": "round",
@@ -289,4 +305,3 @@ class Coordinator:
 
 def _held_classes(info: Info) -> list[int]:
     return [label for label, count in enumerate(info.histogram) if count > 0]
-

@@ -74,7 +74,9 @@ class Dataset:
         return Dataset(self.name, self.images[indices], self.labels[indices], self.num_classes)
 
 
-def load_dataset(name: str, split: Split, data_dir: str | os.PathLike[str] = "data", *, download: bool = True) -> Dataset:
+def load_dataset(
+    name: str, split: Split, data_dir: str | os.PathLike[str] = "data", *, download: bool = True
+) -> Dataset:
     """Load ``split`` of the named data set.
 
     Raises:

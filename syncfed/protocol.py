@@ -93,9 +93,7 @@ def _check_name(value: Any, what: str) -> None:
 
 def _check_counts(value: Any, what: str) -> None:
     _check(
-        isinstance(value, (list, tuple))
-        and len(value) <= MAX_CLASSES
-        and all(_is_int(n) and n >= 0 for n in value),
+        isinstance(value, (list, tuple)) and len(value) <= MAX_CLASSES and all(_is_int(n) and n >= 0 for n in value),
         f"{what} must be a list of at most {MAX_CLASSES} non-negative integers",
     )
 
@@ -421,7 +419,10 @@ class Error(Message):
 
     def __post_init__(self) -> None:
         _check(self.code in ERROR_CODES, f"error code {self.code!r:.40} is unknown")
-        _check(isinstance(self.reason, str) and len(self.reason) <= 1000, "reason must be a string of at most 1000 characters")
+        _check(
+            isinstance(self.reason, str) and len(self.reason) <= 1000,
+            "reason must be a string of at most 1000 characters",
+        )
 
     def to_body(self) -> dict[str, Any]:
         return {"code": self.code, "reason": self.reason}
@@ -504,4 +505,3 @@ def decode(data: bytes, *, max_size: int | None = None) -> Envelope:
         exc.request_id = request_id
         raise
     return Envelope(request_id, message)
-

@@ -38,7 +38,16 @@ async def _start(worker_id: str, arguments: Sequence[str], startup_timeout: floa
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "syncfed.cli.server", "--id", worker_id, "--host", "127.0.0.1", "--port", "0", *arguments,
+        sys.executable,
+        "-m",
+        "syncfed.cli.server",
+        "--id",
+        worker_id,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        *arguments,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,

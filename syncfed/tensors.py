@@ -36,8 +36,9 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     name = array.dtype.name
     if name not in DTYPES:
         raise TensorError(f"dtype {name} is not one of {', '.join(DTYPES)}")
-    array = np.ascontiguousarray(array, dtype=DTYPES[name])
-    return {"dtype": name, "shape": list(array.shape), "data": memoryview(array).cast("B")}
+    array = array.astype(DTYPES[name], order="C", copy=False)
+    # A flat uint8 view exposes the raw bytes without copying, whatever the dtype or shape.
+    return {"dtype": name, "shape": list(array.shape), "data": array.reshape(-1).view(np.uint8).data}
 
 
 def decode_tensor(value: Any, *, name: str = "tensor") -> np.ndarray:
@@ -51,11 +52,7 @@ def decode_tensor(value: Any, *, name: str = "tensor") -> np.ndarray:
     dtype_name, shape, data = value["dtype"], value["shape"], value["data"]
     if dtype_name not in DTYPES:
         raise TensorError(f"{name} has dtype {dtype_name!r}, not one of {', '.join(DTYPES)}")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(type(dim) is int and dim >= 0 for dim in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise TensorError(f"{name} has shape {shape!r}, not a list of at most {MAX_DIMS} sizes")
     if not isinstance(data, bytes):
         raise TensorError(f"{name} data must be bytes, not {type(data).__name__}")

@@ -59,7 +59,7 @@ def train(model: nn.Module, data: Dataset, plan: TrainingPlan, device: torch.dev
         x, y = images[index].to(device), labels[index].to(device)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
         total_loss += loss.item() * len(index)
         seen += len(index)

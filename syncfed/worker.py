@@ -33,8 +33,8 @@ from .protocol import (
     REQUESTS,
     Envelope,
     Error,
-    Evaluate,
     EvalResult,
+    Evaluate,
     Fit,
     FitResult,
     Hello,
@@ -218,7 +218,14 @@ class _Session:
             return
         sent = await self.send(request_id, reply)
         log = logger.debug if isinstance(message, Ping) else logger.info
-        log("%s from %s: %d bytes in, %d bytes out, %.3f s", message.kind, self.peer, size, sent, time.perf_counter() - started)
+        log(
+            "%s from %s: %d bytes in, %d bytes out, %.3f s",
+            message.kind,
+            self.peer,
+            size,
+            sent,
+            time.perf_counter() - started,
+        )
 
     async def answer(self, message: Message) -> Message:
         if isinstance(message, Hello):

@@ -19,13 +19,13 @@ from ..config import (
     DEFAULT_EVALUATOR,
     DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_WORKERS,
     CoordinatorConfig,
     parse_endpoints,
 )
 from ..coordinator import FEDERATED, Coordinator, RunResult
 from ..datasets import DATASETS
 from ..exceptions import SyncfedError
-from ..config import DEFAULT_WORKERS
 from ..spawn import spawn_workers
 from .common import INTERRUPTED, fail, normalize_flags, setup_logging, size
 
@@ -43,31 +43,86 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
     recipe.add_argument("--test-batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
     recipe.add_argument("--training-rounds", type=int, default=40, help="federated rounds (default: %(default)s)")
-    recipe.add_argument("--federate-after-n-batches", type=int, default=10, help="local batches per round (default: %(default)s)")
+    recipe.add_argument(
+        "--federate-after-n-batches", type=int, default=10, help="local batches per round (default: %(default)s)"
+    )
     recipe.add_argument("--lr", type=float, default=0.1, help="learning rate (default: %(default)s)")
-    recipe.add_argument("--lr-decay", type=float, default=0.98, help="learning-rate decay per round, floor 0.001 (default: %(default)s)")
-    recipe.add_argument("--seed", type=int, default=1, help="seed of the initial model and the workers' shuffling (default: %(default)s)")
-    recipe.add_argument("--aggregation", choices=list(AGGREGATORS), default="fedavg", help="fedavg: weighted by examples; mean: unweighted (default: %(default)s)")
-    recipe.add_argument("--model", help="registry name (mnist-cnn, digits-cnn) or import path mypkg.models:Net (default: follows the workers' data set)")
-    recipe.add_argument("--eval-every", type=int, default=10, help="evaluate at rounds 1, 1+N, ... and the last (default: %(default)s)")
+    recipe.add_argument(
+        "--lr-decay", type=float, default=0.98, help="learning-rate decay per round, floor 0.001 (default: %(default)s)"
+    )
+    recipe.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the initial model and the workers' shuffling (default: %(default)s)",
+    )
+    recipe.add_argument(
+        "--aggregation",
+        choices=list(AGGREGATORS),
+        default="fedavg",
+        help="fedavg: weighted by examples; mean: unweighted (default: %(default)s)",
+    )
+    recipe.add_argument(
+        "--model",
+        help="registry name (mnist-cnn, digits-cnn) or import path mypkg.models:Net"
+        " (default: follows the workers' data set)",
+    )
+    recipe.add_argument(
+        "--eval-every", type=int, default=10, help="evaluate at rounds 1, 1+N, ... and the last (default: %(default)s)"
+    )
     recipe.add_argument("--cuda", action="store_true", help="with --spawn-workers, let the workers train on the GPU")
 
     workers = parser.add_argument_group("workers")
-    workers.add_argument("--workers", default=DEFAULT_WORKERS, help="training workers as id=uri,... (default: %(default)s)")
-    workers.add_argument("--evaluator", default=DEFAULT_EVALUATOR, help="the evaluator as id=uri, empty for none (default: %(default)s)")
-    workers.add_argument("--spawn-workers", action="store_true", help="start the workers as local processes on free ports, and stop them at the end")
-    workers.add_argument("--dataset", choices=DATASETS, default="digits", help="with --spawn-workers: the workers' data set (default: %(default)s)")
-    workers.add_argument("--data-dir", type=Path, default=Path("data"), help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)")
+    workers.add_argument(
+        "--workers", default=DEFAULT_WORKERS, help="training workers as id=uri,... (default: %(default)s)"
+    )
+    workers.add_argument(
+        "--evaluator", default=DEFAULT_EVALUATOR, help="the evaluator as id=uri, empty for none (default: %(default)s)"
+    )
+    workers.add_argument(
+        "--spawn-workers",
+        action="store_true",
+        help="start the workers as local processes on free ports, and stop them at the end",
+    )
+    workers.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="with --spawn-workers: the workers' data set (default: %(default)s)",
+    )
+    workers.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)",
+    )
 
     output = parser.add_argument_group("output")
     output.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
-    output.add_argument("--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model")
+    output.add_argument(
+        "--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model"
+    )
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
     limits = parser.add_argument_group("limits and timeouts")
-    limits.add_argument("--max-message-size", type=size, default=DEFAULT_MAX_MESSAGE_SIZE, help="largest reply accepted (default: %(default)s bytes)")
-    limits.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, help="seconds to connect and greet each worker (default: %(default)s)")
-    limits.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, help="seconds to wait for a training or evaluation reply (default: %(default)s)")
+    limits.add_argument(
+        "--max-message-size",
+        type=size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest reply accepted (default: %(default)s bytes)",
+    )
+    limits.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to connect and greet each worker (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="seconds to wait for a training or evaluation reply (default: %(default)s)",
+    )
     return parser
 
 

@@ -36,16 +36,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", required=True, help="worker id, e.g. alice, bob, charlie or testing")
     parser.add_argument("--host", default="localhost", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8777, help="port to bind, 0 for a free one (default: %(default)s)")
-    parser.add_argument("--testing", action="store_true", help="hold the test set and serve as the evaluator (implied by --id testing)")
+    parser.add_argument(
+        "--testing", action="store_true", help="hold the test set and serve as the evaluator (implied by --id testing)"
+    )
     parser.add_argument("--dataset", choices=DATASETS, default="digits", help="data set (default: %(default)s)")
-    parser.add_argument("--data-dir", type=Path, default=Path("data"), help="where MNIST/raw lives (default: %(default)s)")
-    parser.add_argument("--digits", help="classes this worker holds, e.g. 0,5,9 or 0-3 (default: by id: alice 0-3, bob 4-6, charlie 7-9; all for the evaluator)")
-    parser.add_argument("--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="where MNIST/raw lives (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--digits",
+        help="classes this worker holds, e.g. 0,5,9 or 0-3"
+        " (default: by id: alice 0-3, bob 4-6, charlie 7-9; all for the evaluator)",
+    )
+    parser.add_argument(
+        "--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)"
+    )
     parser.add_argument("--cuda", action="store_true", help="train on the GPU when one is available")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-download", action="store_true", help="never download MNIST")
-    parser.add_argument("--max-message-size", type=size, default=DEFAULT_MAX_MESSAGE_SIZE, help="largest message accepted, in bytes or with a unit such as 512MiB (default: %(default)s)")
-    parser.add_argument("--max-in-flight", type=int, default=8, help="concurrent requests per connection (default: %(default)s)")
+    parser.add_argument(
+        "--max-message-size",
+        type=size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest message accepted, in bytes or with a unit such as 512MiB (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-in-flight", type=int, default=8, help="concurrent requests per connection (default: %(default)s)"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
 
@@ -82,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{label}: {count}" for label, count in enumerate(data.histogram()) if count)
         held = group_label([label for label, count in enumerate(data.histogram()) if count])
         role = "test" if config.testing else "training"
-        print(f"{config.worker_id} holds {len(data)} {role} examples of {data.name}, digits {held} ({counts})", flush=True)
+        print(
+            f"{config.worker_id} holds {len(data)} {role} examples of {data.name}, digits {held} ({counts})", flush=True
+        )
         asyncio.run(run_worker(config, data, ready=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
