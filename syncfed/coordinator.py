@@ -113,7 +113,7 @@ class Coordinator:
         async with AsyncExitStack() as stack:
             trainers = [self._client(name, uri) for name, uri in config.workers.items()]
             evaluators = [self._client(name, uri) for name, uri in config.evaluator.items()]
-            await asyncio.gather(*(stack.enter_async_context(client) for client in [*trainers, *evaluators]))
+            await self._connect([*trainers, *evaluators], stack)
             infos = await self._handshake([*trainers, *evaluators])
             model_name = self._check_compatible(infos, trainers, evaluators)
             if config.metrics_out is not None:
@@ -141,6 +141,17 @@ class Coordinator:
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
         )
+
+    @staticmethod
+    async def _connect(clients: Sequence[WorkerClient], stack: AsyncExitStack) -> None:
+        """Connect to all at once; close the ones that connected if any did not."""
+        outcomes = await asyncio.gather(*(client.connect() for client in clients), return_exceptions=True)
+        for client, outcome in zip(clients, outcomes, strict=True):
+            if outcome is None:
+                stack.push_async_callback(client.close)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _handshake(self, clients: Sequence[WorkerClient]) -> dict[str, Info]:
         replies = await asyncio.gather(

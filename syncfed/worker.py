@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -25,7 +26,7 @@ from websockets.exceptions import ConnectionClosed
 
 from .config import WorkerConfig
 from .datasets import Dataset, load_dataset
-from .exceptions import MessageTooLarge, ModelError, ProtocolError
+from .exceptions import MessageTooLarge, ModelError, ProtocolError, TensorError
 from .models import MODELS, ModelFactory, get_weights, resolve_model, set_weights
 from .partition import class_indices, default_classes
 from .protocol import (
@@ -150,6 +151,8 @@ class Worker:
             started = time.perf_counter()
             torch.manual_seed(message.plan.seed)  # dropout and other random layers
             result = train(model, self.data, message.plan, self.device)
+            if not math.isfinite(result.loss):
+                raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
             return FitResult(get_weights(model), len(self.data), result.loss, time.perf_counter() - started)
         outcome = evaluate(model, self.data, message.batch_size, self.device)
         return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
@@ -251,7 +254,11 @@ class _Session:
         await self.send(request_id, Error(code, reason[:1000]))
 
     async def send(self, request_id: int, message: Message) -> int:
-        data = encode(request_id, message)
+        try:
+            data = encode(request_id, message)
+        except TensorError as exc:  # e.g. a user model with a dtype the wire does not carry
+            logger.error("cannot encode the %s reply to %s: %s", message.kind, self.peer, exc)
+            data = encode(request_id, Error("internal", f"cannot encode the {message.kind} reply: {exc}"[:1000]))
         try:
             await self.connection.send(data)
         except ConnectionClosed:
