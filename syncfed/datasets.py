@@ -26,7 +26,7 @@ import numpy as np
 
 from .exceptions import DatasetError
 
-__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "read_idx", "mnist_paths"]
+__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "ensure_mnist", "read_idx", "mnist_paths"]
 
 Split = Literal["train", "test"]
 DATASETS: Final = ("digits", "mnist")
@@ -116,8 +116,14 @@ def _existing(base: Path) -> Path | None:
     return None
 
 
-def _load_mnist(split: Split, data_dir: Path, *, download: bool) -> Dataset:
-    bases = mnist_paths(split, data_dir)
+def ensure_mnist(data_dir: Path, *, download: bool = True) -> None:
+    """Make sure both splits' IDX files are in ``data_dir``, downloading them if allowed.
+
+    Raises:
+        DatasetError: if files are missing and cannot be fetched, in one line
+            saying where they were looked for and why the download failed.
+    """
+    bases = [*mnist_paths("train", data_dir), *mnist_paths("test", data_dir)]
     if any(_existing(base) is None for base in bases):
         where = bases[0].parent
         if not download:
@@ -129,7 +135,11 @@ def _load_mnist(split: Split, data_dir: Path, *, download: bool) -> Dataset:
                 f"MNIST files not found in {where} and the download failed ({exc}); "
                 f"put the IDX files there, or use --dataset digits to work offline"
             ) from None
-    image_path, label_path = (_existing(base) for base in bases)
+
+
+def _load_mnist(split: Split, data_dir: Path, *, download: bool) -> Dataset:
+    ensure_mnist(data_dir, download=download)
+    image_path, label_path = (_existing(base) for base in mnist_paths(split, data_dir))
     assert image_path is not None and label_path is not None
     images = read_idx(image_path)
     labels = read_idx(label_path)

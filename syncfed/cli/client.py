@@ -24,7 +24,7 @@ from ..config import (
     parse_endpoints,
 )
 from ..coordinator import FEDERATED, Coordinator, RunResult
-from ..datasets import DATASETS
+from ..datasets import DATASETS, ensure_mnist
 from ..exceptions import SyncfedError
 from ..spawn import spawn_workers
 from .common import INTERRUPTED, fail, normalize_flags, setup_logging, size
@@ -154,6 +154,8 @@ async def _run(args: argparse.Namespace) -> RunResult:
     config_from_args(args, workers, evaluator)  # validate before starting anything
     if not args.spawn_workers:
         return await Coordinator(config_from_args(args, workers, evaluator)).run()
+    if args.dataset == "mnist":
+        ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
     if args.cuda:
         common.append("--cuda")
