@@ -2,6 +2,7 @@
 
 Pure numpy over ``(weights, num_examples)`` pairs: validate first, then
 compute, one tensor at a time so temporaries stay the size of one tensor.
+Updates may list their tensors in any order; the result follows the first.
 
 - ``fedavg``: the example-weighted average of McMahan et al. 2017,
   "Communication-Efficient Learning of Deep Networks from Decentralized Data".
@@ -31,7 +32,7 @@ def _validate(updates: Sequence[Update]) -> None:
     for index, (weights, count) in enumerate(updates):
         if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
             raise AggregationError(f"update {index} has example count {count!r}, expected a positive integer")
-        if list(weights) != names:
+        if weights.keys() != first.keys():
             missing = sorted(set(names) - set(weights))
             extra = sorted(set(weights) - set(names))
             raise AggregationError(
@@ -41,6 +42,10 @@ def _validate(updates: Sequence[Update]) -> None:
             if weights[name].shape != first[name].shape:
                 raise AggregationError(
                     f"update {index} has tensor {name} of shape {weights[name].shape}, update 0 has {first[name].shape}"
+                )
+            if weights[name].dtype != first[name].dtype:
+                raise AggregationError(
+                    f"update {index} has tensor {name} of dtype {weights[name].dtype}, update 0 has {first[name].dtype}"
                 )
 
 
@@ -62,7 +67,7 @@ def _average(updates: Sequence[Update], *, weighted: bool) -> Weights:
     for name, reference in first.items():
         accumulator = np.zeros(reference.shape, dtype=np.float64)
         for (weights, _), factor in zip(updates, factors, strict=True):
-            accumulator += weights[name] * (factor / total)
+            accumulator += weights[name].astype(np.float64) * (factor / total)
         if not np.issubdtype(reference.dtype, np.floating):
             accumulator = np.rint(accumulator)
         result[name] = accumulator.astype(reference.dtype)

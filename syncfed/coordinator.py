@@ -184,7 +184,10 @@ class Coordinator:
                 )
             if info.role != roles[name]:
                 hint = "started with --testing" if info.role == "evaluator" else "started without --testing"
-                raise IncompatibleWorkers(f"{name} is an {info.role} ({hint}) but is listed as the {roles[name]}")
+                article = "an" if info.role == "evaluator" else "a"
+                raise IncompatibleWorkers(
+                    f"{name} is {article} {info.role} ({hint}) but is listed as the {roles[name]}"
+                )
             if roles[name] == "trainer" and info.num_examples == 0:
                 raise IncompatibleWorkers(f"{name} holds no training examples")
         reference_name, reference = next(iter(infos.items()))

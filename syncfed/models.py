@@ -122,7 +122,7 @@ def set_weights(model: nn.Module, weights: Mapping[str, np.ndarray]) -> None:
         ModelError: if the weights do not fit the model.
     """
     state = model.state_dict()
-    if list(weights) != list(state):
+    if weights.keys() != state.keys():
         missing = sorted(set(state) - set(weights))
         extra = sorted(set(weights) - set(state))
         raise ModelError(f"weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")

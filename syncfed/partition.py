@@ -47,9 +47,9 @@ def parse_classes(text: str, num_classes: int = 10) -> tuple[int, ...]:
     classes: set[int] = set()
     for part in text.split(","):
         part = part.strip()
-        low, _, high = part.partition("-")
+        low, dash, high = part.partition("-")
         try:
-            first, last = int(low), int(high or low)
+            first, last = int(low), int(high if dash else low)
         except ValueError:
             raise ConfigError(f"digits {text!r} must be a comma-separated list such as 0,5,9 or 0-3") from None
         if not 0 <= first <= last < num_classes:

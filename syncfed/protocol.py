@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Final
 
 import msgpack
@@ -81,13 +81,24 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
+    try:
+        return type(value) in (int, float) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_name(value: Any, what: str) -> None:
     _check(
         isinstance(value, str) and 0 < len(value) <= MAX_NAME,
         f"{what} must be a string of 1 to {MAX_NAME} characters, not {value!r:.80}",
+    )
+
+
+def _check_weights(value: Any) -> None:
+    _check(
+        isinstance(value, Mapping)
+        and all(isinstance(name, str) and isinstance(array, np.ndarray) for name, array in value.items()),
+        "weights must be a map from tensor names to arrays",
     )
 
 
@@ -285,6 +296,8 @@ class Fit(Message):
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
+        _check_weights(self.weights)
+        _check(isinstance(self.plan, TrainingPlan), "plan must be a TrainingPlan")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fit):
@@ -311,6 +324,7 @@ class FitResult(Message):
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_weights(self.weights)
         _check(_is_int(self.num_examples) and self.num_examples > 0, "num_examples must be a positive integer")
         _check(_is_number(self.loss), "loss must be a finite number")
         _check(_is_number(self.seconds) and self.seconds >= 0, "seconds must be a non-negative number")
@@ -349,6 +363,7 @@ class Evaluate(Message):
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
+        _check_weights(self.weights)
         _check(
             _is_int(self.batch_size) and 1 <= self.batch_size <= 1_000_000,
             "batch_size must be an integer from 1 to 1000000",
@@ -378,7 +393,7 @@ class EvalResult(Message):
     loss: float
     correct: int
     num_examples: int
-    predictions: tuple[int, ...] = field(default=())
+    predictions: tuple[int, ...]
 
     def __post_init__(self) -> None:
         _check(_is_number(self.loss), "loss must be a finite number")
@@ -418,7 +433,7 @@ class Error(Message):
     reason: str
 
     def __post_init__(self) -> None:
-        _check(self.code in ERROR_CODES, f"error code {self.code!r:.40} is unknown")
+        _check(isinstance(self.code, str) and self.code in ERROR_CODES, f"error code {self.code!r:.40} is unknown")
         _check(
             isinstance(self.reason, str) and len(self.reason) <= 1000,
             "reason must be a string of at most 1000 characters",
@@ -488,7 +503,7 @@ def decode(data: bytes, *, max_size: int | None = None) -> Envelope:
     if not _is_int(request_id) or not 0 <= request_id <= MAX_ID:
         raise ProtocolError(f"request id {request_id!r:.40} is not an integer in 0..{MAX_ID}")
     try:
-        if envelope["v"] != PROTOCOL_VERSION:
+        if not _is_int(envelope["v"]) or envelope["v"] != PROTOCOL_VERSION:
             raise ProtocolError(
                 f"protocol version {envelope['v']!r:.20} is not supported (this peer speaks {PROTOCOL_VERSION})",
                 code="unsupported_version",

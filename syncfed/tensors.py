@@ -50,7 +50,7 @@ def decode_tensor(value: Any, *, name: str = "tensor") -> np.ndarray:
     if not isinstance(value, Mapping) or set(value) != {"dtype", "shape", "data"}:
         raise TensorError(f"{name} must be a map with keys dtype, shape and data")
     dtype_name, shape, data = value["dtype"], value["shape"], value["data"]
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise TensorError(f"{name} has dtype {dtype_name!r}, not one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(dim) is int and dim >= 0 for dim in shape):
         raise TensorError(f"{name} has shape {shape!r}, not a list of at most {MAX_DIMS} sizes")

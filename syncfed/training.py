@@ -6,6 +6,7 @@ answering pings and other requests while it trains.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,12 +34,18 @@ class EvalOutcome:
     predictions: list[int]  # histogram of predicted classes
 
 
-def _batch_order(num_examples: int, plan: TrainingPlan) -> np.ndarray:
-    """Indices of the examples of each batch, reshuffling at every pass over the shard."""
+def _batches(num_examples: int, plan: TrainingPlan) -> Iterator[np.ndarray]:
+    """Index arrays of the plan's batches, drawn from a stream of reshuffled passes over the shard.
+
+    Lazy, so memory stays at one pass plus one batch however long the plan.
+    """
     rng = np.random.default_rng(plan.seed)
-    needed = plan.batch_size * plan.num_batches
-    passes = -(-needed // num_examples)
-    return np.concatenate([rng.permutation(num_examples) for _ in range(passes)])[:needed]
+    pending = np.empty(0, dtype=np.int64)
+    for _ in range(plan.num_batches):
+        while len(pending) < plan.batch_size:
+            pending = np.concatenate([pending, rng.permutation(num_examples)])
+        yield pending[: plan.batch_size]
+        pending = pending[plan.batch_size :]
 
 
 def train(model: nn.Module, data: Dataset, plan: TrainingPlan, device: torch.device) -> TrainResult:
@@ -49,13 +56,12 @@ def train(model: nn.Module, data: Dataset, plan: TrainingPlan, device: torch.dev
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
-    order = _batch_order(len(data), plan)
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels)
     total_loss = 0.0
     seen = 0
-    for start in range(0, len(order), plan.batch_size):
-        index = torch.from_numpy(order[start : start + plan.batch_size])
+    for batch in _batches(len(data), plan):
+        index = torch.from_numpy(batch)
         x, y = images[index].to(device), labels[index].to(device)
         optimizer.zero_grad()
         loss = F.cross_entropy(model(x), y)

@@ -15,7 +15,7 @@ import contextlib
 import gzip
 import struct
 import threading
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -95,11 +95,6 @@ def running_workers(plan: Sequence[tuple[str, Sequence[str]]]) -> Iterator[dict[
         pool.close()
 
 
-def uris(workers: Mapping[str, WorkerProcess], *names: str) -> dict[str, str]:
-    """``{id: uri}`` of the named workers, in the given order."""
-    return {name: workers[name].uri for name in names}
-
-
 @pytest.fixture(scope="session")
 def digits_workers() -> Iterator[dict[str, WorkerProcess]]:
     """alice (0-3), bob (4-6), charlie (7-9), the evaluator testing, and dave for fault tests."""
@@ -141,3 +136,10 @@ def mnist_worker(mnist_dir: Path) -> Iterator[WorkerProcess]:
     arguments = [*THREADS, "--dataset", "mnist", "--data-dir", str(mnist_dir), "--no-download"]
     with running_workers([("alice", arguments)]) as workers:
         yield workers["alice"]
+
+
+@pytest.fixture
+def disposable_worker() -> Iterator[WorkerProcess]:
+    """A training worker erin of this test's own, for tests that kill it."""
+    with running_workers([("erin", [*THREADS, "--digits", "1,2"])]) as workers:
+        yield workers["erin"]

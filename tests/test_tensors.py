@@ -111,16 +111,31 @@ def test_encode_does_not_copy_contiguous_arrays() -> None:
 
 @pytest.mark.parametrize(
     "dtype_name",
-    ["float128", "complex64", "complex128", "object", "uint16", "uint32", "uint64", "bfloat16",
-     "f4", "<f4", "float32 ", "FLOAT32", "", "O", "V8", "str"],
+    [
+        "float128",
+        "complex64",
+        "complex128",
+        "object",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bfloat16",
+        "f4",
+        "<f4",
+        "float32 ",
+        "FLOAT32",
+        "",
+        "O",
+        "V8",
+        "str",
+    ],
 )
 def test_non_whitelisted_dtype_names_are_rejected(dtype_name: str) -> None:
     with pytest.raises(TensorError) as info:
         decode_tensor({"dtype": dtype_name, "shape": [1], "data": b"\x00" * 4})
     assert info.value.code == "bad_tensor"
     assert str(info.value) == (
-        f"tensor has dtype {dtype_name!r}, not one of "
-        "float16, float32, float64, int8, uint8, int16, int32, int64, bool"
+        f"tensor has dtype {dtype_name!r}, not one of float16, float32, float64, int8, uint8, int16, int32, int64, bool"
     )
 
 
@@ -130,9 +145,7 @@ def test_non_string_dtype_is_rejected(dtype_name: object) -> None:
         decode_tensor({"dtype": dtype_name, "shape": [1], "data": b"\x00" * 4})
 
 
-# BUG (syncfed/tensors.py, decode_tensor): an unhashable dtype from the wire, such as a
-# list or a map, makes `dtype_name not in DTYPES` raise TypeError instead of TensorError,
-# so protocol.decode reports it with code "malformed" instead of "bad_tensor".
+# Regression test for a bug once in syncfed/tensors.py, decode_tensor.
 @pytest.mark.parametrize("dtype_name", [["float32"], {"name": "float32"}])
 def test_unhashable_dtype_is_rejected_as_tensor_error(dtype_name: object) -> None:
     with pytest.raises(TensorError):

@@ -1,0 +1,239 @@
+"""Aggregation is a pure function over (weights, num_examples) pairs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from syncfed.aggregation import AGGREGATORS, fedavg, get_aggregator, mean
+from syncfed.exceptions import AggregationError, ConfigError
+
+FAST = settings(max_examples=40, deadline=None)
+
+
+@st.composite
+def updates(draw: st.DrawFn, dtype: np.dtype, elements: st.SearchStrategy, min_size: int = 1) -> list:
+    """Updates that agree in tensor names and shapes, with positive counts."""
+    names = draw(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3, unique=True))
+    shapes = {name: draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)) for name in names}
+    count = draw(st.integers(min_size, 5))
+    return [
+        (
+            {name: draw(hnp.arrays(dtype, shapes[name], elements=elements)) for name in names},
+            draw(st.integers(1, 10_000)),
+        )
+        for _ in range(count)
+    ]
+
+
+floats64 = st.floats(-1e3, 1e3, allow_nan=False)
+floats32 = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+aggregators = st.sampled_from([fedavg, mean])
+
+
+def reference(ups: list, *, weighted: bool) -> dict[str, np.ndarray]:
+    """np.average over the stacked tensors, the independent computation."""
+    counts = [count if weighted else 1 for _, count in ups]
+    return {
+        name: np.average(np.stack([w[name].astype(np.float64) for w, _ in ups]), axis=0, weights=counts)
+        for name in ups[0][0]
+    }
+
+
+@FAST
+@given(ups=updates(np.dtype(np.float64), floats64))
+def test_fedavg_agrees_with_np_average(ups: list) -> None:
+    result = fedavg(ups)
+    expected = reference(ups, weighted=True)
+    assert list(result) == list(ups[0][0])
+    for name, value in expected.items():
+        assert result[name].dtype == np.float64 and result[name].shape == value.shape
+        np.testing.assert_allclose(result[name], value, rtol=1e-10, atol=1e-9)
+
+
+@FAST
+@given(ups=updates(np.dtype(np.float64), floats64))
+def test_mean_agrees_with_unweighted_np_average(ups: list) -> None:
+    result = mean(ups)
+    expected = reference(ups, weighted=False)
+    for name, value in expected.items():
+        np.testing.assert_allclose(result[name], value, rtol=1e-10, atol=1e-9)
+
+
+@FAST
+@given(aggregate=aggregators, data=st.data())
+def test_order_independence(aggregate: object, data: st.DataObject) -> None:
+    ups = data.draw(updates(np.dtype(np.float64), floats64, min_size=2))
+    order = data.draw(st.permutations(range(len(ups))))
+    first = aggregate(ups)  # type: ignore[operator]
+    permuted = aggregate([ups[i] for i in order])  # type: ignore[operator]
+    assert list(first) == list(permuted)
+    for name in first:
+        np.testing.assert_allclose(permuted[name], first[name], rtol=1e-10, atol=1e-9)
+
+
+@st.composite
+def exact_tensors(draw: st.DrawFn) -> np.ndarray:
+    """float32 or integer tensors.
+
+    int64 only up to 2**40: float64 holds integers exactly up to 2**53, and the weighted
+    sum's relative rounding error of a few 2**-53 must stay well below half a unit.
+    """
+    dtype = draw(st.sampled_from([np.dtype(np.float32), np.dtype(np.int64), np.dtype(np.int8), np.dtype(np.uint8)]))
+    shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4))
+    elements = {"f": floats32, "i": st.integers(-(2**40), 2**40) if dtype.itemsize == 8 else None}
+    return draw(hnp.arrays(dtype, shape, elements=elements.get(dtype.kind)))
+
+
+# Regression test for a bug once in syncfed/aggregation.py, _average.
+@FAST
+@example(aggregate=fedavg, array=np.array(0.4375, dtype=np.float32), counts=[1, 1, 1])
+@given(aggregate=aggregators, array=exact_tensors(), counts=st.lists(st.integers(1, 10_000), min_size=1, max_size=6))
+def test_equal_updates_give_the_same_weights_back_exactly(
+    aggregate: object, array: np.ndarray, counts: list[int]
+) -> None:
+    # float32 and integer tensors are accumulated in float64: the tiny rounding error of
+    # the weighted sum is far below their precision, so they come back bit for bit.
+    weights = {"w": array}
+    result = aggregate([(weights, count) for count in counts])  # type: ignore[operator]
+    assert result["w"].dtype == array.dtype
+    np.testing.assert_array_equal(result["w"], array)
+
+
+# Regression test for a bug once in syncfed/aggregation.py, _average.
+def test_products_are_computed_in_float64() -> None:
+    w = {"w": np.array([0.4375], dtype=np.float32)}
+    np.testing.assert_array_equal(fedavg([(w, 1), (w, 1), (w, 1)])["w"], [np.float32(0.4375)])
+    low = {"w": np.array([1.0], dtype=np.float16)}
+    high = {"w": np.array([2.0], dtype=np.float16)}
+    result = fedavg([(low, 1), (high, 2)])["w"]
+    assert result.dtype == np.float16
+    assert result[0] == np.float16(5 / 3)
+
+
+@FAST
+@given(
+    aggregate=aggregators,
+    array=hnp.arrays(np.float64, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4), elements=floats64),
+    counts=st.lists(st.integers(1, 10_000), min_size=1, max_size=6),
+)
+def test_equal_float64_updates_give_the_same_weights_back(
+    aggregate: object, array: np.ndarray, counts: list[int]
+) -> None:
+    result = aggregate([({"w": array}, count) for count in counts])  # type: ignore[operator]
+    assert result["w"].dtype == np.float64
+    np.testing.assert_allclose(result["w"], array, rtol=1e-12, atol=1e-12)
+
+
+@FAST
+@given(ups=updates(np.dtype(np.float32), floats32))
+def test_float32_is_kept(ups: list) -> None:
+    result = fedavg(ups)
+    expected = reference(ups, weighted=True)
+    for name, value in expected.items():
+        assert result[name].dtype == np.float32
+        np.testing.assert_allclose(result[name], value, rtol=1e-6, atol=1e-4)
+
+
+@FAST
+@given(
+    dtype=st.sampled_from([np.dtype(np.int8), np.dtype(np.uint8), np.dtype(np.int32), np.dtype(np.int64)]),
+    weighted=st.booleans(),
+    data=st.data(),
+)
+def test_integer_tensors_are_rounded_and_keep_dtype(dtype: np.dtype, weighted: bool, data: st.DataObject) -> None:
+    elements = st.integers(-1000, 1000) if dtype.itemsize >= 4 else None
+    ups = data.draw(updates(dtype, elements))
+    result = (fedavg if weighted else mean)(ups)
+    expected = reference(ups, weighted=weighted)
+    for name, value in expected.items():
+        assert result[name].dtype == dtype
+        # Rounded to the nearest integer: never more than half a unit away.
+        assert np.all(np.abs(result[name].astype(np.float64) - value) <= 0.5 + 1e-9)
+
+
+def test_integer_rounding_examples() -> None:
+    a = {"n": np.array([1, 2, 10], dtype=np.int64)}
+    b = {"n": np.array([2, 4, 11], dtype=np.int64)}
+    # Weights 3/4 and 1/4 are exact in binary: 1.25 -> 1, 2.5 -> 2 (half to even), 10.25 -> 10.
+    np.testing.assert_array_equal(fedavg([(a, 3), (b, 1)])["n"], [1, 2, 10])
+    # Unweighted: 1.5 -> 2, 3 -> 3, 10.5 -> 10.
+    result = mean([(a, 3), (b, 1)])["n"]
+    np.testing.assert_array_equal(result, [2, 3, 10])
+    assert result.dtype == np.int64
+
+
+def test_fedavg_weights_by_examples_and_mean_does_not() -> None:
+    low = {"w": np.array([0.0], dtype=np.float32)}
+    high = {"w": np.array([10.0], dtype=np.float32)}
+    assert fedavg([(low, 1), (high, 3)])["w"][0] == pytest.approx(7.5)
+    assert mean([(low, 1), (high, 3)])["w"][0] == pytest.approx(5.0)
+
+
+def test_read_only_inputs_are_not_modified() -> None:
+    a = np.arange(4, dtype=np.float32)
+    b = np.arange(4, dtype=np.float32) * 3
+    a.flags.writeable = False
+    b.flags.writeable = False
+    result = fedavg([({"w": a}, 1), ({"w": b}, 1)])
+    np.testing.assert_array_equal(a, np.arange(4))
+    np.testing.assert_array_equal(result["w"], np.arange(4) * 2)
+    assert not np.shares_memory(result["w"], a)
+
+
+def test_numpy_integer_counts_are_accepted() -> None:
+    w = {"w": np.ones(2)}
+    assert fedavg([(w, np.int64(3)), (w, np.uint8(2))])["w"].tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("aggregate", [fedavg, mean])
+def test_empty_list(aggregate: object) -> None:
+    with pytest.raises(AggregationError) as info:
+        aggregate([])  # type: ignore[operator]
+    assert str(info.value) == "no updates to aggregate"
+
+
+@pytest.mark.parametrize("aggregate", [fedavg, mean])
+def test_mismatched_names(aggregate: object) -> None:
+    first = {"a": np.zeros(2), "b": np.zeros(3)}
+    with pytest.raises(AggregationError) as info:
+        aggregate([(first, 1), ({"a": np.zeros(2)}, 1)])  # type: ignore[operator]
+    assert str(info.value) == "update 1 has different tensors than update 0 (missing ['b'], extra [])"
+    with pytest.raises(AggregationError) as info:
+        aggregate([(first, 1), (first, 1), ({**first, "c": np.zeros(1)}, 1)])  # type: ignore[operator]
+    assert str(info.value) == "update 2 has different tensors than update 0 (missing [], extra ['c'])"
+
+
+@pytest.mark.parametrize("aggregate", [fedavg, mean])
+def test_mismatched_shapes(aggregate: object) -> None:
+    with pytest.raises(AggregationError) as info:
+        aggregate([({"w": np.zeros((2, 3))}, 1), ({"w": np.zeros((3, 2))}, 1)])  # type: ignore[operator]
+    assert str(info.value) == "update 1 has tensor w of shape (3, 2), update 0 has (2, 3)"
+    with pytest.raises(AggregationError):
+        aggregate([({"w": np.zeros(())}, 1), ({"w": np.zeros((1,))}, 1)])  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("aggregate", [fedavg, mean])
+@pytest.mark.parametrize("count", [0, -1, 1.5, 2.0, True, "3", None, np.int64(0)])
+def test_non_positive_or_non_integer_count(aggregate: object, count: object) -> None:
+    w = {"w": np.ones(2)}
+    with pytest.raises(AggregationError, match="expected a positive integer"):
+        aggregate([(w, 1), (w, count)])  # type: ignore[operator]
+
+
+def test_count_error_text() -> None:
+    with pytest.raises(AggregationError) as info:
+        fedavg([({"w": np.ones(1)}, 0)])
+    assert str(info.value) == "update 0 has example count 0, expected a positive integer"
+
+
+def test_get_aggregator() -> None:
+    assert get_aggregator("fedavg") is fedavg
+    assert get_aggregator("mean") is mean
+    assert set(AGGREGATORS) == {"fedavg", "mean"}
+    with pytest.raises(ConfigError) as info:
+        get_aggregator("median")
+    assert str(info.value) == "aggregation 'median' is not one of fedavg, mean"
