@@ -9,7 +9,7 @@ import logging
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from .exceptions import ProtocolError, RemoteError, WorkerUnavailable
+from .exceptions import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable
 from .protocol import REQUESTS, Error, Message, decode, encode
 from .transport import connection_options, receive
 
@@ -37,17 +37,25 @@ class WorkerClient:
         # Timeouts
         connect_timeout: float = 30.0,
         request_timeout: float = 600.0,
+        ping_interval: float | None = 1.0,
+        ping_timeout: float | None = 3.0,
     ) -> None:
         self.name = name
         self.uri = uri
         self.max_message_size = max_message_size
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
+        # Liveness: websockets pings every ping_interval and drops the
+        # connection when a pong is ping_timeout late. A training worker
+        # answers pings (it trains in a thread); a frozen or dead one does not.
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
         self._connection: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
         self._closed_reason = "not connected"
+        self._closing: str | None = None  # why we are closing, when it is our doing
 
     async def __aenter__(self) -> WorkerClient:
         await self.connect()
@@ -65,7 +73,12 @@ class WorkerClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 self._connection = await connect(
-                    self.uri, open_timeout=None, **connection_options(self.max_message_size)
+                    self.uri,
+                    open_timeout=None,
+                    close_timeout=2.0,
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    **connection_options(self.max_message_size),
                 )
         except TimeoutError:
             raise WorkerUnavailable(
@@ -75,10 +88,22 @@ class WorkerClient:
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
         except Exception as exc:  # invalid URI or handshake: websockets raises several types
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
-        self._closed_reason = "connection closed"
+        self._closing = None
         self._reader = asyncio.create_task(self._read_replies(self._connection))
 
-    async def close(self) -> None:
+    @property
+    def connected(self) -> bool:
+        """Whether requests can be sent now."""
+        return self._connection is not None and self._reader is not None and not self._reader.done()
+
+    @property
+    def closed_reason(self) -> str:
+        return self._closed_reason
+
+    async def close(self, reason: str = "connection closed by the coordinator") -> None:
+        """Close the connection (the worker abandons what it was doing for us); idempotent."""
+        if self.connected:
+            self._closing = reason
         if self._connection is not None:
             await self._connection.close()
         if self._reader is not None:
@@ -103,7 +128,7 @@ class WorkerClient:
                 await self._connection.send(encode(request_id, message))
                 answer = await reply
         except TimeoutError:
-            raise WorkerUnavailable(self.name, f"no reply to {message.kind} within {limit:g} s") from None
+            raise WorkerTimeout(self.name, f"no reply to {message.kind} within {limit:g} s") from None
         except ConnectionClosed:
             raise WorkerUnavailable(self.name, self._closed_reason) from None
         finally:
@@ -135,7 +160,12 @@ class WorkerClient:
                 else:  # a reply to a request that timed out
                     logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
         except ConnectionClosed as exc:
-            self._closed_reason = f"connection closed ({exc})"
+            if self._closing is not None:
+                self._closed_reason = self._closing
+            elif "keepalive ping timeout" in str(exc):
+                self._closed_reason = f"no answer to pings for {self.ping_timeout:g} s (frozen or gone)"
+            else:
+                self._closed_reason = f"connection lost ({exc})"
             failure = WorkerUnavailable(self.name, self._closed_reason)
         except ProtocolError as exc:
             self._closed_reason = f"sent an invalid reply: {exc}"

@@ -32,6 +32,10 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
 DEFAULT_REQUEST_TIMEOUT: Final = 600.0
+DEFAULT_ROUND_TIMEOUT: Final = 600.0
+DEFAULT_PING_INTERVAL: Final = 1.0
+DEFAULT_PING_TIMEOUT: Final = 3.0
+DEFAULT_RECONNECT_MAX_DELAY: Final = 30.0
 
 DEFAULT_WORKERS: Final = "alice=ws://localhost:8777,bob=ws://localhost:8778,charlie=ws://localhost:8779"
 DEFAULT_EVALUATOR: Final = "testing=ws://localhost:8780"
@@ -77,6 +81,9 @@ class WorkerConfig:
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_in_flight: int = 8  # concurrent requests per connection
+    max_connections: int = 64
+    # Drills
+    batch_delay: float = 0.0  # seconds of sleep per training batch, to simulate a slow site
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -89,6 +96,10 @@ class WorkerConfig:
             raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
         if self.max_in_flight < 1:
             raise ConfigError("max in-flight requests must be at least 1")
+        if self.max_connections < 1:
+            raise ConfigError("max connections must be at least 1")
+        if not (math.isfinite(self.batch_delay) and self.batch_delay >= 0):
+            raise ConfigError(f"batch delay must be a non-negative number of seconds, not {self.batch_delay!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be at least 1")
 
@@ -116,11 +127,20 @@ class CoordinatorConfig:
     eval_every: int = 10
     save_model: Path | None = None
     metrics_out: Path | None = None
+    checkpoint_dir: Path | None = None
+    resume: bool = False
+    # Reliability
+    min_workers: int | None = None  # quorum; None: every training worker
+    max_round_retries: int = 3
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     # Timeouts
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # evaluation replies
+    round_timeout: float = DEFAULT_ROUND_TIMEOUT  # training replies
+    ping_interval: float | None = DEFAULT_PING_INTERVAL  # None: no liveness pings
+    ping_timeout: float | None = DEFAULT_PING_TIMEOUT
+    reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
 
     def __post_init__(self) -> None:
         if not self.workers:
@@ -133,14 +153,37 @@ class CoordinatorConfig:
         for name in ("training_rounds", "federate_after_n_batches", "batch_size", "test_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("lr", "lr_decay", "lr_min", "connect_timeout", "request_timeout"):
+        for name in (
+            "lr",
+            "lr_decay",
+            "lr_min",
+            "connect_timeout",
+            "request_timeout",
+            "round_timeout",
+            "ping_interval",
+            "ping_timeout",
+            "reconnect_max_delay",
+        ):
             _positive(name, getattr(self, name))
+        if self.min_workers is not None and not 1 <= self.min_workers <= len(self.workers):
+            raise ConfigError(
+                f"min_workers {self.min_workers} is not between 1 and {len(self.workers)} training workers"
+            )
+        if self.max_round_retries < 0:
+            raise ConfigError(f"max_round_retries must not be negative, not {self.max_round_retries}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("--resume needs --checkpoint-dir")
         if self.aggregation not in AGGREGATORS:
             raise ConfigError(f"aggregation {self.aggregation!r} is not one of {', '.join(AGGREGATORS)}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed {self.seed} is not in 0..{2**32 - 1}")
         if self.max_message_size < 1024:
             raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
+
+    @property
+    def quorum(self) -> int:
+        """How many training workers must contribute for a round to count."""
+        return len(self.workers) if self.min_workers is None else self.min_workers
 
     def learning_rate(self, round_number: int) -> float:
         """``lr`` decayed by ``lr_decay`` each round, never below ``lr_min``."""

@@ -13,12 +13,12 @@ one → record metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -27,9 +27,19 @@ import numpy as np
 import torch
 
 from .aggregation import get_aggregator
+from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from .client import WorkerClient
-from .config import CoordinatorConfig
-from .exceptions import IncompatibleWorkers, ModelError
+from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
+from .exceptions import (
+    CheckpointError,
+    IncompatibleWorkers,
+    ModelError,
+    ProtocolError,
+    QuorumNotMet,
+    RemoteError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
 from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
@@ -58,6 +68,7 @@ class RoundRecord:
     seconds: float
     lr: float
     train_loss: dict[str, float]
+    failed: dict[str, str] = field(default_factory=dict)  # worker -> why it did not contribute
 
 
 @dataclass
@@ -66,6 +77,7 @@ class RunResult:
 
     model: str
     weights: Weights
+    first_round: int = 1  # later than 1 when the run was resumed from a checkpoint
     rounds: list[RoundRecord] = field(default_factory=list)
     evaluations: list[EvalRecord] = field(default_factory=list)
 
@@ -94,6 +106,26 @@ def save_model(path: Path, weights: Weights, metadata: Mapping[str, str]) -> Non
     os.replace(partial, path)
 
 
+@dataclass
+class _Backoff:
+    """When to try a lost worker again: at once, then after 0.5, 1, 2, 4, ... s, capped.
+
+    Trying is cheap when the worker is down (the connection is refused at
+    once) and never holds a round up (see ``Coordinator._rejoin``), so the
+    backoff only spares a struggling host a stream of handshakes.
+    """
+
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def failed(self, now: float, cap: float) -> None:
+        self.failures += 1
+        self.retry_at = now + (0.0 if self.failures == 1 else min(0.5 * 2.0 ** (self.failures - 2), cap))
+
+    def due(self, now: float) -> bool:
+        return now >= self.retry_at
+
+
 class Coordinator:
     """Runs federated training as configured; see the module docstring."""
 
@@ -102,34 +134,47 @@ class Coordinator:
         self.report = report
         self.aggregate = get_aggregator(config.aggregation)
         self._metrics: IO[str] | None = None
+        self._clients = {name: self._client(name, uri) for name, uri in {**config.workers, **config.evaluator}.items()}
+        self._backoff = {name: _Backoff() for name in self._clients}
+        self._reference: Info | None = None
+        self._model_name = ""
+        self._resumed_metrics_size: int | None = None
+        self._joining: dict[str, asyncio.Task[None]] = {}
+        # How long a round start waits for reconnecting workers: a live one
+        # answers at once, a frozen one must not stall the round.
+        self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
 
     async def run(self) -> RunResult:
         """Connect, check the workers, train for the configured rounds, save.
 
         Raises:
-            WorkerUnavailable, RemoteError, IncompatibleWorkers: the run cannot go on.
+            WorkerUnavailable: fewer workers than the quorum, or no evaluator, at the start.
+            IncompatibleWorkers: workers disagree with each other or with the model.
+            QuorumNotMet: a round could not gather the quorum within its retries.
+            CheckpointError: the checkpoint cannot be resumed.
         """
         config = self.config
-        async with AsyncExitStack() as stack:
-            trainers = [self._client(name, uri) for name, uri in config.workers.items()]
-            evaluators = [self._client(name, uri) for name, uri in config.evaluator.items()]
-            await self._connect([*trainers, *evaluators], stack)
-            infos = await self._handshake([*trainers, *evaluators])
-            model_name = self._check_compatible(infos, trainers, evaluators)
-            if config.metrics_out is not None:
-                config.metrics_out.parent.mkdir(parents=True, exist_ok=True)
-                self._metrics = stack.enter_context(config.metrics_out.open("w", encoding="utf-8"))
-            torch.manual_seed(config.seed)
-            weights = get_weights(resolve_model(model_name)())
-            result = RunResult(model_name, weights)
-            groups = {client.name: _held_classes(infos[client.name]) for client in trainers}
-            evaluator = evaluators[0] if evaluators else None
-            for round_number in range(1, config.training_rounds + 1):
-                updates = await self._train_round(round_number, model_name, result, trainers)
+        trainers = [self._clients[name] for name in config.workers]
+        evaluator = self._clients[next(iter(config.evaluator))] if config.evaluator else None
+        try:
+            infos = await self._start(trainers, evaluator)
+            result, start = self._initial_state(infos)
+            groups = {name: _held_classes(info) for name, info in infos.items() if name in config.workers}
+            self._open_metrics(result)
+            for round_number in range(start, config.training_rounds + 1):
+                updates = await self._train_round(round_number, result, trainers)
                 if evaluator is not None and config.is_eval_round(round_number):
-                    await self._evaluate_round(round_number, model_name, result, updates, evaluator, groups)
+                    await self._evaluate_round(round_number, result, updates, evaluator, groups)
+                self._checkpoint(round_number, result)
+        finally:
+            for task in list(self._joining.values()):
+                task.cancel()
+            await asyncio.gather(*self._joining.values(), return_exceptions=True)
+            await asyncio.gather(*(client.close() for client in self._clients.values()))
+            if self._metrics is not None:
+                self._metrics.close()
         if config.save_model is not None:
-            save_model(config.save_model, result.weights, {"format": "pt", "model": model_name})
+            save_model(config.save_model, result.weights, {"format": "pt", "model": result.model})
             self.report(f"Saved the federated model to {config.save_model}")
         return result
 
@@ -140,105 +185,229 @@ class Coordinator:
             max_message_size=self.config.max_message_size,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_timeout,
         )
 
-    @staticmethod
-    async def _connect(clients: Sequence[WorkerClient], stack: AsyncExitStack) -> None:
-        """Connect to all at once; close the ones that connected if any did not."""
-        outcomes = await asyncio.gather(*(client.connect() for client in clients), return_exceptions=True)
-        for client, outcome in zip(clients, outcomes, strict=True):
-            if outcome is None:
-                stack.push_async_callback(client.close)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+    # Joining
 
-    async def _handshake(self, clients: Sequence[WorkerClient]) -> dict[str, Info]:
-        replies = await asyncio.gather(
-            *(client.request(Hello(), timeout=self.config.connect_timeout) for client in clients)
-        )
+    async def _start(self, trainers: Sequence[WorkerClient], evaluator: WorkerClient | None) -> dict[str, Info]:
+        """Greet every worker at once; go on with a quorum of trainers and the evaluator."""
+        clients = [*trainers, *([evaluator] if evaluator else [])]
+        outcomes = await asyncio.gather(*(self._greet(client) for client in clients), return_exceptions=True)
         infos: dict[str, Info] = {}
-        for client, info in zip(clients, replies, strict=True):
-            assert isinstance(info, Info)
-            infos[client.name] = info
-            logger.info(
-                "%s holds %d examples of %s (classes %s)",
-                client.name,
-                info.num_examples,
-                info.dataset,
-                group_label(_held_classes(info)),
+        unreachable: list[WorkerUnavailable] = []
+        for client, outcome in zip(clients, outcomes, strict=True):
+            if isinstance(outcome, Info):
+                infos[client.name] = outcome
+            elif isinstance(outcome, WorkerUnavailable) and client is not evaluator:
+                unreachable.append(outcome)
+                self._backoff[client.name].failed(time.monotonic(), self.config.reconnect_max_delay)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        reachable = len(trainers) - len(unreachable)
+        if reachable < self.config.quorum:
+            raise (
+                unreachable[0]
+                if len(unreachable) == 1
+                else WorkerUnavailable(
+                    ", ".join(error.worker for error in unreachable),
+                    f"{reachable} of {len(trainers)} training workers reachable, quorum is {self.config.quorum} ("
+                    + "; ".join(f"{error.worker}: {error.reason}" for error in unreachable)
+                    + ")",
+                )
             )
+        for error in unreachable:
+            self.report(f"Worker {error.worker} is unreachable ({error.reason}); it will be retried each round")
+        self._model_name = self._check_compatible(infos)
         return infos
 
-    def _check_compatible(
-        self, infos: Mapping[str, Info], trainers: Sequence[WorkerClient], evaluators: Sequence[WorkerClient]
-    ) -> str:
+    async def _greet(self, client: WorkerClient) -> Info:
+        await client.connect()
+        try:
+            info = await client.request(Hello(), timeout=self.config.connect_timeout)
+        except BaseException:
+            await client.close()
+            raise
+        assert isinstance(info, Info)
+        logger.info(
+            "%s holds %d examples of %s (classes %s)",
+            client.name,
+            info.num_examples,
+            info.dataset,
+            group_label(_held_classes(info)),
+        )
+        return info
+
+    def _check_compatible(self, infos: Mapping[str, Info]) -> str:
         """Stop before round 1 when workers disagree with each other or with the model; return the model name."""
-        roles = {client.name: "trainer" for client in trainers} | {client.name: "evaluator" for client in evaluators}
         for name, info in infos.items():
-            if info.worker_id != name:
-                raise IncompatibleWorkers(f"the worker listed as {name} says it is {info.worker_id}")
-            if info.protocol_version != PROTOCOL_VERSION:
-                raise IncompatibleWorkers(
-                    f"{name} speaks protocol version {info.protocol_version}, this coordinator {PROTOCOL_VERSION}"
-                )
-            if info.role != roles[name]:
-                hint = "started with --testing" if info.role == "evaluator" else "started without --testing"
-                article = "an" if info.role == "evaluator" else "a"
-                raise IncompatibleWorkers(
-                    f"{name} is {article} {info.role} ({hint}) but is listed as the {roles[name]}"
-                )
-            if roles[name] == "trainer" and info.num_examples == 0:
-                raise IncompatibleWorkers(f"{name} holds no training examples")
+            self._check_identity(name, info)
         reference_name, reference = next(iter(infos.items()))
         for name, info in infos.items():
-            for what in ("dataset", "input_shape", "num_classes"):
-                if getattr(info, what) != getattr(reference, what):
-                    raise IncompatibleWorkers(
-                        f"{name} has {what} {getattr(info, what)}, but {reference_name} has {getattr(reference, what)}"
-                    )
+            self._check_data(name, info, reference_name, reference)
         model_name = self.config.model or default_model(reference.dataset)
         for name, info in infos.items():
-            if model_name not in info.models:
-                raise IncompatibleWorkers(
-                    f"{name} cannot build model {model_name} (it has {', '.join(info.models)});"
-                    f" start it with --model {model_name}"
-                )
+            self._check_model_available(name, info, model_name)
         try:
             check_model(resolve_model(model_name)(), reference.input_shape, reference.num_classes)
         except ModelError as exc:
             raise IncompatibleWorkers(
                 f"model {model_name} does not fit the workers' {reference.dataset} data: {exc}"
             ) from None
+        self._reference = reference
         return model_name
 
+    def _check_identity(self, name: str, info: Info) -> None:
+        role = "trainer" if name in self.config.workers else "evaluator"
+        if info.worker_id != name:
+            raise IncompatibleWorkers(f"the worker listed as {name} says it is {info.worker_id}")
+        if info.protocol_version != PROTOCOL_VERSION:
+            raise IncompatibleWorkers(
+                f"{name} speaks protocol version {info.protocol_version}, this coordinator {PROTOCOL_VERSION}"
+            )
+        if info.role != role:
+            hint = "started with --testing" if info.role == "evaluator" else "started without --testing"
+            article = "an" if info.role == "evaluator" else "a"
+            raise IncompatibleWorkers(f"{name} is {article} {info.role} ({hint}) but is listed as the {role}")
+        if role == "trainer" and info.num_examples == 0:
+            raise IncompatibleWorkers(f"{name} holds no training examples")
+
+    @staticmethod
+    def _check_data(name: str, info: Info, reference_name: str, reference: Info) -> None:
+        for what in ("dataset", "input_shape", "num_classes"):
+            if getattr(info, what) != getattr(reference, what):
+                raise IncompatibleWorkers(
+                    f"{name} has {what} {getattr(info, what)}, but {reference_name} has {getattr(reference, what)}"
+                )
+
+    @staticmethod
+    def _check_model_available(name: str, info: Info, model_name: str) -> None:
+        if model_name not in info.models:
+            raise IncompatibleWorkers(
+                f"{name} cannot build model {model_name} (it has {', '.join(info.models)});"
+                f" start it with --model {model_name}"
+            )
+
+    async def _rejoin(self, clients: Sequence[WorkerClient]) -> None:
+        """Start reconnecting the lost workers whose backoff has elapsed, and give them a moment.
+
+        A live worker greets back within milliseconds and takes part in the
+        coming round; a frozen one cannot hold the round up for longer than
+        the grace period, and joins a later round if it ever answers.
+        """
+        now = time.monotonic()
+        for client in clients:
+            if not client.connected and client.name not in self._joining and self._backoff[client.name].due(now):
+                self._joining[client.name] = asyncio.create_task(self._try_rejoin(client))
+        pending = [self._joining[client.name] for client in clients if client.name in self._joining]
+        if pending:
+            await asyncio.wait(pending, timeout=self._join_grace)
+
+    async def _try_rejoin(self, client: WorkerClient) -> None:
+        """Reconnect and greet ``client``, checking it like at the start; back off on failure."""
+        assert self._reference is not None
+        try:
+            info = await self._greet(client)
+            self._check_identity(client.name, info)
+            self._check_data(client.name, info, "the others", self._reference)
+            self._check_model_available(client.name, info, self._model_name)
+        except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError) as exc:
+            await client.close()
+            self._backoff[client.name].failed(time.monotonic(), self.config.reconnect_max_delay)
+            logger.info("%s: still unavailable (%s)", client.name, exc)
+            return
+        finally:
+            self._joining.pop(client.name, None)
+        self._backoff[client.name].failures = 0
+        self.report(f"Worker {client.name} rejoined")
+
+    # State
+
+    def _identity(self) -> dict[str, Any]:
+        assert self._reference is not None
+        return {
+            "model": self._model_name,
+            "dataset": self._reference.dataset,
+            "workers": list(self.config.workers),
+            "evaluator": list(self.config.evaluator),
+        }
+
+    def _initial_state(self, infos: Mapping[str, Info]) -> tuple[RunResult, int]:
+        """Fresh weights from the seed, or the checkpoint's with ``--resume``; the first round to run."""
+        config = self.config
+        checkpoint = load_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        if checkpoint is not None and not config.resume:
+            raise CheckpointError(
+                f"{config.checkpoint_dir} holds a checkpoint of round {checkpoint.round};"
+                " pass --resume to continue it, or choose another --checkpoint-dir"
+            )
+        if checkpoint is None:
+            if config.resume:
+                self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
+            torch.manual_seed(config.seed)
+            return RunResult(self._model_name, get_weights(resolve_model(self._model_name)())), 1
+        check_resumable(checkpoint, self._identity())
+        self._resumed_metrics_size = checkpoint.metrics_size
+        self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
+        return RunResult(self._model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
+
+    def _open_metrics(self, result: RunResult) -> None:
+        """Open the metrics file: new for a new run; cut back to the checkpoint's length and appended to on resume."""
+        path = self.config.metrics_out
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if result.first_round == 1 or not path.exists():
+            self._metrics = path.open("w", encoding="utf-8")
+            return
+        self._metrics = path.open("r+", encoding="utf-8")
+        if self._resumed_metrics_size is not None:
+            # Lines written after the checkpoint belong to the round in progress at the crash: drop them.
+            self._metrics.truncate(self._resumed_metrics_size)
+        self._metrics.seek(0, os.SEEK_END)
+
+    def _checkpoint(self, round_number: int, result: RunResult) -> None:
+        directory = self.config.checkpoint_dir
+        if directory is None:
+            return
+        checkpoint = Checkpoint(
+            round=round_number,
+            weights=result.weights,
+            identity=self._identity(),
+            seed=self.config.seed,
+            config=_settings(self.config),
+            metrics_size=self._metrics.tell() if self._metrics is not None else None,
+        )
+        save_checkpoint(directory, checkpoint)
+
+    # Rounds
+
     async def _train_round(
-        self, round_number: int, model_name: str, result: RunResult, trainers: Sequence[WorkerClient]
+        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient]
     ) -> dict[str, FitResult]:
+        """One round: retried while fewer than the quorum contribute, up to ``max_round_retries`` times."""
         config = self.config
         started = time.perf_counter()
         lr = config.learning_rate(round_number)
-        requests = [
-            Fit(
-                model_name,
-                result.weights,
-                TrainingPlan(
-                    round=round_number,
-                    batch_size=config.batch_size,
-                    num_batches=config.federate_after_n_batches,
-                    lr=lr,
-                    seed=plan_seed(config.seed, round_number, index),
-                ),
+        attempts = config.max_round_retries + 1
+        for attempt in range(1, attempts + 1):
+            await self._rejoin(trainers)
+            updates, failures = await self._collect_updates(round_number, result, trainers, lr)
+            if len(updates) >= config.quorum:
+                break
+            summary = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
+            self._write({"event": "round_retry", "round": round_number, "attempt": attempt, "failed": failures})
+            if attempt == attempts:
+                raise QuorumNotMet(
+                    f"round {round_number}: {len(updates)} of {len(trainers)} workers contributed, quorum is"
+                    f" {config.quorum}, after {attempts} attempts ({summary})"
+                )
+            self.report(
+                f"Round {round_number}: {len(updates)} of {len(trainers)} workers contributed, quorum is"
+                f" {config.quorum} ({summary}); retrying ({attempt}/{config.max_round_retries})"
             )
-            for index, _ in enumerate(trainers)
-        ]
-        replies = await asyncio.gather(
-            *(client.request(request) for client, request in zip(trainers, requests, strict=True))
-        )
-        updates: dict[str, FitResult] = {}
-        for client, reply in zip(trainers, replies, strict=True):
-            assert isinstance(reply, FitResult)
-            updates[client.name] = reply
+            await self._wait_for_retry(trainers)
         result.weights = self.aggregate([(update.weights, update.num_examples) for update in updates.values()])
         record = RoundRecord(
             round_number,
@@ -246,8 +415,14 @@ class Coordinator:
             time.perf_counter() - started,
             lr,
             {name: update.loss for name, update in updates.items()},
+            failures,
         )
         result.rounds.append(record)
+        if failures:
+            dropped = "; ".join(f"{name} ({reason})" for name, reason in failures.items())
+            self.report(
+                f"Round {round_number}: aggregated {len(updates)} of {len(trainers)} workers; dropped {dropped}"
+            )
         losses = ", ".join(f"{name} {loss:.4f}" for name, loss in record.train_loss.items())
         logger.info(
             "round %d/%d: %.2f s, lr %.4f, training loss %s",
@@ -262,6 +437,7 @@ class Coordinator:
                 "event": "round",
                 "round": round_number,
                 "workers": list(record.workers),
+                "failed": failures,
                 "seconds": round(record.seconds, 4),
                 "lr": lr,
                 "train_loss": record.train_loss,
@@ -270,20 +446,87 @@ class Coordinator:
         )
         return updates
 
+    async def _collect_updates(
+        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient], lr: float
+    ) -> tuple[dict[str, FitResult], dict[str, str]]:
+        """Send the round's plans to the connected workers at once; sort replies into updates and failures."""
+        config = self.config
+        failures = {
+            client.name: f"not connected ({client.closed_reason})" for client in trainers if not client.connected
+        }
+        active = [(index, client) for index, client in enumerate(trainers) if client.connected]
+        requests = [
+            client.request(
+                Fit(
+                    self._model_name,
+                    result.weights,
+                    TrainingPlan(
+                        round=round_number,
+                        batch_size=config.batch_size,
+                        num_batches=config.federate_after_n_batches,
+                        lr=lr,
+                        seed=plan_seed(config.seed, round_number, index),
+                    ),
+                ),
+                timeout=config.round_timeout,
+            )
+            for index, client in active
+        ]
+        replies = await asyncio.gather(*requests, return_exceptions=True)
+        updates: dict[str, FitResult] = {}
+        now = time.monotonic()
+        for (_, client), reply in zip(active, replies, strict=True):
+            if isinstance(reply, FitResult):
+                updates[client.name] = reply
+                continue
+            if isinstance(reply, WorkerTimeout):
+                failures[client.name] = f"timeout: {reply.reason}"
+                # Closing makes the worker abandon the late work; it rejoins next round.
+                await client.close(f"dropped after {reply.reason}")
+                continue
+            if isinstance(reply, WorkerUnavailable):
+                failures[client.name] = reply.reason
+                self._backoff[client.name].failed(now, config.reconnect_max_delay)
+            elif isinstance(reply, RemoteError):
+                failures[client.name] = f"error reply: {reply.code}: {reply.reason}"
+            elif isinstance(reply, ProtocolError):
+                failures[client.name] = f"invalid reply: {reply}"
+                await client.close(f"sent an invalid reply: {reply}")
+            elif isinstance(reply, BaseException):
+                raise reply
+        return updates, failures
+
+    async def _wait_for_retry(self, trainers: Sequence[WorkerClient]) -> None:
+        """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap)."""
+        now = time.monotonic()
+        waits = [self._backoff[client.name].retry_at - now for client in trainers if not client.connected]
+        delay = min([self.config.reconnect_max_delay, *waits])
+        if delay > 0:
+            await asyncio.sleep(delay)
+
     async def _evaluate_round(
         self,
         round_number: int,
-        model_name: str,
         result: RunResult,
         updates: Mapping[str, FitResult],
         evaluator: WorkerClient,
         groups: Mapping[str, Sequence[int]],
     ) -> None:
+        """Score each contributing worker's model and the federated one; a lost evaluator skips this evaluation."""
         candidates = {name: update.weights for name, update in updates.items()} | {FEDERATED: result.weights}
         batch = self.config.test_batch_size
-        replies = await asyncio.gather(
-            *(evaluator.request(Evaluate(model_name, weights, batch)) for weights in candidates.values())
-        )
+        await self._rejoin([evaluator])
+        try:
+            replies = await asyncio.gather(
+                *(evaluator.request(Evaluate(self._model_name, weights, batch)) for weights in candidates.values())
+            )
+        except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
+            if isinstance(exc, WorkerUnavailable):
+                self._backoff[evaluator.name].failed(time.monotonic(), self.config.reconnect_max_delay)
+            await evaluator.close()
+            self.report(f"Evaluation at round {round_number} skipped: {exc}")
+            self._write({"event": "eval_skipped", "round": round_number, "reason": str(exc)})
+            return
         self.report(f"Evaluation at round {round_number}/{self.config.training_rounds}:")
         for name, reply in zip(candidates, replies, strict=True):
             assert isinstance(reply, EvalResult)
@@ -315,6 +558,13 @@ class Coordinator:
         if self._metrics is not None:
             self._metrics.write(json.dumps(event) + "\n")
             self._metrics.flush()
+
+
+def _settings(config: CoordinatorConfig) -> dict[str, Any]:
+    """The run's settings as JSON values, recorded in checkpoints."""
+    return {
+        name: str(value) if isinstance(value, Path) else value for name, value in dataclasses.asdict(config).items()
+    }
 
 
 def _held_classes(info: Info) -> list[int]:

@@ -11,8 +11,11 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     │   └── TensorError      a tensor's dtype, shape or bytes are inconsistent
     ├── AggregationError     updates cannot be combined (names, shapes, counts)
     ├── RemoteError          a peer answered a request with an error reply
-    ├── WorkerUnavailable    a worker cannot be reached or did not answer in time
-    └── IncompatibleWorkers  workers disagree with each other or with the model
+    ├── WorkerUnavailable    a worker cannot be reached or its connection was lost
+    │   └── WorkerTimeout    a worker did not answer a request in time
+    ├── IncompatibleWorkers  workers disagree with each other or with the model
+    ├── QuorumNotMet         too few workers answered a round, even after retries
+    └── CheckpointError      a checkpoint cannot be read or does not fit the run
 
 Messages name the offending value and the limit, in lowercase, without a
 trailing period, as in "message with 12 bytes exceeds limit of 8 bytes".
@@ -31,7 +34,10 @@ __all__ = [
     "AggregationError",
     "RemoteError",
     "WorkerUnavailable",
+    "WorkerTimeout",
     "IncompatibleWorkers",
+    "QuorumNotMet",
+    "CheckpointError",
 ]
 
 
@@ -108,5 +114,17 @@ class WorkerUnavailable(SyncfedError):
         super().__init__(f"worker {worker} is unavailable: {reason}")
 
 
+class WorkerTimeout(WorkerUnavailable):
+    """A worker is connected but did not answer a request within its timeout."""
+
+
 class IncompatibleWorkers(SyncfedError):
     """Workers disagree with each other or with the model."""
+
+
+class QuorumNotMet(SyncfedError):
+    """Fewer workers than the quorum contributed to a round, after every retry."""
+
+
+class CheckpointError(SyncfedError):
+    """A checkpoint cannot be read, or resuming it would mix two different runs."""

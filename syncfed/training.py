@@ -6,6 +6,8 @@ answering pings and other requests while it trains.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,7 +19,7 @@ from torch import nn
 from .datasets import Dataset
 from .protocol import TrainingPlan
 
-__all__ = ["TrainResult", "EvalOutcome", "train", "evaluate"]
+__all__ = ["Abandoned", "TrainResult", "EvalOutcome", "train", "evaluate"]
 
 
 @dataclass(frozen=True)
@@ -48,11 +50,29 @@ def _batches(num_examples: int, plan: TrainingPlan) -> Iterator[np.ndarray]:
         pending = pending[plan.batch_size :]
 
 
-def train(model: nn.Module, data: Dataset, plan: TrainingPlan, device: torch.device) -> TrainResult:
+class Abandoned(Exception):
+    """Training stopped because nobody waits for its result any more."""
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    plan: TrainingPlan,
+    device: torch.device,
+    *,
+    abandoned: threading.Event | None = None,
+    batch_delay: float = 0.0,
+) -> TrainResult:
     """Plain SGD over ``plan.num_batches`` batches of the shard, in place.
 
     Uses cross-entropy on the model's output, which is the negative
     log-likelihood whether the model ends in ``log_softmax`` or in logits.
+    ``abandoned`` is checked before every batch, so a worker whose
+    coordinator left stops within one batch; ``batch_delay`` (seconds of
+    sleep per batch) simulates a slow site in tests and drills.
+
+    Raises:
+        Abandoned: if ``abandoned`` was set.
     """
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
@@ -61,6 +81,10 @@ def train(model: nn.Module, data: Dataset, plan: TrainingPlan, device: torch.dev
     total_loss = 0.0
     seen = 0
     for batch in _batches(len(data), plan):
+        if abandoned is not None and abandoned.is_set():
+            raise Abandoned
+        if batch_delay:
+            time.sleep(batch_delay)
         index = torch.from_numpy(batch)
         x, y = images[index].to(device), labels[index].to(device)
         optimizer.zero_grad()

@@ -16,13 +16,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
+from http import HTTPStatus
 
 import torch
 from torch import nn
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
 
 from .config import WorkerConfig
 from .datasets import Dataset, load_dataset
@@ -94,6 +97,7 @@ class Worker:
         # One compute job at a time: it owns the cached models and the CPU.
         self._compute = asyncio.Lock()
         self._models: dict[str, nn.Module] = {}
+        self._connections = 0
 
     def info(self) -> Info:
         return Info(
@@ -106,13 +110,22 @@ class Worker:
             models=tuple(self.factories),
         )
 
+    def admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """Refuse the websocket handshake (HTTP 503) beyond ``max_connections``."""
+        if self._connections >= self.config.max_connections:
+            logger.warning("refused a connection: %d connections already open", self._connections)
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        return None
+
     async def handle(self, connection: ServerConnection) -> None:
         """Serve one connection until it closes."""
         peer = "{}:{}".format(*connection.remote_address[:2]) if connection.remote_address else "?"
         session = _Session(self, connection, peer)
+        self._connections += 1
         try:
             await session.run()
         finally:
+            self._connections -= 1
             session.abandon()
 
     async def compute(self, message: Fit | Evaluate) -> Message:
@@ -125,13 +138,16 @@ class Worker:
             )
         if isinstance(message, Fit) and self.config.testing:
             raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        abandoned = threading.Event()
         async with self._compute:
-            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message)
+            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, abandoned)
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
-                # A thread cannot be stopped: keep the lock until it ends, so
-                # the next job never shares the cached model with it.
+                # A thread cannot be killed: ask it to stop at the next batch and
+                # keep the lock until it has, so the next job never shares the
+                # cached model with it.
+                abandoned.set()
                 await asyncio.wait([job])
                 raise
 
@@ -141,7 +157,7 @@ class Worker:
             model = self._models[name] = self.factories[name]()
         return model
 
-    def _compute_sync(self, message: Fit | Evaluate) -> Message:
+    def _compute_sync(self, message: Fit | Evaluate, abandoned: threading.Event) -> Message:
         model = self._model(message.model)
         try:
             set_weights(model, message.weights)
@@ -150,7 +166,9 @@ class Worker:
         if isinstance(message, Fit):
             started = time.perf_counter()
             torch.manual_seed(message.plan.seed)  # dropout and other random layers
-            result = train(model, self.data, message.plan, self.device)
+            result = train(
+                model, self.data, message.plan, self.device, abandoned=abandoned, batch_delay=self.config.batch_delay
+            )
             if not math.isfinite(result.loss):
                 raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
             return FitResult(get_weights(model), len(self.data), result.loss, time.perf_counter() - started)
@@ -167,7 +185,6 @@ class _Session:
         self.peer = peer
         self.greeted = False
         self.in_flight: dict[int, asyncio.Task[None]] = {}
-        self.replies: set[asyncio.Task[None]] = set()  # error replies being sent
 
     async def run(self) -> None:
         limit = self.worker.config.max_message_size
@@ -177,36 +194,44 @@ class _Session:
             except ConnectionClosed:
                 return
             except MessageTooLarge as exc:  # the rest was read and dropped
-                self.fail(0, exc.code, str(exc), exc.size)
+                await self.reply_error(0, exc.code, str(exc), exc.size)
                 continue
             try:
                 envelope = decode(data)
             except ProtocolError as exc:
-                self.fail(exc.request_id or 0, exc.code, str(exc), len(data))
+                await self.reply_error(exc.request_id or 0, exc.code, str(exc), len(data))
+                continue
+            failure = self.refusal(envelope)
+            if failure is not None:
+                await self.reply_error(envelope.id, *failure, len(data))
                 continue
             self.dispatch(envelope, len(data))
 
-    def dispatch(self, envelope: Envelope, size: int) -> None:
-        """Check a request against the session's rules, then serve it in a task."""
+    def refusal(self, envelope: Envelope) -> tuple[str, str] | None:
+        """The error code and reason for a request the session's rules refuse, if any."""
         request_id, message = envelope.id, envelope.message
         limit = self.worker.config.max_in_flight
         if message.kind not in REQUESTS:
-            self.fail(request_id, "unknown_kind", f"message kind {message.kind!r} is not a request", size)
-        elif request_id == 0:
-            self.fail(request_id, "malformed", "request id 0 is reserved for unattributable errors", size)
-        elif not self.greeted and not isinstance(message, Hello):
-            self.fail(request_id, "out_of_order", f"{message.kind} before hello", size)
-        elif request_id in self.in_flight:
-            self.fail(request_id, "out_of_order", f"request id {request_id} is already in flight", size)
-        elif len(self.in_flight) >= limit:
-            self.fail(request_id, "busy", f"{len(self.in_flight) + 1} requests in flight exceed limit of {limit}", size)
-        else:
-            if isinstance(message, Hello) and message.protocol_version == PROTOCOL_VERSION:
-                # Set here, not in the task, so requests pipelined after hello are accepted.
-                self.greeted = True
-            task = asyncio.create_task(self.serve(request_id, message, size))
-            self.in_flight[request_id] = task
-            task.add_done_callback(lambda _: self.in_flight.pop(request_id, None))
+            return "unknown_kind", f"message kind {message.kind!r} is not a request"
+        if request_id == 0:
+            return "malformed", "request id 0 is reserved for unattributable errors"
+        if not self.greeted and not isinstance(message, Hello):
+            return "out_of_order", f"{message.kind} before hello"
+        if request_id in self.in_flight:
+            return "out_of_order", f"request id {request_id} is already in flight"
+        if len(self.in_flight) >= limit:
+            return "busy", f"{len(self.in_flight) + 1} requests in flight exceed limit of {limit}"
+        return None
+
+    def dispatch(self, envelope: Envelope, size: int) -> None:
+        """Serve an accepted request in a task of its own."""
+        request_id, message = envelope.id, envelope.message
+        if isinstance(message, Hello) and message.protocol_version == PROTOCOL_VERSION:
+            # Set here, not in the task, so requests pipelined after hello are accepted.
+            self.greeted = True
+        task = asyncio.create_task(self.serve(request_id, message, size))
+        self.in_flight[request_id] = task
+        task.add_done_callback(lambda _: self.in_flight.pop(request_id, None))
 
     async def serve(self, request_id: int, message: Message, size: int) -> None:
         started = time.perf_counter()
@@ -243,12 +268,6 @@ class _Session:
             return await self.worker.compute(message)
         return Pong()
 
-    def fail(self, request_id: int, code: str, reason: str, size: int) -> None:
-        """Answer with an error without holding up the read loop."""
-        task = asyncio.create_task(self.reply_error(request_id, code, reason, size))
-        self.replies.add(task)
-        task.add_done_callback(self.replies.discard)
-
     async def reply_error(self, request_id: int, code: str, reason: str, size: int) -> None:
         logger.warning("error reply to %s (request %d, %d bytes in): %s: %s", self.peer, request_id, size, code, reason)
         await self.send(request_id, Error(code, reason[:1000]))
@@ -267,7 +286,7 @@ class _Session:
 
     def abandon(self) -> None:
         """Cancel what is still in flight for a closed connection."""
-        for task in [*self.in_flight.values(), *self.replies]:
+        for task in list(self.in_flight.values()):
             task.cancel()
 
 
@@ -275,7 +294,7 @@ async def run_worker(config: WorkerConfig, data: Dataset, *, ready: Callable[[st
     """Serve ``data`` until cancelled; ``ready`` gets the line naming the bound address."""
     worker = Worker(config, data)
     options = connection_options(config.max_message_size)
-    async with serve(worker.handle, config.host, config.port, **options) as server:
+    async with serve(worker.handle, config.host, config.port, process_request=worker.admit, **options) as server:
         host, port = next(iter(server.sockets)).getsockname()[:2]
         ready(f"syncfed worker {config.worker_id} listening on ws://{host}:{port}")
         await server.serve_forever()

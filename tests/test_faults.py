@@ -725,7 +725,7 @@ def test_client_drops_a_worker_that_sends_garbage() -> None:
 def test_client_reports_a_worker_that_hangs_up() -> None:
     with pytest.raises(WorkerUnavailable) as raised:
         run(request_via(hangs_up, Hello()), timeout=10)
-    assert str(raised.value).startswith("worker fake is unavailable: connection closed (")
+    assert str(raised.value).startswith("worker fake is unavailable: connection lost (")
     assert "1011" in str(raised.value)
 
 
@@ -754,7 +754,7 @@ def test_a_reply_over_the_client_limit_ends_the_connection_clearly(
             with pytest.raises(WorkerUnavailable) as raised:
                 await client.request(Fit("digits-cnn", weights, PLAN), timeout=30)
             message = str(raised.value)
-            assert message.startswith("worker alice is unavailable: connection closed (")
+            assert message.startswith("worker alice is unavailable: connection lost (")
             assert "message too big" in message and f"exceeds limit of {2 * MiB} bytes" in message
 
     run(scenario())
@@ -775,7 +775,7 @@ def test_a_worker_that_dies_mid_fit_fails_the_request(
             with pytest.raises(WorkerUnavailable) as raised:
                 await fit
             assert time.perf_counter() - started < 5
-            assert str(raised.value).startswith("worker erin is unavailable: connection closed (")
+            assert str(raised.value).startswith("worker erin is unavailable: connection lost (")
             with pytest.raises(WorkerUnavailable):
                 await client.request(Ping())
 

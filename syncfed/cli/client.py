@@ -18,7 +18,11 @@ from ..config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EVALUATOR,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_ROUND_TIMEOUT,
     DEFAULT_WORKERS,
     CoordinatorConfig,
     parse_endpoints,
@@ -104,6 +108,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
+    reliability = parser.add_argument_group("reliability")
+    reliability.add_argument(
+        "--round-timeout",
+        type=float,
+        default=DEFAULT_ROUND_TIMEOUT,
+        help="seconds a round waits for training replies; later ones are dropped (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--min-workers", type=int, help="quorum: training workers a round needs to count (default: all of them)"
+    )
+    reliability.add_argument(
+        "--max-round-retries",
+        type=int,
+        default=3,
+        help="retries of a round below the quorum before the run stops (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--ping-interval",
+        type=float,
+        default=DEFAULT_PING_INTERVAL,
+        help="seconds between liveness pings to each worker (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=DEFAULT_PING_TIMEOUT,
+        help="a worker that misses pings this long is dropped as frozen or gone (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--reconnect-max-delay",
+        type=float,
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        help="cap of the exponential backoff between reconnection attempts (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--checkpoint-dir", type=Path, metavar="DIR", help="write a checkpoint here after every completed round"
+    )
+    reliability.add_argument(
+        "--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir with its next round"
+    )
+
     limits = parser.add_argument_group("limits and timeouts")
     limits.add_argument(
         "--max-message-size",
@@ -121,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout",
         type=float,
         default=DEFAULT_REQUEST_TIMEOUT,
-        help="seconds to wait for a training or evaluation reply (default: %(default)s)",
+        help="seconds to wait for an evaluation reply (default: %(default)s)",
     )
     return parser
 
@@ -145,6 +190,14 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
         max_message_size=args.max_message_size,
         connect_timeout=args.connect_timeout,
         request_timeout=args.request_timeout,
+        round_timeout=args.round_timeout,
+        min_workers=args.min_workers,
+        max_round_retries=args.max_round_retries,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+        reconnect_max_delay=args.reconnect_max_delay,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
     )
 
 

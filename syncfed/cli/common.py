@@ -8,11 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from ..exceptions import (
+    CheckpointError,
     ConfigError,
     DatasetError,
     IncompatibleWorkers,
     ModelError,
     ProtocolError,
+    QuorumNotMet,
     RemoteError,
     SyncfedError,
     WorkerUnavailable,
@@ -29,6 +31,8 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (WorkerUnavailable, 5),
     (RemoteError, 6),
     (ProtocolError, 7),
+    (QuorumNotMet, 8),
+    (CheckpointError, 9),
     (SyncfedError, 1),
 )
 INTERRUPTED = 130

@@ -63,6 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-in-flight", type=int, default=8, help="concurrent requests per connection (default: %(default)s)"
     )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=64,
+        help="concurrent connections; more are refused (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sleep this long per training batch, to drill slow sites (default: %(default)s)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
 
@@ -83,6 +96,8 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         download=not args.no_download,
         max_message_size=args.max_message_size,
         max_in_flight=args.max_in_flight,
+        max_connections=args.max_connections,
+        batch_delay=args.batch_delay,
     )
 
 
