@@ -56,6 +56,8 @@ class WorkerClient:
         self._ids = itertools.count(1)
         self._closed_reason = "not connected"
         self._closing: str | None = None  # why we are closing, when it is our doing
+        self.bytes_sent = 0  # message bytes over all connections, for metrics
+        self.bytes_received = 0
 
     async def __aenter__(self) -> WorkerClient:
         await self.connect()
@@ -125,7 +127,9 @@ class WorkerClient:
         limit = self.request_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                await self._connection.send(encode(request_id, message))
+                data = encode(request_id, message)
+                await self._connection.send(data)
+                self.bytes_sent += len(data)
                 answer = await reply
         except TimeoutError:
             raise WorkerTimeout(self.name, f"no reply to {message.kind} within {limit:g} s") from None
@@ -146,6 +150,7 @@ class WorkerClient:
         try:
             while True:
                 data = await receive(connection, self.max_message_size)
+                self.bytes_received += len(data)
                 try:
                     envelope = decode(data)
                 except ProtocolError as exc:

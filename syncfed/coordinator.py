@@ -129,9 +129,17 @@ class _Backoff:
 class Coordinator:
     """Runs federated training as configured; see the module docstring."""
 
-    def __init__(self, config: CoordinatorConfig, *, report: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        report: Callable[[str], None] = print,
+        listeners: Sequence[Callable[[Mapping[str, Any]], None]] = (),
+    ) -> None:
+        """``report`` gets the human-readable lines; ``listeners`` get every metrics event as it happens."""
         self.config = config
         self.report = report
+        self.listeners = tuple(listeners)
         self.aggregate = get_aggregator(config.aggregation)
         self._metrics: IO[str] | None = None
         self._clients = {name: self._client(name, uri) for name, uri in {**config.workers, **config.evaluator}.items()}
@@ -389,6 +397,7 @@ class Coordinator:
         """One round: retried while fewer than the quorum contribute, up to ``max_round_retries`` times."""
         config = self.config
         started = time.perf_counter()
+        sent, received = _traffic(trainers)
         lr = config.learning_rate(round_number)
         attempts = config.max_round_retries + 1
         for attempt in range(1, attempts + 1):
@@ -442,6 +451,8 @@ class Coordinator:
                 "lr": lr,
                 "train_loss": record.train_loss,
                 "num_examples": {name: update.num_examples for name, update in updates.items()},
+                "bytes_sent": _traffic(trainers)[0] - sent,
+                "bytes_received": _traffic(trainers)[1] - received,
             }
         )
         return updates
@@ -558,6 +569,8 @@ class Coordinator:
         if self._metrics is not None:
             self._metrics.write(json.dumps(event) + "\n")
             self._metrics.flush()
+        for listener in self.listeners:
+            listener(event)
 
 
 def _settings(config: CoordinatorConfig) -> dict[str, Any]:
@@ -565,6 +578,11 @@ def _settings(config: CoordinatorConfig) -> dict[str, Any]:
     return {
         name: str(value) if isinstance(value, Path) else value for name, value in dataclasses.asdict(config).items()
     }
+
+
+def _traffic(clients: Sequence[WorkerClient]) -> tuple[int, int]:
+    """Message bytes sent to and received from ``clients`` so far."""
+    return sum(client.bytes_sent for client in clients), sum(client.bytes_received for client in clients)
 
 
 def _held_classes(info: Info) -> list[int]:

@@ -10,10 +10,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import statistics
 import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ..aggregation import AGGREGATORS
+from ..client import WorkerClient
 from ..config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EVALUATOR,
@@ -29,13 +34,19 @@ from ..config import (
 )
 from ..coordinator import FEDERATED, Coordinator, RunResult
 from ..datasets import DATASETS, ensure_mnist
-from ..exceptions import SyncfedError
+from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
+from ..monitor import Progress, TensorBoardWriter
+from ..protocol import Hello, Info, Ping
 from ..spawn import spawn_workers
-from .common import INTERRUPTED, fail, normalize_flags, setup_logging, size
+from .common import INTERRUPTED, exit_code, fail, normalize_flags, setup_logging, size
 
 __all__ = ["main", "build_parser"]
 
 PROGRAM = "run_websocket_client.py"
+CENTRAL = "central"
+
+T = TypeVar("T")
+Listener = Callable[[Mapping[str, Any]], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,10 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)",
     )
 
+    workers.add_argument(
+        "--centralized",
+        action="store_true",
+        help="with --spawn-workers: train one worker that holds all the training data (the pooled baseline)",
+    )
+    workers.add_argument(
+        "--status", action="store_true", help="print who the workers are and how fast they answer, then exit"
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
     output.add_argument(
         "--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model"
+    )
+    output.add_argument("--tensorboard", type=Path, metavar="DIR", help="also write TensorBoard scalars to DIR")
+    output.add_argument(
+        "--no-progress", action="store_true", help="plain lines per round instead of a progress bar on a terminal"
     )
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
@@ -201,12 +225,20 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
     )
 
 
-async def _run(args: argparse.Namespace) -> RunResult:
+async def _with_workers(
+    args: argparse.Namespace, action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]]
+) -> T:
+    """Run ``action(workers, evaluator)`` on the configured workers, or on spawned ones."""
     workers = parse_endpoints(args.workers)
     evaluator = parse_endpoints(args.evaluator)
-    config_from_args(args, workers, evaluator)  # validate before starting anything
+    if args.centralized:
+        if not args.spawn_workers:
+            raise ConfigError(
+                "--centralized trains one spawned worker that holds all the training data: add --spawn-workers"
+            )
+        workers = {CENTRAL: ""}
     if not args.spawn_workers:
-        return await Coordinator(config_from_args(args, workers, evaluator)).run()
+        return await action(workers, evaluator)
     if args.dataset == "mnist":
         ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
@@ -214,23 +246,91 @@ async def _run(args: argparse.Namespace) -> RunResult:
         common.append("--cuda")
     if args.model and ":" in args.model:
         common += ["--model", args.model]
-    plan = [(name, common) for name in workers] + [(name, [*common, "--testing"]) for name in evaluator]
+    plan = [(name, [*common, "--digits", "0-9"] if name == CENTRAL else common) for name in workers]
+    plan += [(name, [*common, "--testing"]) for name in evaluator]
     async with spawn_workers(plan) as processes:
         spawned = {name: processes[name].uri for name in workers}
         spawned_evaluator = {name: processes[name].uri for name in evaluator}
-        return await Coordinator(config_from_args(args, spawned, spawned_evaluator)).run()
+        return await action(spawned, spawned_evaluator)
+
+
+async def _train(args: argparse.Namespace, progress: Progress, listeners: list[Listener]) -> RunResult:
+    async def action(workers: dict[str, str], evaluator: dict[str, str]) -> RunResult:
+        config = config_from_args(args, workers, evaluator)
+        return await Coordinator(config, report=progress.report, listeners=listeners).run()
+
+    # Check the settings before starting any worker process.
+    config_from_args(args, parse_endpoints(args.workers), parse_endpoints(args.evaluator))
+    return await _with_workers(args, action)
+
+
+async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
+    """One row of the status table: who the worker is and how fast it answers."""
+    client = WorkerClient(
+        name, uri, max_message_size=args.max_message_size, connect_timeout=args.connect_timeout, ping_interval=None
+    )
+    try:
+        await client.connect()
+        try:
+            info = await client.request(Hello(), timeout=args.connect_timeout)
+            assert isinstance(info, Info)
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                await client.request(Ping(), timeout=args.connect_timeout)
+                times.append(time.perf_counter() - started)
+        finally:
+            await client.close()
+    except SyncfedError as exc:
+        return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
+    histogram = " ".join(f"{label}:{count}" for label, count in enumerate(info.histogram) if count)
+    return [
+        name,
+        uri,
+        f"reachable ({info.role})",
+        str(info.protocol_version),
+        info.dataset,
+        str(info.num_examples),
+        histogram,
+        f"{statistics.median(times) * 1000:.1f}",
+    ]
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async def action(workers: dict[str, str], evaluator: dict[str, str]) -> int:
+        endpoints = {**workers, **evaluator}
+        rows = await asyncio.gather(*(_probe(name, uri, args) for name, uri in endpoints.items()))
+        header = ["id", "address", "status", "protocol", "dataset", "examples", "classes", "rtt ms"]
+        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return 0 if all(row[2].startswith("reachable") for row in rows) else exit_code(WorkerUnavailable("", ""))
+
+    return await _with_workers(args, action)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
     setup_logging(args.verbose, default=30)
+    progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status)
+    listeners: list[Listener] = [progress]
+    tensorboard: TensorBoardWriter | None = None
     try:
-        result = asyncio.run(_run(args))
+        if args.status:
+            return asyncio.run(_status(args))
+        if args.tensorboard is not None:
+            tensorboard = TensorBoardWriter(args.tensorboard)
+            listeners.append(tensorboard)
+        result = asyncio.run(_train(args, progress, listeners))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
+    finally:
+        progress.close()
+        if tensorboard is not None:
+            tensorboard.close()
     final = [record for record in result.evaluations if record.model == FEDERATED]
     if final:
         last = final[-1]

@@ -1,0 +1,102 @@
+"""Watching a run: a progress bar (or plain lines) and TensorBoard scalars.
+
+Both are listeners of the coordinator's metrics events (the same objects
+``--metrics-out`` writes), so the JSON lines stay the one source of truth.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from .exceptions import ConfigError
+
+__all__ = ["Progress", "TensorBoardWriter"]
+
+
+class Progress:
+    """A tqdm bar over rounds on a terminal; one plain line per round otherwise.
+
+    The bar shows the round, the last federated accuracy and the seconds per
+    round. ``report`` prints other lines without breaking the bar.
+    """
+
+    def __init__(self, total_rounds: int, *, enabled: bool = True, stream: IO[str] | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stdout
+        self.total = total_rounds
+        self.accuracy: float | None = None
+        self.bar: Any = None
+        if enabled and self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_rounds, unit="round", file=self.stream, dynamic_ncols=True)
+
+    def report(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("event") == "eval" and event.get("model") == "federated":
+            self.accuracy = float(event["accuracy"])
+            if self.bar is not None:
+                self.bar.set_postfix_str(self._postfix(None), refresh=True)
+        if event.get("event") != "round":
+            return
+        round_number, seconds = int(event["round"]), float(event["seconds"])
+        if self.bar is None:
+            accuracy = "" if self.accuracy is None else f", last federated accuracy {self.accuracy:.2%}"
+            dropped = f", dropped {', '.join(event['failed'])}" if event.get("failed") else ""
+            self.report(f"Round {round_number}/{self.total} done in {seconds:.2f} s{accuracy}{dropped}")
+            return
+        self.bar.n = round_number  # also right after a resume
+        self.bar.set_postfix_str(self._postfix(seconds), refresh=True)
+
+    def _postfix(self, seconds: float | None) -> str:
+        parts = []
+        if self.accuracy is not None:
+            parts.append(f"federated accuracy {self.accuracy:.2%}")
+        if seconds is not None:
+            parts.append(f"{seconds:.2f} s/round")
+        return ", ".join(parts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class TensorBoardWriter:
+    """Writes the run's scalars for TensorBoard: accuracy and loss per model,
+    training loss per worker, seconds and bytes per round.
+
+    Raises:
+        ConfigError: if the ``tensorboard`` package is not installed.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError(
+                "--tensorboard needs the tensorboard package: pip install 'syncfed[tensorboard]'"
+            ) from None
+        self.writer = SummaryWriter(log_dir=str(directory))
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        kind, step = event.get("event"), event.get("round")
+        if kind == "round":
+            self.writer.add_scalar("round/seconds", event["seconds"], step)
+            self.writer.add_scalar("round/bytes_moved", event["bytes_sent"] + event["bytes_received"], step)
+            self.writer.add_scalar("round/workers", len(event["workers"]), step)
+            for worker, loss in event["train_loss"].items():
+                self.writer.add_scalar(f"train_loss/{worker}", loss, step)
+        elif kind == "eval":
+            self.writer.add_scalar(f"accuracy/{event['model']}", event["accuracy"], step)
+            self.writer.add_scalar(f"loss/{event['model']}", event["loss"], step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
