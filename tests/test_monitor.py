@@ -1,0 +1,169 @@
+"""Watching a run: the progress display, TensorBoard files, the status table and the centralized baseline."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from syncfed.config import CoordinatorConfig
+from syncfed.coordinator import Coordinator
+from syncfed.monitor import Progress, TensorBoardWriter
+from syncfed.spawn import WorkerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+CLIENT = str(ROOT / "run_websocket_client.py")
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal, so tqdm draws a bar into it."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def round_event(number: int, seconds: float = 0.25) -> dict[str, object]:
+    return {"event": "round", "round": number, "workers": ["alice"], "failed": {}, "seconds": seconds}
+
+
+def test_progress_draws_a_bar_with_round_accuracy_and_seconds_on_a_terminal() -> None:
+    stream = Terminal()
+    progress = Progress(40, stream=stream)
+    progress(round_event(1))
+    progress({"event": "eval", "round": 1, "model": "federated", "accuracy": 0.1611})
+    progress.report("Federated model: Average loss: 2.2803")
+    progress(round_event(2, 0.5))
+    progress.close()
+    output = stream.getvalue()
+    assert "2/40" in output
+    assert "federated accuracy 16.11%" in output
+    assert "0.50 s/round" in output
+    assert "Federated model: Average loss: 2.2803" in output
+    assert "Round 2/40 done" not in output
+
+
+def test_progress_falls_back_to_plain_lines_off_a_terminal_or_when_disabled() -> None:
+    for stream, enabled in ((io.StringIO(), True), (Terminal(), False)):
+        progress = Progress(3, enabled=enabled, stream=stream)
+        progress(round_event(1))
+        progress({"event": "eval", "round": 1, "model": "federated", "accuracy": 0.5})
+        progress({**round_event(2), "failed": {"bob": "timeout"}})
+        progress.close()
+        assert stream.getvalue().splitlines() == [
+            "Round 1/3 done in 0.25 s",
+            "Round 2/3 done in 0.25 s, last federated accuracy 50.00%, dropped bob",
+        ]
+
+
+def test_tensorboard_files_hold_the_runs_scalars(digits_workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = TensorBoardWriter(tmp_path / "tb")
+    config = CoordinatorConfig(
+        workers={name: digits_workers[name].uri for name in ("alice", "bob", "charlie")},
+        evaluator={"testing": digits_workers["testing"].uri},
+        training_rounds=2,
+        eval_every=1,
+    )
+    result = asyncio.run(asyncio.wait_for(Coordinator(config, report=lambda _: None, listeners=[writer]).run(), 120))
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"accuracy/federated", "loss/federated", "accuracy/alice", "train_loss/bob", "round/seconds"} <= tags
+    accuracy = [(event.step, event.value) for event in events.Scalars("accuracy/federated")]
+    assert [step for step, _ in accuracy] == [1, 2]
+    for step, value in accuracy:
+        assert abs(value - result.accuracy(step)) < 1e-6
+    moved = [event.value for event in events.Scalars("round/bytes_moved")]
+    # Each round sends the digits CNN (601,610 float32 parameters) to three workers and back.
+    assert all(value > 6 * 601_610 * 4 for value in moved)
+
+
+def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[str, WorkerProcess]) -> None:
+    workers = ",".join(f"{name}={digits_workers[name].uri}" for name in ("alice", "bob"))
+    completed = subprocess.run(
+        [
+            sys.executable,
+            CLIENT,
+            "--status",
+            "--workers",
+            workers,
+            "--evaluator",
+            f"testing={digits_workers['testing'].uri}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert lines[0].split() == ["id", "address", "status", "protocol", "dataset", "examples", "classes", "rtt", "ms"]
+    alice = lines[1].split()
+    assert alice[:7] == ["alice", digits_workers["alice"].uri, "reachable", "(trainer)", "1", "digits", "576"]
+    assert alice[7:11] == ["0:142", "1:146", "2:142", "3:146"]
+    assert float(alice[-1]) >= 0
+    assert lines[3].split()[:4] == ["testing", digits_workers["testing"].uri, "reachable", "(evaluator)"]
+
+    dead = subprocess.run(
+        [
+            sys.executable,
+            CLIENT,
+            "--status",
+            "--workers",
+            f"{workers},zed=ws://127.0.0.1:9",
+            "--evaluator",
+            "",
+            "--connect-timeout",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert dead.returncode == 5
+    assert any(
+        line.startswith("zed") and "unreachable: worker zed is unavailable" in line for line in dead.stdout.splitlines()
+    )
+
+
+def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_path: Path) -> None:
+    metrics = tmp_path / "central.jsonl"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            CLIENT,
+            "--spawn-workers",
+            "--centralized",
+            "--training-rounds",
+            "3",
+            "--eval-every",
+            "1",
+            "--metrics-out",
+            str(metrics),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+    )
+    assert completed.returncode == 0, completed.stderr
+    events = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rounds = [event for event in events if event["event"] == "round"]
+    assert [event["workers"] for event in rounds] == [["central"]] * 3
+    assert all(event["num_examples"] == {"central": 1437} for event in rounds)
+    evaluated = {(event["round"], event["model"]) for event in events if event["event"] == "eval"}
+    assert evaluated == {(r, model) for r in (1, 2, 3) for model in ("central", "federated")}
+    assert "Model update central: Percentage numbers 0-9: 100%" in completed.stdout
+
+
+def test_centralized_needs_spawned_workers() -> None:
+    completed = subprocess.run([sys.executable, CLIENT, "--centralized"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert completed.stderr.strip() == (
+        "run_websocket_client.py: error: --centralized trains one spawned worker that holds all the training data:"
+        " add --spawn-workers"
+    )
