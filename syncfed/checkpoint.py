@@ -44,7 +44,8 @@ class Checkpoint:
     seed: int
     config: dict[str, Any] = field(default_factory=dict)  # the run's settings, for the record
     strategy_state: dict[str, Any] = field(default_factory=dict)
-    metrics_size: int | None = None  # bytes of the metrics file at this round's end
+    metrics_path: str | None = None  # the metrics file of the run, resolved
+    metrics_size: int | None = None  # its bytes at this round's end (fsynced before the checkpoint)
 
 
 def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
@@ -61,6 +62,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "seed": checkpoint.seed,
         "config": checkpoint.config,
         "strategy_state": checkpoint.strategy_state,
+        "metrics_path": checkpoint.metrics_path,
         "metrics_size": checkpoint.metrics_size,
         "order": list(checkpoint.weights),
     }
@@ -86,6 +88,8 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
     try:
         with safe_open(str(path), framework="np") as handle:
             metadata = handle.metadata() or {}
+            if "syncfed" not in metadata:
+                raise CheckpointError(f"{path} is a safetensors file but not a syncfed checkpoint")
             state = json.loads(metadata["syncfed"])
             weights = {name: handle.get_tensor(name) for name in state["order"]}
         if state.get("format") != _FORMAT:
@@ -97,6 +101,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             seed=int(state["seed"]),
             config=dict(state.get("config") or {}),
             strategy_state=dict(state.get("strategy_state") or {}),
+            metrics_path=state.get("metrics_path"),
             metrics_size=state.get("metrics_size"),
         )
     except CheckpointError:

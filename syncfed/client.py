@@ -77,7 +77,9 @@ class WorkerClient:
                 self._connection = await connect(
                     self.uri,
                     open_timeout=None,
-                    close_timeout=2.0,
+                    # Short: on a missed pong websockets waits this long for a
+                    # closing handshake the frozen peer cannot answer.
+                    close_timeout=1.0,
                     ping_interval=self.ping_interval,
                     ping_timeout=self.ping_timeout,
                     **connection_options(self.max_message_size),

@@ -146,7 +146,7 @@ class Coordinator:
         self._backoff = {name: _Backoff() for name in self._clients}
         self._reference: Info | None = None
         self._model_name = ""
-        self._resumed_metrics_size: int | None = None
+        self._resumed: Checkpoint | None = None
         self._joining: dict[str, asyncio.Task[None]] = {}
         # How long a round start waits for reconnecting workers: a live one
         # answers at once, a frozen one must not stall the round.
@@ -356,7 +356,7 @@ class Coordinator:
             torch.manual_seed(config.seed)
             return RunResult(self._model_name, get_weights(resolve_model(self._model_name)())), 1
         check_resumable(checkpoint, self._identity())
-        self._resumed_metrics_size = checkpoint.metrics_size
+        self._resumed = checkpoint
         self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
         return RunResult(self._model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
 
@@ -369,11 +369,33 @@ class Coordinator:
         if result.first_round == 1 or not path.exists():
             self._metrics = path.open("w", encoding="utf-8")
             return
+        if self._resumed is not None and self._resumed.metrics_size is not None:
+            self._check_metrics_file(path, self._resumed)
         self._metrics = path.open("r+", encoding="utf-8")
-        if self._resumed_metrics_size is not None:
+        if self._resumed is not None and self._resumed.metrics_size is not None:
             # Lines written after the checkpoint belong to the round in progress at the crash: drop them.
-            self._metrics.truncate(self._resumed_metrics_size)
+            self._metrics.truncate(self._resumed.metrics_size)
         self._metrics.seek(0, os.SEEK_END)
+
+    @staticmethod
+    def _check_metrics_file(path: Path, checkpoint: Checkpoint) -> None:
+        """Refuse to cut a metrics file that is not the one the checkpoint describes."""
+        size = checkpoint.metrics_size or 0
+        recorded = checkpoint.metrics_path
+        if recorded is not None and recorded != str(path.resolve()):
+            raise CheckpointError(
+                f"the checkpointed run wrote its metrics to {recorded}, not {path};"
+                f" resume with --metrics-out {recorded}"
+            )
+        actual = path.stat().st_size
+        with path.open("rb") as handle:
+            handle.seek(max(size - 1, 0))
+            last = handle.read(1)
+        if actual < size or (size and last != b"\n"):
+            raise CheckpointError(
+                f"metrics file {path} has {actual} bytes and does not end a line at byte {size} as the checkpoint"
+                " of its run says; it was changed or lost data since, so resuming would damage it"
+            )
 
     def _checkpoint(self, round_number: int, result: RunResult) -> None:
         directory = self.config.checkpoint_dir
@@ -385,9 +407,18 @@ class Coordinator:
             identity=self._identity(),
             seed=self.config.seed,
             config=_settings(self.config),
-            metrics_size=self._metrics.tell() if self._metrics is not None else None,
+            metrics_path=str(self.config.metrics_out.resolve()) if self.config.metrics_out is not None else None,
+            metrics_size=self._durable_metrics_size(),
         )
         save_checkpoint(directory, checkpoint)
+
+    def _durable_metrics_size(self) -> int | None:
+        """Fsync the metrics file, so the size the checkpoint records is on disk too."""
+        if self._metrics is None:
+            return None
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+        return self._metrics.tell()
 
     # Rounds
 
@@ -508,10 +539,13 @@ class Coordinator:
         return updates, failures
 
     async def _wait_for_retry(self, trainers: Sequence[WorkerClient]) -> None:
-        """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap)."""
+        """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap).
+
+        With every worker connected (the round failed on error replies) there is nothing to wait for.
+        """
         now = time.monotonic()
         waits = [self._backoff[client.name].retry_at - now for client in trainers if not client.connected]
-        delay = min([self.config.reconnect_max_delay, *waits])
+        delay = min([self.config.reconnect_max_delay, *waits]) if waits else 0.0
         if delay > 0:
             await asyncio.sleep(delay)
 
