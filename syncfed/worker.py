@@ -196,6 +196,7 @@ class _Session:
             except MessageTooLarge as exc:  # the rest was read and dropped
                 await self.reply_error(0, exc.code, str(exc), exc.size)
                 continue
+            logger.debug("message from %s: %d bytes", self.peer, len(data))
             try:
                 envelope = decode(data)
             except ProtocolError as exc:
