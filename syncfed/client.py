@@ -5,11 +5,21 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import ssl
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.frames import CloseCode
 
-from .exceptions import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable
+from . import auth
+from .exceptions import (
+    AuthenticationFailed,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
 from .protocol import REQUESTS, Error, Message, decode, encode
 from .transport import connection_options, receive
 
@@ -39,6 +49,9 @@ class WorkerClient:
         request_timeout: float = 600.0,
         ping_interval: float | None = 1.0,
         ping_timeout: float | None = 3.0,
+        # Security
+        tls: ssl.SSLContext | None = None,
+        auth_token: bytes | None = None,
     ) -> None:
         self.name = name
         self.uri = uri
@@ -50,6 +63,8 @@ class WorkerClient:
         # answers pings (it trains in a thread); a frozen or dead one does not.
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.tls = tls
+        self.auth_token = auth_token
         self._connection: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -67,14 +82,17 @@ class WorkerClient:
         await self.close()
 
     async def connect(self) -> None:
-        """Open the connection.
+        """Open the connection: TLS for wss:// addresses, then the token handshake when one is set.
 
         Raises:
             WorkerUnavailable: if the worker cannot be reached within ``connect_timeout``.
+            AuthenticationFailed: if the worker's certificate does not verify, or either side
+                refuses the other (client certificate, allow-list, token).
         """
+        secure = self.uri.startswith("wss://")
         try:
             async with asyncio.timeout(self.connect_timeout):
-                self._connection = await connect(
+                connection = await connect(
                     self.uri,
                     open_timeout=None,
                     # Short: on a missed pong websockets waits this long for a
@@ -82,18 +100,62 @@ class WorkerClient:
                     close_timeout=1.0,
                     ping_interval=self.ping_interval,
                     ping_timeout=self.ping_timeout,
+                    ssl=(self.tls or ssl.create_default_context()) if secure else None,
                     **connection_options(self.max_message_size),
                 )
+                if self.auth_token is not None:
+                    await self._authenticate(connection, self.auth_token)
+                self._connection = connection
         except TimeoutError:
             raise WorkerUnavailable(
                 self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s"
             ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthenticationFailed(
+                f"worker {self.name} at {self.uri} failed certificate verification: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise AuthenticationFailed(
+                f"worker {self.name} at {self.uri} refused the TLS handshake ({exc.reason});"
+                " it may require a client certificate: pass --tls-cert and --tls-key"
+            ) from None
+        except InvalidStatus as exc:
+            status, body = exc.response.status_code, exc.response.body.decode(errors="replace").strip()
+            if status == 403:
+                raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {body}") from None
+            raise WorkerUnavailable(self.name, f"{self.uri} answered HTTP {status}: {body}") from None
+        except InvalidMessage:
+            if secure:
+                # Under TLS 1.3 a refused client certificate shows up here: the
+                # worker hangs up after the TLS handshake, before answering HTTP.
+                raise AuthenticationFailed(
+                    f"worker {self.name} at {self.uri} hung up after the TLS handshake: it did not accept this"
+                    " coordinator's client certificate (pass --tls-cert and --tls-key signed by its CA)"
+                ) from None
+            raise WorkerUnavailable(
+                self.name, f"{self.uri} did not answer a websocket handshake (is it a wss:// worker?)"
+            ) from None
         except (OSError, ConnectionClosed) as exc:
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        except (AuthenticationFailed, WorkerUnavailable):
+            raise
         except Exception as exc:  # invalid URI or handshake: websockets raises several types
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
         self._closing = None
         self._reader = asyncio.create_task(self._read_replies(self._connection))
+
+    async def _authenticate(self, connection: ClientConnection, token: bytes) -> None:
+        """Answer the worker's challenge and check its proof; see :mod:`syncfed.auth`."""
+        try:
+            frame, worker_nonce, own_nonce = auth.respond(token, await receive(connection, auth.MAX_AUTH_FRAME))
+            await connection.send(frame)
+            auth.verify_confirmation(token, worker_nonce, own_nonce, await receive(connection, auth.MAX_AUTH_FRAME))
+        except ConnectionClosed as exc:
+            reason = exc.rcvd.reason if exc.rcvd is not None and exc.rcvd.reason else "connection closed"
+            raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {reason}") from None
+        except (AuthenticationFailed, MessageTooLarge) as exc:
+            await connection.close(CloseCode.POLICY_VIOLATION, "authentication failed")
+            raise AuthenticationFailed(f"worker {self.name} failed authentication: {exc}") from None
 
     @property
     def connected(self) -> bool:
@@ -159,6 +221,8 @@ class WorkerClient:
                     if exc.request_id in self._pending:
                         self._resolve(exc.request_id, exc)
                         continue
+                    if auth.is_challenge(data):
+                        raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
                     raise
                 if envelope.id in self._pending:
                     self._resolve(envelope.id, envelope.message)

@@ -58,6 +58,11 @@ def parse_endpoints(text: str) -> dict[str, str]:
     return endpoints
 
 
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    if (cert is None) != (key is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+
+
 def _positive(name: str, value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{name} must be a positive number, not {value!r}")
@@ -84,6 +89,12 @@ class WorkerConfig:
     max_connections: int = 64
     # Drills
     batch_delay: float = 0.0  # seconds of sleep per training batch, to simulate a slow site
+    # Security
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None  # require client certificates signed by this CA
+    allow_coordinators: tuple[str, ...] = ()  # certificate common names let in; empty: any the CA signed
+    auth_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -98,10 +109,20 @@ class WorkerConfig:
             raise ConfigError("max in-flight requests must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max connections must be at least 1")
+        _check_tls(self.tls_cert, self.tls_key)
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
+        if self.allow_coordinators and self.tls_ca is None:
+            raise ConfigError("--allow-coordinator needs --tls-ca: identities come from client certificates")
         if not (math.isfinite(self.batch_delay) and self.batch_delay >= 0):
             raise ConfigError(f"batch delay must be a non-negative number of seconds, not {self.batch_delay!r}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be at least 1")
+
+    @property
+    def secured(self) -> bool:
+        """Whether peers must prove who they are (TLS with client certificates, or a token)."""
+        return self.tls_ca is not None or self.auth_token_file is not None
 
     @property
     def role(self) -> str:
@@ -141,6 +162,11 @@ class CoordinatorConfig:
     ping_interval: float | None = DEFAULT_PING_INTERVAL  # None: no liveness pings
     ping_timeout: float | None = DEFAULT_PING_TIMEOUT
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
+    # Security
+    tls_ca: Path | None = None  # verify wss:// workers against this CA (the system's when None)
+    tls_cert: Path | None = None  # client certificate for mutual TLS
+    tls_key: Path | None = None
+    auth_token_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.workers:
@@ -171,6 +197,7 @@ class CoordinatorConfig:
             )
         if self.max_round_retries < 0:
             raise ConfigError(f"max_round_retries must not be negative, not {self.max_round_retries}")
+        _check_tls(self.tls_cert, self.tls_key)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir")
         if self.aggregation not in AGGREGATORS:

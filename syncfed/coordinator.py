@@ -27,10 +27,12 @@ import numpy as np
 import torch
 
 from .aggregation import get_aggregator
+from .auth import read_token
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from .client import WorkerClient
 from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
 from .exceptions import (
+    AuthenticationFailed,
     CheckpointError,
     IncompatibleWorkers,
     ModelError,
@@ -44,6 +46,7 @@ from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
 from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
 from .tensors import Weights
+from .transport import client_tls
 
 __all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "save_model"]
 
@@ -140,6 +143,12 @@ class Coordinator:
         self.config = config
         self.report = report
         self.listeners = tuple(listeners)
+        self._tls = (
+            client_tls(config.tls_ca, config.tls_cert, config.tls_key)
+            if config.tls_ca is not None or config.tls_cert is not None
+            else None
+        )
+        self._token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
         self.aggregate = get_aggregator(config.aggregation)
         self._metrics: IO[str] | None = None
         self._clients = {name: self._client(name, uri) for name, uri in {**config.workers, **config.evaluator}.items()}
@@ -195,6 +204,8 @@ class Coordinator:
             request_timeout=self.config.request_timeout,
             ping_interval=self.config.ping_interval,
             ping_timeout=self.config.ping_timeout,
+            tls=self._tls,
+            auth_token=self._token,
         )
 
     # Joining
@@ -320,7 +331,7 @@ class Coordinator:
             self._check_identity(client.name, info)
             self._check_data(client.name, info, "the others", self._reference)
             self._check_model_available(client.name, info, self._model_name)
-        except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError) as exc:
+        except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError, AuthenticationFailed) as exc:
             await client.close()
             self._backoff[client.name].failed(time.monotonic(), self.config.reconnect_max_delay)
             logger.info("%s: still unavailable (%s)", client.name, exc)

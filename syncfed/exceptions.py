@@ -14,6 +14,7 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     ├── WorkerUnavailable    a worker cannot be reached or its connection was lost
     │   └── WorkerTimeout    a worker did not answer a request in time
     ├── IncompatibleWorkers  workers disagree with each other or with the model
+    ├── AuthenticationFailed a peer failed authentication (token, certificate, allow-list)
     ├── QuorumNotMet         too few workers answered a round, even after retries
     └── CheckpointError      a checkpoint cannot be read or does not fit the run
 
@@ -36,6 +37,7 @@ __all__ = [
     "WorkerUnavailable",
     "WorkerTimeout",
     "IncompatibleWorkers",
+    "AuthenticationFailed",
     "QuorumNotMet",
     "CheckpointError",
 ]
@@ -128,3 +130,7 @@ class QuorumNotMet(SyncfedError):
 
 class CheckpointError(SyncfedError):
     """A checkpoint cannot be read, or resuming it would mix two different runs."""
+
+
+class AuthenticationFailed(SyncfedError):
+    """A peer could not prove who it is, or is not allowed in."""

@@ -19,7 +19,7 @@ __all__ = ["WorkerProcess", "spawn_workers"]
 
 logger = logging.getLogger("syncfed.spawn")
 
-_READY = re.compile(r"^syncfed worker (\S+) listening on (ws://\S+)$")
+_READY = re.compile(r"^syncfed worker (\S+) listening on (wss?://\S+)$")
 _PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
 
 

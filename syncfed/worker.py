@@ -25,11 +25,13 @@ import torch
 from torch import nn
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from . import auth
 from .config import WorkerConfig
 from .datasets import Dataset, load_dataset
-from .exceptions import MessageTooLarge, ModelError, ProtocolError, TensorError
+from .exceptions import AuthenticationFailed, MessageTooLarge, ModelError, ProtocolError, TensorError
 from .models import MODELS, ModelFactory, get_weights, resolve_model, set_weights
 from .partition import class_indices, default_classes
 from .protocol import (
@@ -50,11 +52,27 @@ from .protocol import (
     encode,
 )
 from .training import evaluate, train
-from .transport import connection_options, receive
+from .transport import connection_options, receive, server_tls
 
 __all__ = ["Worker", "load_shard", "model_factories", "run_worker"]
 
 logger = logging.getLogger("syncfed.worker")
+
+
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+#: Seconds a peer has to answer the authentication challenge.
+AUTH_TIMEOUT = 10.0
+
+
+def _common_name(peercert: object) -> str | None:
+    """The subject common name of a verified peer certificate (``ssl`` getpeercert form)."""
+    if not isinstance(peercert, dict):
+        return None
+    for entry in peercert.get("subject", ()):
+        for key, value in entry:
+            if key == "commonName":
+                return str(value)
+    return None
 
 
 class RequestFailed(Exception):
@@ -98,6 +116,7 @@ class Worker:
         self._compute = asyncio.Lock()
         self._models: dict[str, nn.Module] = {}
         self._connections = 0
+        self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
     def info(self) -> Info:
         return Info(
@@ -111,10 +130,18 @@ class Worker:
         )
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse the websocket handshake (HTTP 503) beyond ``max_connections``."""
+        """Refuse the websocket handshake: HTTP 503 beyond ``max_connections``, HTTP 403
+        for a client certificate whose common name is not on the allow-list."""
         if self._connections >= self.config.max_connections:
             logger.warning("refused a connection: %d connections already open", self._connections)
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        if self.config.allow_coordinators:
+            identity = _common_name(connection.transport.get_extra_info("peercert"))
+            if identity not in self.config.allow_coordinators:
+                logger.warning("refused coordinator identity %r: not on the allow-list", identity)
+                return connection.respond(
+                    HTTPStatus.FORBIDDEN, f"coordinator identity {identity!r} is not allowed by this worker\n"
+                )
         return None
 
     async def handle(self, connection: ServerConnection) -> None:
@@ -187,6 +214,8 @@ class _Session:
         self.in_flight: dict[int, asyncio.Task[None]] = {}
 
     async def run(self) -> None:
+        if self.worker.token is not None and not await self.authenticate(self.worker.token):
+            return
         limit = self.worker.config.max_message_size
         while True:
             try:
@@ -207,6 +236,24 @@ class _Session:
                 await self.reply_error(envelope.id, *failure, len(data))
                 continue
             self.dispatch(envelope, len(data))
+
+    async def authenticate(self, token: bytes) -> bool:
+        """Challenge the peer for the shared token before reading any application message."""
+        frame, nonce = auth.challenge()
+        try:
+            async with asyncio.timeout(AUTH_TIMEOUT):
+                await self.connection.send(frame)
+                response = await receive(self.connection, auth.MAX_AUTH_FRAME)
+                client_nonce = auth.verify_response(token, nonce, response)
+                await self.connection.send(auth.confirm(token, nonce, client_nonce))
+        except ConnectionClosed:
+            return False
+        except (TimeoutError, MessageTooLarge, AuthenticationFailed) as exc:
+            reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
+            logger.warning("%s failed authentication: %s", self.peer, reason)
+            await self.connection.close(CloseCode.POLICY_VIOLATION, f"authentication failed: {reason}"[:120])
+            return False
+        return True
 
     def refusal(self, envelope: Envelope) -> tuple[str, str] | None:
         """The error code and reason for a request the session's rules refuse, if any."""
@@ -295,7 +342,21 @@ async def run_worker(config: WorkerConfig, data: Dataset, *, ready: Callable[[st
     """Serve ``data`` until cancelled; ``ready`` gets the line naming the bound address."""
     worker = Worker(config, data)
     options = connection_options(config.max_message_size)
-    async with serve(worker.handle, config.host, config.port, process_request=worker.admit, **options) as server:
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = server_tls(config.tls_cert, config.tls_key, config.tls_ca)
+    if not config.secured and config.host not in LOOPBACK:
+        logger.warning(
+            "WORKER %s ACCEPTS ANY COORDINATOR ON %s: serving without client certificates or a token on an address"
+            " other than loopback lets anyone who can reach it train on this data; use --tls-ca (see"
+            " python -m syncfed provision) or --auth-token-file",
+            config.worker_id.upper(),
+            config.host,
+        )
+    async with serve(
+        worker.handle, config.host, config.port, process_request=worker.admit, ssl=tls, **options
+    ) as server:
         host, port = next(iter(server.sockets)).getsockname()[:2]
-        ready(f"syncfed worker {config.worker_id} listening on ws://{host}:{port}")
+        scheme = "wss" if tls is not None else "ws"
+        ready(f"syncfed worker {config.worker_id} listening on {scheme}://{host}:{port}")
         await server.serve_forever()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..aggregation import AGGREGATORS
+from ..auth import read_token
 from ..client import WorkerClient
 from ..config import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -38,7 +39,8 @@ from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
 from ..monitor import Progress, TensorBoardWriter
 from ..protocol import Hello, Info, Ping
 from ..spawn import spawn_workers
-from .common import INTERRUPTED, exit_code, fail, normalize_flags, setup_logging, size
+from ..transport import client_tls
+from .common import INTERRUPTED, exit_code, fail, parse_arguments, setup_logging, size
 
 __all__ = ["main", "build_parser"]
 
@@ -132,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
+    parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
+    )
+    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate for mutual TLS")
+    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
+    security.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
+    )
+
     reliability = parser.add_argument_group("reliability")
     reliability.add_argument(
         "--round-timeout",
@@ -222,6 +235,10 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
         reconnect_max_delay=args.reconnect_max_delay,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        auth_token_file=args.auth_token_file,
     )
 
 
@@ -267,7 +284,13 @@ async def _train(args: argparse.Namespace, progress: Progress, listeners: list[L
 async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
     """One row of the status table: who the worker is and how fast it answers."""
     client = WorkerClient(
-        name, uri, max_message_size=args.max_message_size, connect_timeout=args.connect_timeout, ping_interval=None
+        name,
+        uri,
+        max_message_size=args.max_message_size,
+        connect_timeout=args.connect_timeout,
+        ping_interval=None,
+        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key) if uri.startswith("wss://") else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
     )
     try:
         await client.connect()
@@ -310,7 +333,10 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
+    try:
+        args = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        return fail(PROGRAM, exc)
     setup_logging(args.verbose, default=30)
     progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status)
     listeners: list[Listener] = [progress]

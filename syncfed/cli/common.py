@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tomllib
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ..exceptions import (
+    AuthenticationFailed,
     CheckpointError,
     ConfigError,
     DatasetError,
@@ -20,7 +24,7 @@ from ..exceptions import (
     WorkerUnavailable,
 )
 
-__all__ = ["EXIT_CODES", "exit_code", "normalize_flags", "setup_logging", "size", "fail"]
+__all__ = ["EXIT_CODES", "exit_code", "normalize_flags", "parse_arguments", "setup_logging", "size", "fail"]
 
 #: Exit status by error type; the first matching entry wins.
 EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
@@ -33,6 +37,7 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (ProtocolError, 7),
     (QuorumNotMet, 8),
     (CheckpointError, 9),
+    (AuthenticationFailed, 10),
     (SyncfedError, 1),
 )
 INTERRUPTED = 130
@@ -86,3 +91,42 @@ def setup_logging(verbose: bool, *, default: int) -> None:
     )
     # websockets logs every frame at DEBUG: too much even for --verbose.
     logging.getLogger("websockets").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """Parse ``argv``; settings from ``--config FILE`` (TOML) become defaults that flags override.
+
+    Keys are flag names without dashes (``tls-cert`` or ``tls_cert``); relative
+    paths are resolved against the config file's folder, so a startup kit can
+    be moved as a whole.
+
+    Raises:
+        ConfigError: if the file cannot be read or names an unknown setting.
+    """
+    argv = normalize_flags(argv)
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--config", type=Path)
+    known, _ = first.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**_config_defaults(parser, known.config))
+    return parser.parse_args(argv)
+
+
+def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    try:
+        settings = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    defaults: dict[str, Any] = {}
+    for key, value in settings.items():
+        dest = key.replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            raise ConfigError(f"config file {path} sets {key!r}, which is not a setting of {parser.prog}")
+        if action.type is Path:
+            values = value if isinstance(value, list) else [value]
+            resolved = [Path(item) if Path(item).is_absolute() else path.parent / item for item in values]
+            value = resolved if isinstance(value, list) else resolved[0]
+        defaults[dest] = value
+    return defaults

@@ -20,7 +20,7 @@ from ..datasets import DATASETS
 from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes
 from ..worker import load_shard, run_worker
-from .common import INTERRUPTED, fail, normalize_flags, setup_logging, size
+from .common import INTERRUPTED, fail, parse_arguments, setup_logging, size
 
 __all__ = ["main", "build_parser"]
 
@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run a syncfed worker that trains and evaluates on its private data. "
         "Flags may be written with dashes or underscores.",
     )
-    parser.add_argument("--id", required=True, help="worker id, e.g. alice, bob, charlie or testing")
+    parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
+    parser.add_argument("--id", help="worker id, e.g. alice, bob, charlie or testing (required)")
     parser.add_argument("--host", default="localhost", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8777, help="port to bind, 0 for a free one (default: %(default)s)")
     parser.add_argument(
@@ -76,6 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="sleep this long per training batch, to drill slow sites (default: %(default)s)",
     )
+    security = parser.add_argument_group("security")
+    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve wss:// with this certificate")
+    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
+    security.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="require coordinators to present a certificate this CA signed"
+    )
+    security.add_argument(
+        "--allow-coordinator",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="let in only coordinators whose certificate has this common name (repeatable)",
+    )
+    security.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="require coordinators to prove they know this token"
+    )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
 
@@ -98,11 +115,22 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_in_flight=args.max_in_flight,
         max_connections=args.max_connections,
         batch_delay=args.batch_delay,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        allow_coordinators=tuple(args.allow_coordinator),
+        auth_token_file=args.auth_token_file,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(normalize_flags(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        return fail(PROGRAM, exc)
+    if args.id is None:
+        parser.error("the following arguments are required: --id (or id in --config)")
     setup_logging(args.verbose, default=20)
     try:
         config = config_from_args(args)

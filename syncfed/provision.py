@@ -1,0 +1,264 @@
+"""Provisioning: a private CA and one startup kit per participant.
+
+``python -m syncfed provision project.toml -o startup/`` reads::
+
+    [project]
+    name = "demo"
+    days = 365                      # certificate lifetime (optional)
+
+    [coordinator]
+    id = "coordinator"              # the identity workers allow in
+
+    [[workers]]
+    id = "alice"
+    hosts = ["localhost", "127.0.0.1"]   # names the coordinator dials; in the certificate
+    port = 8777
+    role = "trainer"                # or "evaluator"
+
+and writes ``startup/ca/`` (the CA's key: keep it offline), and for each
+participant ``startup/<id>/`` with the CA certificate, its own key (mode
+0600) and certificate, and a config file the scripts accept with
+``--config`` (``worker.toml`` or ``coordinator.toml``). Keys are made with
+the ``cryptography`` package; nothing is hand-rolled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigError
+
+__all__ = ["Participant", "Project", "load_project", "provision"]
+
+_ROLES = ("trainer", "evaluator")
+
+
+@dataclass(frozen=True)
+class Participant:
+    id: str
+    hosts: tuple[str, ...] = ()
+    port: int = 0
+    role: str = "trainer"
+
+
+@dataclass(frozen=True)
+class Project:
+    name: str
+    coordinator: str
+    workers: tuple[Participant, ...]
+    days: int = 365
+
+
+def load_project(path: Path) -> Project:
+    """Read and check a project file.
+
+    Raises:
+        ConfigError: naming the file and the offending entry.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read project file {path}: {exc}") from None
+    project = data.get("project", {})
+    coordinator = data.get("coordinator", {}).get("id", "coordinator")
+    workers = []
+    for index, entry in enumerate(data.get("workers", [])):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise ConfigError(f"{path}: workers entry {index} needs an id")
+        hosts = entry.get("hosts", ["localhost"])
+        if not isinstance(hosts, list) or not hosts or not all(isinstance(host, str) and host for host in hosts):
+            raise ConfigError(f"{path}: worker {entry['id']} needs hosts, a list of host names or addresses")
+        role = entry.get("role", "trainer")
+        if role not in _ROLES:
+            raise ConfigError(f"{path}: worker {entry['id']} has role {role!r}, not one of {', '.join(_ROLES)}")
+        port = entry.get("port", 8777 + index)
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ConfigError(f"{path}: worker {entry['id']} has port {port!r}, not in 1..65535")
+        workers.append(Participant(entry["id"], tuple(hosts), port, role))
+    if not workers:
+        raise ConfigError(f"{path}: no [[workers]] entries")
+    ids = [worker.id for worker in workers] + [coordinator]
+    duplicate = next((name for name in ids if ids.count(name) > 1), None)
+    if duplicate is not None:
+        raise ConfigError(f"{path}: id {duplicate!r} appears twice")
+    if sum(worker.role == "evaluator" for worker in workers) > 1:
+        raise ConfigError(f"{path}: at most one worker may be the evaluator")
+    return Project(str(project.get("name", path.stem)), coordinator, tuple(workers), int(project.get("days", 365)))
+
+
+def _name(common_name: str, project: str) -> Any:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name(
+        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, project), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    )
+
+
+def _write_key(path: Path, key: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    data = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    # Created owner-only: the key never exists with wider permissions.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+    os.chmod(path, 0o600)
+
+
+def _write_cert(path: Path, certificate: Any) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+
+def _issue(
+    project: Project, common_name: str, hosts: Sequence[str], ca_key: Any, ca_cert: Any, *, server: bool
+) -> tuple[Any, Any]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name, project.name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=project.days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+    )
+    if hosts:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return key, builder.sign(ca_key, hashes.SHA256())
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _write_config(path: Path, settings: dict[str, Any], comment: str) -> None:
+    lines = [f"# {comment}"] + [f"{key} = {_toml_value(value)}" for key, value in settings.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def provision(project: Project, output: Path) -> dict[str, Path]:
+    """Write the CA and every participant's kit under ``output``; return each kit's directory.
+
+    Raises:
+        ConfigError: if ``output`` already holds a CA (provisioning twice would split the project).
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    if (output / "ca" / "ca.key").exists():
+        raise ConfigError(f"{output} already holds a provisioned project; choose another directory")
+    (output / "ca").mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    ca_name = _name(f"{project.name} CA", project.name)
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=project.days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_key(output / "ca" / "ca.key", ca_key)
+    _write_cert(output / "ca" / "ca.crt", ca_cert)
+    kits: dict[str, Path] = {}
+    for worker in project.workers:
+        kit = output / worker.id
+        kit.mkdir(exist_ok=True)
+        key, cert = _issue(project, worker.id, worker.hosts, ca_key, ca_cert, server=True)
+        _write_key(kit / f"{worker.id}.key", key)
+        _write_cert(kit / f"{worker.id}.crt", cert)
+        _write_cert(kit / "ca.crt", ca_cert)
+        _write_config(
+            kit / "worker.toml",
+            {
+                "id": worker.id,
+                "host": worker.hosts[0],
+                "port": worker.port,
+                "testing": worker.role == "evaluator",
+                "tls-cert": f"{worker.id}.crt",
+                "tls-key": f"{worker.id}.key",
+                "tls-ca": "ca.crt",
+                "allow-coordinator": [project.coordinator],
+            },
+            f"syncfed worker {worker.id} of project {project.name}:"
+            " python run_websocket_server.py --config worker.toml",
+        )
+        kits[worker.id] = kit
+    kit = output / project.coordinator
+    kit.mkdir(exist_ok=True)
+    key, cert = _issue(project, project.coordinator, (), ca_key, ca_cert, server=False)
+    _write_key(kit / f"{project.coordinator}.key", key)
+    _write_cert(kit / f"{project.coordinator}.crt", cert)
+    _write_cert(kit / "ca.crt", ca_cert)
+
+    def endpoint(worker: Participant) -> str:
+        return f"{worker.id}=wss://{worker.hosts[0]}:{worker.port}"
+
+    _write_config(
+        kit / "coordinator.toml",
+        {
+            "workers": ",".join(endpoint(worker) for worker in project.workers if worker.role == "trainer"),
+            "evaluator": ",".join(endpoint(worker) for worker in project.workers if worker.role == "evaluator"),
+            "tls-cert": f"{project.coordinator}.crt",
+            "tls-key": f"{project.coordinator}.key",
+            "tls-ca": "ca.crt",
+        },
+        f"syncfed coordinator of project {project.name}: python run_websocket_client.py --config coordinator.toml",
+    )
+    kits[project.coordinator] = kit
+    return kits
