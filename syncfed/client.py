@@ -104,7 +104,11 @@ class WorkerClient:
                     **connection_options(self.max_message_size),
                 )
                 if self.auth_token is not None:
-                    await self._authenticate(connection, self.auth_token)
+                    try:
+                        await self._authenticate(connection, self.auth_token)
+                    except BaseException:
+                        connection.transport.abort()  # never leave a half-authenticated connection open
+                        raise
                 self._connection = connection
         except TimeoutError:
             raise WorkerUnavailable(
@@ -210,7 +214,7 @@ class WorkerClient:
 
     async def _read_replies(self, connection: ClientConnection) -> None:
         """Route each reply to the request waiting for it; fail them all when the connection ends."""
-        failure: Exception
+        failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
             while True:
                 data = await receive(connection, self.max_message_size)
@@ -242,8 +246,10 @@ class WorkerClient:
             self._closed_reason = f"sent an invalid reply: {exc}"
             failure = WorkerUnavailable(self.name, self._closed_reason)
             await connection.close(1002, "invalid reply")
-        for request_id in list(self._pending):
-            self._resolve(request_id, failure)
+        finally:
+            # Whatever ended the loop, nobody may wait for a reply that cannot come.
+            for request_id in list(self._pending):
+                self._resolve(request_id, failure)
 
     def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
         future = self._pending.pop(request_id)

@@ -15,6 +15,7 @@ from typing import Final
 from .aggregation import AGGREGATORS
 from .datasets import DATASETS
 from .exceptions import ConfigError
+from .protocol import MAX_PLAN_SIZE
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -179,6 +180,13 @@ class CoordinatorConfig:
         for name in ("training_rounds", "federate_after_n_batches", "batch_size", "test_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("federate_after_n_batches", "batch_size", "test_batch_size"):
+            if getattr(self, name) > MAX_PLAN_SIZE:
+                raise ConfigError(f"{name} {getattr(self, name)} exceeds limit of {MAX_PLAN_SIZE}")
+        if self.save_model is not None and self.save_model.is_dir():
+            raise ConfigError(f"--save-model {self.save_model} is a folder; name a file")
+        if self.metrics_out is not None and self.metrics_out.is_dir():
+            raise ConfigError(f"--metrics-out {self.metrics_out} is a folder; name a file")
         for name in (
             "lr",
             "lr_decay",

@@ -504,10 +504,12 @@ class Coordinator:
     ) -> tuple[dict[str, FitResult], dict[str, str]]:
         """Send the round's plans to the connected workers at once; sort replies into updates and failures."""
         config = self.config
+        # A worker still being greeted is connected but unchecked: it joins the next round.
+        ready = {client.name for client in trainers if client.connected and client.name not in self._joining}
         failures = {
-            client.name: f"not connected ({client.closed_reason})" for client in trainers if not client.connected
+            client.name: f"not connected ({client.closed_reason})" for client in trainers if client.name not in ready
         }
-        active = [(index, client) for index, client in enumerate(trainers) if client.connected]
+        active = [(index, client) for index, client in enumerate(trainers) if client.name in ready]
         requests = [
             client.request(
                 Fit(
@@ -530,7 +532,11 @@ class Coordinator:
         now = time.monotonic()
         for (_, client), reply in zip(active, replies, strict=True):
             if isinstance(reply, FitResult):
-                updates[client.name] = reply
+                mismatch = _mismatch(reply.weights, result.weights)
+                if mismatch is None:
+                    updates[client.name] = reply
+                else:
+                    failures[client.name] = f"invalid update: {mismatch}"
                 continue
             if isinstance(reply, WorkerTimeout):
                 failures[client.name] = f"timeout: {reply.reason}"
@@ -583,9 +589,15 @@ class Coordinator:
             self.report(f"Evaluation at round {round_number} skipped: {exc}")
             self._write({"event": "eval_skipped", "round": round_number, "reason": str(exc)})
             return
+        assert self._reference is not None
+        scores = [reply for reply in replies if isinstance(reply, EvalResult)]
+        if any(len(score.predictions) != self._reference.num_classes for score in scores):
+            reason = f"the evaluator's predictions do not have {self._reference.num_classes} classes"
+            self.report(f"Evaluation at round {round_number} skipped: {reason}")
+            self._write({"event": "eval_skipped", "round": round_number, "reason": reason})
+            return
         self.report(f"Evaluation at round {round_number}/{self.config.training_rounds}:")
-        for name, reply in zip(candidates, replies, strict=True):
-            assert isinstance(reply, EvalResult)
+        for name, reply in zip(candidates, scores, strict=True):
             result.evaluations.append(EvalRecord(round_number, name, reply))
             label = "Federated model" if name == FEDERATED else f"Model update {name}"
             shares = ", ".join(
@@ -623,6 +635,17 @@ def _settings(config: CoordinatorConfig) -> dict[str, Any]:
     return {
         name: str(value) if isinstance(value, Path) else value for name, value in dataclasses.asdict(config).items()
     }
+
+
+def _mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """How a worker's weights differ from the global model's names, shapes and dtypes, if they do."""
+    if update.keys() != reference.keys():
+        return f"tensors {sorted(set(update) ^ set(reference))[:5]} do not match the model's"
+    for name, array in reference.items():
+        if update[name].shape != array.shape or update[name].dtype != array.dtype:
+            got, expected = f"{update[name].dtype}{list(update[name].shape)}", f"{array.dtype}{list(array.shape)}"
+            return f"tensor {name} is {got}, the model's is {expected}"
+    return None
 
 
 def _traffic(clients: Sequence[WorkerClient]) -> tuple[int, int]:

@@ -24,7 +24,10 @@ trailing period, as in "message with 12 bytes exceeds limit of 8 bytes".
 
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
+    "describe",
     "SyncfedError",
     "ConfigError",
     "DatasetError",
@@ -41,6 +44,17 @@ __all__ = [
     "QuorumNotMet",
     "CheckpointError",
 ]
+
+
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxstring = _REPR.maxother = 60
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = 8
+_REPR.maxlevel = 2
+
+
+def describe(value: object) -> str:
+    """A bounded repr of a value a peer sent, for error messages: never longer than about 100 characters."""
+    return _REPR.repr(value)
 
 
 class SyncfedError(Exception):

@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Final
 import msgpack
 import numpy as np
 
-from .exceptions import MessageTooLarge, ProtocolError
+from .exceptions import MessageTooLarge, ProtocolError, describe
 from .tensors import Weights, decode_weights, encode_weights
 
 __all__ = [
@@ -69,6 +69,8 @@ ERROR_CODES: Final[dict[str, str]] = {
 MAX_ID: Final = 2**63 - 1
 MAX_NAME: Final = 256
 MAX_CLASSES: Final = 100_000
+#: The largest batch size and number of batches a request may ask for.
+MAX_PLAN_SIZE: Final = 1_000_000
 
 
 def _check(condition: bool, reason: str) -> None:
@@ -90,7 +92,7 @@ def _is_number(value: Any) -> bool:
 def _check_name(value: Any, what: str) -> None:
     _check(
         isinstance(value, str) and 0 < len(value) <= MAX_NAME,
-        f"{what} must be a string of 1 to {MAX_NAME} characters, not {value!r:.80}",
+        f"{what} must be a string of 1 to {MAX_NAME} characters, not {describe(value)}",
     )
 
 
@@ -164,7 +166,7 @@ class Info(Message):
 
     def __post_init__(self) -> None:
         _check_name(self.worker_id, "worker_id")
-        _check(self.role in ("trainer", "evaluator"), f"role must be trainer or evaluator, not {self.role!r:.40}")
+        _check(self.role in ("trainer", "evaluator"), f"role must be trainer or evaluator, not {describe(self.role)}")
         _check_name(self.dataset, "dataset")
         _check(
             isinstance(self.input_shape, (list, tuple))
@@ -255,14 +257,14 @@ class TrainingPlan:
     def __post_init__(self) -> None:
         _check(_is_int(self.round) and 1 <= self.round <= MAX_ID, "round must be a positive integer")
         _check(
-            _is_int(self.batch_size) and 1 <= self.batch_size <= 1_000_000,
-            f"batch_size must be an integer from 1 to 1000000, not {self.batch_size!r:.40}",
+            _is_int(self.batch_size) and 1 <= self.batch_size <= MAX_PLAN_SIZE,
+            f"batch_size must be an integer from 1 to 1000000, not {describe(self.batch_size)}",
         )
         _check(
-            _is_int(self.num_batches) and 1 <= self.num_batches <= 1_000_000,
-            f"num_batches must be an integer from 1 to 1000000, not {self.num_batches!r:.40}",
+            _is_int(self.num_batches) and 1 <= self.num_batches <= MAX_PLAN_SIZE,
+            f"num_batches must be an integer from 1 to 1000000, not {describe(self.num_batches)}",
         )
-        _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive finite number, not {self.lr!r:.40}")
+        _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive finite number, not {describe(self.lr)}")
         _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed must be a non-negative 63-bit integer")
 
     def to_body(self) -> dict[str, Any]:
@@ -365,7 +367,7 @@ class Evaluate(Message):
         _check_name(self.model, "model")
         _check_weights(self.weights)
         _check(
-            _is_int(self.batch_size) and 1 <= self.batch_size <= 1_000_000,
+            _is_int(self.batch_size) and 1 <= self.batch_size <= MAX_PLAN_SIZE,
             "batch_size must be an integer from 1 to 1000000",
         )
 
@@ -433,7 +435,7 @@ class Error(Message):
     reason: str
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.code, str) and self.code in ERROR_CODES, f"error code {self.code!r:.40} is unknown")
+        _check(isinstance(self.code, str) and self.code in ERROR_CODES, f"error code {describe(self.code)} is unknown")
         _check(
             isinstance(self.reason, str) and len(self.reason) <= 1000,
             "reason must be a string of at most 1000 characters",
@@ -471,7 +473,7 @@ def encode(request_id: int, message: Message) -> bytes:
     into the output buffer.
     """
     if not _is_int(request_id) or not 0 <= request_id <= MAX_ID:
-        raise ValueError(f"request id {request_id!r} is not in 0..{MAX_ID}")
+        raise ValueError(f"request id {describe(request_id)} is not in 0..{MAX_ID}")
     envelope = {"v": PROTOCOL_VERSION, "id": request_id, "kind": message.kind, "body": message.to_body()}
     return msgpack.packb(envelope, use_bin_type=True)  # type: ignore[no-any-return]
 
@@ -501,21 +503,21 @@ def decode(data: bytes, *, max_size: int | None = None) -> Envelope:
         raise ProtocolError("envelope must be a map with keys v, id, kind and body")
     request_id, kind, body = envelope["id"], envelope["kind"], envelope["body"]
     if not _is_int(request_id) or not 0 <= request_id <= MAX_ID:
-        raise ProtocolError(f"request id {request_id!r:.40} is not an integer in 0..{MAX_ID}")
+        raise ProtocolError(f"request id {describe(request_id)} is not an integer in 0..{MAX_ID}")
     try:
         if not _is_int(envelope["v"]) or envelope["v"] != PROTOCOL_VERSION:
             raise ProtocolError(
-                f"protocol version {envelope['v']!r:.20} is not supported (this peer speaks {PROTOCOL_VERSION})",
+                f"protocol version {describe(envelope['v'])} is not supported (this peer speaks {PROTOCOL_VERSION})",
                 code="unsupported_version",
             )
         if not isinstance(kind, str) or kind not in _KINDS:
-            raise ProtocolError(f"message kind {kind!r:.40} is unknown", code="unknown_kind")
+            raise ProtocolError(f"message kind {describe(kind)} is unknown", code="unknown_kind")
         if not isinstance(body, dict):
             raise ProtocolError(f"{kind} body must be a map")
         try:
             message = _KINDS[kind].from_body(body)
-        except TypeError as exc:  # a field of the wrong type reached a constructor
-            raise ProtocolError(f"{kind} has an invalid field: {exc}") from None
+        except (TypeError, ValueError, OverflowError) as exc:  # a field of the wrong type reached a constructor
+            raise ProtocolError(f"{kind} has an invalid field: {str(exc)[:200]}") from None
     except ProtocolError as exc:
         exc.request_id = request_id
         raise

@@ -33,7 +33,10 @@ class WorkerProcess:
     output: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
 
 
-async def _start(worker_id: str, arguments: Sequence[str], startup_timeout: float) -> WorkerProcess:
+async def _start(
+    worker_id: str, arguments: Sequence[str], startup_timeout: float, started: dict[str, WorkerProcess]
+) -> WorkerProcess:
+    """Start one worker and wait for its ready line; it joins ``started`` at once, so it is stopped whatever happens."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PACKAGE_PARENT, env.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
@@ -52,7 +55,7 @@ async def _start(worker_id: str, arguments: Sequence[str], startup_timeout: floa
         stderr=asyncio.subprocess.STDOUT,
         env=env,
     )
-    worker = WorkerProcess(worker_id, process)
+    worker = started[worker_id] = WorkerProcess(worker_id, process)
     assert process.stdout is not None
     try:
         async with asyncio.timeout(startup_timeout):
@@ -69,7 +72,6 @@ async def _start(worker_id: str, arguments: Sequence[str], startup_timeout: floa
                 if match:
                     worker.uri = match.group(2)
     except TimeoutError:
-        process.kill()
         raise WorkerUnavailable(worker_id, f"process did not start serving within {startup_timeout:g} s") from None
     return worker
 
@@ -113,12 +115,9 @@ async def spawn_workers(
     forwarders: list[asyncio.Task[None]] = []
     try:
         results = await asyncio.gather(
-            *(_start(worker_id, arguments, startup_timeout) for worker_id, arguments in workers),
+            *(_start(worker_id, arguments, startup_timeout, started) for worker_id, arguments in workers),
             return_exceptions=True,
         )
-        for result in results:
-            if isinstance(result, WorkerProcess):
-                started[result.worker_id] = result
         for result in results:
             if isinstance(result, BaseException):
                 raise result

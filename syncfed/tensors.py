@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .exceptions import TensorError
+from .exceptions import TensorError, describe
 
 __all__ = ["DTYPES", "Weights", "encode_tensor", "decode_tensor", "encode_weights", "decode_weights"]
 
@@ -27,8 +27,12 @@ DTYPES: dict[str, np.dtype[Any]] = {
     for name in ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 }
 
-#: Upper bound on the number of dimensions, as in numpy.
+#: Upper bounds on the number of dimensions (as in numpy), on each size (numpy
+#: cannot index sizes that multiply past 2**63, even with a zero among them)
+#: and on the length of a tensor's name.
 MAX_DIMS = 32
+MAX_DIM = 2**31
+MAX_NAME = 1024
 
 
 def encode_tensor(array: np.ndarray) -> dict[str, Any]:
@@ -51,9 +55,13 @@ def decode_tensor(value: Any, *, name: str = "tensor") -> np.ndarray:
         raise TensorError(f"{name} must be a map with keys dtype, shape and data")
     dtype_name, shape, data = value["dtype"], value["shape"], value["data"]
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
-        raise TensorError(f"{name} has dtype {dtype_name!r}, not one of {', '.join(DTYPES)}")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(type(dim) is int and dim >= 0 for dim in shape):
-        raise TensorError(f"{name} has shape {shape!r}, not a list of at most {MAX_DIMS} sizes")
+        raise TensorError(f"{name} has dtype {describe(dtype_name)}, not one of {', '.join(DTYPES)}")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(dim) is int and 0 <= dim <= MAX_DIM for dim in shape)
+    ):
+        raise TensorError(f"{name} has shape {describe(shape)}, not a list of at most {MAX_DIMS} sizes up to {MAX_DIM}")
     if not isinstance(data, bytes):
         raise TensorError(f"{name} data must be bytes, not {type(data).__name__}")
     dtype = DTYPES[dtype_name]
@@ -62,7 +70,10 @@ def decode_tensor(value: Any, *, name: str = "tensor") -> np.ndarray:
         raise TensorError(
             f"{name} has {len(data)} bytes but dtype {dtype_name} and shape {tuple(shape)} need {expected}"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    try:
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
+    except (ValueError, OverflowError):  # sizes numpy cannot index, even with no elements
+        raise TensorError(f"{name} has shape {tuple(shape)}, which numpy cannot hold") from None
 
 
 def encode_weights(weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, Any]]:
@@ -82,7 +93,7 @@ def decode_weights(value: Any, *, max_tensors: int = 100_000) -> Weights:
         raise TensorError(f"weights with {len(value)} tensors exceed limit of {max_tensors} tensors")
     weights: Weights = {}
     for name, tensor in value.items():
-        if not isinstance(name, str) or not name:
-            raise TensorError(f"tensor name {name!r} must be a non-empty string")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_NAME:
+            raise TensorError(f"tensor name {describe(name)} must be a string of 1 to {MAX_NAME} characters")
         weights[name] = decode_tensor(tensor, name=f"tensor {name}")
     return weights

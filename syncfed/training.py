@@ -25,7 +25,6 @@ __all__ = ["Abandoned", "TrainResult", "EvalOutcome", "train", "evaluate"]
 @dataclass(frozen=True)
 class TrainResult:
     loss: float  # mean training loss per example over the round
-    examples_seen: int
 
 
 @dataclass(frozen=True)
@@ -75,44 +74,48 @@ def train(
         Abandoned: if ``abandoned`` was set.
     """
     model.to(device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
-    images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels)
-    total_loss = 0.0
-    seen = 0
-    for batch in _batches(len(data), plan):
-        if abandoned is not None and abandoned.is_set():
-            raise Abandoned
-        if batch_delay:
-            time.sleep(batch_delay)
-        index = torch.from_numpy(batch)
-        x, y = images[index].to(device), labels[index].to(device)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        torch.autograd.backward(loss)
-        optimizer.step()
-        total_loss += loss.item() * len(index)
-        seen += len(index)
-    model.cpu()
-    return TrainResult(total_loss / seen, seen)
+    try:
+        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
+        images = torch.from_numpy(data.images)
+        labels = torch.from_numpy(data.labels)
+        total_loss = 0.0
+        seen = 0
+        for batch in _batches(len(data), plan):
+            if abandoned is not None and abandoned.is_set():
+                raise Abandoned
+            if batch_delay:
+                time.sleep(batch_delay)
+            index = torch.from_numpy(batch)
+            x, y = images[index].to(device), labels[index].to(device)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            torch.autograd.backward(loss)
+            optimizer.step()
+            total_loss += loss.item() * len(index)
+            seen += len(index)
+    finally:
+        model.cpu()  # also when abandoned or out of memory: the cached model lives on the CPU
+    return TrainResult(total_loss / seen)
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.device) -> EvalOutcome:
     """Mean loss per example (a sum over examples divided by their number), accuracy and predictions."""
     model.to(device).eval()
-    total_loss = 0.0
-    correct = 0
-    predictions = torch.zeros(data.num_classes, dtype=torch.int64)
-    images = torch.from_numpy(data.images)
-    labels = torch.from_numpy(data.labels)
-    with torch.no_grad():
-        for start in range(0, len(data), batch_size):
-            x = images[start : start + batch_size].to(device)
-            y = labels[start : start + batch_size].to(device)
-            output = model(x)
-            total_loss += F.cross_entropy(output, y, reduction="sum").item()
-            predicted = output.argmax(dim=1)
-            correct += int((predicted == y).sum().item())
-            predictions += torch.bincount(predicted.cpu(), minlength=data.num_classes)[: data.num_classes]
-    model.cpu()
+    try:
+        total_loss = 0.0
+        correct = 0
+        predictions = torch.zeros(data.num_classes, dtype=torch.int64)
+        images = torch.from_numpy(data.images)
+        labels = torch.from_numpy(data.labels)
+        with torch.no_grad():
+            for start in range(0, len(data), batch_size):
+                x = images[start : start + batch_size].to(device)
+                y = labels[start : start + batch_size].to(device)
+                output = model(x)
+                total_loss += F.cross_entropy(output, y, reduction="sum").item()
+                predicted = output.argmax(dim=1)
+                correct += int((predicted == y).sum().item())
+                predictions += torch.bincount(predicted.cpu(), minlength=data.num_classes)[: data.num_classes]
+    finally:
+        model.cpu()
     return EvalOutcome(total_loss / len(data), correct, len(data), [int(n) for n in predictions])

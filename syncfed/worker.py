@@ -176,6 +176,8 @@ class Worker:
                 # cached model with it.
                 abandoned.set()
                 await asyncio.wait([job])
+                if not job.cancelled():
+                    job.exception()  # retrieved: an abandoned job's Abandoned is expected
                 raise
 
     def _model(self, name: str) -> nn.Module:
@@ -238,8 +240,15 @@ class _Session:
             self.dispatch(envelope, len(data))
 
     async def authenticate(self, token: bytes) -> bool:
-        """Challenge the peer for the shared token before reading any application message."""
+        """Challenge the peer for the shared token before reading any application message.
+
+        Until it answers, websockets itself refuses frames over the handshake's
+        size, so an unauthenticated peer cannot make the worker buffer a large message.
+        """
         frame, nonce = auth.challenge()
+        protocol = self.connection.protocol
+        limits = protocol.max_message_size, protocol.max_fragment_size
+        protocol.max_message_size = protocol.max_fragment_size = auth.MAX_AUTH_FRAME
         try:
             async with asyncio.timeout(AUTH_TIMEOUT):
                 await self.connection.send(frame)
@@ -253,6 +262,7 @@ class _Session:
             logger.warning("%s failed authentication: %s", self.peer, reason)
             await self.connection.close(CloseCode.POLICY_VIOLATION, f"authentication failed: {reason}"[:120])
             return False
+        protocol.max_message_size, protocol.max_fragment_size = limits
         return True
 
     def refusal(self, envelope: Envelope) -> tuple[str, str] | None:
@@ -317,7 +327,9 @@ class _Session:
         return Pong()
 
     async def reply_error(self, request_id: int, code: str, reason: str, size: int) -> None:
-        logger.warning("error reply to %s (request %d, %d bytes in): %s: %s", self.peer, request_id, size, code, reason)
+        logger.warning(
+            "error reply to %s (request %d, %d bytes in): %s: %s", self.peer, request_id, size, code, reason[:1000]
+        )
         await self.send(request_id, Error(code, reason[:1000]))
 
     async def send(self, request_id: int, message: Message) -> int:

@@ -353,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
+    except OSError as exc:  # an output path that cannot be written, say
+        print(f"{PROGRAM}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
     finally:
         progress.close()
         if tensorboard is not None:

@@ -76,7 +76,7 @@ def size(text: str) -> int:
         number, multiplier = lowered, 1
     try:
         value = int(float(number) * multiplier)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 536870912 or 512MiB") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size {text!r} must be positive")
