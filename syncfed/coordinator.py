@@ -45,7 +45,7 @@ from .exceptions import (
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
 from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
-from .tensors import Weights
+from .tensors import DTYPES, Weights
 from .transport import client_tls
 
 __all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "save_model"]
@@ -269,7 +269,11 @@ class Coordinator:
         for name, info in infos.items():
             self._check_model_available(name, info, model_name)
         try:
-            check_model(resolve_model(model_name)(), reference.input_shape, reference.num_classes)
+            model = resolve_model(model_name)()
+            check_model(model, reference.input_shape, reference.num_classes)
+            for name, array in get_weights(model).items():
+                if array.dtype.name not in DTYPES:
+                    raise ModelError(f"tensor {name} has dtype {array.dtype}, which the wire does not carry")
         except ModelError as exc:
             raise IncompatibleWorkers(
                 f"model {model_name} does not fit the workers' {reference.dataset} data: {exc}"
