@@ -25,7 +25,7 @@ import numpy as np
 from .exceptions import CheckpointError
 from .tensors import Weights
 
-__all__ = ["CHECKPOINT_FILE", "Checkpoint", "save_checkpoint", "load_checkpoint", "check_resumable"]
+__all__ = ["CHECKPOINT_FILE", "Checkpoint", "save_weights", "save_checkpoint", "load_checkpoint", "check_resumable"]
 
 CHECKPOINT_FILE: Final = "checkpoint.safetensors"
 _FORMAT: Final = 1
@@ -48,13 +48,21 @@ class Checkpoint:
     metrics_size: int | None = None  # its bytes at this round's end (fsynced before the checkpoint)
 
 
-def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``checkpoint`` into ``directory`` atomically and return its path."""
+def save_weights(path: Path, weights: Weights, metadata: Mapping[str, str]) -> None:
+    """Write ``weights`` as safetensors atomically: a temporary file, fsynced, renamed over ``path``."""
     from safetensors.numpy import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    save_file({name: np.ascontiguousarray(array) for name, array in weights.items()}, str(partial), dict(metadata))
+    with partial.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
+
+
+def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
+    """Write ``checkpoint`` into ``directory`` atomically and return its path."""
     path = directory / CHECKPOINT_FILE
-    partial = directory / (CHECKPOINT_FILE + ".part")
     state = {
         "format": _FORMAT,
         "round": checkpoint.round,
@@ -66,11 +74,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "metrics_size": checkpoint.metrics_size,
         "order": list(checkpoint.weights),
     }
-    tensors = {name: np.ascontiguousarray(array) for name, array in checkpoint.weights.items()}
-    save_file(tensors, str(partial), metadata={"format": "pt", "syncfed": json.dumps(state)})
-    with partial.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    save_weights(path, checkpoint.weights, {"format": "pt", "syncfed": json.dumps(state)})
     return path
 
 

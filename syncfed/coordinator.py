@@ -28,7 +28,7 @@ import torch
 
 from .aggregation import get_aggregator
 from .auth import read_token
-from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint, save_weights
 from .client import WorkerClient
 from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
 from .exceptions import (
@@ -48,7 +48,7 @@ from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, He
 from .tensors import DTYPES, Weights
 from .transport import client_tls
 
-__all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "save_model"]
+__all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult"]
 
 logger = logging.getLogger("syncfed.coordinator")
 
@@ -95,18 +95,6 @@ def plan_seed(seed: int, round_number: int, worker_index: int) -> int:
     """An independent, reproducible seed per run, round and worker."""
     state = np.random.SeedSequence([seed, round_number, worker_index]).generate_state(1, dtype=np.uint64)
     return int(state[0]) >> 1
-
-
-def save_model(path: Path, weights: Weights, metadata: Mapping[str, str]) -> None:
-    """Write ``weights`` as safetensors, atomically (never pickle)."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".part")
-    save_file(
-        {name: np.ascontiguousarray(array) for name, array in weights.items()}, str(partial), metadata=dict(metadata)
-    )
-    os.replace(partial, path)
 
 
 @dataclass
@@ -191,7 +179,7 @@ class Coordinator:
             if self._metrics is not None:
                 self._metrics.close()
         if config.save_model is not None:
-            save_model(config.save_model, result.weights, {"format": "pt", "model": result.model})
+            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model})
             self.report(f"Saved the federated model to {config.save_model}")
         return result
 
