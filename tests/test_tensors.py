@@ -203,7 +203,7 @@ def test_number_of_dimensions_at_and_over_the_limit() -> None:
 
 
 def test_huge_shape_does_not_allocate() -> None:
-    with pytest.raises(TensorError, match="need"):
+    with pytest.raises(TensorError, match="sizes up to 2147483648"):
         decode_tensor({"dtype": "float64", "shape": [2**40, 2**40], "data": b"\x00" * 8})
 
 
