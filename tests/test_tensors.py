@@ -262,10 +262,11 @@ def test_weights_must_be_a_map(value: object) -> None:
         decode_weights(value)
 
 
-@pytest.mark.parametrize("name", ["", 3, b"w", None])
-def test_weights_names_must_be_non_empty_strings(name: object) -> None:
-    with pytest.raises(TensorError, match="must be a non-empty string"):
+@pytest.mark.parametrize("name", ["", 3, b"w", None, "n" * 1025])
+def test_weights_names_must_be_strings_of_bounded_length(name: object) -> None:
+    with pytest.raises(TensorError, match="must be a string of 1 to 1024 characters"):
         decode_weights({name: wire(np.zeros(1, np.float32))})
+    assert decode_weights({"n" * 1024: wire(np.zeros(1, np.float32))})
 
 
 def test_weights_tensor_limit_at_and_over() -> None:
