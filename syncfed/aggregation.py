@@ -1,77 +1,189 @@
 """Aggregation of worker updates into the next global model.
 
 Pure numpy over ``(weights, num_examples)`` pairs: validate first, then
-compute, one tensor at a time so temporaries stay the size of one tensor.
+compute, one tensor at a time so temporaries stay the size of one tensor
+(robust rules stack one tensor across the workers, never the whole model).
 Updates may list their tensors in any order; the result follows the first.
 
 - ``fedavg``: the example-weighted average of McMahan et al. 2017,
   "Communication-Efficient Learning of Deep Networks from Decentralized Data".
 - ``mean``: the unweighted average of the classic PySyft websocket demo.
+- ``RunningMean``: both of them folded one update at a time, so a
+  coordinator holds one update plus the accumulator, never the whole round.
+- ``median`` and ``trimmed_mean``: the coordinate-wise rules of Yin et al.
+  2018, "Byzantine-Robust Distributed Learning: Towards Optimal Statistical
+  Rates"; ``krum_scores``: the scores of Krum (Blanchard et al. 2017,
+  "Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent").
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
+from fractions import Fraction
 
 import numpy as np
 
 from .exceptions import AggregationError, ConfigError
 from .tensors import Weights
 
-__all__ = ["Update", "AGGREGATORS", "fedavg", "mean", "get_aggregator"]
+__all__ = [
+    "Update",
+    "AGGREGATORS",
+    "RunningMean",
+    "fedavg",
+    "mean",
+    "median",
+    "trimmed_mean",
+    "krum_scores",
+    "get_aggregator",
+    "validate_updates",
+    "check_tensors",
+    "from_float64",
+]
 
 #: One worker's contribution: its weights and the number of examples behind them.
 Update = tuple[Mapping[str, np.ndarray], int]
 
 
-def _validate(updates: Sequence[Update]) -> None:
+def check_tensors(
+    weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], *, what: str, against: str
+) -> None:
+    """Check that ``weights`` has the tensor names, shapes and dtypes of ``reference``.
+
+    ``what`` and ``against`` name the two in the message, such as "update 2"
+    and "update 0". Only the shape and dtype of ``reference``'s arrays are read.
+
+    Raises:
+        AggregationError: naming the first tensor that differs and both its shapes or dtypes.
+    """
+    if weights.keys() != reference.keys():
+        missing = sorted(set(reference) - set(weights))
+        extra = sorted(set(weights) - set(reference))
+        raise AggregationError(f"{what} has different tensors than {against} (missing {missing}, extra {extra})")
+    for name, expected in reference.items():
+        array = weights[name]
+        if array.shape != expected.shape:
+            raise AggregationError(f"{what} has tensor {name} of shape {array.shape}, {against} has {expected.shape}")
+        if array.dtype != expected.dtype:
+            raise AggregationError(f"{what} has tensor {name} of dtype {array.dtype}, {against} has {expected.dtype}")
+
+
+def _check_count(index: int, count: object) -> None:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
+        raise AggregationError(f"update {index} has example count {count!r}, expected a positive integer")
+
+
+def validate_updates(updates: Sequence[Update]) -> None:
+    """Check that there are updates, with positive integer counts, that agree with update 0.
+
+    Raises:
+        AggregationError: if there are no updates, a count is not a positive
+            integer, or an update differs from update 0 in tensor names, shapes or dtypes.
+    """
     if not updates:
         raise AggregationError("no updates to aggregate")
     first, _ = updates[0]
-    names = list(first)
     for index, (weights, count) in enumerate(updates):
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count <= 0:
-            raise AggregationError(f"update {index} has example count {count!r}, expected a positive integer")
-        if weights.keys() != first.keys():
-            missing = sorted(set(names) - set(weights))
-            extra = sorted(set(weights) - set(names))
-            raise AggregationError(
-                f"update {index} has different tensors than update 0 (missing {missing}, extra {extra})"
+        _check_count(index, count)
+        check_tensors(weights, first, what=f"update {index}", against="update 0")
+
+
+def from_float64(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Cast a float64 result back to a tensor's dtype, rounding integer tensors (batch-norm counters) to nearest."""
+    if not np.issubdtype(dtype, np.floating):
+        values = np.rint(values)
+    return values.astype(dtype)
+
+
+class RunningMean:
+    """The (example-weighted) mean of updates, folded in one at a time as they arrive.
+
+    Keeps ``sum(count * weights)`` in float64 and divides once in
+    :meth:`result`, so at most one update plus the accumulator is in memory::
+
+        running = RunningMean(origin=global_weights)
+        for weights, num_examples in arriving_updates:
+            running.add(weights, num_examples)
+        new_global = running.result()
+
+    With ``origin`` (the model the updates started from) it sums
+    ``count * (weights - origin)`` instead and adds ``origin`` back at the
+    end. The differences are small, so their float64 sum is exact to far
+    below float32's precision, and the mean no longer depends on the order
+    the updates arrived in: a run gives the same weights bit for bit however
+    its workers' replies race.
+    """
+
+    def __init__(self, *, weighted: bool = True, origin: Mapping[str, np.ndarray] | None = None) -> None:
+        self.weighted = weighted
+        self.origin = origin
+        #: Updates folded in so far.
+        self.count = 0
+        #: Examples behind them (counted whether or not the mean is weighted).
+        self.total = 0
+        # Update 0's names, shapes and dtypes, as zero-stride arrays that hold none of its memory.
+        self._template: dict[str, np.ndarray] = {}
+        self._sums: dict[str, np.ndarray] = {}
+
+    def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
+        """Fold one update in; a rejected update leaves the mean unchanged.
+
+        Raises:
+            AggregationError: if ``num_examples`` is not a positive integer, or
+                the update differs from the first one in tensor names, shapes or dtypes.
+        """
+        _check_count(self.count, num_examples)
+        if self.count:
+            check_tensors(weights, self._template, what=f"update {self.count}", against="update 0")
+        else:
+            if self.origin is not None:
+                check_tensors(weights, self.origin, what="update 0", against="the origin")
+            self._template = {
+                name: np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape) for name, array in weights.items()
+            }
+            self._sums = {name: np.zeros(array.shape, dtype=np.float64) for name, array in weights.items()}
+        factor = float(num_examples) if self.weighted else 1.0
+        for name, total in self._sums.items():
+            values = (
+                weights[name]
+                if self.origin is None
+                else np.subtract(weights[name], self.origin[name], dtype=np.float64)
             )
-        for name in names:
-            if weights[name].shape != first[name].shape:
-                raise AggregationError(
-                    f"update {index} has tensor {name} of shape {weights[name].shape}, update 0 has {first[name].shape}"
-                )
-            if weights[name].dtype != first[name].dtype:
-                raise AggregationError(
-                    f"update {index} has tensor {name} of dtype {weights[name].dtype}, update 0 has {first[name].dtype}"
-                )
+            total += np.multiply(values, factor, dtype=np.float64)
+        self.count += 1
+        self.total += int(num_examples)
+
+    def result(self) -> Weights:
+        """The mean so far, in the first update's tensor order and dtypes; the accumulator is kept.
+
+        Raises:
+            AggregationError: if no update was added.
+        """
+        if not self.count:
+            raise AggregationError("no updates to aggregate")
+        divisor = self.total if self.weighted else self.count
+        if self.origin is None:
+            return {
+                name: from_float64(total / divisor, self._template[name].dtype) for name, total in self._sums.items()
+            }
+        return {
+            name: from_float64(total / divisor + self.origin[name], self._template[name].dtype)
+            for name, total in self._sums.items()
+        }
 
 
 def _average(updates: Sequence[Update], *, weighted: bool) -> Weights:
     """Average every tensor, weighting by example count or not.
 
-    Accumulates in float64 and casts back to each tensor's dtype, rounding
-    integer tensors (such as batch-norm counters).
-
     Raises:
         AggregationError: if there are no updates, or they disagree in tensor
-            names or shapes, or an example count is not positive.
+            names, shapes or dtypes, or an example count is not positive.
     """
-    _validate(updates)
-    factors = [float(count) if weighted else 1.0 for _, count in updates]
-    total = sum(factors)
-    first, _ = updates[0]
-    result: Weights = {}
-    for name, reference in first.items():
-        accumulator = np.zeros(reference.shape, dtype=np.float64)
-        for (weights, _), factor in zip(updates, factors, strict=True):
-            accumulator += weights[name].astype(np.float64) * (factor / total)
-        if not np.issubdtype(reference.dtype, np.floating):
-            accumulator = np.rint(accumulator)
-        result[name] = accumulator.astype(reference.dtype)
-    return result
+    running = RunningMean(weighted=weighted)
+    for weights, count in updates:
+        running.add(weights, count)
+    return running.result()
 
 
 def fedavg(updates: Sequence[Update]) -> Weights:
@@ -82,6 +194,90 @@ def fedavg(updates: Sequence[Update]) -> Weights:
 def mean(updates: Sequence[Update]) -> Weights:
     """Unweighted average: every worker counts the same."""
     return _average(updates, weighted=False)
+
+
+def _stack(updates: Sequence[Update], name: str) -> np.ndarray:
+    """One tensor of every update as rows of a float64 matrix (workers x elements)."""
+    stacked = np.empty((len(updates), updates[0][0][name].size), dtype=np.float64)
+    for row, (weights, _) in zip(stacked, updates, strict=True):
+        row[...] = weights[name].reshape(-1)
+    return stacked
+
+
+def median(updates: Sequence[Update]) -> Weights:
+    """Coordinate-wise median, unweighted (Yin et al. 2018).
+
+    Raises:
+        AggregationError: as :func:`validate_updates`.
+    """
+    validate_updates(updates)
+    return {
+        name: from_float64(np.median(_stack(updates, name), axis=0).reshape(reference.shape), reference.dtype)
+        for name, reference in updates[0][0].items()
+    }
+
+
+def trimmed_mean(updates: Sequence[Update], trim_ratio: float) -> Weights:
+    """Coordinate-wise trimmed mean, unweighted (Yin et al. 2018).
+
+    Drops the ``floor(trim_ratio * n)`` largest and smallest values of every
+    coordinate and averages the rest. ``trim_ratio`` is in [0, 0.5), so more
+    than zero values always remain; the floor is taken exactly, in fractions.
+
+    Raises:
+        ConfigError: if ``trim_ratio`` is not in [0, 0.5).
+        AggregationError: as :func:`validate_updates`.
+    """
+    if not 0 <= trim_ratio < 0.5:
+        raise ConfigError(f"trim ratio {trim_ratio!r} is not in [0, 0.5)")
+    validate_updates(updates)
+    count = len(updates)
+    trimmed = math.floor(Fraction(trim_ratio) * count)
+    result: Weights = {}
+    for name, reference in updates[0][0].items():
+        stacked = _stack(updates, name)
+        stacked.sort(axis=0)
+        kept = stacked[trimmed : count - trimmed].mean(axis=0)
+        result[name] = from_float64(kept.reshape(reference.shape), reference.dtype)
+    return result
+
+
+def krum_scores(updates: Sequence[Update], byzantine_f: int) -> np.ndarray:
+    """Krum's score of every update: the sum of its squared L2 distances to its ``n - f - 2`` nearest others.
+
+    Distances are over the whole model, accumulated tensor by tensor. Only
+    floating-point tensors count: integer buffers (batch-norm counters) track
+    how many batches a worker ran, not where its model is. Blanchard et al.
+    2017 guarantee robustness for ``n >= 2f + 3``; the scores only need
+    ``n >= f + 3`` (one neighbour each).
+
+    Raises:
+        ConfigError: if ``byzantine_f`` is negative.
+        AggregationError: if there are fewer than ``f + 3`` updates, or as :func:`validate_updates`.
+    """
+    if byzantine_f < 0:
+        raise ConfigError(f"byzantine_f {byzantine_f!r} is negative")
+    validate_updates(updates)
+    count = len(updates)
+    if count < byzantine_f + 3:
+        raise AggregationError(
+            f"krum with byzantine_f {byzantine_f} needs at least {byzantine_f + 3} updates, got {count}"
+        )
+    distances = np.zeros((count, count))
+    for name, reference in updates[0][0].items():
+        if not np.issubdtype(reference.dtype, np.floating):
+            continue
+        stacked = _stack(updates, name)
+        # Centring keeps distances but removes the common part of the models,
+        # whose size would otherwise swamp their small differences in the Gram matrix.
+        stacked -= stacked.mean(axis=0)
+        gram = stacked @ stacked.T
+        norms = np.diag(gram)
+        distances += norms[:, None] + norms[None, :] - 2 * gram
+    np.maximum(distances, 0.0, out=distances)
+    others = distances[~np.eye(count, dtype=bool)].reshape(count, count - 1)
+    scores: np.ndarray = np.sort(others, axis=1)[:, : count - byzantine_f - 2].sum(axis=1)
+    return scores
 
 
 AGGREGATORS: dict[str, Callable[[Sequence[Update]], Weights]] = {"fedavg": fedavg, "mean": mean}

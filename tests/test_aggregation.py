@@ -8,7 +8,16 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from syncfed.aggregation import AGGREGATORS, fedavg, get_aggregator, mean
+from syncfed.aggregation import (
+    AGGREGATORS,
+    RunningMean,
+    fedavg,
+    from_float64,
+    get_aggregator,
+    mean,
+    median,
+    validate_updates,
+)
 from syncfed.exceptions import AggregationError, ConfigError
 
 FAST = settings(max_examples=40, deadline=None)
@@ -237,3 +246,80 @@ def test_get_aggregator() -> None:
     with pytest.raises(ConfigError) as info:
         get_aggregator("median")
     assert str(info.value) == "aggregation 'median' is not one of fedavg, mean"
+
+
+# RunningMean: the streaming form of fedavg and mean, one update at a time.
+
+
+@FAST
+@given(ups=updates(np.dtype(np.float64), floats64), weighted=st.booleans())
+def test_running_mean_equals_fedavg_and_np_average(ups: list, weighted: bool) -> None:
+    running = RunningMean(weighted=weighted)
+    for weights, count in ups:
+        running.add(weights, count)
+    assert running.count == len(ups)
+    assert running.total == sum(count for _, count in ups)
+    result = running.result()
+    batch = (fedavg if weighted else mean)(ups)
+    expected = reference(ups, weighted=weighted)
+    assert list(result) == list(ups[0][0])
+    for name, value in expected.items():
+        np.testing.assert_allclose(result[name], batch[name], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(result[name], value, rtol=1e-10, atol=1e-9)
+
+
+def test_running_mean_keeps_its_sums_across_results() -> None:
+    running = RunningMean()
+    running.add({"w": np.array([1.0], dtype=np.float32), "n": np.array([1])}, 1)
+    assert running.result()["w"].tolist() == [1.0]
+    running.add({"w": np.array([4.0], dtype=np.float32), "n": np.array([4])}, 2)
+    result = running.result()
+    assert result["w"].tolist() == [3.0] and result["w"].dtype == np.float32
+    assert result["n"].tolist() == [3] and result["n"].dtype == np.int64
+    assert running.result()["w"].tolist() == [3.0]
+
+
+def test_running_mean_rejects_a_bad_update_and_keeps_the_good_ones() -> None:
+    running = RunningMean(weighted=False)
+    with pytest.raises(AggregationError) as info:
+        running.result()
+    assert str(info.value) == "no updates to aggregate"
+    running.add({"a": np.zeros(2), "b": np.ones(3, dtype=np.float32)}, 5)
+    bad = [
+        (({"a": np.zeros(2), "b": np.ones(3)}, 1), "update 1 has tensor b of dtype float64, update 0 has float32"),
+        (
+            ({"a": np.zeros(2), "b": np.ones(2, np.float32)}, 1),
+            "update 1 has tensor b of shape (2,), update 0 has (3,)",
+        ),
+        (({"a": np.zeros(2)}, 1), "update 1 has different tensors than update 0 (missing ['b'], extra [])"),
+        (
+            ({"a": np.ones(2), "b": np.ones(3, np.float32)}, 0),
+            "update 1 has example count 0, expected a positive integer",
+        ),
+    ]
+    for (weights, count), message in bad:
+        with pytest.raises(AggregationError) as info:
+            running.add(weights, count)
+        assert str(info.value) == message
+    assert running.count == 1 and running.total == 5
+    running.add({"b": np.full(3, 3, dtype=np.float32), "a": np.full(2, 2.0)}, 1)
+    result = running.result()
+    assert list(result) == ["a", "b"]
+    assert result["a"].tolist() == [1.0, 1.0] and result["b"].tolist() == [2.0, 2.0, 2.0]
+
+
+def test_validate_updates_is_the_check_every_rule_shares() -> None:
+    validate_updates([({"w": np.zeros(2)}, 1), ({"w": np.ones(2)}, 3)])
+    with pytest.raises(AggregationError) as info:
+        validate_updates([({"w": np.zeros(2)}, 1), ({"w": np.ones(2, dtype=np.float32)}, 3)])
+    assert str(info.value) == "update 1 has tensor w of dtype float32, update 0 has float64"
+    with pytest.raises(AggregationError) as info:
+        median([])
+    assert str(info.value) == "no updates to aggregate"
+
+
+def test_from_float64_rounds_integers_half_to_even() -> None:
+    values = np.array([0.5, 1.5, 2.49, -0.5])
+    assert from_float64(values, np.dtype(np.int64)).tolist() == [0, 2, 2, 0]
+    assert from_float64(values, np.dtype(np.float32)).dtype == np.float32
+    np.testing.assert_array_equal(from_float64(values, np.dtype(np.float16)), values.astype(np.float16))
