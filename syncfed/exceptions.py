@@ -10,6 +10,7 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     │   ├── MessageTooLarge  a message exceeds the configured size limit
     │   └── TensorError      a tensor's dtype, shape or bytes are inconsistent
     ├── AggregationError     updates cannot be combined (names, shapes, counts)
+    │   └── SecAggError      too few clients or shares remain to unmask a secure sum
     ├── RemoteError          a peer answered a request with an error reply
     ├── WorkerUnavailable    a worker cannot be reached or its connection was lost
     │   └── WorkerTimeout    a worker did not answer a request in time
@@ -36,6 +37,7 @@ __all__ = [
     "MessageTooLarge",
     "TensorError",
     "AggregationError",
+    "SecAggError",
     "RemoteError",
     "WorkerUnavailable",
     "WorkerTimeout",
@@ -109,6 +111,13 @@ class TensorError(ProtocolError):
 
 class AggregationError(SyncfedError):
     """Updates cannot be aggregated."""
+
+
+class SecAggError(AggregationError):
+    """Secure aggregation cannot finish: too few clients or shares are left to remove the masks.
+
+    Nothing was revealed: below the threshold no secret can be rebuilt.
+    """
 
 
 class RemoteError(SyncfedError):
