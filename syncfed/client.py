@@ -20,8 +20,8 @@ from .exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from .protocol import REQUESTS, Error, Message, decode, encode
-from .transport import connection_options, receive
+from .protocol import DEFAULT_CHUNK_SIZE, REQUESTS, Error, Message, encode_fragments
+from .transport import connection_options, receive, receive_message, send_message
 
 __all__ = ["WorkerClient"]
 
@@ -44,6 +44,7 @@ class WorkerClient:
         *,
         # Limits
         max_message_size: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         # Timeouts
         connect_timeout: float = 30.0,
         request_timeout: float = 600.0,
@@ -56,6 +57,7 @@ class WorkerClient:
         self.name = name
         self.uri = uri
         self.max_message_size = max_message_size
+        self.chunk_size = chunk_size  # larger requests are streamed in fragments of this size
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         # Liveness: websockets pings every ping_interval and drops the
@@ -195,9 +197,9 @@ class WorkerClient:
         limit = self.request_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
-                data = encode(request_id, message)
-                await self._connection.send(data)
-                self.bytes_sent += len(data)
+                outgoing = encode_fragments(request_id, message, chunk_size=self.chunk_size)
+                await send_message(self._connection, outgoing)
+                self.bytes_sent += outgoing.size
                 answer = await reply
         except TimeoutError:
             raise WorkerTimeout(self.name, f"no reply to {message.kind} within {limit:g} s") from None
@@ -217,15 +219,15 @@ class WorkerClient:
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
             while True:
-                data = await receive(connection, self.max_message_size)
-                self.bytes_received += len(data)
+                incoming = await receive_message(connection, self.max_message_size)
+                self.bytes_received += incoming.size
                 try:
-                    envelope = decode(data)
+                    envelope = incoming.finish()
                 except ProtocolError as exc:
                     if exc.request_id in self._pending:
                         self._resolve(exc.request_id, exc)
                         continue
-                    if auth.is_challenge(data):
+                    if incoming.frame is not None and auth.is_challenge(incoming.frame):
                         raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
                     raise
                 if envelope.id in self._pending:

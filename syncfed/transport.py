@@ -1,7 +1,9 @@
-"""Websocket plumbing shared by worker and coordinator: options and bounded reads."""
+"""Websocket plumbing shared by worker and coordinator: options, bounded reads, streamed sends."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import ssl
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,9 @@ from typing import Any
 from websockets.asyncio.connection import Connection
 
 from .exceptions import ConfigError, MessageTooLarge
+from .protocol import MessageDecoder, Outgoing
 
-__all__ = ["connection_options", "receive", "server_tls", "client_tls"]
+__all__ = ["connection_options", "receive", "receive_message", "send_message", "server_tls", "client_tls"]
 
 
 def connection_options(max_message_size: int) -> dict[str, Any]:
@@ -42,6 +45,42 @@ async def receive(connection: Connection, max_size: int) -> bytes:
     if size > max_size:
         raise MessageTooLarge(size, max_size)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def receive_message(connection: Connection, max_size: int) -> MessageDecoder:
+    """Read one protocol message through a :class:`MessageDecoder`, fragment by fragment.
+
+    A streamed message's tensors are filled as its fragments arrive, so no
+    buffer of the whole message is built; an oversized or invalid one is read
+    to its end and dropped. Call ``finish()`` on the result for the envelope
+    (it raises what was wrong) and read ``size`` for the bytes received.
+
+    Raises:
+        websockets.ConnectionClosed: when the connection ends.
+    """
+    decoder = MessageDecoder(max_size=max_size)
+    async for fragment in connection.recv_streaming(decode=False):
+        decoder.feed(fragment)
+    return decoder
+
+
+async def send_message(connection: Connection, message: Outgoing) -> None:
+    """Send an encoded message: one frame, or a streamed one as one fragmented websocket message.
+
+    Raises:
+        websockets.ConnectionClosed: when the connection ends.
+    """
+    if not message.streamed:
+        await connection.send(message.pieces[0])
+        return
+    fragments = message.fragments()
+    try:
+        await connection.send(fragments)
+    except asyncio.CancelledError:
+        if inspect.getgeneratorstate(fragments) != inspect.GEN_CREATED:
+            # Nothing may follow half a fragmented message (RFC 6455, 5.4): the connection is done.
+            connection.transport.abort()
+        raise
 
 
 def server_tls(cert: Path, key: Path, ca: Path | None) -> ssl.SSLContext:
