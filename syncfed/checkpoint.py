@@ -28,6 +28,8 @@ from .tensors import Weights
 __all__ = ["CHECKPOINT_FILE", "Checkpoint", "save_weights", "save_checkpoint", "load_checkpoint", "check_resumable"]
 
 CHECKPOINT_FILE: Final = "checkpoint.safetensors"
+#: Prefix of the strategy's tensors in the checkpoint file; no PyTorch tensor name contains a slash.
+_SERVER: Final = "syncfed.server/"
 _FORMAT: Final = 1
 
 #: What must not change between a run and its resumption.
@@ -43,7 +45,8 @@ class Checkpoint:
     identity: dict[str, Any]  # model, dataset, workers, evaluator
     seed: int
     config: dict[str, Any] = field(default_factory=dict)  # the run's settings, for the record
-    strategy_state: dict[str, Any] = field(default_factory=dict)
+    strategy_state: dict[str, Any] = field(default_factory=dict)  # the strategy's name and settings
+    server_state: Weights = field(default_factory=dict)  # the strategy's arrays: momentum, moments, control variate
     metrics_path: str | None = None  # the metrics file of the run, resolved
     metrics_size: int | None = None  # its bytes at this round's end (fsynced before the checkpoint)
 
@@ -54,7 +57,8 @@ def save_weights(path: Path, weights: Weights, metadata: Mapping[str, str]) -> N
 
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
-    save_file({name: np.ascontiguousarray(array) for name, array in weights.items()}, str(partial), dict(metadata))
+    # np.asarray, not np.ascontiguousarray, which turns 0-d tensors (batch-norm counters) into shape (1,).
+    save_file({name: np.asarray(array, order="C") for name, array in weights.items()}, str(partial), dict(metadata))
     with partial.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, path)
@@ -73,8 +77,10 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "metrics_path": checkpoint.metrics_path,
         "metrics_size": checkpoint.metrics_size,
         "order": list(checkpoint.weights),
+        "server_order": list(checkpoint.server_state),
     }
-    save_weights(path, checkpoint.weights, {"format": "pt", "syncfed": json.dumps(state)})
+    tensors = {**checkpoint.weights, **{_SERVER + name: array for name, array in checkpoint.server_state.items()}}
+    save_weights(path, tensors, {"format": "pt", "syncfed": json.dumps(state)})
     return path
 
 
@@ -96,6 +102,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
                 raise CheckpointError(f"{path} is a safetensors file but not a syncfed checkpoint")
             state = json.loads(metadata["syncfed"])
             weights = {name: handle.get_tensor(name) for name in state["order"]}
+            server_state = {name: handle.get_tensor(_SERVER + name) for name in state.get("server_order", [])}
         if state.get("format") != _FORMAT:
             raise CheckpointError(f"{path} has checkpoint format {state.get('format')!r}, expected {_FORMAT}")
         return Checkpoint(
@@ -105,6 +112,7 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
             seed=int(state["seed"]),
             config=dict(state.get("config") or {}),
             strategy_state=dict(state.get("strategy_state") or {}),
+            server_state=server_state,
             metrics_path=state.get("metrics_path"),
             metrics_size=state.get("metrics_size"),
         )
