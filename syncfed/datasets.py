@@ -9,6 +9,10 @@
 
 Images become float32 arrays of shape ``(N, 1, H, W)``, normalised with the
 data set's usual mean and standard deviation; labels become int64.
+
+A worker may hold several of them under names of its own (its data-set
+registry): ``--dataset-spec digits-train=digits:train`` is a
+:class:`DatasetSpec`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 import struct
 import urllib.request
 import zlib
@@ -25,9 +30,20 @@ from typing import Final, Literal
 
 import numpy as np
 
-from .exceptions import DatasetError
+from .exceptions import ConfigError, DatasetError
 
-__all__ = ["DATASETS", "Dataset", "Split", "load_dataset", "ensure_mnist", "read_idx", "mnist_paths"]
+__all__ = [
+    "DATASETS",
+    "Dataset",
+    "DatasetSpec",
+    "Split",
+    "check_dataset_key",
+    "load_dataset",
+    "parse_dataset_spec",
+    "ensure_mnist",
+    "read_idx",
+    "mnist_paths",
+]
 
 Split = Literal["train", "test"]
 DATASETS: Final = ("digits", "mnist")
@@ -73,6 +89,58 @@ class Dataset:
 
     def subset(self, indices: np.ndarray) -> Dataset:
         return Dataset(self.name, self.images[indices], self.labels[indices], self.num_classes)
+
+    def fingerprint(self) -> str:
+        """A digest of the examples, their order included: the version a worker advertises, never the data."""
+        digest = hashlib.sha256(f"{self.name}\0{self.num_classes}\0{self.images.shape}\0".encode())
+        digest.update(np.ascontiguousarray(self.images, dtype=np.float32).data)
+        digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
+        return "sha256:" + digest.hexdigest()[:16]
+
+
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_dataset_key(key: str) -> None:
+    """Raise ConfigError unless ``key`` can name a data set: 1 to 64 letters, digits, ``_``, ``.`` or ``-``."""
+    if not _KEY.fullmatch(key):
+        raise ConfigError(
+            f"data set key {key!r} must be 1 to 64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A named data set a worker holds: a split of one of :data:`DATASETS` under a key of its own.
+
+    Raises:
+        ConfigError: if the key is invalid (see :func:`check_dataset_key`), the data set
+            is unknown or the split is not train or test.
+    """
+
+    key: str
+    dataset: str
+    split: Split
+
+    def __post_init__(self) -> None:
+        check_dataset_key(self.key)
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"data set {self.dataset!r} is not one of {', '.join(DATASETS)}")
+        if self.split not in ("train", "test"):
+            raise ConfigError(f"split {self.split!r} of data set {self.key} is not train or test")
+
+
+def parse_dataset_spec(text: str) -> DatasetSpec:
+    """Parse ``"digits-train=digits:train"`` (key, data set, split) into a :class:`DatasetSpec`.
+
+    Raises:
+        ConfigError: if it does not look like ``KEY=DATASET:SPLIT`` or a part is invalid.
+    """
+    key, equals, rest = text.partition("=")
+    dataset, colon, split = rest.partition(":")
+    if not equals or not colon:
+        raise ConfigError(f"data set spec {text!r} must look like digits-train=digits:train (KEY=DATASET:SPLIT)")
+    return DatasetSpec(key.strip(), dataset.strip(), split.strip())  # type: ignore[arg-type]  # checked on construction
 
 
 def load_dataset(

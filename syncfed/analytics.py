@@ -1,0 +1,344 @@
+"""Federated analytics: statistics over every worker's data without moving a row.
+
+A worker answers a :class:`~syncfed.protocol.Query` from the data it holds
+with local statistics (:func:`answer`); the coordinator validates and
+combines the answers (:func:`combine_labels`, :func:`combine_feature_stats`,
+:func:`combine_quantiles`). Features are the flattened inputs (the 64 pixels
+of a digits image).
+
+- ``label-histogram``: examples per class, summed over workers.
+- ``feature-stats``: per feature count, mean and variance, combined exactly
+  from each worker's count, mean and M2 (sum of squared deviations) with the
+  parallel formula of Chan, Golub and LeVeque 1979 ("Updating formulae and a
+  pairwise algorithm for computing sample variances"), which stays accurate
+  where sums of squares cancel; plus the same over every value of every feature.
+- ``quantiles``: every worker fills the histogram the query fixes (equal
+  bins over a range, a cell below it and one above), the coordinator sums
+  them and reads quantiles off the sum, within one bin width of
+  ``np.quantile`` over the pooled values when they lie in the range.
+
+Disclosure control: a worker refuses (error ``refused``) any query whose
+answer would describe a group smaller than its minimum group size: all its
+data, or any non-empty label or histogram cell. In the histogram over all
+features a group is the distinct examples with a value in the cell, since one
+example gives many values. Refusing is safer than suppressing small cells:
+a worker's size is public (``info`` carries its label histogram), so a
+suppressed cell would follow from the others by subtraction. The reason names
+the feature, never the cell or the count. This is the threshold rule of
+statistical disclosure control, not a guarantee: differencing queries over
+shifted bins can still isolate a small group; differential privacy answers that.
+
+Secure aggregation and differential privacy plug in where answers are
+combined: the histograms are plain sums across workers, which is what
+additive secure aggregation computes, and the moments would travel as sums
+about a shift the query fixes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from .datasets import Dataset
+from .exceptions import AggregationError
+from .protocol import Error, Query, QueryResult
+
+__all__ = [
+    "Moments",
+    "FeatureStats",
+    "Quantiles",
+    "moments",
+    "merge_moments",
+    "cells",
+    "answer",
+    "combine_labels",
+    "combine_feature_stats",
+    "combine_quantiles",
+    "histogram_quantiles",
+]
+
+#: Values a worker converts to float64 or to cell indices at once: bounds its memory on large data sets.
+CHUNK: Final = 2**20
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Count, mean and M2 (sum of squared deviations from the mean) of each column."""
+
+    count: int
+    mean: np.ndarray  # float64
+    m2: np.ndarray  # float64
+
+    @property
+    def variance(self) -> np.ndarray:
+        """The population variance, ``np.var``'s default (``ddof=0``)."""
+        return self.m2 / self.count
+
+
+def moments(values: np.ndarray, columns: Sequence[int] | None = None) -> Moments:
+    """Moments of the ``columns`` (default: all) of a 2-d array, over chunks of rows merged
+    with :func:`merge_moments`, so no full float64 copy is ever made."""
+    width = values.shape[1] if columns is None else len(columns)
+    rows = max(1, CHUNK // max(1, width))
+    parts = []
+    for start in range(0, len(values), rows):
+        chunk = values[start : start + rows]
+        chunk = (chunk if columns is None else chunk[:, columns]).astype(np.float64)
+        mean = chunk.mean(axis=0)
+        parts.append(Moments(len(chunk), mean, np.square(chunk - mean).sum(axis=0)))
+    return merge_moments(parts)
+
+
+def merge_moments(parts: Sequence[Moments]) -> Moments:
+    """Combine moments of disjoint sets exactly (Chan, Golub and LeVeque 1979).
+
+    With ``d = mean_b - mean_a``: ``mean = mean_a + d * n_b / n`` and
+    ``M2 = M2_a + M2_b + d**2 * n_a * n_b / n``.
+
+    Raises:
+        AggregationError: if there are no parts, a count is not positive, or shapes differ.
+    """
+    if not parts:
+        raise AggregationError("no moments to merge")
+    total = parts[0]
+    for index, part in enumerate(parts):
+        if part.count <= 0:
+            raise AggregationError(f"moments {index} have count {part.count}, expected a positive integer")
+        if part.mean.shape != total.mean.shape or part.m2.shape != total.mean.shape:
+            raise AggregationError(f"moments {index} have shape {part.mean.shape}, moments 0 have {total.mean.shape}")
+    for part in parts[1:]:
+        count = total.count + part.count
+        delta = part.mean - total.mean
+        total = Moments(
+            count,
+            total.mean + delta * (part.count / count),
+            total.m2 + part.m2 + np.square(delta) * (total.count * part.count / count),
+        )
+    return total
+
+
+def cells(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The histogram cell of each value: 0 below ``edges``, 1 to ``len(edges) - 1`` for the bins
+    (the last includes its right edge, as in ``np.histogram``), ``len(edges)`` above."""
+    index = np.searchsorted(edges, values, side="right")
+    index[values == edges[-1]] = len(edges) - 1
+    return index
+
+
+def _refusal(query: Query, group: str, min_group_size: int) -> Error:
+    return Error(
+        "refused",
+        f"{query.query} would describe a group of fewer than {min_group_size} examples ({group});"
+        f" this worker's minimum group size is {min_group_size}",
+    )
+
+
+def _small(counts: np.ndarray, min_group_size: int) -> np.ndarray:
+    """Which entries describe a non-empty group below the minimum."""
+    return (counts > 0) & (counts < min_group_size)
+
+
+def _histograms(
+    values: np.ndarray, features: Sequence[int], edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cell counts of each selected feature; of every value of every feature; and, per cell,
+    the distinct examples with a value in it."""
+    size = len(edges) + 1
+    selected = np.zeros(len(features) * size, dtype=np.int64)
+    pooled = np.zeros(size, dtype=np.int64)
+    examples = np.zeros(size, dtype=np.int64)
+    offsets = np.arange(len(features)) * size
+    rows = max(1, CHUNK // max(values.shape[1], size))
+    for start in range(0, len(values), rows):
+        chunk = cells(values[start : start + rows], edges)
+        selected += np.bincount((chunk[:, features] + offsets).ravel(), minlength=len(selected))
+        pooled += np.bincount(chunk.ravel(), minlength=size)
+        present = np.zeros((len(chunk), size), dtype=bool)
+        present[np.arange(len(chunk))[:, None], chunk] = True
+        examples += present.sum(axis=0)
+    return selected.reshape(len(features), size), pooled, examples
+
+
+def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Error:
+    """This worker's answer to ``query`` over ``data``, or the error reply that refuses it.
+
+    Answers ``incompatible`` for a feature the data does not have and
+    ``refused`` for an answer that would describe a group smaller than
+    ``min_group_size`` examples.
+    """
+    values = data.images.reshape(len(data), -1)
+    num_examples, num_features = values.shape
+    beyond = [index for index in query.features if index >= num_features]
+    if beyond:
+        return Error("incompatible", f"feature {beyond[0]} is beyond this worker's {num_features} features")
+    if num_examples < min_group_size:
+        return Error(
+            "refused",
+            f"this worker holds {num_examples} examples, fewer than its minimum group size of {min_group_size}",
+        )
+    features = list(query.features)
+    tensors: dict[str, np.ndarray]
+    if query.query == "label-histogram":
+        labels = np.bincount(data.labels, minlength=data.num_classes).astype(np.int64)
+        if _small(labels, min_group_size).any():
+            return _refusal(query, "a label", min_group_size)
+        tensors = {"labels": labels}
+    elif query.query == "feature-stats":
+        selected, pooled = moments(values, features), moments(values.reshape(-1, 1))
+        tensors = {"mean": selected.mean, "m2": selected.m2, "pooled": np.array([pooled.mean[0], pooled.m2[0]])}
+    else:
+        histogram, pooled_cells, examples = _histograms(values, features, query.edges)
+        small = _small(histogram, min_group_size).any(axis=1)
+        if small.any():
+            return _refusal(query, f"a cell of feature {features[int(np.argmax(small))]}", min_group_size)
+        if _small(examples, min_group_size).any():
+            return _refusal(query, "a cell of the histogram over all features", min_group_size)
+        tensors = {"histogram": histogram, "pooled": pooled_cells}
+    return QueryResult(query.query, num_examples, num_features, tensors)
+
+
+def _validate(query: Query, results: Mapping[str, QueryResult]) -> None:
+    """Answers combine only when they answer ``query`` and agree in shape."""
+    if not results:
+        raise AggregationError("no answers to combine")
+    first_name, first = next(iter(results.items()))
+    for name, result in results.items():
+        if result.query != query.query:
+            raise AggregationError(f"worker {name} answered {result.query}, not {query.query}")
+        if result.num_features != first.num_features:
+            raise AggregationError(
+                f"worker {name} has {result.num_features} features, worker {first_name} has {first.num_features}"
+            )
+        for tensor, array in result.tensors.items():
+            if array.shape != first.tensors[tensor].shape:
+                raise AggregationError(
+                    f"worker {name} answered {tensor} of shape {array.shape},"
+                    f" worker {first_name} of shape {first.tensors[tensor].shape}"
+                )
+    selected = len(query.features)
+    if query.query == "feature-stats" and first.tensors["mean"].shape != (selected,):
+        raise AggregationError(
+            f"the answers hold {len(first.tensors['mean'])} features, the query asked for {selected}"
+        )
+    if query.query == "quantiles" and first.tensors["histogram"].shape != (selected, len(query.edges) + 1):
+        raise AggregationError(
+            f"the answers hold histograms of shape {first.tensors['histogram'].shape},"
+            f" the query asked for {(selected, len(query.edges) + 1)}"
+        )
+
+
+def combine_labels(query: Query, results: Mapping[str, QueryResult]) -> np.ndarray:
+    """Examples per class over all workers.
+
+    Raises:
+        AggregationError: if the answers are not label histograms of one length.
+    """
+    _validate(query, results)
+    total: np.ndarray = np.stack([result.tensors["labels"] for result in results.values()]).sum(axis=0)
+    return total
+
+
+@dataclass(frozen=True)
+class FeatureStats:
+    """Moments of the selected features, and of every value of every feature (``count`` = examples x features)."""
+
+    features: tuple[int, ...]
+    selected: Moments
+    pooled: Moments
+
+
+def combine_feature_stats(query: Query, results: Mapping[str, QueryResult]) -> FeatureStats:
+    """Exact moments over all workers' data.
+
+    Raises:
+        AggregationError: if the answers do not fit the query or each other.
+    """
+    _validate(query, results)
+    selected = merge_moments([Moments(r.num_examples, r.tensors["mean"], r.tensors["m2"]) for r in results.values()])
+    pooled = merge_moments(
+        [
+            Moments(r.num_examples * r.num_features, r.tensors["pooled"][:1], r.tensors["pooled"][1:])
+            for r in results.values()
+        ]
+    )
+    return FeatureStats(query.features, selected, pooled)
+
+
+@dataclass(frozen=True)
+class Quantiles:
+    """Estimated quantiles of the selected features and of every value of every feature.
+
+    ``values`` is [features, probabilities] and ``pooled`` [probabilities];
+    ``-inf`` or ``inf`` where a quantile falls below or above the range.
+    """
+
+    features: tuple[int, ...]
+    probabilities: tuple[float, ...]
+    edges: np.ndarray
+    values: np.ndarray
+    pooled: np.ndarray
+
+    @property
+    def bin_width(self) -> float:
+        """The error bound of every estimate inside the range."""
+        return float(self.edges[1] - self.edges[0])
+
+
+def combine_quantiles(query: Query, results: Mapping[str, QueryResult], probabilities: Sequence[float]) -> Quantiles:
+    """Quantiles read off the sum of all workers' histograms.
+
+    Raises:
+        AggregationError: if the answers do not fit the query or each other.
+    """
+    _validate(query, results)
+    histogram = np.stack([r.tensors["histogram"] for r in results.values()]).sum(axis=0)
+    pooled = np.stack([r.tensors["pooled"] for r in results.values()]).sum(axis=0)
+    edges = query.edges
+    return Quantiles(
+        query.features,
+        tuple(probabilities),
+        edges,
+        histogram_quantiles(histogram, edges, probabilities),
+        histogram_quantiles(pooled[None], edges, probabilities)[0],
+    )
+
+
+def _order_statistic(counts: np.ndarray, cumulative: np.ndarray, rank: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Estimate the ``rank``-th smallest value (0-based) of each row, spread evenly within its bin."""
+    rows = np.arange(len(counts))
+    cell = (cumulative <= rank[:, None]).sum(axis=1)
+    before = np.where(cell > 0, cumulative[rows, np.maximum(cell - 1, 0)], 0)
+    bins = len(edges) - 1
+    inside = np.clip(cell, 1, bins)
+    left, right = edges[inside - 1], edges[inside]
+    estimate = left + (rank - before + 0.5) / np.maximum(counts[rows, inside], 1) * (right - left)
+    return np.where(cell == 0, -np.inf, np.where(cell > bins, np.inf, estimate))
+
+
+def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, probabilities: Sequence[float]) -> np.ndarray:
+    """Quantiles of each row of ``counts`` ([rows, bins + 2] cells as :func:`cells` numbers them).
+
+    Follows ``np.quantile``'s default (linear) method: quantile ``q`` lies at
+    rank ``q * (n - 1)`` between two order statistics, each estimated within
+    its bin, so the error is below one bin width when both lie in the range;
+    ``-inf`` or ``inf`` when one lies below or above it. ``probabilities``
+    must be in [0, 1] and every row must hold at least one value.
+    """
+    cumulative = np.cumsum(counts, axis=1)
+    total = cumulative[:, -1]
+    result = np.empty((len(counts), len(probabilities)))
+    for column, q in enumerate(probabilities):
+        position = q * (total - 1)
+        lower = np.floor(position)
+        fraction = position - lower
+        low = _order_statistic(counts, cumulative, lower, edges)
+        high = _order_statistic(counts, cumulative, np.minimum(lower + 1, total - 1), edges)
+        with np.errstate(invalid="ignore"):  # inf - inf where both are outside: masked below
+            between = low + fraction * (high - low)
+        result[:, column] = np.where(
+            (fraction == 0) | np.isneginf(low), low, np.where(np.isposinf(high), high, between)
+        )
+    return result

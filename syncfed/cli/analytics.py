@@ -1,0 +1,339 @@
+"""``python -m syncfed analytics``: statistics over all workers' data, without moving a row.
+
+Usage::
+
+    python -m syncfed analytics --workers alice=ws://localhost:8777,bob=ws://localhost:8778 label-histogram
+    python -m syncfed analytics feature-stats --features 0-7,36
+    python -m syncfed analytics --json q.json quantiles --range -0.82 1.85 --bins 256 --q 0.1,0.5,0.9
+
+Every worker is asked at once and the table combines those that answered. A
+worker that refuses (a group below its ``--min-group-size``), fails or cannot
+be reached is named on stderr, and the exit status is then that of its error
+(``common.EXIT_CODES``: 6 for a refusal, 5 for an unreachable worker).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..analytics import combine_feature_stats, combine_labels, combine_quantiles
+from ..auth import read_token
+from ..client import WorkerClient
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_WORKERS, parse_endpoints
+from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, SyncfedError
+from ..partition import parse_classes
+from ..protocol import MAX_FEATURES, Hello, Info, Query, QueryResult
+from ..transport import client_tls
+from .common import INTERRUPTED, exit_code, fail, normalize_flags, setup_logging, size
+
+__all__ = ["PROGRAM", "DEFAULT_QUERY_TIMEOUT", "configure", "run", "main"]
+
+PROGRAM = "python -m syncfed analytics"
+#: Seconds a worker has to answer a query (MNIST's 60,000 images take about a second).
+DEFAULT_QUERY_TIMEOUT = 60.0
+
+
+def _selection(text: str) -> tuple[int, ...] | None:
+    """``all`` (None), ``none`` (no feature) or indices such as ``0-7,36``, for argparse."""
+    if text == "all":
+        return None
+    if text == "none":
+        return ()
+    try:
+        return parse_classes(text, MAX_FEATURES)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not all, none or indices such as 0-7,36") from None
+
+
+def _probabilities(text: str) -> tuple[float, ...]:
+    """Quantile probabilities such as ``0.1,0.5,0.9``, for argparse."""
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of probabilities such as 0.1,0.5,0.9") from None
+    outside = [value for value in values if not 0 <= value <= 1]
+    if outside:
+        raise argparse.ArgumentTypeError(f"probability {outside[0]:g} is not within 0..1")
+    return values
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add the connection flags and the three queries to ``parser`` (its own, or ``python -m syncfed``'s)."""
+    parser.add_argument("--workers", default=DEFAULT_WORKERS, help="workers as id=uri,... (default: %(default)s)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="also write the combined answer to OUT as JSON")
+    parser.add_argument("--verbose", action="store_true", help="log connections and requests")
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
+    )
+    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate for mutual TLS")
+    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
+    security.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
+    )
+    limits = parser.add_argument_group("limits and timeouts")
+    limits.add_argument(
+        "--max-message-size",
+        type=size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest reply accepted (default: %(default)s bytes)",
+    )
+    limits.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to connect and greet each worker (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_QUERY_TIMEOUT,
+        help="seconds each worker has to answer the query (default: %(default)s)",
+    )
+    queries = parser.add_subparsers(dest="query", required=True, metavar="QUERY")
+    queries.add_parser("label-histogram", help="examples per class")
+    stats = queries.add_parser("feature-stats", help="per feature count, mean and variance, exactly")
+    stats.add_argument(
+        "--features",
+        type=_selection,
+        default=None,
+        help="features (indices into the flattened input) to show: all, none or e.g. 0-7,36; a row over"
+        " all features is always shown (default: all)",
+    )
+    quantiles = queries.add_parser("quantiles", help="approximate quantiles from fixed-bin histograms")
+    quantiles.add_argument(
+        "--range",
+        dest="value_range",
+        type=float,
+        nargs=2,
+        required=True,
+        metavar=("LOW", "HIGH"),
+        help="the histogram's range, in the data's units (digits: -0.82 1.85, MNIST: -0.43 2.83)",
+    )
+    quantiles.add_argument(
+        "--bins", type=int, default=256, help="equal bins over the range; the error bound is one (default: 256)"
+    )
+    quantiles.add_argument(
+        "--q",
+        dest="probabilities",
+        type=_probabilities,
+        default=(0.1, 0.5, 0.9),
+        help="quantile probabilities (default: 0.1,0.5,0.9)",
+    )
+    quantiles.add_argument(
+        "--features",
+        type=_selection,
+        default=(),
+        help="features to show besides the row over all features: all, none or e.g. 0-7,36 (default: none;"
+        " workers refuse a feature whose histogram has a small non-empty cell)",
+    )
+
+
+def _check_bins(args: argparse.Namespace) -> None:
+    """Check --bins and --range before connecting to anyone."""
+    try:
+        Query("quantiles", (), args.bins, tuple(args.value_range))
+    except ProtocolError as exc:
+        raise ConfigError(f"--bins {args.bins} --range {' '.join(map(str, args.value_range))}: {exc}") from None
+
+
+async def _greet(name: str, uri: str, args: argparse.Namespace) -> tuple[WorkerClient, Info]:
+    client = WorkerClient(
+        name,
+        uri,
+        max_message_size=args.max_message_size,
+        connect_timeout=args.connect_timeout,
+        request_timeout=args.request_timeout,
+        ping_interval=None,
+        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key) if uri.startswith("wss://") else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
+    )
+    await client.connect()
+    try:
+        info = await client.request(Hello(), timeout=args.connect_timeout)
+    except BaseException:
+        await client.close()
+        raise
+    assert isinstance(info, Info)
+    return client, info
+
+
+def _query(args: argparse.Namespace, infos: dict[str, Info]) -> Query:
+    """The query for workers that hold ``infos``; flags are checked against their input size."""
+    sizes = {name: math.prod(info.input_shape) for name, info in infos.items()}
+    if len(set(sizes.values())) > 1:
+        raise IncompatibleWorkers(
+            "workers hold inputs of different sizes: " + ", ".join(f"{name} {n}" for name, n in sizes.items())
+        )
+    num_features = next(iter(sizes.values()))
+    features: tuple[int, ...] = ()
+    if args.query != "label-histogram":
+        features = tuple(range(num_features)) if args.features is None else args.features
+    if features and features[-1] >= num_features:
+        raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
+    if args.query != "quantiles":
+        return Query(args.query, features)
+    return Query(args.query, features, args.bins, tuple(args.value_range))
+
+
+async def _ask(args: argparse.Namespace) -> tuple[Query | None, dict[str, QueryResult], dict[str, SyncfedError]]:
+    """Greet every worker, then send the query to those that answered; gather answers and failures."""
+    endpoints = parse_endpoints(args.workers)
+    failures: dict[str, SyncfedError] = {}
+    clients: dict[str, WorkerClient] = {}
+    infos: dict[str, Info] = {}
+    results: dict[str, QueryResult] = {}
+    query = None
+    try:
+        greetings = await asyncio.gather(
+            *(_greet(name, uri, args) for name, uri in endpoints.items()), return_exceptions=True
+        )
+        unexpected: BaseException | None = None
+        for name, greeting in zip(endpoints, greetings, strict=True):
+            if isinstance(greeting, SyncfedError):
+                failures[name] = greeting
+            elif isinstance(greeting, BaseException):
+                unexpected = unexpected or greeting
+            else:
+                clients[name], infos[name] = greeting
+        if unexpected is not None:
+            raise unexpected
+        if clients:
+            query = _query(args, infos)
+            answers = await asyncio.gather(
+                *(client.request(query) for client in clients.values()), return_exceptions=True
+            )
+            for name, reply in zip(clients, answers, strict=True):
+                if isinstance(reply, SyncfedError):
+                    failures[name] = reply
+                elif isinstance(reply, BaseException):
+                    raise reply
+                else:
+                    assert isinstance(reply, QueryResult)  # request() checked the reply's kind
+                    results[name] = reply
+    finally:
+        await asyncio.gather(*(client.close() for client in clients.values()))
+    return query, results, {name: failures[name] for name in endpoints if name in failures}
+
+
+def _number(value: float, low: float = -math.inf, high: float = math.inf) -> str:
+    if value == -math.inf:
+        return f"<{low:g}"
+    if value == math.inf:
+        return f">{high:g}"
+    return f"{value:.6g}"
+
+
+def _finite(values: np.ndarray) -> list[float | None]:
+    """JSON has no infinity: a quantile outside the range becomes null."""
+    return [float(value) if math.isfinite(value) else None for value in values]
+
+
+def _tabulate(
+    query: Query, results: dict[str, QueryResult], probabilities: Sequence[float]
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """The printed table (header first) and the JSON answer of the combined results."""
+    if query.query == "label-histogram":
+        total = combine_labels(query, results)
+        per_worker = {name: result.tensors["labels"] for name, result in results.items()}
+        rows = [["label", *results, "total"]]
+        rows += [
+            [str(label), *(str(c[label]) for c in per_worker.values()), str(total[label])]
+            for label in range(len(total))
+        ]
+        rows.append(["total", *(str(result.num_examples) for result in results.values()), str(total.sum())])
+        answer = {"total": total.tolist(), "per_worker": {name: c.tolist() for name, c in per_worker.items()}}
+        return rows, answer
+    if query.query == "feature-stats":
+        stats = combine_feature_stats(query, results)
+        rows = [["feature", "count", "mean", "variance", "std"]]
+        entries = []
+        for label, moments, index in [
+            *((str(f), stats.selected, i) for i, f in enumerate(stats.features)),
+            ("all", stats.pooled, 0),
+        ]:
+            mean, variance = float(moments.mean[index]), float(moments.variance[index])
+            rows.append([label, str(moments.count), _number(mean), _number(variance), _number(math.sqrt(variance))])
+            entries.append({"feature": label, "count": moments.count, "mean": mean, "variance": variance})
+        return rows, {"variance": "population (ddof=0)", "features": entries}
+    estimate = combine_quantiles(query, results, probabilities)
+    low, high = float(estimate.edges[0]), float(estimate.edges[-1])
+    rows = [["feature", *(f"q{q:g}" for q in probabilities)]]
+    entries = []
+    for label, values in [*zip(map(str, estimate.features), estimate.values, strict=True), ("all", estimate.pooled)]:
+        rows.append([label, *(_number(value, low, high) for value in values)])
+        entries.append({"feature": label, "quantiles": _finite(values)})
+    answer = {
+        "probabilities": list(probabilities),
+        "bins": len(estimate.edges) - 1,
+        "range": [low, high],
+        "error_bound": estimate.bin_width,
+        "features": entries,
+    }
+    return rows, answer
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Ask, combine and print; each failed worker gets one line on stderr and sets the exit status."""
+    setup_logging(args.verbose, default=30)
+    probabilities = getattr(args, "probabilities", ())
+    try:
+        if args.query == "quantiles":
+            _check_bins(args)
+        query, results, failures = asyncio.run(_ask(args))
+        for error in failures.values():
+            print(f"{PROGRAM}: {error}", file=sys.stderr)
+        if query is not None and results:
+            rows, answer = _tabulate(query, results, probabilities)
+            examples = sum(result.num_examples for result in results.values())
+            left_out = f"; left out: {', '.join(failures)}" if failures else ""
+            print(f"{query.query} over {examples} examples of {len(results)} workers ({', '.join(results)}){left_out}")
+            if query.query == "quantiles":
+                low, high = answer["range"]
+                print(
+                    f"{query.bins} bins over [{low:g}, {high:g}]: within {answer['error_bound']:.4g}"
+                    " (one bin width) of the pooled quantile inside the range"
+                )
+            _print_table(rows)
+            if args.json is not None:
+                document = {
+                    "query": query.query,
+                    "answered": {name: result.num_examples for name, result in results.items()},
+                    "failed": {name: str(error) for name, error in failures.items()},
+                    **answer,
+                }
+                args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    except SyncfedError as exc:
+        return fail(PROGRAM, exc)
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as exc:  # the JSON file cannot be written
+        print(f"{PROGRAM}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    return exit_code(next(iter(failures.values()))) if failures else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROGRAM, description="statistics over all workers' data, without moving it")
+    configure(parser)
+    return run(parser.parse_args(normalize_flags(sys.argv[1:] if argv is None else argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

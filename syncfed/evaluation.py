@@ -1,0 +1,228 @@
+"""Federated evaluation and cross-site validation: the pure parts.
+
+- Every training worker holds out a seeded validation split that it never
+  trains on (:func:`holdout`), so the global model can be scored on each
+  site's own distribution, which the central evaluator's test set may not
+  resemble (federated evaluation, as in Flower's evaluate rounds).
+- :func:`pool` turns per-site scores into the example-weighted average: the
+  score the union of the validation splits would get.
+- :class:`CrossSiteMatrix` holds cross-site validation (as in NVIDIA FLARE):
+  each site's final local model and the global model, scored on every site's
+  validation split and on the evaluator's test set. With non-IID sites the
+  off-diagonal cells show how little a local model transfers.
+
+No asyncio and no websockets: the coordinator gathers the scores, this module
+combines, prints and saves them. The heat map uses matplotlib when it is
+installed (``pip install 'syncfed[plots]'``), drawn on the Agg canvas without
+pyplot, like ``scripts/plot_metrics.py``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from .exceptions import AggregationError, ConfigError
+from .protocol import EvalResult
+
+__all__ = [
+    "VALIDATION",
+    "TEST",
+    "holdout",
+    "validation_seed",
+    "pool",
+    "result_json",
+    "Cell",
+    "CrossSiteMatrix",
+    "write_cross_site",
+]
+
+#: The split a training worker scores on for federated evaluation (``Evaluate.split``).
+VALIDATION: Final = "validation"
+#: What the evaluator scores on: its own test set.
+TEST: Final = "test"
+
+#: A cross-site cell: the score, or why there is none.
+Cell = EvalResult | str
+
+
+def holdout(num_examples: int, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(train, validation)`` of a seeded random hold-out, each sorted, disjoint, together all examples.
+
+    The validation split has ``round(fraction * num_examples)`` examples, at
+    least one when ``fraction > 0``, and leaves at least one to train on.
+
+    Raises:
+        ConfigError: if ``fraction`` is not in [0, 1) or ``num_examples`` is negative.
+    """
+    if not (math.isfinite(fraction) and 0 <= fraction < 1):
+        raise ConfigError(f"validation fraction {fraction!r} is not in [0, 1)")
+    if num_examples < 0:
+        raise ConfigError(f"number of examples {num_examples} is negative")
+    size = min(max(round(fraction * num_examples), 1 if fraction > 0 else 0), max(num_examples - 1, 0))
+    held = np.zeros(num_examples, dtype=bool)
+    held[rng.permutation(num_examples)[:size]] = True
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def validation_seed(worker_id: str) -> int:
+    """A stable seed from a worker id, so a restarted worker holds out the same examples.
+
+    Python's ``hash`` of a string changes between processes; a digest does not.
+    """
+    digest = hashlib.sha256(b"syncfed-validation\0" + worker_id.encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def pool(results: Iterable[EvalResult]) -> EvalResult:
+    """The example-weighted average of several sites' scores.
+
+    Loss is each site's mean loss weighted by its number of examples,
+    accuracy the total correct over the total examples, and the predicted
+    class histograms add up: the score of the sites' data pooled.
+
+    Raises:
+        AggregationError: if there is nothing to pool or the class counts differ.
+    """
+    results = list(results)
+    if not results:
+        raise AggregationError("no site results to pool")
+    classes = {len(result.predictions) for result in results}
+    if len(classes) > 1:
+        raise AggregationError(f"site results have {sorted(classes)} classes, not one number of classes")
+    total = sum(result.num_examples for result in results)
+    loss = math.fsum(result.loss * result.num_examples for result in results) / total
+    predictions = tuple(sum(counts) for counts in zip(*(result.predictions for result in results), strict=True))
+    return EvalResult(loss, sum(result.correct for result in results), total, predictions)
+
+
+def result_json(result: EvalResult) -> dict[str, Any]:
+    """A score as the JSON fields the metrics file uses for it."""
+    return {"loss": result.loss, "accuracy": result.accuracy, "correct": result.correct, "n": result.num_examples}
+
+
+@dataclass(frozen=True)
+class CrossSiteMatrix:
+    """Cross-site validation: rows are models, columns are data sites.
+
+    ``models`` are the training workers' final local models (the weights each
+    returned in the last round it contributed to) and the global model;
+    ``sites`` the training workers, scored on their validation split, and the
+    evaluator, on its test set (``splits`` says which per site). A cell holds
+    the score or, when a site could not score a model, the reason.
+    """
+
+    round: int  # the last round of the run
+    models: tuple[str, ...]
+    sites: tuple[str, ...]
+    splits: tuple[str, ...]
+    cells: tuple[tuple[Cell, ...], ...]
+
+    def __post_init__(self) -> None:
+        for what, names in (("model", self.models), ("site", self.sites)):
+            if not names or len(set(names)) != len(names):
+                raise ConfigError(f"{what} names {list(names)} must be distinct and at least one")
+        if len(self.splits) != len(self.sites) or not set(self.splits) <= {VALIDATION, TEST}:
+            raise ConfigError(f"splits {list(self.splits)} must name {VALIDATION} or {TEST} for each site")
+        shape = [len(row) for row in self.cells]
+        if shape != [len(self.sites)] * len(self.models):
+            raise ConfigError(f"cells have rows of {shape}, expected {len(self.models)} rows of {len(self.sites)}")
+
+    def cell(self, model: str, site: str) -> Cell:
+        """The score of ``model`` on ``site``'s data, or why there is none."""
+        return self.cells[self.models.index(model)][self.sites.index(site)]
+
+    def accuracy(self) -> np.ndarray:
+        """Accuracy per cell as float64 [models, sites], NaN where a cell is empty."""
+        return np.array(
+            [[cell.accuracy if isinstance(cell, EvalResult) else math.nan for cell in row] for row in self.cells],
+            dtype=np.float64,
+        ).reshape(len(self.models), len(self.sites))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "models": list(self.models),
+            "sites": list(self.sites),
+            "splits": list(self.splits),
+            "cells": [
+                [result_json(cell) if isinstance(cell, EvalResult) else {"error": cell} for cell in row]
+                for row in self.cells
+            ],
+        }
+
+    def table(self) -> list[str]:
+        """Accuracy as a text table, rows of models and columns of sites, then why each empty cell is empty."""
+        header = ["model \\ data", *(f"{site} ({split})" for site, split in zip(self.sites, self.splits, strict=True))]
+        rows = [
+            [model, *(f"{cell.accuracy:.2%}" if isinstance(cell, EvalResult) else "-" for cell in row)]
+            for model, row in zip(self.models, self.cells, strict=True)
+        ]
+        widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
+        lines = [
+            "  ".join(
+                cell.ljust(width) if column == 0 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(line, widths, strict=True))
+            )
+            for line in [header, *rows]
+        ]
+        lines += [
+            f"  - {model} on {site}: {cell}"
+            for model, row in zip(self.models, self.cells, strict=True)
+            for site, cell in zip(self.sites, row, strict=True)
+            if isinstance(cell, str)
+        ]
+        return lines
+
+    def draw(self, path: Path) -> bool:
+        """Save the accuracy heat map as an image at ``path``; False when matplotlib is not installed."""
+        try:
+            from matplotlib import colormaps
+            from matplotlib.backends.backend_agg import FigureCanvasAgg
+            from matplotlib.figure import Figure
+        except ImportError:
+            return False
+        values = self.accuracy()
+        figure = Figure(figsize=(1.6 + 1.3 * len(self.sites), 1.2 + 0.6 * len(self.models)), dpi=150)
+        FigureCanvasAgg(figure)
+        axes = figure.subplots()
+        colours = colormaps["viridis"].with_extremes(bad="lightgrey")  # grey: an empty cell
+        image = axes.imshow(np.ma.masked_invalid(100 * values), cmap=colours, vmin=0, vmax=100, aspect="auto")
+        for row, column in np.ndindex(values.shape):
+            value = float(values[row, column])
+            text, colour = ("n/a", "black") if math.isnan(value) else (f"{value:.1%}", _ink(value))
+            axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=9)
+        axes.set_xticks(
+            range(len(self.sites)), [f"{site}\n({split})" for site, split in zip(self.sites, self.splits, strict=True)]
+        )
+        axes.set_yticks(range(len(self.models)), list(self.models))
+        axes.set_xlabel("data")
+        axes.set_ylabel("model")
+        axes.set_title(f"Cross-site validation accuracy after round {self.round}")
+        figure.colorbar(image, ax=axes, label="accuracy (%)")
+        figure.tight_layout()
+        figure.savefig(path)
+        return True
+
+
+def _ink(accuracy: float) -> str:
+    """Text colour that stays readable on viridis: white on its dark low end, black on its light high end."""
+    return "white" if accuracy < 0.6 else "black"
+
+
+def write_cross_site(matrix: CrossSiteMatrix, directory: Path) -> list[Path]:
+    """Write ``cross_site.json`` and, with matplotlib, ``cross_site.png`` into ``directory``; return their paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = [directory / "cross_site.json"]
+    written[0].write_text(json.dumps(matrix.to_json(), indent=2) + "\n", encoding="utf-8")
+    picture = directory / "cross_site.png"
+    if matrix.draw(picture):
+        written.append(picture)
+    return written

@@ -1,0 +1,567 @@
+"""Federated analytics: combined answers against numpy over the pooled data, the minimum
+group size, the two messages on the wire, and one command-line run over real workers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from syncfed.analytics import (
+    Moments,
+    answer,
+    cells,
+    combine_feature_stats,
+    combine_labels,
+    combine_quantiles,
+    merge_moments,
+    moments,
+)
+from syncfed.cli import analytics as analytics_cli
+from syncfed.cli import server as server_cli
+from syncfed.config import WorkerConfig
+from syncfed.datasets import Dataset
+from syncfed.exceptions import AggregationError, ConfigError, ProtocolError
+from syncfed.protocol import (
+    ERROR_CODES,
+    MAX_BINS,
+    MAX_CELLS,
+    PROTOCOL_VERSION,
+    REQUESTS,
+    Error,
+    Query,
+    QueryResult,
+    decode,
+    encode,
+)
+from syncfed.spawn import WorkerProcess
+from syncfed.worker import load_shard
+
+REPO = Path(__file__).resolve().parent.parent
+CLI_TIMEOUT = 120.0  # seconds for one command-line run on a busy machine
+DIGITS_TRAIN = 1437  # 80% of scikit-learn's 1,797 digits
+
+
+def dataset(values: np.ndarray, labels: np.ndarray | None = None, num_classes: int = 10) -> Dataset:
+    """A data set whose flattened features are the columns of ``values`` ([examples, features])."""
+    images = np.asarray(values, dtype=np.float32).reshape(len(values), 1, 1, -1)
+    if labels is None:
+        labels = np.zeros(len(values), dtype=np.int64)
+    return Dataset("test", images, np.asarray(labels, dtype=np.int64), num_classes)
+
+
+def answered(query: Query, shards: Sequence[Dataset], min_group_size: int = 1) -> dict[str, QueryResult]:
+    """Each shard's answer, sent through the codec as a worker's reply would be."""
+    results = {}
+    for index, shard in enumerate(shards):
+        reply = answer(query, shard, min_group_size)
+        assert isinstance(reply, QueryResult), reply
+        results[f"w{index}"] = decode(encode(index + 1, reply)).message  # type: ignore[assignment]
+    return results  # type: ignore[return-value]
+
+
+def split(pooled: np.ndarray, cuts: Sequence[int]) -> list[np.ndarray]:
+    """``pooled`` cut into consecutive non-empty parts at the given row positions."""
+    bounds = [0, *sorted({cut for cut in cuts if 0 < cut < len(pooled)}), len(pooled)]
+    return [pooled[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+@st.composite
+def pooled_data(draw: st.DrawFn) -> tuple[np.ndarray, list[int]]:
+    """Examples x features in float32, hard for naive sums of squares, and where to cut them."""
+    rows = draw(st.integers(1, 60))
+    features = draw(st.integers(1, 5))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    offset = draw(st.sampled_from([0.0, 1.0, -300.0, 1e4]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 50.0]))
+    values = offset + scale * rng.standard_normal((rows, features))
+    if draw(st.booleans()):  # few distinct values: ties, constant columns
+        values = np.round(values / scale) * scale
+    cuts = draw(st.lists(st.integers(1, max(1, rows - 1)), max_size=5))
+    return values.astype(np.float32), cuts
+
+
+# Feature statistics ----------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(pooled_data())
+def test_feature_stats_equal_numpy_over_the_pooled_data(case: tuple[np.ndarray, list[int]]) -> None:
+    pooled, cuts = case
+    features = tuple(range(pooled.shape[1]))
+    query = Query("feature-stats", features)
+    stats = combine_feature_stats(query, answered(query, [dataset(part) for part in split(pooled, cuts)]))
+
+    reference = pooled.astype(np.float64)
+    size = float(np.abs(reference).max()) + 1.0
+    assert stats.features == features
+    assert stats.selected.count == len(pooled)
+    np.testing.assert_allclose(stats.selected.mean, np.mean(reference, axis=0), rtol=1e-9, atol=1e-12 * size)
+    np.testing.assert_allclose(stats.selected.variance, np.var(reference, axis=0), rtol=1e-9, atol=1e-24 * size**2)
+    assert stats.pooled.count == pooled.size
+    np.testing.assert_allclose(stats.pooled.mean, [np.mean(reference)], rtol=1e-9, atol=1e-12 * size)
+    np.testing.assert_allclose(stats.pooled.variance, [np.var(reference)], rtol=1e-9, atol=1e-24 * size**2)
+
+
+def test_moments_read_in_chunks_equal_numpy(monkeypatch: pytest.MonkeyPatch) -> None:
+    import syncfed.analytics as analytics
+
+    monkeypatch.setattr(analytics, "CHUNK", 7)  # many chunks of one to three rows
+    values = np.random.default_rng(3).normal(1e3, 1e-2, size=(50, 3))
+    result = moments(values)
+    assert result.count == 50
+    np.testing.assert_allclose(result.mean, values.mean(axis=0), rtol=1e-12)
+    np.testing.assert_allclose(result.variance, values.var(axis=0), rtol=1e-9)
+
+
+def test_merge_moments_is_chan_s_formula_on_a_small_case() -> None:
+    # {1, 2} and {4, 6, 8}: pooled mean 4.2, pooled M2 = sum((x - 4.2)^2) = 32.8.
+    merged = merge_moments([Moments(2, np.array([1.5]), np.array([0.5])), Moments(3, np.array([6.0]), np.array([8.0]))])
+    assert merged.count == 5
+    assert merged.mean == pytest.approx([4.2])
+    assert merged.m2 == pytest.approx([32.8])
+
+
+def test_merge_moments_rejects_what_cannot_combine() -> None:
+    with pytest.raises(AggregationError, match="^no moments to merge$"):
+        merge_moments([])
+    one, two = Moments(1, np.zeros(1), np.zeros(1)), Moments(1, np.zeros(2), np.zeros(2))
+    with pytest.raises(AggregationError, match=r"^moments 1 have shape \(2,\), moments 0 have \(1,\)$"):
+        merge_moments([one, two])
+    with pytest.raises(AggregationError, match="^moments 1 have count 0, expected a positive integer$"):
+        merge_moments([one, Moments(0, np.zeros(1), np.zeros(1))])
+
+
+# Label histogram -------------------------------------------------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=80), st.lists(st.integers(1, 79), max_size=4))
+def test_label_histogram_equals_bincount_of_the_pooled_labels(labels: list[int], cuts: list[int]) -> None:
+    pooled = np.array(labels)
+    shards = [dataset(np.zeros((len(part), 1)), part, num_classes=5) for part in split(pooled, cuts)]
+    query = Query("label-histogram")
+    total = combine_labels(query, answered(query, shards))
+    np.testing.assert_array_equal(total, np.bincount(pooled, minlength=5))
+
+
+# Quantiles -------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    data=pooled_data(),
+    bins=st.integers(1, 64),
+    probabilities=st.lists(st.floats(0, 1), min_size=1, max_size=5),
+)
+def test_quantiles_are_within_one_bin_width_of_numpy(
+    data: tuple[np.ndarray, list[int]], bins: int, probabilities: list[float]
+) -> None:
+    pooled, cuts = data
+    low, high = float(pooled.min()), float(pooled.max())
+    if high - low < 1e-3 * (abs(low) + 1):  # a constant column needs a range around it
+        low, high = low - 1.0, high + 1.0
+    features = tuple(range(pooled.shape[1]))
+    query = Query("quantiles", features, bins, (low, high))
+    probabilities = [*probabilities, 0.0, 1.0]
+    estimate = combine_quantiles(query, answered(query, [dataset(p) for p in split(pooled, cuts)]), probabilities)
+
+    reference = pooled.astype(np.float64)
+    width = (high - low) / bins
+    tolerance = width * (1 + 1e-9)
+    assert estimate.bin_width == pytest.approx(width)
+    per_feature = np.quantile(reference, probabilities, axis=0).T  # [features, probabilities]
+    assert np.abs(estimate.values - per_feature).max() <= tolerance
+    assert np.abs(estimate.pooled - np.quantile(reference, probabilities)).max() <= tolerance
+
+
+def test_cells_agree_with_numpy_histogram_and_count_outside_the_range() -> None:
+    edges = np.linspace(-1.0, 2.0, 7)
+    inside = np.concatenate([np.random.default_rng(0).uniform(-1, 2, 500), edges])  # every edge, 2.0 included
+    counts = np.bincount(cells(inside, edges), minlength=8)
+    assert counts[0] == counts[-1] == 0
+    np.testing.assert_array_equal(counts[1:-1], np.histogram(inside, bins=6, range=(-1.0, 2.0))[0])
+    np.testing.assert_array_equal(cells(np.array([-1.0001, -1.0, 2.0, 2.0001]), edges), [0, 1, 6, 7])
+
+
+def test_quantiles_outside_the_range_are_infinite() -> None:
+    values = np.arange(20, dtype=np.float64)[:, None]  # 0..19
+    query = Query("quantiles", (0,), 5, (5.0, 15.0))  # 5 values below, 4 above
+    estimate = combine_quantiles(query, answered(query, [dataset(values)]), [0.0, 0.2, 0.5, 0.95, 1.0])
+    assert estimate.values[0, 0] == -math.inf
+    assert estimate.values[0, 4] == math.inf
+    assert estimate.values[0, 3] == math.inf  # rank 18.05 lies between 18 and 19, both above
+    assert abs(estimate.values[0, 2] - 9.5) <= 2.0  # the median, np.quantile's 9.5, within one bin
+    assert estimate.values[0, 1] == -math.inf  # rank 3.8 lies between 3 and 4, both below
+
+
+# Combining validates first -----------------------------------------------------
+
+
+def test_combining_rejects_answers_that_do_not_fit() -> None:
+    query = Query("feature-stats", (0, 1))
+    two = answered(query, [dataset(np.ones((3, 2)))])["w0"]
+    three = answered(Query("feature-stats", (0, 1)), [dataset(np.ones((3, 3)))])["w0"]
+    with pytest.raises(AggregationError, match="^no answers to combine$"):
+        combine_feature_stats(query, {})
+    with pytest.raises(AggregationError, match="^worker b has 3 features, worker a has 2$"):
+        combine_feature_stats(query, {"a": two, "b": three})
+    with pytest.raises(AggregationError, match="^worker a answered feature-stats, not label-histogram$"):
+        combine_labels(Query("label-histogram"), {"a": two})
+    with pytest.raises(AggregationError, match=r"^the answers hold 2 features, the query asked for 1$"):
+        combine_feature_stats(Query("feature-stats", (0,)), {"a": two})
+    ten = answered(Query("label-histogram"), [dataset(np.ones((3, 1)))])["w0"]
+    five = answered(Query("label-histogram"), [dataset(np.ones((3, 1)), num_classes=5)])["w0"]
+    with pytest.raises(
+        AggregationError, match=r"^worker b answered labels of shape \(5,\), worker a of shape \(10,\)$"
+    ):
+        combine_labels(Query("label-histogram"), {"a": ten, "b": five})
+
+
+# The minimum group size ------------------------------------------------------
+
+
+def refusal(query: Query, data: Dataset, min_group_size: int) -> str:
+    reply = answer(query, data, min_group_size)
+    assert isinstance(reply, Error) and reply.code == "refused", reply
+    return reply.reason
+
+
+def test_a_worker_smaller_than_the_minimum_refuses_every_query() -> None:
+    data = dataset(np.ones((9, 2)))
+    for query in (Query("label-histogram"), Query("feature-stats", (0,)), Query("quantiles", (), 4, (0.0, 2.0))):
+        assert refusal(query, data, 10) == "this worker holds 9 examples, fewer than its minimum group size of 10"
+        assert isinstance(answer(query, data, 9), QueryResult)  # at the limit
+
+
+def test_a_small_label_is_refused_at_one_below_the_limit() -> None:
+    values = np.zeros((30, 1))
+    assert isinstance(answer(Query("label-histogram"), dataset(values, [0] * 20 + [3] * 10), 10), QueryResult)
+    assert refusal(Query("label-histogram"), dataset(values, [0] * 21 + [3] * 9), 10) == (
+        "label-histogram would describe a group of fewer than 10 examples (a label);"
+        " this worker's minimum group size is 10"
+    )
+
+
+def test_a_small_cell_of_a_selected_feature_is_refused_and_named_by_feature_only() -> None:
+    values = np.zeros((40, 3))
+    values[:10, 2] = 1.5  # feature 2: 30 values in one bin, 10 in another
+    query = Query("quantiles", (0, 2), 4, (0.0, 2.0))
+    assert isinstance(answer(query, dataset(values), 10), QueryResult)
+    values[10, 2] = 3.0  # one example above the range: a group of one in the cell above it
+    assert refusal(query, dataset(values), 10) == (
+        "quantiles would describe a group of fewer than 10 examples (a cell of feature 2);"
+        " this worker's minimum group size is 10"
+    )
+    # The row over all features counts 1 example above the range too: refused without a selection.
+    assert "(a cell of the histogram over all features)" in refusal(
+        Query("quantiles", (), 4, (0.0, 2.0)), dataset(values), 10
+    )
+
+
+def test_the_histogram_over_all_features_counts_distinct_examples_not_values() -> None:
+    values = np.zeros((30, 20))
+    values[0, :] = 1.5  # one example gives 20 values in one cell: a group of one
+    query = Query("quantiles", (), 4, (0.0, 2.0))
+    assert refusal(query, dataset(values), 10) == (
+        "quantiles would describe a group of fewer than 10 examples (a cell of the histogram over all features);"
+        " this worker's minimum group size is 10"
+    )
+    values[:10, 0] = 1.5  # ten examples: allowed
+    assert isinstance(answer(query, dataset(values), 10), QueryResult)
+
+
+def test_feature_stats_describe_the_whole_worker_and_a_feature_beyond_it_is_incompatible() -> None:
+    values = np.random.default_rng(1).normal(size=(10, 4))
+    assert isinstance(answer(Query("feature-stats", (0, 3)), dataset(values), 10), QueryResult)
+    reply = answer(Query("feature-stats", (0, 4)), dataset(values), 10)
+    assert reply == Error("incompatible", "feature 4 is beyond this worker's 4 features")
+
+
+def test_the_minimum_group_size_is_a_worker_setting() -> None:
+    assert WorkerConfig("alice").min_group_size == 10
+    with pytest.raises(ConfigError, match="^min group size must be at least 1, not 0$"):
+        WorkerConfig("alice", min_group_size=0)
+    args = server_cli.build_parser().parse_args(["--id", "alice", "--min-group-size", "25"])
+    assert server_cli.config_from_args(args).min_group_size == 25
+
+
+# Messages on the wire ----------------------------------------------------------
+
+
+def envelope(kind: str, body: object) -> bytes:
+    return msgpack.packb({"v": PROTOCOL_VERSION, "id": 9, "kind": kind, "body": body}, use_bin_type=True)
+
+
+def test_query_is_a_request_answered_by_query_result_and_refused_is_an_error_code() -> None:
+    assert REQUESTS["query"] == "query_result"
+    assert "refused" in ERROR_CODES
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kind=st.sampled_from(["label-histogram", "feature-stats", "quantiles"]),
+    features=st.lists(st.integers(0, 2**24 - 1), max_size=8, unique=True),
+    bins=st.integers(1, MAX_BINS),
+    low=st.floats(-1e6, 1e6),
+    width=st.floats(1e-2, 1e6),
+)
+def test_query_round_trip(kind: str, features: list[int], bins: int, low: float, width: float) -> None:
+    if kind == "quantiles":
+        query = Query(kind, tuple(sorted(features)), bins, (low, low + width))
+    else:
+        query = Query(kind, () if kind == "label-histogram" else tuple(sorted(features)))
+    data = encode(11, query)
+    received = decode(data)
+    assert received.id == 11 and received.message == query
+    assert encode(11, received.message) == data
+
+
+@settings(max_examples=30, deadline=None)
+@given(pooled_data(), st.sampled_from(["label-histogram", "feature-stats", "quantiles"]))
+def test_query_result_round_trip(case: tuple[np.ndarray, list[int]], kind: str) -> None:
+    values, _ = case
+    labels = np.arange(len(values)) % 3
+    query = {
+        "label-histogram": Query("label-histogram"),
+        "feature-stats": Query("feature-stats", (0,)),
+        "quantiles": Query("quantiles", (0,), 8, (-1.0, 1.0)),
+    }[kind]
+    result = answer(query, dataset(values, labels, num_classes=3), 1)
+    assert isinstance(result, QueryResult)
+    received = decode(encode(4, result)).message
+    assert received == result and received is not result
+
+
+VALID_QUERY = {"query": "quantiles", "features": [0, 3], "bins": 4, "range": [0.0, 1.0]}
+
+
+@pytest.mark.parametrize(
+    ("changes", "reason"),
+    [
+        ({"query": "median"}, "query must be one of label-histogram, feature-stats, quantiles, not 'median'"),
+        ({"features": [3, 0]}, "features must be sorted and distinct"),
+        ({"features": [3, 3]}, "features must be sorted and distinct"),
+        ({"features": [-1]}, "features must be a list of at most 16777216 indices in 0..16777215"),
+        ({"features": [True]}, "features must be a list of at most 16777216 indices in 0..16777215"),
+        ({"bins": 0}, "bins must be an integer from 1 to 4096, not 0"),
+        ({"bins": MAX_BINS + 1}, "bins must be an integer from 1 to 4096, not 4097"),
+        ({"bins": None}, "bins must be an integer from 1 to 4096, not None"),
+        ({"range": [1.0, 0.0]}, "range must be two finite numbers low < high, not [1.0, 0.0]"),
+        ({"range": [0.0, math.inf]}, "range must be two finite numbers low < high, not [0.0, inf]"),
+        ({"range": [-1e308, 1e308]}, "range must be two finite numbers low < high, not [-1e+308, 1e+308]"),
+        ({"range": [1e16, 1e16 + 2]}, "range [1e+16, 1.0000000000000002e+16] is too narrow for 4 distinct bins"),
+        ({"range": None}, "range must be two finite numbers low < high, not None"),
+        ({"query": "feature-stats"}, "feature-stats takes no bins or range"),
+        ({"query": "label-histogram", "features": []}, "label-histogram takes no bins or range"),
+        ({"query": "label-histogram", "bins": None, "range": None}, "label-histogram takes no features"),
+        (
+            {"features": list(range(1025)), "bins": MAX_BINS},
+            "1025 features of 4096 bins exceed limit of 4194304 histogram cells",
+        ),
+        (
+            {"extra": 1},
+            "query body has fields ['bins', 'extra', 'features', 'query', 'range'],"
+            " expected ['bins', 'features', 'query', 'range']",
+        ),
+    ],
+)
+def test_invalid_queries_cannot_be_decoded(changes: dict[str, object], reason: str) -> None:
+    with pytest.raises(ProtocolError) as raised:
+        decode(envelope("query", {**VALID_QUERY, **changes}))
+    assert str(raised.value) == reason
+    assert raised.value.code == "malformed" and raised.value.request_id == 9
+
+
+def test_cells_limit_at_and_one_past() -> None:
+    bins = MAX_CELLS // 1024 - 2  # 1024 features of 4094 bins: exactly the limit
+    assert len(Query("quantiles", tuple(range(1024)), bins, (0.0, 1.0)).features) == 1024
+    with pytest.raises(ProtocolError, match="exceed limit of 4194304 histogram cells"):
+        Query("quantiles", tuple(range(1024)), bins + 1, (0.0, 1.0))
+
+
+def tensor(array: np.ndarray) -> dict[str, object]:
+    return {"dtype": array.dtype.name, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def result_body(
+    kind: str, tensors: dict[str, np.ndarray], num_examples: int = 6, num_features: int = 2
+) -> dict[str, object]:
+    return {
+        "query": kind,
+        "num_examples": num_examples,
+        "num_features": num_features,
+        "tensors": {name: tensor(array) for name, array in tensors.items()},
+    }
+
+
+I64, F64 = np.int64, np.float64
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (result_body("label-histogram", {"labels": np.array([2, 4], I64)}), None),
+        (result_body("label-histogram", {"labels": np.array([2, 3], I64)}), "labels counts must sum to 6"),
+        (result_body("label-histogram", {"labels": np.array([8, -2], I64)}), "labels counts must be from 0 to 6"),
+        (result_body("label-histogram", {"labels": np.array([2, 4], np.int32)}), "tensor labels must be int64"),
+        (
+            result_body("label-histogram", {"counts": np.array([6], I64)}),
+            "label-histogram answer has tensors ['counts'], expected ['labels']",
+        ),
+        (
+            result_body("label-histogram", {"labels": np.array([6], I64)}, num_examples=0),
+            "num_examples must be an integer from 1 to 4294967296, not 0",
+        ),
+        (result_body("feature-stats", {"mean": np.zeros(2), "m2": np.ones(2), "pooled": np.ones(2)}), None),
+        (
+            result_body("feature-stats", {"mean": np.zeros(3), "m2": np.ones(3), "pooled": np.ones(2)}),
+            "mean and m2 must have one entry per selected feature, and pooled two",
+        ),
+        (
+            result_body("feature-stats", {"mean": np.zeros(2), "m2": -np.ones(2), "pooled": np.ones(2)}),
+            "m2 must not be negative",
+        ),
+        (
+            result_body("feature-stats", {"mean": np.array([0, np.nan]), "m2": np.ones(2), "pooled": np.ones(2)}),
+            "feature statistics must be finite",
+        ),
+        (
+            result_body("feature-stats", {"mean": np.zeros(2, np.float32), "m2": np.ones(2), "pooled": np.ones(2)}),
+            "tensor mean must be float64",
+        ),
+        (
+            result_body("quantiles", {"histogram": np.array([[1, 5, 0]], I64), "pooled": np.array([2, 10, 0], I64)}),
+            None,
+        ),
+        (
+            result_body("quantiles", {"histogram": np.array([[1, 5]], I64), "pooled": np.array([2, 10], I64)}),
+            "histogram must be [features, bins + 2] with 1 to 4096 bins, and pooled [bins + 2]",
+        ),
+        (
+            result_body("quantiles", {"histogram": np.array([[1, 4, 0]], I64), "pooled": np.array([2, 10, 0], I64)}),
+            "histogram counts must sum to 6",
+        ),
+        (
+            result_body("quantiles", {"histogram": np.array([[1, 5, 0]], I64), "pooled": np.array([2, 9, 0], I64)}),
+            "pooled counts must sum to 12",
+        ),
+    ],
+)
+def test_query_results_are_validated(body: dict[str, object], reason: str | None) -> None:
+    if reason is None:
+        assert decode(envelope("query_result", body)).message.kind == "query_result"
+        return
+    with pytest.raises(ProtocolError) as raised:
+        decode(envelope("query_result", body))
+    assert str(raised.value) == reason
+
+
+def test_counts_that_would_wrap_around_int64_are_rejected() -> None:
+    total = 2**56  # the most values one answer may hold: 2**32 examples of 2**24 features
+    pooled = np.zeros(MAX_BINS + 2, I64)
+    pooled[:257] = total  # each entry within bounds; the true sum 257 * 2**56 wraps around to 2**56 in int64
+    assert pooled.sum() == total
+    body = result_body("quantiles", {"histogram": np.zeros((0, MAX_BINS + 2), I64), "pooled": pooled}, 2**32, 2**24)
+    with pytest.raises(ProtocolError, match=f"^pooled counts must sum to {total}$"):
+        decode(envelope("query_result", body))
+    pooled[1:257] = 0
+    valid = result_body("quantiles", {"histogram": np.zeros((0, MAX_BINS + 2), I64), "pooled": pooled}, 2**32, 2**24)
+    assert decode(envelope("query_result", valid)).message.kind == "query_result"
+    pooled[0] = total + 1
+    over = result_body("quantiles", {"histogram": np.zeros((0, MAX_BINS + 2), I64), "pooled": pooled}, 2**32, 2**24)
+    with pytest.raises(ProtocolError, match=f"^pooled counts must be from 0 to {total}$"):
+        decode(envelope("query_result", over))
+
+
+# Command line ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["quantiles", "--range", "1", "0"],
+            "--bins 256 --range 1.0 0.0: range must be two finite numbers low < high, not (1.0, 0.0)",
+        ),
+        (
+            ["--workers", "alice=http://x", "label-histogram"],
+            "worker entry 'alice=http://x' must look like alice=ws://localhost:8777",
+        ),
+    ],
+)
+def test_bad_settings_stop_before_connecting(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert analytics_cli.main(argv) == 2
+    assert capsys.readouterr().err == f"python -m syncfed analytics: error: {message}\n"
+
+
+def test_bad_flag_values_are_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    for argv, text in (
+        (["feature-stats", "--features", "3-1"], "'3-1' is not all, none or indices such as 0-7,36"),
+        (["quantiles", "--range", "0", "1", "--q", "0.5,1.5"], "probability 1.5 is not within 0..1"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            analytics_cli.main(argv)
+        assert stopped.value.code == 2
+        assert text in capsys.readouterr().err
+
+
+def run_cli(arguments: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "syncfed", "analytics", *arguments],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+    )
+
+
+def test_cli_over_real_workers(digits_workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
+    names = ("alice", "bob", "charlie")
+    workers = ",".join(f"{name}={digits_workers[name].uri}" for name in names)
+    # What each session worker trains on: its classes of the training set, less its validation split.
+    holdings = {name: load_shard(WorkerConfig(name)) for name in names}
+    sizes = {name: len(holding.data) for name, holding in holdings.items()}
+    assert sum(sizes.values()) + sum(h.validation_size for h in holdings.values()) == DIGITS_TRAIN
+    pixels = np.concatenate([h.data.images.reshape(len(h.data), -1) for h in holdings.values()]).astype(np.float64)
+    labels = np.concatenate([h.data.labels for h in holdings.values()])
+
+    histogram = run_cli(["--workers", workers, "--json", str(tmp_path / "labels.json"), "label-histogram"])
+    assert histogram.returncode == 0, histogram.stderr
+    lines = histogram.stdout.splitlines()
+    assert lines[0] == f"label-histogram over {len(labels)} examples of 3 workers (alice, bob, charlie)"
+    assert lines[1].split() == ["label", "alice", "bob", "charlie", "total"]
+    assert lines[-1].split() == ["total", *(str(sizes[name]) for name in names), str(len(labels))]
+    document = json.loads((tmp_path / "labels.json").read_text())
+    assert document["total"] == np.bincount(labels, minlength=10).tolist()
+    assert document["answered"] == sizes and document["failed"] == {}
+
+    stats = run_cli(
+        ["--workers", workers, "--json", str(tmp_path / "stats.json"), "feature-stats", "--features", "2,36"]
+    )
+    assert stats.returncode == 0, stats.stderr
+    rows = {row["feature"]: row for row in json.loads((tmp_path / "stats.json").read_text())["features"]}
+    assert list(rows) == ["2", "36", "all"]
+    for name, column in (("2", pixels[:, 2]), ("36", pixels[:, 36]), ("all", pixels.ravel())):
+        assert rows[name]["count"] == column.size
+        assert rows[name]["mean"] == pytest.approx(column.mean(), rel=1e-9, abs=1e-12)
+        assert rows[name]["variance"] == pytest.approx(column.var(), rel=1e-9)
+
+    # Pixel 36 takes rare values on every shard: each worker refuses, none answers.
+    refused = run_cli(["--workers", workers, "quantiles", "--range", "-0.82", "1.85", "--features", "36"])
+    assert refused.returncode == 6
+    assert refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        f"python -m syncfed analytics: {name} answered with error refused: quantiles would describe a group of fewer"
+        " than 10 examples (a cell of feature 36); this worker's minimum group size is 10"
+        for name in names
+    ]
