@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from .aggregation import AGGREGATORS
-from .datasets import DATASETS
+from .compression import COMPRESSIONS
+from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
-from .protocol import MAX_PLAN_SIZE
+from .protocol import DEFAULT_CHUNK_SIZE, MAX_PLAN_SIZE
+from .staleness import staleness_weight
+from .strategies import make_strategy
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
@@ -24,11 +26,15 @@ __all__ = [
     "WorkerConfig",
     "CoordinatorConfig",
     "parse_endpoints",
+    "ATTACKS",
+    "DP_MODES",
 ]
 
 # Limits
 #: Large enough for a 100M-parameter float32 model (400 MB) plus framing.
 DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
+#: Fragments smaller than this would cost more in framing than they save in memory.
+MIN_CHUNK_SIZE: Final = 64 * 2**10
 
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -37,6 +43,18 @@ DEFAULT_ROUND_TIMEOUT: Final = 600.0
 DEFAULT_PING_INTERVAL: Final = 1.0
 DEFAULT_PING_TIMEOUT: Final = 3.0
 DEFAULT_RECONNECT_MAX_DELAY: Final = 30.0
+
+#: Test hooks: how a byzantine worker corrupts its update ``delta = w - w_global``
+#: (sign flipping and boosting as in the robust-aggregation literature, e.g.
+#: Fang et al. 2020, "Local Model Poisoning Attacks to Byzantine-Robust FL").
+ATTACKS: Final = {
+    "sign-flip": "sends w_global - 10 * delta",
+    "scale": "sends w_global + 50 * delta",
+    "noise": "sends w_global + delta + Gaussian noise of standard deviation 1",
+}
+
+#: Differential privacy modes: who adds the noise (docs/privacy.md).
+DP_MODES: Final = ("central", "distributed")
 
 DEFAULT_WORKERS: Final = "alice=ws://localhost:8777,bob=ws://localhost:8778,charlie=ws://localhost:8779"
 DEFAULT_EVALUATOR: Final = "testing=ws://localhost:8780"
@@ -80,6 +98,12 @@ class WorkerConfig:
     dataset: str = "digits"
     data_dir: Path = Path("data")
     digits: tuple[int, ...] | None = None  # None: by worker id, or all for the evaluator
+    shard: tuple[int, int] | None = None  # (k, n): the k-th (0-based) of n seeded IID shards, instead of classes
+    shard_seed: int = 0
+    # Validation and named data sets (federated evaluation, the data-set registry)
+    val_fraction: float = 0.1  # share of a trainer's examples held out for validation, never trained on
+    val_seed: int | None = None  # seed of the hold-out; None: derived from the worker id
+    datasets: tuple[DatasetSpec, ...] = ()  # named data sets (--dataset-spec); empty: the one ``dataset`` names
     models: tuple[str, ...] = ()  # import paths of user models this worker may build
     cuda: bool = False
     threads: int | None = None  # torch threads; None keeps torch's default
@@ -88,8 +112,12 @@ class WorkerConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_in_flight: int = 8  # concurrent requests per connection
     max_connections: int = 64
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
+    # Privacy
+    min_group_size: int = 10  # analytics answers never describe fewer examples than this
     # Drills
     batch_delay: float = 0.0  # seconds of sleep per training batch, to simulate a slow site
+    attack: str | None = None  # test hook: send corrupted updates (see training.ATTACKS)
     # Security
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -106,6 +134,8 @@ class WorkerConfig:
             raise ConfigError(f"port {self.port} is not in 0..65535")
         if self.max_message_size < 1024:
             raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
+        if self.chunk_size < MIN_CHUNK_SIZE:
+            raise ConfigError(f"chunk size {self.chunk_size} is below the minimum of {MIN_CHUNK_SIZE} bytes")
         if self.max_in_flight < 1:
             raise ConfigError("max in-flight requests must be at least 1")
         if self.max_connections < 1:
@@ -117,8 +147,24 @@ class WorkerConfig:
             raise ConfigError("--allow-coordinator needs --tls-ca: identities come from client certificates")
         if not (math.isfinite(self.batch_delay) and self.batch_delay >= 0):
             raise ConfigError(f"batch delay must be a non-negative number of seconds, not {self.batch_delay!r}")
+        if self.shard is not None and not 0 <= self.shard[0] < self.shard[1]:
+            raise ConfigError(f"shard {self.shard[0] + 1}/{self.shard[1]} is not one of the {self.shard[1]} shards")
+        if self.shard is not None and self.digits is not None:
+            raise ConfigError("--shard and --digits each choose the worker's examples: give one of them")
+        if self.attack is not None and self.attack not in ATTACKS:
+            raise ConfigError(f"attack {self.attack!r} is not one of {', '.join(ATTACKS)}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError("threads must be at least 1")
+        if self.min_group_size < 1:
+            raise ConfigError(f"min group size must be at least 1, not {self.min_group_size}")
+        if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
+            raise ConfigError(f"validation fraction must be in [0, 1), not {self.val_fraction!r}")
+        if self.val_seed is not None and not 0 <= self.val_seed < 2**63:
+            raise ConfigError(f"validation seed {self.val_seed} is not in 0..{2**63 - 1}")
+        keys = [spec.key for spec in self.datasets]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise ConfigError(f"data set key {key!r} appears twice")
 
     @property
     def secured(self) -> bool:
@@ -145,17 +191,38 @@ class CoordinatorConfig:
     lr_decay: float = 0.98
     lr_min: float = 0.001
     seed: int = 1
-    aggregation: str = "fedavg"
+    # Strategy (see ``strategies``): a name or an import path, and its settings (mu, server_lr, ...)
+    strategy: str = "fedavg"
+    strategy_settings: dict[str, float] = field(default_factory=dict)
+    # Client sampling: each round trains max(min_fit_workers, ceil(fraction_fit * workers)) of them
+    fraction_fit: float = 1.0
+    min_fit_workers: int = 1
+    # Asynchronous mode (FedBuff, Nguyen et al. 2022): "sync" or "async"
+    mode: str = "sync"
+    buffer_size: int = 2  # updates per global version; 1 is FedAsync (Xie et al. 2019)
+    staleness_weight: str = "polynomial"  # constant, polynomial or hinge
+    staleness_a: float = 0.5
+    staleness_b: int = 4
+    max_staleness: int | None = None  # updates older than this many versions are discarded
+    # Wire
+    compress: str = "none"  # encoding of the workers' updates: none, fp16 or int8
     eval_every: int = 10
+    # Evaluation at the sites
+    federated_eval: bool = False  # each evaluation round, every trainer scores the global model on its validation split
+    cross_site_validation: bool = False  # after the last round: every local model and the global one on every site
+    cross_site_out: Path | None = None  # where the matrix goes; None: beside metrics_out, else ./cross-site
+    dataset_key: str | None = None  # the named data set every worker uses; None: each worker's default
     save_model: Path | None = None
     metrics_out: Path | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
+    registry: Path | None = None  # record every global version here (SQLite + safetensors; syncfed.registry)
     # Reliability
     min_workers: int | None = None  # quorum; None: every training worker
     max_round_retries: int = 3
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     # Timeouts
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # evaluation replies
@@ -168,6 +235,15 @@ class CoordinatorConfig:
     tls_cert: Path | None = None  # client certificate for mutual TLS
     tls_key: Path | None = None
     auth_token_file: Path | None = None
+    # Privacy (docs/privacy.md): secure aggregation and differential privacy
+    secure_agg: bool = False  # the coordinator learns only the sum of each round's updates (Bonawitz et al. 2017)
+    secagg_threshold: int | None = None  # t: survivors needed to unmask a sum; None: ceil(2n/3) of the round's n
+    secagg_clip: float = 4.0  # without dp: update values beyond +-this are clipped before masking
+    dp: str | None = None  # differential privacy (McMahan et al. 2018): None, "central" or "distributed"
+    dp_clip: float = 1.0  # C: each worker's update is scaled down to this L2 norm
+    dp_noise_multiplier: float | None = None  # z: noise std z * C on the sum; None: fitted to dp_target_epsilon
+    dp_delta: float = 1e-5
+    dp_target_epsilon: float | None = None  # stop before a round that would spend more
 
     def __post_init__(self) -> None:
         if not self.workers:
@@ -177,9 +253,11 @@ class CoordinatorConfig:
         overlap = set(self.workers) & set(self.evaluator)
         if overlap:
             raise ConfigError(f"worker id {sorted(overlap)[0]!r} is both a trainer and the evaluator")
-        for name in ("training_rounds", "federate_after_n_batches", "batch_size", "test_batch_size", "eval_every"):
+        for name in ("training_rounds", "batch_size", "test_batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.federate_after_n_batches < 0:  # 0: rounds of pure transfer, for benchmarks
+            raise ConfigError(f"federate_after_n_batches must not be negative, not {self.federate_after_n_batches}")
         for name in ("federate_after_n_batches", "batch_size", "test_batch_size"):
             if getattr(self, name) > MAX_PLAN_SIZE:
                 raise ConfigError(f"{name} {getattr(self, name)} exceeds limit of {MAX_PLAN_SIZE}")
@@ -187,6 +265,10 @@ class CoordinatorConfig:
             raise ConfigError(f"--save-model {self.save_model} is a folder; name a file")
         if self.metrics_out is not None and self.metrics_out.is_dir():
             raise ConfigError(f"--metrics-out {self.metrics_out} is a folder; name a file")
+        if self.cross_site_out is not None and self.cross_site_out.is_file():
+            raise ConfigError(f"--cross-site-out {self.cross_site_out} is a file; name a folder")
+        if self.dataset_key is not None:
+            check_dataset_key(self.dataset_key)
         for name in (
             "lr",
             "lr_decay",
@@ -208,17 +290,98 @@ class CoordinatorConfig:
         _check_tls(self.tls_cert, self.tls_key)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir")
-        if self.aggregation not in AGGREGATORS:
-            raise ConfigError(f"aggregation {self.aggregation!r} is not one of {', '.join(AGGREGATORS)}")
+        strategy = make_strategy(self.strategy, **self.strategy_settings)  # raises ConfigError when invalid
+        if not (0 < self.fraction_fit <= 1):
+            raise ConfigError(f"fraction_fit must be in (0, 1], not {self.fraction_fit!r}")
+        if not 1 <= self.min_fit_workers <= len(self.workers):
+            raise ConfigError(
+                f"min_fit_workers {self.min_fit_workers} is not between 1 and {len(self.workers)} training workers"
+            )
+        if self.mode not in ("sync", "async"):
+            raise ConfigError(f"mode {self.mode!r} is not one of sync, async")
+        if self.mode == "async":
+            if not strategy.streaming or strategy.uses_control:
+                raise ConfigError(
+                    f"--mode async applies buffered mean updates; strategy {self.strategy} needs every update of a"
+                    " round (use fedavg, mean, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)"
+                )
+            if self.fraction_fit != 1.0:
+                raise ConfigError("--fraction-fit is for synchronous rounds; in --mode async every worker trains")
+        if self.buffer_size < 1:
+            raise ConfigError(f"buffer_size must be at least 1, not {self.buffer_size}")
+        staleness_weight(self.staleness_weight, 0, a=self.staleness_a, b=self.staleness_b)  # validates
+        if self.max_staleness is not None and self.max_staleness < 0:
+            raise ConfigError(f"max_staleness must not be negative, not {self.max_staleness}")
+        if self.compress not in COMPRESSIONS:
+            raise ConfigError(f"compress {self.compress!r} is not one of {', '.join(COMPRESSIONS)}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"seed {self.seed} is not in 0..{2**32 - 1}")
         if self.max_message_size < 1024:
             raise ConfigError(f"max message size {self.max_message_size} is below the minimum of 1024 bytes")
+        if self.chunk_size < MIN_CHUNK_SIZE:
+            raise ConfigError(f"chunk size {self.chunk_size} is below the minimum of {MIN_CHUNK_SIZE} bytes")
+        self._check_privacy(strategy.streaming and not strategy.uses_control)
+
+    def _check_privacy(self, mean_only: bool) -> None:
+        """Refuse what secure aggregation and differential privacy cannot do (``mean_only``: the strategy's needs)."""
+        if self.dp not in (None, *DP_MODES):
+            raise ConfigError(f"dp {self.dp!r} is not one of {', '.join(DP_MODES)}")
+        if self.dp is None and (self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None):
+            raise ConfigError("--dp-noise-multiplier and --dp-target-epsilon need --dp central or --dp distributed")
+        if self.secagg_threshold is not None and not self.secure_agg:
+            raise ConfigError("--secagg-threshold needs --secure-agg")
+        if not self.private:
+            return
+        flag = "--secure-agg" if self.secure_agg else f"--dp {self.dp}"
+        if not mean_only:
+            raise ConfigError(
+                f"{flag} works on the mean of the updates only; strategy {self.strategy} needs more"
+                " (use fedavg, mean, fedprox, fedavgm, fedadam, fedyogi or fedadagrad)"
+            )
+        if self.mode != "sync":
+            raise ConfigError(f"{flag} runs synchronous rounds only, not --mode {self.mode}")
+        if self.cross_site_validation:
+            raise ConfigError(f"--cross-site-validation scores each worker's own model, which {flag} keeps private")
+        if self.compress != "none":
+            raise ConfigError(f"--compress {self.compress} would change the updates {flag} protects; leave it out")
+        per_round = self.sample_size(len(self.workers))
+        if self.secure_agg:
+            if per_round < 2:
+                raise ConfigError(f"--secure-agg needs at least 2 workers per round, not {per_round}")
+            t = self.secagg_threshold
+            if t is not None and not per_round / 2 < t <= per_round:
+                raise ConfigError(
+                    f"secagg threshold {t} must be more than half of, and at most, the {per_round} workers per round"
+                )
+            _positive("secagg_clip", self.secagg_clip)
+        if self.dp is not None:
+            _positive("dp_clip", self.dp_clip)
+            _positive("dp_noise_multiplier", self.dp_noise_multiplier)
+            _positive("dp_target_epsilon", self.dp_target_epsilon)
+            if not (math.isfinite(self.dp_delta) and 0 < self.dp_delta < 1):
+                raise ConfigError(f"dp_delta must be in (0, 1), not {self.dp_delta!r}")
+            if self.dp_noise_multiplier is None and self.dp_target_epsilon is None:
+                raise ConfigError(f"--dp {self.dp} needs --dp-noise-multiplier or --dp-target-epsilon")
+
+    @property
+    def private(self) -> bool:
+        """Whether rounds run through secure aggregation or differential privacy (``syncfed.secure_round``)."""
+        return self.secure_agg or self.dp is not None
+
+    @property
+    def dp_sampling_rate(self) -> float:
+        """The chance a worker takes part in a round, for the privacy accountant: the share client sampling picks."""
+        return self.sample_size(len(self.workers)) / len(self.workers)
 
     @property
     def quorum(self) -> int:
-        """How many training workers must contribute for a round to count."""
+        """How many training workers must contribute for a round to count (at most the round's sample)."""
         return len(self.workers) if self.min_workers is None else self.min_workers
+
+    def sample_size(self, available: int) -> int:
+        """How many of ``available`` workers a synchronous round trains."""
+        wanted = max(self.min_fit_workers, math.ceil(self.fraction_fit * len(self.workers)))
+        return min(wanted, available)
 
     def learning_rate(self, round_number: int) -> float:
         """``lr`` decayed by ``lr_decay`` each round, never below ``lr_min``."""

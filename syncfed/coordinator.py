@@ -4,19 +4,28 @@ Usage::
 
     result = asyncio.run(Coordinator(CoordinatorConfig(training_rounds=5)).run())
 
-Each round: send the model and a training plan to every training worker at
-once → await their updates with a deadline → aggregate → (on evaluation
-rounds) have the evaluator score each worker's model and the federated
-one → record metrics.
+Each synchronous round: select the round's workers (all, or a seeded
+sample) → send the model and a training plan to them at once → fold each
+update into the strategy's running sums as it arrives, under a deadline →
+aggregate → (on evaluation rounds) have the evaluator score each worker's
+model and the federated one → record metrics → checkpoint.
+
+In ``--mode async`` (FedBuff, Nguyen et al. 2022) every worker trains in a
+loop of its own: each time one returns an update it gets the newest global
+model at once, and the coordinator applies the updates in buffers of
+``buffer_size``, discounted by their staleness; each applied buffer is a new
+global version.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,11 +35,12 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from .aggregation import get_aggregator
+from .aggregation import RunningMean
 from .auth import read_token
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint, save_weights
 from .client import WorkerClient
 from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
+from .evaluation import TEST, VALIDATION, Cell, CrossSiteMatrix, pool, result_json, write_cross_site
 from .exceptions import (
     AuthenticationFailed,
     CheckpointError,
@@ -45,14 +55,23 @@ from .exceptions import (
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
 from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
+from .registry import ModelRegistry
+from .secure_round import PrivateFold, PrivateRounds
+from .staleness import UpdateBuffer
+from .strategies import MeanStrategy, Strategy, make_strategy
 from .tensors import DTYPES, Weights
 from .transport import client_tls
 
-__all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult"]
+__all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "SiteEvalRecord"]
 
 logger = logging.getLogger("syncfed.coordinator")
 
 FEDERATED = "federated"
+#: Keeps client sampling's random stream apart from the training seeds derived from the same seed.
+_SAMPLING_STREAM = 0x53414D50
+#: Cross-site evaluation requests in flight per site: a worker computes one at a time, and a second
+#: one queued keeps it busy without nearing its limit of requests in flight.
+_PIPELINE = 2
 
 
 @dataclass(frozen=True)
@@ -74,6 +93,20 @@ class RoundRecord:
     failed: dict[str, str] = field(default_factory=dict)  # worker -> why it did not contribute
 
 
+@dataclass(frozen=True)
+class SiteEvalRecord:
+    """Federated evaluation at one round: the global model scored by each training worker on its validation split."""
+
+    round: int
+    sites: dict[str, EvalResult]
+    failed: dict[str, str] = field(default_factory=dict)  # worker -> why it has no score
+
+    @property
+    def average(self) -> EvalResult:
+        """The example-weighted average over the sites that answered (AggregationError when none did)."""
+        return pool(self.sites.values())
+
+
 @dataclass
 class RunResult:
     """What a run produced: the final global weights and its history."""
@@ -83,6 +116,8 @@ class RunResult:
     first_round: int = 1  # later than 1 when the run was resumed from a checkpoint
     rounds: list[RoundRecord] = field(default_factory=list)
     evaluations: list[EvalRecord] = field(default_factory=list)
+    site_evaluations: list[SiteEvalRecord] = field(default_factory=list)  # with --federated-eval
+    cross_site: CrossSiteMatrix | None = None  # with --cross-site-validation
 
     def accuracy(self, round_number: int, model: str = FEDERATED) -> float:
         for record in self.evaluations:
@@ -137,7 +172,7 @@ class Coordinator:
             else None
         )
         self._token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
-        self.aggregate = get_aggregator(config.aggregation)
+        self.strategy: Strategy = make_strategy(config.strategy, **config.strategy_settings)
         self._metrics: IO[str] | None = None
         self._clients = {name: self._client(name, uri) for name, uri in {**config.workers, **config.evaluator}.items()}
         self._backoff = {name: _Backoff() for name in self._clients}
@@ -145,9 +180,17 @@ class Coordinator:
         self._model_name = ""
         self._resumed: Checkpoint | None = None
         self._joining: dict[str, asyncio.Task[None]] = {}
+        # Each trainer's latest update (its local model), kept for cross-site validation only.
+        self._local_models: dict[str, Weights] = {}
+        #: Names this run in the model registry: the start time and a random suffix, kept across --resume.
+        self._run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        self._registry = ModelRegistry(config.registry) if config.registry is not None else None
         # How long a round start waits for reconnecting workers: a live one
         # answers at once, a frozen one must not stall the round.
         self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
+        # Secure aggregation and differential privacy (syncfed.secure_round); it needs each worker's example count.
+        self._private = PrivateRounds(config, self.strategy, report=report) if config.private else None
+        self._num_examples: dict[str, int] = {}
 
     async def run(self) -> RunResult:
         """Connect, check the workers, train for the configured rounds, save.
@@ -166,11 +209,10 @@ class Coordinator:
             result, start = self._initial_state(infos)
             groups = {name: _held_classes(info) for name, info in infos.items() if name in config.workers}
             self._open_metrics(result)
-            for round_number in range(start, config.training_rounds + 1):
-                updates = await self._train_round(round_number, result, trainers)
-                if evaluator is not None and config.is_eval_round(round_number):
-                    await self._evaluate_round(round_number, result, updates, evaluator, groups)
-                self._checkpoint(round_number, result)
+            run_mode = self._run_async if config.mode == "async" else self._run_sync
+            await run_mode(start, result, trainers, evaluator, groups)
+            if config.cross_site_validation:
+                await self._cross_site_validation(result, trainers, evaluator)
         finally:
             for task in list(self._joining.values()):
                 task.cancel()
@@ -188,6 +230,7 @@ class Coordinator:
             name,
             uri,
             max_message_size=self.config.max_message_size,
+            chunk_size=self.config.chunk_size,
             connect_timeout=self.config.connect_timeout,
             request_timeout=self.config.request_timeout,
             ping_interval=self.config.ping_interval,
@@ -237,6 +280,8 @@ class Coordinator:
             await client.close()
             raise
         assert isinstance(info, Info)
+        info = self._chosen_data(client.name, info)
+        self._num_examples[client.name] = info.num_examples
         logger.info(
             "%s holds %d examples of %s (classes %s)",
             client.name,
@@ -292,6 +337,41 @@ class Coordinator:
                     f"{name} has {what} {getattr(info, what)}, but {reference_name} has {getattr(reference, what)}"
                 )
 
+    def _chosen_data(self, name: str, info: Info) -> Info:
+        """``info`` as it describes the data the run uses: the ``--dataset-key`` data set, or the worker's default.
+
+        Raises:
+            IncompatibleWorkers: the worker lacks that data set, or a trainer holds no validation
+                split when federated evaluation or cross-site validation needs one.
+        """
+        config = self.config
+        key = config.dataset_key
+        if key is not None:
+            entry = next((entry for entry in info.datasets if entry.key == key), None)
+            if entry is None:
+                held = ", ".join(entry.key for entry in info.datasets) or "none"
+                raise IncompatibleWorkers(
+                    f"{name} has no data set {key} (its data sets: {held}); start it with --dataset-spec {key}=..."
+                )
+            info = dataclasses.replace(
+                info,
+                dataset=entry.dataset,
+                input_shape=entry.input_shape,
+                num_classes=entry.num_classes,
+                histogram=entry.histogram,
+                validation_size=entry.validation_size,
+            )
+        needs = "--federated-eval" if config.federated_eval else "--cross-site-validation"
+        if (
+            name in config.workers
+            and info.validation_size == 0
+            and (config.federated_eval or config.cross_site_validation)
+        ):
+            raise IncompatibleWorkers(
+                f"{name} holds no validation split, which {needs} needs; start it with --val-fraction above 0"
+            )
+        return info
+
     @staticmethod
     def _check_model_available(name: str, info: Info, model_name: str) -> None:
         if model_name not in info.models:
@@ -342,6 +422,7 @@ class Coordinator:
             "dataset": self._reference.dataset,
             "workers": list(self.config.workers),
             "evaluator": list(self.config.evaluator),
+            "run_id": self._run_id,
         }
 
     def _initial_state(self, infos: Mapping[str, Info]) -> tuple[RunResult, int]:
@@ -358,7 +439,15 @@ class Coordinator:
                 self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
             torch.manual_seed(config.seed)
             return RunResult(self._model_name, get_weights(resolve_model(self._model_name)())), 1
+        self._run_id = str(checkpoint.identity.get("run_id", self._run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
+        recorded = checkpoint.strategy_state.get("name")
+        if recorded is not None and recorded != self.strategy.name:
+            raise CheckpointError(
+                f"cannot resume: the run used strategy {recorded}, not {self.strategy.name};"
+                " use another --checkpoint-dir to start a new run"
+            )
+        self.strategy.load_state(checkpoint.server_state)
         self._resumed = checkpoint
         self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
         return RunResult(self._model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
@@ -400,6 +489,33 @@ class Coordinator:
                 " of its run says; it was changed or lost data since, so resuming would damage it"
             )
 
+    async def _version_done(self, round_number: int, result: RunResult) -> None:
+        """Record a finished round (or asynchronous version): in the model registry, then in the checkpoint."""
+        if self._registry is not None:
+            await asyncio.to_thread(self._register, round_number, result)
+        self._checkpoint(round_number, result)
+
+    def _register(self, round_number: int, result: RunResult) -> None:
+        assert self._registry is not None and self._reference is not None
+        metrics: dict[str, float] = {}
+        for record in result.evaluations:
+            if record.round == round_number and record.model == FEDERATED:
+                metrics |= {"accuracy": record.result.accuracy, "loss": record.result.loss}
+        for site in result.site_evaluations:
+            if site.round == round_number and site.sites:
+                average = site.average
+                metrics |= {"site_accuracy": average.accuracy, "site_loss": average.loss}
+        self._registry.record(
+            run_id=self._run_id,
+            round=round_number,
+            model=self._model_name,
+            weights=result.weights,
+            participants=list(result.rounds[-1].workers) if result.rounds else [],
+            strategy=self.strategy.describe(),
+            settings={**_settings(self.config), "input_shape": list(self._reference.input_shape)},
+            metrics=metrics,
+        )
+
     def _checkpoint(self, round_number: int, result: RunResult) -> None:
         directory = self.config.checkpoint_dir
         if directory is None:
@@ -410,6 +526,8 @@ class Coordinator:
             identity=self._identity(),
             seed=self.config.seed,
             config=_settings(self.config),
+            strategy_state=self.strategy.describe(),
+            server_state=self.strategy.state(),
             metrics_path=str(self.config.metrics_out.resolve()) if self.config.metrics_out is not None else None,
             metrics_size=self._durable_metrics_size(),
         )
@@ -423,48 +541,262 @@ class Coordinator:
         os.fsync(self._metrics.fileno())
         return self._metrics.tell()
 
-    # Rounds
+    # Synchronous rounds
+
+    async def _run_sync(
+        self,
+        start: int,
+        result: RunResult,
+        trainers: Sequence[WorkerClient],
+        evaluator: WorkerClient | None,
+        groups: Mapping[str, Sequence[int]],
+    ) -> None:
+        for round_number in range(start, self.config.training_rounds + 1):
+            if self._private is not None and self._private.exhausted(round_number):  # --dp-target-epsilon
+                break
+            evaluating = evaluator is not None and self.config.is_eval_round(round_number)
+            keep = evaluating or self.config.cross_site_validation
+            updates = await self._train_round(round_number, result, trainers, keep=keep)
+            if self.config.cross_site_validation:
+                self._local_models.update(updates)
+            if evaluator is not None and evaluating:
+                await self._evaluate_round(round_number, result, updates, evaluator, groups)
+            if self.config.federated_eval and self.config.is_eval_round(round_number):
+                await self._federated_eval(round_number, result, trainers)
+            await self._version_done(round_number, result)
+
+    # Asynchronous training
+
+    async def _run_async(
+        self,
+        start: int,
+        result: RunResult,
+        trainers: Sequence[WorkerClient],
+        evaluator: WorkerClient | None,
+        groups: Mapping[str, Sequence[int]],
+    ) -> None:
+        """Versions ``start`` to ``training_rounds``, each from a buffer of updates (FedBuff).
+
+        Every worker loops on its own (``_train_continuously``) and hands its
+        updates to a queue; this loop folds them into the buffer, discounted
+        by staleness (the versions published since the worker's base model),
+        and publishes a version whenever the buffer is full. Workers never wait
+        for each other: a slow site only contributes staler updates.
+        """
+        config = self.config
+        buffer = UpdateBuffer(
+            config.buffer_size,
+            policy=config.staleness_weight,
+            a=config.staleness_a,
+            b=config.staleness_b,
+            max_staleness=config.max_staleness,
+        )
+        state = _AsyncState(version=start - 1, weights=result.weights)
+        queue: asyncio.Queue[tuple[str, int, FitResult]] = asyncio.Queue()
+        loops = [
+            asyncio.create_task(self._train_continuously(index, client, state, queue))
+            for index, client in enumerate(trainers)
+        ]
+        try:
+            started = time.perf_counter()
+            sent, received = _traffic(trainers)
+            contributors: list[str] = []
+            losses: dict[str, float] = {}
+            discarded = 0
+            while state.version < config.training_rounds:
+                try:
+                    async with asyncio.timeout(config.round_timeout):
+                        name, base, reply = await queue.get()
+                except TimeoutError:
+                    raise QuorumNotMet(
+                        f"version {state.version + 1}: no worker returned an update within {config.round_timeout:g} s"
+                    ) from None
+                mismatch = _mismatch(reply.weights, state.weights)
+                if mismatch is not None:
+                    self.report(f"Update of {name} dropped: {mismatch}")
+                    continue
+                staleness = state.version - base
+                if not buffer.add(reply.weights, staleness):
+                    discarded += 1
+                    logger.info("%s: update %d versions old discarded", name, staleness)
+                    continue
+                contributors.append(name)
+                losses[name] = reply.loss
+                if not buffer.full:
+                    continue
+                stalenesses = buffer.stalenesses
+                mean = buffer.apply(state.weights)
+                assert isinstance(self.strategy, MeanStrategy)
+                state.weights = result.weights = self.strategy.step(
+                    state.weights, mean, participants=len(contributors), num_workers=len(trainers)
+                )
+                state.version += 1
+                seconds = time.perf_counter() - started
+                result.rounds.append(
+                    RoundRecord(
+                        state.version, tuple(contributors), seconds, config.learning_rate(state.version), losses
+                    )
+                )
+                self._write(
+                    {
+                        "event": "round",
+                        "mode": "async",
+                        "round": state.version,
+                        "workers": contributors,
+                        "failed": {},
+                        "seconds": round(seconds, 4),
+                        "lr": config.learning_rate(state.version),
+                        "train_loss": losses,
+                        "strategy": self.strategy.name,
+                        "staleness": {
+                            "mean": float(np.mean(stalenesses)),
+                            "max": int(max(stalenesses)),
+                            "values": [int(s) for s in stalenesses],
+                        },
+                        "discarded": discarded,
+                        "bytes_sent": _traffic(trainers)[0] - sent,
+                        "bytes_received": _traffic(trainers)[1] - received,
+                    }
+                )
+                if evaluator is not None and config.is_eval_round(state.version):
+                    await self._evaluate_round(state.version, result, {}, evaluator, groups)
+                if config.federated_eval and config.is_eval_round(state.version):
+                    await self._federated_eval(state.version, result, trainers)
+                await self._version_done(state.version, result)
+                started = time.perf_counter()
+                sent, received = _traffic(trainers)
+                contributors, losses, discarded = [], {}, 0
+        finally:
+            for task in loops:
+                task.cancel()
+            await asyncio.gather(*loops, return_exceptions=True)
+
+    async def _train_continuously(
+        self,
+        index: int,
+        client: WorkerClient,
+        state: _AsyncState,
+        queue: asyncio.Queue[tuple[str, int, FitResult]],
+    ) -> None:
+        """Train ``client`` from the newest global model, again and again, until cancelled.
+
+        A worker that fails is dropped and retried with the usual backoff; its
+        in-flight work is lost, the others go on.
+        """
+        config = self.config
+        for task_number in itertools.count():
+            if not client.connected or client.name in self._joining:
+                await self._rejoin([client])
+                if not client.connected or client.name in self._joining:
+                    await asyncio.sleep(max(self._backoff[client.name].retry_at - time.monotonic(), 0.05))
+                    continue
+            base, weights = state.version, state.weights
+            fit = self._fit(
+                base + 1,
+                plan_seed(config.seed, task_number, index),
+                config.learning_rate(base + 1),
+                weights,
+                delta=True,
+            )
+            try:
+                reply = await client.request(fit, timeout=config.round_timeout)
+            except (WorkerTimeout, WorkerUnavailable, RemoteError, ProtocolError) as exc:
+                reason = await self._failure(client, exc)
+                self.report(f"Worker {client.name}: update lost ({reason}); it will be retried")
+                self._write({"event": "worker_failed", "worker": client.name, "reason": reason})
+                if client.connected:  # an error reply: back off too, never retry in a tight loop
+                    self._backoff[client.name].failed(time.monotonic(), config.reconnect_max_delay)
+                await asyncio.sleep(max(self._backoff[client.name].retry_at - time.monotonic(), 0.05))
+                continue
+            assert isinstance(reply, FitResult)
+            self._backoff[client.name].failures = 0
+            if config.cross_site_validation and _mismatch(reply.weights, weights) is None:
+                # The worker's local model: its base plus the update it returned.
+                self._local_models[client.name] = {name: weights[name] + delta for name, delta in reply.weights.items()}
+            await queue.put((client.name, base, reply))
+
+    def _select(self, round_number: int, trainers: Sequence[WorkerClient]) -> list[WorkerClient]:
+        """The round's workers: every ready one, or a sample seeded by ``(seed, round)`` (client sampling)."""
+        # A worker still being greeted is connected but unchecked: it joins the next round.
+        ready = [client for client in trainers if client.connected and client.name not in self._joining]
+        size = self.config.sample_size(len(ready))
+        if size == len(ready):
+            return ready
+        rng = np.random.default_rng([self.config.seed, round_number, _SAMPLING_STREAM])
+        return [ready[index] for index in sorted(rng.choice(len(ready), size=size, replace=False))]
 
     async def _train_round(
-        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient]
-    ) -> dict[str, FitResult]:
-        """One round: retried while fewer than the quorum contribute, up to ``max_round_retries`` times."""
+        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient], *, keep: bool
+    ) -> dict[str, Weights]:
+        """One round: retried while fewer than the quorum contribute, up to ``max_round_retries`` times.
+
+        Returns each contributor's weights when ``keep`` (for the evaluator), else nothing: a
+        streaming strategy has folded them into its sums and let them go.
+        """
         config = self.config
         started = time.perf_counter()
         sent, received = _traffic(trainers)
         lr = config.learning_rate(round_number)
         attempts = config.max_round_retries + 1
+        wanted = config.sample_size(len(trainers))
+        quorum = min(config.quorum, wanted)
+        of = f"{wanted} selected workers" if wanted < len(trainers) else f"{len(trainers)} workers"
         for attempt in range(1, attempts + 1):
             await self._rejoin(trainers)
-            updates, failures = await self._collect_updates(round_number, result, trainers, lr)
-            if len(updates) >= config.quorum:
+            selected = self._select(round_number, trainers)
+            failures = {
+                client.name: f"not connected ({client.closed_reason})"
+                for client in trainers
+                if not client.connected or client.name in self._joining
+            }
+            fold: _Fold | PrivateFold
+            if self._private is not None:  # secure aggregation and differential privacy (syncfed.secure_round)
+                fold, lost = await self._private.collect(
+                    selected,
+                    lambda client: self._fit(
+                        round_number,
+                        plan_seed(config.seed, round_number, trainers.index(client)),
+                        lr,
+                        result.weights,
+                        delta=True,
+                    ),
+                    result.weights,
+                    self._num_examples,
+                    self._failure,
+                )
+            else:
+                fold = _Fold(self.strategy, result.weights, keep=keep, delta=config.compress != "none")
+                lost = await self._collect_updates(round_number, result, trainers, selected, lr, fold)
+            failures |= lost
+            if len(fold.losses) >= quorum:
                 break
             summary = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
             self._write({"event": "round_retry", "round": round_number, "attempt": attempt, "failed": failures})
             if attempt == attempts:
                 raise QuorumNotMet(
-                    f"round {round_number}: {len(updates)} of {len(trainers)} workers contributed, quorum is"
-                    f" {config.quorum}, after {attempts} attempts ({summary})"
+                    f"round {round_number}: {len(fold.losses)} of {of} contributed,"
+                    f" quorum is {quorum}, after {attempts} attempts ({summary})"
                 )
             self.report(
-                f"Round {round_number}: {len(updates)} of {len(trainers)} workers contributed, quorum is"
-                f" {config.quorum} ({summary}); retrying ({attempt}/{config.max_round_retries})"
+                f"Round {round_number}: {len(fold.losses)} of {of} contributed,"
+                f" quorum is {quorum} ({summary}); retrying ({attempt}/{config.max_round_retries})"
             )
             await self._wait_for_retry(trainers)
-        result.weights = self.aggregate([(update.weights, update.num_examples) for update in updates.values()])
+        result.weights = fold.aggregate(len(trainers))
+        contributors = [client.name for client in trainers if client.name in fold.losses]  # in the workers' order
         record = RoundRecord(
             round_number,
-            tuple(updates),
+            tuple(contributors),
             time.perf_counter() - started,
             lr,
-            {name: update.loss for name, update in updates.items()},
+            {name: fold.losses[name] for name in contributors},
             failures,
         )
         result.rounds.append(record)
         if failures:
             dropped = "; ".join(f"{name} ({reason})" for name, reason in failures.items())
             self.report(
-                f"Round {round_number}: aggregated {len(updates)} of {len(trainers)} workers; dropped {dropped}"
+                f"Round {round_number}: aggregated {len(fold.losses)} of {len(trainers)} workers; dropped {dropped}"
             )
         losses = ", ".join(f"{name} {loss:.4f}" for name, loss in record.train_loss.items())
         logger.info(
@@ -484,68 +816,101 @@ class Coordinator:
                 "seconds": round(record.seconds, 4),
                 "lr": lr,
                 "train_loss": record.train_loss,
-                "num_examples": {name: update.num_examples for name, update in updates.items()},
+                "num_examples": {name: fold.examples[name] for name in contributors},
+                **(
+                    {"compression_error": {name: fold.compression_errors[name] for name in contributors}}
+                    if config.compress != "none"
+                    else {}
+                ),
+                "strategy": self.strategy.name,
+                **({"selected": [client.name for client in selected]} if len(selected) < len(trainers) else {}),
                 "bytes_sent": _traffic(trainers)[0] - sent,
                 "bytes_received": _traffic(trainers)[1] - received,
+                **(self._private.metrics(round_number) if self._private is not None else {}),
             }
         )
-        return updates
+        return {name: fold.kept[name] for name in contributors if name in fold.kept}
+
+    def _fit(self, version: int, seed: int, lr: float, weights: Weights, *, delta: bool) -> Fit:
+        """The request that trains one worker from ``weights``, with the strategy's settings."""
+        config = self.config
+        plan = TrainingPlan(
+            round=version,
+            batch_size=config.batch_size,
+            num_batches=config.federate_after_n_batches,
+            lr=lr,
+            seed=seed,
+            mu=self.strategy.proximal_mu,
+            delta=delta or config.compress != "none",
+            compress=config.compress,
+        )
+        control = self.strategy.control(weights) if self.strategy.uses_control else None
+        return Fit(self._model_name, weights, plan, control, config.dataset_key)
 
     async def _collect_updates(
-        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient], lr: float
-    ) -> tuple[dict[str, FitResult], dict[str, str]]:
-        """Send the round's plans to the connected workers at once; sort replies into updates and failures."""
-        config = self.config
-        # A worker still being greeted is connected but unchecked: it joins the next round.
-        ready = {client.name for client in trainers if client.connected and client.name not in self._joining}
-        failures = {
-            client.name: f"not connected ({client.closed_reason})" for client in trainers if client.name not in ready
-        }
-        active = [(index, client) for index, client in enumerate(trainers) if client.name in ready]
-        requests = [
-            client.request(
-                Fit(
-                    self._model_name,
-                    result.weights,
-                    TrainingPlan(
-                        round=round_number,
-                        batch_size=config.batch_size,
-                        num_batches=config.federate_after_n_batches,
-                        lr=lr,
-                        seed=plan_seed(config.seed, round_number, index),
+        self,
+        round_number: int,
+        result: RunResult,
+        trainers: Sequence[WorkerClient],
+        selected: Sequence[WorkerClient],
+        lr: float,
+        fold: _Fold,
+    ) -> dict[str, str]:
+        """Send the round's plans to the selected workers at once; fold each update in as it arrives.
+
+        Returns why each selected worker that did not contribute failed.
+        """
+        index = {client.name: position for position, client in enumerate(trainers)}
+        pending = {
+            asyncio.ensure_future(
+                client.request(
+                    self._fit(
+                        round_number,
+                        plan_seed(self.config.seed, round_number, index[client.name]),
+                        lr,
+                        result.weights,
+                        delta=False,
                     ),
-                ),
-                timeout=config.round_timeout,
-            )
-            for index, client in active
-        ]
-        replies = await asyncio.gather(*requests, return_exceptions=True)
-        updates: dict[str, FitResult] = {}
-        now = time.monotonic()
-        for (_, client), reply in zip(active, replies, strict=True):
-            if isinstance(reply, FitResult):
-                mismatch = _mismatch(reply.weights, result.weights)
-                if mismatch is None:
-                    updates[client.name] = reply
-                else:
-                    failures[client.name] = f"invalid update: {mismatch}"
-                continue
-            if isinstance(reply, WorkerTimeout):
-                failures[client.name] = f"timeout: {reply.reason}"
-                # Closing makes the worker abandon the late work; it rejoins next round.
-                await client.close(f"dropped after {reply.reason}")
-                continue
-            if isinstance(reply, WorkerUnavailable):
-                failures[client.name] = reply.reason
-                self._backoff[client.name].failed(now, config.reconnect_max_delay)
-            elif isinstance(reply, RemoteError):
-                failures[client.name] = f"error reply: {reply.code}: {reply.reason}"
-            elif isinstance(reply, ProtocolError):
-                failures[client.name] = f"invalid reply: {reply}"
-                await client.close(f"sent an invalid reply: {reply}")
-            elif isinstance(reply, BaseException):
-                raise reply
-        return updates, failures
+                    timeout=self.config.round_timeout,
+                )
+            ): client
+            for client in selected
+        }
+        failures: dict[str, str] = {}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    client = pending.pop(task)
+                    error = task.exception()
+                    if error is not None:
+                        failures[client.name] = await self._failure(client, error)
+                        continue
+                    reply = task.result()
+                    assert isinstance(reply, FitResult)
+                    reason = fold.add(client.name, reply)
+                    if reason is not None:
+                        failures[client.name] = reason
+        finally:
+            for task in pending:
+                task.cancel()
+        return failures
+
+    async def _failure(self, client: WorkerClient, exc: BaseException) -> str:
+        """Why a training request failed, closing or backing off the worker as needed; re-raises the unexpected."""
+        if isinstance(exc, WorkerTimeout):
+            # Closing makes the worker abandon the late work; it rejoins next round.
+            await client.close(f"dropped after {exc.reason}")
+            return f"timeout: {exc.reason}"
+        if isinstance(exc, WorkerUnavailable):
+            self._backoff[client.name].failed(time.monotonic(), self.config.reconnect_max_delay)
+            return exc.reason
+        if isinstance(exc, RemoteError):
+            return f"error reply: {exc.code}: {exc.reason}"
+        if isinstance(exc, ProtocolError):
+            await client.close(f"sent an invalid reply: {exc}")
+            return f"invalid reply: {exc}"
+        raise exc
 
     async def _wait_for_retry(self, trainers: Sequence[WorkerClient]) -> None:
         """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap).
@@ -562,17 +927,20 @@ class Coordinator:
         self,
         round_number: int,
         result: RunResult,
-        updates: Mapping[str, FitResult],
+        updates: Mapping[str, Weights],
         evaluator: WorkerClient,
         groups: Mapping[str, Sequence[int]],
     ) -> None:
         """Score each contributing worker's model and the federated one; a lost evaluator skips this evaluation."""
-        candidates = {name: update.weights for name, update in updates.items()} | {FEDERATED: result.weights}
-        batch = self.config.test_batch_size
+        candidates = {**updates, FEDERATED: result.weights}
+        batch, key = self.config.test_batch_size, self.config.dataset_key
         await self._rejoin([evaluator])
         try:
             replies = await asyncio.gather(
-                *(evaluator.request(Evaluate(self._model_name, weights, batch)) for weights in candidates.values())
+                *(
+                    evaluator.request(Evaluate(self._model_name, weights, batch, dataset_key=key))
+                    for weights in candidates.values()
+                )
             )
         except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
             if isinstance(exc, WorkerUnavailable):
@@ -597,10 +965,7 @@ class Coordinator:
                 for classes in groups.values()
             )
             self.report(f"{label}: Percentage numbers {shares}")
-            self.report(
-                f"{label}: Average loss: {reply.loss:.4f}, "
-                f"Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
-            )
+            self.report(f"{label}: {_figures(reply)}")
             self._write(
                 {
                     "event": "eval",
@@ -614,12 +979,197 @@ class Coordinator:
                 }
             )
 
+    # Evaluation at the sites
+
+    async def _score(self, client: WorkerClient, weights: Weights, split: str | None) -> Cell:
+        """``client``'s score of ``weights`` on its own data, or on its validation split, or why there is none.
+
+        A failure is handled as in training (a late worker is dropped and
+        rejoins later) and its reason returned, so one site cannot stop the others.
+        """
+        assert self._reference is not None
+        if not client.connected or client.name in self._joining:
+            return f"not connected ({client.closed_reason})"
+        request = Evaluate(self._model_name, weights, self.config.test_batch_size, split, self.config.dataset_key)
+        try:
+            reply = await client.request(request)
+        except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
+            return await self._failure(client, exc)
+        assert isinstance(reply, EvalResult)
+        if len(reply.predictions) != self._reference.num_classes:
+            return f"its predictions do not have {self._reference.num_classes} classes"
+        return reply
+
+    async def _federated_eval(self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient]) -> None:
+        """Federated evaluation: every training worker scores the global model on its own validation split, at once.
+
+        Reported per site and as the example-weighted average, beside the
+        central evaluator's score of the same model when there is one.
+        """
+        outcomes = await asyncio.gather(*(self._score(client, result.weights, VALIDATION) for client in trainers))
+        named = dict(zip((client.name for client in trainers), outcomes, strict=True))
+        record = SiteEvalRecord(
+            round_number,
+            {name: outcome for name, outcome in named.items() if isinstance(outcome, EvalResult)},
+            {name: outcome for name, outcome in named.items() if isinstance(outcome, str)},
+        )
+        result.site_evaluations.append(record)
+        central = next(
+            (entry.result for entry in result.evaluations if entry.round == round_number and entry.model == FEDERATED),
+            None,
+        )
+        self.report(f"Federated evaluation at round {round_number}/{self.config.training_rounds} (validation splits):")
+        for name, reply in record.sites.items():
+            self.report(f"Site {name}: {_figures(reply)}")
+        for name, reason in record.failed.items():
+            self.report(f"Site {name}: not evaluated ({reason})")
+        event: dict[str, Any] = {
+            "event": "federated_eval",
+            "round": round_number,
+            "sites": {name: result_json(reply) for name, reply in record.sites.items()},
+            "failed": record.failed,
+        }
+        if record.sites:
+            average = record.average
+            beside = f"; central evaluator: {central.accuracy:.2%}" if central is not None else ""
+            self.report(f"Weighted average over {len(record.sites)} sites: {_figures(average)}{beside}")
+            event["average"] = result_json(average)
+        if central is not None:
+            event["central"] = result_json(central)
+        self._write(event)
+
+    async def _cross_site_validation(
+        self, result: RunResult, trainers: Sequence[WorkerClient], evaluator: WorkerClient | None
+    ) -> None:
+        """Score each trainer's final local model and the global one on every site's data; print and save the matrix.
+
+        Requests go to all sites at once, at most ``_PIPELINE`` at a time per
+        site, each under the request timeout; a site that fails leaves its
+        cells empty with the reason.
+        """
+        config = self.config
+        sites = [*trainers, *([evaluator] if evaluator is not None else [])]
+        await self._rejoin(sites)
+        models: dict[str, Weights | None] = {name: self._local_models.get(name) for name in config.workers}
+        models[FEDERATED] = result.weights
+        gates = {client.name: asyncio.Semaphore(_PIPELINE) for client in sites}
+
+        async def cell(weights: Weights | None, client: WorkerClient) -> Cell:
+            if weights is None:
+                return "no local model: the worker contributed to no round of this run"
+            async with gates[client.name]:
+                return await self._score(client, weights, None if client is evaluator else VALIDATION)
+
+        cells = await asyncio.gather(*(cell(weights, client) for weights in models.values() for client in sites))
+        last = result.rounds[-1].round if result.rounds else config.training_rounds
+        matrix = CrossSiteMatrix(
+            last,
+            tuple(models),
+            tuple(client.name for client in sites),
+            tuple(TEST if client is evaluator else VALIDATION for client in sites),
+            tuple(tuple(cells[row * len(sites) : (row + 1) * len(sites)]) for row in range(len(models))),
+        )
+        result.cross_site = matrix
+        self.report(f"Cross-site validation after round {last} (accuracy; rows: models, columns: data):")
+        for line in matrix.table():
+            self.report(line)
+        directory = config.cross_site_out or (
+            config.metrics_out.parent / "cross-site" if config.metrics_out is not None else Path("cross-site")
+        )
+        written = write_cross_site(matrix, directory)
+        missing = "" if len(written) > 1 else " (no heat map: matplotlib is not installed)"
+        self.report(f"Saved the cross-site matrix to {', '.join(str(path) for path in written)}{missing}")
+        self._write({"event": "cross_site", **matrix.to_json()})
+
     def _write(self, event: dict[str, Any]) -> None:
         if self._metrics is not None:
             self._metrics.write(json.dumps(event) + "\n")
             self._metrics.flush()
         for listener in self.listeners:
             listener(event)
+
+
+@dataclass
+class _AsyncState:
+    """The newest global version, shared by the asynchronous loops."""
+
+    version: int
+    weights: Weights
+
+
+class _Fold:
+    """Takes a round's valid updates as they arrive.
+
+    A streaming strategy (every mean-based one) folds each update into
+    running sums and lets it go, so the coordinator holds the sums plus the
+    update in flight, whatever the number of workers; a robust one keeps
+    them all (it needs every update at once). ``kept`` holds each update's
+    weights only when the evaluator scores them this round.
+    """
+
+    def __init__(self, strategy: Strategy, reference: Weights, *, keep: bool, delta: bool) -> None:
+        self.strategy = strategy
+        self.reference = reference
+        self.keep = keep
+        self.delta = delta  # replies carry updates relative to ``reference``
+        self.mean = (
+            RunningMean(weighted=strategy.weighted, origin=None if delta else reference)
+            if isinstance(strategy, MeanStrategy)
+            else None
+        )
+        self.controls = RunningMean(weighted=False) if strategy.uses_control else None
+        self.control = strategy.control(reference) if strategy.uses_control else None
+        self.updates: list[tuple[Weights, int]] = []
+        self.losses: dict[str, float] = {}
+        self.compression_errors: dict[str, float] = {}
+        self.examples: dict[str, int] = {}
+        self.kept: dict[str, Weights] = {}
+
+    def add(self, name: str, reply: FitResult) -> str | None:
+        """Fold in ``reply``; why it is invalid, if it is."""
+        mismatch = _mismatch(reply.weights, self.reference)
+        if mismatch is None and self.controls is not None:
+            assert self.control is not None
+            mismatch = (
+                "no control variate update (SCAFFOLD)"
+                if reply.control_delta is None
+                else _mismatch(reply.control_delta, self.control)
+            )
+        if mismatch is not None:
+            return f"invalid update: {mismatch}"
+        weights = (
+            {name: self.reference[name] + array for name, array in reply.weights.items()}
+            if self.delta and (self.mean is None or self.keep)
+            else reply.weights
+        )
+        if self.mean is not None:
+            self.mean.add(reply.weights, reply.num_examples)
+        else:
+            self.updates.append((weights, reply.num_examples))
+        if self.controls is not None and reply.control_delta is not None:
+            self.controls.add(reply.control_delta, 1)
+        if self.keep:
+            self.kept[name] = weights
+        self.losses[name] = reply.loss
+        self.compression_errors[name] = reply.compression_error
+        self.examples[name] = reply.num_examples
+        return None
+
+    def aggregate(self, num_workers: int) -> Weights:
+        """The next global model."""
+        if self.mean is None:
+            return self.strategy.aggregate(self.reference, self.updates, num_workers=num_workers)
+        assert isinstance(self.strategy, MeanStrategy)
+        mean = self.mean.result()
+        if self.delta:
+            mean = {name: self.reference[name] + array for name, array in mean.items()}
+        return self.strategy.step(
+            self.reference,
+            mean,
+            control_mean=self.controls.result() if self.controls is not None else None,
+            participants=self.mean.count,
+            num_workers=num_workers,
+        )
 
 
 def _settings(config: CoordinatorConfig) -> dict[str, Any]:
@@ -638,6 +1188,10 @@ def _mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarr
             got, expected = f"{update[name].dtype}{list(update[name].shape)}", f"{array.dtype}{list(array.shape)}"
             return f"tensor {name} is {got}, the model's is {expected}"
     return None
+
+
+def _figures(reply: EvalResult) -> str:
+    return f"Average loss: {reply.loss:.4f}, Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
 
 
 def _traffic(clients: Sequence[WorkerClient]) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
+from functools import partial
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "ModelFactory",
     "MnistCNN",
     "DigitsCNN",
+    "DigitsMLP",
     "resolve_model",
     "default_model",
     "get_weights",
@@ -73,8 +75,35 @@ class DigitsCNN(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
-#: Built-in models by name.
-MODELS: Mapping[str, ModelFactory] = {"mnist-cnn": MnistCNN, "digits-cnn": DigitsCNN}
+class DigitsMLP(nn.Module):
+    """An MLP over the 64 pixels of 8x8 digits with two ``width`` x ``width`` hidden layers.
+
+    Not for accuracy: its size is set by one number (``2 * width**2 + 77 * width + 10``
+    parameters), so benchmarks move 1M, 10M or 100M parameters through the same task.
+    """
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8 * 8, width)
+        self.fc2 = nn.Linear(width, width)
+        self.fc3 = nn.Linear(width, width)
+        self.fc4 = nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.relu(self.fc2(x))
+        x = F.relu(self.fc3(x))
+        return F.log_softmax(self.fc4(x), dim=1)
+
+
+#: Built-in models by name; the MLPs (999,674, 10,009,844 and 100,004,422 parameters) are for benchmarks.
+MODELS: Mapping[str, ModelFactory] = {
+    "mnist-cnn": MnistCNN,
+    "digits-cnn": DigitsCNN,
+    "mlp-1m": partial(DigitsMLP, 688),
+    "mlp-10m": partial(DigitsMLP, 2218),
+    "mlp-100m": partial(DigitsMLP, 7052),
+}
 
 _DEFAULT_FOR_DATASET = {"mnist": "mnist-cnn", "digits": "digits-cnn"}
 

@@ -13,7 +13,15 @@ import numpy as np
 
 from .exceptions import ConfigError
 
-__all__ = ["DEFAULT_CLASSES", "default_classes", "parse_classes", "class_indices", "group_label"]
+__all__ = [
+    "DEFAULT_CLASSES",
+    "default_classes",
+    "parse_classes",
+    "parse_shard",
+    "class_indices",
+    "iid_shard",
+    "group_label",
+]
 
 #: The classic demo's shards by worker id.
 DEFAULT_CLASSES: dict[str, tuple[int, ...]] = {
@@ -56,6 +64,32 @@ def parse_classes(text: str, num_classes: int = 10) -> tuple[int, ...]:
             raise ConfigError(f"digits entry {part!r} is not within 0..{num_classes - 1}")
         classes.update(range(first, last + 1))
     return tuple(sorted(classes))
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """Parse ``"2/4"`` (shard 2 of 4, counted from 1) into ``(1, 4)``, zero-based.
+
+    Raises:
+        ConfigError: if it is not ``K/N`` with ``1 <= K <= N``.
+    """
+    shard, slash, count = text.partition("/")
+    try:
+        index, total = int(shard), int(count)
+    except ValueError:
+        raise ConfigError(f"shard {text!r} must look like 2/4 (the second of four IID shards)") from None
+    if not slash or not 1 <= index <= total:
+        raise ConfigError(f"shard {text!r} must be K/N with 1 <= K <= N")
+    return index - 1, total
+
+
+def iid_shard(num_examples: int, shard: int, num_shards: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of IID shard ``shard`` of ``num_shards``: a seeded shuffle cut into near-equal parts.
+
+    Every worker given the same seed draws the same shuffle, so the shards
+    are disjoint and together cover the data set.
+    """
+    order = rng.permutation(num_examples)
+    return np.sort(np.array_split(order, num_shards)[shard])
 
 
 def class_indices(labels: np.ndarray, classes: Iterable[int]) -> np.ndarray:

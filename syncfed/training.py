@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,8 +18,9 @@ from torch import nn
 
 from .datasets import Dataset
 from .protocol import TrainingPlan
+from .tensors import Weights
 
-__all__ = ["Abandoned", "TrainResult", "EvalOutcome", "train", "evaluate"]
+__all__ = ["Abandoned", "TrainResult", "EvalOutcome", "train", "evaluate", "corrupt"]
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,18 @@ def train(
     *,
     abandoned: threading.Event | None = None,
     batch_delay: float = 0.0,
+    anchor: Mapping[str, np.ndarray] | None = None,
+    correction: Mapping[str, np.ndarray] | None = None,
 ) -> TrainResult:
     """Plain SGD over ``plan.num_batches`` batches of the shard, in place.
 
     Uses cross-entropy on the model's output, which is the negative
     log-likelihood whether the model ends in ``log_softmax`` or in logits.
-    ``abandoned`` is checked before every batch, so a worker whose
+    With ``plan.mu > 0`` the loss gains FedProx's proximal term
+    ``mu/2 * ||w - anchor||^2`` over the parameters (Li et al. 2020), which
+    keeps non-IID workers near the global model. ``correction`` (SCAFFOLD's
+    ``c - c_i``, Karimireddy et al. 2020) is added to each parameter's
+    gradient. ``abandoned`` is checked before every batch, so a worker whose
     coordinator left stops within one batch; ``batch_delay`` (seconds of
     sleep per batch) simulates a slow site in tests and drills.
 
@@ -75,7 +82,22 @@ def train(
     """
     model.to(device).train()
     try:
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.lr)
+        parameters = dict(model.named_parameters())
+        optimizer = torch.optim.SGD(parameters.values(), lr=plan.lr)
+        proximal = (
+            {name: torch.from_numpy(np.asarray(anchor[name])).to(device) for name in parameters}
+            if plan.mu and anchor is not None
+            else {}
+        )
+        shifts = (
+            {
+                name: torch.from_numpy(np.asarray(correction[name])).to(device)
+                for name in parameters
+                if name in correction
+            }
+            if correction is not None
+            else {}
+        )
         images = torch.from_numpy(data.images)
         labels = torch.from_numpy(data.labels)
         total_loss = 0.0
@@ -89,13 +111,22 @@ def train(
             x, y = images[index].to(device), labels[index].to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
-            torch.autograd.backward(loss)
+            objective = loss
+            if proximal:
+                objective = loss + plan.mu / 2 * sum(
+                    torch.sum((parameters[name] - proximal[name]) ** 2) for name in proximal
+                )
+            torch.autograd.backward(objective)
+            for name, shift in shifts.items():
+                grad = parameters[name].grad
+                if grad is not None:
+                    grad += shift
             optimizer.step()
             total_loss += loss.item() * len(index)
             seen += len(index)
     finally:
         model.cpu()  # also when abandoned or out of memory: the cached model lives on the CPU
-    return TrainResult(total_loss / seen)
+    return TrainResult(total_loss / seen if seen else 0.0)
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.device) -> EvalOutcome:
@@ -119,3 +150,24 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.dev
     finally:
         model.cpu()
     return EvalOutcome(total_loss / len(data), correct, len(data), [int(n) for n in predictions])
+
+
+def corrupt(update: Weights, base: Mapping[str, np.ndarray], attack: str, rng: np.random.Generator) -> Weights:
+    """What a byzantine worker sends instead of ``update`` (see ``config.ATTACKS``); a test hook only.
+
+    ``update`` is the trained weights; integer tensors (counters) are left alone.
+    """
+    corrupted: Weights = {}
+    for name, array in update.items():
+        if not np.issubdtype(array.dtype, np.floating):
+            corrupted[name] = array
+            continue
+        delta = array.astype(np.float64) - base[name]
+        if attack == "sign-flip":
+            result = base[name] - 10.0 * delta
+        elif attack == "scale":
+            result = base[name] + 50.0 * delta
+        else:
+            result = array + rng.normal(0.0, 1.0, array.shape)
+        corrupted[name] = np.asarray(result, dtype=array.dtype)
+    return corrupted

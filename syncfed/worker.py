@@ -8,7 +8,7 @@ A bad request gets an error reply and the worker keeps serving.
 Usage::
 
     config = WorkerConfig("alice", port=8777)
-    asyncio.run(run_worker(config, load_shard(config)))
+    asyncio.run(run_worker(config, load_holdings(config)))
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 
+import numpy as np
 import torch
 from torch import nn
 from websockets.asyncio.server import ServerConnection, serve
@@ -28,15 +30,27 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from . import auth
+from . import analytics, auth
+from .compression import compression_error
 from .config import WorkerConfig
-from .datasets import Dataset, load_dataset
-from .exceptions import AuthenticationFailed, MessageTooLarge, ModelError, ProtocolError, TensorError
+from .datasets import Dataset, DatasetSpec, load_dataset
+from .evaluation import VALIDATION, holdout, validation_seed
+from .exceptions import (
+    AuthenticationFailed,
+    ConfigError,
+    MessageTooLarge,
+    ModelError,
+    ProtocolError,
+    SecAggError,
+    TensorError,
+)
 from .models import MODELS, ModelFactory, get_weights, resolve_model, set_weights
-from .partition import class_indices, default_classes
+from .partition import class_indices, default_classes, iid_shard
+from .privacy import clip_update, gaussian_noise
 from .protocol import (
     PROTOCOL_VERSION,
     REQUESTS,
+    DatasetInfo,
     Envelope,
     Error,
     EvalResult,
@@ -48,13 +62,23 @@ from .protocol import (
     Message,
     Ping,
     Pong,
-    decode,
-    encode,
+    Query,
+    SecAggKeys,
+    SecAggMask,
+    SecAggMasked,
+    SecAggShare,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmasked,
+    encode_fragments,
 )
-from .training import evaluate, train
-from .transport import connection_options, receive, server_tls
+from .secagg import SecAggClient, SecAggConfig, flatten
+from .tensors import Weights
+from .training import corrupt, evaluate, train
+from .transport import connection_options, receive, receive_message, send_message, server_tls
 
-__all__ = ["Worker", "load_shard", "model_factories", "run_worker"]
+__all__ = ["Holding", "Worker", "load_holdings", "load_shard", "model_factories", "run_worker"]
 
 logger = logging.getLogger("syncfed.worker")
 
@@ -84,16 +108,70 @@ class RequestFailed(Exception):
         self.reason = reason
 
 
-def load_shard(config: WorkerConfig) -> Dataset:
-    """Load what this worker holds: the test set, or its classes of the training set."""
-    if config.testing:
-        data = load_dataset(config.dataset, "test", config.data_dir, download=config.download)
+@dataclass(frozen=True)
+class Holding:
+    """A data set a worker serves: what it trains on (the evaluator: scores on) and its held-out validation split.
+
+    ``spec`` names it in the worker's data-set registry (``--dataset-spec``);
+    a worker started without one holds a single data set with no name.
+    ``version`` is the digest of its examples that the registry advertises.
+    """
+
+    data: Dataset
+    validation: Dataset | None = None
+    spec: DatasetSpec | None = None
+    version: str = ""
+
+    @property
+    def validation_size(self) -> int:
+        return 0 if self.validation is None else len(self.validation)
+
+    def describe(self) -> DatasetInfo:
+        """The registry entry :class:`Info` advertises for a named data set."""
+        assert self.spec is not None, "only a named data set is advertised"
+        return DatasetInfo(
+            key=self.spec.key,
+            dataset=self.data.name,
+            split=self.spec.split,
+            version=self.version,
+            input_shape=self.data.input_shape,
+            dtype=self.data.images.dtype.name,
+            num_classes=self.data.num_classes,
+            histogram=tuple(self.data.histogram()),
+            validation_size=self.validation_size,
+        )
+
+
+def load_shard(config: WorkerConfig, spec: DatasetSpec | None = None) -> Holding:
+    """Load one data set this worker serves: ``spec``'s, or the split of ``config.dataset`` its role holds.
+
+    The evaluator holds the whole split (the test set by default); a trainer
+    its classes or IID shard of it, of which it then holds out
+    ``config.val_fraction`` for validation, seeded by ``config.val_seed`` or
+    its id, and never trains on those.
+    """
+    name = config.dataset if spec is None else spec.dataset
+    split = spec.split if spec is not None else "test" if config.testing else "train"
+    data = load_dataset(name, split, config.data_dir, download=config.download)
+    if config.shard is not None:
+        shard, count = config.shard
+        data = data.subset(iid_shard(len(data), shard, count, np.random.default_rng(config.shard_seed)))
     else:
-        data = load_dataset(config.dataset, "train", config.data_dir, download=config.download)
-    classes = config.digits
-    if classes is None and not config.testing:
-        classes = default_classes(config.worker_id)
-    return data if classes is None else data.subset(class_indices(data.labels, classes))
+        classes = config.digits
+        if classes is None and not config.testing:
+            classes = default_classes(config.worker_id)
+        data = data if classes is None else data.subset(class_indices(data.labels, classes))
+    version = data.fingerprint() if spec is not None else ""
+    if config.testing or config.val_fraction == 0:
+        return Holding(data, None, spec, version)
+    seed = validation_seed(config.worker_id) if config.val_seed is None else config.val_seed
+    train, held = holdout(len(data), config.val_fraction, np.random.default_rng(seed))
+    return Holding(data.subset(train), data.subset(held) if len(held) else None, spec, version)
+
+
+def load_holdings(config: WorkerConfig) -> list[Holding]:
+    """Every data set this worker serves: one per ``--dataset-spec``, in order, else the one of ``--dataset``."""
+    return [load_shard(config, spec) for spec in config.datasets] or [load_shard(config)]
 
 
 def model_factories(import_paths: tuple[str, ...]) -> dict[str, ModelFactory]:
@@ -105,16 +183,31 @@ def model_factories(import_paths: tuple[str, ...]) -> dict[str, ModelFactory]:
 
 
 class Worker:
-    """Serves fit, evaluate, hello and ping requests over its data."""
+    """Serves fit, evaluate, query, hello and ping requests over its data."""
 
-    def __init__(self, config: WorkerConfig, data: Dataset) -> None:
+    def __init__(self, config: WorkerConfig, data: Dataset | Sequence[Holding]) -> None:
+        """``data``: the worker's holdings (the first is its default), or one data set served as is.
+
+        Raises:
+            ConfigError: if there is no data set, or two share a name.
+        """
         self.config = config
-        self.data = data
+        self.holdings = [Holding(data)] if isinstance(data, Dataset) else list(data)
+        if not self.holdings:
+            raise ConfigError("a worker needs at least one data set")
+        self.named = {holding.spec.key: holding for holding in self.holdings if holding.spec is not None}
+        if len(self.named) != sum(holding.spec is not None for holding in self.holdings):
+            raise ConfigError("two of the worker's data sets share a key")
+        self.data = self.holdings[0].data  # what it serves when a request names no data set
+        self._catalog = tuple(holding.describe() for holding in self.named.values())
         self.factories = model_factories(config.models)
         self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
         # One compute job at a time: it owns the cached models and the CPU.
         self._compute = asyncio.Lock()
         self._models: dict[str, nn.Module] = {}
+        # SCAFFOLD's client control variates c_i, per model; see ``_control``.
+        self._controls: dict[str, Weights] = {}
+        self._attack_rng = np.random.default_rng()
         self._connections = 0
         self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
@@ -127,6 +220,8 @@ class Worker:
             num_classes=self.data.num_classes,
             histogram=tuple(self.data.histogram()),
             models=tuple(self.factories),
+            validation_size=self.holdings[0].validation_size,
+            datasets=self._catalog,
         )
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -165,9 +260,10 @@ class Worker:
             )
         if isinstance(message, Fit) and self.config.testing:
             raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        data = self._examples(message)
         abandoned = threading.Event()
         async with self._compute:
-            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, abandoned)
+            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, data, abandoned)
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -186,23 +282,102 @@ class Worker:
             model = self._models[name] = self.factories[name]()
         return model
 
-    def _compute_sync(self, message: Fit | Evaluate, abandoned: threading.Event) -> Message:
+    def _examples(self, message: Fit | Evaluate) -> Dataset:
+        """What ``message`` asks for: its named data set (else the default), or that set's validation split."""
+        key = message.dataset_key
+        holding = self.holdings[0] if key is None else self.named.get(key)
+        if holding is None:
+            held = ", ".join(self.named) or "no named data sets"
+            raise RequestFailed("incompatible", f"data set {key!r} is not held by this worker (it has {held})")
+        if isinstance(message, Evaluate) and message.split == VALIDATION:
+            if holding.validation is None:
+                raise RequestFailed(
+                    "incompatible",
+                    "this worker holds no validation split (it is the evaluator, or runs with --val-fraction 0)",
+                )
+            return holding.validation
+        return holding.data
+
+    def _compute_sync(self, message: Fit | Evaluate, data: Dataset, abandoned: threading.Event) -> Message:
         model = self._model(message.model)
         try:
             set_weights(model, message.weights)
         except ModelError as exc:
             raise RequestFailed("incompatible", str(exc)) from None
         if isinstance(message, Fit):
-            started = time.perf_counter()
-            torch.manual_seed(message.plan.seed)  # dropout and other random layers
-            result = train(
-                model, self.data, message.plan, self.device, abandoned=abandoned, batch_delay=self.config.batch_delay
-            )
-            if not math.isfinite(result.loss):
-                raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
-            return FitResult(get_weights(model), len(self.data), result.loss, time.perf_counter() - started)
-        outcome = evaluate(model, self.data, message.batch_size, self.device)
+            return self._fit(model, message, data, abandoned)
+        outcome = evaluate(model, data, message.batch_size, self.device)
         return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
+
+    def _fit(self, model: nn.Module, message: Fit, data: Dataset, abandoned: threading.Event) -> FitResult:
+        started = time.perf_counter()
+        plan = message.plan
+        local = self._control(message) if message.control is not None else None
+        correction = (
+            {name: message.control[name] - local[name] for name in local}
+            if message.control is not None and local is not None
+            else None
+        )
+        torch.manual_seed(plan.seed)  # dropout and other random layers
+        result = train(
+            model,
+            data,
+            plan,
+            self.device,
+            abandoned=abandoned,
+            batch_delay=self.config.batch_delay,
+            anchor=message.weights,
+            correction=correction,
+        )
+        if not math.isfinite(result.loss):
+            raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
+        trained = get_weights(model)
+        if self.config.attack is not None:
+            trained = corrupt(trained, message.weights, self.config.attack, self._attack_rng)
+        control_delta = None
+        if message.control is not None and local is not None:
+            # Option II of SCAFFOLD: c_i+ = c_i - c + (x - y) / (K * lr), from the weights alone.
+            # With no batches there is nothing to learn the variate from: it stays.
+            steps = plan.num_batches * plan.lr
+            control_delta = {
+                name: ((message.weights[name] - trained[name]) / steps - message.control[name]).astype(array.dtype)
+                if steps
+                else np.zeros_like(array)
+                for name, array in local.items()
+            }
+            self._controls[message.model] = {name: local[name] + control_delta[name] for name in local}
+        weights = {name: trained[name] - message.weights[name] for name in trained} if plan.delta else trained
+        if plan.clip is not None:
+            # Differential privacy (DP-FedAvg, McMahan et al. 2018): the float tensors' update, clipped, plus this
+            # worker's share of the noise, drawn from the operating system's entropy, never from the plan's seed.
+            weights, _ = clip_update(
+                {name: array for name, array in weights.items() if np.issubdtype(array.dtype, np.floating)}, plan.clip
+            )
+            if plan.noise_std:
+                noise = gaussian_noise(weights, plan.noise_std, np.random.default_rng())
+                weights = {name: array + noise[name] for name, array in weights.items()}
+        error = compression_error(weights, plan.compress) if plan.compress != "none" else 0.0
+        return FitResult(weights, len(data), result.loss, time.perf_counter() - started, control_delta, error)
+
+    def _control(self, message: Fit) -> Weights:
+        """This worker's SCAFFOLD control variate for the request's model, checked against the server's.
+
+        A server variate of all zeros marks the first round of a run: the
+        worker's own variate starts at zero then too, rather than carrying
+        over from an earlier run.
+        """
+        assert message.control is not None
+        for name, array in message.control.items():
+            reference = message.weights.get(name)
+            if reference is None or reference.shape != array.shape or not np.issubdtype(array.dtype, np.floating):
+                raise RequestFailed(
+                    "incompatible", f"control variate {name} does not match a float tensor of the model"
+                )
+        local = self._controls.get(message.model)
+        fresh = not any(np.any(array) for array in message.control.values())
+        if local is None or fresh or local.keys() != message.control.keys():
+            local = {name: np.zeros_like(array) for name, array in message.control.items()}
+        return local
 
 
 class _Session:
@@ -214,6 +389,8 @@ class _Session:
         self.peer = peer
         self.greeted = False
         self.in_flight: dict[int, asyncio.Task[None]] = {}
+        # The secure aggregation round open on this connection, if any: one at a time, dropped after unmasking.
+        self.secagg: tuple[SecAggConfig, SecAggClient] | None = None
 
     async def run(self) -> None:
         if self.worker.token is not None and not await self.authenticate(self.worker.token):
@@ -221,23 +398,20 @@ class _Session:
         limit = self.worker.config.max_message_size
         while True:
             try:
-                data = await receive(self.connection, limit)
+                incoming = await receive_message(self.connection, limit)
             except ConnectionClosed:
                 return
-            except MessageTooLarge as exc:  # the rest was read and dropped
-                await self.reply_error(0, exc.code, str(exc), exc.size)
-                continue
-            logger.debug("message from %s: %d bytes", self.peer, len(data))
+            logger.debug("message from %s: %d bytes", self.peer, incoming.size)
             try:
-                envelope = decode(data)
-            except ProtocolError as exc:
-                await self.reply_error(exc.request_id or 0, exc.code, str(exc), len(data))
+                envelope = incoming.finish()
+            except ProtocolError as exc:  # MessageTooLarge too: the rest was read and dropped
+                await self.reply_error(exc.request_id or 0, exc.code, str(exc), incoming.size)
                 continue
             failure = self.refusal(envelope)
             if failure is not None:
-                await self.reply_error(envelope.id, *failure, len(data))
+                await self.reply_error(envelope.id, *failure, incoming.size)
                 continue
-            self.dispatch(envelope, len(data))
+            self.dispatch(envelope, incoming.size)
 
     async def authenticate(self, token: bytes) -> bool:
         """Challenge the peer for the shared token before reading any application message.
@@ -302,7 +476,9 @@ class _Session:
             logger.exception("%s from %s failed", message.kind, self.peer)
             await self.reply_error(request_id, "internal", f"{message.kind} failed on the worker", size)
             return
-        sent = await self.send(request_id, reply)
+        # A fit reply goes in the encoding its plan asked for; compressing is part of encoding.
+        compression = message.plan.compress if isinstance(message, Fit) else "none"
+        sent = await self.send(request_id, reply, compression=compression)
         log = logger.debug if isinstance(message, Ping) else logger.info
         log(
             "%s from %s: %d bytes in, %d bytes out, %.3f s",
@@ -324,7 +500,51 @@ class _Session:
             return self.worker.info()
         if isinstance(message, (Fit, Evaluate)):
             return await self.worker.compute(message)
+        if isinstance(message, Query):
+            # Read-only numpy over the data: a thread, beside any fit, so pings are still answered.
+            reply = await asyncio.to_thread(
+                analytics.answer, message, self.worker.data, self.worker.config.min_group_size
+            )
+            if isinstance(reply, Error):
+                raise RequestFailed(reply.code, reply.reason)
+            return reply
+        if isinstance(message, (SecAggStart, SecAggShare, SecAggMask, SecAggUnmask)):
+            return await self.secure_aggregation(message)
         return Pong()
+
+    async def secure_aggregation(self, message: SecAggStart | SecAggShare | SecAggMask | SecAggUnmask) -> Message:
+        """One step of this connection's secure aggregation round (``syncfed.secagg``, Bonawitz et al. 2017).
+
+        The mask step trains as its fit asks and masks the float tensors'
+        update; a refusal below the threshold is a ``refused`` error reply.
+        """
+        try:
+            if isinstance(message, SecAggStart):
+                self.secagg = (message.config, SecAggClient(message.config, message.client))
+                return SecAggKeys(self.secagg[1].advertise_keys())
+            if self.secagg is None or self.secagg[0].session != message.session:
+                raise RequestFailed("out_of_order", "no secure aggregation round with this session is open")
+            config, client = self.secagg
+            if isinstance(message, SecAggShare):
+                return SecAggShares(client.share_keys(message.keys))
+            if isinstance(message, SecAggMask):
+                reply = await self.worker.compute(message.fit)
+                assert isinstance(reply, FitResult)
+                vector = flatten({n: a for n, a in reply.weights.items() if np.issubdtype(a.dtype, np.floating)})
+                clipped = int(np.count_nonzero(np.abs(vector) > config.clip))
+                if clipped:
+                    logger.warning("%d update values beyond +-%g clipped before masking", clipped, config.clip)
+                count = reply.num_examples if message.weighted else 1
+                masked = await asyncio.to_thread(client.mask_input, message.shares, vector, count)
+                return SecAggMasked(masked, reply.loss, reply.seconds)
+            self.secagg = None  # a client answers one unmasking request only
+            return SecAggUnmasked(client.unmask(message.request))
+        except SecAggError as exc:
+            raise RequestFailed("refused", str(exc)) from None
+        except ProtocolError as exc:
+            raise RequestFailed(exc.code, str(exc)) from None
+        except ConfigError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
 
     async def reply_error(self, request_id: int, code: str, reason: str, size: int) -> None:
         logger.warning(
@@ -332,17 +552,21 @@ class _Session:
         )
         await self.send(request_id, Error(code, reason[:1000]))
 
-    async def send(self, request_id: int, message: Message) -> int:
+    async def send(self, request_id: int, message: Message, *, compression: str = "none") -> int:
+        """Send a reply, streamed when large, its float tensors encoded with ``compression``; return its size."""
         try:
-            data = encode(request_id, message)
+            outgoing = encode_fragments(
+                request_id, message, chunk_size=self.worker.config.chunk_size, compression=compression
+            )
         except TensorError as exc:  # e.g. a user model with a dtype the wire does not carry
             logger.error("cannot encode the %s reply to %s: %s", message.kind, self.peer, exc)
-            data = encode(request_id, Error("internal", f"cannot encode the {message.kind} reply: {exc}"[:1000]))
+            error = Error("internal", f"cannot encode the {message.kind} reply: {exc}"[:1000])
+            outgoing = encode_fragments(request_id, error)
         try:
-            await self.connection.send(data)
+            await send_message(self.connection, outgoing)
         except ConnectionClosed:
             logger.info("%s left before the reply to request %d", self.peer, request_id)
-        return len(data)
+        return outgoing.size
 
     def abandon(self) -> None:
         """Cancel what is still in flight for a closed connection."""
@@ -350,8 +574,10 @@ class _Session:
             task.cancel()
 
 
-async def run_worker(config: WorkerConfig, data: Dataset, *, ready: Callable[[str], None] = print) -> None:
-    """Serve ``data`` until cancelled; ``ready`` gets the line naming the bound address."""
+async def run_worker(
+    config: WorkerConfig, data: Dataset | Sequence[Holding], *, ready: Callable[[str], None] = print
+) -> None:
+    """Serve ``data`` (see :class:`Worker`) until cancelled; ``ready`` gets the line naming the bound address."""
     worker = Worker(config, data)
     options = connection_options(config.max_message_size)
     tls = None

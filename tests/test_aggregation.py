@@ -323,3 +323,42 @@ def test_from_float64_rounds_integers_half_to_even() -> None:
     assert from_float64(values, np.dtype(np.int64)).tolist() == [0, 2, 2, 0]
     assert from_float64(values, np.dtype(np.float32)).dtype == np.float32
     np.testing.assert_array_equal(from_float64(values, np.dtype(np.float16)), values.astype(np.float16))
+
+
+@FAST
+@given(
+    st.integers(0, 2**32 - 1),
+    st.lists(st.integers(1, 5000), min_size=2, max_size=8),
+    st.permutations(range(8)),
+    st.booleans(),
+)
+def test_running_mean_around_an_origin_does_not_depend_on_arrival_order(
+    seed: int, counts: list[int], order: list[int], weighted: bool
+) -> None:
+    """Replies race over the network: the folded mean must be the same bits in any order."""
+    rng = np.random.default_rng(seed)
+    origin = {"w": rng.normal(0, 1, 4000).astype(np.float32), "n": np.array(7, dtype=np.int64)}
+    updates = [
+        ({"w": (origin["w"] + rng.normal(0, 0.01, 4000)).astype(np.float32), "n": np.array(7 + k, dtype=np.int64)}, c)
+        for k, c in enumerate(counts)
+    ]
+    results = []
+    for permutation in (range(len(updates)), [i for i in order if i < len(updates)]):
+        running = RunningMean(weighted=weighted, origin=origin)
+        for index in permutation:
+            running.add(*updates[index])
+        results.append(running.result())
+    assert results[0]["w"].tobytes() == results[1]["w"].tobytes()
+    assert results[0]["n"] == results[1]["n"]
+    expected = np.average(
+        np.stack([weights["w"].astype(np.float64) for weights, _ in updates]),
+        axis=0,
+        weights=np.array(counts, dtype=np.float64) if weighted else None,
+    )
+    np.testing.assert_allclose(results[0]["w"], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_running_mean_origin_must_fit_the_updates() -> None:
+    running = RunningMean(origin={"w": np.zeros(3, np.float32)})
+    with pytest.raises(AggregationError, match=r"update 0 has tensor w of shape \(4,\), the origin has \(3,\)"):
+        running.add({"w": np.zeros(4, np.float32)}, 1)

@@ -57,7 +57,7 @@ def test_digits_cnn_maps_one_8x8_image_to_ten_classes() -> None:
 
 
 def test_registry_and_defaults() -> None:
-    assert set(MODELS) == {"mnist-cnn", "digits-cnn"}
+    assert set(MODELS) == {"mnist-cnn", "digits-cnn", "mlp-1m", "mlp-10m", "mlp-100m"}
     assert resolve_model("mnist-cnn") is MnistCNN
     assert resolve_model("digits-cnn") is DigitsCNN
     assert default_model("mnist") == "mnist-cnn"
@@ -195,7 +195,8 @@ def test_unknown_names(name: str, user_models: str) -> None:
     with pytest.raises(ModelError) as info:
         resolve_model(name)
     assert str(info.value) == (
-        f"model {name!r} is not one of mnist-cnn, digits-cnn nor an import path like mypkg.models:Net"
+        f"model {name!r} is not one of mnist-cnn, digits-cnn, mlp-1m, mlp-10m, mlp-100m"
+        " nor an import path like mypkg.models:Net"
     )
 
 

@@ -103,8 +103,8 @@ def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[st
     lines = completed.stdout.splitlines()
     assert lines[0].split() == ["id", "address", "status", "protocol", "dataset", "examples", "classes", "rtt", "ms"]
     alice = lines[1].split()
-    assert alice[:7] == ["alice", digits_workers["alice"].uri, "reachable", "(trainer)", "1", "digits", "576"]
-    assert alice[7:11] == ["0:142", "1:146", "2:142", "3:146"]
+    assert alice[:7] == ["alice", digits_workers["alice"].uri, "reachable", "(trainer)", "1", "digits", "518"]
+    assert alice[7:11] == ["0:127", "1:134", "2:128", "3:129"]
     assert float(alice[-1]) >= 0
     assert lines[3].split()[:4] == ["testing", digits_workers["testing"].uri, "reachable", "(evaluator)"]
 
@@ -154,7 +154,7 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
     events = [json.loads(line) for line in metrics.read_text().splitlines()]
     rounds = [event for event in events if event["event"] == "round"]
     assert [event["workers"] for event in rounds] == [["central"]] * 3
-    assert all(event["num_examples"] == {"central": 1437} for event in rounds)
+    assert all(event["num_examples"] == {"central": 1293} for event in rounds)
     evaluated = {(event["round"], event["model"]) for event in events if event["event"] == "eval"}
     assert evaluated == {(r, model) for r in (1, 2, 3) for model in ("central", "federated")}
     assert "Model update central: Percentage numbers 0-9: 100%" in completed.stdout

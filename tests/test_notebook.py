@@ -85,9 +85,9 @@ def test_every_cell_ran_without_errors(executed: nbformat.NotebookNode) -> None:
 
 def test_workers_report_what_they_hold(executed: nbformat.NotebookNode) -> None:
     text = _text(_cell(executed, "Hello()"))
-    assert "alice (trainer) holds 576 digits images of shape (1, 8, 8), digits 0-3" in text
-    assert "bob (trainer) holds 435 digits images" in text
-    assert "charlie (trainer) holds 426 digits images" in text
+    assert "alice (trainer) holds 518 digits images of shape (1, 8, 8), digits 0-3" in text
+    assert "bob (trainer) holds 391 digits images" in text
+    assert "charlie (trainer) holds 383 digits images" in text
     assert "testing (evaluator) holds 360 digits images of shape (1, 8, 8), digits 0-9" in text
 
 

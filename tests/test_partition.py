@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from syncfed.exceptions import ConfigError
-from syncfed.partition import DEFAULT_CLASSES, class_indices, default_classes, group_label, parse_classes
+from syncfed.partition import (
+    DEFAULT_CLASSES,
+    class_indices,
+    default_classes,
+    group_label,
+    iid_shard,
+    parse_classes,
+    parse_shard,
+)
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -112,3 +120,31 @@ def test_group_label(classes: tuple[int, ...], label: str) -> None:
 def test_group_label_round_trips_through_parse_classes(classes: set[int]) -> None:
     label = group_label(sorted(classes))
     assert parse_classes(label, num_classes=100) == tuple(sorted(classes))
+
+
+@FAST
+@given(st.integers(0, 500), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_iid_shards_are_disjoint_cover_everything_and_are_balanced(size: int, count: int, seed: int) -> None:
+    shards = [iid_shard(size, k, count, np.random.default_rng(seed)) for k in range(count)]
+    joined = np.concatenate(shards)
+    assert sorted(joined.tolist()) == list(range(size))  # disjoint and covering
+    lengths = [len(shard) for shard in shards]
+    assert max(lengths) - min(lengths) <= 1
+    assert all(np.all(np.diff(shard) > 0) for shard in shards)  # sorted, as views of the data set expect
+
+
+def test_iid_shards_depend_on_the_seed_only() -> None:
+    first = iid_shard(100, 1, 4, np.random.default_rng(7))
+    assert np.array_equal(first, iid_shard(100, 1, 4, np.random.default_rng(7)))
+    assert not np.array_equal(first, iid_shard(100, 1, 4, np.random.default_rng(8)))
+
+
+@pytest.mark.parametrize(("text", "expected"), [("1/4", (0, 4)), ("4/4", (3, 4)), ("1/1", (0, 1))])
+def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
+    assert parse_shard(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0/4", "5/4", "2", "a/b", "2/"])
+def test_parse_shard_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="shard"):
+        parse_shard(text)

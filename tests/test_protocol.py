@@ -29,13 +29,44 @@ from syncfed.protocol import (
     Message,
     Ping,
     Pong,
+    Query,
+    QueryResult,
+    SecAggKeys,
+    SecAggMask,
+    SecAggMasked,
+    SecAggShare,
+    SecAggShares,
+    SecAggStart,
+    SecAggUnmask,
+    SecAggUnmasked,
     TrainingPlan,
     decode,
     encode,
 )
+from syncfed.secagg import CIPHERTEXT_SIZE, SHARE_SIZE
 
 WHITELIST = ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
-KINDS = {"hello", "info", "ping", "pong", "fit", "fit_result", "evaluate", "eval_result", "error"}
+KINDS = {
+    "hello",
+    "info",
+    "ping",
+    "pong",
+    "fit",
+    "fit_result",
+    "evaluate",
+    "eval_result",
+    "error",
+    "query",
+    "query_result",
+    "secagg_start",
+    "secagg_keys",
+    "secagg_share",
+    "secagg_shares",
+    "secagg_mask",
+    "secagg_masked",
+    "secagg_unmask",
+    "secagg_unmasked",
+}
 
 
 def pack(value: object) -> bytes:
@@ -141,8 +172,29 @@ def small_fit() -> Fit:
 
 
 def test_every_kind_is_covered_by_the_strategy() -> None:
-    assert {cls.kind for cls in (Hello, Info, Ping, Pong, Fit, FitResult, Evaluate, EvalResult, Error)} == KINDS
-    assert REQUESTS == {"hello": "info", "ping": "pong", "fit": "fit_result", "evaluate": "eval_result"}
+    kinds = (Hello, Info, Ping, Pong, Fit, FitResult, Evaluate, EvalResult, Error, Query, QueryResult)
+    secagg = (
+        SecAggStart,
+        SecAggKeys,
+        SecAggShare,
+        SecAggShares,
+        SecAggMask,
+        SecAggMasked,
+        SecAggUnmask,
+        SecAggUnmasked,
+    )
+    assert {cls.kind for cls in kinds + secagg} == KINDS
+    assert REQUESTS == {
+        "hello": "info",
+        "ping": "pong",
+        "fit": "fit_result",
+        "evaluate": "eval_result",
+        "query": "query_result",
+        "secagg_start": "secagg_keys",
+        "secagg_share": "secagg_shares",
+        "secagg_mask": "secagg_masked",
+        "secagg_unmask": "secagg_unmasked",
+    }
 
 
 @settings(max_examples=150, deadline=None)
@@ -364,6 +416,43 @@ VALID_BODIES: dict[str, dict[str, object]] = {
     "evaluate": {"model": "m", "weights": {}, "batch_size": 64},
     "eval_result": {"loss": 0.1, "correct": 3, "num_examples": 4, "predictions": [1, 3]},
     "error": {"code": "internal", "reason": "boom"},
+    "query": {"query": "label-histogram", "features": [], "bins": None, "range": None},
+    "query_result": {
+        "query": "label-histogram",
+        "num_examples": 20,
+        "num_features": 64,
+        "tensors": {"labels": tensor_body(np.array([10, 10], np.int64))},
+    },
+    # Secure aggregation: maps keyed by client id travel as [id, bytes] pairs.
+    "secagg_start": {
+        "config": {
+            "num_clients": 3,
+            "threshold": 2,
+            "length": 4,
+            "clip": 1.0,
+            "session": b"s" * 32,
+            "graph_seed": 0,
+            "bits": 32,
+            "max_count": 10,
+        },
+        "client": 2,
+    },
+    "secagg_keys": {"client": 0, "c_public": b"c" * 32, "s_public": b"s" * 32},
+    "secagg_share": {"session": b"s" * 32, "c_public": [[1, b"c" * 32]], "s_public": [[1, b"s" * 32]]},
+    "secagg_shares": {"client": 0, "ciphertexts": [[1, b"x" * CIPHERTEXT_SIZE]]},
+    "secagg_mask": {
+        "session": b"s" * 32,
+        "ciphertexts": [[1, b"x" * CIPHERTEXT_SIZE]],
+        "fit": {"model": "m", "weights": {}, "plan": plan_body(delta=True)},
+        "weighted": True,
+    },
+    "secagg_masked": {"client": 0, "vector": tensor_body(np.arange(5, dtype=np.int32)), "loss": 0.5, "seconds": 1.0},
+    "secagg_unmask": {"session": b"s" * 32, "survivors": [0, 1], "dropped": [2]},
+    "secagg_unmasked": {
+        "client": 0,
+        "seed_shares": [[0, b"\x01" * SHARE_SIZE]],
+        "key_shares": [[2, b"\x02" * SHARE_SIZE]],
+    },
 }
 
 
@@ -542,10 +631,15 @@ INVALID = [
     lambda: TrainingPlan(round=0, batch_size=32, num_batches=10, lr=0.1, seed=0),
     lambda: TrainingPlan(round=1, batch_size=0, num_batches=10, lr=0.1, seed=0),
     lambda: TrainingPlan(round=1, batch_size=1_000_001, num_batches=10, lr=0.1, seed=0),
-    lambda: TrainingPlan(round=1, batch_size=32, num_batches=0, lr=0.1, seed=0),
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=-1, lr=0.1, seed=0),
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=1_000_001, lr=0.1, seed=0),
     lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=-1),
     lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=2**63),
     lambda: TrainingPlan(round=1, batch_size=32.0, num_batches=10, lr=0.1, seed=0),
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=0, clip=1.0),  # clip needs delta
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=0, delta=True, clip=0.0),
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=0, delta=True, noise_std=0.1),
+    lambda: TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=0, delta=True, clip=1, noise_std=-1),
     lambda: Error(code="nope", reason="x"),
     lambda: Error(code="internal", reason="x" * 1001),
     lambda: Error(code="internal", reason=None),

@@ -17,9 +17,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..aggregation import AGGREGATORS
 from ..auth import read_token
 from ..client import WorkerClient
+from ..compression import COMPRESSIONS
 from ..config import (
     DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EVALUATOR,
@@ -30,6 +30,7 @@ from ..config import (
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_ROUND_TIMEOUT,
     DEFAULT_WORKERS,
+    DP_MODES,
     CoordinatorConfig,
     parse_endpoints,
 )
@@ -37,8 +38,9 @@ from ..coordinator import FEDERATED, Coordinator, RunResult
 from ..datasets import DATASETS, ensure_mnist
 from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
 from ..monitor import Progress, TensorBoardWriter
-from ..protocol import Hello, Info, Ping
+from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
 from ..spawn import spawn_workers
+from ..strategies import STRATEGIES
 from ..transport import client_tls
 from .common import INTERRUPTED, exit_code, fail, parse_arguments, setup_logging, size
 
@@ -46,6 +48,20 @@ __all__ = ["main", "build_parser"]
 
 PROGRAM = "run_websocket_client.py"
 CENTRAL = "central"
+
+#: Strategy settings as flags: flag -> (setting, type, help). Only the flags given reach the strategy,
+#: which refuses those it does not take.
+STRATEGY_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--mu": ("mu", float, "fedprox: weight of the proximal term (default 0.01)"),
+    "--server-lr": ("server_lr", float, "fedavgm, fedadam, fedyogi, fedadagrad, scaffold: server learning rate"),
+    "--server-momentum": ("momentum", float, "fedavgm: server momentum (default 0.9)"),
+    "--beta1": ("beta1", float, "fedadam, fedyogi, fedadagrad: first-moment decay (default 0.9)"),
+    "--beta2": ("beta2", float, "fedadam, fedyogi: second-moment decay (default 0.99)"),
+    "--tau": ("tau", float, "fedadam, fedyogi, fedadagrad: adaptivity (default 0.001)"),
+    "--trim-ratio": ("trim_ratio", float, "trimmed-mean: share trimmed at each end per coordinate (default 0.2)"),
+    "--byzantine-f": ("byzantine_f", int, "krum, multi-krum: byzantine workers tolerated (default 1)"),
+    "--multi-krum-m": ("m", int, "multi-krum: updates averaged (default: n - f)"),
+}
 
 T = TypeVar("T")
 Listener = Callable[[Mapping[str, Any]], None]
@@ -73,11 +89,54 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="seed of the initial model and the workers' shuffling (default: %(default)s)",
     )
-    recipe.add_argument(
+    strategy = parser.add_argument_group("strategy (docs/strategies.md)")
+    strategy.add_argument(
+        "--strategy",
         "--aggregation",
-        choices=list(AGGREGATORS),
+        dest="strategy",
         default="fedavg",
-        help="fedavg: weighted by examples; mean: unweighted (default: %(default)s)",
+        metavar="NAME",
+        help=f"{', '.join(STRATEGIES)}, or an import path mypkg.mod:MyStrategy (default: %(default)s)",
+    )
+    for flag, (setting, kind, text) in STRATEGY_FLAGS.items():
+        strategy.add_argument(flag, dest=f"setting_{setting}", type=kind, help=text)
+    strategy.add_argument(
+        "--fraction-fit",
+        type=float,
+        default=1.0,
+        help="client sampling: share of the training workers each round trains, seeded (default: %(default)s)",
+    )
+    strategy.add_argument(
+        "--min-fit-workers",
+        type=int,
+        default=1,
+        help="client sampling: at least this many per round (default: %(default)s)",
+    )
+    asynchronous = parser.add_argument_group("asynchronous mode (FedBuff)")
+    asynchronous.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: rounds wait for the selected workers; async: workers train continuously and the coordinator"
+        " publishes a new global version per buffer of updates (default: %(default)s)",
+    )
+    asynchronous.add_argument(
+        "--buffer-size",
+        type=int,
+        default=2,
+        metavar="K",
+        help="updates per global version; 1 is FedAsync (default: %(default)s)",
+    )
+    asynchronous.add_argument(
+        "--staleness-weight",
+        choices=("constant", "polynomial", "hinge"),
+        default="polynomial",
+        help="discount of stale updates: 1, (1+s)^-a, or 1 up to b then 1/(a(s-b)+1) (default: %(default)s)",
+    )
+    asynchronous.add_argument("--staleness-a", type=float, default=0.5, help="the discount's a (default: %(default)s)")
+    asynchronous.add_argument("--staleness-b", type=int, default=4, help="the hinge's b (default: %(default)s)")
+    asynchronous.add_argument(
+        "--max-staleness", type=int, help="discard updates more than this many versions old (default: keep all)"
     )
     recipe.add_argument(
         "--model",
@@ -123,12 +182,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--status", action="store_true", help="print who the workers are and how fast they answer, then exit"
     )
 
+    sites = parser.add_argument_group("evaluation at the sites and named data sets (docs/evaluation.md)")
+    sites.add_argument(
+        "--federated-eval",
+        action="store_true",
+        help="at each evaluation round, every training worker also scores the global model on its validation"
+        " split; printed per site and as the example-weighted average",
+    )
+    sites.add_argument(
+        "--cross-site-validation",
+        action="store_true",
+        help="after the last round, score every worker's final local model and the global one on every"
+        " worker's validation split and the evaluator's test set",
+    )
+    sites.add_argument(
+        "--cross-site-out",
+        type=Path,
+        metavar="DIR",
+        help="where the cross-site matrix goes as JSON and PNG (default: cross-site/ beside --metrics-out,"
+        " else ./cross-site)",
+    )
+    sites.add_argument(
+        "--dataset-key",
+        metavar="NAME",
+        help="train and evaluate on the workers' named data set NAME (see the workers' --dataset-spec);"
+        " default: each worker's default data set",
+    )
+
     output = parser.add_argument_group("output")
     output.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
     output.add_argument(
         "--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model"
     )
     output.add_argument("--tensorboard", type=Path, metavar="DIR", help="also write TensorBoard scalars to DIR")
+    output.add_argument(
+        "--registry",
+        type=Path,
+        metavar="DIR",
+        help="record every global model version in this model registry (python -m syncfed models);"
+        " default: registry/ beside --metrics-out when that is given",
+    )
+    output.add_argument("--no-registry", action="store_true", help="record no model versions")
     output.add_argument(
         "--no-progress", action="store_true", help="plain lines per round instead of a progress bar on a terminal"
     )
@@ -188,6 +282,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     limits = parser.add_argument_group("limits and timeouts")
     limits.add_argument(
+        "--chunk-size",
+        type=size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="stream larger messages in fragments of this size, so no side holds a second copy (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="encoding of the workers' updates on the wire; fp16 and int8 cut the bytes of slow links"
+        " at a small error, reported in the metrics (default: %(default)s)",
+    )
+    limits.add_argument(
         "--max-message-size",
         type=size,
         default=DEFAULT_MAX_MESSAGE_SIZE,
@@ -205,7 +312,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_REQUEST_TIMEOUT,
         help="seconds to wait for an evaluation reply (default: %(default)s)",
     )
+    _add_privacy_flags(parser)
     return parser
+
+
+def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
+    """Secure aggregation and differential privacy (docs/privacy.md)."""
+    privacy = parser.add_argument_group("privacy (docs/privacy.md)")
+    privacy.add_argument(
+        "--secure-agg",
+        action="store_true",
+        help="secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum of each round's updates",
+    )
+    privacy.add_argument(
+        "--secagg-threshold",
+        type=int,
+        metavar="T",
+        help="workers that must survive to unmask a round's sum, more than half of those per round"
+        " (default: two thirds of them, rounded up)",
+    )
+    privacy.add_argument(
+        "--secagg-clip",
+        type=float,
+        default=4.0,
+        metavar="R",
+        help="without --dp, update values beyond +-R are clipped before masking (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--dp",
+        choices=DP_MODES,
+        help="differential privacy (DP-FedAvg): the coordinator (central) or each worker (distributed) adds the noise",
+    )
+    privacy.add_argument(
+        "--dp-clip",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="L2 norm each worker's update is clipped to (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        metavar="Z",
+        help="noise of standard deviation Z * C on the sum of the updates (default: the least that lets"
+        " --training-rounds rounds stay within --dp-target-epsilon)",
+    )
+    privacy.add_argument(
+        "--dp-delta", type=float, default=1e-5, help="the delta epsilon is reported at (default: %(default)s)"
+    )
+    privacy.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        metavar="EPSILON",
+        help="stop, saving the model, before a round that would spend more than this",
+    )
 
 
 def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluator: dict[str, str]) -> CoordinatorConfig:
@@ -220,8 +380,30 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
         lr=args.lr,
         lr_decay=args.lr_decay,
         seed=args.seed,
-        aggregation=args.aggregation,
+        strategy=args.strategy,
+        strategy_settings={
+            setting: getattr(args, f"setting_{setting}")
+            for setting, _, _ in STRATEGY_FLAGS.values()
+            if getattr(args, f"setting_{setting}") is not None
+        },
+        fraction_fit=args.fraction_fit,
+        min_fit_workers=args.min_fit_workers,
+        mode=args.mode,
+        buffer_size=args.buffer_size,
+        staleness_weight=args.staleness_weight,
+        staleness_a=args.staleness_a,
+        staleness_b=args.staleness_b,
+        max_staleness=args.max_staleness,
+        compress=args.compress,
+        registry=None
+        if args.no_registry
+        else args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None),
+        chunk_size=args.chunk_size,
         eval_every=args.eval_every,
+        federated_eval=args.federated_eval,
+        cross_site_validation=args.cross_site_validation,
+        cross_site_out=args.cross_site_out,
+        dataset_key=args.dataset_key,
         save_model=args.save_model,
         metrics_out=args.metrics_out,
         max_message_size=args.max_message_size,
@@ -239,6 +421,14 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         auth_token_file=args.auth_token_file,
+        secure_agg=args.secure_agg,
+        secagg_threshold=args.secagg_threshold,
+        secagg_clip=args.secagg_clip,
+        dp=args.dp,
+        dp_clip=args.dp_clip,
+        dp_noise_multiplier=args.dp_noise_multiplier,
+        dp_delta=args.dp_delta,
+        dp_target_epsilon=args.dp_target_epsilon,
     )
 
 

@@ -91,6 +91,8 @@ def setup_logging(verbose: bool, *, default: int) -> None:
     )
     # websockets logs every frame at DEBUG: too much even for --verbose.
     logging.getLogger("websockets").setLevel(logging.INFO if verbose else logging.WARNING)
+    # dp-accounting's calibration logs harmless absl warnings while it searches.
+    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:

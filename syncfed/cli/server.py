@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import DEFAULT_MAX_MESSAGE_SIZE, WorkerConfig
-from ..datasets import DATASETS
+from ..config import ATTACKS, DEFAULT_MAX_MESSAGE_SIZE, WorkerConfig
+from ..datasets import DATASETS, parse_dataset_spec
 from ..exceptions import ConfigError, SyncfedError
-from ..partition import group_label, parse_classes
-from ..worker import load_shard, run_worker
+from ..partition import group_label, parse_classes, parse_shard
+from ..protocol import DEFAULT_CHUNK_SIZE
+from ..worker import Holding, load_holdings, run_worker
 from .common import INTERRUPTED, fail, parse_arguments, setup_logging, size
 
 __all__ = ["main", "build_parser"]
@@ -50,6 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: by id: alice 0-3, bob 4-6, charlie 7-9; all for the evaluator)",
     )
     parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="hold the K-th of N seeded IID shards of the training set instead of whole classes, e.g. 2/4",
+    )
+    parser.add_argument(
+        "--shard-seed", type=int, default=0, help="seed of the IID shuffle; the same on every worker (default: 0)"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        metavar="F",
+        help="share of a training worker's examples held out for validation and never trained on"
+        " (default: %(default)s; 0 for none)",
+    )
+    parser.add_argument(
+        "--val-seed", type=int, metavar="N", help="seed of the validation hold-out (default: derived from --id)"
+    )
+    parser.add_argument(
+        "--dataset-spec",
+        action="append",
+        default=[],
+        metavar="KEY=DATASET:SPLIT",
+        help="hold this named data set, e.g. digits-train=digits:train (repeatable; the first is the default;"
+        " --digits and --shard apply to each); without it the worker holds --dataset",
+    )
+    parser.add_argument(
         "--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)"
     )
     parser.add_argument("--cuda", action="store_true", help="train on the GPU when one is available")
@@ -62,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest message accepted, in bytes or with a unit such as 512MiB (default: %(default)s)",
     )
     parser.add_argument(
+        "--chunk-size",
+        type=size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="stream larger replies in fragments of this size (default: %(default)s)",
+    )
+    parser.add_argument(
         "--max-in-flight", type=int, default=8, help="concurrent requests per connection (default: %(default)s)"
     )
     parser.add_argument(
@@ -71,11 +105,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent connections; more are refused (default: %(default)s)",
     )
     parser.add_argument(
+        "--min-group-size",
+        type=int,
+        default=10,
+        metavar="N",
+        help="refuse analytics queries whose answer would describe fewer than N examples (default: %(default)s)",
+    )
+    hooks = parser.add_argument_group("test hooks (for drills and tests only, never in production)")
+    hooks.add_argument(
+        "--slowdown",
         "--batch-delay",
+        dest="batch_delay",
         type=float,
         default=0.0,
-        metavar="SECONDS",
-        help="sleep this long per training batch, to drill slow sites (default: %(default)s)",
+        metavar="SECONDS_PER_BATCH",
+        help="TEST HOOK: sleep this long per training batch, to simulate a slow site (default: %(default)s)",
+    )
+    hooks.add_argument(
+        "--attack",
+        choices=ATTACKS,
+        help="TEST HOOK, NEVER IN PRODUCTION: act as a byzantine worker that "
+        + "; ".join(f"{name} {what}" for name, what in ATTACKS.items()),
     )
     security = parser.add_argument_group("security")
     security.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve wss:// with this certificate")
@@ -107,20 +157,57 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         dataset=args.dataset,
         data_dir=args.data_dir,
         digits=parse_classes(args.digits) if args.digits else None,
+        shard=parse_shard(args.shard) if args.shard else None,
+        shard_seed=args.shard_seed,
+        val_fraction=args.val_fraction,
+        val_seed=args.val_seed,
+        datasets=tuple(parse_dataset_spec(text) for text in args.dataset_spec),
         models=tuple(args.model),
         cuda=args.cuda,
         threads=args.threads,
         download=not args.no_download,
         max_message_size=args.max_message_size,
         max_in_flight=args.max_in_flight,
+        chunk_size=args.chunk_size,
         max_connections=args.max_connections,
+        min_group_size=args.min_group_size,
         batch_delay=args.batch_delay,
+        attack=args.attack,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         allow_coordinators=tuple(args.allow_coordinator),
         auth_token_file=args.auth_token_file,
     )
+
+
+def _describe(config: WorkerConfig, holding: Holding, digits: str | None) -> list[str]:
+    """What the worker says it holds at start: examples per class, then what it holds out for validation.
+
+    Raises:
+        ConfigError: if the data set holds no examples.
+    """
+    counts = holding.data.histogram()
+    if holding.validation is not None:
+        counts = [a + b for a, b in zip(counts, holding.validation.histogram(), strict=True)]
+    total = sum(counts)
+    where = f" of data set {holding.spec.key}" if holding.spec is not None else ""
+    if total == 0:
+        raise ConfigError(f"worker {config.worker_id} holds no examples{where} of digits {digits}")
+    split = holding.spec.split if holding.spec is not None else "test" if config.testing else "train"
+    role = "test" if split == "test" else "training"
+    listed = ", ".join(f"{label}: {count}" for label, count in enumerate(counts) if count)
+    held = group_label([label for label, count in enumerate(counts) if count])
+    named = f" as data set {holding.spec.key} ({holding.version})" if holding.spec is not None else ""
+    lines = [
+        f"{config.worker_id} holds {total} {role} examples of {holding.data.name}{named}, digits {held} ({listed})"
+    ]
+    if holding.validation is not None:
+        lines.append(
+            f"{config.worker_id} holds out {len(holding.validation)} of them for validation"
+            f" (--val-fraction {config.val_fraction:g}) and trains on {len(holding.data)}"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,18 +221,20 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose, default=20)
     try:
         config = config_from_args(args)
+        if config.attack is not None:
+            print(
+                f"WARNING: TEST HOOK --attack {config.attack}: this worker {ATTACKS[config.attack]}"
+                " instead of its real update",
+                file=sys.stderr,
+                flush=True,
+            )
         if config.threads is not None:
             torch.set_num_threads(config.threads)
-        data = load_shard(config)
-        if len(data) == 0:
-            raise ConfigError(f"worker {config.worker_id} holds no examples of digits {args.digits}")
-        counts = ", ".join(f"{label}: {count}" for label, count in enumerate(data.histogram()) if count)
-        held = group_label([label for label, count in enumerate(data.histogram()) if count])
-        role = "test" if config.testing else "training"
-        print(
-            f"{config.worker_id} holds {len(data)} {role} examples of {data.name}, digits {held} ({counts})", flush=True
-        )
-        asyncio.run(run_worker(config, data, ready=lambda line: print(line, flush=True)))
+        holdings = load_holdings(config)
+        for holding in holdings:
+            for line in _describe(config, holding, args.digits):
+                print(line, flush=True)
+        asyncio.run(run_worker(config, holdings, ready=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
         return INTERRUPTED
