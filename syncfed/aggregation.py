@@ -96,6 +96,10 @@ def from_float64(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+#: Elements folded at a time: the float64 scratch (512 KiB) stays in cache.
+_BLOCK = 1 << 16
+
+
 class RunningMean:
     """The (example-weighted) mean of updates, folded in one at a time as they arrive.
 
@@ -144,13 +148,22 @@ class RunningMean:
             }
             self._sums = {name: np.zeros(array.shape, dtype=np.float64) for name, array in weights.items()}
         factor = float(num_examples) if self.weighted else 1.0
+        # In blocks, through one small float64 scratch that stays in cache: a whole-tensor
+        # float64 temporary would cost a model-sized allocation and most of the fold's time.
+        scratch = np.empty(_BLOCK, dtype=np.float64)
         for name, total in self._sums.items():
-            values = (
-                weights[name]
-                if self.origin is None
-                else np.subtract(weights[name], self.origin[name], dtype=np.float64)
-            )
-            total += np.multiply(values, factor, dtype=np.float64)
+            flat = total.reshape(-1)
+            values = np.ravel(weights[name])
+            origin = None if self.origin is None else np.ravel(self.origin[name])
+            for start in range(0, values.size, _BLOCK):
+                stop = min(start + _BLOCK, values.size)
+                part = scratch[: stop - start]
+                if origin is None:
+                    np.multiply(values[start:stop], factor, out=part, dtype=np.float64)
+                else:
+                    np.subtract(values[start:stop], origin[start:stop], out=part, dtype=np.float64)
+                    part *= factor
+                flat[start:stop] += part
         self.count += 1
         self.total += int(num_examples)
 
