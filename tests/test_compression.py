@@ -94,7 +94,7 @@ def test_fp16_is_numpy_half_precision_cast_back(array: np.ndarray) -> None:
 # int8 --------------------------------------------------------------------------
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     dtype=st.sampled_from(FLOATS),
     array=hnp.arrays(
@@ -117,7 +117,9 @@ def test_int8_error_is_at_most_half_a_step(dtype: str, array: np.ndarray) -> Non
     scale = float(tensor["scale"])  # type: ignore[arg-type]
     exact = array.astype(np.float64)
     # Half a step, plus rounding the result to the tensor's own dtype.
-    bound = scale / 2 * (1 + 1e-9) + np.spacing(np.abs(exact).astype(dtype)).astype(np.float64)
+    # The rounding step is the larger of the exact and the decoded value's (they straddle a power of two).
+    largest = np.maximum(np.abs(exact), np.abs(decoded.astype(np.float64)))
+    bound = scale / 2 * (1 + 1e-9) + np.spacing(largest.astype(dtype)).astype(np.float64)
     assert np.all(np.abs(decoded.astype(np.float64) - exact) <= bound)
     # Each code is the nearest level, as plain numpy rounds it.
     if scale > 0:
