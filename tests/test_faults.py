@@ -853,6 +853,11 @@ def is_running(pid: int) -> bool:
     return state != "Z"
 
 
+def interruptible() -> None:
+    """Default Ctrl-C handling in the child, even when this test run was started with SIGINT ignored (``cmd &``)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_cli_and_its_spawned_workers(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
     process = subprocess.Popen(
@@ -873,6 +878,7 @@ def test_ctrl_c_stops_the_cli_and_its_spawned_workers(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=interruptible,
     )
     try:
         deadline = time.monotonic() + CLI_TIMEOUT
@@ -912,6 +918,7 @@ def test_ctrl_c_stops_a_worker_with_one_line() -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
+        preexec_fn=interruptible,
     )
     ready = re.compile(r"syncfed worker alice listening on ws://127\.0\.0\.1:\d+")
     try:
