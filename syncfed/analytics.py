@@ -28,10 +28,19 @@ the feature, never the cell or the count. This is the threshold rule of
 statistical disclosure control, not a guarantee: differencing queries over
 shifted bins can still isolate a small group; differential privacy answers that.
 
-Secure aggregation and differential privacy plug in where answers are
-combined: the histograms are plain sums across workers, which is what
-additive secure aggregation computes, and the moments would travel as sums
-about a shift the query fixes.
+Differential privacy (central: the coordinator sees the workers' exact
+answers and releases only noisy ones) uses the Laplace mechanism of Dwork,
+McSherry, Nissim and Smith 2006 ("Calibrating Noise to Sensitivity in Private
+Data Analysis"): noise of scale ``sensitivity / epsilon`` on a vector whose L1
+distance between neighbouring data sets (one example added or removed at any
+worker) is at most ``sensitivity``. :func:`private_labels`,
+:func:`private_feature_stats` and :func:`private_quantiles` state each
+query's sensitivity. Feature statistics need bounded values: a
+``feature-stats`` query with a range makes workers clip to it first.
+
+Secure aggregation would plug in where answers are combined: the histograms
+are plain sums across workers, which is what additive secure aggregation
+computes, and the moments would travel as sums about a shift the query fixes.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ from typing import Final
 import numpy as np
 
 from .datasets import Dataset
-from .exceptions import AggregationError
+from .exceptions import AggregationError, ConfigError
+from .privacy import _check_positive
 from .protocol import Error, Query, QueryResult
 
 __all__ = [
@@ -58,6 +68,11 @@ __all__ = [
     "combine_feature_stats",
     "combine_quantiles",
     "histogram_quantiles",
+    "Laplace",
+    "PrivateStats",
+    "private_labels",
+    "private_feature_stats",
+    "private_quantiles",
 ]
 
 #: Values a worker converts to float64 or to cell indices at once: bounds its memory on large data sets.
@@ -78,15 +93,20 @@ class Moments:
         return self.m2 / self.count
 
 
-def moments(values: np.ndarray, columns: Sequence[int] | None = None) -> Moments:
-    """Moments of the ``columns`` (default: all) of a 2-d array, over chunks of rows merged
-    with :func:`merge_moments`, so no full float64 copy is ever made."""
+def moments(
+    values: np.ndarray, columns: Sequence[int] | None = None, clip: tuple[float, float] | None = None
+) -> Moments:
+    """Moments of the ``columns`` (default: all) of a 2-d array, each value first clipped to
+    ``clip`` (low, high) if given, over chunks of rows merged with :func:`merge_moments`, so
+    no full float64 copy is ever made."""
     width = values.shape[1] if columns is None else len(columns)
     rows = max(1, CHUNK // max(1, width))
     parts = []
     for start in range(0, len(values), rows):
         chunk = values[start : start + rows]
         chunk = (chunk if columns is None else chunk[:, columns]).astype(np.float64)
+        if clip is not None:
+            chunk = np.clip(chunk, *clip)
         mean = chunk.mean(axis=0)
         parts.append(Moments(len(chunk), mean, np.square(chunk - mean).sum(axis=0)))
     return merge_moments(parts)
@@ -187,7 +207,8 @@ def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Er
             return _refusal(query, "a label", min_group_size)
         tensors = {"labels": labels}
     elif query.query == "feature-stats":
-        selected, pooled = moments(values, features), moments(values.reshape(-1, 1))
+        clip = query.value_range  # set when the coordinator adds differential privacy
+        selected, pooled = moments(values, features, clip), moments(values.reshape(-1, 1), None, clip)
         tensors = {"mean": selected.mean, "m2": selected.m2, "pooled": np.array([pooled.mean[0], pooled.m2[0]])}
     else:
         histogram, pooled_cells, examples = _histograms(values, features, query.edges)
@@ -293,9 +314,18 @@ def combine_quantiles(query: Query, results: Mapping[str, QueryResult], probabil
     Raises:
         AggregationError: if the answers do not fit the query or each other.
     """
+    return _quantiles(query, *_sum_histograms(query, results), probabilities)
+
+
+def _sum_histograms(query: Query, results: Mapping[str, QueryResult]) -> tuple[np.ndarray, np.ndarray]:
+    """The selected features' and the pooled histogram, summed over the workers."""
     _validate(query, results)
     histogram = np.stack([r.tensors["histogram"] for r in results.values()]).sum(axis=0)
     pooled = np.stack([r.tensors["pooled"] for r in results.values()]).sum(axis=0)
+    return histogram, pooled
+
+
+def _quantiles(query: Query, histogram: np.ndarray, pooled: np.ndarray, probabilities: Sequence[float]) -> Quantiles:
     edges = query.edges
     return Quantiles(
         query.features,
@@ -342,3 +372,136 @@ def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, probabilities: Se
             (fraction == 0) | np.isneginf(low), low, np.where(np.isposinf(high), high, between)
         )
     return result
+
+
+# Differential privacy ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Laplace:
+    """The Laplace mechanism: adds noise of scale ``sensitivity / epsilon`` to every entry.
+
+    Releasing a vector whose L1 distance between neighbouring data sets is at
+    most ``sensitivity`` this way is ``epsilon``-DP (Dwork et al. 2006).
+
+    Raises:
+        ConfigError: if ``epsilon`` or ``sensitivity`` is not a positive finite number.
+    """
+
+    epsilon: float
+    sensitivity: float
+
+    def __post_init__(self) -> None:
+        _check_positive(self.epsilon, "epsilon")
+        _check_positive(self.sensitivity, "sensitivity")
+
+    @property
+    def scale(self) -> float:
+        """The noise's scale ``b``: its standard deviation is ``b * sqrt(2)``."""
+        return self.sensitivity / self.epsilon
+
+    def release(self, exact: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``exact`` in float64 plus independent noise on every entry."""
+        noisy: np.ndarray = exact.astype(np.float64) + rng.laplace(0.0, self.scale, exact.shape)
+        return noisy
+
+
+def private_labels(
+    query: Query, results: Mapping[str, QueryResult], epsilon: float, rng: np.random.Generator
+) -> tuple[np.ndarray, Laplace]:
+    """Noisy examples per class over all workers, ``epsilon``-DP, and the mechanism used.
+
+    One example added or removed changes one count by 1: sensitivity 1.
+
+    Raises:
+        AggregationError: if the answers are not label histograms of one length.
+        ConfigError: if ``epsilon`` is not a positive finite number.
+    """
+    mechanism = Laplace(epsilon, 1.0)
+    return mechanism.release(combine_labels(query, results), rng), mechanism
+
+
+@dataclass(frozen=True)
+class PrivateStats:
+    """Noisy count, mean and variance of the selected features, then of every value of every feature.
+
+    ``count``, ``mean`` and ``variance`` have one entry per selected feature
+    and a last one over all features (``count`` = examples x features there).
+    ``mechanisms`` add the noise to the count, the sums and the sums of squares.
+    """
+
+    features: tuple[int, ...]
+    count: np.ndarray
+    mean: np.ndarray
+    variance: np.ndarray
+    mechanisms: tuple[Laplace, Laplace, Laplace]
+
+
+def private_feature_stats(
+    query: Query, results: Mapping[str, QueryResult], epsilon: float, rng: np.random.Generator
+) -> PrivateStats:
+    """Count, mean and variance from a noisy count, noisy sums and noisy sums of squares, ``epsilon``-DP.
+
+    The workers clipped every value to the query's range ``[low, high]``; sums
+    are taken about its centre ``c``, so one value moves a sum by at most
+    ``h = (high - low) / 2`` and a sum of squares by ``h**2``. One example
+    changes the count of examples by 1, and with ``k`` selected features of
+    ``F`` in all, the ``k + 1`` sums by ``(k + F) * h`` together (it gives
+    ``F`` values to the row over all features) and the sums of squares by
+    ``(k + F) * h**2``. Each of the three gets a third of ``epsilon``. The mean
+    and variance follow by post-processing, which costs no privacy: the count
+    is at least 1, the mean is clamped into the range and the variance into
+    ``[0, h**2]``.
+
+    Raises:
+        AggregationError: if the answers do not fit the query or each other.
+        ConfigError: if the query has no clipping range or ``epsilon`` is not a positive finite number.
+    """
+    _check_positive(epsilon, "epsilon")
+    if query.value_range is None:
+        raise ConfigError("feature-stats query has no clipping range: differential privacy needs bounded values")
+    stats = combine_feature_stats(query, results)
+    low, high = query.value_range
+    centre, half = (low + high) / 2, (high - low) / 2
+    num_features = next(iter(results.values())).num_features
+    rows = len(query.features) + num_features
+    mechanisms = (Laplace(epsilon / 3, 1.0), Laplace(epsilon / 3, rows * half), Laplace(epsilon / 3, rows * half**2))
+    per_value = np.concatenate([np.full(len(query.features), 1.0), [float(num_features)]])
+    counts = np.concatenate([np.full(len(query.features), stats.selected.count), [stats.pooled.count]])
+    means = np.concatenate([stats.selected.mean, stats.pooled.mean]) - centre
+    sums = counts * means
+    squares = np.concatenate([stats.selected.m2, stats.pooled.m2]) + counts * np.square(means)
+    examples = max(float(mechanisms[0].release(np.array([stats.selected.count]), rng)[0]), 1.0)
+    noisy_sums, noisy_squares = mechanisms[1].release(sums, rng), mechanisms[2].release(squares, rng)
+    noisy_counts = examples * per_value
+    mean = np.clip(noisy_sums / noisy_counts, -half, half)
+    variance = np.clip(noisy_squares / noisy_counts - np.square(mean), 0.0, half**2)
+    return PrivateStats(query.features, noisy_counts, mean + centre, variance, mechanisms)
+
+
+def private_quantiles(
+    query: Query,
+    results: Mapping[str, QueryResult],
+    probabilities: Sequence[float],
+    epsilon: float,
+    rng: np.random.Generator,
+) -> tuple[Quantiles, Laplace]:
+    """Quantiles read off noisy histograms, ``epsilon``-DP, and the mechanism used.
+
+    One example puts one value in one cell of each of the ``k`` selected
+    features' histograms and ``F`` values (one per feature) in the histogram
+    over all features: the L1 sensitivity of all cells together is ``k + F``.
+    No clipping is needed, since values outside the range fall in the two
+    outer cells. Noisy counts are clamped at zero before quantiles are read
+    (post-processing); the one-bin-width bound then holds only up to the noise.
+
+    Raises:
+        AggregationError: if the answers do not fit the query or each other.
+        ConfigError: if ``epsilon`` is not a positive finite number.
+    """
+    _check_positive(epsilon, "epsilon")
+    histogram, pooled = _sum_histograms(query, results)
+    mechanism = Laplace(epsilon, float(len(query.features) + next(iter(results.values())).num_features))
+    noisy_histogram = np.maximum(mechanism.release(histogram, rng), 0.0)
+    noisy_pooled = np.maximum(mechanism.release(pooled, rng), 0.0)
+    return _quantiles(query, noisy_histogram, noisy_pooled, probabilities), mechanism

@@ -548,7 +548,9 @@ class FitResult(Message):
     """A worker's trained weights (or update, when the plan asked for a delta), its example count and loss.
 
     ``control_delta`` is how the worker's SCAFFOLD control variate moved,
-    when the request carried a server control variate.
+    when the request carried a server control variate. ``dp_epsilon`` is the
+    epsilon a worker that trains with example-level DP-SGD has spent on its
+    examples so far, at its own delta; ``None`` (and off the wire) without.
     """
 
     kind: ClassVar[str] = "fit_result"
@@ -558,6 +560,7 @@ class FitResult(Message):
     seconds: float = 0.0
     control_delta: Weights | None = None
     compression_error: float = 0.0  # relative L2 error the reply's compression put into its tensors
+    dp_epsilon: float | None = None
 
     def __post_init__(self) -> None:
         _check_weights(self.weights)
@@ -569,6 +572,10 @@ class FitResult(Message):
         _check(
             _is_number(self.compression_error) and self.compression_error >= 0,
             "compression_error must be a non-negative number",
+        )
+        _check(
+            self.dp_epsilon is None or (_is_number(self.dp_epsilon) and self.dp_epsilon >= 0),
+            "dp_epsilon must be a non-negative number",
         )
 
     def __eq__(self, other: object) -> bool:
@@ -591,6 +598,8 @@ class FitResult(Message):
             body["control_delta"] = encode_weights(self.control_delta)
         if self.compression_error:
             body["compression_error"] = float(self.compression_error)
+        if self.dp_epsilon is not None:
+            body["dp_epsilon"] = float(self.dp_epsilon)
         return body
 
     @classmethod
@@ -599,7 +608,7 @@ class FitResult(Message):
             body,
             cls.kind,
             {"weights", "num_examples", "loss", "seconds"},
-            frozenset({"control_delta", "compression_error"}),
+            frozenset({"control_delta", "compression_error", "dp_epsilon"}),
         )
         control_delta = decode_weights(body["control_delta"]) if "control_delta" in body else None
         return cls(
@@ -609,6 +618,7 @@ class FitResult(Message):
             body["seconds"],
             control_delta,
             body.get("compression_error", 0.0),
+            body.get("dp_epsilon"),
         )
 
 
@@ -798,6 +808,19 @@ class Query(Message):
                 bool((np.diff(self.edges) > 0).all()),
                 f"range {describe(value_range)} is too narrow for {bins} distinct bins",
             )
+        elif self.query == "feature-stats" and self.value_range is not None:
+            # A clipping range: workers clip every value to it (bounded sensitivity for --dp-epsilon).
+            value_range = self.value_range
+            _check(self.bins is None, "feature-stats takes no bins")
+            _check(
+                isinstance(value_range, (list, tuple))
+                and len(value_range) == 2
+                and all(_is_number(bound) for bound in value_range)
+                and math.isfinite(float(value_range[1]) - float(value_range[0]))
+                and value_range[0] < value_range[1],
+                f"clipping range must be two finite numbers low < high, not {describe(value_range)}",
+            )
+            object.__setattr__(self, "value_range", (float(value_range[0]), float(value_range[1])))
         else:
             _check(self.bins is None and self.value_range is None, f"{self.query} takes no bins or range")
         object.__setattr__(self, "features", features)

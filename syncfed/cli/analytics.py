@@ -6,10 +6,17 @@ Usage::
     python -m syncfed analytics feature-stats --features 0-7,36
     python -m syncfed analytics --json q.json quantiles --range -0.82 1.85 --bins 256 --q 0.1,0.5,0.9
 
+    python -m syncfed analytics --dp-epsilon 1.0 feature-stats --clip-range -0.82 1.85
+
 Every worker is asked at once and the table combines those that answered. A
 worker that refuses (a group below its ``--min-group-size``), fails or cannot
 be reached is named on stderr, and the exit status is then that of its error
 (``common.EXIT_CODES``: 6 for a refusal, 5 for an unreachable worker).
+
+With ``--dp-epsilon`` the printed and saved answer is epsilon-differentially
+private with respect to one example added or removed at any worker (Laplace
+mechanism, :mod:`syncfed.analytics`): only the noisy combined figures are
+shown, never per-worker counts or exact sizes.
 """
 
 from __future__ import annotations
@@ -25,7 +32,15 @@ from typing import Any
 
 import numpy as np
 
-from ..analytics import combine_feature_stats, combine_labels, combine_quantiles
+from ..analytics import (
+    Laplace,
+    combine_feature_stats,
+    combine_labels,
+    combine_quantiles,
+    private_feature_stats,
+    private_labels,
+    private_quantiles,
+)
 from ..auth import read_token
 from ..client import WorkerClient
 from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_WORKERS, parse_endpoints
@@ -66,11 +81,43 @@ def _probabilities(text: str) -> tuple[float, ...]:
     return values
 
 
+def _epsilon(text: str) -> float:
+    """A privacy budget: a positive finite number, for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite number")
+    return value
+
+
+def _seed(text: str) -> int:
+    """A noise seed: numpy's generators take non-negative integers, for argparse."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a non-negative integer")
+    return value
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     """Add the connection flags and the three queries to ``parser`` (its own, or ``python -m syncfed``'s)."""
     parser.add_argument("--workers", default=DEFAULT_WORKERS, help="workers as id=uri,... (default: %(default)s)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="also write the combined answer to OUT as JSON")
     parser.add_argument("--verbose", action="store_true", help="log connections and requests")
+    privacy = parser.add_argument_group("differential privacy")
+    privacy.add_argument(
+        "--dp-epsilon",
+        type=_epsilon,
+        metavar="EPS",
+        help="release the answer epsilon-DP for one example added or removed at any worker (Laplace noise)",
+    )
+    privacy.add_argument(
+        "--dp-seed", type=_seed, metavar="N", help="seed the noise, for tests only (default: fresh from the OS)"
+    )
     security = parser.add_argument_group("security")
     security.add_argument(
         "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
@@ -109,6 +156,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="features (indices into the flattened input) to show: all, none or e.g. 0-7,36; a row over"
         " all features is always shown (default: all)",
     )
+    stats.add_argument(
+        "--clip-range",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="with --dp-epsilon (required there): workers clip every value to this range, in the data's units"
+        " (digits: -0.82 1.85, MNIST: -0.43 2.83)",
+    )
     quantiles = queries.add_parser("quantiles", help="approximate quantiles from fixed-bin histograms")
     quantiles.add_argument(
         "--range",
@@ -146,6 +201,26 @@ def _check_bins(args: argparse.Namespace) -> None:
         raise ConfigError(f"--bins {args.bins} --range {' '.join(map(str, args.value_range))}: {exc}") from None
 
 
+def _check_privacy(args: argparse.Namespace) -> None:
+    """Check the differential privacy flags before connecting to anyone."""
+    clip = getattr(args, "clip_range", None)
+    if args.dp_epsilon is None:
+        if args.dp_seed is not None:
+            raise ConfigError("--dp-seed only applies with --dp-epsilon")
+        if clip is not None:
+            raise ConfigError("--clip-range only applies with --dp-epsilon")
+        return
+    if args.query != "feature-stats":
+        return
+    if clip is None:
+        raise ConfigError(
+            "feature-stats with --dp-epsilon needs --clip-range LOW HIGH (digits: -0.82 1.85, MNIST: -0.43 2.83)"
+        )
+    low, high = clip
+    if not (math.isfinite(high - low) and low < high):
+        raise ConfigError(f"--clip-range {low:g} {high:g} must be two finite numbers low < high")
+
+
 async def _greet(name: str, uri: str, args: argparse.Namespace) -> tuple[WorkerClient, Info]:
     client = WorkerClient(
         name,
@@ -180,6 +255,8 @@ def _query(args: argparse.Namespace, infos: dict[str, Info]) -> Query:
         features = tuple(range(num_features)) if args.features is None else args.features
     if features and features[-1] >= num_features:
         raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
+    if args.query == "feature-stats" and args.dp_epsilon is not None:
+        return Query(args.query, features, None, tuple(args.clip_range))
     if args.query != "quantiles":
         return Query(args.query, features)
     return Query(args.query, features, args.bins, tuple(args.value_range))
@@ -282,6 +359,65 @@ def _tabulate(
     return rows, answer
 
 
+def _noise(released: str, mechanism: Laplace) -> dict[str, Any]:
+    """One mechanism's entry in the JSON answer."""
+    return {
+        "released": released,
+        "mechanism": "laplace",
+        "epsilon": mechanism.epsilon,
+        "sensitivity": mechanism.sensitivity,
+        "scale": mechanism.scale,
+    }
+
+
+def _tabulate_private(
+    query: Query, results: dict[str, QueryResult], probabilities: Sequence[float], epsilon: float, seed: int | None
+) -> tuple[list[list[str]], dict[str, Any]]:
+    """Like :func:`_tabulate`, but of the noisy combined answer only, with the noise it carries."""
+    rng = np.random.default_rng(seed)  # None: fresh entropy from the OS, never from the data
+    if query.query == "label-histogram":
+        total, mechanism = private_labels(query, results, epsilon, rng)
+        rows = [["label", "total"], *([str(label), f"{count:.1f}"] for label, count in enumerate(total))]
+        rows.append(["total", f"{total.sum():.1f}"])
+        return rows, {"total": total.tolist(), "noise": [_noise("each count", mechanism)]}
+    if query.query == "feature-stats":
+        stats = private_feature_stats(query, results, epsilon, rng)
+        rows = [["feature", "count", "mean", "variance", "std"]]
+        entries = []
+        for index, label in enumerate([*map(str, stats.features), "all"]):
+            count, mean, variance = (float(stats.count[index]), float(stats.mean[index]), float(stats.variance[index]))
+            rows.append([label, f"{count:.1f}", _number(mean), _number(variance), _number(math.sqrt(variance))])
+            entries.append({"feature": label, "count": count, "mean": mean, "variance": variance})
+        released = ("the count", "the sums", "the sums of squares")
+        assert query.value_range is not None  # _query sets the clipping range under --dp-epsilon
+        return rows, {
+            "variance": "population (ddof=0)",
+            "clip_range": list(query.value_range),
+            "features": entries,
+            "noise": [_noise(name, m) for name, m in zip(released, stats.mechanisms, strict=True)],
+        }
+    estimate, mechanism = private_quantiles(query, results, probabilities, epsilon, rng)
+    low, high = float(estimate.edges[0]), float(estimate.edges[-1])
+    rows = [["feature", *(f"q{q:g}" for q in probabilities)]]
+    entries = []
+    for label, values in [*zip(map(str, estimate.features), estimate.values, strict=True), ("all", estimate.pooled)]:
+        rows.append([label, *(_number(value, low, high) for value in values)])
+        entries.append({"feature": label, "quantiles": _finite(values)})
+    answer = {
+        "probabilities": list(probabilities),
+        "bins": len(estimate.edges) - 1,
+        "range": [low, high],
+        "features": entries,
+        "noise": [_noise("each histogram cell", mechanism)],
+    }
+    return rows, answer
+
+
+def _privacy_line(epsilon: float, noise: list[dict[str, Any]]) -> str:
+    parts = ", ".join(f"{n['scale']:.4g} on {n['released']} (sensitivity {n['sensitivity']:.4g})" for n in noise)
+    return f"{epsilon:g}-differentially private: Laplace noise of scale {parts}"
+
+
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
@@ -292,28 +428,43 @@ def run(args: argparse.Namespace) -> int:
     """Ask, combine and print; each failed worker gets one line on stderr and sets the exit status."""
     setup_logging(args.verbose, default=30)
     probabilities = getattr(args, "probabilities", ())
+    epsilon = args.dp_epsilon
     try:
         if args.query == "quantiles":
             _check_bins(args)
+        _check_privacy(args)
         query, results, failures = asyncio.run(_ask(args))
         for error in failures.values():
             print(f"{PROGRAM}: {error}", file=sys.stderr)
         if query is not None and results:
-            rows, answer = _tabulate(query, results, probabilities)
-            examples = sum(result.num_examples for result in results.values())
             left_out = f"; left out: {', '.join(failures)}" if failures else ""
-            print(f"{query.query} over {examples} examples of {len(results)} workers ({', '.join(results)}){left_out}")
+            answered: dict[str, int] | list[str]
+            if epsilon is None:
+                rows, answer = _tabulate(query, results, probabilities)
+                examples = sum(result.num_examples for result in results.values())
+                answered = {name: result.num_examples for name, result in results.items()}
+                print(
+                    f"{query.query} over {examples} examples of {len(results)} workers ({', '.join(results)}){left_out}"
+                )
+            else:  # exact sizes would spoil the guarantee: name the workers only
+                rows, answer = _tabulate_private(query, results, probabilities, epsilon, args.dp_seed)
+                answer["epsilon"] = epsilon
+                answered = list(results)
+                print(f"{query.query} over {len(results)} workers ({', '.join(results)}){left_out}")
+                print(_privacy_line(epsilon, answer["noise"]))
             if query.query == "quantiles":
                 low, high = answer["range"]
-                print(
-                    f"{query.bins} bins over [{low:g}, {high:g}]: within {answer['error_bound']:.4g}"
-                    " (one bin width) of the pooled quantile inside the range"
+                bound = (
+                    f"within {answer['error_bound']:.4g} (one bin width) of the pooled quantile inside the range"
+                    if epsilon is None
+                    else "read off noisy histograms, within one bin width only as far as the noise allows"
                 )
+                print(f"{query.bins} bins over [{low:g}, {high:g}]: {bound}")
             _print_table(rows)
             if args.json is not None:
                 document = {
                     "query": query.query,
-                    "answered": {name: result.num_examples for name, result in results.items()},
+                    "answered": answered,
                     "failed": {name: str(error) for name, error in failures.items()},
                     **answer,
                 }
