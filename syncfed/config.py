@@ -115,6 +115,9 @@ class WorkerConfig:
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
+    dp_sgd_noise_multiplier: float | None = None  # z: example-level DP-SGD (Abadi et al. 2016); None: off
+    dp_sgd_clip: float = 1.0  # C: each example's gradient is scaled down to this L2 norm
+    dp_sgd_delta: float = 1e-5  # the delta the worker reports its epsilon at
     # Drills
     batch_delay: float = 0.0  # seconds of sleep per training batch, to simulate a slow site
     attack: str | None = None  # test hook: send corrupted updates (see training.ATTACKS)
@@ -157,6 +160,12 @@ class WorkerConfig:
             raise ConfigError("threads must be at least 1")
         if self.min_group_size < 1:
             raise ConfigError(f"min group size must be at least 1, not {self.min_group_size}")
+        _positive("dp_sgd_noise_multiplier", self.dp_sgd_noise_multiplier)
+        _positive("dp_sgd_clip", self.dp_sgd_clip)
+        if not (math.isfinite(self.dp_sgd_delta) and 0 < self.dp_sgd_delta < 1):
+            raise ConfigError(f"dp_sgd_delta must be in (0, 1), not {self.dp_sgd_delta!r}")
+        if self.dp_sgd_noise_multiplier is not None and self.testing:
+            raise ConfigError("--dp-sgd is for training workers: the evaluator does not train")
         if not (math.isfinite(self.val_fraction) and 0 <= self.val_fraction < 1):
             raise ConfigError(f"validation fraction must be in [0, 1), not {self.val_fraction!r}")
         if self.val_seed is not None and not 0 <= self.val_seed < 2**63:

@@ -822,6 +822,8 @@ class Coordinator:
                     if config.compress != "none"
                     else {}
                 ),
+                # Each --dp-sgd worker's own example-level epsilon so far, at its own delta.
+                **({"dp_epsilon": dict(fold.dp_epsilons)} if isinstance(fold, _Fold) and fold.dp_epsilons else {}),
                 "strategy": self.strategy.name,
                 **({"selected": [client.name for client in selected]} if len(selected) < len(trainers) else {}),
                 "bytes_sent": _traffic(trainers)[0] - sent,
@@ -1122,6 +1124,7 @@ class _Fold:
         self.updates: list[tuple[Weights, int]] = []
         self.losses: dict[str, float] = {}
         self.compression_errors: dict[str, float] = {}
+        self.dp_epsilons: dict[str, float] = {}  # from workers that train with --dp-sgd
         self.examples: dict[str, int] = {}
         self.kept: dict[str, Weights] = {}
 
@@ -1152,6 +1155,8 @@ class _Fold:
             self.kept[name] = weights
         self.losses[name] = reply.loss
         self.compression_errors[name] = reply.compression_error
+        if reply.dp_epsilon is not None:
+            self.dp_epsilons[name] = reply.dp_epsilon
         self.examples[name] = reply.num_examples
         return None
 

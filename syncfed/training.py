@@ -2,14 +2,25 @@
 
 No I/O and no asyncio: the worker runs these in a thread so that it keeps
 answering pings and other requests while it trains.
+
+Optional example-level DP-SGD (Abadi et al. 2016, "Deep Learning with
+Differential Privacy") takes per-example gradients from Opacus, imported on
+first use (``pip install 'syncfed[dpsgd]'``); syncfed keeps its own seeded
+batches and SGD loop around them, and :class:`ExampleAccountant` adds up what
+the steps spend with Opacus's RDP accountant.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,10 +28,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datasets import Dataset
+from .exceptions import ConfigError, ModelError
 from .protocol import TrainingPlan
 from .tensors import Weights
 
-__all__ = ["Abandoned", "TrainResult", "EvalOutcome", "train", "evaluate", "corrupt"]
+__all__ = [
+    "Abandoned",
+    "TrainResult",
+    "EvalOutcome",
+    "DPSGD",
+    "ExampleAccountant",
+    "train",
+    "evaluate",
+    "corrupt",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,134 @@ class Abandoned(Exception):
     """Training stopped because nobody waits for its result any more."""
 
 
+def _opacus(module: str) -> ModuleType:
+    """Import a part of Opacus on first use, so the rest of syncfed runs without it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError("--dp-sgd needs the opacus package: pip install 'syncfed[dpsgd]'") from None
+
+
+@dataclass(frozen=True)
+class DPSGD:
+    """Example-level DP-SGD settings (Abadi et al. 2016): per-example clip ``C``, noise multiplier ``z``.
+
+    Each example's gradient is scaled down to L2 norm at most ``clip`` over
+    the whole model, and Gaussian noise of standard deviation
+    ``noise_multiplier * clip`` is added to the batch's sum before it is
+    divided by the batch size. ``noise_multiplier`` 0 clips without noise
+    (no privacy; for tests and for measuring what clipping alone costs).
+
+    Raises:
+        ConfigError: if a setting is out of range.
+    """
+
+    noise_multiplier: float
+    clip: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ConfigError(f"dp-sgd noise multiplier {self.noise_multiplier!r} must be a non-negative finite number")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"dp-sgd clip {self.clip!r} must be a positive finite number")
+
+
+class ExampleAccountant:
+    """The ``(epsilon, delta)`` a worker's DP-SGD steps spend on its examples, by Opacus's ``RDPAccountant``.
+
+    Each step is the sampled Gaussian mechanism at ``sample_rate`` = batch
+    size over the examples trained on (Mironov, Talwar and Zhang 2019); the
+    steps of every round compose. Like Opacus, the analysis assumes Poisson
+    sampling, while syncfed draws its batches from shuffled passes: the usual
+    approximation (docs/privacy.md).
+
+    Usage::
+
+        accountant = ExampleAccountant(noise_multiplier=1.0, delta=1e-5)
+        accountant.step(sample_rate=32 / 1000, steps=10)
+        accountant.epsilon()
+
+    Raises:
+        ConfigError: if a setting is out of range, or Opacus is not installed.
+    """
+
+    def __init__(self, noise_multiplier: float, delta: float) -> None:
+        if not (math.isfinite(noise_multiplier) and noise_multiplier > 0):
+            raise ConfigError(f"dp-sgd noise multiplier {noise_multiplier!r} must be a positive finite number")
+        if not (math.isfinite(delta) and 0 < delta < 1):
+            raise ConfigError(f"dp-sgd delta {delta!r} must be in (0, 1)")
+        self.noise_multiplier = float(noise_multiplier)
+        self.delta = float(delta)
+        self._accountant: Any = _opacus("opacus.accountants").RDPAccountant()
+        self._steps = 0
+
+    @property
+    def steps(self) -> int:
+        """DP-SGD steps accounted for so far."""
+        return self._steps
+
+    def step(self, sample_rate: float, steps: int) -> None:
+        """Account for ``steps`` more steps, each on a batch drawn at ``sample_rate``.
+
+        Raises:
+            ConfigError: if ``sample_rate`` is not in (0, 1] or ``steps`` is negative.
+        """
+        if not (math.isfinite(sample_rate) and 0 < sample_rate <= 1):
+            raise ConfigError(f"sample rate {sample_rate!r} must be in (0, 1]")
+        if steps < 0:
+            raise ConfigError(f"number of steps {steps} must not be negative")
+        for _ in range(steps):  # Opacus folds equal consecutive steps into one entry of its history
+            self._accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=sample_rate)
+        self._steps += steps
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far at this accountant's delta (0 before any step)."""
+        return float(self._accountant.get_epsilon(delta=self.delta))
+
+
+def _grad_sampler(model: nn.Module) -> Any:
+    """Opacus's per-example gradient hooks on ``model`` (in training mode); close them after training.
+
+    Raises:
+        ModelError: if Opacus cannot compute the model's per-example gradients (batch normalisation and the like).
+        ConfigError: if Opacus is not installed.
+    """
+    opacus = _opacus("opacus")
+    validator = _opacus("opacus.validators").ModuleValidator
+    errors = [*validator.validate(model, strict=False), *opacus.GradSampleModule.validate(model, strict=False)]
+    if errors:
+        raise ModelError(f"model {type(model).__name__} cannot train with dp-sgd: {str(errors[0]).strip()}")
+    # "mean": the loss is the batch's mean, and Opacus scales its per-example gradients back to each example's own.
+    return opacus.GradSampleModule(model, loss_reduction="mean")
+
+
+def _privatize(parameters: Sequence[nn.Parameter], index: torch.Tensor, dp_sgd: DPSGD, noise: torch.Generator) -> None:
+    """Replace each gradient by the noised sum of clipped per-example gradients over the batch size (Abadi et al. 2016).
+
+    The per-example gradients are Opacus's ``grad_sample``. A batch that
+    straddles two of syncfed's shuffled passes can hold an example twice:
+    its rows are added up before clipping, so one example still moves the sum
+    by at most ``clip``. The noise is drawn on the CPU from ``noise``.
+    """
+    unique, inverse = torch.unique(index, return_inverse=True)
+    samples = []
+    for parameter in parameters:
+        rows: torch.Tensor = parameter.grad_sample  # type: ignore[attr-defined]
+        if len(unique) < len(index):
+            merged = torch.zeros((len(unique), *rows.shape[1:]), dtype=rows.dtype, device=rows.device)
+            rows = merged.index_add_(0, inverse.to(rows.device), rows)
+        samples.append(rows)
+    norms = torch.sqrt(torch.stack([torch.sum(sample.flatten(1) ** 2, dim=1) for sample in samples]).sum(dim=0))
+    factors = torch.clamp(dp_sgd.clip / norms, max=1.0)  # a zero gradient gives inf, clamped to 1
+    std = dp_sgd.noise_multiplier * dp_sgd.clip
+    for parameter, sample in zip(parameters, samples, strict=True):
+        total = torch.tensordot(factors, sample, dims=1)
+        if std:
+            total += torch.normal(0.0, std, total.shape, generator=noise).to(total.device, total.dtype)
+        parameter.grad = total / len(index)
+        parameter.grad_sample = None  # type: ignore[attr-defined]
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -64,6 +213,8 @@ def train(
     batch_delay: float = 0.0,
     anchor: Mapping[str, np.ndarray] | None = None,
     correction: Mapping[str, np.ndarray] | None = None,
+    dp_sgd: DPSGD | None = None,
+    noise: torch.Generator | None = None,
 ) -> TrainResult:
     """Plain SGD over ``plan.num_batches`` batches of the shard, in place.
 
@@ -77,11 +228,25 @@ def train(
     coordinator left stops within one batch; ``batch_delay`` (seconds of
     sleep per batch) simulates a slow site in tests and drills.
 
+    With ``dp_sgd`` each batch's loss gradient is replaced by DP-SGD's clipped
+    and noised one (see :class:`DPSGD`); the proximal term and the correction,
+    which do not read the examples, are added after. ``noise`` seeds the
+    noise; by default it comes from the operating system's entropy, never from
+    the plan's seed, which the coordinator knows. The returned loss is the
+    plain mean over the examples, not a private figure.
+
     Raises:
         Abandoned: if ``abandoned`` was set.
+        ModelError: if ``dp_sgd`` is set and Opacus cannot handle the model.
+        ConfigError: if ``dp_sgd`` is set and Opacus is not installed.
     """
     model.to(device).train()
+    sampler = None
     try:
+        private: tuple[DPSGD, torch.Generator] | None = None
+        if dp_sgd is not None:
+            sampler = _grad_sampler(model)
+            private = dp_sgd, noise if noise is not None else torch.Generator().manual_seed(secrets.randbits(63))
         parameters = dict(model.named_parameters())
         optimizer = torch.optim.SGD(parameters.values(), lr=plan.lr)
         proximal = (
@@ -111,12 +276,17 @@ def train(
             x, y = images[index].to(device), labels[index].to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
-            objective = loss
+            pull = None  # FedProx's proximal term
             if proximal:
-                objective = loss + plan.mu / 2 * sum(
-                    torch.sum((parameters[name] - proximal[name]) ** 2) for name in proximal
-                )
-            torch.autograd.backward(objective)
+                distances = [torch.sum((parameters[name] - proximal[name]) ** 2) for name in proximal]
+                pull = plan.mu / 2 * torch.stack(distances).sum()
+            if private is None:
+                torch.autograd.backward(loss if pull is None else loss + pull)
+            else:
+                torch.autograd.backward(loss)
+                _privatize([p for p in parameters.values() if p.requires_grad], index, *private)
+                if pull is not None:
+                    torch.autograd.backward(pull)  # its gradient adds to the private one
             for name, shift in shifts.items():
                 grad = parameters[name].grad
                 if grad is not None:
@@ -125,6 +295,8 @@ def train(
             total_loss += loss.item() * len(index)
             seen += len(index)
     finally:
+        if sampler is not None:
+            sampler._close()  # removes Opacus's hooks and attributes from the cached model
         model.cpu()  # also when abandoned or out of memory: the cached model lives on the CPU
     return TrainResult(total_loss / seen if seen else 0.0)
 

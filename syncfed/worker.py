@@ -75,7 +75,7 @@ from .protocol import (
 )
 from .secagg import SecAggClient, SecAggConfig, flatten
 from .tensors import Weights
-from .training import corrupt, evaluate, train
+from .training import DPSGD, ExampleAccountant, corrupt, evaluate, train
 from .transport import connection_options, receive, receive_message, send_message, server_tls
 
 __all__ = ["Holding", "Worker", "load_holdings", "load_shard", "model_factories", "run_worker"]
@@ -208,6 +208,10 @@ class Worker:
         # SCAFFOLD's client control variates c_i, per model; see ``_control``.
         self._controls: dict[str, Weights] = {}
         self._attack_rng = np.random.default_rng()
+        # Example-level DP-SGD (--dp-sgd): one accountant for every step on this worker's examples, across rounds.
+        z = config.dp_sgd_noise_multiplier
+        self._dp_sgd = DPSGD(z, config.dp_sgd_clip) if z is not None else None
+        self._accountant = ExampleAccountant(z, config.dp_sgd_delta) if z is not None else None
         self._connections = 0
         self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
@@ -319,16 +323,33 @@ class Worker:
             else None
         )
         torch.manual_seed(plan.seed)  # dropout and other random layers
-        result = train(
-            model,
-            data,
-            plan,
-            self.device,
-            abandoned=abandoned,
-            batch_delay=self.config.batch_delay,
-            anchor=message.weights,
-            correction=correction,
-        )
+        try:
+            result = train(
+                model,
+                data,
+                plan,
+                self.device,
+                abandoned=abandoned,
+                batch_delay=self.config.batch_delay,
+                anchor=message.weights,
+                correction=correction,
+                dp_sgd=self._dp_sgd,
+            )
+        except ModelError as exc:  # a model Opacus cannot train with DP-SGD
+            raise RequestFailed("incompatible", str(exc)) from None
+        dp_epsilon = None
+        if self._accountant is not None:
+            # Every step trained counts, whatever becomes of the reply. Batches larger than the
+            # shard hold each example at least once: a sample rate of 1.
+            self._accountant.step(min(1.0, plan.batch_size / len(data)), plan.num_batches)
+            dp_epsilon = self._accountant.epsilon()
+            logger.info(
+                "dp-sgd: %d steps so far on %d examples, epsilon %.4g at delta %g",
+                self._accountant.steps,
+                len(data),
+                dp_epsilon,
+                self._accountant.delta,
+            )
         if not math.isfinite(result.loss):
             raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
         trained = get_weights(model)
@@ -357,7 +378,9 @@ class Worker:
                 noise = gaussian_noise(weights, plan.noise_std, np.random.default_rng())
                 weights = {name: array + noise[name] for name, array in weights.items()}
         error = compression_error(weights, plan.compress) if plan.compress != "none" else 0.0
-        return FitResult(weights, len(data), result.loss, time.perf_counter() - started, control_delta, error)
+        return FitResult(
+            weights, len(data), result.loss, time.perf_counter() - started, control_delta, error, dp_epsilon
+        )
 
     def _control(self, message: Fit) -> Weights:
         """This worker's SCAFFOLD control variate for the request's model, checked against the server's.

@@ -111,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="refuse analytics queries whose answer would describe fewer than N examples (default: %(default)s)",
     )
+    privacy = parser.add_argument_group("example-level differential privacy (docs/privacy.md)")
+    privacy.add_argument(
+        "--dp-sgd",
+        type=float,
+        metavar="NOISE_MULTIPLIER",
+        help="train with DP-SGD through Opacus (Abadi et al. 2016): clip each example's gradient and add"
+        " Gaussian noise of this multiplier times the clip to each batch's sum; needs pip install 'syncfed[dpsgd]'",
+    )
+    privacy.add_argument(
+        "--dp-sgd-clip",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="L2 norm each example's gradient is scaled down to under --dp-sgd (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--dp-sgd-delta",
+        type=float,
+        default=1e-5,
+        metavar="DELTA",
+        help="delta at which the worker reports the epsilon its --dp-sgd steps spent (default: %(default)s)",
+    )
     hooks = parser.add_argument_group("test hooks (for drills and tests only, never in production)")
     hooks.add_argument(
         "--slowdown",
@@ -171,6 +193,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         chunk_size=args.chunk_size,
         max_connections=args.max_connections,
         min_group_size=args.min_group_size,
+        dp_sgd_noise_multiplier=args.dp_sgd,
+        dp_sgd_clip=args.dp_sgd_clip,
+        dp_sgd_delta=args.dp_sgd_delta,
         batch_delay=args.batch_delay,
         attack=args.attack,
         tls_cert=args.tls_cert,
@@ -234,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
         for holding in holdings:
             for line in _describe(config, holding, args.digits):
                 print(line, flush=True)
+        if config.dp_sgd_noise_multiplier is not None:
+            print(
+                f"{config.worker_id} trains with DP-SGD: noise multiplier {config.dp_sgd_noise_multiplier:g},"
+                f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
+                flush=True,
+            )
         asyncio.run(run_worker(config, holdings, ready=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
