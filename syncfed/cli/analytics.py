@@ -34,6 +34,7 @@ import numpy as np
 
 from ..analytics import (
     Laplace,
+    Quantiles,
     combine_feature_stats,
     combine_labels,
     combine_quantiles,
@@ -48,7 +49,7 @@ from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, Syncfe
 from ..partition import parse_classes
 from ..protocol import MAX_FEATURES, Hello, Info, Query, QueryResult
 from ..transport import client_tls
-from .common import INTERRUPTED, exit_code, fail, normalize_flags, setup_logging, size
+from .common import INTERRUPTED, add_client_security_flags, exit_code, fail, normalize_flags, setup_logging, size
 
 __all__ = ["PROGRAM", "DEFAULT_QUERY_TIMEOUT", "configure", "run", "main"]
 
@@ -118,15 +119,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument(
         "--dp-seed", type=_seed, metavar="N", help="seed the noise, for tests only (default: fresh from the OS)"
     )
-    security = parser.add_argument_group("security")
-    security.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
-    )
-    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate for mutual TLS")
-    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
-    security.add_argument(
-        "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
-    )
+    add_client_security_flags(parser)
     limits = parser.add_argument_group("limits and timeouts")
     limits.add_argument(
         "--max-message-size",
@@ -343,20 +336,20 @@ def _tabulate(
             entries.append({"feature": label, "count": moments.count, "mean": mean, "variance": variance})
         return rows, {"variance": "population (ddof=0)", "features": entries}
     estimate = combine_quantiles(query, results, probabilities)
+    rows, answer = _quantile_table(estimate, probabilities)
+    return rows, {**answer, "error_bound": estimate.bin_width}
+
+
+def _quantile_table(estimate: Quantiles, probabilities: Sequence[float]) -> tuple[list[list[str]], dict[str, Any]]:
+    """The table and the JSON answer of quantile estimates, exact or noisy."""
     low, high = float(estimate.edges[0]), float(estimate.edges[-1])
     rows = [["feature", *(f"q{q:g}" for q in probabilities)]]
     entries = []
     for label, values in [*zip(map(str, estimate.features), estimate.values, strict=True), ("all", estimate.pooled)]:
         rows.append([label, *(_number(value, low, high) for value in values)])
         entries.append({"feature": label, "quantiles": _finite(values)})
-    answer = {
-        "probabilities": list(probabilities),
-        "bins": len(estimate.edges) - 1,
-        "range": [low, high],
-        "error_bound": estimate.bin_width,
-        "features": entries,
-    }
-    return rows, answer
+    answer = {"probabilities": list(probabilities), "bins": len(estimate.edges) - 1, "range": [low, high]}
+    return rows, {**answer, "features": entries}
 
 
 def _noise(released: str, mechanism: Laplace) -> dict[str, Any]:
@@ -397,19 +390,8 @@ def _tabulate_private(
             "noise": [_noise(name, m) for name, m in zip(released, stats.mechanisms, strict=True)],
         }
     estimate, mechanism = private_quantiles(query, results, probabilities, epsilon, rng)
-    low, high = float(estimate.edges[0]), float(estimate.edges[-1])
-    rows = [["feature", *(f"q{q:g}" for q in probabilities)]]
-    entries = []
-    for label, values in [*zip(map(str, estimate.features), estimate.values, strict=True), ("all", estimate.pooled)]:
-        rows.append([label, *(_number(value, low, high) for value in values)])
-        entries.append({"feature": label, "quantiles": _finite(values)})
-    answer = {
-        "probabilities": list(probabilities),
-        "bins": len(estimate.edges) - 1,
-        "range": [low, high],
-        "features": entries,
-        "noise": [_noise("each histogram cell", mechanism)],
-    }
+    rows, answer = _quantile_table(estimate, probabilities)
+    answer["noise"] = [_noise("each histogram cell", mechanism)]
     return rows, answer
 
 

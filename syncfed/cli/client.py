@@ -42,7 +42,7 @@ from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
 from ..spawn import spawn_workers
 from ..strategies import STRATEGIES
 from ..transport import client_tls
-from .common import INTERRUPTED, exit_code, fail, parse_arguments, setup_logging, size
+from .common import INTERRUPTED, add_client_security_flags, exit_code, fail, parse_arguments, setup_logging, size
 
 __all__ = ["main", "build_parser"]
 
@@ -229,15 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
     parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
-    security = parser.add_argument_group("security")
-    security.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
-    )
-    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate for mutual TLS")
-    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
-    security.add_argument(
-        "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
-    )
+    add_client_security_flags(parser)
 
     reliability = parser.add_argument_group("reliability")
     reliability.add_argument(

@@ -83,6 +83,19 @@ def size(text: str) -> int:
     return value
 
 
+def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags with which a coordinator-side tool proves itself to workers and checks them (TLS, token)."""
+    security = parser.add_argument_group("security")
+    security.add_argument(
+        "--tls-ca", type=Path, metavar="FILE", help="verify wss:// workers against this CA (default: the system's)"
+    )
+    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="client certificate for mutual TLS")
+    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
+    security.add_argument(
+        "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
+    )
+
+
 def setup_logging(verbose: bool, *, default: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else default,
