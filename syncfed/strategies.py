@@ -475,15 +475,21 @@ class _Adaptive(_ServerOptimizer):
 
 
 @dataclass(eq=False, kw_only=True)
-class FedAdam(_Adaptive):
-    """FedAdam: ``v = beta2 * v + (1 - beta2) * d^2``."""
+class _DecayingSecondMoment(_Adaptive):
+    """An adaptive optimizer whose second moment decays with ``beta2`` (Adam, Yogi; not Adagrad)."""
 
-    name: ClassVar[str] = "fedadam"
     beta2: float = 0.99
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.beta2 = _setting(self.name, "beta2", self.beta2, low=0, high=1)
+
+
+@dataclass(eq=False, kw_only=True)
+class FedAdam(_DecayingSecondMoment):
+    """FedAdam: ``v = beta2 * v + (1 - beta2) * d^2``."""
+
+    name: ClassVar[str] = "fedadam"
 
     def _second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
         updated: np.ndarray = self.beta2 * v + (1 - self.beta2) * squared
@@ -491,15 +497,10 @@ class FedAdam(_Adaptive):
 
 
 @dataclass(eq=False, kw_only=True)
-class FedYogi(_Adaptive):
+class FedYogi(_DecayingSecondMoment):
     """FedYogi: ``v = v - (1 - beta2) * d^2 * sign(v - d^2)``, which grows ``v`` more gently than Adam."""
 
     name: ClassVar[str] = "fedyogi"
-    beta2: float = 0.99
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.beta2 = _setting(self.name, "beta2", self.beta2, low=0, high=1)
 
     def _second_moment(self, v: np.ndarray, squared: np.ndarray) -> np.ndarray:
         updated: np.ndarray = v - (1 - self.beta2) * squared * np.sign(v - squared)

@@ -44,12 +44,20 @@ from ..analytics import (
 )
 from ..auth import read_token
 from ..client import WorkerClient
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_WORKERS, parse_endpoints
+from ..config import DEFAULT_WORKERS, parse_endpoints
 from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, SyncfedError
 from ..partition import parse_classes
 from ..protocol import MAX_FEATURES, Hello, Info, Query, QueryResult
 from ..transport import client_tls
-from .common import INTERRUPTED, add_client_security_flags, exit_code, fail, normalize_flags, setup_logging, size
+from .common import (
+    INTERRUPTED,
+    add_client_security_flags,
+    add_connection_limits,
+    exit_code,
+    fail,
+    normalize_flags,
+    setup_logging,
+)
 
 __all__ = ["PROGRAM", "DEFAULT_QUERY_TIMEOUT", "configure", "run", "main"]
 
@@ -121,18 +129,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     add_client_security_flags(parser)
     limits = parser.add_argument_group("limits and timeouts")
-    limits.add_argument(
-        "--max-message-size",
-        type=size,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
-        help="largest reply accepted (default: %(default)s bytes)",
-    )
-    limits.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=DEFAULT_CONNECT_TIMEOUT,
-        help="seconds to connect and greet each worker (default: %(default)s)",
-    )
+    add_connection_limits(limits)
     limits.add_argument(
         "--request-timeout",
         type=float,

@@ -21,9 +21,7 @@ from ..auth import read_token
 from ..client import WorkerClient
 from ..compression import COMPRESSIONS
 from ..config import (
-    DEFAULT_CONNECT_TIMEOUT,
     DEFAULT_EVALUATOR,
-    DEFAULT_MAX_MESSAGE_SIZE,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
     DEFAULT_RECONNECT_MAX_DELAY,
@@ -42,7 +40,16 @@ from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
 from ..spawn import spawn_workers
 from ..strategies import STRATEGIES
 from ..transport import client_tls
-from .common import INTERRUPTED, add_client_security_flags, exit_code, fail, parse_arguments, setup_logging, size
+from .common import (
+    INTERRUPTED,
+    add_client_security_flags,
+    add_connection_limits,
+    exit_code,
+    fail,
+    parse_arguments,
+    setup_logging,
+    size,
+)
 
 __all__ = ["main", "build_parser"]
 
@@ -286,18 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoding of the workers' updates on the wire; fp16 and int8 cut the bytes of slow links"
         " at a small error, reported in the metrics (default: %(default)s)",
     )
-    limits.add_argument(
-        "--max-message-size",
-        type=size,
-        default=DEFAULT_MAX_MESSAGE_SIZE,
-        help="largest reply accepted (default: %(default)s bytes)",
-    )
-    limits.add_argument(
-        "--connect-timeout",
-        type=float,
-        default=DEFAULT_CONNECT_TIMEOUT,
-        help="seconds to connect and greet each worker (default: %(default)s)",
-    )
+    add_connection_limits(limits)
     limits.add_argument(
         "--request-timeout",
         type=float,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
 from ..exceptions import (
     AuthenticationFailed,
     CheckpointError,
@@ -93,6 +94,22 @@ def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
     security.add_argument(
         "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
+    )
+
+
+def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
+    """The size limit and the connect timeout of a coordinator-side tool's worker connections."""
+    limits.add_argument(
+        "--max-message-size",
+        type=size,
+        default=DEFAULT_MAX_MESSAGE_SIZE,
+        help="largest reply accepted (default: %(default)s bytes)",
+    )
+    limits.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=DEFAULT_CONNECT_TIMEOUT,
+        help="seconds to connect and greet each worker (default: %(default)s)",
     )
 
 
