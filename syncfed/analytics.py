@@ -38,13 +38,19 @@ worker) is at most ``sensitivity``. :func:`private_labels`,
 query's sensitivity. Feature statistics need bounded values: a
 ``feature-stats`` query with a range makes workers clip to it first.
 
-Secure aggregation would plug in where answers are combined: the histograms
-are plain sums across workers, which is what additive secure aggregation
-computes, and the moments would travel as sums about a shift the query fixes.
+Secure aggregation (:mod:`syncfed.secagg`) hands the coordinator the sum of
+the workers' vectors and nothing else, so each answer travels as sums
+(:func:`sums`): the counts and histograms as they are, and the moments as
+sums and sums of squares about the centre of the query's clipping range,
+which secure ``feature-stats`` needs for a bound. :func:`secure_clip` picks
+the fixed-point range of a round from the workers' advertised sizes so that
+counts sum exactly; :func:`from_sums` turns the unmasked sum back into one
+answer that combines like a single worker's.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -52,9 +58,10 @@ from typing import Final
 import numpy as np
 
 from .datasets import Dataset
-from .exceptions import AggregationError, ConfigError
+from .exceptions import AggregationError, ConfigError, ProtocolError
 from .privacy import _check_positive
 from .protocol import Error, Query, QueryResult
+from .secagg import Quantizer
 
 __all__ = [
     "Moments",
@@ -68,6 +75,11 @@ __all__ = [
     "combine_feature_stats",
     "combine_quantiles",
     "histogram_quantiles",
+    "sums",
+    "sums_length",
+    "sums_bound",
+    "secure_clip",
+    "from_sums",
     "Laplace",
     "PrivateStats",
     "private_labels",
@@ -372,6 +384,149 @@ def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, probabilities: Se
             (fraction == 0) | np.isneginf(low), low, np.where(np.isposinf(high), high, between)
         )
     return result
+
+
+# Secure aggregation ------------------------------------------------------------
+
+
+def _centre(query: Query) -> tuple[float, float]:
+    """The centre and half width of a feature-stats query's clipping range, about which sums are taken."""
+    if query.value_range is None:
+        raise ConfigError("feature-stats over secure aggregation needs a clipping range: sums need a bound")
+    low, high = query.value_range
+    return (low + high) / 2, (high - low) / 2
+
+
+def sums(query: Query, result: QueryResult) -> np.ndarray:
+    """A worker's answer as one float64 vector whose sum over workers is the combined answer.
+
+    Layout (``k`` selected features): the example count, then
+    ``label-histogram``: the counts per class; ``quantiles``: the ``k``
+    histograms, then the one over all features; ``feature-stats``: the ``k``
+    sums, the ``k`` sums of squares, then the sum and the sum of squares over
+    all features, every value taken about the centre of the clipping range.
+
+    Raises:
+        ConfigError: if a feature-stats query has no clipping range.
+    """
+    count = [float(result.num_examples)]
+    tensors = result.tensors
+    if query.query == "label-histogram":
+        return np.concatenate([count, tensors["labels"]]).astype(np.float64)
+    if query.query == "quantiles":
+        return np.concatenate([count, tensors["histogram"].ravel(), tensors["pooled"]]).astype(np.float64)
+    centre, _ = _centre(query)
+    values = result.num_examples * result.num_features
+    shifted = tensors["mean"] - centre
+    pooled_shift = tensors["pooled"][0] - centre
+    return np.concatenate(
+        [
+            count,
+            result.num_examples * shifted,
+            tensors["m2"] + result.num_examples * np.square(shifted),
+            [values * pooled_shift, tensors["pooled"][1] + values * pooled_shift**2],
+        ]
+    )
+
+
+def sums_length(query: Query, num_classes: int) -> int:
+    """The length of :func:`sums`' vector for ``query`` over data of ``num_classes`` classes."""
+    selected = len(query.features)
+    if query.query == "label-histogram":
+        return 1 + num_classes
+    if query.query == "quantiles":
+        assert query.bins is not None, "a quantiles query has bins"
+        return 1 + (selected + 1) * (query.bins + 2)
+    return 1 + 2 * selected + 2
+
+
+def sums_bound(query: Query, num_examples: int, num_features: int) -> float:
+    """The largest magnitude of any entry of :func:`sums` for a worker of ``num_examples`` examples.
+
+    A cell of the histogram over all features holds up to one value of each
+    feature of each example; a sum about the centre of the range moves by at
+    most the half width ``h`` per value, a sum of squares by ``h**2``.
+
+    Raises:
+        ConfigError: if a feature-stats query has no clipping range.
+    """
+    if query.query == "label-histogram":
+        return float(num_examples)
+    values = float(num_examples) * num_features
+    if query.query == "quantiles":
+        return values
+    _, half = _centre(query)
+    return max(float(num_examples), values * half, values * half**2)
+
+
+def secure_clip(query: Query, num_examples: int, num_features: int, num_clients: int) -> float:
+    """The clip of a 64-bit secure round summing ``query``'s answers over ``num_clients`` workers.
+
+    ``num_examples`` is the largest worker's size. Counts are whole numbers,
+    so their round uses a scale of 1 (the clip is the ring's limit) and sums
+    them exactly; the moments use the largest power-of-two scale their bound
+    allows, so :attr:`~syncfed.secagg.Quantizer.error_bound` is the error of
+    each sum.
+
+    Raises:
+        ConfigError: if the answers could exceed the ring: more values than
+            it can count exactly, or moments too large for it.
+    """
+    limit = Quantizer(num_clients, 1.0, bits=64, max_count=1).limit
+    bound = sums_bound(query, num_examples, num_features)
+    if bound > limit:
+        raise ConfigError(
+            f"answers of up to {bound:.4g} exceed the limit of {limit} that secure aggregation over"
+            f" {num_clients} workers can sum"
+        )
+    if query.query != "feature-stats":
+        return float(limit)
+    return limit / 2.0 ** math.floor(math.log2(limit / bound))
+
+
+def from_sums(query: Query, total: np.ndarray, num_features: int) -> QueryResult:
+    """The combined answer from the sum of the workers' :func:`sums` vectors, as one worker's answer.
+
+    Counts are rounded to whole numbers (a secure sum of counts is exact);
+    moments follow from the sums, the M2 clamped at zero against rounding.
+
+    Raises:
+        AggregationError: if the sum does not fit ``query`` (its length, or counts that do not add up).
+        ConfigError: if a feature-stats query has no clipping range.
+    """
+    selected = len(query.features)
+    if total.ndim != 1 or total.size < 2:
+        raise AggregationError(f"a sum of {total.size} values cannot answer {query.query}")
+    count = int(np.rint(total[0]))
+    if count < 1:
+        raise AggregationError(f"the answers cover {count} examples")
+    try:
+        if query.query == "label-histogram":
+            tensors = {"labels": np.rint(total[1:]).astype(np.int64)}
+        elif query.query == "quantiles":
+            assert query.bins is not None, "a quantiles query has bins"
+            cells = np.rint(total[1:]).astype(np.int64)
+            if cells.size != (selected + 1) * (query.bins + 2):
+                raise AggregationError(f"a sum of {total.size} values does not hold {selected + 1} histograms")
+            histogram = cells.reshape(selected + 1, query.bins + 2)
+            tensors = {"histogram": histogram[:-1], "pooled": histogram[-1]}
+        else:
+            if total.size != 3 + 2 * selected:
+                raise AggregationError(f"a sum of {total.size} values does not hold the moments of {selected} features")
+            centre, _ = _centre(query)
+            firsts, seconds = total[1 : 1 + selected], total[1 + selected : 1 + 2 * selected]
+            values = count * num_features
+            pooled_first, pooled_second = total[-2], total[-1]
+            tensors = {
+                "mean": centre + firsts / count,
+                "m2": np.maximum(seconds - np.square(firsts) / count, 0.0),
+                "pooled": np.array(
+                    [centre + pooled_first / values, max(pooled_second - pooled_first**2 / values, 0.0)]
+                ),
+            }
+        return QueryResult(query.query, count, num_features, tensors)
+    except ProtocolError as exc:
+        raise AggregationError(f"the secure sum is not a {query.query} answer: {exc}") from None
 
 
 # Differential privacy ----------------------------------------------------------

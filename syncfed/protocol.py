@@ -1106,46 +1106,54 @@ class SecAggShares(Message):
 
 @dataclass(frozen=True, eq=False)
 class SecAggMask(Message):
-    """Step 2: the shares addressed to the worker, and the training it masks the update of.
+    """Step 2: the shares addressed to the worker, and the task whose result it masks.
 
-    The worker trains as :class:`Fit` asks, then masks its float tensors'
-    update and its example count (or 1, when not ``weighted``); answered
-    with :class:`SecAggMasked`.
+    For a :class:`Fit` the worker trains as asked, then masks its float
+    tensors' update and its example count (or 1, when not ``weighted``). For
+    a :class:`Query` it masks its answer as sums (see
+    :func:`syncfed.analytics.sums`) and a count of 1: answers are summed
+    unweighted. Answered with :class:`SecAggMasked`; on the wire the task
+    travels under its kind, ``fit`` or ``query``.
     """
 
     kind: ClassVar[str] = "secagg_mask"
     session: bytes
     shares: ForwardedShares
-    fit: Fit
+    task: Fit | Query
     weighted: bool = True
 
     def __post_init__(self) -> None:
         _check_session(self.session)
         _check(isinstance(self.shares, ForwardedShares), "shares must be ForwardedShares")
-        _check(isinstance(self.fit, Fit), "fit must be a Fit")
+        _check(isinstance(self.task, (Fit, Query)), "task must be a Fit or a Query")
         _check(type(self.weighted) is bool, f"weighted must be true or false, not {describe(self.weighted)}")
+        _check(isinstance(self.task, Fit) or not self.weighted, "a query's answers are summed unweighted")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, SecAggMask):
             return NotImplemented
         return (self.session, self.shares, self.weighted) == (other.session, other.shares, other.weighted) and (
-            self.fit == other.fit
+            self.task == other.task
         )
 
     def to_body(self) -> dict[str, Any]:
         return {
             "session": self.session,
             "ciphertexts": _pairs(self.shares.ciphertexts),
-            "fit": self.fit.to_body(),
+            self.task.kind: self.task.to_body(),
             "weighted": self.weighted,
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> SecAggMask:
-        _fields(body, cls.kind, {"session", "ciphertexts", "fit", "weighted"})
-        _check(isinstance(body["fit"], dict), "fit must be a map")
+        _fields(body, cls.kind, {"session", "ciphertexts", "weighted"}, frozenset({"fit", "query"}))
+        tasks = [kind for kind in ("fit", "query") if kind in body]
+        _check(len(tasks) == 1, f"{cls.kind} must carry one task, a fit or a query, not {describe(tasks)}")
+        (kind,) = tasks
+        _check(isinstance(body[kind], dict), f"{kind} must be a map")
+        task = Fit.from_body(body[kind]) if kind == "fit" else Query.from_body(body[kind])
         shares = ForwardedShares(_by_client(body["ciphertexts"], "ciphertexts"))
-        return cls(body["session"], shares, Fit.from_body(body["fit"]), body["weighted"])
+        return cls(body["session"], shares, task, body["weighted"])
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,7 +18,8 @@ the round timeout (:class:`SecureRound`):
    coordinator relays ciphertexts it cannot read.
 3. ``secagg_mask``: each worker gets the shares addressed to it and a fit
    request; it trains and answers with its update (relative to the global
-   model) and its example count, quantized and masked.
+   model) and its example count, quantized and masked. (``python -m syncfed
+   analytics --secure-agg`` sends a query instead, whose answer is masked.)
 4. ``secagg_unmask``: the survivors (those who sent a masked input) reveal
    the shares that remove the masks; the coordinator keeps only the sum.
 
@@ -69,6 +70,7 @@ from .protocol import (
     Fit,
     FitResult,
     Message,
+    Query,
     SecAggKeys,
     SecAggMask,
     SecAggMasked,
@@ -137,6 +139,9 @@ class SecureRound:
         secure = SecureRound(clients, config, timeout=60.0, failure=why)
         result = await secure.run(fits, weighted=True)   # SecAggResult: the sum only
 
+    Analytics run a round of their own with one query for every worker
+    (``weighted=False``): the sum is that of the answers' sums.
+
     Raises:
         ConfigError: if the config is not for ``len(clients)`` clients.
     """
@@ -166,8 +171,8 @@ class SecureRound:
         """The workers still in the round."""
         return [client.name for client in self._active.values()]
 
-    async def run(self, fits: Mapping[str, Fit], *, weighted: bool) -> SecAggResult:
-        """All four steps.
+    async def run(self, tasks: Mapping[str, Fit | Query], *, weighted: bool) -> SecAggResult:
+        """All four steps; ``tasks``: each worker's fit request, or the query whose answer is summed.
 
         Raises:
             SecAggError: if too few workers remain at a step for the threshold.
@@ -175,7 +180,7 @@ class SecureRound:
         """
         await self.advertise()
         await self.share()
-        await self.mask(fits, weighted=weighted)
+        await self.mask(tasks, weighted=weighted)
         return await self.unmask()
 
     async def advertise(self) -> None:
@@ -189,14 +194,15 @@ class SecureRound:
         replies = await self._ask({u: SecAggShare(session, self._keys[u]) for u in self._active}, SecAggShares)
         self._forwarded = self._server.receive_shares(reply.shares for reply in replies.values())
 
-    async def mask(self, fits: Mapping[str, Fit], *, weighted: bool) -> None:
-        """Step 2: relay the shares with each worker's fit request; sum the masked inputs that come back.
+    async def mask(self, tasks: Mapping[str, Fit | Query], *, weighted: bool) -> None:
+        """Step 2: relay the shares with each worker's task; sum the masked inputs that come back.
 
-        ``weighted``: each worker masks its example count (FedAvg), else 1 (an equal-weight mean).
+        ``weighted``: each worker masks its example count (FedAvg), else 1
+        (an equal-weight mean, or a plain sum of query answers).
         """
         session = self.config.session
         requests = {
-            u: SecAggMask(session, self._forwarded[u], fits[client.name], weighted)
+            u: SecAggMask(session, self._forwarded[u], tasks[client.name], weighted)
             for u, client in self._active.items()
         }
         replies = await self._ask(requests, SecAggMasked)

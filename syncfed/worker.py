@@ -63,6 +63,7 @@ from .protocol import (
     Ping,
     Pong,
     Query,
+    QueryResult,
     SecAggKeys,
     SecAggMask,
     SecAggMasked,
@@ -524,22 +525,40 @@ class _Session:
         if isinstance(message, (Fit, Evaluate)):
             return await self.worker.compute(message)
         if isinstance(message, Query):
-            # Read-only numpy over the data: a thread, beside any fit, so pings are still answered.
-            reply = await asyncio.to_thread(
-                analytics.answer, message, self.worker.data, self.worker.config.min_group_size
-            )
-            if isinstance(reply, Error):
-                raise RequestFailed(reply.code, reply.reason)
-            return reply
+            return await self.query(message)
         if isinstance(message, (SecAggStart, SecAggShare, SecAggMask, SecAggUnmask)):
             return await self.secure_aggregation(message)
         return Pong()
+
+    async def query(self, query: Query) -> QueryResult:
+        """This worker's answer to ``query``; a refusal or a query its data cannot answer is an error reply."""
+        # Read-only numpy over the data: a thread, beside any fit, so pings are still answered.
+        reply = await asyncio.to_thread(analytics.answer, query, self.worker.data, self.worker.config.min_group_size)
+        if isinstance(reply, Error):
+            raise RequestFailed(reply.code, reply.reason)
+        return reply
+
+    async def summed_answer(self, query: Query, clip: float) -> np.ndarray:
+        """The answer to ``query`` as the sums secure aggregation adds up, all within the round's ``clip``.
+
+        Beyond the clip the quantizer would change the answer without a word,
+        so this refuses instead: the coordinator sized the round for fewer examples.
+        """
+        vector = analytics.sums(query, await self.query(query))
+        largest = float(np.abs(vector).max())
+        if largest > clip:
+            raise RequestFailed(
+                "incompatible", f"an answer value of {largest:.6g} exceeds the secure round's limit of {clip:.6g}"
+            )
+        return vector
 
     async def secure_aggregation(self, message: SecAggStart | SecAggShare | SecAggMask | SecAggUnmask) -> Message:
         """One step of this connection's secure aggregation round (``syncfed.secagg``, Bonawitz et al. 2017).
 
         The mask step trains as its fit asks and masks the float tensors'
-        update; a refusal below the threshold is a ``refused`` error reply.
+        update, or answers its query and masks the answer's sums; a refusal
+        below the threshold (or under ``--min-group-size``) is a ``refused``
+        error reply.
         """
         try:
             if isinstance(message, SecAggStart):
@@ -551,7 +570,12 @@ class _Session:
             if isinstance(message, SecAggShare):
                 return SecAggShares(client.share_keys(message.keys))
             if isinstance(message, SecAggMask):
-                reply = await self.worker.compute(message.fit)
+                if isinstance(message.task, Query):
+                    started = time.perf_counter()
+                    vector = await self.summed_answer(message.task, config.clip)
+                    masked = await asyncio.to_thread(client.mask_input, message.shares, vector, 1)
+                    return SecAggMasked(masked, 0.0, time.perf_counter() - started)
+                reply = await self.worker.compute(message.task)
                 assert isinstance(reply, FitResult)
                 vector = flatten({n: a for n, a in reply.weights.items() if np.issubdtype(a.dtype, np.floating)})
                 clipped = int(np.count_nonzero(np.abs(vector) > config.clip))

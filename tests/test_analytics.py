@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -13,6 +16,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
+from conftest import THREADS, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -24,11 +28,16 @@ from syncfed.analytics import (
     combine_feature_stats,
     combine_labels,
     combine_quantiles,
+    from_sums,
     merge_moments,
     moments,
     private_feature_stats,
     private_labels,
     private_quantiles,
+    secure_clip,
+    sums,
+    sums_bound,
+    sums_length,
 )
 from syncfed.cli import analytics as analytics_cli
 from syncfed.cli import server as server_cli
@@ -44,9 +53,12 @@ from syncfed.protocol import (
     Error,
     Query,
     QueryResult,
+    SecAggMask,
     decode,
     encode,
 )
+from syncfed.secagg import CIPHERTEXT_SIZE, ForwardedShares, Quantizer, SecAggResult
+from syncfed.secure_round import SecureRound
 from syncfed.spawn import WorkerProcess
 from syncfed.worker import load_shard
 
@@ -672,6 +684,139 @@ def test_private_quantiles_approach_the_exact_ones_as_epsilon_grows() -> None:
     assert not np.allclose(noisy.values, exact.values)
 
 
+# Secure aggregation --------------------------------------------------------------
+
+
+def pooled_cells(pooled: np.ndarray, low: float, high: float, bins: int) -> np.ndarray:
+    """Per feature: values below the range, numpy's histogram of the range, values above; in numpy alone."""
+    rows = []
+    for column in pooled.astype(np.float64).T:
+        inside = np.histogram(column[(column >= low) & (column <= high)], bins=bins, range=(low, high))[0]
+        rows.append([(column < low).sum(), *inside, (column > high).sum()])
+    return np.array(rows)
+
+
+def through_the_ring(query: Query, results: dict[str, QueryResult], num_classes: int) -> tuple[QueryResult, float]:
+    """The combined answer as a secure round yields it: each worker's sums quantized at the round's clip,
+    added in the ring (masks cancel in the sum, see test_secagg.py), decoded; and the error bound of a sum."""
+    n = len(results)
+    first = next(iter(results.values()))
+    clip = secure_clip(query, max(r.num_examples for r in results.values()), first.num_features, n)
+    quantizer = Quantizer(n, clip, bits=64, max_count=1)
+    rings = [quantizer.encode(sums(query, result), 1) for result in results.values()]
+    assert all(ring.size == sums_length(query, num_classes) + 1 for ring in rings)
+    total = np.sum(rings, axis=0, dtype=np.int64)  # int64 addition wraps around like the ring
+    decoded, count = quantizer.decode(total)
+    assert count == n
+    return from_sums(query, decoded, first.num_features), quantizer.error_bound
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    pooled_data(),
+    st.sampled_from(["label-histogram", "quantiles", "feature-stats"]),
+    st.sampled_from([(-1.0, 1.0), (0.0, 3.0), (-300.5, -299.0), (-1e4, 2e4)]),
+    st.integers(1, 16),
+)
+def test_summed_answers_through_the_secure_ring_are_the_pooled_answer(
+    case: tuple[np.ndarray, list[int]], kind: str, value_range: tuple[float, float], bins: int
+) -> None:
+    pooled, cuts = case
+    labels = np.arange(len(pooled)) % 4
+    features = tuple(range(pooled.shape[1]))
+    query = {
+        "label-histogram": Query("label-histogram"),
+        "quantiles": Query("quantiles", features, bins, value_range),
+        "feature-stats": clipping_query(features, value_range),
+    }[kind]
+    parts = split(pooled, cuts)
+    bounds = np.cumsum([0, *(len(part) for part in parts)])
+    shards = [dataset(part, labels[a:b], num_classes=4) for part, a, b in zip(parts, bounds, bounds[1:], strict=False)]
+    combined, error = through_the_ring(query, answered(query, shards), num_classes=4)
+
+    assert combined.num_examples == len(pooled)
+    if kind == "label-histogram":
+        np.testing.assert_array_equal(combined.tensors["labels"], np.bincount(labels, minlength=4))
+        return
+    if kind == "quantiles":
+        histogram = pooled_cells(pooled, *value_range, bins)
+        np.testing.assert_array_equal(combined.tensors["histogram"], histogram)
+        np.testing.assert_array_equal(
+            combined.tensors["pooled"], pooled_cells(pooled.reshape(-1, 1), *value_range, bins)[0]
+        )
+        return
+    reference = np.clip(pooled.astype(np.float64), *value_range)
+    half = (value_range[1] - value_range[0]) / 2
+    # A mean moves by the sum's error over the count; a variance by about (1 + 2h) times that.
+    for count, mean, m2, column in (
+        (len(pooled), combined.tensors["mean"], combined.tensors["m2"], reference),
+        (pooled.size, combined.tensors["pooled"][:1], combined.tensors["pooled"][1:], reference.reshape(-1, 1)),
+    ):
+        slack = 1e-9 * (abs(value_range[0]) + abs(value_range[1]))
+        np.testing.assert_allclose(mean, column.mean(axis=0), rtol=0, atol=error / count + slack)
+        tolerance = 2 * error * (1 + 2 * half) / count + 1e-9 * half**2
+        np.testing.assert_allclose(m2 / count, column.var(axis=0), rtol=1e-7, atol=tolerance)
+
+
+def test_the_sums_are_counts_then_moments_about_the_range_centre() -> None:
+    values = np.array([[0.0, 1.0], [2.0, 3.0], [4.0, 9.0]])
+    query = clipping_query((1,), (0.0, 4.0))  # centre 2, half width 2: 9 is clipped to 4
+    (result,) = answered(query, [dataset(values)]).values()
+    shifted = np.clip(values, 0.0, 4.0) - 2.0
+    expected = [3, shifted[:, 1].sum(), (shifted[:, 1] ** 2).sum(), shifted.sum(), (shifted**2).sum()]
+    np.testing.assert_allclose(sums(query, result), expected, rtol=1e-12)
+    assert sums_length(query, num_classes=10) == len(expected)
+    assert np.abs(sums(query, result)).max() <= sums_bound(query, 3, 2)
+
+
+def test_the_secure_clip_counts_exactly_and_scales_moments_by_a_power_of_two() -> None:
+    for query in (Query("label-histogram"), Query("quantiles", (0, 5), 16, (0.0, 1.0))):
+        clip = secure_clip(query, num_examples=60_000, num_features=784, num_clients=10)
+        quantizer = Quantizer(10, clip, bits=64, max_count=1)
+        assert quantizer.scale == 1.0  # a count is its own code
+        assert clip >= sums_bound(query, 60_000, 784)
+    query = clipping_query((0,), (-0.43, 2.83))
+    clip = secure_clip(query, num_examples=60_000, num_features=784, num_clients=10)
+    scale = Quantizer(10, clip, bits=64, max_count=1).scale
+    assert scale == 2.0 ** round(math.log2(scale)) and scale >= 1
+    assert sums_bound(query, 60_000, 784) <= clip < 2 * sums_bound(query, 60_000, 784)
+    with pytest.raises(ConfigError, match=r"^answers of up to 1e\+15 exceed the limit of \d+ that secure aggregation"):
+        secure_clip(Query("quantiles", (), 4, (0.0, 1.0)), num_examples=10**12, num_features=1000, num_clients=3)
+    with pytest.raises(ConfigError, match="^feature-stats over secure aggregation needs a clipping range"):
+        sums_bound(Query("feature-stats", (0,)), 10, 1)
+
+
+def test_a_sum_that_does_not_fit_the_query_is_refused() -> None:
+    quantiles = Query("quantiles", (0,), 4, (0.0, 1.0))
+    with pytest.raises(AggregationError, match="^a sum of 7 values does not hold 2 histograms$"):
+        from_sums(quantiles, np.full(7, 1.0), num_features=1)
+    with pytest.raises(AggregationError, match="^the answers cover 0 examples$"):
+        from_sums(Query("label-histogram"), np.zeros(3), num_features=1)
+    with pytest.raises(
+        AggregationError, match="^the secure sum is not a label-histogram answer: labels counts must sum to 5"
+    ):
+        from_sums(Query("label-histogram"), np.array([5.0, 1.0, 1.0]), num_features=1)
+    with pytest.raises(AggregationError, match="^a sum of 4 values does not hold the moments of 2 features$"):
+        from_sums(clipping_query((0, 1), (0.0, 1.0)), np.ones(4), num_features=2)
+
+
+def test_a_secure_mask_request_carries_a_fit_or_an_unweighted_query() -> None:
+    query = Query("quantiles", (0, 3), 8, (-1.0, 1.0))
+    shares = ForwardedShares({1: b"\x01" * CIPHERTEXT_SIZE})
+    message = SecAggMask(b"s" * 32, shares, query, weighted=False)
+    received = decode(encode(4, message)).message
+    assert isinstance(received, SecAggMask) and received == message and received.task == query
+    body = message.to_body()
+    assert body["query"] == query.to_body() and "fit" not in body
+    with pytest.raises(ProtocolError, match="^a query's answers are summed unweighted$"):
+        SecAggMask(b"s" * 32, shares, query)
+    neither = {key: value for key, value in body.items() if key != "query"}
+    both = body | {"fit": {"model": "m", "weights": {}, "plan": {}}}
+    for broken, found in ((neither, "[]"), (both, "['fit', 'query']")):
+        with pytest.raises(ProtocolError, match=re.escape(f"must carry one task, a fit or a query, not {found}")):
+            SecAggMask.from_body(broken)
+
+
 # Command line ------------------------------------------------------------------
 
 
@@ -687,7 +832,29 @@ def test_private_quantiles_approach_the_exact_ones_as_epsilon_grows() -> None:
             "worker entry 'alice=http://x' must look like alice=ws://localhost:8777",
         ),
         (["--dp-seed", "3", "label-histogram"], "--dp-seed only applies with --dp-epsilon"),
-        (["feature-stats", "--clip-range", "0", "1"], "--clip-range only applies with --dp-epsilon"),
+        (["feature-stats", "--clip-range", "0", "1"], "--clip-range only applies with --dp-epsilon or --secure-agg"),
+        (["--secagg-threshold", "2", "label-histogram"], "--secagg-threshold needs --secure-agg"),
+        (
+            ["--workers", "alice=ws://localhost:1", "--secure-agg", "label-histogram"],
+            "--secure-agg needs at least 2 workers, not 1",
+        ),
+        (
+            ["--secure-agg", "--secagg-threshold", "1", "label-histogram"],
+            "--secagg-threshold 1 must be more than half of, and at most, the 3 workers",
+        ),
+        (
+            ["--secure-agg", "--secagg-threshold", "4", "label-histogram"],
+            "--secagg-threshold 4 must be more than half of, and at most, the 3 workers",
+        ),
+        (
+            ["--secure-agg", "feature-stats"],
+            "feature-stats with --secure-agg needs --clip-range LOW HIGH (digits: -0.82 1.85, MNIST: -0.43 2.83)",
+        ),
+        (
+            ["--secure-agg", "--dp-epsilon", "1", "feature-stats"],
+            "feature-stats with --dp-epsilon and --secure-agg needs --clip-range LOW HIGH (digits: -0.82 1.85,"
+            " MNIST: -0.43 2.83)",
+        ),
         (
             ["--dp-epsilon", "1", "feature-stats"],
             "feature-stats with --dp-epsilon needs --clip-range LOW HIGH (digits: -0.82 1.85, MNIST: -0.43 2.83)",
@@ -823,8 +990,144 @@ def test_cli_over_real_workers(digits_workers: dict[str, WorkerProcess], tmp_pat
     refused = run_cli(["--workers", workers, "quantiles", "--range", "-0.82", "1.85", "--features", "36"])
     assert refused.returncode == 6
     assert refused.stdout == ""
-    assert refused.stderr.splitlines() == [
+    assert refused.stderr.splitlines() == pixel_36_refusals(names)
+
+
+def pixel_36_refusals(names: Sequence[str]) -> list[str]:
+    """What the command prints when these workers refuse quantiles of pixel 36, whose values are rare everywhere."""
+    return [
         f"python -m syncfed analytics: {name} answered with error refused: quantiles would describe a group of fewer"
         " than 10 examples (a cell of feature 36); this worker's minimum group size is 10"
         for name in names
     ]
+
+
+def test_cli_secure_aggregation_over_real_workers_equals_the_plain_answer(
+    digits_workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    names = ["alice", "bob", "charlie"]
+    workers = ",".join(f"{name}={digits_workers[name].uri}" for name in names)
+    queries = {
+        "label-histogram": ["label-histogram"],
+        "quantiles": ["quantiles", "--range", "-0.82", "1.85", "--bins", "64", "--q", "0.1,0.5,0.9"],
+        # The range clips nothing on digits (the data lie in [-0.812, 1.848]): the plain answer needs none.
+        "feature-stats": ["feature-stats", "--features", "2,36", "--clip-range", "-0.82", "1.85"],
+    }
+    documents = {}
+    for kind, arguments in queries.items():
+        plain_arguments = arguments[: arguments.index("--clip-range")] if "--clip-range" in arguments else arguments
+        plain = run_cli(["--workers", workers, "--json", str(tmp_path / f"{kind}.json"), *plain_arguments])
+        assert plain.returncode == 0, plain.stderr
+        secure = run_cli(["--workers", workers, "--json", str(tmp_path / f"s-{kind}.json"), "--secure-agg", *arguments])
+        assert secure.returncode == 0, secure.stderr
+        assert secure.stdout.splitlines()[0] == plain.stdout.splitlines()[0]
+        assert secure.stdout.splitlines()[1].startswith(
+            "securely aggregated: only the sum of the answers was revealed (threshold 2 of 3 workers)"
+        )
+        documents[kind] = (
+            json.loads((tmp_path / f"{kind}.json").read_text()),
+            json.loads((tmp_path / f"s-{kind}.json").read_text()),
+        )
+        exact, summed = documents[kind]
+        assert summed["answered"] == names and summed["failed"] == {}
+        assert summed["secure_agg"]["summed"] == names and summed["secure_agg"]["recovered"] == []
+
+    exact, summed = documents["label-histogram"]
+    assert summed["total"] == exact["total"] and "per_worker" not in summed  # no worker's own counts
+    assert summed["secure_agg"] == {
+        "workers": 3,
+        "threshold": 2,
+        "summed": names,
+        "recovered": [],
+        "sum_error_bound": 0.0,
+    }
+    exact, summed = documents["quantiles"]
+    assert summed["features"] == exact["features"]  # the same summed histogram, so the same estimates
+    exact, summed = documents["feature-stats"]
+    bound = summed["secure_agg"]["sum_error_bound"]
+    assert 0 < bound < 1e-6
+    for plain_row, secure_row in zip(exact["features"], summed["features"], strict=True):
+        assert secure_row["feature"] == plain_row["feature"] and secure_row["count"] == plain_row["count"]
+        assert secure_row["mean"] == pytest.approx(plain_row["mean"], rel=1e-9, abs=10 * bound)
+        assert secure_row["variance"] == pytest.approx(plain_row["variance"], rel=1e-9, abs=10 * bound)
+
+    # Secure and differentially private: the noise goes on the sum.
+    private = run_cli(
+        ["--workers", workers, "--json", str(tmp_path / "sdp.json"), "--secure-agg", "--dp-epsilon", "1"]
+        + ["--dp-seed", "0", "label-histogram"]
+    )
+    assert private.returncode == 0, private.stderr
+    assert private.stdout.splitlines()[:3] == [
+        "label-histogram over 3 workers (alice, bob, charlie)",
+        "1-differentially private: Laplace noise of scale 1 on each count (sensitivity 1)",
+        "securely aggregated: only the sum of the answers was revealed (threshold 2 of 3 workers)",
+    ]
+    noisy = np.array(json.loads((tmp_path / "sdp.json").read_text())["total"])
+    exact_total = np.array(documents["label-histogram"][0]["total"])
+    assert 0 < np.abs(noisy - exact_total).max() < 12  # Laplace(1): P(|noise| >= 12) = exp(-12) per count
+
+    # Every worker refuses pixel 36's histogram: too few masked answers to unmask anything.
+    refused = run_cli(
+        ["--workers", workers, "--secure-agg", "quantiles", "--range", "-0.82", "1.85", "--features", "36"]
+    )
+    assert refused.returncode == 8
+    assert refused.stdout == ""
+    assert refused.stderr.splitlines() == [
+        *pixel_36_refusals(names),
+        "python -m syncfed analytics: error: secure aggregation aborted: 0 clients sent masked inputs, threshold is 2",
+    ]
+
+
+def test_a_refusing_worker_is_left_out_of_the_secure_sum(
+    digits_workers: dict[str, WorkerProcess], tmp_path: Path
+) -> None:
+    names = ["alice", "bob", "charlie"]
+    workers = ",".join(f"{name}={digits_workers[name].uri}" for name in names)
+    with running_workers([("gina", [*THREADS, "--digits", "1,2", "--min-group-size", "100000"])]) as extra:
+        everyone = f"{workers},gina={extra['gina'].uri}"
+        secure = run_cli(["--workers", everyone, "--json", str(tmp_path / "s.json"), "--secure-agg", "label-histogram"])
+    assert secure.returncode == 6  # a refusal, as without secure aggregation
+    assert secure.stderr.splitlines() == [
+        "python -m syncfed analytics: gina answered with error refused: this worker holds 259 examples, fewer than"
+        " its minimum group size of 100000"
+    ]
+    plain = run_cli(["--workers", workers, "--json", str(tmp_path / "p.json"), "label-histogram"])
+    assert plain.returncode == 0, plain.stderr
+    summed, exact = (json.loads((tmp_path / name).read_text()) for name in ("s.json", "p.json"))
+    assert secure.stdout.splitlines()[0] == plain.stdout.splitlines()[0] + "; left out: gina"
+    assert summed["total"] == exact["total"]  # gina's masks are stripped through her key's shares
+    assert summed["secure_agg"]["summed"] == names and summed["secure_agg"]["threshold"] == 3
+    assert list(summed["failed"]) == ["gina"]
+
+
+def test_a_worker_lost_after_masking_its_answer_stays_in_the_secure_sum(
+    digits_workers: dict[str, WorkerProcess],
+    disposable_worker: WorkerProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    names = ["alice", "bob", "charlie", "erin"]
+    uris = {**{name: digits_workers[name].uri for name in names[:3]}, "erin": disposable_worker.uri}
+    workers = ",".join(f"{name}={uri}" for name, uri in uris.items())
+    assert analytics_cli.main(["--workers", workers, "--json", str(tmp_path / "p.json"), "label-histogram"]) == 0
+
+    class KillingErin(SecureRound):
+        async def unmask(self) -> SecAggResult:
+            os.kill(disposable_worker.process.pid, signal.SIGKILL)  # erin's masked answer is already in
+            return await super().unmask()
+
+    monkeypatch.setattr(analytics_cli, "SecureRound", KillingErin)
+    capsys.readouterr()
+    status = analytics_cli.main(
+        ["--workers", workers, "--json", str(tmp_path / "s.json"), "--secure-agg", "label-histogram"]
+    )
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert out.splitlines()[1] == (
+        "securely aggregated: only the sum of the answers was revealed (threshold 3 of 4 workers;"
+        " left after masking, unmasked from the others' shares: erin)"
+    )
+    summed, exact = (json.loads((tmp_path / name).read_text()) for name in ("s.json", "p.json"))
+    assert summed["total"] == exact["total"] and summed["answered"] == names and summed["failed"] == {}
+    assert summed["secure_agg"]["recovered"] == ["erin"]

@@ -7,6 +7,7 @@ Usage::
     python -m syncfed analytics --json q.json quantiles --range -0.82 1.85 --bins 256 --q 0.1,0.5,0.9
 
     python -m syncfed analytics --dp-epsilon 1.0 feature-stats --clip-range -0.82 1.85
+    python -m syncfed analytics --secure-agg quantiles --range -0.82 1.85
 
 Every worker is asked at once and the table combines those that answered. A
 worker that refuses (a group below its ``--min-group-size``), fails or cannot
@@ -17,6 +18,12 @@ With ``--dp-epsilon`` the printed and saved answer is epsilon-differentially
 private with respect to one example added or removed at any worker (Laplace
 mechanism, :mod:`syncfed.analytics`): only the noisy combined figures are
 shown, never per-worker counts or exact sizes.
+
+With ``--secure-agg`` the answers are summed by secure aggregation
+(:mod:`syncfed.secure_round`): this command learns the sum over the workers
+and never one worker's answer, so only totals are shown. ``feature-stats``
+then needs ``--clip-range``, since the moments travel as bounded sums. It
+combines with ``--dp-epsilon``, which adds the noise to the sum.
 """
 
 from __future__ import annotations
@@ -25,8 +32,10 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +47,27 @@ from ..analytics import (
     combine_feature_stats,
     combine_labels,
     combine_quantiles,
+    from_sums,
     private_feature_stats,
     private_labels,
     private_quantiles,
+    secure_clip,
+    sums_length,
 )
 from ..auth import read_token
 from ..client import WorkerClient
 from ..config import DEFAULT_WORKERS, parse_endpoints
-from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, SyncfedError
+from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, QuorumNotMet, SecAggError, SyncfedError
 from ..partition import parse_classes
 from ..protocol import MAX_FEATURES, Hello, Info, Query, QueryResult
+from ..secagg import SecAggConfig
+from ..secure_round import SESSION_SIZE, SecureRound, secagg_threshold
 from ..transport import client_tls
 from .common import (
     INTERRUPTED,
     add_client_security_flags,
     add_connection_limits,
+    add_secure_agg_flags,
     exit_code,
     fail,
     normalize_flags,
@@ -127,6 +142,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument(
         "--dp-seed", type=_seed, metavar="N", help="seed the noise, for tests only (default: fresh from the OS)"
     )
+    secure = parser.add_argument_group("secure aggregation (docs/privacy.md)")
+    add_secure_agg_flags(secure, summed="the workers' answers", among="the workers that answer the greeting")
     add_client_security_flags(parser)
     limits = parser.add_argument_group("limits and timeouts")
     add_connection_limits(limits)
@@ -151,8 +168,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=float,
         nargs=2,
         metavar=("LOW", "HIGH"),
-        help="with --dp-epsilon (required there): workers clip every value to this range, in the data's units"
-        " (digits: -0.82 1.85, MNIST: -0.43 2.83)",
+        help="with --dp-epsilon or --secure-agg (required there): workers clip every value to this range, in"
+        " the data's units (digits: -0.82 1.85, MNIST: -0.43 2.83)",
     )
     quantiles = queries.add_parser("quantiles", help="approximate quantiles from fixed-bin histograms")
     quantiles.add_argument(
@@ -192,19 +209,33 @@ def _check_bins(args: argparse.Namespace) -> None:
 
 
 def _check_privacy(args: argparse.Namespace) -> None:
-    """Check the differential privacy flags before connecting to anyone."""
+    """Check the differential privacy and secure aggregation flags before connecting to anyone."""
     clip = getattr(args, "clip_range", None)
-    if args.dp_epsilon is None:
-        if args.dp_seed is not None:
-            raise ConfigError("--dp-seed only applies with --dp-epsilon")
+    if args.dp_epsilon is None and args.dp_seed is not None:
+        raise ConfigError("--dp-seed only applies with --dp-epsilon")
+    if args.secure_agg:
+        workers = len(parse_endpoints(args.workers))
+        threshold = args.secagg_threshold
+        if workers < 2:
+            raise ConfigError(f"--secure-agg needs at least 2 workers, not {workers}")
+        if threshold is not None and not workers / 2 < threshold <= workers:
+            raise ConfigError(
+                f"--secagg-threshold {threshold} must be more than half of, and at most, the {workers} workers"
+            )
+    elif args.secagg_threshold is not None:
+        raise ConfigError("--secagg-threshold needs --secure-agg")
+    flags = " and ".join(
+        flag for flag, on in (("--dp-epsilon", args.dp_epsilon is not None), ("--secure-agg", args.secure_agg)) if on
+    )
+    if not flags:
         if clip is not None:
-            raise ConfigError("--clip-range only applies with --dp-epsilon")
+            raise ConfigError("--clip-range only applies with --dp-epsilon or --secure-agg")
         return
     if args.query != "feature-stats":
         return
     if clip is None:
         raise ConfigError(
-            "feature-stats with --dp-epsilon needs --clip-range LOW HIGH (digits: -0.82 1.85, MNIST: -0.43 2.83)"
+            f"feature-stats with {flags} needs --clip-range LOW HIGH (digits: -0.82 1.85, MNIST: -0.43 2.83)"
         )
     low, high = clip
     if not (math.isfinite(high - low) and low < high):
@@ -245,21 +276,102 @@ def _query(args: argparse.Namespace, infos: dict[str, Info]) -> Query:
         features = tuple(range(num_features)) if args.features is None else args.features
     if features and features[-1] >= num_features:
         raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
-    if args.query == "feature-stats" and args.dp_epsilon is not None:
+    if args.query == "feature-stats" and (args.dp_epsilon is not None or args.secure_agg):
         return Query(args.query, features, None, tuple(args.clip_range))
     if args.query != "quantiles":
         return Query(args.query, features)
     return Query(args.query, features, args.bins, tuple(args.value_range))
 
 
-async def _ask(args: argparse.Namespace) -> tuple[Query | None, dict[str, QueryResult], dict[str, SyncfedError]]:
+@dataclass
+class _Answers:
+    """What asking the workers gave: the query sent, the answers, each failed worker's error.
+
+    With secure aggregation ``results`` holds the one combined answer under
+    ``SECURE_SUM`` and ``secure`` describes the round (the JSON's ``secure_agg``).
+    """
+
+    query: Query | None = None
+    results: dict[str, QueryResult] = field(default_factory=dict)
+    failures: dict[str, SyncfedError] = field(default_factory=dict)
+    secure: dict[str, Any] | None = None
+    #: Why the secure round gave no sum, reported after the workers' own failures.
+    error: SyncfedError | None = None
+
+
+#: The key of the combined answer among the results of a secure round.
+SECURE_SUM = "secure sum"
+
+
+async def _sum_securely(
+    args: argparse.Namespace,
+    query: Query,
+    clients: dict[str, WorkerClient],
+    infos: dict[str, Info],
+    failures: dict[str, SyncfedError],
+) -> tuple[QueryResult, dict[str, Any]]:
+    """The combined answer of ``clients`` by one secure aggregation round, and what the round did.
+
+    Workers that fail or refuse leave the round (into ``failures``); those
+    whose masked answer arrived stay in the sum even if they leave later.
+
+    Raises:
+        QuorumNotMet: if fewer workers than the threshold are left to unmask the sum.
+        IncompatibleWorkers: if the workers' label histograms differ in length.
+    """
+    n = len(clients)
+    threshold = secagg_threshold(n, args.secagg_threshold)
+    if n < 2 or threshold > n:
+        raise QuorumNotMet(f"secure aggregation needs {max(threshold, 2)} workers, {n} answered the greeting")
+    classes = {name: info.num_classes for name, info in infos.items()}
+    if query.query == "label-histogram" and len(set(classes.values())) > 1:
+        raise IncompatibleWorkers(
+            "workers hold different numbers of classes: " + ", ".join(f"{name} {c}" for name, c in classes.items())
+        )
+    num_features = math.prod(next(iter(infos.values())).input_shape)  # _query checked that the workers agree
+    largest = max(sum(info.histogram) for info in infos.values())
+    config = SecAggConfig(
+        num_clients=n,
+        threshold=threshold,
+        length=sums_length(query, next(iter(classes.values()))),
+        clip=secure_clip(query, largest, num_features, n),
+        session=os.urandom(SESSION_SIZE),
+        bits=64,
+        max_count=1,
+    )
+
+    async def failure(client: WorkerClient, error: BaseException) -> str:
+        if not isinstance(error, SyncfedError):
+            raise error
+        failures[client.name] = error
+        return str(error)
+
+    secure = SecureRound(list(clients.values()), config, timeout=args.request_timeout, failure=failure)
+    try:
+        result = await secure.run(dict.fromkeys(clients, query), weighted=False)
+    except SecAggError as exc:
+        raise QuorumNotMet(f"secure aggregation aborted: {exc}") from None
+    names = list(clients)
+    for name in secure.recovered:  # its answer is in the sum: not left out
+        del failures[name]
+    exact = query.query != "feature-stats"
+    round_ = {
+        "workers": n,
+        "threshold": threshold,
+        "summed": [names[u] for u in result.clients],
+        "recovered": secure.recovered,
+        "sum_error_bound": 0.0 if exact else config.quantizer.error_bound,
+    }
+    return from_sums(query, result.weighted_sum, num_features), round_
+
+
+async def _ask(args: argparse.Namespace) -> _Answers:
     """Greet every worker, then send the query to those that answered; gather answers and failures."""
     endpoints = parse_endpoints(args.workers)
-    failures: dict[str, SyncfedError] = {}
+    answers = _Answers()
+    failures = answers.failures
     clients: dict[str, WorkerClient] = {}
     infos: dict[str, Info] = {}
-    results: dict[str, QueryResult] = {}
-    query = None
     try:
         greetings = await asyncio.gather(
             *(_greet(name, uri, args) for name, uri in endpoints.items()), return_exceptions=True
@@ -275,21 +387,30 @@ async def _ask(args: argparse.Namespace) -> tuple[Query | None, dict[str, QueryR
         if unexpected is not None:
             raise unexpected
         if clients:
-            query = _query(args, infos)
-            answers = await asyncio.gather(
-                *(client.request(query) for client in clients.values()), return_exceptions=True
-            )
-            for name, reply in zip(clients, answers, strict=True):
-                if isinstance(reply, SyncfedError):
-                    failures[name] = reply
-                elif isinstance(reply, BaseException):
-                    raise reply
+            answers.query = query = _query(args, infos)
+            if args.secure_agg:
+                try:
+                    combined, answers.secure = await _sum_securely(args, query, clients, infos, failures)
+                except QuorumNotMet as exc:
+                    answers.error = exc
                 else:
-                    assert isinstance(reply, QueryResult)  # request() checked the reply's kind
-                    results[name] = reply
+                    answers.results[SECURE_SUM] = combined
+            else:
+                replies = await asyncio.gather(
+                    *(client.request(query) for client in clients.values()), return_exceptions=True
+                )
+                for name, reply in zip(clients, replies, strict=True):
+                    if isinstance(reply, SyncfedError):
+                        failures[name] = reply
+                    elif isinstance(reply, BaseException):
+                        raise reply
+                    else:
+                        assert isinstance(reply, QueryResult)  # request() checked the reply's kind
+                        answers.results[name] = reply
     finally:
         await asyncio.gather(*(client.close() for client in clients.values()))
-    return query, results, {name: failures[name] for name in endpoints if name in failures}
+    answers.failures = {name: failures[name] for name in endpoints if name in failures}
+    return answers
 
 
 def _number(value: float, low: float = -math.inf, high: float = math.inf) -> str:
@@ -306,19 +427,27 @@ def _finite(values: np.ndarray) -> list[float | None]:
 
 
 def _tabulate(
-    query: Query, results: dict[str, QueryResult], probabilities: Sequence[float]
+    query: Query, results: dict[str, QueryResult], probabilities: Sequence[float], *, per_worker: bool = True
 ) -> tuple[list[list[str]], dict[str, Any]]:
-    """The printed table (header first) and the JSON answer of the combined results."""
+    """The printed table (header first) and the JSON answer of the combined results.
+
+    ``per_worker``: show each worker's label counts beside the total (not
+    after secure aggregation, which leaves only the total).
+    """
+    if query.query == "label-histogram" and not per_worker:
+        total = combine_labels(query, results)
+        rows = [["label", "total"], *([str(label), str(count)] for label, count in enumerate(total))]
+        rows.append(["total", str(total.sum())])
+        return rows, {"total": total.tolist()}
     if query.query == "label-histogram":
         total = combine_labels(query, results)
-        per_worker = {name: result.tensors["labels"] for name, result in results.items()}
+        counts = {name: result.tensors["labels"] for name, result in results.items()}
         rows = [["label", *results, "total"]]
         rows += [
-            [str(label), *(str(c[label]) for c in per_worker.values()), str(total[label])]
-            for label in range(len(total))
+            [str(label), *(str(c[label]) for c in counts.values()), str(total[label])] for label in range(len(total))
         ]
         rows.append(["total", *(str(result.num_examples) for result in results.values()), str(total.sum())])
-        answer = {"total": total.tolist(), "per_worker": {name: c.tolist() for name, c in per_worker.items()}}
+        answer = {"total": total.tolist(), "per_worker": {name: c.tolist() for name, c in counts.items()}}
         return rows, answer
     if query.query == "feature-stats":
         stats = combine_feature_stats(query, results)
@@ -397,6 +526,16 @@ def _privacy_line(epsilon: float, noise: list[dict[str, Any]]) -> str:
     return f"{epsilon:g}-differentially private: Laplace noise of scale {parts}"
 
 
+def _secure_line(secure: dict[str, Any]) -> str:
+    recovered = secure["recovered"]
+    within = f"threshold {secure['threshold']} of {secure['workers']} workers"
+    if recovered:
+        within += f"; left after masking, unmasked from the others' shares: {', '.join(recovered)}"
+    line = f"securely aggregated: only the sum of the answers was revealed ({within})"
+    bound = secure["sum_error_bound"]
+    return line + (f"; fixed-point sums within {bound:.3g}" if bound else "")
+
+
 def _print_table(rows: list[list[str]]) -> None:
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     for row in rows:
@@ -412,25 +551,30 @@ def run(args: argparse.Namespace) -> int:
         if args.query == "quantiles":
             _check_bins(args)
         _check_privacy(args)
-        query, results, failures = asyncio.run(_ask(args))
+        answers = asyncio.run(_ask(args))
+        query, results, failures, secure = answers.query, answers.results, answers.failures, answers.secure
         for error in failures.values():
             print(f"{PROGRAM}: {error}", file=sys.stderr)
+        if answers.error is not None:
+            return fail(PROGRAM, answers.error)
         if query is not None and results:
             left_out = f"; left out: {', '.join(failures)}" if failures else ""
-            answered: dict[str, int] | list[str]
+            names: list[str] = list(results) if secure is None else secure["summed"]
+            answered: dict[str, int] | list[str] = names
             if epsilon is None:
-                rows, answer = _tabulate(query, results, probabilities)
+                rows, answer = _tabulate(query, results, probabilities, per_worker=secure is None)
                 examples = sum(result.num_examples for result in results.values())
-                answered = {name: result.num_examples for name, result in results.items()}
-                print(
-                    f"{query.query} over {examples} examples of {len(results)} workers ({', '.join(results)}){left_out}"
-                )
+                if secure is None:
+                    answered = {name: result.num_examples for name, result in results.items()}
+                print(f"{query.query} over {examples} examples of {len(names)} workers ({', '.join(names)}){left_out}")
             else:  # exact sizes would spoil the guarantee: name the workers only
                 rows, answer = _tabulate_private(query, results, probabilities, epsilon, args.dp_seed)
                 answer["epsilon"] = epsilon
-                answered = list(results)
-                print(f"{query.query} over {len(results)} workers ({', '.join(results)}){left_out}")
+                print(f"{query.query} over {len(names)} workers ({', '.join(names)}){left_out}")
                 print(_privacy_line(epsilon, answer["noise"]))
+            if secure is not None:
+                answer["secure_agg"] = secure
+                print(_secure_line(secure))
             if query.query == "quantiles":
                 low, high = answer["range"]
                 bound = (

@@ -44,6 +44,7 @@ from .common import (
     INTERRUPTED,
     add_client_security_flags,
     add_connection_limits,
+    add_secure_agg_flags,
     exit_code,
     fail,
     parse_arguments,
@@ -307,18 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
     """Secure aggregation and differential privacy (docs/privacy.md)."""
     privacy = parser.add_argument_group("privacy (docs/privacy.md)")
-    privacy.add_argument(
-        "--secure-agg",
-        action="store_true",
-        help="secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum of each round's updates",
-    )
-    privacy.add_argument(
-        "--secagg-threshold",
-        type=int,
-        metavar="T",
-        help="workers that must survive to unmask a round's sum, more than half of those per round"
-        " (default: two thirds of them, rounded up)",
-    )
+    add_secure_agg_flags(privacy, summed="each round's updates", among="those per round")
     privacy.add_argument(
         "--secagg-clip",
         type=float,

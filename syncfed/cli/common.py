@@ -113,6 +113,22 @@ def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
     )
 
 
+def add_secure_agg_flags(group: argparse._ArgumentGroup, *, summed: str, among: str) -> None:
+    """``--secure-agg`` and ``--secagg-threshold`` of a coordinator-side tool: what it sums, and among whom."""
+    group.add_argument(
+        "--secure-agg",
+        action="store_true",
+        help=f"secure aggregation (Bonawitz et al. 2017): the coordinator learns only the sum of {summed}",
+    )
+    group.add_argument(
+        "--secagg-threshold",
+        type=int,
+        metavar="T",
+        help=f"workers that must survive to unmask a sum, more than half of {among} (default: two thirds of"
+        " them, rounded up)",
+    )
+
+
 def setup_logging(verbose: bool, *, default: int) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else default,
