@@ -2,9 +2,10 @@
 
 Usage::
 
-    python scripts/privacy_evidence.py                  # all three tables (about 30 minutes on 2 cores)
+    python scripts/privacy_evidence.py                  # all four tables (about 30 minutes on 2 cores)
     python scripts/privacy_evidence.py --only timing --timing-rounds 4
     python scripts/privacy_evidence.py --only accuracy --rounds 40 --json privacy.json
+    python scripts/privacy_evidence.py --only analytics  # about a minute
 
 Every run uses real worker processes on 127.0.0.1 (spawned here, one torch
 thread each), the digits data set and the demo's recipe (batch 32, 10 local
@@ -29,6 +30,11 @@ batches, lr 0.1 decaying 2% a round):
    and a linear model (650 parameters), hosted in this process as real
    websocket servers on 127.0.0.1. User-level DP hides a whole site among
    the others: it needs many sites and a small model to keep accuracy.
+4. ``analytics``: the demo's three workers answer each analytics query
+   (``python -m syncfed analytics``) in the clear and through secure
+   aggregation, alternately, ``--queries`` times each; the median seconds
+   per answer give the ratio, and the secure answer's largest gap to the
+   plain one is printed beside it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import logging
 import math
 import statistics
 import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -52,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from syncfed.cli import analytics as analytics_cli  # noqa: E402
 from syncfed.config import CoordinatorConfig, WorkerConfig  # noqa: E402
 from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
 from syncfed.exceptions import QuorumNotMet  # noqa: E402
@@ -222,6 +230,74 @@ async def sites_table(rounds: int, clip: float, count: int) -> list[dict[str, An
         return await accuracy_runs(base, clip)
 
 
+#: The analytics table's queries, as ``python -m syncfed analytics`` arguments (secure runs add --secure-agg).
+QUERIES = {
+    "label-histogram": ["label-histogram"],
+    "quantiles (256 bins)": ["quantiles", "--range", "-0.82", "1.85", "--bins", "256"],
+    "feature-stats (64 features)": ["feature-stats", "--clip-range", "-0.82", "1.85"],
+}
+
+
+async def analytics_table(repeats: int) -> list[dict[str, Any]]:
+    """Median seconds per answer of each query, in the clear and through secure aggregation, and their largest gap."""
+    rows = []
+    async with spawn_workers([(name, THREADS) for name in DEMO], startup_timeout=STARTUP) as processes:
+        workers = ",".join(f"{name}={process.uri}" for name, process in processes.items())
+        for name, arguments in QUERIES.items():
+            seconds: dict[bool, list[float]] = {False: [], True: []}
+            answers: dict[bool, Any] = {}
+            for _ in range(repeats):
+                for secure in (False, True):
+                    parser = argparse.ArgumentParser()
+                    analytics_cli.configure(parser)
+                    args = parser.parse_args(["--workers", workers, *(["--secure-agg"] if secure else []), *arguments])
+                    started = time.perf_counter()
+                    asked = await analytics_cli._ask(args)
+                    seconds[secure].append(time.perf_counter() - started)
+                    if asked.failures or asked.error is not None or asked.query is None:
+                        raise RuntimeError(f"{name}: {asked.failures or asked.error}")
+                    answers[secure] = analytics_cli._tabulate(
+                        asked.query, asked.results, (0.1, 0.5, 0.9), per_worker=not secure
+                    )[1]
+            plain_s, secure_s = statistics.median(seconds[False]), statistics.median(seconds[True])
+            row = {
+                "query": name,
+                "plain_ms": 1000 * plain_s,
+                "secure_ms": 1000 * secure_s,
+                "ratio": secure_s / plain_s,
+                "gap": _gap(answers[False], answers[True]),
+            }
+            print(
+                f"  {name}: plain {row['plain_ms']:.1f} ms, secure {row['secure_ms']:.1f} ms, ratio"
+                f" {row['ratio']:.2f}, largest gap {row['gap']:.3g}",
+                flush=True,
+            )
+            rows.append(row)
+    return rows
+
+
+def _gap(plain: Any, secure: Any) -> float:
+    """The largest absolute difference between the numbers of two JSON answers of the same query."""
+    if isinstance(plain, dict):
+        return max((_gap(plain[key], secure[key]) for key in plain if key in secure), default=0.0)
+    if isinstance(plain, list):
+        return max((_gap(a, b) for a, b in zip(plain, secure, strict=True)), default=0.0)
+    if isinstance(plain, (int, float)) and not isinstance(plain, bool):
+        return abs(float(plain) - float(secure))
+    return 0.0
+
+
+def print_analytics(rows: Sequence[dict[str, Any]], repeats: int) -> None:
+    print("\n| query | plain ms | secure ms | ratio | largest gap to plain |")
+    print("|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['query']} | {row['plain_ms']:.1f} | {row['secure_ms']:.1f} | {row['ratio']:.2f}"
+            f" | {row['gap']:.3g} |"
+        )
+    print(f"\n(3 workers on digits, medians of {repeats} answers each, connecting included)")
+
+
 def print_timing(rows: Sequence[dict[str, Any]]) -> None:
     print("\n| workers | local batches | plain s/round | secure s/round | ratio |")
     print("|---|---|---|---|---|")
@@ -245,7 +321,7 @@ def print_accuracy(rows: Sequence[dict[str, Any]], rounds: int, clip: float, set
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--only", choices=("timing", "accuracy", "sites"), help="one table only")
+    parser.add_argument("--only", choices=("timing", "accuracy", "sites", "analytics"), help="one table only")
     parser.add_argument("--rounds", type=int, default=40, help="rounds of each accuracy run (default: %(default)s)")
     parser.add_argument("--clip", type=float, default=0.01, help="--dp-clip of the demo's runs (default: %(default)s)")
     parser.add_argument("--sites", type=int, default=30, help="workers of the sites table (default: %(default)s)")
@@ -254,6 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--timing-rounds", type=int, default=4, help="rounds per timing run (default: %(default)s)")
     parser.add_argument("--blocks", type=int, default=3, help="timing runs of each kind (default: %(default)s)")
+    parser.add_argument("--queries", type=int, default=9, help="answers per analytics query (default: %(default)s)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -270,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nAccuracy after {args.rounds} rounds against epsilon, {args.sites} sites:", flush=True)
         figures["sites"] = asyncio.run(sites_table(args.rounds, args.sites_clip, args.sites))
         print_accuracy(figures["sites"], args.rounds, args.sites_clip, f"{args.sites} IID sites, a linear model")
+    if args.only in (None, "analytics"):
+        print("\nAnalytics answers in the clear and through secure aggregation:", flush=True)
+        figures["analytics"] = asyncio.run(analytics_table(args.queries))
+        print_analytics(figures["analytics"], args.queries)
     if args.json is not None:
         args.json.write_text(json.dumps(figures, indent=2, default=str))
     return 0
