@@ -89,6 +89,11 @@ __all__ = [
 
 #: Values a worker converts to float64 or to cell indices at once: bounds its memory on large data sets.
 CHUNK: Final = 2**20
+#: Relative room a secure feature-stats round leaves above a worker's bound: sums about the range's
+#: centre of values clipped to its edge can pass the bound by a few ulps.
+SUM_SLACK: Final = 1e-6
+#: Integers that float64 holds exactly: a securely summed count must stay below.
+EXACT_INTEGERS: Final = 2**53
 
 
 @dataclass(frozen=True)
@@ -473,13 +478,15 @@ def secure_clip(query: Query, num_examples: int, num_features: int, num_clients:
             it can count exactly, or moments too large for it.
     """
     limit = Quantizer(num_clients, 1.0, bits=64, max_count=1).limit
-    bound = sums_bound(query, num_examples, num_features)
-    if bound > limit:
+    counts = query.query != "feature-stats"
+    # A count is at least 1; sums of values clipped to an edge may pass the bound by a few ulps.
+    bound = max(sums_bound(query, num_examples, num_features), 1.0) * (1.0 if counts else 1.0 + SUM_SLACK)
+    if bound > limit or (counts and bound * num_clients > EXACT_INTEGERS):
         raise ConfigError(
-            f"answers of up to {bound:.4g} exceed the limit of {limit} that secure aggregation over"
-            f" {num_clients} workers can sum"
+            f"answers of up to {bound:.4g} from each of {num_clients} workers exceed what secure aggregation"
+            f" sums exactly (at most {limit} from each, {EXACT_INTEGERS} in all)"
         )
-    if query.query != "feature-stats":
+    if counts:
         return float(limit)
     return limit / 2.0 ** math.floor(math.log2(limit / bound))
 

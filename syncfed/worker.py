@@ -545,11 +545,8 @@ class _Session:
         so this refuses instead: the coordinator sized the round for fewer examples.
         """
         vector = analytics.sums(query, await self.query(query))
-        largest = float(np.abs(vector).max())
-        if largest > clip:
-            raise RequestFailed(
-                "incompatible", f"an answer value of {largest:.6g} exceeds the secure round's limit of {clip:.6g}"
-            )
+        if float(np.abs(vector).max()) > clip:  # the value itself stays private
+            raise RequestFailed("incompatible", f"the answer exceeds the secure round's limit of {clip:.6g}")
         return vector
 
     async def secure_aggregation(self, message: SecAggStart | SecAggShare | SecAggMask | SecAggUnmask) -> Message:

@@ -3,6 +3,7 @@ group size, the two messages on the wire, and one command-line run over real wor
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -41,9 +42,10 @@ from syncfed.analytics import (
 )
 from syncfed.cli import analytics as analytics_cli
 from syncfed.cli import server as server_cli
+from syncfed.client import WorkerClient
 from syncfed.config import WorkerConfig
 from syncfed.datasets import Dataset
-from syncfed.exceptions import AggregationError, ConfigError, ProtocolError
+from syncfed.exceptions import AggregationError, ConfigError, ProtocolError, SecAggError
 from syncfed.protocol import (
     ERROR_CODES,
     MAX_BINS,
@@ -51,13 +53,14 @@ from syncfed.protocol import (
     PROTOCOL_VERSION,
     REQUESTS,
     Error,
+    Hello,
     Query,
     QueryResult,
     SecAggMask,
     decode,
     encode,
 )
-from syncfed.secagg import CIPHERTEXT_SIZE, ForwardedShares, Quantizer, SecAggResult
+from syncfed.secagg import CIPHERTEXT_SIZE, ForwardedShares, Quantizer, SecAggConfig, SecAggResult
 from syncfed.secure_round import SecureRound
 from syncfed.spawn import WorkerProcess
 from syncfed.worker import load_shard
@@ -754,7 +757,7 @@ def test_summed_answers_through_the_secure_ring_are_the_pooled_answer(
     ):
         slack = 1e-9 * (abs(value_range[0]) + abs(value_range[1]))
         np.testing.assert_allclose(mean, column.mean(axis=0), rtol=0, atol=error / count + slack)
-        tolerance = 2 * error * (1 + 2 * half) / count + 1e-9 * half**2
+        tolerance = 2 * error * (1 + 2 * half) / count + 1e-12 * (abs(value_range[0]) + abs(value_range[1])) ** 2
         np.testing.assert_allclose(m2 / count, column.var(axis=0), rtol=1e-7, atol=tolerance)
 
 
@@ -780,8 +783,18 @@ def test_the_secure_clip_counts_exactly_and_scales_moments_by_a_power_of_two() -
     scale = Quantizer(10, clip, bits=64, max_count=1).scale
     assert scale == 2.0 ** round(math.log2(scale)) and scale >= 1
     assert sums_bound(query, 60_000, 784) <= clip < 2 * sums_bound(query, 60_000, 784)
-    with pytest.raises(ConfigError, match=r"^answers of up to 1e\+15 exceed the limit of \d+ that secure aggregation"):
+    message = r"^answers of up to {} from each of {} workers exceed what secure aggregation sums exactly \(at most"
+    with pytest.raises(ConfigError, match=message.format(r"1e\+15", 3)):
         secure_clip(Query("quantiles", (), 4, (0.0, 1.0)), num_examples=10**12, num_features=1000, num_clients=3)
+    # Each count fits the ring, but 2,000 of them would pass what float64 holds exactly.
+    with pytest.raises(ConfigError, match=message.format(r"6e\+12", 2000)):
+        secure_clip(Query("quantiles", (), 4, (0.0, 1.0)), num_examples=6 * 10**9, num_features=1000, num_clients=2000)
+    # Values clipped to the range's edge give sums a few ulps above the bound: the clip leaves room.
+    edge = clipping_query((0,), (-4.83, -3.83))
+    values = np.full((16, 4), -3.83)
+    (result,) = answered(edge, [dataset(values)]).values()
+    assert np.abs(sums(edge, result)).max() <= secure_clip(edge, 16, 4, num_clients=2)
+    assert secure_clip(edge, 16, 4, num_clients=2) == 64.0  # the bound, 32, is a power of two
     with pytest.raises(ConfigError, match="^feature-stats over secure aggregation needs a clipping range"):
         sums_bound(Query("feature-stats", (0,)), 10, 1)
 
@@ -815,6 +828,10 @@ def test_a_secure_mask_request_carries_a_fit_or_an_unweighted_query() -> None:
     for broken, found in ((neither, "[]"), (both, "['fit', 'query']")):
         with pytest.raises(ProtocolError, match=re.escape(f"must carry one task, a fit or a query, not {found}")):
             SecAggMask.from_body(broken)
+    with pytest.raises(ProtocolError, match="^query must be a map$"):
+        SecAggMask.from_body(body | {"query": [1, 2]})
+    with pytest.raises(ProtocolError, match="^a query's answers are summed unweighted$"):
+        SecAggMask.from_body(body | {"weighted": True})
 
 
 # Command line ------------------------------------------------------------------
@@ -1051,6 +1068,21 @@ def test_cli_secure_aggregation_over_real_workers_equals_the_plain_answer(
         assert secure_row["mean"] == pytest.approx(plain_row["mean"], rel=1e-9, abs=10 * bound)
         assert secure_row["variance"] == pytest.approx(plain_row["variance"], rel=1e-9, abs=10 * bound)
 
+    # A range that clips: the workers clip before summing, as numpy does over their pooled pixels.
+    clipped = run_cli(
+        ["--workers", workers, "--json", str(tmp_path / "clipped.json"), "--secure-agg"]
+        + ["feature-stats", "--features", "2,36", "--clip-range", "-0.5", "1.0"]
+    )
+    assert clipped.returncode == 0, clipped.stderr
+    holdings = [load_shard(WorkerConfig(name)).data for name in names]
+    pixels = np.clip(np.concatenate([h.images.reshape(len(h), -1) for h in holdings]).astype(np.float64), -0.5, 1.0)
+    rows = {row["feature"]: row for row in json.loads((tmp_path / "clipped.json").read_text())["features"]}
+    for name, column in (("2", pixels[:, 2]), ("36", pixels[:, 36]), ("all", pixels.ravel())):
+        assert rows[name]["count"] == column.size
+        assert rows[name]["mean"] == pytest.approx(column.mean(), rel=1e-9, abs=1e-9)
+        assert rows[name]["variance"] == pytest.approx(column.var(), rel=1e-9, abs=1e-9)
+    assert pixels.max() == 1.0 and pixels.min() == -0.5  # the range did clip
+
     # Secure and differentially private: the noise goes on the sum.
     private = run_cli(
         ["--workers", workers, "--json", str(tmp_path / "sdp.json"), "--secure-agg", "--dp-epsilon", "1"]
@@ -1131,3 +1163,37 @@ def test_a_worker_lost_after_masking_its_answer_stays_in_the_secure_sum(
     summed, exact = (json.loads((tmp_path / name).read_text()) for name in ("s.json", "p.json"))
     assert summed["total"] == exact["total"] and summed["answered"] == names and summed["failed"] == {}
     assert summed["secure_agg"]["recovered"] == ["erin"]
+
+
+def test_a_worker_refuses_an_answer_beyond_the_secure_round_s_limit(digits_workers: dict[str, WorkerProcess]) -> None:
+    """A coordinator that sizes the round too small gets a refusal, not a silently clipped answer."""
+    names = ["alice", "bob"]
+    query = Query("label-histogram")
+    reasons: dict[str, str] = {}
+
+    async def why(client: WorkerClient, error: BaseException) -> str:
+        reasons[client.name] = str(error)
+        return str(error)
+
+    async def scenario() -> None:
+        clients = [
+            WorkerClient(name, digits_workers[name].uri, max_message_size=2**20, connect_timeout=10, ping_interval=None)
+            for name in names
+        ]
+        try:
+            for client in clients:
+                await client.connect()
+                await client.request(Hello())
+            # 100 is below every worker's example count (the first entry of its sums).
+            config = SecAggConfig(2, 2, sums_length(query, 10), 100.0, os.urandom(32), bits=64, max_count=1)
+            secure = SecureRound(clients, config, timeout=60.0, failure=why)
+            with pytest.raises(SecAggError, match="^0 clients sent masked inputs, threshold is 2$"):
+                await secure.run(dict.fromkeys(names, query), weighted=False)
+        finally:
+            await asyncio.gather(*(client.close() for client in clients))
+
+    asyncio.run(asyncio.wait_for(scenario(), timeout=CLI_TIMEOUT))
+    assert reasons == {
+        name: f"{name} answered with error incompatible: the answer exceeds the secure round's limit of 100"
+        for name in names
+    }

@@ -295,7 +295,8 @@ class _Answers:
     results: dict[str, QueryResult] = field(default_factory=dict)
     failures: dict[str, SyncfedError] = field(default_factory=dict)
     secure: dict[str, Any] | None = None
-    #: Why the secure round gave no sum, reported after the workers' own failures.
+    #: Why there is no answer at all (workers that disagree, a secure round that could not
+    #: finish), reported after the workers' own failures.
     error: SyncfedError | None = None
 
 
@@ -365,6 +366,19 @@ async def _sum_securely(
     return from_sums(query, result.weighted_sum, num_features), round_
 
 
+async def _ask_each(query: Query, clients: dict[str, WorkerClient], answers: _Answers) -> None:
+    """Send ``query`` to every client at once; each answer or failure goes into ``answers``."""
+    replies = await asyncio.gather(*(client.request(query) for client in clients.values()), return_exceptions=True)
+    for name, reply in zip(clients, replies, strict=True):
+        if isinstance(reply, SyncfedError):
+            answers.failures[name] = reply
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            assert isinstance(reply, QueryResult)  # request() checked the reply's kind
+            answers.results[name] = reply
+
+
 async def _ask(args: argparse.Namespace) -> _Answers:
     """Greet every worker, then send the query to those that answered; gather answers and failures."""
     endpoints = parse_endpoints(args.workers)
@@ -386,27 +400,16 @@ async def _ask(args: argparse.Namespace) -> _Answers:
                 clients[name], infos[name] = greeting
         if unexpected is not None:
             raise unexpected
-        if clients:
-            answers.query = query = _query(args, infos)
-            if args.secure_agg:
-                try:
+        try:
+            if clients:
+                answers.query = query = _query(args, infos)
+                if args.secure_agg:
                     combined, answers.secure = await _sum_securely(args, query, clients, infos, failures)
-                except QuorumNotMet as exc:
-                    answers.error = exc
-                else:
                     answers.results[SECURE_SUM] = combined
-            else:
-                replies = await asyncio.gather(
-                    *(client.request(query) for client in clients.values()), return_exceptions=True
-                )
-                for name, reply in zip(clients, replies, strict=True):
-                    if isinstance(reply, SyncfedError):
-                        failures[name] = reply
-                    elif isinstance(reply, BaseException):
-                        raise reply
-                    else:
-                        assert isinstance(reply, QueryResult)  # request() checked the reply's kind
-                        answers.results[name] = reply
+                else:
+                    await _ask_each(query, clients, answers)
+        except SyncfedError as exc:  # the answer as a whole failed: reported after the workers' own failures
+            answers.error = exc
     finally:
         await asyncio.gather(*(client.close() for client in clients.values()))
     answers.failures = {name: failures[name] for name in endpoints if name in failures}
