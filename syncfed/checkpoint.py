@@ -33,7 +33,7 @@ _SERVER: Final = "syncfed.server/"
 _FORMAT: Final = 1
 
 #: What must not change between a run and its resumption.
-IDENTITY_FIELDS: Final = ("model", "dataset", "workers", "evaluator")
+IDENTITY_FIELDS: Final = ("model", "dataset", "dataset_key", "workers", "evaluator")
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class Checkpoint:
 
     round: int
     weights: Weights
-    identity: dict[str, Any]  # model, dataset, workers, evaluator
+    identity: dict[str, Any]  # model, dataset, dataset key, workers, evaluator
     seed: int
     config: dict[str, Any] = field(default_factory=dict)  # the run's settings, for the record
     strategy_state: dict[str, Any] = field(default_factory=dict)  # the strategy's name and settings
@@ -123,7 +123,10 @@ def load_checkpoint(directory: Path) -> Checkpoint | None:
 
 
 def check_resumable(checkpoint: Checkpoint, identity: Mapping[str, Any]) -> None:
-    """Refuse to resume a run whose model, data set or workers changed.
+    """Refuse to resume a run whose model, data set (or named data set) or workers changed.
+
+    A checkpoint from before a field existed lacks it, which reads as None:
+    the field's default, so such a run resumes as long as it keeps that default.
 
     Raises:
         CheckpointError: naming each field that differs, with both values.

@@ -420,6 +420,7 @@ class Coordinator:
         return {
             "model": self._model_name,
             "dataset": self._reference.dataset,
+            "dataset_key": self.config.dataset_key,
             "workers": list(self.config.workers),
             "evaluator": list(self.config.evaluator),
             "run_id": self._run_id,

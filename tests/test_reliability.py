@@ -472,6 +472,12 @@ def test_checkpoint_round_trip_and_resumability(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError) as two:
         check_resumable(loaded, {**saved.identity, "model": "mnist-cnn", "dataset": "mnist"})
     assert "model was 'digits-cnn', now 'mnist-cnn'; dataset was 'digits', now 'mnist'" in str(two.value)
+    # Another named data set of the same kind is another run too; a checkpoint without the field
+    # (written before it existed) reads as the default, None.
+    assert "dataset_key" not in saved.identity
+    with pytest.raises(CheckpointError, match=r"\(dataset_key was None, now 'digits-b'\)"):
+        check_resumable(loaded, {**saved.identity, "dataset_key": "digits-b"})
+    check_resumable(loaded, {**saved.identity, "dataset_key": None})
 
 
 @pytest.mark.parametrize(
