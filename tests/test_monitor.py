@@ -167,3 +167,31 @@ def test_centralized_needs_spawned_workers() -> None:
         "run_websocket_client.py: error: --centralized trains one spawned worker that holds all the training data:"
         " add --spawn-workers"
     )
+
+
+def test_worker_args_reach_every_spawned_training_worker() -> None:
+    completed = subprocess.run(
+        [sys.executable, CLIENT, "--spawn-workers", "--status", "--worker-args=--val-fraction 0.5 --min-group-size 3"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = [line.split() for line in completed.stdout.splitlines()[1:]]
+    examples = {row[0]: int(row[row.index("digits") + 1]) for row in rows}  # id ... dataset examples ...
+    # Half of each shard held out (576, 433 and 426 digits), the evaluator's test set untouched.
+    assert examples == {"alice": 288, "bob": 217, "charlie": 213, "testing": 360}
+
+
+def test_worker_args_are_checked_before_anything_starts() -> None:
+    for arguments, message in (
+        (["--worker-args", "--val-fraction 0.5"], "--worker-args only applies with --spawn-workers"),
+        (["--spawn-workers", "--worker-args=--port 9000"], "--worker-args cannot set --port: --spawn-workers sets it"),
+        (["--spawn-workers", "--worker-args=--data_dir=/x"], "--worker-args cannot set --data-dir: --spawn-workers"),
+        (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
+    ):
+        completed = subprocess.run(
+            [sys.executable, CLIENT, "--status", *arguments], capture_output=True, text=True, timeout=60
+        )
+        assert completed.returncode == 2
+        assert completed.stderr.startswith(f"run_websocket_client.py: error: {message}"), completed.stderr

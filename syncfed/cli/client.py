@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shlex
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from ..auth import read_token
 from ..client import WorkerClient
@@ -181,6 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)",
     )
 
+    workers.add_argument(
+        "--worker-args",
+        metavar="ARGS",
+        help="with --spawn-workers: more flags for every training worker, as one shell-quoted string, e.g."
+        " --worker-args='--val-fraction 0.2 --slowdown 0.1' (see run_websocket_server.py --help)",
+    )
     workers.add_argument(
         "--centralized",
         action="store_true",
@@ -410,6 +417,27 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
     )
 
 
+#: Worker flags that --spawn-workers sets itself, from the client's own flags or per process.
+SPAWNER_FLAGS: Final = ("--id", "--host", "--port", "--testing", "--dataset", "--data-dir", "--config")
+
+
+def _worker_args(text: str | None) -> list[str]:
+    """``--worker-args`` split as a shell would.
+
+    Raises:
+        ConfigError: if it cannot be split, or sets a flag the spawner sets.
+    """
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as exc:
+        raise ConfigError(f"--worker-args {text!r}: {exc}") from None
+    for token in tokens:
+        flag = token.split("=", 1)[0].replace("_", "-")
+        if flag in SPAWNER_FLAGS:
+            raise ConfigError(f"--worker-args cannot set {flag}: --spawn-workers sets it for each worker")
+    return tokens
+
+
 async def _with_workers(
     args: argparse.Namespace, action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]]
 ) -> T:
@@ -423,7 +451,10 @@ async def _with_workers(
             )
         workers = {CENTRAL: ""}
     if not args.spawn_workers:
+        if args.worker_args is not None:
+            raise ConfigError("--worker-args only applies with --spawn-workers")
         return await action(workers, evaluator)
+    extra = _worker_args(args.worker_args)
     if args.dataset == "mnist":
         ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
@@ -431,7 +462,7 @@ async def _with_workers(
         common.append("--cuda")
     if args.model and ":" in args.model:
         common += ["--model", args.model]
-    plan = [(name, [*common, "--digits", "0-9"] if name == CENTRAL else common) for name in workers]
+    plan = [(name, [*common, "--digits", "0-9", *extra] if name == CENTRAL else [*common, *extra]) for name in workers]
     plan += [(name, [*common, "--testing"]) for name in evaluator]
     async with spawn_workers(plan) as processes:
         spawned = {name: processes[name].uri for name in workers}
