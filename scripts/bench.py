@@ -19,7 +19,8 @@ Sections (``--only``, comma-separated; all by default):
    ``--max-processes`` workers are processes, above that asyncio servers
    hosted ``--per-host`` to a process.
 4. ``memory``: peak RSS of the coordinator, run in a process of its own,
-   over its baseline, for 3 to 30 workers on the 10M model.
+   over its baseline, for 3 to 30 workers on the 10M model, without flow
+   control (``--receive-slots 0``) and with the default receive slots.
 5. ``flower``: the overhead tasks under Flower's legacy gRPC mode
    (``start_server``/``start_client``, 512 MiB message limit, offline), when
    ``flwr`` is installed; it is never a dependency of syncfed.
@@ -67,7 +68,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from syncfed.aggregation import fedavg  # noqa: E402
-from syncfed.config import CoordinatorConfig, WorkerConfig  # noqa: E402
+from syncfed.config import DEFAULT_RECEIVE_SLOTS, CoordinatorConfig, WorkerConfig  # noqa: E402
 from syncfed.coordinator import Coordinator, plan_seed  # noqa: E402
 from syncfed.models import MODELS, get_weights, set_weights  # noqa: E402
 from syncfed.protocol import TrainingPlan  # noqa: E402
@@ -110,6 +111,7 @@ class Plan:
     scale_rounds: int = 5
     memory_model: str = "mlp-10m"
     memory_workers: tuple[int, ...] = (3, 10, 30)
+    memory_slots: tuple[int, ...] = (0, DEFAULT_RECEIVE_SLOTS)  # no flow control, then the default
     memory_rounds: int = 3
     copy_bytes: int = 400 * 10**6
     socket_bytes: int = 2**30
@@ -130,6 +132,7 @@ QUICK = Plan(
     scale_rounds=3,
     memory_model="mlp-1m",
     memory_workers=(3,),
+    memory_slots=(DEFAULT_RECEIVE_SLOTS,),
     memory_rounds=2,
     copy_bytes=40 * 10**6,
     socket_bytes=100 * 10**6,
@@ -613,6 +616,7 @@ def coordinator_process(spec: Mapping[str, Any]) -> dict[str, Any]:
             samples.append(resident()[0])
 
     config = recipe(spec["uris"], spec["model"], spec["batches"], spec["rounds"])
+    config = dataclasses.replace(config, receive_slots=spec["receive_slots"])
     asyncio.run(Coordinator(config, report=lambda _: None, listeners=[listen]).run())
     return {
         "baseline_rss": baseline,
@@ -886,21 +890,36 @@ async def memory(plan: Plan, trio: Fleet) -> dict[str, Any]:
     for count in plan.memory_workers:
         async with contextlib.AsyncExitStack() as stack:
             workers = trio if count == len(trio.uris) else await stack.enter_async_context(fleet(count, plan))
-            spec = {"uris": workers.uris, "model": plan.memory_model, "batches": 0, "rounds": plan.memory_rounds}
-            figures = await child("coordinator", spec)
-        if figures["failed"]:
-            raise RuntimeError(f"memory, {count} workers: failures {figures['failed']}")
-        excess = figures["peak_rss"] - figures["baseline_rss"]
-        rows.append(
-            {"workers": count, "hosting": workers.hosting, **figures, "excess": excess, "models": excess / size}
-        )
+            for slots in plan.memory_slots:
+                spec = {
+                    "uris": workers.uris,
+                    "model": plan.memory_model,
+                    "batches": 0,
+                    "rounds": plan.memory_rounds,
+                    "receive_slots": slots,
+                }
+                figures = await child("coordinator", spec)
+                if figures["failed"]:
+                    raise RuntimeError(f"memory, {count} workers, {slots} slots: failures {figures['failed']}")
+                excess = figures["peak_rss"] - figures["baseline_rss"]
+                rows.append(
+                    {
+                        "workers": count,
+                        "receive_slots": slots,
+                        "hosting": workers.hosting,
+                        **figures,
+                        "excess": excess,
+                        "models": excess / size,
+                    }
+                )
     print_table(
         f"4. Coordinator memory: {plan.memory_model} ({size / MB:.0f} MB), rounds of no training, coordinator alone"
-        " in its process",
-        ["workers", "hosted as", "baseline MB", "peak MB", "peak - baseline", "in model sizes"],
+        " in its process; receive slots 0 is no flow control",
+        ["workers", "receive slots", "hosted as", "baseline MB", "peak MB", "peak - baseline", "in model sizes"],
         [
             [
                 r["workers"],
+                r["receive_slots"],
                 r["hosting"],
                 f"{r['baseline_rss'] / MB:.0f}",
                 f"{r['peak_rss'] / MB:.0f}",

@@ -20,7 +20,7 @@ from .exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from .protocol import DEFAULT_CHUNK_SIZE, REQUESTS, Error, Message, encode_fragments
+from .protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, encode_fragments, reply_kind
 from .transport import connection_options, receive, receive_message, send_message
 
 __all__ = ["WorkerClient"]
@@ -209,7 +209,7 @@ class WorkerClient:
             self._pending.pop(request_id, None)
         if isinstance(answer, Error):
             raise RemoteError(self.name, answer.code, answer.reason)
-        expected = REQUESTS[message.kind]
+        expected = reply_kind(message)
         if answer.kind != expected:
             raise ProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
         return answer
@@ -219,23 +219,7 @@ class WorkerClient:
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
             while True:
-                incoming = await receive_message(connection, self.max_message_size)
-                self.bytes_received += incoming.size
-                try:
-                    envelope = incoming.finish()
-                except ProtocolError as exc:
-                    if exc.request_id in self._pending:
-                        self._resolve(exc.request_id, exc)
-                        continue
-                    if incoming.frame is not None and auth.is_challenge(incoming.frame):
-                        raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
-                    raise
-                if envelope.id in self._pending:
-                    self._resolve(envelope.id, envelope.message)
-                elif isinstance(envelope.message, Error):
-                    logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
-                else:  # a reply to a request that timed out
-                    logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
+                self._deliver(await receive_message(connection, self.max_message_size))
         except ConnectionClosed as exc:
             if self._closing is not None:
                 self._closed_reason = self._closing
@@ -252,6 +236,33 @@ class WorkerClient:
             # Whatever ended the loop, nobody may wait for a reply that cannot come.
             for request_id in list(self._pending):
                 self._resolve(request_id, failure)
+
+    def _deliver(self, incoming: MessageDecoder) -> None:
+        """Hand one received reply to the request waiting for it.
+
+        A method of its own so that nothing of the reply outlives the call:
+        a loop's variables would hold each connection's last reply, a whole
+        model, until the next one arrives.
+
+        Raises:
+            ProtocolError: if the reply is invalid and no request can take the blame.
+        """
+        self.bytes_received += incoming.size
+        try:
+            envelope = incoming.finish()
+        except ProtocolError as exc:
+            if exc.request_id in self._pending:
+                self._resolve(exc.request_id, exc)
+                return
+            if incoming.frame is not None and auth.is_challenge(incoming.frame):
+                raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
+            raise
+        if envelope.id in self._pending:
+            self._resolve(envelope.id, envelope.message)
+        elif isinstance(envelope.message, Error):
+            logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
+        else:  # a reply to a request that timed out
+            logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
 
     def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
         future = self._pending.pop(request_id)

@@ -21,6 +21,7 @@ from .strategies import make_strategy
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_RECEIVE_SLOTS",
     "DEFAULT_WORKERS",
     "DEFAULT_EVALUATOR",
     "WorkerConfig",
@@ -35,6 +36,8 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
 #: Fragments smaller than this would cost more in framing than they save in memory.
 MIN_CHUNK_SIZE: Final = 64 * 2**10
+#: Training updates the coordinator receives at once; finished workers hold theirs until a slot frees.
+DEFAULT_RECEIVE_SLOTS: Final = 2
 
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -232,6 +235,7 @@ class CoordinatorConfig:
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
+    receive_slots: int = DEFAULT_RECEIVE_SLOTS  # updates received at once (flow control); 0: no limit
     # Timeouts
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # evaluation replies
@@ -296,6 +300,8 @@ class CoordinatorConfig:
             )
         if self.max_round_retries < 0:
             raise ConfigError(f"max_round_retries must not be negative, not {self.max_round_retries}")
+        if self.receive_slots < 0:
+            raise ConfigError(f"receive_slots must not be negative, not {self.receive_slots}")
         _check_tls(self.tls_cert, self.tls_key)
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("--resume needs --checkpoint-dir")

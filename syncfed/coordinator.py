@@ -54,7 +54,18 @@ from .exceptions import (
 )
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
-from .protocol import PROTOCOL_VERSION, EvalResult, Evaluate, Fit, FitResult, Hello, Info, TrainingPlan
+from .protocol import (
+    PROTOCOL_VERSION,
+    EvalResult,
+    Evaluate,
+    Fetch,
+    Fit,
+    FitHeld,
+    FitResult,
+    Hello,
+    Info,
+    TrainingPlan,
+)
 from .registry import ModelRegistry
 from .secure_round import PrivateFold, PrivateRounds
 from .staleness import UpdateBuffer
@@ -191,6 +202,8 @@ class Coordinator:
         # Secure aggregation and differential privacy (syncfed.secure_round); it needs each worker's example count.
         self._private = PrivateRounds(config, self.strategy, report=report) if config.private else None
         self._num_examples: dict[str, int] = {}
+        # Flow control: updates received at once, so the peak holds a few updates however many workers finish.
+        self._slots = asyncio.Semaphore(config.receive_slots) if config.receive_slots else None
 
     async def run(self) -> RunResult:
         """Connect, check the workers, train for the configured rounds, save.
@@ -700,7 +713,7 @@ class Coordinator:
                 delta=True,
             )
             try:
-                reply = await client.request(fit, timeout=config.round_timeout)
+                reply = await self._train(client, fit)
             except (WorkerTimeout, WorkerUnavailable, RemoteError, ProtocolError) as exc:
                 reason = await self._failure(client, exc)
                 self.report(f"Worker {client.name}: update lost ({reason}); it will be retried")
@@ -709,7 +722,6 @@ class Coordinator:
                     self._backoff[client.name].failed(time.monotonic(), config.reconnect_max_delay)
                 await asyncio.sleep(max(self._backoff[client.name].retry_at - time.monotonic(), 0.05))
                 continue
-            assert isinstance(reply, FitResult)
             self._backoff[client.name].failures = 0
             if config.cross_site_validation and _mismatch(reply.weights, weights) is None:
                 # The worker's local model: its base plus the update it returned.
@@ -850,6 +862,26 @@ class Coordinator:
         control = self.strategy.control(weights) if self.strategy.uses_control else None
         return Fit(self._model_name, weights, plan, control, config.dataset_key)
 
+    async def _train(self, client: WorkerClient, fit: Fit) -> FitResult:
+        """``client``'s reply to ``fit``: with receive slots, held at the worker until one is free, then fetched.
+
+        The slot is taken only for the transfer, never while the worker
+        trains; a worker waiting for one keeps answering pings, so it is not
+        taken for frozen. Training and the transfer each have the round timeout.
+        """
+        timeout = self.config.round_timeout
+        if self._slots is None:
+            reply = await client.request(fit, timeout=timeout)
+        else:
+            held = await client.request(
+                dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
+            )
+            assert isinstance(held, FitHeld)  # request() checked the reply's kind
+            async with self._slots:
+                reply = await client.request(Fetch(held.token), timeout=timeout)
+        assert isinstance(reply, FitResult)
+        return reply
+
     async def _collect_updates(
         self,
         round_number: int,
@@ -866,7 +898,8 @@ class Coordinator:
         index = {client.name: position for position, client in enumerate(trainers)}
         pending = {
             asyncio.ensure_future(
-                client.request(
+                self._train(
+                    client,
                     self._fit(
                         round_number,
                         plan_seed(self.config.seed, round_number, index[client.name]),
@@ -874,7 +907,6 @@ class Coordinator:
                         result.weights,
                         delta=False,
                     ),
-                    timeout=self.config.round_timeout,
                 )
             ): client
             for client in selected

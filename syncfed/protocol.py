@@ -59,6 +59,8 @@ __all__ = [
     "TrainingPlan",
     "Fit",
     "FitResult",
+    "FitHeld",
+    "Fetch",
     "Evaluate",
     "EvalResult",
     "Error",
@@ -75,6 +77,7 @@ __all__ = [
     "SecAggUnmasked",
     "Envelope",
     "REQUESTS",
+    "reply_kind",
     "STREAM_MAGIC",
     "DEFAULT_CHUNK_SIZE",
     "Outgoing",
@@ -408,6 +411,11 @@ class TrainingPlan:
     worker sends only its float tensors' update, scaled down to L2 norm at
     most ``clip``, plus Gaussian noise of standard deviation ``noise_std``
     per value (its share of distributed noise; 0 in central mode).
+
+    With ``hold`` the worker keeps its reply and answers :class:`FitHeld`;
+    the coordinator takes the update with :class:`Fetch` when it has room for
+    it. This is flow control: the coordinator bounds how many updates it
+    receives at once without leaving any connection unread.
     """
 
     round: int
@@ -420,6 +428,7 @@ class TrainingPlan:
     compress: str = "none"
     clip: float | None = None
     noise_std: float = 0.0
+    hold: bool = False
 
     def __post_init__(self) -> None:
         _check(_is_int(self.round) and 1 <= self.round <= MAX_ID, "round must be a positive integer")
@@ -449,6 +458,7 @@ class TrainingPlan:
             _is_number(self.noise_std) and self.noise_std >= 0,
             f"noise_std must be a non-negative finite number, not {describe(self.noise_std)}",
         )
+        _check(type(self.hold) is bool, f"hold must be true or false, not {describe(self.hold)}")
         _check(self.clip is None or self.delta, "clip needs delta: it bounds the update, not the weights")
         _check(self.clip is not None or not self.noise_std, "noise_std needs clip: the noise is scaled to the clip")
 
@@ -465,6 +475,7 @@ class TrainingPlan:
             **({"compress": self.compress} if self.compress != "none" else {}),
             **({"clip": float(self.clip)} if self.clip is not None else {}),
             **({"noise_std": float(self.noise_std)} if self.noise_std else {}),
+            **({"hold": True} if self.hold else {}),
         }
 
     @classmethod
@@ -474,7 +485,7 @@ class TrainingPlan:
             body,
             "plan",
             {"round", "batch_size", "num_batches", "lr", "seed"},
-            frozenset({"mu", "delta", "compress", "clip", "noise_std"}),
+            frozenset({"mu", "delta", "compress", "clip", "noise_std", "hold"}),
         )
         return cls(**body)
 
@@ -620,6 +631,48 @@ class FitResult(Message):
             body.get("compression_error", 0.0),
             body.get("dp_epsilon"),
         )
+
+
+def _check_token(token: Any) -> None:
+    _check(_is_int(token) and 1 <= token <= MAX_ID, f"token must be a positive integer, not {describe(token)}")
+
+
+@dataclass(frozen=True)
+class FitHeld(Message):
+    """The answer to a fit whose plan holds the reply: the worker trained and keeps the update under ``token``."""
+
+    kind: ClassVar[str] = "fit_held"
+    token: int
+
+    def __post_init__(self) -> None:
+        _check_token(self.token)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> FitHeld:
+        _fields(body, cls.kind, {"token"})
+        return cls(body["token"])
+
+
+@dataclass(frozen=True)
+class Fetch(Message):
+    """Send the update held under ``token`` (see :class:`FitHeld`); answered with :class:`FitResult`."""
+
+    kind: ClassVar[str] = "fetch"
+    token: int
+
+    def __post_init__(self) -> None:
+        _check_token(self.token)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Fetch:
+        _fields(body, cls.kind, {"token"})
+        return cls(body["token"])
 
 
 @dataclass(frozen=True, eq=False)
@@ -1248,8 +1301,19 @@ class SecAggUnmasked(Message):
 
 _KINDS: Final[dict[str, type[Message]]] = {
     cls.kind: cls
-    for cls in (Hello, Info, Ping, Pong, Fit, FitResult, Evaluate, EvalResult, Error, Query, QueryResult)
-    + (SecAggStart, SecAggKeys, SecAggShare, SecAggShares, SecAggMask, SecAggMasked, SecAggUnmask, SecAggUnmasked)
+    for cls in (Hello, Info, Ping, Pong, Fit, FitResult, FitHeld, Fetch, Evaluate, EvalResult, Error)
+    + (
+        Query,
+        QueryResult,
+        SecAggStart,
+        SecAggKeys,
+        SecAggShare,
+        SecAggShares,
+        SecAggMask,
+        SecAggMasked,
+        SecAggUnmask,
+        SecAggUnmasked,
+    )
 }
 
 #: Message kinds a worker serves, and the reply kind each one gets on success.
@@ -1257,6 +1321,7 @@ REQUESTS: Final[dict[str, str]] = {
     "hello": "info",
     "ping": "pong",
     "fit": "fit_result",
+    "fetch": "fit_result",
     "evaluate": "eval_result",
     "query": "query_result",
     "secagg_start": "secagg_keys",
@@ -1264,6 +1329,13 @@ REQUESTS: Final[dict[str, str]] = {
     "secagg_mask": "secagg_masked",
     "secagg_unmask": "secagg_unmasked",
 }
+
+
+def reply_kind(message: Message) -> str:
+    """The kind of a successful reply to the request ``message``: a fit whose plan holds it gets ``fit_held``."""
+    if isinstance(message, Fit) and message.plan.hold:
+        return FitHeld.kind
+    return REQUESTS[message.kind]
 
 
 @dataclass(frozen=True)

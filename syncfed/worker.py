@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -55,11 +56,14 @@ from .protocol import (
     Error,
     EvalResult,
     Evaluate,
+    Fetch,
     Fit,
+    FitHeld,
     FitResult,
     Hello,
     Info,
     Message,
+    MessageDecoder,
     Ping,
     Pong,
     Query,
@@ -415,6 +419,10 @@ class _Session:
         self.in_flight: dict[int, asyncio.Task[None]] = {}
         # The secure aggregation round open on this connection, if any: one at a time, dropped after unmasking.
         self.secagg: tuple[SecAggConfig, SecAggClient] | None = None
+        # The update a holding fit left here until the coordinator fetches it: token, reply, its encoding.
+        # One at a time, so a coordinator that never fetches costs one update, not one per round.
+        self.held: tuple[int, FitResult, str] | None = None
+        self.tokens = itertools.count(1)
 
     async def run(self) -> None:
         if self.worker.token is not None and not await self.authenticate(self.worker.token):
@@ -422,20 +430,28 @@ class _Session:
         limit = self.worker.config.max_message_size
         while True:
             try:
-                incoming = await receive_message(self.connection, limit)
+                await self.accept(await receive_message(self.connection, limit))
             except ConnectionClosed:
                 return
-            logger.debug("message from %s: %d bytes", self.peer, incoming.size)
-            try:
-                envelope = incoming.finish()
-            except ProtocolError as exc:  # MessageTooLarge too: the rest was read and dropped
-                await self.reply_error(exc.request_id or 0, exc.code, str(exc), incoming.size)
-                continue
-            failure = self.refusal(envelope)
-            if failure is not None:
-                await self.reply_error(envelope.id, *failure, incoming.size)
-                continue
-            self.dispatch(envelope, incoming.size)
+
+    async def accept(self, incoming: MessageDecoder) -> None:
+        """Dispatch one received request, or answer why it is refused.
+
+        A method of its own so that nothing of the request outlives its
+        task: a loop's variables would hold the last one, a whole model,
+        until the next request arrives.
+        """
+        logger.debug("message from %s: %d bytes", self.peer, incoming.size)
+        try:
+            envelope = incoming.finish()
+        except ProtocolError as exc:  # MessageTooLarge too: the rest was read and dropped
+            await self.reply_error(exc.request_id or 0, exc.code, str(exc), incoming.size)
+            return
+        failure = self.refusal(envelope)
+        if failure is not None:
+            await self.reply_error(envelope.id, *failure, incoming.size)
+            return
+        self.dispatch(envelope, incoming.size)
 
     async def authenticate(self, token: bytes) -> bool:
         """Challenge the peer for the shared token before reading any application message.
@@ -492,7 +508,7 @@ class _Session:
     async def serve(self, request_id: int, message: Message, size: int) -> None:
         started = time.perf_counter()
         try:
-            reply = await self.answer(message)
+            reply, compression = await self.respond(message)
         except RequestFailed as exc:
             await self.reply_error(request_id, exc.code, exc.reason, size)
             return
@@ -500,8 +516,6 @@ class _Session:
             logger.exception("%s from %s failed", message.kind, self.peer)
             await self.reply_error(request_id, "internal", f"{message.kind} failed on the worker", size)
             return
-        # A fit reply goes in the encoding its plan asked for; compressing is part of encoding.
-        compression = message.plan.compress if isinstance(message, Fit) else "none"
         sent = await self.send(request_id, reply, compression=compression)
         log = logger.debug if isinstance(message, Ping) else logger.info
         log(
@@ -512,6 +526,30 @@ class _Session:
             sent,
             time.perf_counter() - started,
         )
+
+    async def respond(self, message: Message) -> tuple[Message, str]:
+        """The reply to ``message`` and the encoding of its float tensors.
+
+        A fit reply goes in the encoding its plan asked for (compressing is
+        part of encoding), now or, when the plan holds it, once fetched.
+        """
+        if isinstance(message, Fetch):
+            if self.held is None or self.held[0] != message.token:
+                raise RequestFailed("out_of_order", f"no update is held under token {message.token}")
+            _, result, compression = self.held
+            self.held = None
+            return result, compression
+        reply = await self.answer(message)
+        if not isinstance(message, Fit):
+            return reply, "none"
+        if not message.plan.hold:
+            return reply, message.plan.compress
+        assert isinstance(reply, FitResult)
+        if self.held is not None:
+            logger.warning("%s never fetched update %d: dropped for a newer one", self.peer, self.held[0])
+        token = next(self.tokens)
+        self.held = (token, reply, message.plan.compress)
+        return FitHeld(token), "none"
 
     async def answer(self, message: Message) -> Message:
         if isinstance(message, Hello):

@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 
+from syncfed.config import DEFAULT_RECEIVE_SLOTS
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
 #: Bytes of the quick run's model, counted independently: DigitsMLP(688) has
 #: layers 64->688, 688->688, 688->688 and 688->10, with biases, in float32.
@@ -111,7 +113,7 @@ def test_scale_hosts_workers_in_one_process(figures: dict[str, Any]) -> None:
 
 def test_memory_is_measured_in_the_coordinators_own_process(figures: dict[str, Any]) -> None:
     (row,) = figures["memory"]["rows"]
-    assert row["workers"] == WORKERS
+    assert row["workers"] == WORKERS and row["receive_slots"] == DEFAULT_RECEIVE_SLOTS
     assert figures["memory"]["model_bytes"] == MLP_1M_BYTES
     # A whole torch process, but not the workers' memory: they live elsewhere.
     assert 50e6 < row["baseline_rss"] < 2e9 and 50e6 < row["peak_rss"] < 2e9

@@ -22,7 +22,9 @@ from syncfed.protocol import (
     Error,
     EvalResult,
     Evaluate,
+    Fetch,
     Fit,
+    FitHeld,
     FitResult,
     Hello,
     Info,
@@ -53,6 +55,8 @@ KINDS = {
     "pong",
     "fit",
     "fit_result",
+    "fit_held",
+    "fetch",
     "evaluate",
     "eval_result",
     "error",
@@ -111,6 +115,7 @@ plans = st.builds(
     num_batches=st.integers(1, 1_000_000),
     lr=st.floats(min_value=0, exclude_min=True, allow_nan=False, allow_infinity=False),
     seed=st.integers(0, 2**63 - 1),
+    hold=st.booleans(),
 )
 
 
@@ -146,6 +151,8 @@ messages = st.one_of(
     infos(),
     st.just(Ping()),
     st.just(Pong()),
+    st.builds(FitHeld, token=st.integers(1, 2**63 - 1)),
+    st.builds(Fetch, token=st.integers(1, 2**63 - 1)),
     st.builds(Fit, model=st.text(min_size=1, max_size=256), weights=weights, plan=plans),
     st.builds(
         FitResult,
@@ -172,7 +179,7 @@ def small_fit() -> Fit:
 
 
 def test_every_kind_is_covered_by_the_strategy() -> None:
-    kinds = (Hello, Info, Ping, Pong, Fit, FitResult, Evaluate, EvalResult, Error, Query, QueryResult)
+    kinds = (Hello, Info, Ping, Pong, Fit, FitResult, FitHeld, Fetch, Evaluate, EvalResult, Error, Query, QueryResult)
     secagg = (
         SecAggStart,
         SecAggKeys,
@@ -188,6 +195,7 @@ def test_every_kind_is_covered_by_the_strategy() -> None:
         "hello": "info",
         "ping": "pong",
         "fit": "fit_result",
+        "fetch": "fit_result",
         "evaluate": "eval_result",
         "query": "query_result",
         "secagg_start": "secagg_keys",
@@ -411,6 +419,8 @@ VALID_BODIES: dict[str, dict[str, object]] = {
     },
     "ping": {},
     "pong": {},
+    "fit_held": {"token": 1},
+    "fetch": {"token": 2**63 - 1},
     "fit": {"model": "m", "weights": {"w": tensor_body(np.ones(2, np.float32))}, "plan": plan_body()},
     "fit_result": {"weights": {}, "num_examples": 5, "loss": 0.5, "seconds": 1.0},
     "evaluate": {"model": "m", "weights": {}, "batch_size": 64},

@@ -25,6 +25,7 @@ from ..config import (
     DEFAULT_EVALUATOR,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
+    DEFAULT_RECEIVE_SLOTS,
     DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_ROUND_TIMEOUT,
@@ -295,6 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="stream larger messages in fragments of this size, so no side holds a second copy (default: %(default)s)",
     )
     limits.add_argument(
+        "--receive-slots",
+        type=int,
+        default=DEFAULT_RECEIVE_SLOTS,
+        metavar="K",
+        help="training updates received at once; finished workers hold theirs until a slot frees, which bounds"
+        " the coordinator's memory however many workers there are (0: no limit; default: %(default)s)",
+    )
+    limits.add_argument(
         "--compress",
         choices=COMPRESSIONS,
         default="none",
@@ -384,6 +393,7 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
         if args.no_registry
         else args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None),
         chunk_size=args.chunk_size,
+        receive_slots=args.receive_slots,
         eval_every=args.eval_every,
         federated_eval=args.federated_eval,
         cross_site_validation=args.cross_site_validation,
