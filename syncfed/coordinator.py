@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import numpy as np
 import torch
@@ -77,6 +78,8 @@ __all__ = ["Coordinator", "EvalRecord", "RoundRecord", "RunResult", "SiteEvalRec
 
 logger = logging.getLogger("syncfed.coordinator")
 
+_T = TypeVar("_T")
+
 FEDERATED = "federated"
 #: Keeps client sampling's random stream apart from the training seeds derived from the same seed.
 _SAMPLING_STREAM = 0x53414D50
@@ -92,6 +95,11 @@ class EvalRecord:
     round: int
     model: str  # "federated" or a worker id
     result: EvalResult
+
+
+def _itself(reply: FitResult) -> FitResult:
+    """Take a reply as it is (asynchronous mode buffers updates rather than folding them as they come)."""
+    return reply
 
 
 @dataclass(frozen=True)
@@ -713,7 +721,7 @@ class Coordinator:
                 delta=True,
             )
             try:
-                reply = await self._train(client, fit)
+                reply = await self._train(client, fit, _itself)
             except (WorkerTimeout, WorkerUnavailable, RemoteError, ProtocolError) as exc:
                 reason = await self._failure(client, exc)
                 self.report(f"Worker {client.name}: update lost ({reason}); it will be retried")
@@ -862,25 +870,27 @@ class Coordinator:
         control = self.strategy.control(weights) if self.strategy.uses_control else None
         return Fit(self._model_name, weights, plan, control, config.dataset_key)
 
-    async def _train(self, client: WorkerClient, fit: Fit) -> FitResult:
-        """``client``'s reply to ``fit``: with receive slots, held at the worker until one is free, then fetched.
+    async def _train(self, client: WorkerClient, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
+        """``take`` of ``client``'s reply to ``fit``: with receive slots, held at the worker until one is free.
 
-        The slot is taken only for the transfer, never while the worker
-        trains; a worker waiting for one keeps answering pings, so it is not
-        taken for frozen. Training and the transfer each have the round timeout.
+        The slot is taken only for the transfer and ``take`` (the fold), never
+        while the worker trains, so at most K updates are in memory at once;
+        a worker waiting for a slot keeps answering pings and is not taken for
+        frozen. Training and the transfer each have the round timeout.
         """
         timeout = self.config.round_timeout
         if self._slots is None:
             reply = await client.request(fit, timeout=timeout)
-        else:
-            held = await client.request(
-                dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
-            )
-            assert isinstance(held, FitHeld)  # request() checked the reply's kind
-            async with self._slots:
-                reply = await client.request(Fetch(held.token), timeout=timeout)
-        assert isinstance(reply, FitResult)
-        return reply
+            assert isinstance(reply, FitResult)  # request() checked the reply's kind
+            return take(reply)
+        held = await client.request(
+            dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
+        )
+        assert isinstance(held, FitHeld)
+        async with self._slots:
+            reply = await client.request(Fetch(held.token), timeout=timeout)
+            assert isinstance(reply, FitResult)
+            return take(reply)
 
     async def _collect_updates(
         self,
@@ -907,6 +917,7 @@ class Coordinator:
                         result.weights,
                         delta=False,
                     ),
+                    functools.partial(fold.add, client.name),
                 )
             ): client
             for client in selected
@@ -921,9 +932,7 @@ class Coordinator:
                     if error is not None:
                         failures[client.name] = await self._failure(client, error)
                         continue
-                    reply = task.result()
-                    assert isinstance(reply, FitResult)
-                    reason = fold.add(client.name, reply)
+                    reason = task.result()  # the fold's verdict on the update
                     if reason is not None:
                         failures[client.name] = reason
         finally:
