@@ -23,7 +23,7 @@ import math
 import struct
 from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, Self
 
 import msgpack
 import numpy as np
@@ -633,46 +633,39 @@ class FitResult(Message):
         )
 
 
-def _check_token(token: Any) -> None:
-    _check(_is_int(token) and 1 <= token <= MAX_ID, f"token must be a positive integer, not {describe(token)}")
+@dataclass(frozen=True)
+class _Token(Message):
+    """A message whose body is one token: the handle of an update a worker holds (flow control)."""
+
+    token: int
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.token) and 1 <= self.token <= MAX_ID,
+            f"token must be a positive integer, not {describe(self.token)}",
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Self:
+        _fields(body, cls.kind, {"token"})
+        return cls(body["token"])
 
 
 @dataclass(frozen=True)
-class FitHeld(Message):
+class FitHeld(_Token):
     """The answer to a fit whose plan holds the reply: the worker trained and keeps the update under ``token``."""
 
     kind: ClassVar[str] = "fit_held"
-    token: int
-
-    def __post_init__(self) -> None:
-        _check_token(self.token)
-
-    def to_body(self) -> dict[str, Any]:
-        return {"token": self.token}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> FitHeld:
-        _fields(body, cls.kind, {"token"})
-        return cls(body["token"])
 
 
 @dataclass(frozen=True)
-class Fetch(Message):
+class Fetch(_Token):
     """Send the update held under ``token`` (see :class:`FitHeld`); answered with :class:`FitResult`."""
 
     kind: ClassVar[str] = "fetch"
-    token: int
-
-    def __post_init__(self) -> None:
-        _check_token(self.token)
-
-    def to_body(self) -> dict[str, Any]:
-        return {"token": self.token}
-
-    @classmethod
-    def from_body(cls, body: Mapping[str, Any]) -> Fetch:
-        _fields(body, cls.kind, {"token"})
-        return cls(body["token"])
 
 
 @dataclass(frozen=True, eq=False)
