@@ -235,7 +235,9 @@ def trimmed_mean(updates: Sequence[Update], trim_ratio: float) -> Weights:
 
     Drops the ``floor(trim_ratio * n)`` largest and smallest values of every
     coordinate and averages the rest. ``trim_ratio`` is in [0, 0.5), so more
-    than zero values always remain; the floor is taken exactly, in fractions.
+    than zero values always remain. The ratio is read as the decimal it prints
+    as and the floor is taken exactly: 0.3 of 10 trims 3, as scipy and Flower
+    do, although the binary value of 0.3 times 10 is a hair under 3.
 
     Raises:
         ConfigError: if ``trim_ratio`` is not in [0, 0.5).
@@ -245,7 +247,7 @@ def trimmed_mean(updates: Sequence[Update], trim_ratio: float) -> Weights:
         raise ConfigError(f"trim ratio {trim_ratio!r} is not in [0, 0.5)")
     validate_updates(updates)
     count = len(updates)
-    trimmed = math.floor(Fraction(trim_ratio) * count)
+    trimmed = math.floor(Fraction(str(trim_ratio)) * count)
     result: Weights = {}
     for name, reference in updates[0][0].items():
         stacked = _stack(updates, name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from decimal import ROUND_FLOOR, Decimal
 
 import numpy as np
 import pytest
@@ -327,13 +328,38 @@ def test_median_agrees_with_the_middle_of_the_sorted_values(ups: list) -> None:
         np.testing.assert_allclose(result[name], expected.astype(ups[0][0][name].dtype), rtol=1e-6)
 
 
+def _trimmed_reference(stacked: np.ndarray, ratio: float) -> np.ndarray:
+    """The trimmed mean by hand: the ratio as the decimal it prints as, floored exactly with Decimal."""
+    n = len(stacked)
+    cut = int((Decimal(repr(ratio)) * n).to_integral_value(rounding=ROUND_FLOOR))
+    return np.sort(stacked, axis=0)[cut : n - cut].mean(axis=0)
+
+
 @FAST
 @given(ups=float_updates(), ratio=st.floats(0, 0.49))
-def test_trimmed_mean_agrees_with_scipy(ups: list, ratio: float) -> None:
+def test_trimmed_mean_agrees_with_sorting_by_hand(ups: list, ratio: float) -> None:
     result = TrimmedMean(trim_ratio=ratio).aggregate(ups[0][0], ups)
     for name in ("w", "b"):
-        expected = stats.trim_mean(np.stack([w[name].astype(np.float64) for w, _ in ups]), ratio, axis=0)
+        expected = _trimmed_reference(np.stack([w[name].astype(np.float64) for w, _ in ups]), ratio)
         np.testing.assert_allclose(result[name], expected.astype(ups[0][0][name].dtype), rtol=1e-6, atol=1e-4)
+
+
+@FAST
+@given(data=st.data(), n=st.sampled_from([10, 20]), ratio=st.sampled_from([0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.45]))
+def test_trimmed_mean_agrees_with_scipy_on_decimal_ratios(data: st.DataObject, n: int, ratio: float) -> None:
+    values = data.draw(st.lists(st.floats(-1e3, 1e3), min_size=n, max_size=n))
+    ups = [({"w": np.array([value])}, 1) for value in values]
+    expected = stats.trim_mean(np.array(values), ratio)
+    assert trimmed_mean(ups, ratio)["w"][0] == pytest.approx(expected, rel=1e-9, abs=1e-9)
+
+
+@pytest.mark.parametrize("ratio, n, cut", [(0.3, 10, 3), (0.15, 20, 3), (0.35, 20, 7), (0.3, 20, 6), (0.15, 10, 1)])
+def test_trimmed_mean_cuts_the_decimal_ratio_of_n(ratio: float, n: int, cut: int) -> None:
+    # Byzantine updates at 1e6, one fewer than the cut: none may survive it.
+    honest = [float(value) for value in range(n - cut)]
+    ups = [({"w": np.array([value])}, 1) for value in honest + [1e6] * cut]
+    kept = sorted(honest)[cut:]
+    assert trimmed_mean(ups, ratio)["w"][0] == pytest.approx(sum(kept) / len(kept))
 
 
 def test_trimmed_mean_drops_floor_of_ratio_times_n_from_each_end() -> None:
