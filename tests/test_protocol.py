@@ -18,6 +18,7 @@ from syncfed.protocol import (
     MAX_ID,
     PROTOCOL_VERSION,
     REQUESTS,
+    Describe,
     Envelope,
     Error,
     EvalResult,
@@ -29,6 +30,7 @@ from syncfed.protocol import (
     Hello,
     Info,
     Message,
+    ModelLayout,
     Ping,
     Pong,
     Query,
@@ -190,13 +192,14 @@ def test_every_kind_is_covered_by_the_strategy() -> None:
         SecAggUnmask,
         SecAggUnmasked,
     )
-    assert {cls.kind for cls in kinds + secagg} == KINDS
+    assert {cls.kind for cls in kinds + secagg + (Describe, ModelLayout)} == KINDS
     assert REQUESTS == {
         "hello": "info",
         "ping": "pong",
         "fit": "fit_result",
         "fetch": "fit_result",
         "evaluate": "eval_result",
+        "describe": "model_layout",
         "query": "query_result",
         "secagg_start": "secagg_keys",
         "secagg_share": "secagg_shares",
