@@ -63,7 +63,7 @@ RSS_SLACK = 32 * MiB
 #: Resident growth since start a worker may show after every request of this module: far below mlp-100m's size.
 SINCE_START = 128 * MiB
 #: Peak resident growth allowed for a batch of 10^6 over a warm-up batch of the whole shard.
-PEAK_SLACK = 64 * MiB
+PEAK_SLACK = 128 * MiB
 DEMO = ("mnist-cnn", "digits-cnn")
 BENCH = ("mlp-1m", "mlp-10m", "mlp-100m")
 

@@ -61,6 +61,8 @@ KINDS = {
     "fetch",
     "evaluate",
     "eval_result",
+    "describe",
+    "model_layout",
     "error",
     "query",
     "query_result",
@@ -428,6 +430,8 @@ VALID_BODIES: dict[str, dict[str, object]] = {
     "fit_result": {"weights": {}, "num_examples": 5, "loss": 0.5, "seconds": 1.0},
     "evaluate": {"model": "m", "weights": {}, "batch_size": 64},
     "eval_result": {"loss": 0.1, "correct": 3, "num_examples": 4, "predictions": [1, 3]},
+    "describe": {"model": "m"},
+    "model_layout": {"model": "m", "tensors": [["w", "float32", [2, 3]]]},
     "error": {"code": "internal", "reason": "boom"},
     "query": {"query": "label-histogram", "features": [], "bins": None, "range": None},
     "query_result": {
