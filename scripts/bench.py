@@ -397,7 +397,15 @@ async def fleet(count: int, plan: Plan) -> AsyncIterator[Fleet]:
     async with contextlib.AsyncExitStack() as stack:
         if count <= plan.max_processes:
             arguments = [
-                (name, ["--threads", str(plan.threads), *(["--shard", f"{s[0] + 1}/{s[1]}"] if s else [])])
+                (
+                    name,
+                    [
+                        "--threads",
+                        str(plan.threads),
+                        "--bench-models",
+                        *(["--shard", f"{s[0] + 1}/{s[1]}"] if s else []),
+                    ],
+                )
                 for name, s in ids
             ]
             workers = await stack.enter_async_context(spawn_workers(arguments, startup_timeout=STARTUP_TIMEOUT))
@@ -495,7 +503,14 @@ async def host(workers: Sequence[tuple[str, Sequence[int] | None]], threads: int
     """
     torch.set_num_threads(threads)
     configs = [
-        WorkerConfig(name, host="127.0.0.1", port=0, threads=threads, shard=(shard[0], shard[1]) if shard else None)
+        WorkerConfig(
+            name,
+            host="127.0.0.1",
+            port=0,
+            threads=threads,
+            shard=(shard[0], shard[1]) if shard else None,
+            bench_models=True,
+        )
         for name, shard in workers
     ]
     holdings = [load_holdings(config) for config in configs]

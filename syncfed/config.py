@@ -107,7 +107,8 @@ class WorkerConfig:
     val_fraction: float = 0.1  # share of a trainer's examples held out for validation, never trained on
     val_seed: int | None = None  # seed of the hold-out; None: derived from the worker id
     datasets: tuple[DatasetSpec, ...] = ()  # named data sets (--dataset-spec); empty: the one ``dataset`` names
-    models: tuple[str, ...] = ()  # import paths of user models this worker may build
+    models: tuple[str, ...] = ()  # import paths of user models (or built-in names) this worker may build
+    bench_models: bool = False  # also serve the benchmark MLPs of models.BENCH_MODELS (up to 100M parameters)
     cuda: bool = False
     threads: int | None = None  # torch threads; None keeps torch's default
     download: bool = True

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping
 from functools import partial
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -23,7 +24,10 @@ from .tensors import Weights
 
 __all__ = [
     "MODELS",
+    "DEMO_MODELS",
+    "BENCH_MODELS",
     "ModelFactory",
+    "Layout",
     "MnistCNN",
     "DigitsCNN",
     "DigitsMLP",
@@ -32,6 +36,8 @@ __all__ = [
     "get_weights",
     "set_weights",
     "check_model",
+    "describe_model",
+    "check_layout",
 ]
 
 ModelFactory = Callable[[], nn.Module]
@@ -96,14 +102,16 @@ class DigitsMLP(nn.Module):
         return F.log_softmax(self.fc4(x), dim=1)
 
 
-#: Built-in models by name; the MLPs (999,674, 10,009,844 and 100,004,422 parameters) are for benchmarks.
-MODELS: Mapping[str, ModelFactory] = {
-    "mnist-cnn": MnistCNN,
-    "digits-cnn": DigitsCNN,
-    "mlp-1m": partial(DigitsMLP, 688),
-    "mlp-10m": partial(DigitsMLP, 2218),
-    "mlp-100m": partial(DigitsMLP, 7052),
-}
+#: The demo models every worker builds.
+DEMO_MODELS: Mapping[str, ModelFactory] = MappingProxyType({"mnist-cnn": MnistCNN, "digits-cnn": DigitsCNN})
+#: Benchmark MLPs (999,674, 10,009,844 and 100,004,422 parameters). A worker builds them only when
+#: started with ``--bench-models`` (or names one with ``--model``): a cheap request must not make
+#: every worker hold a 400 MB model.
+BENCH_MODELS: Mapping[str, ModelFactory] = MappingProxyType(
+    {"mlp-1m": partial(DigitsMLP, 688), "mlp-10m": partial(DigitsMLP, 2218), "mlp-100m": partial(DigitsMLP, 7052)}
+)
+#: Every built-in model by name: what a coordinator may build and ``--model`` may name.
+MODELS: Mapping[str, ModelFactory] = MappingProxyType({**DEMO_MODELS, **BENCH_MODELS})
 
 _DEFAULT_FOR_DATASET = {"mnist": "mnist-cnn", "digits": "digits-cnn"}
 
@@ -134,6 +142,69 @@ def resolve_model(name: str) -> ModelFactory:
     if not callable(factory):
         raise ModelError(f"model {name!r} is not callable")
     return factory  # type: ignore[no-any-return]
+
+
+#: A model's state as the wire describes it: tensor name -> (dtype name, shape), in the model's order.
+Layout = dict[str, tuple[str, tuple[int, ...]]]
+
+_NUMPY_DTYPES = {
+    torch.float16: "float16",
+    torch.float32: "float32",
+    torch.float64: "float64",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+    torch.int16: "int16",
+    torch.int32: "int32",
+    torch.int64: "int64",
+    torch.bool: "bool",
+}
+
+
+def describe_model(factory: ModelFactory) -> Layout:
+    """The names, dtypes and shapes of the state ``factory``'s model has, built without its memory.
+
+    Built on PyTorch's ``meta`` device, where tensors have a shape and no
+    storage, so describing ``mlp-100m`` costs nothing. A user model that
+    cannot be built there (it reads a value of its own tensors in
+    ``__init__``, say) is built once on the CPU instead and dropped. A dtype
+    numpy has no name for (``bfloat16``) keeps torch's name, which no
+    weights sent over the wire can match.
+
+    Raises:
+        ModelError: if the model cannot be built at all.
+    """
+    try:
+        with torch.device("meta"):
+            model = factory()
+    except Exception:  # whatever fails on meta may work on the CPU
+        try:
+            model = factory()
+        except Exception as exc:  # a user's model may raise anything
+            raise ModelError(f"cannot build the model: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the model factory returned {type(model).__name__}, not a torch.nn.Module")
+    return {
+        name: (_NUMPY_DTYPES.get(tensor.dtype, str(tensor.dtype).removeprefix("torch.")), tuple(tensor.shape))
+        for name, tensor in model.state_dict().items()
+    }
+
+
+def check_layout(layout: Layout, weights: Mapping[str, np.ndarray]) -> None:
+    """Check that ``weights`` hold exactly the tensors of ``layout``, in any order, before any model is built.
+
+    Raises:
+        ModelError: naming the first tensor that is missing, unexpected, or of another shape or dtype.
+    """
+    if weights.keys() != layout.keys():
+        missing = sorted(set(layout) - set(weights))
+        extra = sorted(set(weights) - set(layout))
+        raise ModelError(f"weights do not fit the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, (dtype, shape) in layout.items():
+        array = weights[name]
+        if array.shape != shape:
+            raise ModelError(f"tensor {name} has shape {array.shape}, the model needs {shape}")
+        if array.dtype.name != dtype or not array.dtype.isnative:
+            raise ModelError(f"tensor {name} has dtype {array.dtype}, the model needs {dtype}")
 
 
 def get_weights(model: nn.Module) -> Weights:

@@ -42,6 +42,8 @@ from .secagg import (
     UnmaskShares,
 )
 from .tensors import DTYPES, Weights, decode_tensor, decode_weights, encode_tensor, encode_weights, tensor_nbytes
+from .tensors import MAX_DIM as MAX_TENSOR_DIM
+from .tensors import MAX_DIMS as MAX_TENSOR_DIMS
 from .tensors import MAX_NAME as MAX_TENSOR_NAME
 
 __all__ = [
@@ -63,6 +65,8 @@ __all__ = [
     "Fetch",
     "Evaluate",
     "EvalResult",
+    "Describe",
+    "ModelLayout",
     "Error",
     "QUERIES",
     "Query",
@@ -768,6 +772,76 @@ class EvalResult(Message):
         return cls(**body)
 
 
+#: The most tensors a model layout may list (as many as weights may hold).
+MAX_LAYOUT_TENSORS: Final = 100_000
+
+
+@dataclass(frozen=True)
+class Describe(Message):
+    """Ask for the parameter layout of a named model, so a client in any language can build its initial weights."""
+
+    kind: ClassVar[str] = "describe"
+    model: str
+
+    def __post_init__(self) -> None:
+        _check_name(self.model, "model")
+
+    def to_body(self) -> dict[str, Any]:
+        return {"model": self.model}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Describe:
+        _fields(body, cls.kind, {"model"})
+        return cls(body["model"])
+
+
+def _check_spec(entry: Any) -> None:
+    _check(
+        isinstance(entry, (list, tuple))
+        and len(entry) == 3
+        and isinstance(entry[0], str)
+        and 0 < len(entry[0]) <= MAX_TENSOR_NAME
+        and entry[1] in DTYPES
+        and isinstance(entry[2], (list, tuple))
+        and len(entry[2]) <= MAX_TENSOR_DIMS
+        and all(_is_int(dim) and 0 <= dim <= MAX_TENSOR_DIM for dim in entry[2]),
+        f"a tensor must be [name of 1 to {MAX_TENSOR_NAME} characters, one of {', '.join(DTYPES)},"
+        f" shape of at most {MAX_TENSOR_DIMS} sizes up to {MAX_TENSOR_DIM}], not {describe(entry)}",
+    )
+
+
+@dataclass(frozen=True)
+class ModelLayout(Message):
+    """The answer to :class:`Describe`: the model's state as ``(name, dtype, shape)``, in the model's order.
+
+    A fit or evaluate request must carry exactly these tensors (in any order).
+    """
+
+    kind: ClassVar[str] = "model_layout"
+    model: str
+    tensors: tuple[tuple[str, str, tuple[int, ...]], ...]
+
+    def __post_init__(self) -> None:
+        _check_name(self.model, "model")
+        _check(
+            isinstance(self.tensors, (list, tuple)) and len(self.tensors) <= MAX_LAYOUT_TENSORS,
+            f"tensors must be a list of at most {MAX_LAYOUT_TENSORS} entries",
+        )
+        for entry in self.tensors:
+            _check_spec(entry)
+        tensors = tuple((name, dtype, tuple(shape)) for name, dtype, shape in self.tensors)
+        _check(len({name for name, _, _ in tensors}) == len(tensors), "tensor names must be distinct")
+        object.__setattr__(self, "tensors", tensors)
+
+    def to_body(self) -> dict[str, Any]:
+        return {"model": self.model, "tensors": [[name, dtype, list(shape)] for name, dtype, shape in self.tensors]}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> ModelLayout:
+        _fields(body, cls.kind, {"model", "tensors"})
+        return cls(body["model"], body["tensors"])
+
+
 @dataclass(frozen=True)
 class Error(Message):
     """A request could not be served; ``code`` is one of :data:`ERROR_CODES`."""
@@ -1296,6 +1370,8 @@ _KINDS: Final[dict[str, type[Message]]] = {
     cls.kind: cls
     for cls in (Hello, Info, Ping, Pong, Fit, FitResult, FitHeld, Fetch, Evaluate, EvalResult, Error)
     + (
+        Describe,
+        ModelLayout,
         Query,
         QueryResult,
         SecAggStart,
@@ -1316,6 +1392,7 @@ REQUESTS: Final[dict[str, str]] = {
     "fit": "fit_result",
     "fetch": "fit_result",
     "evaluate": "eval_result",
+    "describe": "model_layout",
     "query": "query_result",
     "secagg_start": "secagg_keys",
     "secagg_share": "secagg_shares",

@@ -38,6 +38,7 @@ __all__ = [
     "EvalOutcome",
     "DPSGD",
     "ExampleAccountant",
+    "batch_size",
     "train",
     "evaluate",
     "corrupt",
@@ -57,18 +58,31 @@ class EvalOutcome:
     predictions: list[int]  # histogram of predicted classes
 
 
+def batch_size(plan: TrainingPlan, num_examples: int) -> int:
+    """The examples each of the plan's batches holds: its batch size, at most the whole shard.
+
+    The plan's number comes from the peer; clamped, a batch never holds more
+    than the data, so its cost is bounded by the shard, not by the request.
+    """
+    return min(plan.batch_size, num_examples)
+
+
 def _batches(num_examples: int, plan: TrainingPlan) -> Iterator[np.ndarray]:
     """Index arrays of the plan's batches, drawn from a stream of reshuffled passes over the shard.
 
     Lazy, so memory stays at one pass plus one batch however long the plan.
+    Each batch holds :func:`batch_size` examples.
     """
+    size = batch_size(plan, num_examples)
+    if size == 0:
+        return
     rng = np.random.default_rng(plan.seed)
     pending = np.empty(0, dtype=np.int64)
     for _ in range(plan.num_batches):
-        while len(pending) < plan.batch_size:
+        if len(pending) < size:
             pending = np.concatenate([pending, rng.permutation(num_examples)])
-        yield pending[: plan.batch_size]
-        pending = pending[plan.batch_size :]
+        yield pending[:size]
+        pending = pending[size:]
 
 
 class Abandoned(Exception):

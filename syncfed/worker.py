@@ -45,13 +45,24 @@ from .exceptions import (
     SecAggError,
     TensorError,
 )
-from .models import MODELS, ModelFactory, get_weights, resolve_model, set_weights
+from .models import (
+    BENCH_MODELS,
+    DEMO_MODELS,
+    Layout,
+    ModelFactory,
+    check_layout,
+    describe_model,
+    get_weights,
+    resolve_model,
+    set_weights,
+)
 from .partition import class_indices, default_classes, iid_shard
 from .privacy import clip_update, gaussian_noise
 from .protocol import (
     PROTOCOL_VERSION,
     REQUESTS,
     DatasetInfo,
+    Describe,
     Envelope,
     Error,
     EvalResult,
@@ -64,6 +75,7 @@ from .protocol import (
     Info,
     Message,
     MessageDecoder,
+    ModelLayout,
     Ping,
     Pong,
     Query,
@@ -80,7 +92,7 @@ from .protocol import (
 )
 from .secagg import SecAggClient, SecAggConfig, flatten
 from .tensors import Weights
-from .training import DPSGD, ExampleAccountant, corrupt, evaluate, train
+from .training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
 from .transport import connection_options, receive, receive_message, send_message, server_tls
 
 __all__ = ["Holding", "Worker", "load_holdings", "load_shard", "model_factories", "run_worker"]
@@ -179,16 +191,16 @@ def load_holdings(config: WorkerConfig) -> list[Holding]:
     return [load_shard(config, spec) for spec in config.datasets] or [load_shard(config)]
 
 
-def model_factories(import_paths: tuple[str, ...]) -> dict[str, ModelFactory]:
-    """The built-in models plus the user models this worker was started with."""
-    factories = dict(MODELS)
+def model_factories(import_paths: tuple[str, ...], *, bench: bool = False) -> dict[str, ModelFactory]:
+    """The demo models, the benchmark models with ``bench``, and the models this worker was started with."""
+    factories = {**DEMO_MODELS, **(BENCH_MODELS if bench else {})}
     for path in import_paths:
         factories[path] = resolve_model(path)
     return factories
 
 
 class Worker:
-    """Serves fit, evaluate, query, hello and ping requests over its data."""
+    """Serves fit, evaluate, describe, query, hello and ping requests over its data."""
 
     def __init__(self, config: WorkerConfig, data: Dataset | Sequence[Holding]) -> None:
         """``data``: the worker's holdings (the first is its default), or one data set served as is.
@@ -205,7 +217,15 @@ class Worker:
             raise ConfigError("two of the worker's data sets share a key")
         self.data = self.holdings[0].data  # what it serves when a request names no data set
         self._catalog = tuple(holding.describe() for holding in self.named.values())
-        self.factories = model_factories(config.models)
+        self.factories = model_factories(config.models, bench=config.bench_models)
+        # Each model's state as names, dtypes and shapes, described once without building it (see
+        # ``describe_model``): a request's weights are checked against it before any model is built.
+        self.layouts: dict[str, Layout] = {}
+        for name, factory in self.factories.items():
+            try:
+                self.layouts[name] = describe_model(factory)
+            except ModelError as exc:
+                raise ConfigError(f"model {name}: {exc}") from None
         self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
         # One compute job at a time: it owns the cached models and the CPU.
         self._compute = asyncio.Lock()
@@ -269,6 +289,10 @@ class Worker:
             )
         if isinstance(message, Fit) and self.config.testing:
             raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        try:
+            check_layout(self.layouts[message.model], message.weights)
+        except ModelError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
         data = self._examples(message)
         abandoned = threading.Event()
         async with self._compute:
@@ -284,6 +308,20 @@ class Worker:
                 if not job.cancelled():
                     job.exception()  # retrieved: an abandoned job's Abandoned is expected
                 raise
+
+    def describe(self, name: str) -> ModelLayout:
+        """The layout of a model this worker serves, from its description: nothing is built."""
+        if name not in self.layouts:
+            raise RequestFailed(
+                "unknown_model",
+                f"model {name!r} is not registered on this worker (it has {', '.join(self.layouts)})",
+            )
+        try:
+            return ModelLayout(
+                name, tuple((tensor, dtype, shape) for tensor, (dtype, shape) in self.layouts[name].items())
+            )
+        except ProtocolError as exc:  # e.g. a user model with a dtype the wire does not carry
+            raise RequestFailed("incompatible", f"model {name!r} cannot be described on the wire: {exc}") from None
 
     def _model(self, name: str) -> nn.Module:
         model = self._models.get(name)
@@ -344,9 +382,9 @@ class Worker:
             raise RequestFailed("incompatible", str(exc)) from None
         dp_epsilon = None
         if self._accountant is not None:
-            # Every step trained counts, whatever becomes of the reply. Batches larger than the
-            # shard hold each example at least once: a sample rate of 1.
-            self._accountant.step(min(1.0, plan.batch_size / len(data)), plan.num_batches)
+            # Every step trained counts, whatever becomes of the reply. A batch size above the
+            # shard's trains on the whole shard each step: a sample rate of 1.
+            self._accountant.step(batch_size(plan, len(data)) / len(data), plan.num_batches)
             dp_epsilon = self._accountant.epsilon()
             logger.info(
                 "dp-sgd: %d steps so far on %d examples, epsilon %.4g at delta %g",
@@ -562,6 +600,8 @@ class _Session:
             return self.worker.info()
         if isinstance(message, (Fit, Evaluate)):
             return await self.worker.compute(message)
+        if isinstance(message, Describe):
+            return self.worker.describe(message.model)
         if isinstance(message, Query):
             return await self.query(message)
         if isinstance(message, (SecAggStart, SecAggShare, SecAggMask, SecAggUnmask)):

@@ -90,8 +90,8 @@ def test_without_noise_and_with_a_huge_clip_dp_sgd_is_plain_sgd(mu: float) -> No
 def test_each_example_moves_the_step_by_at_most_the_clip(count: int, batch_size: int) -> None:
     """One step of lr 1: the update is minus the mean of the clipped per-example gradients.
 
-    With 3 examples in batches of 7 every example appears more than once:
-    its copies count as one example, clipped together.
+    A batch size of 7 over 3 examples is a batch of the whole shard, each example once
+    (a batch never holds more than the data), and the mean is over those 3.
     """
     data = tiny_data(count, seed=1)
     model = tiny_model(seed=2)
@@ -102,11 +102,12 @@ def test_each_example_moves_the_step_by_at_most_the_clip(count: int, batch_size:
     gradients = [copies[i] * example_gradient(model, data, i) for i in range(count) if copies[i]]
     norms = [float(np.linalg.norm(g)) for g in gradients]
     assert min(norms) > 2 * clip  # clipping bites for every example
-    expected = -np.sum([g * min(1.0, clip / n) for g, n in zip(gradients, norms, strict=True)], axis=0) / batch_size
+    assert len(batch) == min(batch_size, count)
+    expected = -np.sum([g * min(1.0, clip / n) for g, n in zip(gradients, norms, strict=True)], axis=0) / len(batch)
     private = trained(model, data, plan, dp_sgd=DPSGD(0.0, clip))
     update = flat(private) - flat(model)
     np.testing.assert_allclose(update, expected, rtol=1e-4, atol=1e-7)
-    assert np.linalg.norm(update) <= len(gradients) * clip / batch_size * (1 + 1e-5)
+    assert np.linalg.norm(update) <= len(gradients) * clip / len(batch) * (1 + 1e-5)
 
 
 def test_the_noise_on_the_gradient_has_std_z_times_c_over_the_batch() -> None:

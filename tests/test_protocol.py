@@ -18,6 +18,7 @@ from syncfed.protocol import (
     MAX_ID,
     PROTOCOL_VERSION,
     REQUESTS,
+    Describe,
     Envelope,
     Error,
     EvalResult,
@@ -29,6 +30,7 @@ from syncfed.protocol import (
     Hello,
     Info,
     Message,
+    ModelLayout,
     Ping,
     Pong,
     Query,
@@ -59,6 +61,8 @@ KINDS = {
     "fetch",
     "evaluate",
     "eval_result",
+    "describe",
+    "model_layout",
     "error",
     "query",
     "query_result",
@@ -190,13 +194,14 @@ def test_every_kind_is_covered_by_the_strategy() -> None:
         SecAggUnmask,
         SecAggUnmasked,
     )
-    assert {cls.kind for cls in kinds + secagg} == KINDS
+    assert {cls.kind for cls in kinds + secagg + (Describe, ModelLayout)} == KINDS
     assert REQUESTS == {
         "hello": "info",
         "ping": "pong",
         "fit": "fit_result",
         "fetch": "fit_result",
         "evaluate": "eval_result",
+        "describe": "model_layout",
         "query": "query_result",
         "secagg_start": "secagg_keys",
         "secagg_share": "secagg_shares",
@@ -425,6 +430,8 @@ VALID_BODIES: dict[str, dict[str, object]] = {
     "fit_result": {"weights": {}, "num_examples": 5, "loss": 0.5, "seconds": 1.0},
     "evaluate": {"model": "m", "weights": {}, "batch_size": 64},
     "eval_result": {"loss": 0.1, "correct": 3, "num_examples": 4, "predictions": [1, 3]},
+    "describe": {"model": "m"},
+    "model_layout": {"model": "m", "tensors": [["w", "float32", [2, 3]]]},
     "error": {"code": "internal", "reason": "boom"},
     "query": {"query": "label-histogram", "features": [], "bins": None, "range": None},
     "query_result": {

@@ -35,3 +35,15 @@ class WithBuffer(nn.Module):
 
 
 NOT_CALLABLE = 42
+
+
+class MetaShy(nn.Module):
+    """Reads a value of its own weights while it is built, which PyTorch's meta device cannot do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.register_buffer("scale", torch.tensor([float(self.fc.weight.detach().abs().max())]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1)) * self.scale

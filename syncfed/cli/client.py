@@ -37,6 +37,7 @@ from ..config import (
 from ..coordinator import FEDERATED, Coordinator, RunResult
 from ..datasets import DATASETS, ensure_mnist
 from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
+from ..models import DEMO_MODELS
 from ..monitor import Progress, TensorBoardWriter
 from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
 from ..spawn import spawn_workers
@@ -470,7 +471,7 @@ async def _with_workers(
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
     if args.cuda:
         common.append("--cuda")
-    if args.model and ":" in args.model:
+    if args.model and args.model not in DEMO_MODELS:  # a user model, or a benchmark model: workers serve it only so
         common += ["--model", args.model]
     plan = [(name, [*common, "--digits", "0-9", *extra] if name == CENTRAL else [*common, *extra]) for name in workers]
     plan += [(name, [*common, "--testing"]) for name in evaluator]

@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)"
     )
+    parser.add_argument(
+        "--bench-models",
+        action="store_true",
+        help="also serve the benchmark models mlp-1m, mlp-10m and mlp-100m (scripts/bench.py)",
+    )
     parser.add_argument("--cuda", action="store_true", help="train on the GPU when one is available")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-download", action="store_true", help="never download MNIST")
@@ -185,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         val_seed=args.val_seed,
         datasets=tuple(parse_dataset_spec(text) for text in args.dataset_spec),
         models=tuple(args.model),
+        bench_models=args.bench_models,
         cuda=args.cuda,
         threads=args.threads,
         download=not args.no_download,
