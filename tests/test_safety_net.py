@@ -411,7 +411,8 @@ def test_a_worker_too_slow_for_the_round_timeout_is_dropped_and_its_connection_c
     assert first_closed <= second_open
     for number, (_, closed) in enumerate(slow.connections):
         asked = next(at for at, kind, connection in slow.requests if kind == "fit" and connection == number)
-        assert round_timeout <= closed - asked < round_timeout + 20 * UNIT, closed - asked
+        # The deadline runs from the send, a moment before the fake read the request.
+        assert round_timeout - UNIT <= closed - asked < round_timeout + 20 * UNIT, closed - asked
 
 
 # -- 3. Error replies and invalid replies to a fit ------------------------------------------
@@ -515,14 +516,13 @@ def test_async_mode_backs_off_a_failing_worker_and_goes_on_with_the_others(tmp_p
         }
         for line in failed
     ), failed
-    # Retried at once, then after 0.5 s, 1 s, 2 s...: never in a tight loop. The run lasts
-    # about 8 x 0.2 s, so carol is asked 3 or 4 times, not the dozens a 50 ms retry would make.
+    # Retried at once, then after 0.5 s, 1 s, 2 s...: never in a tight loop. The run lasts at least
+    # 8 x 0.2 s (16 updates from two workers that take 0.2 s each), so carol is asked at least 3 times.
     asked = fakes[2].times("fit")
-    assert 3 <= len(asked) <= 5, (len(asked), outcome.seconds)
+    assert len(asked) >= 3, (asked, outcome.seconds)
     gaps = np.diff(asked)
-    assert gaps[1] >= 5 * UNIT - UNIT / 2, gaps
-    if len(gaps) > 2:
-        assert gaps[2] >= 10 * UNIT - UNIT / 2, gaps
+    for number, gap in enumerate(gaps[1:]):
+        assert gap >= 5 * UNIT * 2**number - UNIT / 2, gaps
     assert len(fakes[2].connections) == 1, "an error reply does not drop the connection"
 
 
