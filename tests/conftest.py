@@ -21,7 +21,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+import torch
 
+from syncfed.datasets import load_dataset
+from syncfed.models import DigitsCNN
 from syncfed.spawn import WorkerProcess, spawn_workers
 
 T = TypeVar("T")
@@ -100,6 +103,22 @@ def digits_workers() -> Iterator[dict[str, WorkerProcess]]:
     """alice (0-3), bob (4-6), charlie (7-9), the evaluator testing, and dave for fault tests."""
     with running_workers(DIGITS_PLAN) as workers:
         yield workers
+
+
+def independent_score(weights: dict[str, np.ndarray], batch_size: int = 128) -> tuple[int, int]:
+    """Correct predictions of ``weights`` on the digits test split and its size, computed here with plain
+    torch (not by a worker, nor by syncfed's evaluation code), as the reference for what was reported."""
+    data = load_dataset("digits", "test", ".")
+    model = DigitsCNN()
+    model.load_state_dict({name: torch.from_numpy(array.copy()) for name, array in weights.items()})
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(data.labels), batch_size):
+            images = torch.from_numpy(data.images[start : start + batch_size])
+            predicted = model(images).argmax(dim=1).numpy()
+            correct += int(np.sum(predicted == data.labels[start : start + batch_size]))
+    return correct, len(data.labels)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

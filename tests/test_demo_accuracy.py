@@ -8,14 +8,26 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import independent_score
+from safetensors.numpy import load_file
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     metrics = tmp_path / "metrics.jsonl"
+    model = tmp_path / "model.safetensors"
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, str(ROOT / "run_websocket_client.py"), "--spawn-workers", "--metrics-out", str(metrics)],
+        [
+            sys.executable,
+            str(ROOT / "run_websocket_client.py"),
+            "--spawn-workers",
+            "--metrics-out",
+            str(metrics),
+            "--save-model",
+            str(model),
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -30,3 +42,8 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     print(f"\ndigits demo: federated accuracy {final['accuracy']:.2%} at round 40 in {seconds:.1f} s")
     assert final["accuracy"] >= 0.95
     assert f"Final federated accuracy at round 40: {final['accuracy']:.2%}" in completed.stdout
+    # The saved model is the one that reached it: scored here with plain torch, not by the evaluator.
+    correct, total = independent_score(load_file(str(model)))
+    assert total == final["n"]
+    assert abs(correct - final["correct"]) <= 1, f"the saved model scores {correct}/{total}, the run reported {final}"
+    assert correct / total >= 0.95

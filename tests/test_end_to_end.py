@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from conftest import independent_score
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -72,6 +73,16 @@ def assert_same_weights(actual: dict[str, np.ndarray], expected: dict[str, np.nd
         np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
+def assert_scores_as_reported(weights: dict[str, np.ndarray], reported_correct: int) -> None:
+    """The model scores what the evaluator reported for it, within one example: a near tie
+    may fall the other way with another thread count, a damaged model misses by dozens."""
+    correct, total = independent_score(weights)
+    assert total == DIGITS_TEST_SIZE
+    assert abs(correct - reported_correct) <= 1, (
+        f"the model scores {correct}/{total}, the run reported {reported_correct}"
+    )
+
+
 @dataclass
 class Run:
     result: RunResult
@@ -108,6 +119,9 @@ def test_federated_accuracy_improves_over_round_one(three_rounds: Run) -> None:
     # the federated model must have learned from all of them.
     assert last > 0.4
     assert last > max(result.accuracy(3, name) for name in TRAINERS)
+    # The returned model is the one that was evaluated: checked here, independently of the evaluator.
+    reported = next(e.result for e in result.evaluations if e.round == 3 and e.model == "federated")
+    assert_scores_as_reported(result.weights, reported.correct)
     assert [record.round for record in result.rounds] == [1, 2, 3]
     assert all(record.workers == TRAINERS for record in result.rounds)
     assert result.model == "digits-cnn"
@@ -173,9 +187,21 @@ def test_same_seed_gives_identical_weights(digits_workers: dict[str, WorkerProce
     again = run(Coordinator(config(digits_workers, evaluator=False, training_rounds=3), report=lambda _: None).run())
     assert_same_weights(again.weights, three_rounds.result.weights)
 
+    # Bit-identical weights could still be identically damaged: they must score what the first run reported.
+    reported = next(e.result for e in three_rounds.result.evaluations if e.round == 3 and e.model == "federated")
+    assert_scores_as_reported(again.weights, reported.correct)
+
     torch.manual_seed(1)
     initial = get_weights(DigitsCNN())
-    assert any(not np.array_equal(initial[name], again.weights[name]) for name in initial), "nothing was trained"
+    unchanged = [name for name in initial if np.array_equal(initial[name], again.weights[name])]
+    assert not unchanged, f"nothing was trained in {unchanged}"
+
+    # The seed matters: another one gives other weights in every tensor.
+    other = run(
+        Coordinator(config(digits_workers, evaluator=False, training_rounds=3, seed=2), report=lambda _: None).run()
+    )
+    same = [name for name in other.weights if np.array_equal(other.weights[name], again.weights[name])]
+    assert not same, f"seeds 1 and 2 gave the same {same}"
 
 
 def test_mean_and_fedavg_aggregate_what_the_workers_return(digits_workers: dict[str, WorkerProcess]) -> None:

@@ -863,7 +863,8 @@ def test_a_killed_coordinator_resumes_from_its_checkpoint(trio: Cluster, tmp_pat
 @pytest.mark.parametrize("damage", ["shorter", "another-file"])
 def test_resume_never_leaves_a_padded_or_torn_metrics_file(trio: Cluster, tmp_path: Path, damage: str) -> None:
     """The checkpoint is fsynced, the metrics file only flushed: after a machine crash it can be shorter
-    than the checkpoint says; and --metrics-out may name another file on resume. Refusing is a fine answer."""
+    than the checkpoint says; and --metrics-out may name another file on resume. Either way the resume is
+    refused with a message that says why and what to do, and the file is left as it was (never padded or torn)."""
     metrics_path = tmp_path / "metrics.jsonl"
     config = CoordinatorConfig(
         workers=trio.uris("alice"),
@@ -880,15 +881,26 @@ def test_resume_never_leaves_a_padded_or_torn_metrics_file(trio: Cluster, tmp_pa
     else:
         target = tmp_path / "another.jsonl"
         target.write_text(json.dumps({"event": "note", "text": "x" * 10_000}) + "\n")
+    checkpoint = load_checkpoint(tmp_path / "checkpoints")
+    assert checkpoint is not None and checkpoint.metrics_size is not None
+    recorded, size = checkpoint.metrics_path, checkpoint.metrics_size
+    before = target.read_bytes()
     resumed = CoordinatorConfig(**{**config.__dict__, "training_rounds": 3, "resume": True, "metrics_out": target})
-    try:
+    with pytest.raises(CheckpointError) as raised:
         run(Coordinator(resumed, report=lambda line: None).run())
-    except CheckpointError:
-        return
-    data = target.read_bytes()
-    assert b"\0" not in data, "the metrics file was padded with NUL bytes"
-    for line in data.splitlines():
-        json.loads(line)  # no torn line
+    if damage == "shorter":
+        assert len(before) < size
+        expected = (
+            f"metrics file {target} has {len(before)} bytes and does not end a line at byte {size} as the checkpoint"
+            " of its run says; it was changed or lost data since, so resuming would damage it"
+        )
+    else:
+        assert recorded == str(metrics_path.resolve())
+        expected = (
+            f"the checkpointed run wrote its metrics to {recorded}, not {target}; resume with --metrics-out {recorded}"
+        )
+    assert str(raised.value) == expected
+    assert target.read_bytes() == before, "a refused resume changed the metrics file"
 
 
 # -- A quorum that cannot be met ------------------------------------------------------------
