@@ -516,7 +516,9 @@ async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
     except SyncfedError as exc:
         return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
     withheld = info.histogram is None
-    histogram = "withheld" if withheld else " ".join(f"{label}:{n}" for label, n in enumerate(info.histogram or ()) if n)
+    histogram = (
+        "withheld" if withheld else " ".join(f"{label}:{n}" for label, n in enumerate(info.histogram or ()) if n)
+    )
     return [
         name,
         uri,

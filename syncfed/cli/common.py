@@ -184,11 +184,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, A
             actions[option.lstrip("-").replace("-", "_")] = action
     defaults: dict[str, Any] = {}
     for key, value in settings.items():
-        action = actions.get(key.replace("-", "_"))
-        if action is None:
+        found = actions.get(key.replace("-", "_"))
+        if found is None:
             raise ConfigError(f"config file {path}: key {key!r}: not a setting of {parser.prog}")
         try:
-            defaults[action.dest] = _config_value(action, value, path.parent)
+            defaults[found.dest] = _config_value(found, value, path.parent)
         except argparse.ArgumentTypeError as exc:
             raise ConfigError(f"config file {path}: key {key!r}: {exc}") from None
     return defaults
