@@ -38,6 +38,8 @@ DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
 MIN_CHUNK_SIZE: Final = 64 * 2**10
 #: Training updates the coordinator receives at once; finished workers hold theirs until a slot frees.
 DEFAULT_RECEIVE_SLOTS: Final = 2
+#: The learning rate decays or stays: a factor above 1 would grow it past any float in a few hundred rounds.
+MAX_LR_DECAY: Final = 1.0
 
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -131,6 +133,8 @@ class WorkerConfig:
     tls_ca: Path | None = None  # require client certificates signed by this CA
     allow_coordinators: tuple[str, ...] = ()  # certificate common names let in; empty: any the CA signed
     auth_token_file: Path | None = None
+    # Privacy of the worker's metadata: hello sends no class histogram, only a power-of-two bound on its size
+    withhold_histogram: bool = False
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -295,6 +299,8 @@ class CoordinatorConfig:
             "reconnect_max_delay",
         ):
             _positive(name, getattr(self, name))
+        if self.lr_decay > MAX_LR_DECAY:
+            raise ConfigError(f"lr_decay {self.lr_decay!r} exceeds limit of {MAX_LR_DECAY}: the rate decays or stays")
         if self.min_workers is not None and not 1 <= self.min_workers <= len(self.workers):
             raise ConfigError(
                 f"min_workers {self.min_workers} is not between 1 and {len(self.workers)} training workers"
@@ -400,8 +406,14 @@ class CoordinatorConfig:
         return min(wanted, available)
 
     def learning_rate(self, round_number: int) -> float:
-        """``lr`` decayed by ``lr_decay`` each round, never below ``lr_min``."""
-        return max(self.lr * self.lr_decay ** (round_number - 1), self.lr_min)
+        """``lr`` decayed by ``lr_decay`` each round, never below ``lr_min`` (nor above ``lr``).
+
+        Finite and positive for every round: ``lr_decay`` is at most 1, so the
+        power only shrinks, and an underflow to 0 meets the floor. A floor
+        above ``lr`` would raise the rate, so it is capped at ``lr``.
+        """
+        decayed = self.lr * self.lr_decay ** max(round_number - 1, 0)
+        return max(decayed, min(self.lr_min, self.lr))
 
     def is_eval_round(self, round_number: int) -> bool:
         """Rounds 1, 1 + eval_every, 1 + 2 * eval_every, ... and the last."""

@@ -41,6 +41,7 @@ from .auth import read_token
 from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint, save_weights
 from .client import WorkerClient
 from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
+from .disclosure import held_classes, holdings, losses_text, round_figures
 from .evaluation import TEST, VALIDATION, Cell, CrossSiteMatrix, pool, result_json, write_cross_site
 from .exceptions import (
     AuthenticationFailed,
@@ -228,7 +229,12 @@ class Coordinator:
         try:
             infos = await self._start(trainers, evaluator)
             result, start = self._initial_state(infos)
-            groups = {name: _held_classes(info) for name, info in infos.items() if name in config.workers}
+            # Each trainer's classes, for the shares of predictions per group; private under --secure-agg.
+            groups = {
+                name: held_classes(info)
+                for name, info in infos.items()
+                if name in config.workers and not config.secure_agg and info.histogram is not None
+            }
             self._open_metrics(result)
             run_mode = self._run_async if config.mode == "async" else self._run_sync
             await run_mode(start, result, trainers, evaluator, groups)
@@ -303,13 +309,7 @@ class Coordinator:
         assert isinstance(info, Info)
         info = self._chosen_data(client.name, info)
         self._num_examples[client.name] = info.num_examples
-        logger.info(
-            "%s holds %d examples of %s (classes %s)",
-            client.name,
-            info.num_examples,
-            info.dataset,
-            group_label(_held_classes(info)),
-        )
+        logger.info("%s holds %s", client.name, holdings(info, secure=self.config.secure_agg))
         return info
 
     def _check_compatible(self, infos: Mapping[str, Info]) -> str:
@@ -380,6 +380,7 @@ class Coordinator:
                 input_shape=entry.input_shape,
                 num_classes=entry.num_classes,
                 histogram=entry.histogram,
+                max_examples=entry.max_examples,
                 validation_size=entry.validation_size,
             )
         needs = "--federated-eval" if config.federated_eval else "--cross-site-validation"
@@ -819,7 +820,7 @@ class Coordinator:
             self.report(
                 f"Round {round_number}: aggregated {len(fold.losses)} of {len(trainers)} workers; dropped {dropped}"
             )
-        losses = ", ".join(f"{name} {loss:.4f}" for name, loss in record.train_loss.items())
+        losses = losses_text(record.train_loss, secure=config.secure_agg)
         logger.info(
             "round %d/%d: %.2f s, lr %.4f, training loss %s",
             round_number,
@@ -836,8 +837,12 @@ class Coordinator:
                 "failed": failures,
                 "seconds": round(record.seconds, 4),
                 "lr": lr,
-                "train_loss": record.train_loss,
-                "num_examples": {name: fold.examples[name] for name in contributors},
+                **round_figures(
+                    record.train_loss,
+                    {name: fold.examples[name] for name in contributors},
+                    secure=config.secure_agg,
+                    total=fold.total_examples if isinstance(fold, PrivateFold) else None,
+                ),
                 **(
                     {"compression_error": {name: fold.compression_errors[name] for name in contributors}}
                     if config.compress != "none"
@@ -1008,7 +1013,8 @@ class Coordinator:
                 f"{group_label(classes)}: {sum(reply.predictions[c] for c in classes) / reply.num_examples:.0%}"
                 for classes in groups.values()
             )
-            self.report(f"{label}: Percentage numbers {shares}")
+            if groups:
+                self.report(f"{label}: Percentage numbers {shares}")
             self.report(f"{label}: {_figures(reply)}")
             self._write(
                 {
@@ -1063,14 +1069,15 @@ class Coordinator:
             None,
         )
         self.report(f"Federated evaluation at round {round_number}/{self.config.training_rounds} (validation splits):")
-        for name, reply in record.sites.items():
+        secure = self.config.secure_agg  # each site's figures and size stay private: the average only
+        for name, reply in record.sites.items() if not secure else ():
             self.report(f"Site {name}: {_figures(reply)}")
         for name, reason in record.failed.items():
             self.report(f"Site {name}: not evaluated ({reason})")
         event: dict[str, Any] = {
             "event": "federated_eval",
             "round": round_number,
-            "sites": {name: result_json(reply) for name, reply in record.sites.items()},
+            "sites": {name: result_json(reply) for name, reply in record.sites.items()} if not secure else {},
             "failed": record.failed,
         }
         if record.sites:
@@ -1244,7 +1251,3 @@ def _figures(reply: EvalResult) -> str:
 def _traffic(clients: Sequence[WorkerClient]) -> tuple[int, int]:
     """Message bytes sent to and received from ``clients`` so far."""
     return sum(client.bytes_sent for client in clients), sum(client.bytes_received for client in clients)
-
-
-def _held_classes(info: Info) -> list[int]:
-    return [label for label, count in enumerate(info.histogram) if count > 0]

@@ -70,7 +70,7 @@ class Progress:
 
 class TensorBoardWriter:
     """Writes the run's scalars for TensorBoard: accuracy and loss per model,
-    training loss per worker, seconds and bytes per round.
+    training loss per worker (their mean only under ``--secure-agg``), seconds and bytes per round.
 
     Raises:
         ConfigError: if the ``tensorboard`` package is not installed.
@@ -91,8 +91,10 @@ class TensorBoardWriter:
             self.writer.add_scalar("round/seconds", event["seconds"], step)
             self.writer.add_scalar("round/bytes_moved", event["bytes_sent"] + event["bytes_received"], step)
             self.writer.add_scalar("round/workers", len(event["workers"]), step)
-            for worker, loss in event["train_loss"].items():
+            for worker, loss in event.get("train_loss", {}).items():
                 self.writer.add_scalar(f"train_loss/{worker}", loss, step)
+            if "train_loss_mean" in event:
+                self.writer.add_scalar("train_loss/mean", event["train_loss_mean"], step)
         elif kind == "eval":
             self.writer.add_scalar(f"accuracy/{event['model']}", event["accuracy"], step)
             self.writer.add_scalar(f"loss/{event['model']}", event["loss"], step)

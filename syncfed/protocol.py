@@ -204,7 +204,8 @@ DATA_SPLITS: Final = ("train", "test")
 EVAL_SPLITS: Final = ("validation",)
 
 
-def _check_schema(input_shape: Any, num_classes: Any, histogram: Any) -> None:
+def _check_schema(input_shape: Any, num_classes: Any, histogram: Any, max_examples: Any = None) -> None:
+    """Shape and classes; then the class histogram, or, when a worker withholds it, a bound on its size."""
     _check(
         isinstance(input_shape, (list, tuple))
         and 0 < len(input_shape) <= 8
@@ -215,6 +216,13 @@ def _check_schema(input_shape: Any, num_classes: Any, histogram: Any) -> None:
         _is_int(num_classes) and 0 < num_classes <= MAX_CLASSES,
         f"num_classes must be an integer from 1 to {MAX_CLASSES}",
     )
+    if histogram is None:
+        _check(
+            _is_int(max_examples) and 0 < max_examples <= MAX_EXAMPLES,
+            f"a withheld histogram needs max_examples from 1 to {MAX_EXAMPLES}, not {describe(max_examples)}",
+        )
+        return
+    _check(max_examples is None, "max_examples goes only with a withheld histogram")
     _check_counts(histogram, "histogram")
     _check(len(histogram) == num_classes, "histogram must have num_classes entries")
 
@@ -240,8 +248,9 @@ class DatasetInfo:
     input_shape: tuple[int, ...]
     dtype: str
     num_classes: int
-    histogram: tuple[int, ...]
+    histogram: tuple[int, ...] | None  # None: withheld (--withhold-histogram), and max_examples bounds its sum
     validation_size: int = 0
+    max_examples: int | None = None
 
     def __post_init__(self) -> None:
         _check_name(self.key, "data set key")
@@ -249,17 +258,19 @@ class DatasetInfo:
         _check(self.split in DATA_SPLITS, f"split must be train or test, not {describe(self.split)}")
         _check_name(self.version, "version")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {describe(self.dtype)}")
-        _check_schema(self.input_shape, self.num_classes, self.histogram)
+        _check_schema(self.input_shape, self.num_classes, self.histogram, self.max_examples)
         _check(
             _is_int(self.validation_size) and self.validation_size >= 0,
             "validation_size must be a non-negative integer",
         )
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "histogram", tuple(self.histogram))
+        if self.histogram is not None:
+            object.__setattr__(self, "histogram", tuple(self.histogram))
 
     @property
     def num_examples(self) -> int:
-        return sum(self.histogram)
+        """The examples held, or the upper bound a worker that withholds its histogram gives."""
+        return sum(self.histogram) if self.histogram is not None else _withheld(self.max_examples)
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -270,7 +281,7 @@ class DatasetInfo:
             "input_shape": list(self.input_shape),
             "dtype": self.dtype,
             "num_classes": self.num_classes,
-            "histogram": list(self.histogram),
+            **_histogram_fields(self.histogram, self.max_examples),
             **({"validation_size": self.validation_size} if self.validation_size else {}),
         }
 
@@ -280,10 +291,10 @@ class DatasetInfo:
         _fields(
             body,
             "data set entry",
-            {"key", "dataset", "split", "version", "input_shape", "dtype", "num_classes", "histogram"},
-            frozenset({"validation_size"}),
+            {"key", "dataset", "split", "version", "input_shape", "dtype", "num_classes"},
+            frozenset({"histogram", "validation_size", "max_examples"}),
         )
-        return cls(**body)
+        return cls(**{"histogram": None, **body})
 
 
 @dataclass(frozen=True)
@@ -301,17 +312,18 @@ class Info(Message):
     dataset: str
     input_shape: tuple[int, ...]
     num_classes: int
-    histogram: tuple[int, ...]  # examples per class
+    histogram: tuple[int, ...] | None  # examples per class; None: withheld, and max_examples bounds their sum
     models: tuple[str, ...]  # model names the worker can build
     protocol_version: int = PROTOCOL_VERSION
     validation_size: int = 0
     datasets: tuple[DatasetInfo, ...] = ()  # the worker's named data sets; empty without --dataset-spec
+    max_examples: int | None = None  # with a withheld histogram: a power of two at least the examples held
 
     def __post_init__(self) -> None:
         _check_name(self.worker_id, "worker_id")
         _check(self.role in ("trainer", "evaluator"), f"role must be trainer or evaluator, not {describe(self.role)}")
         _check_name(self.dataset, "dataset")
-        _check_schema(self.input_shape, self.num_classes, self.histogram)
+        _check_schema(self.input_shape, self.num_classes, self.histogram, self.max_examples)
         _check(isinstance(self.models, (list, tuple)) and len(self.models) <= 1000, "models must be a list")
         for name in self.models:
             _check_name(name, "model name")
@@ -329,13 +341,15 @@ class Info(Message):
         keys = [entry.key for entry in self.datasets]
         _check(len(set(keys)) == len(keys), f"data set keys {describe(keys)} must be distinct")
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
-        object.__setattr__(self, "histogram", tuple(self.histogram))
+        if self.histogram is not None:
+            object.__setattr__(self, "histogram", tuple(self.histogram))
         object.__setattr__(self, "models", tuple(self.models))
         object.__setattr__(self, "datasets", tuple(self.datasets))
 
     @property
     def num_examples(self) -> int:
-        return sum(self.histogram)
+        """The examples held, or the upper bound a worker that withholds its histogram gives."""
+        return sum(self.histogram) if self.histogram is not None else _withheld(self.max_examples)
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -344,7 +358,7 @@ class Info(Message):
             "dataset": self.dataset,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
-            "histogram": list(self.histogram),
+            **_histogram_fields(self.histogram, self.max_examples),
             "models": list(self.models),
             "protocol_version": self.protocol_version,
             # Defaults stay off the wire: a worker without a validation split or named data sets reads as before.
@@ -357,15 +371,25 @@ class Info(Message):
         _fields(
             body,
             cls.kind,
-            {"worker_id", "role", "dataset", "input_shape", "num_classes", "histogram", "models", "protocol_version"},
-            frozenset({"validation_size", "datasets"}),
+            {"worker_id", "role", "dataset", "input_shape", "num_classes", "models", "protocol_version"},
+            frozenset({"histogram", "validation_size", "datasets", "max_examples"}),
         )
         entries = body.get("datasets", [])
         _check(
             isinstance(entries, list) and len(entries) <= MAX_DATASETS,
             f"datasets must be a list of at most {MAX_DATASETS} data set entries",
         )
-        return cls(**{**body, "datasets": tuple(DatasetInfo.from_body(entry) for entry in entries)})
+        return cls(**{"histogram": None, **body, "datasets": tuple(DatasetInfo.from_body(entry) for entry in entries)})
+
+
+def _histogram_fields(histogram: tuple[int, ...] | None, max_examples: int | None) -> dict[str, Any]:
+    """The histogram on the wire, or in its place the bound of a worker that withholds it."""
+    return {"histogram": list(histogram)} if histogram is not None else {"max_examples": max_examples}
+
+
+def _withheld(max_examples: int | None) -> int:
+    assert max_examples is not None, "validated on construction"
+    return max_examples
 
 
 @dataclass(frozen=True)

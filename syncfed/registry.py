@@ -9,7 +9,13 @@ A registry is a directory::
 Weights are content-addressed, as git stores objects: the file name is the
 SHA-256 of the tensors' names, dtypes, shapes and bytes (:func:`content_hash`),
 so reading a version back checks every byte, and two versions with equal
-weights share one file. The database is SQLite in WAL mode, so the ``models``
+weights share one file. A version's id is the SHA-256 of its run, round,
+content hash, model name and settings: every field that decides what code
+runs on export (the model to build, the input shape to trace), so an edited
+row no longer matches its id and is refused on load and export. A digest is
+not a signature: whoever can write the database can also recompute it, which
+is why ONNX export imports a model path only when the caller names it too.
+The database is SQLite in WAL mode, so the ``models``
 command can read while a coordinator writes; one connection per call keeps
 the object usable from any thread. It is made for one writer at a time (busy
 writers wait up to ``timeout`` seconds), on a local disk (WAL needs shared
@@ -56,7 +62,7 @@ __all__ = ["DATABASE_FILE", "EXPORT_FORMATS", "SCHEMA_VERSION", "ModelVersion", 
 
 DATABASE_FILE: Final = "registry.sqlite3"
 WEIGHTS_FOLDER: Final = "weights"
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2  # 2: the version id covers the model name and the settings
 EXPORT_FORMATS: Final = ("safetensors", "onnx")
 
 #: Upper bound on a run id's length: it is shown in tables and error lines.
@@ -66,6 +72,7 @@ DEFAULT_TIMEOUT = 30.0
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HASH_DOMAIN = b"syncfed-weights/1\n"  # a new scheme gets a new tag, never an equal digest
+_ID_DOMAIN = "syncfed-version/2"
 
 _SCHEMA = """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
@@ -124,7 +131,7 @@ def content_hash(weights: Mapping[str, np.ndarray]) -> str:
 class ModelVersion:
     """One recorded global model: where it came from, how it scored, where its weights are."""
 
-    id: str  # SHA-256 of (run_id, round, hash): a resumed run that recomputes a round gets the same id
+    id: str  # SHA-256 of (run_id, round, hash, model, settings): a resumed run that recomputes a round gets the same id
     run_id: str
     round: int
     model: str  # registry name or import path, for syncfed.models.resolve_model
@@ -206,25 +213,28 @@ class ModelRegistry:
         values = _check_metrics(metrics or {})
         texts = [_json(list(participants), "participants"), _json(strategy, "strategy"), _json(settings, "settings")]
         digest = content_hash(weights)
-        version_id = _version_id(run_id, round, digest)
+        version_id = _version_id(run_id, round, digest, model, json.loads(texts[2]))
         self._store(digest, weights)
         created = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
         with self._transaction() as connection:
             old = connection.execute(
-                "SELECT id, hash FROM versions WHERE run_id = ? AND round = ?", (run_id, round)
+                "SELECT id, hash, created FROM versions WHERE run_id = ? AND round = ?", (run_id, round)
             ).fetchone()
-            if old is not None and old[1] == digest:
-                connection.execute(
-                    "UPDATE versions SET model = ?, participants = ?, strategy = ?, settings = ? WHERE id = ?",
-                    (model, *texts, version_id),
-                )
-            else:
-                if old is not None:
-                    connection.execute("DELETE FROM versions WHERE id = ?", (old[0],))
-                connection.execute(
-                    f"INSERT INTO versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (version_id, run_id, round, model, created, *texts, digest),
-                )
+            kept: list[tuple[str, float | None]] = []
+            if old is not None:
+                if old[1] == digest:  # the same weights: the entry keeps its creation time and metrics
+                    created = old[2]
+                    query = "SELECT name, value FROM metrics WHERE version_id = ?"
+                    kept = connection.execute(query, (old[0],)).fetchall()
+                connection.execute("DELETE FROM versions WHERE id = ?", (old[0],))
+            connection.execute(
+                f"INSERT INTO versions ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (version_id, run_id, round, model, created, *texts, digest),
+            )
+            connection.executemany(
+                "INSERT INTO metrics (version_id, name, value) VALUES (?, ?, ?)",
+                [(version_id, name, value) for name, value in kept],
+            )
             _put_metrics(connection, version_id, values)
         if old is not None and old[1] != digest:
             self._drop_unreferenced(old[1])
@@ -315,9 +325,11 @@ class ModelRegistry:
         """The weights of ``version`` (an entry or a reference for :meth:`get`), checked against its hash.
 
         Raises:
-            CheckpointError: if the file is missing, unreadable or not the recorded content.
+            CheckpointError: if the entry does not match its id, or the file is missing, unreadable
+                or not the recorded content.
         """
         entry = version if isinstance(version, ModelVersion) else self.get(version)
+        _check_id(entry)
         weights = _read_weights(entry.path)
         actual = content_hash(weights)
         if actual != entry.hash:
@@ -334,6 +346,7 @@ class ModelRegistry:
         format: str = "safetensors",
         *,
         input_shape: Sequence[int] | None = None,
+        models: Sequence[str] = (),
     ) -> Path:
         """Write the weights of ``version`` to ``path`` as safetensors or as an ONNX model, atomically.
 
@@ -342,17 +355,25 @@ class ModelRegistry:
         the entry's ``settings["input_shape"]``), batch dimension dynamic. It
         needs the ``onnx`` and ``onnxscript`` packages, which torch's exporter
         uses; the file holds its weights inline, so models must stay under
-        ONNX's 2 GB limit.
+        ONNX's 2 GB limit. A model named by import path is imported only if
+        ``models`` names it too: the database alone never decides what code runs.
 
         Raises:
-            ConfigError: for an unknown format, a missing input shape or missing onnx packages.
+            ConfigError: for an unknown format, a missing input shape, missing onnx packages, or
+                an import path that ``models`` does not name.
             CheckpointError: if the weights do not check out or ``path`` cannot be written.
             ModelError: if the model cannot be built, does not fit the weights or cannot be exported.
         """
         if format not in EXPORT_FORMATS:
             raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
         entry = version if isinstance(version, ModelVersion) else self.get(version)
+        _check_id(entry)
         if format == "onnx":
+            if ":" in entry.model and entry.model not in models:
+                raise ConfigError(
+                    f"version {entry.id[:12]} names model {entry.model!r}, an import path: pass --model"
+                    f" {entry.model} to import it"
+                )
             shape = _input_shape(entry, input_shape)
             _require_onnx()
         weights = self.load_weights(entry)
@@ -470,8 +491,19 @@ class ModelRegistry:
             raise CheckpointError(f"model registry {self.database} failed: {exc}") from None
 
 
-def _version_id(run_id: str, round: int, digest: str) -> str:
-    return hashlib.sha256(json.dumps([run_id, round, digest]).encode()).hexdigest()
+def _version_id(run_id: str, round: int, digest: str, model: str, settings: Mapping[str, Any]) -> str:
+    """The id of a version: a digest of every field that decides what its weights are and what export runs."""
+    fields = [_ID_DOMAIN, run_id, round, digest, model, settings]
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def _check_id(entry: ModelVersion) -> None:
+    """Refuse an entry whose row was edited after it was recorded (its fields no longer give its id)."""
+    if _version_id(entry.run_id, entry.round, entry.hash, entry.model, entry.settings) != entry.id:
+        raise CheckpointError(
+            f"version {entry.id[:12]} does not match its id: its run, round, weights hash, model or settings"
+            " were changed in the registry database"
+        )
 
 
 def _check_run_id(run_id: object) -> None:

@@ -275,13 +275,16 @@ class PrivateFold:
         mean: np.ndarray | None,
         losses: Mapping[str, float],
         examples: Mapping[str, int],
+        total_examples: int | None = None,
     ) -> None:
-        """``mean``: the round's mean update of the float tensors, flat (see :func:`~syncfed.secagg.flatten`)."""
+        """``mean``: the round's mean update of the float tensors, flat (see :func:`~syncfed.secagg.flatten`);
+        ``total_examples``: the example count the secure sum revealed, when it summed counts."""
         self.strategy = strategy
         self.reference = reference
         self.mean = mean
         self.losses = dict(losses)
         self.examples = dict(examples)
+        self.total_examples = total_examples
         # Empty: private rounds refuse --compress, which would garble a masked update or unclip a clipped one.
         self.compression_errors: dict[str, float] = {}
         self.kept: dict[str, Weights] = {}
@@ -389,7 +392,8 @@ class PrivateRounds:
             total, count, losses, failures = await self._plain(selected, fits, floats, failure)
         mean = None if total is None else self._noised(total, n, len(losses)) / count
         counts = {name: examples.get(name, 0) for name in losses}
-        return PrivateFold(self.strategy, reference, mean, losses, counts), failures
+        summed = count if self.config.secure_agg and self.strategy.weighted and self.config.dp is None else None
+        return PrivateFold(self.strategy, reference, mean, losses, counts, summed), failures
 
     def metrics(self, round_number: int) -> dict[str, Any]:
         """The privacy fields of round ``round_number``'s metrics event; reports the epsilon spent so far."""

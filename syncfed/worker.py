@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,8 +144,8 @@ class Holding:
     def validation_size(self) -> int:
         return 0 if self.validation is None else len(self.validation)
 
-    def describe(self) -> DatasetInfo:
-        """The registry entry :class:`Info` advertises for a named data set."""
+    def describe(self, withhold: bool = False) -> DatasetInfo:
+        """The registry entry :class:`Info` advertises for a named data set (see :func:`advertised_holdings`)."""
         assert self.spec is not None, "only a named data set is advertised"
         return DatasetInfo(
             key=self.spec.key,
@@ -154,9 +155,20 @@ class Holding:
             input_shape=self.data.input_shape,
             dtype=self.data.images.dtype.name,
             num_classes=self.data.num_classes,
-            histogram=tuple(self.data.histogram()),
-            validation_size=self.validation_size,
+            **advertised_holdings(self.data.histogram(), self.validation_size, withhold),
         )
+
+
+def advertised_holdings(histogram: Sequence[int], validation_size: int, withhold: bool) -> dict[str, Any]:
+    """What hello says about a worker's examples: the class histogram, or with ``withhold`` only
+    a power of two at least their number, and whether it holds a validation split (docs/privacy.md)."""
+    if not withhold:
+        return {"histogram": tuple(histogram), "validation_size": validation_size}
+    return {
+        "histogram": None,
+        "max_examples": 1 << max(sum(histogram) - 1, 0).bit_length(),
+        "validation_size": min(validation_size, 1),
+    }
 
 
 def load_shard(config: WorkerConfig, spec: DatasetSpec | None = None) -> Holding:
@@ -216,7 +228,7 @@ class Worker:
         if len(self.named) != sum(holding.spec is not None for holding in self.holdings):
             raise ConfigError("two of the worker's data sets share a key")
         self.data = self.holdings[0].data  # what it serves when a request names no data set
-        self._catalog = tuple(holding.describe() for holding in self.named.values())
+        self._catalog = tuple(holding.describe(config.withhold_histogram) for holding in self.named.values())
         self.factories = model_factories(config.models, bench=config.bench_models)
         # Each model's state as names, dtypes and shapes, described once without building it (see
         # ``describe_model``): a request's weights are checked against it before any model is built.
@@ -247,10 +259,11 @@ class Worker:
             dataset=self.data.name,
             input_shape=self.data.input_shape,
             num_classes=self.data.num_classes,
-            histogram=tuple(self.data.histogram()),
             models=tuple(self.factories),
-            validation_size=self.holdings[0].validation_size,
             datasets=self._catalog,
+            **advertised_holdings(
+                self.data.histogram(), self.holdings[0].validation_size, self.config.withhold_histogram
+            ),
         )
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:

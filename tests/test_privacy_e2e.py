@@ -281,13 +281,14 @@ def test_secure_aggregation_equals_plain_fedavg_within_the_quantization_bound(
     digits_workers: dict[str, WorkerProcess], tmp_path: Path
 ) -> None:
     settings = config(digits_workers, evaluator=False, training_rounds=1, federate_after_n_batches=BATCHES, lr=LR)
-    plain = run(Coordinator(settings, report=lambda _: None).run())
-    metrics = tmp_path / "secure.jsonl"
+    plain_metrics, metrics = tmp_path / "plain.jsonl", tmp_path / "secure.jsonl"
+    plain = run(Coordinator(replace(settings, metrics_out=plain_metrics), report=lambda _: None).run())
     secure = run(Coordinator(replace(settings, secure_agg=True, metrics_out=metrics), report=lambda _: None).run())
     (event,) = rounds_of(metrics)
     assert event["workers"] == list(TRAINERS)
     assert event["privacy"] == {"secure_agg": {"workers": 3, "threshold": 2, "summed": 3, "recovered": []}}
-    counts = list(event["num_examples"].values())
+    counts = list(rounds_of(plain_metrics)[0]["num_examples"].values())  # the secure run writes the total only
+    assert event["total_examples"] == sum(counts)
     quantizer = SecAggConfig(3, 2, 1, settings.secagg_clip, SESSION, max_count=max(counts)).quantizer
     start = flat_float(initial_weights())
     expected, actual = flat_float(plain.weights), flat_float(secure.weights)

@@ -191,7 +191,8 @@ def test_entry_keeps_what_was_recorded(registry: ModelRegistry) -> None:
     assert again.settings == {"input_shape": [1, 8, 8], "lr": 0.1}
     assert again.metrics == {"accuracy": 0.5}
     assert again.created.endswith("+00:00")
-    expected_id = hashlib.sha256(json.dumps(["demo", 4, version.hash]).encode()).hexdigest()
+    fields = ["syncfed-version/2", "demo", 4, version.hash, "digits-cnn", {"input_shape": [1, 8, 8], "lr": 0.1}]
+    expected_id = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     assert again.id == expected_id
 
 
@@ -301,10 +302,10 @@ def test_a_missing_or_truncated_file_is_detected(registry: ModelRegistry) -> Non
 
 def test_another_schema_version_is_refused(registry: ModelRegistry) -> None:
     with sqlite3.connect(registry.database) as connection:
-        connection.execute("UPDATE schema_version SET version = 2")
+        connection.execute("UPDATE schema_version SET version = 1")
     connection.close()
     with pytest.raises(
-        CheckpointError, match=r"^model registry .*registry\.sqlite3 has schema version 2, this syncfed reads 1$"
+        CheckpointError, match=r"^model registry .*registry\.sqlite3 has schema version 1, this syncfed reads 2$"
     ):
         ModelRegistry(registry.directory)
 

@@ -330,7 +330,7 @@ async def _sum_securely(
             "workers hold different numbers of classes: " + ", ".join(f"{name} {c}" for name, c in classes.items())
         )
     num_features = math.prod(next(iter(infos.values())).input_shape)  # _query checked that the workers agree
-    largest = max(sum(info.histogram) for info in infos.values())
+    largest = max(info.num_examples for info in infos.values())  # a withheld histogram's bound is as good
     config = SecAggConfig(
         num_clients=n,
         threshold=threshold,

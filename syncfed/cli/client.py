@@ -516,14 +516,17 @@ async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
             await client.close()
     except SyncfedError as exc:
         return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
-    histogram = " ".join(f"{label}:{count}" for label, count in enumerate(info.histogram) if count)
+    withheld = info.histogram is None
+    histogram = (
+        "withheld" if withheld else " ".join(f"{label}:{n}" for label, n in enumerate(info.histogram or ()) if n)
+    )
     return [
         name,
         uri,
         f"reachable ({info.role})",
         str(info.protocol_version),
         info.dataset,
-        str(info.num_examples),
+        f"at most {info.num_examples}" if withheld else str(info.num_examples),
         histogram,
         f"{statistics.median(times) * 1000:.1f}",
     ]

@@ -161,20 +161,86 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """The settings of a TOML file as parser defaults, each checked as its flag would be.
+
+    TOML values are typed, so they would reach the program without argparse's
+    checks: each is converted by its flag's ``type`` and checked against its
+    ``choices``; flags without a value take ``true`` or ``false``, repeatable
+    ones a list.
+
+    Raises:
+        ConfigError: one line naming the file and the key, for any value its flag would refuse.
+    """
     try:
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    actions = {action.dest: action for action in parser._actions if action.dest not in ("help", "config")}
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.dest in ("help", "config"):
+            continue
+        actions.setdefault(action.dest, action)
+        for option in action.option_strings:
+            actions[option.lstrip("-").replace("-", "_")] = action
     defaults: dict[str, Any] = {}
     for key, value in settings.items():
-        dest = key.replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            raise ConfigError(f"config file {path} sets {key!r}, which is not a setting of {parser.prog}")
-        if action.type is Path:
-            values = value if isinstance(value, list) else [value]
-            resolved = [Path(item) if Path(item).is_absolute() else path.parent / item for item in values]
-            value = resolved if isinstance(value, list) else resolved[0]
-        defaults[dest] = value
+        found = actions.get(key.replace("-", "_"))
+        if found is None:
+            raise ConfigError(f"config file {path}: key {key!r}: not a setting of {parser.prog}")
+        try:
+            defaults[found.dest] = _config_value(found, value, path.parent)
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config file {path}: key {key!r}: {exc}") from None
     return defaults
+
+
+def _config_value(action: argparse.Action, value: Any, folder: Path) -> Any:
+    """``value`` as its flag would give it; relative paths are taken from the config file's ``folder``.
+
+    Raises:
+        argparse.ArgumentTypeError: if the flag would refuse it.
+    """
+    if action.nargs == 0:  # store_true and the like: the flag given or not
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError(f"expected true or false, not {_toml(value)}")
+        return action.const if value else action.default
+    repeated = isinstance(action, argparse._AppendAction) or action.nargs not in (None, "?")
+    if not repeated:
+        return _config_scalar(action, value, folder)
+    items = value if isinstance(value, list) else [value]
+    if isinstance(action.nargs, int) and len(items) != action.nargs:
+        raise argparse.ArgumentTypeError(f"expected a list of {action.nargs} values, not {_toml(value)}")
+    if action.nargs == "+" and not items:
+        raise argparse.ArgumentTypeError("expected a list of at least one value, not []")
+    return [_config_scalar(action, item, folder) for item in items]
+
+
+def _config_scalar(action: argparse.Action, value: Any, folder: Path) -> Any:
+    """One value through the flag's ``type`` and ``choices``, as argparse checks a command-line string."""
+    convert = action.type or str
+    if convert in (str, Path) and not isinstance(value, str):
+        raise argparse.ArgumentTypeError(f"expected a string, not {_toml(value)}")
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise argparse.ArgumentTypeError(f"expected a {getattr(convert, '__name__', 'value')}, not {_toml(value)}")
+    text = str(value)
+    try:
+        converted = convert(text)  # type: ignore[operator]
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(
+            f"invalid {getattr(convert, '__name__', repr(convert))} value: {value!r}"
+        ) from None
+    if action.choices is not None and converted not in action.choices:
+        choices = ", ".join(repr(choice) for choice in action.choices)
+        raise argparse.ArgumentTypeError(f"invalid choice: {converted!r} (choose from {choices})")
+    if isinstance(converted, Path) and not converted.is_absolute():
+        return folder / converted
+    return converted
+
+
+def _toml(value: Any) -> str:
+    """A TOML value as the file spells it, for error lines."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a table"
+    return repr(value)

@@ -7,6 +7,7 @@ Usage::
     python -m syncfed models --registry runs/registry best accuracy
     python -m syncfed models --registry runs/registry best loss --lowest --run demo
     python -m syncfed models --registry runs/registry export demo:40 model.onnx --format onnx
+    python -m syncfed models --registry runs/registry export demo:40 model.onnx --format onnx --model mypkg:Net
 """
 
 from __future__ import annotations
@@ -52,6 +53,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=_shape,
         help="onnx: one input's shape without the batch, such as 1,8,8 (default: the one the run recorded)",
     )
+    export.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="onnx: let the export import this user model, which the version names (repeatable);"
+        " built-in models need no flag",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             version = registry.get(args.version)
             with _quiet_exporter():
-                registry.export(version, args.path, args.format, input_shape=args.input_shape)
+                registry.export(version, args.path, args.format, input_shape=args.input_shape, models=args.model)
             print(f"exported {version.id[:12]} (run {version.run_id}, round {version.round}) to {args.path}")
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except SyncfedError as exc:

@@ -138,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DELTA",
         help="delta at which the worker reports the epsilon its --dp-sgd steps spent (default: %(default)s)",
     )
+    privacy.add_argument(
+        "--withhold-histogram",
+        action="store_true",
+        help="tell coordinators neither how many examples of each class this worker holds nor how many in all,"
+        " only a power of two at least that many (for --secure-agg runs; docs/privacy.md)",
+    )
     hooks = parser.add_argument_group("test hooks (for drills and tests only, never in production)")
     hooks.add_argument(
         "--slowdown",
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         tls_ca=args.tls_ca,
         allow_coordinators=tuple(args.allow_coordinator),
         auth_token_file=args.auth_token_file,
+        withhold_histogram=args.withhold_histogram,
     )
 
 
