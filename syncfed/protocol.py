@@ -109,6 +109,9 @@ ERROR_CODES: Final[dict[str, str]] = {
 MAX_ID: Final = 2**63 - 1
 MAX_NAME: Final = 256
 MAX_CLASSES: Final = 100_000
+#: The most examples a worker may say it holds or trained on (a histogram's total, a validation split,
+#: a fit result's count): the coordinator weighs updates and sizes secure rounds by these claims.
+MAX_SHARD: Final = 2**32
 #: The largest batch size and number of batches a request may ask for.
 MAX_PLAN_SIZE: Final = 1_000_000
 
@@ -213,6 +216,14 @@ def _check_schema(input_shape: Any, num_classes: Any, histogram: Any) -> None:
     )
     _check_counts(histogram, "histogram")
     _check(len(histogram) == num_classes, "histogram must have num_classes entries")
+    _check(sum(histogram) <= MAX_SHARD, f"histogram of {sum(histogram)} examples exceeds limit of {MAX_SHARD}")
+
+
+def _check_validation_size(value: Any) -> None:
+    _check(
+        _is_int(value) and 0 <= value <= MAX_SHARD,
+        f"validation_size must be a non-negative integer up to {MAX_SHARD}, not {describe(value)}",
+    )
 
 
 def _check_optional_name(value: Any, what: str) -> None:
@@ -246,10 +257,7 @@ class DatasetInfo:
         _check_name(self.version, "version")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {describe(self.dtype)}")
         _check_schema(self.input_shape, self.num_classes, self.histogram)
-        _check(
-            _is_int(self.validation_size) and self.validation_size >= 0,
-            "validation_size must be a non-negative integer",
-        )
+        _check_validation_size(self.validation_size)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         object.__setattr__(self, "histogram", tuple(self.histogram))
 
@@ -312,10 +320,7 @@ class Info(Message):
         for name in self.models:
             _check_name(name, "model name")
         _check(_is_int(self.protocol_version), "protocol_version must be an integer")
-        _check(
-            _is_int(self.validation_size) and self.validation_size >= 0,
-            "validation_size must be a non-negative integer",
-        )
+        _check_validation_size(self.validation_size)
         _check(
             isinstance(self.datasets, (list, tuple))
             and len(self.datasets) <= MAX_DATASETS
@@ -575,7 +580,10 @@ class FitResult(Message):
 
     def __post_init__(self) -> None:
         _check_weights(self.weights)
-        _check(_is_int(self.num_examples) and self.num_examples > 0, "num_examples must be a positive integer")
+        _check(
+            _is_int(self.num_examples) and 0 < self.num_examples <= MAX_SHARD,
+            f"num_examples must be a positive integer up to {MAX_SHARD}, not {describe(self.num_examples)}",
+        )
         _check(_is_number(self.loss), "loss must be a finite number")
         _check(_is_number(self.seconds) and self.seconds >= 0, "seconds must be a non-negative number")
         if self.control_delta is not None:
