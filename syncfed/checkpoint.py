@@ -169,7 +169,8 @@ def _check_state(state: Any, path: Path) -> None:
 
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} has metadata {describe(state)}, expected a JSON object")
-    field("format", state.get("format") == _FORMAT, f"{_FORMAT}")
+    if state.get("format") != _FORMAT:
+        raise CheckpointError(f"{path} has checkpoint format {state.get('format')!r}, expected {_FORMAT}")
     field("round", is_int(state.get("round")) and 1 <= state["round"] < MAX_ROUND, f"an integer in 1..{MAX_ROUND - 1}")
     field("seed", is_int(state.get("seed")) and 0 <= state["seed"] < 2**32, f"an integer in 0..{2**32 - 1}")
     field("identity", isinstance(state.get("identity"), dict), "an object")
