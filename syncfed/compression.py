@@ -114,8 +114,11 @@ def decompress(codes: np.ndarray, encoding: str, dtype: np.dtype[Any], scale: fl
     if encoding == "fp16":
         return codes.astype(dtype)
     values = np.empty(codes.size, dtype=dtype)
-    for block in _blocks(codes.size):
-        values[block] = offset + codes[block] * scale  # computed in float64, rounded once into dtype
+    # A peer's legal scale and offset may still overflow the dtype: that gives infinities, which
+    # the receiver refuses (see syncfed.finite), not a warning here.
+    with np.errstate(over="ignore"):
+        for block in _blocks(codes.size):
+            values[block] = offset + codes[block] * scale  # computed in float64, rounded once into dtype
     return values
 
 

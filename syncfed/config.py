@@ -56,6 +56,7 @@ ATTACKS: Final = {
     "sign-flip": "sends w_global - 10 * delta",
     "scale": "sends w_global + 50 * delta",
     "noise": "sends w_global + delta + Gaussian noise of standard deviation 1",
+    "nan": "sends NaN in every float tensor, as a diverged or broken worker would",
 }
 
 #: Differential privacy modes: who adds the noise (docs/privacy.md).

@@ -38,14 +38,16 @@ import torch
 
 from .aggregation import RunningMean
 from .auth import read_token
-from .checkpoint import Checkpoint, check_resumable, load_checkpoint, save_checkpoint, save_weights
+from .checkpoint import Checkpoint, check_resumable, check_weights, load_checkpoint, save_checkpoint, save_weights
 from .client import WorkerClient
 from .config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
 from .disclosure import held_classes, holdings, losses_text, round_figures
 from .evaluation import TEST, VALIDATION, Cell, CrossSiteMatrix, pool, result_json, write_cross_site
 from .exceptions import (
+    AggregationError,
     AuthenticationFailed,
     CheckpointError,
+    ConfigError,
     IncompatibleWorkers,
     ModelError,
     ProtocolError,
@@ -54,6 +56,7 @@ from .exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
+from .finite import nonfinite
 from .models import check_model, default_model, get_weights, resolve_model
 from .partition import group_label
 from .protocol import (
@@ -274,15 +277,23 @@ class Coordinator:
         outcomes = await asyncio.gather(*(self._greet(client) for client in clients), return_exceptions=True)
         infos: dict[str, Info] = {}
         unreachable: list[WorkerUnavailable] = []
+        refused: list[RemoteError | ProtocolError] = []  # answered hello with an error, or with an invalid info
         for client, outcome in zip(clients, outcomes, strict=True):
             if isinstance(outcome, Info):
                 infos[client.name] = outcome
-            elif isinstance(outcome, WorkerUnavailable) and client is not evaluator:
-                unreachable.append(outcome)
+            elif isinstance(outcome, (WorkerUnavailable, RemoteError, ProtocolError)) and client is not evaluator:
+                # One faulty peer is one unavailable worker: the quorum decides whether the run can go on.
+                if isinstance(outcome, WorkerUnavailable):
+                    unreachable.append(outcome)
+                else:
+                    refused.append(outcome)
+                    unreachable.append(WorkerUnavailable(client.name, f"bad reply to hello: {outcome}"))
                 self._backoff[client.name].failed(time.monotonic(), self.config.reconnect_max_delay)
             elif isinstance(outcome, BaseException):
                 raise outcome
         reachable = len(trainers) - len(unreachable)
+        if reachable < self.config.quorum and refused:
+            raise refused[0]  # as before: a worker's own answer says more than "unavailable"
         if reachable < self.config.quorum:
             raise (
                 unreachable[0]
@@ -464,13 +475,17 @@ class Coordinator:
             return RunResult(self._model_name, get_weights(resolve_model(self._model_name)())), 1
         self._run_id = str(checkpoint.identity.get("run_id", self._run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
+        check_weights(checkpoint, get_weights(resolve_model(self._model_name)()))
         recorded = checkpoint.strategy_state.get("name")
         if recorded is not None and recorded != self.strategy.name:
             raise CheckpointError(
                 f"cannot resume: the run used strategy {recorded}, not {self.strategy.name};"
                 " use another --checkpoint-dir to start a new run"
             )
-        self.strategy.load_state(checkpoint.server_state)
+        try:
+            self.strategy.load_state(checkpoint.server_state)
+        except ConfigError as exc:  # the checkpoint's fault, not the command line's
+            raise CheckpointError(f"cannot resume: {exc}") from None
         self._resumed = checkpoint
         self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
         return RunResult(self._model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
@@ -520,6 +535,9 @@ class Coordinator:
 
     def _register(self, round_number: int, result: RunResult) -> None:
         assert self._registry is not None and self._reference is not None
+        reason = nonfinite(result.weights)
+        if reason is not None:  # the registry's own module stays unaware of this rule
+            raise AggregationError(f"refusing to register a non-finite model: {reason}")
         metrics: dict[str, float] = {}
         for record in result.evaluations:
             if record.round == round_number and record.model == FEDERATED:
@@ -625,6 +643,7 @@ class Coordinator:
             sent, received = _traffic(trainers)
             contributors: list[str] = []
             losses: dict[str, float] = {}
+            failed: dict[str, str] = {}
             discarded = 0
             while state.version < config.training_rounds:
                 try:
@@ -634,9 +653,10 @@ class Coordinator:
                     raise QuorumNotMet(
                         f"version {state.version + 1}: no worker returned an update within {config.round_timeout:g} s"
                     ) from None
-                mismatch = _mismatch(reply.weights, state.weights)
+                mismatch = _mismatch(reply.weights, state.weights) or nonfinite(reply.weights)
                 if mismatch is not None:
                     self.report(f"Update of {name} dropped: {mismatch}")
+                    failed[name] = f"invalid update: {mismatch}"
                     continue
                 staleness = state.version - base
                 if not buffer.add(reply.weights, staleness):
@@ -650,14 +670,15 @@ class Coordinator:
                 stalenesses = buffer.stalenesses
                 mean = buffer.apply(state.weights)
                 assert isinstance(self.strategy, MeanStrategy)
-                state.weights = result.weights = self.strategy.step(
-                    state.weights, mean, participants=len(contributors), num_workers=len(trainers)
+                state.weights = result.weights = _finite(
+                    self.strategy.step(state.weights, mean, participants=len(contributors), num_workers=len(trainers)),
+                    state.version + 1,
                 )
                 state.version += 1
                 seconds = time.perf_counter() - started
                 result.rounds.append(
                     RoundRecord(
-                        state.version, tuple(contributors), seconds, config.learning_rate(state.version), losses
+                        state.version, tuple(contributors), seconds, config.learning_rate(state.version), losses, failed
                     )
                 )
                 self._write(
@@ -666,7 +687,7 @@ class Coordinator:
                         "mode": "async",
                         "round": state.version,
                         "workers": contributors,
-                        "failed": {},
+                        "failed": failed,
                         "seconds": round(seconds, 4),
                         "lr": config.learning_rate(state.version),
                         "train_loss": losses,
@@ -688,7 +709,7 @@ class Coordinator:
                 await self._version_done(state.version, result)
                 started = time.perf_counter()
                 sent, received = _traffic(trainers)
-                contributors, losses, discarded = [], {}, 0
+                contributors, losses, failed, discarded = [], {}, {}, 0
         finally:
             for task in loops:
                 task.cancel()
@@ -787,7 +808,9 @@ class Coordinator:
                     self._failure,
                 )
             else:
-                fold = _Fold(self.strategy, result.weights, keep=keep, delta=config.compress != "none")
+                fold = _Fold(
+                    self.strategy, result.weights, keep=keep, delta=config.compress != "none", held=self._num_examples
+                )
                 lost = await self._collect_updates(round_number, result, trainers, selected, lr, fold)
             failures |= lost
             if len(fold.losses) >= quorum:
@@ -804,7 +827,7 @@ class Coordinator:
                 f" quorum is {quorum} ({summary}); retrying ({attempt}/{config.max_round_retries})"
             )
             await self._wait_for_retry(trainers)
-        result.weights = fold.aggregate(len(trainers))
+        result.weights = _finite(fold.aggregate(len(trainers)), round_number)
         contributors = [client.name for client in trainers if client.name in fold.losses]  # in the workers' order
         record = RoundRecord(
             round_number,
@@ -1158,11 +1181,15 @@ class _Fold:
     weights only when the evaluator scores them this round.
     """
 
-    def __init__(self, strategy: Strategy, reference: Weights, *, keep: bool, delta: bool) -> None:
+    def __init__(
+        self, strategy: Strategy, reference: Weights, *, keep: bool, delta: bool, held: Mapping[str, int]
+    ) -> None:
+        """``held``: each worker's example count as its hello said, the most its updates may weigh."""
         self.strategy = strategy
         self.reference = reference
         self.keep = keep
         self.delta = delta  # replies carry updates relative to ``reference``
+        self.held = held
         self.mean = (
             RunningMean(weighted=strategy.weighted, origin=None if delta else reference)
             if isinstance(strategy, MeanStrategy)
@@ -1179,13 +1206,13 @@ class _Fold:
 
     def add(self, name: str, reply: FitResult) -> str | None:
         """Fold in ``reply``; why it is invalid, if it is."""
-        mismatch = _mismatch(reply.weights, self.reference)
+        mismatch = _invalid(reply, self.reference, self.held.get(name, 0))
         if mismatch is None and self.controls is not None:
             assert self.control is not None
             mismatch = (
                 "no control variate update (SCAFFOLD)"
                 if reply.control_delta is None
-                else _mismatch(reply.control_delta, self.control)
+                else _mismatch(reply.control_delta, self.control) or nonfinite(reply.control_delta)
             )
         if mismatch is not None:
             return f"invalid update: {mismatch}"
@@ -1242,6 +1269,26 @@ def _mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarr
             got, expected = f"{update[name].dtype}{list(update[name].shape)}", f"{array.dtype}{list(array.shape)}"
             return f"tensor {name} is {got}, the model's is {expected}"
     return None
+
+
+def _finite(weights: Weights, version: int) -> Weights:
+    """``weights``, the new global model, unless a server optimizer overflowed on finite updates.
+
+    Raises:
+        AggregationError: naming the tensor; the run stops before anything non-finite is saved.
+    """
+    reason = nonfinite(weights)
+    if reason is not None:
+        raise AggregationError(f"round {version}: the aggregated model is not finite: {reason}")
+    return weights
+
+
+def _invalid(reply: FitResult, reference: Mapping[str, np.ndarray], held: int) -> str | None:
+    """Why an update cannot be aggregated: tensors unlike the model's, a non-finite value (after
+    decompression), or more examples than its worker said it holds (which would outweigh the others)."""
+    if reply.num_examples > held:
+        return f"num_examples {reply.num_examples} exceeds the {held} examples the worker's hello claimed"
+    return _mismatch(reply.weights, reference) or nonfinite(reply.weights)
 
 
 def _figures(reply: EvalResult) -> str:

@@ -113,6 +113,10 @@ ERROR_CODES: Final[dict[str, str]] = {
 MAX_ID: Final = 2**63 - 1
 MAX_NAME: Final = 256
 MAX_CLASSES: Final = 100_000
+#: The most examples a worker may say it holds, trained on or answers for (a histogram's total, a validation
+#: split, a fit result's or a query answer's count): the coordinator weighs updates and sizes secure rounds
+#: by these claims, and it keeps every histogram sum within int64.
+MAX_SHARD: Final = 2**32
 #: The largest batch size and number of batches a request may ask for.
 MAX_PLAN_SIZE: Final = 1_000_000
 
@@ -218,13 +222,21 @@ def _check_schema(input_shape: Any, num_classes: Any, histogram: Any, max_exampl
     )
     if histogram is None:
         _check(
-            _is_int(max_examples) and 0 < max_examples <= MAX_EXAMPLES,
-            f"a withheld histogram needs max_examples from 1 to {MAX_EXAMPLES}, not {describe(max_examples)}",
+            _is_int(max_examples) and 0 < max_examples <= MAX_SHARD,
+            f"a withheld histogram needs max_examples from 1 to {MAX_SHARD}, not {describe(max_examples)}",
         )
         return
     _check(max_examples is None, "max_examples goes only with a withheld histogram")
     _check_counts(histogram, "histogram")
     _check(len(histogram) == num_classes, "histogram must have num_classes entries")
+    _check(sum(histogram) <= MAX_SHARD, f"histogram of {sum(histogram)} examples exceeds limit of {MAX_SHARD}")
+
+
+def _check_validation_size(value: Any) -> None:
+    _check(
+        _is_int(value) and 0 <= value <= MAX_SHARD,
+        f"validation_size must be a non-negative integer up to {MAX_SHARD}, not {describe(value)}",
+    )
 
 
 def _check_optional_name(value: Any, what: str) -> None:
@@ -259,10 +271,7 @@ class DatasetInfo:
         _check_name(self.version, "version")
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {describe(self.dtype)}")
         _check_schema(self.input_shape, self.num_classes, self.histogram, self.max_examples)
-        _check(
-            _is_int(self.validation_size) and self.validation_size >= 0,
-            "validation_size must be a non-negative integer",
-        )
+        _check_validation_size(self.validation_size)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.histogram is not None:
             object.__setattr__(self, "histogram", tuple(self.histogram))
@@ -328,10 +337,7 @@ class Info(Message):
         for name in self.models:
             _check_name(name, "model name")
         _check(_is_int(self.protocol_version), "protocol_version must be an integer")
-        _check(
-            _is_int(self.validation_size) and self.validation_size >= 0,
-            "validation_size must be a non-negative integer",
-        )
+        _check_validation_size(self.validation_size)
         _check(
             isinstance(self.datasets, (list, tuple))
             and len(self.datasets) <= MAX_DATASETS
@@ -603,7 +609,10 @@ class FitResult(Message):
 
     def __post_init__(self) -> None:
         _check_weights(self.weights)
-        _check(_is_int(self.num_examples) and self.num_examples > 0, "num_examples must be a positive integer")
+        _check(
+            _is_int(self.num_examples) and 0 < self.num_examples <= MAX_SHARD,
+            f"num_examples must be a positive integer up to {MAX_SHARD}, not {describe(self.num_examples)}",
+        )
         _check(_is_number(self.loss), "loss must be a finite number")
         _check(_is_number(self.seconds) and self.seconds >= 0, "seconds must be a non-negative number")
         if self.control_delta is not None:
@@ -897,8 +906,6 @@ QUERIES: Final = ("label-histogram", "feature-stats", "quantiles")
 MAX_FEATURES: Final = 2**24
 MAX_BINS: Final = 4096
 MAX_CELLS: Final = 2**22
-#: The most examples one answer may describe: keeps every histogram sum within int64.
-MAX_EXAMPLES: Final = 2**32
 
 
 @dataclass(frozen=True)
@@ -1023,8 +1030,8 @@ class QueryResult(Message):
     def __post_init__(self) -> None:
         _check(self.query in QUERIES, f"query must be one of {', '.join(QUERIES)}, not {describe(self.query)}")
         _check(
-            _is_int(self.num_examples) and 0 < self.num_examples <= MAX_EXAMPLES,
-            f"num_examples must be an integer from 1 to {MAX_EXAMPLES}, not {describe(self.num_examples)}",
+            _is_int(self.num_examples) and 0 < self.num_examples <= MAX_SHARD,
+            f"num_examples must be an integer from 1 to {MAX_SHARD}, not {describe(self.num_examples)}",
         )
         _check(
             _is_int(self.num_features) and 0 < self.num_features <= MAX_FEATURES,

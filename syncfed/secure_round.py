@@ -65,6 +65,7 @@ from .aggregation import check_tensors, from_float64
 from .client import WorkerClient
 from .config import CoordinatorConfig
 from .exceptions import AggregationError, ConfigError, ProtocolError, SecAggError
+from .finite import nonfinite
 from .privacy import PrivacyAccountant, gaussian_noise, noise_for_epsilon, noise_std, update_norm
 from .protocol import (
     Fit,
@@ -391,6 +392,10 @@ class PrivateRounds:
         else:
             total, count, losses, failures = await self._plain(selected, fits, floats, failure)
         mean = None if total is None else self._noised(total, n, len(losses)) / count
+        if mean is not None and not np.isfinite(mean).all():
+            # A masked sum cannot be taken apart: the whole round fails, and is retried like one below its quorum.
+            reason = "the round's summed update is not finite"
+            mean, losses, failures = None, {}, failures | {name: reason for name in losses}
         counts = {name: examples.get(name, 0) for name in losses}
         summed = count if self.config.secure_agg and self.strategy.weighted and self.config.dp is None else None
         return PrivateFold(self.strategy, reference, mean, losses, counts, summed), failures
@@ -515,6 +520,9 @@ class PrivateRounds:
             check_tensors(update, floats, what="the update", against="the model's float tensors")
         except AggregationError as exc:
             return str(exc)
+        reason = nonfinite(update)  # a NaN would pass the norm check below, and spread to every value of the sum
+        if reason is not None:
+            return reason
         clip = self.config.dp_clip
         if self.config.dp == "central" and update_norm(update) > clip * (1 + NORM_SLACK):
             return f"its L2 norm {update_norm(update):.6g} exceeds the clip {clip:g}"

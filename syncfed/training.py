@@ -353,6 +353,8 @@ def corrupt(update: Weights, base: Mapping[str, np.ndarray], attack: str, rng: n
             result = base[name] - 10.0 * delta
         elif attack == "scale":
             result = base[name] + 50.0 * delta
+        elif attack == "nan":
+            result = np.full(array.shape, np.nan)
         else:
             result = array + rng.normal(0.0, 1.0, array.shape)
         corrupted[name] = np.asarray(result, dtype=array.dtype)

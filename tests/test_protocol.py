@@ -16,6 +16,7 @@ from syncfed.exceptions import MessageTooLarge, ProtocolError, SyncfedError
 from syncfed.protocol import (
     ERROR_CODES,
     MAX_ID,
+    MAX_SHARD,
     PROTOCOL_VERSION,
     REQUESTS,
     Describe,
@@ -125,7 +126,7 @@ plans = st.builds(
 
 @st.composite
 def infos(draw: st.DrawFn) -> Info:
-    histogram = draw(st.lists(st.integers(0, 2**40), min_size=1, max_size=20))
+    histogram = draw(st.lists(st.integers(0, MAX_SHARD // 20), min_size=1, max_size=20))
     return Info(
         worker_id=draw(names),
         role=draw(st.sampled_from(["trainer", "evaluator"])),
@@ -161,7 +162,7 @@ messages = st.one_of(
     st.builds(
         FitResult,
         weights=weights,
-        num_examples=st.integers(1, 2**63 - 1),
+        num_examples=st.integers(1, MAX_SHARD),
         loss=finite,
         seconds=non_negative_finite,
     ),
@@ -670,6 +671,9 @@ INVALID = [
     lambda: FitResult({}, num_examples=True, loss=0.1),
     lambda: FitResult({}, num_examples=1, loss=math.inf),
     lambda: FitResult({}, num_examples=1, loss=0.1, seconds=-0.5),
+    lambda: FitResult({}, num_examples=MAX_SHARD + 1, loss=0.1),
+    lambda: Info("a", "trainer", "digits", (1, 8, 8), 2, (MAX_SHARD, 1), ()),
+    lambda: Info("a", "trainer", "digits", (1, 8, 8), 1, (1,), (), validation_size=MAX_SHARD + 1),
     lambda: Evaluate("m", {}, batch_size=0),
     lambda: Evaluate("", {}, batch_size=1),
     lambda: Fit("", {}, TrainingPlan(round=1, batch_size=1, num_batches=1, lr=0.1, seed=0)),
@@ -743,3 +747,12 @@ def test_lists_become_tuples() -> None:
 def test_encode_rejects_bad_request_ids(request_id: object) -> None:
     with pytest.raises(ValueError, match="request id"):
         encode(request_id, Ping())  # type: ignore[arg-type]
+
+
+def test_claimed_example_counts_are_bounded_at_the_limit() -> None:
+    """What a worker says it holds sizes secure rounds and weighs its update: 2**32 at most (issue 14)."""
+    assert FitResult({}, num_examples=MAX_SHARD, loss=0.1).num_examples == MAX_SHARD
+    info = Info("a", "trainer", "digits", (1, 8, 8), 2, (MAX_SHARD - 1, 1), (), validation_size=MAX_SHARD)
+    assert info.num_examples == MAX_SHARD
+    with pytest.raises(ProtocolError, match="^histogram of 4294967297 examples exceeds limit of 4294967296$"):
+        Info("a", "trainer", "digits", (1, 8, 8), 2, (MAX_SHARD, 1), ())
