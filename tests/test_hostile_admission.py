@@ -52,7 +52,7 @@ MAX_SIZE = 16 * 2**20
 
 # Durations, in seconds.
 TEST_TIMEOUT = 90.0  # one test's event loop
-PROMPT = 10.0  # a hello and a short fit, on a busy 2-core machine
+PROMPT = 20.0  # a hello and a short fit, on a busy 2-core machine (about 4 s at load 12)
 IDLE = 1.5  # the quiet worker's --idle-timeout
 HANDSHAKE = 3.0  # the gate worker's --handshake-timeout
 SLACK = 3.0  # how late a worker may close what it should close
@@ -123,6 +123,11 @@ def quiet() -> Iterator[WorkerProcess]:
     ]
     with running_workers([("quiet", arguments)]) as workers:
         yield workers["quiet"]
+
+
+def figures(name: str, **values: object) -> None:
+    """Print what a test measured (``pytest -s``), for docs/security.md."""
+    print(f"\n[figures] {name}: " + ", ".join(f"{key}={value}" for key, value in values.items()))
 
 
 def weights() -> dict[str, np.ndarray]:
@@ -240,6 +245,7 @@ def test_silent_peers_do_not_lock_out_a_coordinator_with_the_token(locked: Worke
     refused, connected, served = run(scenario())
     assert refused == 0  # none of the silent peers was turned away either: they wait apart
     assert connected < PROMPT and served < PROMPT
+    figures("4 silent peers, --max-connections 2", connect_s=f"{connected:.3f}", hello_and_fit_s=f"{served:.3f}")
 
 
 def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerProcess) -> None:
@@ -253,11 +259,14 @@ def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerPro
         async with closing(opened):
             await asyncio.sleep(0.2)
             alive = [connection.state is State.OPEN for connection in opened]
+            watched = [
+                asyncio.create_task(closed_after(connection, started, HANDSHAKE + SLACK)) for connection in opened[4:]
+            ]
             async with client(gate, TOKEN) as coordinator:
                 served = await hello_and_fit(coordinator)
                 with pytest.raises(WorkerUnavailable) as second:
                     await client(gate, TOKEN).connect()
-            ends = [await closed_after(connection, started, HANDSHAKE + SLACK) for connection in opened[4:]]
+            ends = await asyncio.gather(*watched)
             return alive, served, second.value.reason, ends
 
     alive, served, refusal, ends = run(scenario())
@@ -267,6 +276,11 @@ def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerPro
     for seconds, code, reason in ends:  # opened[3] made room for the coordinator
         assert code == 1008 and reason == "authentication failed: no answer in time"
         assert HANDSHAKE <= seconds < HANDSHAKE + SLACK
+    figures(
+        "6 silent peers, 3 pending places, 1 slot",
+        hello_and_fit_s=f"{served:.3f}",
+        closed_after_s=[f"{seconds:.2f}" for seconds, _, _ in ends],
+    )
 
 
 # (b) Without a token: idle connections.
@@ -278,9 +292,10 @@ def test_idle_peers_without_hello_are_closed_and_do_not_lock_out(quiet: WorkerPr
         opened, refused = await attackers(quiet.uri, 4, challenged=False)
         assert refused == 0
         async with closing(opened):
+            watched = [asyncio.create_task(closed_after(connection, started, IDLE + SLACK)) for connection in opened]
             async with client(quiet) as coordinator:
                 served = await hello_and_fit(coordinator)
-            ends = [await closed_after(connection, started, IDLE + SLACK) for connection in opened]
+            ends = await asyncio.gather(*watched)
         return served, ends
 
     served, ends = run(scenario())
@@ -288,6 +303,11 @@ def test_idle_peers_without_hello_are_closed_and_do_not_lock_out(quiet: WorkerPr
     for seconds, code, reason in ends:
         assert (code, reason) == (1008, f"idle for {IDLE:g} s")
         assert IDLE <= seconds < IDLE + SLACK
+    figures(
+        "4 idle peers without hello, --idle-timeout 1.5",
+        hello_and_fit_s=f"{served:.3f}",
+        closed_after_s=[f"{seconds:.2f}" for seconds, _, _ in ends],
+    )
 
 
 def test_pings_do_not_keep_a_connection_alive(quiet: WorkerProcess) -> None:
@@ -308,9 +328,9 @@ def test_pings_do_not_keep_a_connection_alive(quiet: WorkerProcess) -> None:
     async def scenario() -> tuple[float, int | None, str, int]:
         connection = await raw(quiet.uri, ping_interval=IDLE / 5)
         async with closing([connection]):
+            greeted = time.monotonic()  # before the worker's idle clock starts: when it has answered
             await connection.send(encode(1, Hello()))
             assert isinstance(decode(await connection.recv(decode=False)).message, Info)
-            greeted = time.monotonic()
             async with asyncio.timeout(IDLE + SLACK):
                 pongs = await pinging(connection)
             seconds, code, reason = await closed_after(connection, greeted, SLACK)
@@ -320,6 +340,7 @@ def test_pings_do_not_keep_a_connection_alive(quiet: WorkerProcess) -> None:
     assert (code, reason) == (1008, f"idle for {IDLE:g} s")
     assert IDLE <= seconds < IDLE + SLACK
     assert pongs >= 3  # it was answered all along
+    figures("a peer that only pings, --idle-timeout 1.5", closed_after_s=f"{seconds:.2f}", pongs=pongs)
 
 
 # (c) A busy connection is not idle.
@@ -344,7 +365,7 @@ def test_a_busy_coordinator_is_not_cut_off(quiet: WorkerProcess) -> None:
         assert reply.id == request_id and isinstance(reply.message, FitResult), reply
         return reply.message
 
-    async def scenario() -> tuple[float, float, float, bool]:
+    async def scenario() -> tuple[float, float, float]:
         async with client(quiet) as coordinator:
             long_fit = await hello_and_fit(coordinator, LONG_PLAN)
             held = await coordinator.request(
@@ -357,13 +378,13 @@ def test_a_busy_coordinator_is_not_cut_off(quiet: WorkerProcess) -> None:
             )
             assert isinstance(held, FitHeld)
             await asyncio.sleep(2 * IDLE)
+            last_request = time.monotonic()  # the worker's idle clock starts after it, when the reply is sent
             fetched = await coordinator.request(Fetch(held.token), timeout=PROMPT)
             assert isinstance(fetched, FitResult)
-            went_quiet = time.monotonic()
             async with asyncio.timeout(IDLE + SLACK):
                 while coordinator.connected:
                     await asyncio.sleep(0.05)
-            cut = time.monotonic() - went_quiet
+            cut = time.monotonic() - last_request
         connection = await raw(quiet.uri)
         async with closing([connection]):
             await connection.send(encode(1, Hello()))
@@ -371,9 +392,16 @@ def test_a_busy_coordinator_is_not_cut_off(quiet: WorkerProcess) -> None:
             started = time.monotonic()
             await slow_upload(connection, 2)
             upload = time.monotonic() - started
-        return long_fit, cut, upload, True
+        return long_fit, cut, upload
 
-    long_fit, cut, upload, _ = run(scenario())
+    long_fit, cut, upload = run(scenario())
     assert long_fit > 2 * IDLE  # it really was longer than the idle timeout
     assert IDLE <= cut < IDLE + SLACK
     assert upload > 2 * IDLE
+    figures(
+        "busy coordinator, --idle-timeout 1.5",
+        long_fit_s=f"{long_fit:.2f}",
+        held_s=f"{2 * IDLE:.1f}",
+        slow_upload_s=f"{upload:.2f}",
+        closed_once_idle_after_s=f"{cut:.2f}",
+    )
