@@ -283,6 +283,21 @@ def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerPro
     )
 
 
+def test_a_coordinator_dropped_from_the_queue_is_unavailable_not_refused(gate: WorkerProcess) -> None:
+    """Losing the race to silent peers is no wrong token: the coordinator retries such a worker later."""
+
+    async def scenario() -> str:
+        victim = await raw(gate.uri)  # a coordinator that has not answered its challenge yet
+        async with closing([victim]):
+            opened, _ = await attackers(gate.uri, 3, challenged=True)  # the queue's 3 places: it goes
+            async with closing(opened):
+                with pytest.raises(WorkerUnavailable) as dropped:
+                    await client(gate, TOKEN)._authenticate(victim, TOKEN)
+                return dropped.value.reason
+
+    assert run(scenario()).startswith("connection lost while authenticating")
+
+
 # (b) Without a token: idle connections.
 
 
