@@ -248,6 +248,45 @@ def test_silent_peers_do_not_lock_out_a_coordinator_with_the_token(locked: Worke
     figures("4 silent peers, --max-connections 2", connect_s=f"{connected:.3f}", hello_and_fit_s=f"{served:.3f}")
 
 
+def test_a_coordinator_gets_in_through_a_churn_of_silent_peers(locked: WorkerProcess) -> None:
+    """More silent peers than pending places, each reconnecting the moment it is dropped: every arrival
+    evicts the oldest, yet the coordinator, which answers its challenge within one round trip, gets in."""
+    churners, attempts_allowed = 80, 5  # 80 > the 64 pending places of the default
+
+    async def churn(stop: asyncio.Event, opened: list[int]) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError, TimeoutError, InvalidStatus, ConnectionClosed):
+                connection = await raw(locked.uri)
+                opened[0] += 1
+                try:
+                    await connection.wait_closed()  # dropped for a newcomer, or the handshake timeout
+                finally:
+                    connection.transport.abort()
+
+    async def scenario() -> tuple[int, float, int]:
+        stop, opened = asyncio.Event(), [0]
+        tasks = [asyncio.create_task(churn(stop, opened)) for _ in range(churners)]
+        try:
+            await asyncio.sleep(2.0)  # the queue is full and turning over
+            started = time.monotonic()
+            for attempt in range(1, attempts_allowed + 1):
+                try:
+                    async with client(locked, TOKEN) as coordinator:
+                        await hello_and_fit(coordinator)
+                    return attempt, time.monotonic() - started, opened[0]
+                except WorkerUnavailable:
+                    continue
+            raise AssertionError(f"no way in after {attempts_allowed} attempts among {opened[0]} churning connections")
+        finally:
+            stop.set()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    attempts, seconds, opened = run(scenario())
+    figures(f"{churners} churning silent peers", attempts=attempts, in_and_served_s=f"{seconds:.2f}", opened=opened)
+
+
 def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerProcess) -> None:
     """Six silent peers against three pending places: the oldest are dropped, the coordinator still gets in;
     a second coordinator beyond --max-connections 1 gets HTTP 503; the silent ones time out with 1008."""
