@@ -157,7 +157,10 @@ class WorkerClient:
             await connection.send(frame)
             auth.verify_confirmation(token, worker_nonce, own_nonce, await receive(connection, auth.MAX_AUTH_FRAME))
         except ConnectionClosed as exc:
-            reason = exc.rcvd.reason if exc.rcvd is not None and exc.rcvd.reason else "connection closed"
+            if exc.rcvd is None or exc.rcvd.code != CloseCode.POLICY_VIOLATION:
+                # Dropped, e.g. from a worker's full queue of connections still authenticating: not a refusal.
+                raise WorkerUnavailable(self.name, f"connection lost while authenticating ({exc})") from None
+            reason = exc.rcvd.reason or "connection closed"
             raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {reason}") from None
         except (AuthenticationFailed, MessageTooLarge) as exc:
             await connection.close(CloseCode.POLICY_VIOLATION, "authentication failed")

@@ -48,6 +48,12 @@ DEFAULT_ROUND_TIMEOUT: Final = 600.0
 DEFAULT_PING_INTERVAL: Final = 1.0
 DEFAULT_PING_TIMEOUT: Final = 3.0
 DEFAULT_RECONNECT_MAX_DELAY: Final = 30.0
+#: A worker's wait for a new connection to authenticate (token, or hello without one): one round trip
+#: when all is well, with room for a coordinator that opens many connections on a loaded machine.
+DEFAULT_HANDSHAKE_TIMEOUT: Final = 10.0
+#: A worker closes a connection that sent no request for this long with none in flight or held: above the
+#: longest quiet a normal run leaves (a round retried 3 times at the 600 s round timeout, then evaluation).
+DEFAULT_IDLE_TIMEOUT: Final = 3600.0
 
 #: Test hooks: how a byzantine worker corrupts its update ``delta = w - w_global``
 #: (sign flipping and boosting as in the robust-aggregation literature, e.g.
@@ -118,10 +124,12 @@ class WorkerConfig:
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     max_in_flight: int = 8  # concurrent requests per connection
-    max_connections: int = 64
+    max_connections: int = 64  # authenticated connections; see syncfed.admission
+    max_pending_connections: int = 64  # connections still authenticating; a newcomer evicts the oldest
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
+    withhold_histogram: bool = False  # hello sends no class histogram, only a power-of-two bound on its size
     dp_sgd_noise_multiplier: float | None = None  # z: example-level DP-SGD (Abadi et al. 2016); None: off
     dp_sgd_clip: float = 1.0  # C: each example's gradient is scaled down to this L2 norm
     dp_sgd_delta: float = 1e-5  # the delta the worker reports its epsilon at
@@ -134,8 +142,9 @@ class WorkerConfig:
     tls_ca: Path | None = None  # require client certificates signed by this CA
     allow_coordinators: tuple[str, ...] = ()  # certificate common names let in; empty: any the CA signed
     auth_token_file: Path | None = None
-    # Privacy of the worker's metadata: hello sends no class histogram, only a power-of-two bound on its size
-    withhold_histogram: bool = False
+    # Timeouts
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # TLS, HTTP upgrade, then the token or hello
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT  # no request (pings aside) for this long; None or 0: off
 
     def __post_init__(self) -> None:
         if not self.worker_id:
@@ -152,6 +161,11 @@ class WorkerConfig:
             raise ConfigError("max in-flight requests must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max connections must be at least 1")
+        if self.max_pending_connections < 1:
+            raise ConfigError(f"max pending connections {self.max_pending_connections} is below the minimum of 1")
+        _positive("handshake_timeout", self.handshake_timeout)
+        if self.idle_timeout is not None and not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
+            raise ConfigError(f"idle_timeout must be a non-negative number of seconds, not {self.idle_timeout!r}")
         _check_tls(self.tls_cert, self.tls_key)
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")

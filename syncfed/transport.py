@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +48,24 @@ async def receive(connection: Connection, max_size: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def receive_message(connection: Connection, max_size: int) -> MessageDecoder:
+async def receive_message(
+    connection: Connection, max_size: int, *, on_fragment: Callable[[], None] | None = None
+) -> MessageDecoder:
     """Read one protocol message through a :class:`MessageDecoder`, fragment by fragment.
 
     A streamed message's tensors are filled as its fragments arrive, so no
     buffer of the whole message is built; an oversized or invalid one is read
     to its end and dropped. Call ``finish()`` on the result for the envelope
     (it raises what was wrong) and read ``size`` for the bytes received.
+    ``on_fragment`` is called as each fragment arrives: a slow upload is not an idle peer.
 
     Raises:
         websockets.ConnectionClosed: when the connection ends.
     """
     decoder = MessageDecoder(max_size=max_size)
     async for fragment in connection.recv_streaming(decode=False):
+        if on_fragment is not None:
+            on_fragment()
         decoder.feed(fragment)
     return decoder
 

@@ -33,6 +33,7 @@ from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from . import analytics, auth
+from .admission import Admission, IdleClock
 from .compression import compression_error
 from .config import WorkerConfig
 from .datasets import Dataset, DatasetSpec, load_dataset
@@ -102,8 +103,6 @@ logger = logging.getLogger("syncfed.worker")
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
-#: Seconds a peer has to answer the authentication challenge.
-AUTH_TIMEOUT = 10.0
 
 
 def _common_name(peercert: object) -> str | None:
@@ -249,7 +248,10 @@ class Worker:
         z = config.dp_sgd_noise_multiplier
         self._dp_sgd = DPSGD(z, config.dp_sgd_clip) if z is not None else None
         self._accountant = ExampleAccountant(z, config.dp_sgd_delta) if z is not None else None
-        self._connections = 0
+        # Slots go to authenticated connections only; see run() for what authenticates one.
+        self.admission: Admission[_Session] = Admission(
+            max_connections=config.max_connections, max_pending=config.max_pending_connections
+        )
         self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
 
     def info(self) -> Info:
@@ -267,10 +269,13 @@ class Worker:
         )
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Refuse the websocket handshake: HTTP 503 beyond ``max_connections``, HTTP 403
-        for a client certificate whose common name is not on the allow-list."""
-        if self._connections >= self.config.max_connections:
-            logger.warning("refused a connection: %d connections already open", self._connections)
+        """Refuse the websocket handshake: HTTP 503 while ``max_connections`` authenticated
+        connections are open, HTTP 403 for a client certificate whose common name is not on the allow-list.
+
+        Connections still authenticating never cause a 503: they wait in their own queue (see ``handle``).
+        """
+        if self.admission.full:
+            logger.warning("refused a connection: %d authenticated connections already open", self.admission.counts[0])
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.allow_coordinators:
             identity = _common_name(connection.transport.get_extra_info("peercert"))
@@ -285,11 +290,16 @@ class Worker:
         """Serve one connection until it closes."""
         peer = "{}:{}".format(*connection.remote_address[:2]) if connection.remote_address else "?"
         session = _Session(self, connection, peer)
-        self._connections += 1
+        evicted = self.admission.arrive(session)
+        if evicted is not None:  # the oldest of a full queue of unauthenticated connections
+            logger.warning(
+                "dropped %s: %d connections still authenticating", evicted.peer, self.config.max_pending_connections
+            )
+            evicted.connection.transport.abort()
         try:
             await session.run()
         finally:
-            self._connections -= 1
+            self.admission.leave(session)
             session.abandon()
 
     async def compute(self, message: Fit | Evaluate) -> Message:
@@ -474,16 +484,81 @@ class _Session:
         # One at a time, so a coordinator that never fetches costs one update, not one per round.
         self.held: tuple[int, FitResult, str] | None = None
         self.tokens = itertools.count(1)
+        config = worker.config
+        self.clock = IdleClock(
+            time.monotonic(), handshake_timeout=config.handshake_timeout, idle_timeout=config.idle_timeout
+        )
 
     async def run(self) -> None:
-        if self.worker.token is not None and not await self.authenticate(self.worker.token):
-            return
-        limit = self.worker.config.max_message_size
-        while True:
-            try:
-                await self.accept(await receive_message(self.connection, limit))
-            except ConnectionClosed:
+        """Authenticate, then serve requests until the connection closes.
+
+        A connection takes one of the worker's ``max_connections`` slots once it
+        has authenticated: by the token when the worker has one, else by its
+        client certificate under mutual TLS (checked before this runs), else
+        by a valid ``hello``, the most a worker without either can ask.
+        """
+        config = self.worker.config
+        if self.worker.token is not None:
+            if not await self.authenticate(self.worker.token) or not await self.enter():
                 return
+        elif config.tls_ca is not None and not await self.enter():
+            return
+        watchdog = asyncio.create_task(self.watch())
+        try:
+            while True:
+                try:
+                    await self.accept(await self.receive())
+                except ConnectionClosed:
+                    return
+                if self.greeted and not self.worker.admission.admitted(self) and not await self.enter():
+                    return
+        finally:
+            watchdog.cancel()
+
+    async def receive(self) -> MessageDecoder:
+        """The next message, noting when each of its fragments arrives: a slow upload is not idle."""
+        try:
+            return await receive_message(
+                self.connection,
+                self.worker.config.max_message_size,
+                on_fragment=lambda: self.clock.fragment(time.monotonic()),
+            )
+        finally:
+            self.clock.fragment(None)
+
+    async def enter(self) -> bool:
+        """Take an authenticated slot; without a free one the connection is closed (1013) and nothing served."""
+        if self.worker.admission.authenticate(self):
+            return True
+        self.abandon()  # the hello just dispatched has not started: it is never answered
+        if self.worker.admission.full:  # else it was dropped from the queue, and that was logged
+            logger.warning(
+                "refused %s: %d authenticated connections already open", self.peer, self.worker.config.max_connections
+            )
+        await self.connection.close(CloseCode.TRY_AGAIN_LATER, "too many connections")
+        return False
+
+    def served(self, _: object = None) -> None:
+        """A request other than ping was answered: the connection is in use."""
+        self.clock.used(time.monotonic())
+
+    async def watch(self) -> None:
+        """Close the connection once its clock's deadline passes: no hello in time, or idle."""
+        while True:
+            busy = bool(self.in_flight) or self.held is not None
+            authenticated = self.worker.admission.admitted(self)
+            deadline = self.clock.deadline(time.monotonic(), authenticated=authenticated, busy=busy)
+            if deadline is None:
+                return
+            due, reason = deadline
+            delay = due - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+                continue
+            self.worker.admission.leave(self)  # the slot is free now, not after a closing handshake
+            logger.warning("closing the connection of %s: %s", self.peer, reason)
+            await self.connection.close(CloseCode.POLICY_VIOLATION, reason)
+            return
 
     async def accept(self, incoming: MessageDecoder) -> None:
         """Dispatch one received request, or answer why it is refused.
@@ -515,7 +590,7 @@ class _Session:
         limits = protocol.max_message_size, protocol.max_fragment_size
         protocol.max_message_size = protocol.max_fragment_size = auth.MAX_AUTH_FRAME
         try:
-            async with asyncio.timeout(AUTH_TIMEOUT):
+            async with asyncio.timeout(self.worker.config.handshake_timeout):
                 await self.connection.send(frame)
                 response = await receive(self.connection, auth.MAX_AUTH_FRAME)
                 client_nonce = auth.verify_response(token, nonce, response)
@@ -525,6 +600,7 @@ class _Session:
         except (TimeoutError, MessageTooLarge, AuthenticationFailed) as exc:
             reason = "no answer in time" if isinstance(exc, TimeoutError) else str(exc)
             logger.warning("%s failed authentication: %s", self.peer, reason)
+            self.worker.admission.leave(self)  # the place is free now, not after a closing handshake
             await self.connection.close(CloseCode.POLICY_VIOLATION, f"authentication failed: {reason}"[:120])
             return False
         protocol.max_message_size, protocol.max_fragment_size = limits
@@ -555,6 +631,8 @@ class _Session:
         task = asyncio.create_task(self.serve(request_id, message, size))
         self.in_flight[request_id] = task
         task.add_done_callback(lambda _: self.in_flight.pop(request_id, None))
+        if not isinstance(message, Ping):  # pings keep no connection from being idle
+            task.add_done_callback(self.served)
 
     async def serve(self, request_id: int, message: Message, size: int) -> None:
         started = time.perf_counter()
@@ -727,7 +805,13 @@ async def run_worker(
             config.host,
         )
     async with serve(
-        worker.handle, config.host, config.port, process_request=worker.admit, ssl=tls, **options
+        worker.handle,
+        config.host,
+        config.port,
+        process_request=worker.admit,
+        ssl=tls,
+        open_timeout=config.handshake_timeout,  # the TLS handshake and the HTTP upgrade, each
+        **options,
     ) as server:
         host, port = next(iter(server.sockets)).getsockname()[:2]
         scheme = "wss" if tls is not None else "ws"

@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from syncfed.checkpoint import CHECKPOINT_FILE, Checkpoint, check_resumable, load_checkpoint, save_checkpoint
 from syncfed.config import CoordinatorConfig
@@ -1151,6 +1151,15 @@ def test_a_flood_of_bad_input_leaves_a_worker_serving_with_flat_memory(trio: Clu
     )
 
 
+def refused_code(exc: BaseException) -> int | None:
+    """The HTTP status of a refused handshake, or the close code of a refused hello."""
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code
+    if isinstance(exc, ConnectionClosed) and exc.rcvd is not None:
+        return exc.rcvd.code
+    return None
+
+
 def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> None:
     erin = cluster["erin"]  # --max-connections 3
     limit = 3
@@ -1165,17 +1174,21 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
         return await connect(erin.uri, compression=None, max_size=None, open_timeout=10, close_timeout=5)
 
     async def admitted(timeout: float = 5.0) -> tuple[ClientConnection, float]:
-        """A connection, once the worker has counted out the ones closed just before (a moment after the close)."""
+        """A connection, once the worker has counted out the ones closed just before (a moment after the close).
+
+        A connection counts from its hello on (erin has no token): until the slots free, the handshake gets
+        HTTP 503 or the hello a close with 1013.
+        """
         started = time.monotonic()
         while True:
             try:
                 connection = await open_one()
-            except InvalidStatus as exc:
-                assert exc.response.status_code == 503
+                await hello(connection)  # its session runs: it counts
+            except (InvalidStatus, ConnectionClosed) as exc:
+                assert refused_code(exc) in (503, 1013)
                 assert time.monotonic() - started < timeout, "the worker still counts closed connections"
                 await asyncio.sleep(POLL)
                 continue
-            await hello(connection)  # its session runs: it counts
             return connection, time.monotonic() - started
 
     async def one_past_the_limit() -> float:
@@ -1197,21 +1210,27 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
         return waited
 
     async def at_once(count: int) -> tuple[int, int]:
-        """``count`` handshakes at the same time: the limit holds however they interleave."""
+        """``count`` handshakes and hellos at the same time: the limit holds however they interleave.
+
+        Unauthenticated connections do not count, so all handshakes pass; the hellos beyond the limit
+        are answered with a close (1013 too many connections).
+        """
         (await admitted())[0].transport.abort()  # wait until the slots are free, then free ours at once
         await asyncio.sleep(0.2)
         outcomes = await asyncio.gather(*(open_one() for _ in range(count)), return_exceptions=True)
         opened = [outcome for outcome in outcomes if isinstance(outcome, ClientConnection)]
-        refused = [outcome for outcome in outcomes if isinstance(outcome, InvalidStatus)]
         try:
-            assert len(opened) + len(refused) == count, outcomes
-            assert all(exc.response.status_code == 503 for exc in refused)
-            for index, connection in enumerate(opened):
-                await hello(connection, index + 1)
+            assert len(opened) == count, outcomes
+            greeted = await asyncio.gather(
+                *(hello(connection, index + 1) for index, connection in enumerate(opened)), return_exceptions=True
+            )
+            refused = [outcome for outcome in greeted if isinstance(outcome, ConnectionClosed)]
+            assert all(refused_code(exc) == 1013 for exc in refused), greeted
+            assert all(outcome is None or isinstance(outcome, ConnectionClosed) for outcome in greeted), greeted
         finally:
             for connection in opened:
                 await connection.close()
-        return len(opened), len(refused)
+        return count - len(refused), len(refused)
 
     reopened = run(one_past_the_limit(), 60)
     accepted, refused = run(at_once(20), 60)
@@ -1219,7 +1238,8 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
     assert erin.alive
     record(
         "max connections 3",
-        outcome="4th handshake refused with HTTP 503 (body 'too many connections'); accepted again after closing",
+        outcome="4th handshake refused with HTTP 503 (body 'too many connections'); accepted again after closing;"
+        " 20 hellos at once: 3 answered, 17 closed with 1013",
         reopen_after_close_s=reopened,
         twenty_at_once=f"{accepted} accepted, {refused} refused",
     )

@@ -15,7 +15,13 @@ from pathlib import Path
 
 import torch
 
-from ..config import ATTACKS, DEFAULT_MAX_MESSAGE_SIZE, WorkerConfig
+from ..config import (
+    ATTACKS,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    WorkerConfig,
+)
 from ..datasets import DATASETS, parse_dataset_spec
 from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
@@ -107,7 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections",
         type=int,
         default=64,
-        help="concurrent connections; more are refused (default: %(default)s)",
+        help="concurrent authenticated connections; more are refused with HTTP 503 (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-pending-connections",
+        type=int,
+        default=64,
+        metavar="N",
+        help="connections still authenticating (token, client certificate, or hello without either), counted apart"
+        " from --max-connections; a newcomer beyond N closes the oldest of them (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="time a new connection has for the TLS handshake, the websocket upgrade and then the token"
+        " challenge (or, without a token or client certificates, its hello) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that sends no request (pings do not count) for this long while nothing is in"
+        " flight or held for it; keep it above the coordinator's round timeout plus its evaluation time"
+        " (default: %(default)s; 0 for never)",
     )
     parser.add_argument(
         "--min-group-size",
@@ -204,6 +235,9 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_in_flight=args.max_in_flight,
         chunk_size=args.chunk_size,
         max_connections=args.max_connections,
+        max_pending_connections=args.max_pending_connections,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout or None,
         min_group_size=args.min_group_size,
         dp_sgd_noise_multiplier=args.dp_sgd,
         dp_sgd_clip=args.dp_sgd_clip,
