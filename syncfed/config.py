@@ -16,6 +16,7 @@ from .compression import COMPRESSIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .protocol import DEFAULT_CHUNK_SIZE, MAX_PLAN_SIZE
+from .secagg import MAX_CLIENTS
 from .staleness import staleness_weight
 from .strategies import make_strategy
 
@@ -116,6 +117,7 @@ class WorkerConfig:
     max_in_flight: int = 8  # concurrent requests per connection
     max_connections: int = 64
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
+    max_secagg_clients: int = 1024  # largest secure aggregation round (clients, so neighbours too) it joins
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
     dp_sgd_noise_multiplier: float | None = None  # z: example-level DP-SGD (Abadi et al. 2016); None: off
@@ -146,6 +148,8 @@ class WorkerConfig:
             raise ConfigError("max in-flight requests must be at least 1")
         if self.max_connections < 1:
             raise ConfigError("max connections must be at least 1")
+        if not 2 <= self.max_secagg_clients <= MAX_CLIENTS:
+            raise ConfigError(f"max secure aggregation clients {self.max_secagg_clients} is not in 2..{MAX_CLIENTS}")
         _check_tls(self.tls_cert, self.tls_key)
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")

@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent connections; more are refused (default: %(default)s)",
     )
     parser.add_argument(
+        "--max-secagg-clients",
+        type=int,
+        default=1024,
+        help="largest secure aggregation round joined, in clients; larger ones are refused (default: %(default)s)",
+    )
+    parser.add_argument(
         "--min-group-size",
         type=int,
         default=10,
@@ -192,6 +198,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_in_flight=args.max_in_flight,
         chunk_size=args.chunk_size,
         max_connections=args.max_connections,
+        max_secagg_clients=args.max_secagg_clients,
         min_group_size=args.min_group_size,
         dp_sgd_noise_multiplier=args.dp_sgd,
         dp_sgd_clip=args.dp_sgd_clip,
