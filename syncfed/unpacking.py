@@ -40,7 +40,7 @@ __all__ = [
 # Limits
 #: Bytes of Python memory a decoded message may hold per byte received.
 AMPLIFICATION: Final = 8
-#: Bytes any message may decode to, whatever its size (a 1,000-client id list is 44 KB).
+#: Bytes any message may decode to, whatever its size: lists of about 9,000 integers above 255 fit in it.
 BUDGET_FLOOR: Final = 2**20
 #: Longest array: a histogram (100,000 classes), a query's features, a list of clients (65,536).
 MAX_ARRAY: Final = 2**18
@@ -60,9 +60,10 @@ _LARGE_INT: Final = 48
 _FLOAT: Final = 32
 _STR: Final = 96  # plus 4 bytes per UTF-8 byte: a str may widen to UCS-4; map keys are interned too
 _BIN: Final = 48
-# A container is counted twice: building a message may copy it (tuple(), dict()).
-_ARRAY: Final = 2 * 80
-_ARRAY_SLOT: Final = 2 * 8
+# A container is counted twice: building a message may copy it (tuple(), dict()); an array's entries
+# may also go into a set (distinct client ids), up to 64 bytes each.
+_ARRAY: Final = 2 * 80 + 256
+_ARRAY_SLOT: Final = 2 * 8 + 64
 _MAP: Final = 2 * 232
 _MAP_ENTRY: Final = 2 * 48
 _BASE: Final = 16 * 1024  # the envelope, the message object and its fields
