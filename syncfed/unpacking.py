@@ -125,8 +125,9 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
     """An upper bound of the memory that decoding and building ``data`` holds, read without allocating.
 
     Raises:
-        ProtocolError: if the bytes are not one msgpack object, use an
-            extension, or break a limit (lengths, nesting, object count, :func:`budget`).
+        ProtocolError: if the bytes are not one msgpack object (named after msgpack's own
+            error: ``OutOfData``, ``FormatError``, ``StackError`` past :data:`MAX_DEPTH`,
+            ``ExtraData``), or break a limit (lengths, object count, :func:`budget`).
     """
     view = memoryview(data).cast("B")
     end = len(view)
@@ -141,7 +142,7 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
             continue
         remaining[-1] -= 1
         if position >= end:
-            raise ProtocolError(f"invalid msgpack: data ends after {end} bytes, inside an object")
+            raise ProtocolError("invalid msgpack: OutOfData")
         first = view[position]
         position += 1
         objects += 1
@@ -179,9 +180,7 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
                         f"{what} of {length} entries exceeds limit of {MAX_MAP if is_map else MAX_ARRAY} entries"
                     )
                 if len(remaining) > MAX_DEPTH:
-                    raise ProtocolError(
-                        f"invalid msgpack: nesting deeper than {MAX_DEPTH} levels exceeds limit of {MAX_DEPTH}"
-                    )
+                    raise ProtocolError("invalid msgpack: StackError")
                 cost += _MAP + _MAP_ENTRY * length if is_map else _ARRAY + _ARRAY_SLOT * length
                 remaining.append(2 * length if is_map else length)
         if cost > limit:
@@ -190,7 +189,7 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
                 f" {AMPLIFICATION} bytes per byte plus {BUDGET_FLOOR}"
             )
     if position != end:
-        raise ProtocolError("invalid msgpack: ExtraData")  # the text msgpack's own error gave
+        raise ProtocolError("invalid msgpack: ExtraData")
     return cost
 
 
@@ -206,10 +205,10 @@ def _header(first: int, view: memoryview, position: int, end: int) -> tuple[int,
     if first in _FIXEXT:
         return _EXT, _FIXEXT[first], 0
     if first not in _SIZED:  # 0xc1, which msgpack never uses
-        raise ProtocolError(f"invalid msgpack: type byte 0x{first:02x} is not allowed")
+        raise ProtocolError("invalid msgpack: FormatError")
     kind, size = _SIZED[first]
     if position + size > end:
-        raise ProtocolError(f"invalid msgpack: data ends after {end} bytes, inside a length")
+        raise ProtocolError("invalid msgpack: OutOfData")
     (length,) = _LENGTHS[size].unpack_from(view, position)
     return kind, length, size
 
