@@ -21,7 +21,7 @@ from .exceptions import (
     WorkerUnavailable,
 )
 from .protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, encode_fragments, reply_kind
-from .transport import connection_options, receive, receive_message, send_message
+from .transport import connection_options, off_loop, receive, receive_message, send_message
 
 __all__ = ["WorkerClient"]
 
@@ -222,7 +222,7 @@ class WorkerClient:
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
             while True:
-                self._deliver(await receive_message(connection, self.max_message_size))
+                await self._deliver(await receive_message(connection, self.max_message_size))
         except ConnectionClosed as exc:
             if self._closing is not None:
                 self._closed_reason = self._closing
@@ -240,7 +240,7 @@ class WorkerClient:
             for request_id in list(self._pending):
                 self._resolve(request_id, failure)
 
-    def _deliver(self, incoming: MessageDecoder) -> None:
+    async def _deliver(self, incoming: MessageDecoder) -> None:
         """Hand one received reply to the request waiting for it.
 
         A method of its own so that nothing of the reply outlives the call:
@@ -252,7 +252,7 @@ class WorkerClient:
         """
         self.bytes_received += incoming.size
         try:
-            envelope = incoming.finish()
+            envelope = await off_loop(incoming.size, incoming.finish)  # a large reply decodes in a thread
         except ProtocolError as exc:
             if exc.request_id in self._pending:
                 self._resolve(exc.request_id, exc)
@@ -262,6 +262,15 @@ class WorkerClient:
             raise
         if envelope.id in self._pending:
             self._resolve(envelope.id, envelope.message)
+        elif envelope.id == 0 and isinstance(envelope.message, Error):
+            # The worker could not tell which request it refuses (e.g. too_large with no readable id):
+            # any of those in flight may be the one, and none would get a reply, so all fail now.
+            error = envelope.message
+            logger.warning(
+                "%s: error %s with id 0 fails %d requests: %s", self.name, error.code, len(self._pending), error.reason
+            )
+            for request_id in list(self._pending):
+                self._resolve(request_id, RemoteError(self.name, error.code, error.reason))
         elif isinstance(envelope.message, Error):
             logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
         else:  # a reply to a request that timed out

@@ -16,6 +16,7 @@ from .compression import COMPRESSIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .protocol import DEFAULT_CHUNK_SIZE, MAX_PLAN_SIZE
+from .secagg import MAX_CLIENTS
 from .staleness import staleness_weight
 from .strategies import make_strategy
 
@@ -127,6 +128,7 @@ class WorkerConfig:
     max_connections: int = 64  # authenticated connections; see syncfed.admission
     max_pending_connections: int = 64  # connections still authenticating; a newcomer evicts the oldest
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
+    max_secagg_clients: int = 1024  # largest secure aggregation round (clients, so neighbours too) it joins
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
     withhold_histogram: bool = False  # hello sends no class histogram, only a power-of-two bound on its size
@@ -166,6 +168,8 @@ class WorkerConfig:
         _positive("handshake_timeout", self.handshake_timeout)
         if self.idle_timeout is not None and not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise ConfigError(f"idle_timeout must be a non-negative number of seconds, not {self.idle_timeout!r}")
+        if not 2 <= self.max_secagg_clients <= MAX_CLIENTS:
+            raise ConfigError(f"max secure aggregation clients {self.max_secagg_clients} is not in 2..{MAX_CLIENTS}")
         _check_tls(self.tls_cert, self.tls_key)
         if self.tls_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")

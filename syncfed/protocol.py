@@ -19,6 +19,7 @@ This module does no I/O: it turns bytes into validated messages and back.
 from __future__ import annotations
 
 import enum
+import itertools
 import math
 import struct
 from collections.abc import Callable, Generator, Mapping
@@ -28,6 +29,7 @@ from typing import Any, ClassVar, Final, Self
 import msgpack
 import numpy as np
 
+from . import unpacking
 from .compression import COMPRESSIONS, check_method
 from .exceptions import ConfigError, MessageTooLarge, ProtocolError, describe
 from .secagg import (
@@ -86,6 +88,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "Outgoing",
     "MessageDecoder",
+    "Opened",
     "encode",
     "encode_fragments",
     "decode",
@@ -933,7 +936,8 @@ class Query(Message):
             f"features must be a list of at most {MAX_FEATURES} indices in 0..{MAX_FEATURES - 1}",
         )
         features = tuple(self.features)
-        _check(list(features) == sorted(set(features)), "features must be sorted and distinct")
+        # Linear and without copies: a peer picks the list's length.
+        _check(all(a < b for a, b in itertools.pairwise(features)), "features must be sorted and distinct")
         _check(self.query != "label-histogram" or not features, "label-histogram takes no features")
         if self.query == "quantiles":
             bins, value_range = self.bins, self.value_range
@@ -1588,18 +1592,8 @@ def encode_fragments(
     return Outgoing(size, (prefix + header, *views), chunk_size, streamed=True)
 
 
-def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
-
-
 def _unpack(data: bytes) -> Any:
-    try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext, timestamp=0)
-    except ProtocolError:
-        raise
-    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
-        # msgpack's errors do not share one base: catch them all here.
-        raise ProtocolError(f"invalid msgpack: {type(exc).__name__}") from None
+    return unpacking.unpack(data)
 
 
 def _open(envelope: Any) -> tuple[int, str, dict[str, Any]]:
@@ -1638,6 +1632,28 @@ def _build(request_id: int, kind: str, body: dict[str, Any]) -> Envelope:
 
 def _decode_frame(data: bytes) -> Envelope:
     return _build(*_open(_unpack(data)))
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A received message whose envelope is read (id, version, kind) and whose body is still a plain map.
+
+    The receiver applies its session rules (hello first, id, role) to ``id``
+    and ``kind`` before :meth:`build` runs the body's validation, which may
+    cost more than reading the map did.
+    """
+
+    id: int
+    kind: str
+    body: dict[str, Any]
+
+    def build(self) -> Envelope:
+        """The validated message.
+
+        Raises:
+            ProtocolError: if the body is invalid; ``request_id`` holds the id.
+        """
+        return _build(self.id, self.kind, self.body)
 
 
 def decode(data: bytes, *, max_size: int | None = None) -> Envelope:
@@ -1728,6 +1744,7 @@ class MessageDecoder:
         self._filled = 0  # its bytes so far
         self._error: ProtocolError | None = None
         self._frame: bytes | None = None
+        self._head = b""  # the first bytes of a dropped single-frame message, to read its id from
         self._finished = False
 
     @property
@@ -1743,6 +1760,8 @@ class MessageDecoder:
         if self._state is _State.DISCARD:
             return
         if self.max_size is not None and self.size > self.max_size:
+            if self._state in (_State.START, _State.FRAME):
+                self._kept.append(bytes(fragment[: unpacking.HEAD_SIZE]))  # the envelope's id may be in it
             self._discard()
             return
         if self._state in (_State.START, _State.FRAME):
@@ -1823,27 +1842,50 @@ class MessageDecoder:
             self._filled = 0
 
     def _discard(self) -> None:
+        if self._state in (_State.START, _State.FRAME):
+            self._head = b"".join(itertools.islice(self._kept, unpacking.HEAD_SIZE))[: unpacking.HEAD_SIZE]
         self._state = _State.DISCARD
         self._kept, self._header, self._buffers = [], bytearray(), []
 
+    def _readable_id(self) -> int | None:
+        """The id of a dropped message, when its envelope was read or its first bytes hold it."""
+        if self._opened is not None:
+            return self._opened[0]
+        return unpacking.peek_id(self._head) if self._head else None
+
     def finish(self) -> Envelope:
-        """Decode the message, once its last fragment was fed.
+        """Decode the message, once its last fragment was fed: :meth:`open`, then build it.
 
         Raises:
             MessageTooLarge: if it was longer than ``max_size`` (it was counted, not kept).
+            ProtocolError: if it is invalid; ``request_id`` holds the id when the envelope was readable.
+        """
+        return self.open().build()
+
+    def open(self) -> Opened:
+        """Read the message's envelope, once its last fragment was fed, leaving its body a plain map.
+
+        Decoding is bounded by the message's size (see :mod:`syncfed.unpacking`);
+        building the message from its body is left to :meth:`Opened.build`.
+
+        Raises:
+            MessageTooLarge: if it was longer than ``max_size`` (it was counted, not kept); ``request_id``
+                holds the id when the envelope's id was among the first bytes, or in a streamed header.
             ProtocolError: if it is invalid; ``request_id`` holds the id when the envelope was readable.
         """
         if self._finished:
             raise ConfigError("finish called twice: a message decoder reads one message")
         self._finished = True
         if self.max_size is not None and self.size > self.max_size:
-            raise MessageTooLarge(self.size, self.max_size)
+            error = MessageTooLarge(self.size, self.max_size)
+            error.request_id = self._readable_id()
+            raise error
         if self._error is not None:
             raise self._error
         if self._state in (_State.START, _State.FRAME):
             self._frame = self._kept[0] if len(self._kept) == 1 else b"".join(self._kept)
             self._kept = []
-            return _decode_frame(self._frame)
+            return Opened(*_open(_unpack(self._frame)))
         if self._opened is None:  # still in the prefix or the header, or the header declares too much
             raise ProtocolError(f"streamed message ends after {self.size} bytes, inside its header")
         request_id, kind, body = self._opened
@@ -1856,4 +1898,4 @@ class MessageDecoder:
             del entry["nbytes"]
             entry["data"] = buffer
         self._buffers = []
-        return _build(request_id, kind, body)
+        return Opened(request_id, kind, body)

@@ -78,6 +78,7 @@ __all__ = [
     "split_secret",
     "combine_shares",
     "neighbour_graph",
+    "neighbours_of",
     "Quantizer",
     "flatten",
     "unflatten",
@@ -187,18 +188,8 @@ def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
 # The neighbour graph of SecAgg+ and the pseudo-random generator
 
 
-def neighbour_graph(num_clients: int, neighbours: int, seed: int) -> tuple[frozenset[int], ...]:
-    """Each client's neighbours in a ``neighbours``-regular graph, the same for every party that knows the seed.
-
-    A Harary graph (each client linked to the ``k // 2`` next ones around a
-    ring, and to the opposite one when ``k`` is odd) on a seeded random
-    permutation of the clients: exactly ``k``-regular, connected when
-    ``k >= 2``, and the complete graph when ``k = n - 1``. The seed is public; it only has to be
-    the same everywhere.
-
-    Raises:
-        ConfigError: if ``k`` is not between 1 and ``n - 1``, or both are odd (no such graph exists).
-    """
+def _check_graph(num_clients: int, neighbours: int, seed: int) -> None:
+    """Refuse a graph that cannot exist, without building anything."""
     if not 2 <= num_clients <= MAX_CLIENTS:
         raise ConfigError(f"number of clients {num_clients} must be between 2 and {MAX_CLIENTS}")
     if not 1 <= neighbours < num_clients:
@@ -207,8 +198,29 @@ def neighbour_graph(num_clients: int, neighbours: int, seed: int) -> tuple[froze
         raise ConfigError(f"graph seed {seed} must not be negative")
     if neighbours % 2 and num_clients % 2:
         raise ConfigError(f"neighbour count {neighbours} must be even with an odd number of clients {num_clients}")
+
+
+def _ring(num_clients: int, neighbours: int, seed: int) -> tuple[list[int], list[int]]:
+    """The seeded ring of clients and the offsets each one links to (see :func:`neighbour_graph`)."""
+    _check_graph(num_clients, neighbours, seed)
     ring = np.random.default_rng(seed).permutation(num_clients).tolist()
     offsets = list(range(1, neighbours // 2 + 1)) + ([num_clients // 2] if neighbours % 2 else [])
+    return ring, offsets
+
+
+def neighbour_graph(num_clients: int, neighbours: int, seed: int) -> tuple[frozenset[int], ...]:
+    """Each client's neighbours in a ``neighbours``-regular graph, the same for every party that knows the seed.
+
+    A Harary graph (each client linked to the ``k // 2`` next ones around a
+    ring, and to the opposite one when ``k`` is odd) on a seeded random
+    permutation of the clients: exactly ``k``-regular, connected when
+    ``k >= 2``, and the complete graph when ``k = n - 1``. The seed is public; it only has to be
+    the same everywhere. It costs ``n * k``: a client needs only its own row, :func:`neighbours_of`.
+
+    Raises:
+        ConfigError: if ``k`` is not between 1 and ``n - 1``, or both are odd (no such graph exists).
+    """
+    ring, offsets = _ring(num_clients, neighbours, seed)
     links: list[set[int]] = [set() for _ in range(num_clients)]
     for position, client in enumerate(ring):
         for offset in offsets:
@@ -216,6 +228,20 @@ def neighbour_graph(num_clients: int, neighbours: int, seed: int) -> tuple[froze
             links[client].add(other)
             links[other].add(client)
     return tuple(frozenset(link) for link in links)
+
+
+def neighbours_of(client: int, num_clients: int, neighbours: int, seed: int) -> frozenset[int]:
+    """One client's row of :func:`neighbour_graph`, in ``O(n + k)``: what a worker builds, whatever the round's size.
+
+    Raises:
+        ConfigError: as :func:`neighbour_graph`, or if ``client`` is not below ``num_clients``.
+    """
+    ring, offsets = _ring(num_clients, neighbours, seed)
+    if not 0 <= client < num_clients:
+        raise ConfigError(f"client id {client} must be below the {num_clients} clients")
+    position = ring.index(client)
+    # Links are symmetric: the client links forward by each offset, and is linked from as far back.
+    return frozenset(ring[(position + sign * offset) % num_clients] for offset in offsets for sign in (1, -1))
 
 
 def _apply_mask(ring: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
@@ -433,7 +459,7 @@ class SecAggConfig:
 
     def __post_init__(self) -> None:
         degree = self.degree
-        neighbour_graph(self.num_clients, degree, self.graph_seed)  # validates the clients, neighbours and seed
+        _check_graph(self.num_clients, degree, self.graph_seed)  # validates without building: a peer picks n and k
         if not (degree + 1) / 2 < self.threshold <= degree + 1:
             raise ConfigError(
                 f"threshold {self.threshold} must be more than half of, and at most, the {degree + 1} holders of shares"
@@ -455,8 +481,12 @@ class SecAggConfig:
         return Quantizer(self.num_clients, self.clip, self.bits, self.max_count)
 
     def graph(self) -> tuple[frozenset[int], ...]:
-        """Each client's neighbours."""
+        """Each client's neighbours: ``n * k`` work, for the server, which picked ``n`` and ``k`` itself."""
         return neighbour_graph(self.num_clients, self.degree, self.graph_seed)
+
+    def neighbours_of(self, client: int) -> frozenset[int]:
+        """One client's neighbours, in ``O(n + k)``."""
+        return neighbours_of(client, self.num_clients, self.degree, self.graph_seed)
 
 
 @dataclass(frozen=True)
@@ -643,7 +673,7 @@ class SecAggClient:
         self._config = config
         self._id = client
         self._random = random_bytes
-        self._neighbours = config.graph()[client]
+        self._neighbours = config.neighbours_of(client)
         self._steps = _Steps(f"client {client}", ["advertise_keys", "share_keys", "mask_input", "unmask", "done"])
         self._c_private = X25519PrivateKey.from_private_bytes(random_bytes(KEY_SIZE))
         self._s_private = X25519PrivateKey.from_private_bytes(random_bytes(KEY_SIZE))

@@ -7,14 +7,28 @@ import inspect
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TypeVar
 
 from websockets.asyncio.connection import Connection
 
 from .exceptions import ConfigError, MessageTooLarge
 from .protocol import MessageDecoder, Outgoing
 
-__all__ = ["connection_options", "receive", "receive_message", "send_message", "server_tls", "client_tls"]
+__all__ = [
+    "connection_options",
+    "receive",
+    "receive_message",
+    "off_loop",
+    "send_message",
+    "server_tls",
+    "client_tls",
+]
+
+T = TypeVar("T")
+
+#: Messages larger than this are decoded in a thread: reading up to one object per byte takes about a
+#: microsecond each, and the event loop must keep answering pings meanwhile.
+OFF_LOOP_SIZE: Final = 16 * 1024
 
 
 def connection_options(max_message_size: int) -> dict[str, Any]:
@@ -68,6 +82,13 @@ async def receive_message(
             on_fragment()
         decoder.feed(fragment)
     return decoder
+
+
+async def off_loop(size: int, work: Callable[[], T]) -> T:
+    """Run the decoding step ``work`` of a message of ``size`` bytes: in a thread when it is large."""
+    if size <= OFF_LOOP_SIZE:
+        return work()
+    return await asyncio.to_thread(work)
 
 
 async def send_message(connection: Connection, message: Outgoing) -> None:

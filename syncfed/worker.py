@@ -95,7 +95,7 @@ from .protocol import (
 from .secagg import SecAggClient, SecAggConfig, flatten
 from .tensors import Weights
 from .training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
-from .transport import connection_options, receive, receive_message, send_message, server_tls
+from .transport import connection_options, off_loop, receive, receive_message, send_message, server_tls
 
 __all__ = ["Holding", "Worker", "load_holdings", "load_shard", "model_factories", "run_worker"]
 
@@ -569,13 +569,15 @@ class _Session:
         """
         logger.debug("message from %s: %d bytes", self.peer, incoming.size)
         try:
-            envelope = incoming.finish()
+            # The session's rules see the envelope before the body is built: building may cost more.
+            opened = await off_loop(incoming.size, incoming.open)
+            failure = self.refusal(opened.id, opened.kind)
+            if failure is not None:
+                await self.reply_error(opened.id, *failure, incoming.size)
+                return
+            envelope = await off_loop(incoming.size, opened.build)
         except ProtocolError as exc:  # MessageTooLarge too: the rest was read and dropped
             await self.reply_error(exc.request_id or 0, exc.code, str(exc), incoming.size)
-            return
-        failure = self.refusal(envelope)
-        if failure is not None:
-            await self.reply_error(envelope.id, *failure, incoming.size)
             return
         self.dispatch(envelope, incoming.size)
 
@@ -606,16 +608,15 @@ class _Session:
         protocol.max_message_size, protocol.max_fragment_size = limits
         return True
 
-    def refusal(self, envelope: Envelope) -> tuple[str, str] | None:
-        """The error code and reason for a request the session's rules refuse, if any."""
-        request_id, message = envelope.id, envelope.message
+    def refusal(self, request_id: int, kind: str) -> tuple[str, str] | None:
+        """The error code and reason for a request the session's rules refuse, if any; from the envelope alone."""
         limit = self.worker.config.max_in_flight
-        if message.kind not in REQUESTS:
-            return "unknown_kind", f"message kind {message.kind!r} is not a request"
+        if kind not in REQUESTS:
+            return "unknown_kind", f"message kind {kind!r} is not a request"
         if request_id == 0:
             return "malformed", "request id 0 is reserved for unattributable errors"
-        if not self.greeted and not isinstance(message, Hello):
-            return "out_of_order", f"{message.kind} before hello"
+        if not self.greeted and kind != Hello.kind:
+            return "out_of_order", f"{kind} before hello"
         if request_id in self.in_flight:
             return "out_of_order", f"request id {request_id} is already in flight"
         if len(self.in_flight) >= limit:
@@ -728,13 +729,20 @@ class _Session:
         """
         try:
             if isinstance(message, SecAggStart):
+                limit = self.worker.config.max_secagg_clients
+                if message.config.num_clients > limit:
+                    raise RequestFailed(
+                        "refused", f"round of {message.config.num_clients} clients exceeds limit of {limit} clients"
+                    )
+                # O(n + k) for this client's neighbours alone: never the whole graph.
                 self.secagg = (message.config, SecAggClient(message.config, message.client))
                 return SecAggKeys(self.secagg[1].advertise_keys())
             if self.secagg is None or self.secagg[0].session != message.session:
                 raise RequestFailed("out_of_order", "no secure aggregation round with this session is open")
             config, client = self.secagg
             if isinstance(message, SecAggShare):
-                return SecAggShares(client.share_keys(message.keys))
+                # k key agreements and encryptions: a thread, so pings flow whatever k the round has.
+                return SecAggShares(await asyncio.to_thread(client.share_keys, message.keys))
             if isinstance(message, SecAggMask):
                 if isinstance(message.task, Query):
                     started = time.perf_counter()

@@ -246,7 +246,7 @@ def test_size_limit_at_and_one_past(chunk_size: int) -> None:
     with pytest.raises(MessageTooLarge) as info:
         decoder.finish()
     assert str(info.value) == f"message with {outgoing.size} bytes exceeds limit of {outgoing.size - 1} bytes"
-    assert (info.value.size, info.value.code, info.value.request_id) == (outgoing.size, "too_large", None)
+    assert (info.value.size, info.value.code, info.value.request_id) == (outgoing.size, "too_large", 5)
     assert decoder.size == outgoing.size and decoder.frame is None
 
 

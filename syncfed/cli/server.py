@@ -141,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (default: %(default)s; 0 for never)",
     )
     parser.add_argument(
+        "--max-secagg-clients",
+        type=int,
+        default=1024,
+        help="largest secure aggregation round joined, in clients; larger ones are refused (default: %(default)s)",
+    )
+    parser.add_argument(
         "--min-group-size",
         type=int,
         default=10,
@@ -238,6 +244,7 @@ def config_from_args(args: argparse.Namespace) -> WorkerConfig:
         max_pending_connections=args.max_pending_connections,
         handshake_timeout=args.handshake_timeout,
         idle_timeout=args.idle_timeout or None,
+        max_secagg_clients=args.max_secagg_clients,
         min_group_size=args.min_group_size,
         dp_sgd_noise_multiplier=args.dp_sgd,
         dp_sgd_clip=args.dp_sgd_clip,
