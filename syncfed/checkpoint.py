@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from .exceptions import CheckpointError, ModelError, describe
+from .exceptions import CheckpointError, describe
 from .finite import nonfinite
 from .tensors import Weights
 
@@ -66,16 +66,9 @@ class Checkpoint:
 def save_weights(path: Path, weights: Weights, metadata: Mapping[str, str]) -> None:
     """Write ``weights`` as safetensors atomically: a temporary file, fsynced, renamed over ``path``.
 
-    Raises:
-        ModelError: if a tensor holds NaN or infinity (such a model is useless and poisons whoever loads it).
+    It stores what it is given, bit for bit, NaN included (the model registry is a store); the
+    coordinator checks that a global model is finite before it saves or registers it.
     """
-    reason = nonfinite(weights)
-    if reason is not None:
-        raise ModelError(f"refusing to save a non-finite model to {path}: {reason}")
-    _write(path, weights, metadata)
-
-
-def _write(path: Path, weights: Weights, metadata: Mapping[str, str]) -> None:
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +104,7 @@ def save_checkpoint(directory: Path, checkpoint: Checkpoint) -> Path:
         "server_order": list(checkpoint.server_state),
     }
     tensors = {**checkpoint.weights, **{_SERVER + name: array for name, array in checkpoint.server_state.items()}}
-    _write(path, tensors, {"format": "pt", "syncfed": json.dumps(state)})
+    save_weights(path, tensors, {"format": "pt", "syncfed": json.dumps(state)})
     return path
 
 
