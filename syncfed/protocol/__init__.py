@@ -30,9 +30,9 @@ import msgpack
 import numpy as np
 
 from . import unpacking
-from .compression import COMPRESSIONS, check_method
-from .exceptions import ConfigError, MessageTooLarge, ProtocolError, describe
-from .secagg import (
+from ..compression import COMPRESSIONS, check_method
+from ..exceptions import ConfigError, MessageTooLarge, ProtocolError, describe
+from ..secagg import (
     MAX_CLIENTS,
     AdvertiseKeys,
     ForwardedShares,
@@ -43,10 +43,10 @@ from .secagg import (
     UnmaskRequest,
     UnmaskShares,
 )
-from .tensors import DTYPES, Weights, decode_tensor, decode_weights, encode_tensor, encode_weights, tensor_nbytes
-from .tensors import MAX_DIM as MAX_TENSOR_DIM
-from .tensors import MAX_DIMS as MAX_TENSOR_DIMS
-from .tensors import MAX_NAME as MAX_TENSOR_NAME
+from ..tensors import DTYPES, Weights, decode_tensor, decode_weights, encode_tensor, encode_weights, tensor_nbytes
+from ..tensors import MAX_DIM as MAX_TENSOR_DIM
+from ..tensors import MAX_DIMS as MAX_TENSOR_DIMS
+from ..tensors import MAX_NAME as MAX_TENSOR_NAME
 
 __all__ = [
     "PROTOCOL_VERSION",
