@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import msgpack
 
-from ..exceptions import ProtocolError
+from ..exceptions import RemoteProtocolError
 
 __all__ = [
     "AMPLIFICATION",
@@ -125,7 +125,7 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
     """An upper bound of the memory that decoding and building ``data`` holds, read without allocating.
 
     Raises:
-        ProtocolError: if the bytes are not one msgpack object (named after msgpack's own
+        RemoteProtocolError: if the bytes are not one msgpack object (named after msgpack's own
             error: ``OutOfData``, ``FormatError``, ``StackError`` past :data:`MAX_DEPTH`,
             ``ExtraData``), or break a limit (lengths, object count, :func:`budget`).
     """
@@ -142,12 +142,12 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
             continue
         remaining[-1] -= 1
         if position >= end:
-            raise ProtocolError("invalid msgpack: OutOfData")
+            raise RemoteProtocolError("invalid msgpack: OutOfData")
         first = view[position]
         position += 1
         objects += 1
         if objects > MAX_OBJECTS:
-            raise ProtocolError(f"message with more than {MAX_OBJECTS} objects exceeds limit of {MAX_OBJECTS}")
+            raise RemoteProtocolError(f"message with more than {MAX_OBJECTS} objects exceeds limit of {MAX_OBJECTS}")
         if first <= 0x7F:  # positive fixint: cached
             continue
         if first >= 0xE0:  # negative fixint
@@ -164,32 +164,32 @@ def decoded_cost(data: bytes | memoryview, *, max_bin: int | None = None) -> int
                 position += 1 + length
             elif kind == _STRING:
                 if length > MAX_STR:
-                    raise ProtocolError(f"string of {length} bytes exceeds limit of {MAX_STR} bytes")
+                    raise RemoteProtocolError(f"string of {length} bytes exceeds limit of {MAX_STR} bytes")
                 cost += _STR + 4 * length
                 position += length
             elif kind == _BINARY:
                 if length > max_bin:
-                    raise ProtocolError(f"bin of {length} bytes exceeds limit of {max_bin} bytes")
+                    raise RemoteProtocolError(f"bin of {length} bytes exceeds limit of {max_bin} bytes")
                 cost += _BIN + length
                 position += length
             else:
                 is_map = kind == _MAP_KIND
                 if length > (MAX_MAP if is_map else MAX_ARRAY):
                     what = "map" if is_map else "array"
-                    raise ProtocolError(
+                    raise RemoteProtocolError(
                         f"{what} of {length} entries exceeds limit of {MAX_MAP if is_map else MAX_ARRAY} entries"
                     )
                 if len(remaining) > MAX_DEPTH:
-                    raise ProtocolError("invalid msgpack: StackError")
+                    raise RemoteProtocolError("invalid msgpack: StackError")
                 cost += _MAP + _MAP_ENTRY * length if is_map else _ARRAY + _ARRAY_SLOT * length
                 remaining.append(2 * length if is_map else length)
         if cost > limit:
-            raise ProtocolError(
+            raise RemoteProtocolError(
                 f"message of {end} bytes would decode to more than {limit} bytes, exceeding limit of"
                 f" {AMPLIFICATION} bytes per byte plus {BUDGET_FLOOR}"
             )
     if position != end:
-        raise ProtocolError("invalid msgpack: ExtraData")
+        raise RemoteProtocolError("invalid msgpack: ExtraData")
     return cost
 
 
@@ -205,23 +205,23 @@ def _header(first: int, view: memoryview, position: int, end: int) -> tuple[int,
     if first in _FIXEXT:
         return _EXT, _FIXEXT[first], 0
     if first not in _SIZED:  # 0xc1, which msgpack never uses
-        raise ProtocolError("invalid msgpack: FormatError")
+        raise RemoteProtocolError("invalid msgpack: FormatError")
     kind, size = _SIZED[first]
     if position + size > end:
-        raise ProtocolError("invalid msgpack: OutOfData")
+        raise RemoteProtocolError("invalid msgpack: OutOfData")
     (length,) = _LENGTHS[size].unpack_from(view, position)
     return kind, length, size
 
 
 def _reject_ext(code: int, data: bytes) -> Any:
-    raise ProtocolError(f"msgpack extension type {code} is not allowed")
+    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
 
 
 def unpack(data: bytes) -> Any:
     """Decode one msgpack object from an untrusted peer, refusing it first if it would cost too much.
 
     Raises:
-        ProtocolError: if it is not valid msgpack, breaks a limit or would exceed its :func:`budget`.
+        RemoteProtocolError: if it is not valid msgpack, breaks a limit or would exceed its :func:`budget`.
     """
     decoded_cost(data)
     try:
@@ -237,11 +237,11 @@ def unpack(data: bytes) -> Any:
             max_map_len=MAX_MAP,
             max_ext_len=MAX_STR,
         )
-    except ProtocolError:
+    except RemoteProtocolError:
         raise
     except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
         # msgpack's errors do not share one base: catch them all here.
-        raise ProtocolError(f"invalid msgpack: {type(exc).__name__}") from None
+        raise RemoteProtocolError(f"invalid msgpack: {type(exc).__name__}") from None
 
 
 #: Bytes of a message kept to read its envelope's id when the rest is dropped (``too_large``).
@@ -273,6 +273,6 @@ def peek_id(head: bytes) -> int | None:
                 value = unpacker.unpack()
                 return value if type(value) is int and value > 0 else None
             unpacker.skip()
-    except (ProtocolError, ValueError, TypeError, RecursionError, msgpack.UnpackException, msgpack.OutOfData):
+    except (RemoteProtocolError, ValueError, TypeError, RecursionError, msgpack.UnpackException, msgpack.OutOfData):
         return None
     return None
