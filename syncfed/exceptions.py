@@ -7,8 +7,10 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     ├── DatasetError         data files are missing, unreadable or inconsistent
     ├── ModelError           a model name cannot be resolved or weights do not fit it
     ├── ProtocolError        a message on the wire is invalid
-    │   ├── MessageTooLarge  a message exceeds the configured size limit
-    │   └── TensorError      a tensor's dtype, shape or bytes are inconsistent
+    │   ├── LocalProtocolError   this side built an invalid message: the caller's settings or code
+    │   └── RemoteProtocolError  a peer sent an invalid message
+    │       ├── MessageTooLarge  a message exceeds the configured size limit
+    │       └── TensorError      a tensor's dtype, shape or bytes are inconsistent
     ├── AggregationError     updates cannot be combined (names, shapes, counts)
     │   └── SecAggError      too few clients or shares remain to unmask a secure sum
     ├── RemoteError          a peer answered a request with an error reply
@@ -34,6 +36,8 @@ __all__ = [
     "DatasetError",
     "ModelError",
     "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
     "MessageTooLarge",
     "TensorError",
     "AggregationError",
@@ -76,7 +80,7 @@ class ModelError(SyncfedError):
 
 
 class ProtocolError(SyncfedError):
-    """A peer sent a message that breaks the wire protocol.
+    """A message breaks the wire protocol; catch it for either side's mistake.
 
     ``code`` is the error code sent back to the peer (see ``docs/protocol.md``);
     ``request_id`` is the id of the request it concerns, when that was readable.
@@ -92,7 +96,21 @@ class ProtocolError(SyncfedError):
         self.request_id = request_id
 
 
-class MessageTooLarge(ProtocolError):
+class LocalProtocolError(ProtocolError):
+    """This side built a message the protocol forbids, e.g. a training plan with ``batch_size=0``.
+
+    The caller's code or settings are wrong, not the peer: the command-line
+    tools exit as for a configuration error. A message's own checks raise it;
+    decoding turns what a peer's message fails into a :class:`RemoteProtocolError`
+    (h11 splits its errors the same way).
+    """
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent a message that breaks the protocol: unreadable, out of bounds or inconsistent."""
+
+
+class MessageTooLarge(RemoteProtocolError):
     """A message exceeds the receiver's size limit."""
 
     code = "too_large"
@@ -103,8 +121,11 @@ class MessageTooLarge(ProtocolError):
         super().__init__(f"message with {size} bytes exceeds limit of {limit} bytes")
 
 
-class TensorError(ProtocolError):
-    """A tensor on the wire is inconsistent (dtype, shape or byte count)."""
+class TensorError(RemoteProtocolError):
+    """A tensor on the wire is inconsistent (dtype, shape or byte count).
+
+    Also raised when encoding an array whose dtype the wire does not carry.
+    """
 
     code = "bad_tensor"
 

@@ -17,6 +17,7 @@ from ..exceptions import (
     ConfigError,
     DatasetError,
     IncompatibleWorkers,
+    LocalProtocolError,
     ModelError,
     ProtocolError,
     QuorumNotMet,
@@ -35,7 +36,8 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (IncompatibleWorkers, 4),
     (WorkerUnavailable, 5),
     (RemoteError, 6),
-    (ProtocolError, 7),
+    (LocalProtocolError, 2),  # the settings built a message the protocol forbids: a configuration error
+    (ProtocolError, 7),  # a peer sent garbage
     (QuorumNotMet, 8),
     (CheckpointError, 9),
     (AuthenticationFailed, 10),

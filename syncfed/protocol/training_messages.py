@@ -1,0 +1,421 @@
+"""The messages of training and evaluation: a round's plan, fit and its result, held updates, evaluate.
+
+A fit request carries the weights and a :class:`TrainingPlan`; the reply is
+the trained weights (or update), or, when the plan holds it, a token the
+coordinator fetches when it has room (flow control).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Self
+
+from ..compression import COMPRESSIONS
+from ..exceptions import describe
+from ..tensors import Weights, decode_weights, encode_weights
+from .base import (
+    MAX_ID,
+    MAX_PLAN_SIZE,
+    MAX_SHARD,
+    Message,
+    _check,
+    _check_counts,
+    _check_name,
+    _check_weights,
+    _fields,
+    _is_int,
+    _is_number,
+    _optional_weights_equal,
+    _weights_equal,
+)
+
+__all__ = [
+    "COMPRESSIONS",
+    "EVAL_SPLITS",
+    "TrainingPlan",
+    "Fit",
+    "FitResult",
+    "FitHeld",
+    "Fetch",
+    "Evaluate",
+    "EvalResult",
+]
+
+
+#: What an evaluation may ask a worker to score on instead of its own data: its held-out validation split.
+EVAL_SPLITS: Final = ("validation",)
+
+
+def _check_optional_name(value: Any, what: str) -> None:
+    if value is not None:
+        _check_name(value, what)
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How a worker trains in one round: plain SGD over ``num_batches`` batches.
+
+    Zero batches send the weights straight back: a round of pure transfer,
+    for benchmarks and link checks.
+
+    ``mu`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` to the
+    loss (Li et al. 2020). With ``delta`` the worker sends back its update
+    ``w - w_global`` instead of ``w``: asynchronous rounds need it (the
+    coordinator has moved on from the worker's base model) and it compresses
+    far better. ``compress`` names the encoding of the reply's tensors.
+
+    Differential privacy (DP-FedAvg, McMahan et al. 2018): with ``clip`` the
+    worker sends only its float tensors' update, scaled down to L2 norm at
+    most ``clip``, plus Gaussian noise of standard deviation ``noise_std``
+    per value (its share of distributed noise; 0 in central mode).
+
+    With ``hold`` the worker keeps its reply and answers :class:`FitHeld`;
+    the coordinator takes the update with :class:`Fetch` when it has room for
+    it. This is flow control: the coordinator bounds how many updates it
+    receives at once without leaving any connection unread.
+    """
+
+    round: int
+    batch_size: int
+    num_batches: int
+    lr: float
+    seed: int
+    mu: float = 0.0
+    delta: bool = False
+    compress: str = "none"
+    clip: float | None = None
+    noise_std: float = 0.0
+    hold: bool = False
+
+    def __post_init__(self) -> None:
+        _check(_is_int(self.round) and 1 <= self.round <= MAX_ID, "round must be a positive integer")
+        _check(
+            _is_int(self.batch_size) and 1 <= self.batch_size <= MAX_PLAN_SIZE,
+            f"batch_size must be an integer from 1 to 1000000, not {describe(self.batch_size)}",
+        )
+        _check(
+            _is_int(self.num_batches) and 0 <= self.num_batches <= MAX_PLAN_SIZE,
+            f"num_batches must be an integer from 0 to 1000000, not {describe(self.num_batches)}",
+        )
+        _check(_is_number(self.lr) and self.lr > 0, f"lr must be a positive finite number, not {describe(self.lr)}")
+        _check(_is_int(self.seed) and 0 <= self.seed < 2**63, "seed must be a non-negative 63-bit integer")
+        _check(
+            _is_number(self.mu) and self.mu >= 0, f"mu must be a non-negative finite number, not {describe(self.mu)}"
+        )
+        _check(type(self.delta) is bool, f"delta must be true or false, not {describe(self.delta)}")
+        _check(
+            self.compress in COMPRESSIONS,
+            f"compress must be one of {', '.join(COMPRESSIONS)}, not {describe(self.compress)}",
+        )
+        _check(
+            self.clip is None or (_is_number(self.clip) and self.clip > 0),
+            f"clip must be a positive finite number, not {describe(self.clip)}",
+        )
+        _check(
+            _is_number(self.noise_std) and self.noise_std >= 0,
+            f"noise_std must be a non-negative finite number, not {describe(self.noise_std)}",
+        )
+        _check(type(self.hold) is bool, f"hold must be true or false, not {describe(self.hold)}")
+        _check(self.clip is None or self.delta, "clip needs delta: it bounds the update, not the weights")
+        _check(self.clip is not None or not self.noise_std, "noise_std needs clip: the noise is scaled to the clip")
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "batch_size": self.batch_size,
+            "num_batches": self.num_batches,
+            "lr": float(self.lr),
+            "seed": self.seed,
+            # Defaults stay off the wire, so a plain FedAvg plan reads the same to any version-1 peer.
+            **({"mu": float(self.mu)} if self.mu else {}),
+            **({"delta": True} if self.delta else {}),
+            **({"compress": self.compress} if self.compress != "none" else {}),
+            **({"clip": float(self.clip)} if self.clip is not None else {}),
+            **({"noise_std": float(self.noise_std)} if self.noise_std else {}),
+            **({"hold": True} if self.hold else {}),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> TrainingPlan:
+        _check(isinstance(body, Mapping), "plan must be a map")
+        _fields(
+            body,
+            "plan",
+            {"round", "batch_size", "num_batches", "lr", "seed"},
+            frozenset({"mu", "delta", "compress", "clip", "noise_std", "hold"}),
+        )
+        return cls(**body)
+
+
+@dataclass(frozen=True, eq=False)
+class Fit(Message):
+    """Train the named model, starting from ``weights``, on the worker's shard.
+
+    ``control`` is SCAFFOLD's server control variate (Karimireddy et al.
+    2020): with it, the worker corrects each gradient by ``control - c_i``
+    and returns how its own variate ``c_i`` moved.
+    """
+
+    kind: ClassVar[str] = "fit"
+    model: str
+    weights: Weights
+    plan: TrainingPlan
+    control: Weights | None = None
+    dataset_key: str | None = None  # which named data set to train on; None: the worker's default
+
+    def __post_init__(self) -> None:
+        _check_name(self.model, "model")
+        _check_weights(self.weights)
+        _check(isinstance(self.plan, TrainingPlan), "plan must be a TrainingPlan")
+        if self.control is not None:
+            _check_weights(self.control)
+        _check_optional_name(self.dataset_key, "dataset_key")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fit):
+            return NotImplemented
+        return (
+            self.model == other.model
+            and self.plan == other.plan
+            and self.dataset_key == other.dataset_key
+            and _weights_equal(self.weights, other.weights)
+            and _optional_weights_equal(self.control, other.control)
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        body = {"model": self.model, "weights": encode_weights(self.weights), "plan": self.plan.to_body()}
+        if self.control is not None:
+            body["control"] = encode_weights(self.control)
+        if self.dataset_key is not None:
+            body["dataset_key"] = self.dataset_key
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Fit:
+        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key"}))
+        control = decode_weights(body["control"]) if "control" in body else None
+        return cls(
+            body["model"],
+            decode_weights(body["weights"]),
+            TrainingPlan.from_body(body["plan"]),
+            control,
+            body.get("dataset_key"),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class FitResult(Message):
+    """A worker's trained weights (or update, when the plan asked for a delta), its example count and loss.
+
+    ``control_delta`` is how the worker's SCAFFOLD control variate moved,
+    when the request carried a server control variate. ``dp_epsilon`` is the
+    epsilon a worker that trains with example-level DP-SGD has spent on its
+    examples so far, at its own delta; ``None`` (and off the wire) without.
+    """
+
+    kind: ClassVar[str] = "fit_result"
+    weights: Weights
+    num_examples: int
+    loss: float
+    seconds: float = 0.0
+    control_delta: Weights | None = None
+    compression_error: float = 0.0  # relative L2 error the reply's compression put into its tensors
+    dp_epsilon: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_weights(self.weights)
+        _check(
+            _is_int(self.num_examples) and 0 < self.num_examples <= MAX_SHARD,
+            f"num_examples must be a positive integer up to {MAX_SHARD}, not {describe(self.num_examples)}",
+        )
+        _check(_is_number(self.loss), "loss must be a finite number")
+        _check(_is_number(self.seconds) and self.seconds >= 0, "seconds must be a non-negative number")
+        if self.control_delta is not None:
+            _check_weights(self.control_delta)
+        _check(
+            _is_number(self.compression_error) and self.compression_error >= 0,
+            "compression_error must be a non-negative number",
+        )
+        _check(
+            self.dp_epsilon is None or (_is_number(self.dp_epsilon) and self.dp_epsilon >= 0),
+            "dp_epsilon must be a non-negative number",
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FitResult):
+            return NotImplemented
+        return (
+            (self.num_examples, self.loss, self.seconds) == (other.num_examples, other.loss, other.seconds)
+            and _weights_equal(self.weights, other.weights)
+            and _optional_weights_equal(self.control_delta, other.control_delta)
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        body = {
+            "weights": encode_weights(self.weights),
+            "num_examples": self.num_examples,
+            "loss": float(self.loss),
+            "seconds": float(self.seconds),
+        }
+        if self.control_delta is not None:
+            body["control_delta"] = encode_weights(self.control_delta)
+        if self.compression_error:
+            body["compression_error"] = float(self.compression_error)
+        if self.dp_epsilon is not None:
+            body["dp_epsilon"] = float(self.dp_epsilon)
+        return body
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> FitResult:
+        _fields(
+            body,
+            cls.kind,
+            {"weights", "num_examples", "loss", "seconds"},
+            frozenset({"control_delta", "compression_error", "dp_epsilon"}),
+        )
+        control_delta = decode_weights(body["control_delta"]) if "control_delta" in body else None
+        return cls(
+            decode_weights(body["weights"]),
+            body["num_examples"],
+            body["loss"],
+            body["seconds"],
+            control_delta,
+            body.get("compression_error", 0.0),
+            body.get("dp_epsilon"),
+        )
+
+
+@dataclass(frozen=True)
+class _Token(Message):
+    """A message whose body is one token: the handle of an update a worker holds (flow control)."""
+
+    token: int
+
+    def __post_init__(self) -> None:
+        _check(
+            _is_int(self.token) and 1 <= self.token <= MAX_ID,
+            f"token must be a positive integer, not {describe(self.token)}",
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        return {"token": self.token}
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Self:
+        _fields(body, cls.kind, {"token"})
+        return cls(body["token"])
+
+
+@dataclass(frozen=True)
+class FitHeld(_Token):
+    """The answer to a fit whose plan holds the reply: the worker trained and keeps the update under ``token``."""
+
+    kind: ClassVar[str] = "fit_held"
+
+
+@dataclass(frozen=True)
+class Fetch(_Token):
+    """Send the update held under ``token`` (see :class:`FitHeld`); answered with :class:`FitResult`."""
+
+    kind: ClassVar[str] = "fetch"
+
+
+@dataclass(frozen=True, eq=False)
+class Evaluate(Message):
+    """Evaluate the named model with ``weights`` on the worker's data.
+
+    By default a worker scores on the examples it holds (the evaluator's test
+    set, a trainer's training shard); ``split="validation"`` asks a trainer
+    for its held-out validation split instead (federated evaluation).
+    ``dataset_key`` picks one of its named data sets.
+    """
+
+    kind: ClassVar[str] = "evaluate"
+    model: str
+    weights: Weights
+    batch_size: int
+    split: str | None = None
+    dataset_key: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_name(self.model, "model")
+        _check_weights(self.weights)
+        _check(
+            _is_int(self.batch_size) and 1 <= self.batch_size <= MAX_PLAN_SIZE,
+            "batch_size must be an integer from 1 to 1000000",
+        )
+        _check(
+            self.split is None or self.split in EVAL_SPLITS,
+            f"split must be one of {', '.join(EVAL_SPLITS)}, not {describe(self.split)}",
+        )
+        _check_optional_name(self.dataset_key, "dataset_key")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Evaluate):
+            return NotImplemented
+        return (self.model, self.batch_size, self.split, self.dataset_key) == (
+            other.model,
+            other.batch_size,
+            other.split,
+            other.dataset_key,
+        ) and _weights_equal(self.weights, other.weights)
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "weights": encode_weights(self.weights),
+            "batch_size": self.batch_size,
+            **({"split": self.split} if self.split is not None else {}),
+            **({"dataset_key": self.dataset_key} if self.dataset_key is not None else {}),
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> Evaluate:
+        _fields(body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key"}))
+        return cls(
+            body["model"],
+            decode_weights(body["weights"]),
+            body["batch_size"],
+            body.get("split"),
+            body.get("dataset_key"),
+        )
+
+
+@dataclass(frozen=True)
+class EvalResult(Message):
+    """Mean loss per example, number correct, and the histogram of predicted classes."""
+
+    kind: ClassVar[str] = "eval_result"
+    loss: float
+    correct: int
+    num_examples: int
+    predictions: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        _check(_is_number(self.loss), "loss must be a finite number")
+        _check(_is_int(self.num_examples) and self.num_examples > 0, "num_examples must be a positive integer")
+        _check(
+            _is_int(self.correct) and 0 <= self.correct <= self.num_examples,
+            "correct must be an integer from 0 to num_examples",
+        )
+        _check_counts(self.predictions, "predictions")
+        _check(sum(self.predictions) == self.num_examples, "predictions must sum to num_examples")
+        object.__setattr__(self, "predictions", tuple(self.predictions))
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.num_examples
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "loss": float(self.loss),
+            "correct": self.correct,
+            "num_examples": self.num_examples,
+            "predictions": list(self.predictions),
+        }
+
+    @classmethod
+    def from_body(cls, body: Mapping[str, Any]) -> EvalResult:
+        _fields(body, cls.kind, {"loss", "correct", "num_examples", "predictions"})
+        return cls(**body)
