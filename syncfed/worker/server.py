@@ -32,13 +32,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
-from . import analytics, auth
-from .admission import Admission, IdleClock
-from .compression import compression_error
-from .config import WorkerConfig
-from .datasets import Dataset, DatasetSpec, load_dataset
-from .evaluation import VALIDATION, holdout, validation_seed
-from .exceptions import (
+from .. import analytics, auth
+from ..admission import Admission, IdleClock
+from ..compression import compression_error
+from ..config import WorkerConfig
+from ..datasets import Dataset, DatasetSpec, load_dataset
+from ..evaluation import VALIDATION, holdout, validation_seed
+from ..exceptions import (
     AuthenticationFailed,
     ConfigError,
     MessageTooLarge,
@@ -47,7 +47,7 @@ from .exceptions import (
     SecAggError,
     TensorError,
 )
-from .models import (
+from ..models import (
     BENCH_MODELS,
     DEMO_MODELS,
     Layout,
@@ -58,9 +58,9 @@ from .models import (
     resolve_model,
     set_weights,
 )
-from .partition import class_indices, default_classes, iid_shard
-from .privacy import clip_update, gaussian_noise
-from .protocol import (
+from ..partition import class_indices, default_classes, iid_shard
+from ..privacy import clip_update, gaussian_noise
+from ..protocol import (
     PROTOCOL_VERSION,
     REQUESTS,
     DatasetInfo,
@@ -92,10 +92,10 @@ from .protocol import (
     SecAggUnmasked,
     encode_fragments,
 )
-from .secagg import SecAggClient, SecAggConfig, flatten
-from .tensors import Weights
-from .training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
-from .transport import connection_options, off_loop, receive, receive_message, send_message, server_tls
+from ..secagg import SecAggClient, SecAggConfig, flatten
+from ..tensors import Weights
+from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
+from ..transport import connection_options, off_loop, receive, receive_message, send_message, server_tls
 
 __all__ = ["Holding", "Worker", "load_holdings", "load_shard", "model_factories", "run_worker"]
 
