@@ -14,6 +14,7 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     ├── AggregationError     updates cannot be combined (names, shapes, counts)
     │   └── SecAggError      too few clients or shares remain to unmask a secure sum
     ├── RemoteError          a peer answered a request with an error reply
+    ├── RequestFailed        a worker cannot serve a request: it answers with an error reply
     ├── WorkerUnavailable    a worker cannot be reached or its connection was lost
     │   └── WorkerTimeout    a worker did not answer a request in time
     ├── IncompatibleWorkers  workers disagree with each other or with the model
@@ -43,6 +44,7 @@ __all__ = [
     "AggregationError",
     "SecAggError",
     "RemoteError",
+    "RequestFailed",
     "WorkerUnavailable",
     "WorkerTimeout",
     "IncompatibleWorkers",
@@ -149,6 +151,19 @@ class RemoteError(SyncfedError):
         self.code = code
         self.reason = reason
         super().__init__(f"{peer} answered with error {code}: {reason}")
+
+
+class RequestFailed(SyncfedError):
+    """A worker cannot serve a request; it becomes the error reply (``code``, ``reason``), and the session goes on.
+
+    The worker's side of what :class:`RemoteError` is on the coordinator's: raised by the
+    session rules and by every handler, and never leaves the worker as an exception.
+    """
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 class WorkerUnavailable(SyncfedError):

@@ -1,0 +1,38 @@
+"""A worker: serves its private shard over websockets, never the data itself.
+
+Each connection is a session that starts with ``hello``. Requests are served
+concurrently and answered by id; training and evaluation run in a thread,
+one at a time, so the event loop keeps answering pings and other requests.
+A bad request gets an error reply and the worker keeps serving.
+
+The rooms: :mod:`.server` (who is let in, one session per connection),
+:mod:`.session` (one connection: its rules applied, its requests dispatched
+by kind), :mod:`.compute` (the training thread, the model cache, SCAFFOLD and
+DP-SGD state), :mod:`.secure_steps` (the four secure aggregation steps) and
+:mod:`.holdings` (the data sets and models it serves). The session's rules
+themselves are pure: :mod:`syncfed.session_rules`.
+
+Usage::
+
+    config = WorkerConfig("alice", port=8777)
+    asyncio.run(run_worker(config, load_holdings(config)))
+"""
+
+from __future__ import annotations
+
+from ..exceptions import RequestFailed
+from .holdings import Holding, advertised_holdings, load_holdings, load_shard, model_factories
+from .server import LOOPBACK, Worker, run_worker, serving
+
+__all__ = [
+    "LOOPBACK",
+    "Holding",
+    "RequestFailed",
+    "Worker",
+    "advertised_holdings",
+    "load_holdings",
+    "load_shard",
+    "model_factories",
+    "run_worker",
+    "serving",
+]

@@ -1,0 +1,248 @@
+"""A worker's compute: fits, evaluations and queries over its data, in a thread, one model job at a time.
+
+Training and evaluation run in a thread so that the event loop keeps
+answering pings and other requests; they share the cached models, so only
+one runs at a time. A job whose request is cancelled (its coordinator went
+away) is asked to stop within one batch, and the next waits until it has.
+Across rounds the compute keeps each model's SCAFFOLD control variate and
+the example-level DP-SGD accountant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import analytics
+from ..compression import compression_error
+from ..config import WorkerConfig
+from ..datasets import Dataset
+from ..evaluation import VALIDATION
+from ..exceptions import ConfigError, ModelError, ProtocolError, RequestFailed
+from ..models import Layout, check_layout, describe_model, get_weights, set_weights
+from ..privacy import clip_update, gaussian_noise
+from ..protocol import Error, EvalResult, Evaluate, Fit, FitResult, Message, ModelLayout, Query, QueryResult
+from ..tensors import Weights
+from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
+from .holdings import Holding, model_factories
+
+__all__ = ["Compute"]
+
+logger = logging.getLogger("syncfed.worker")
+
+
+class Compute:
+    """Runs what a worker is asked to compute over its holdings, with the models it may build."""
+
+    def __init__(self, config: WorkerConfig, holdings: Sequence[Holding], named: Mapping[str, Holding]) -> None:
+        """``holdings``: the first is the default; ``named``: those a request may name by key.
+
+        Raises:
+            ConfigError: if a model cannot be described.
+        """
+        self.config = config
+        self.holdings = holdings
+        self.named = named
+        self.factories = model_factories(config.models, bench=config.bench_models)
+        # Each model's state as names, dtypes and shapes, described once without building it (see
+        # ``describe_model``): a request's weights are checked against it before any model is built.
+        self.layouts: dict[str, Layout] = {}
+        for name, factory in self.factories.items():
+            try:
+                self.layouts[name] = describe_model(factory)
+            except ModelError as exc:
+                raise ConfigError(f"model {name}: {exc}") from None
+        self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+        # One compute job at a time: it owns the cached models and the CPU.
+        self._lock = asyncio.Lock()
+        self._models: dict[str, nn.Module] = {}
+        # SCAFFOLD's client control variates c_i, per model; see ``_control``.
+        self._controls: dict[str, Weights] = {}
+        self._attack_rng = np.random.default_rng()
+        # Example-level DP-SGD (--dp-sgd): one accountant for every step on this worker's examples, across rounds.
+        z = config.dp_sgd_noise_multiplier
+        self._dp_sgd = DPSGD(z, config.dp_sgd_clip) if z is not None else None
+        self._accountant = ExampleAccountant(z, config.dp_sgd_delta) if z is not None else None
+
+    async def run(self, message: Fit | Evaluate) -> Message:
+        """Run a fit or an evaluation in a thread, one at a time."""
+        """Run a fit or an evaluation in a thread, one at a time."""
+        if message.model not in self.factories:
+            raise RequestFailed(
+                "unknown_model",
+                f"model {message.model!r} is not registered on this worker "
+                f"(it has {', '.join(self.factories)}; start it with --model to add one)",
+            )
+        if isinstance(message, Fit) and self.config.testing:
+            raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        try:
+            check_layout(self.layouts[message.model], message.weights)
+        except ModelError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
+        data = self._examples(message)
+        abandoned = threading.Event()
+        async with self._lock:
+            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, data, abandoned)
+            try:
+                return await asyncio.shield(job)
+            except asyncio.CancelledError:
+                # A thread cannot be killed: ask it to stop at the next batch and
+                # keep the lock until it has, so the next job never shares the
+                # cached model with it.
+                abandoned.set()
+                await asyncio.wait([job])
+                if not job.cancelled():
+                    job.exception()  # retrieved: an abandoned job's Abandoned is expected
+                raise
+
+    def describe(self, name: str) -> ModelLayout:
+        """The layout of a model this worker serves, from its description: nothing is built."""
+        if name not in self.layouts:
+            raise RequestFailed(
+                "unknown_model",
+                f"model {name!r} is not registered on this worker (it has {', '.join(self.layouts)})",
+            )
+        try:
+            return ModelLayout(
+                name, tuple((tensor, dtype, shape) for tensor, (dtype, shape) in self.layouts[name].items())
+            )
+        except ProtocolError as exc:  # e.g. a user model with a dtype the wire does not carry
+            raise RequestFailed("incompatible", f"model {name!r} cannot be described on the wire: {exc}") from None
+
+    async def query(self, query: Query) -> QueryResult:
+        """This worker's answer to ``query``; a refusal or a query its data cannot answer is an error reply."""
+        # Read-only numpy over the data: a thread, beside any fit, so pings are still answered.
+        reply = await asyncio.to_thread(analytics.answer, query, self.holdings[0].data, self.config.min_group_size)
+        if isinstance(reply, Error):
+            raise RequestFailed(reply.code, reply.reason)
+        return reply
+
+    def _model(self, name: str) -> nn.Module:
+        model = self._models.get(name)
+        if model is None:
+            model = self._models[name] = self.factories[name]()
+        return model
+
+    def _examples(self, message: Fit | Evaluate) -> Dataset:
+        """What ``message`` asks for: its named data set (else the default), or that set's validation split."""
+        key = message.dataset_key
+        holding = self.holdings[0] if key is None else self.named.get(key)
+        if holding is None:
+            held = ", ".join(self.named) or "no named data sets"
+            raise RequestFailed("incompatible", f"data set {key!r} is not held by this worker (it has {held})")
+        if isinstance(message, Evaluate) and message.split == VALIDATION:
+            if holding.validation is None:
+                raise RequestFailed(
+                    "incompatible",
+                    "this worker holds no validation split (it is the evaluator, or runs with --val-fraction 0)",
+                )
+            return holding.validation
+        return holding.data
+
+    def _compute_sync(self, message: Fit | Evaluate, data: Dataset, abandoned: threading.Event) -> Message:
+        model = self._model(message.model)
+        try:
+            set_weights(model, message.weights)
+        except ModelError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
+        if isinstance(message, Fit):
+            return self._fit(model, message, data, abandoned)
+        outcome = evaluate(model, data, message.batch_size, self.device)
+        return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
+
+    def _fit(self, model: nn.Module, message: Fit, data: Dataset, abandoned: threading.Event) -> FitResult:
+        started = time.perf_counter()
+        plan = message.plan
+        local = self._control(message) if message.control is not None else None
+        correction = (
+            {name: message.control[name] - local[name] for name in local}
+            if message.control is not None and local is not None
+            else None
+        )
+        torch.manual_seed(plan.seed)  # dropout and other random layers
+        try:
+            result = train(
+                model,
+                data,
+                plan,
+                self.device,
+                abandoned=abandoned,
+                batch_delay=self.config.batch_delay,
+                anchor=message.weights,
+                correction=correction,
+                dp_sgd=self._dp_sgd,
+            )
+        except ModelError as exc:  # a model Opacus cannot train with DP-SGD
+            raise RequestFailed("incompatible", str(exc)) from None
+        dp_epsilon = None
+        if self._accountant is not None:
+            # Every step trained counts, whatever becomes of the reply. A batch size above the
+            # shard's trains on the whole shard each step: a sample rate of 1.
+            self._accountant.step(batch_size(plan, len(data)) / len(data), plan.num_batches)
+            dp_epsilon = self._accountant.epsilon()
+            logger.info(
+                "dp-sgd: %d steps so far on %d examples, epsilon %.4g at delta %g",
+                self._accountant.steps,
+                len(data),
+                dp_epsilon,
+                self._accountant.delta,
+            )
+        if not math.isfinite(result.loss):
+            raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
+        trained = get_weights(model)
+        if self.config.attack is not None:
+            trained = corrupt(trained, message.weights, self.config.attack, self._attack_rng)
+        control_delta = None
+        if message.control is not None and local is not None:
+            # Option II of SCAFFOLD: c_i+ = c_i - c + (x - y) / (K * lr), from the weights alone.
+            # With no batches there is nothing to learn the variate from: it stays.
+            steps = plan.num_batches * plan.lr
+            control_delta = {
+                name: ((message.weights[name] - trained[name]) / steps - message.control[name]).astype(array.dtype)
+                if steps
+                else np.zeros_like(array)
+                for name, array in local.items()
+            }
+            self._controls[message.model] = {name: local[name] + control_delta[name] for name in local}
+        weights = {name: trained[name] - message.weights[name] for name in trained} if plan.delta else trained
+        if plan.clip is not None:
+            # Differential privacy (DP-FedAvg, McMahan et al. 2018): the float tensors' update, clipped, plus this
+            # worker's share of the noise, drawn from the operating system's entropy, never from the plan's seed.
+            weights, _ = clip_update(
+                {name: array for name, array in weights.items() if np.issubdtype(array.dtype, np.floating)}, plan.clip
+            )
+            if plan.noise_std:
+                noise = gaussian_noise(weights, plan.noise_std, np.random.default_rng())
+                weights = {name: array + noise[name] for name, array in weights.items()}
+        error = compression_error(weights, plan.compress) if plan.compress != "none" else 0.0
+        return FitResult(
+            weights, len(data), result.loss, time.perf_counter() - started, control_delta, error, dp_epsilon
+        )
+
+    def _control(self, message: Fit) -> Weights:
+        """This worker's SCAFFOLD control variate for the request's model, checked against the server's.
+
+        A server variate of all zeros marks the first round of a run: the
+        worker's own variate starts at zero then too, rather than carrying
+        over from an earlier run.
+        """
+        assert message.control is not None
+        for name, array in message.control.items():
+            reference = message.weights.get(name)
+            if reference is None or reference.shape != array.shape or not np.issubdtype(array.dtype, np.floating):
+                raise RequestFailed(
+                    "incompatible", f"control variate {name} does not match a float tensor of the model"
+                )
+        local = self._controls.get(message.model)
+        fresh = not any(np.any(array) for array in message.control.values())
+        if local is None or fresh or local.keys() != message.control.keys():
+            local = {name: np.zeros_like(array) for name, array in message.control.items()}
+        return local
