@@ -31,7 +31,7 @@ from ..protocol import (
     SecAggUnmasked,
 )
 from ..secagg import SecAggClient, flatten
-from ..session_rules import SessionRules
+from ..protocol.session_rules import SessionRules
 from .compute import Compute
 
 __all__ = ["SecureStep", "SecureSteps"]

@@ -46,7 +46,7 @@ from ..protocol import (
     SecAggUnmask,
     encode_fragments,
 )
-from ..session_rules import SessionRules
+from ..protocol.session_rules import SessionRules
 from ..transport import off_loop, receive, receive_message, send_message
 from .secure_steps import SecureSteps
 

@@ -82,6 +82,7 @@ LAYERS = [
     "secagg_messages",
     "envelope",
     "streaming",
+    "session_rules",
 ]
 
 

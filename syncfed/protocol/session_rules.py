@@ -42,9 +42,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-from .exceptions import RequestFailed
-from .protocol import PROTOCOL_VERSION, REQUESTS, FitResult, Hello, Message
-from .secagg import SecAggClient, SecAggConfig
+from ..exceptions import RequestFailed
+from ..secagg import SecAggClient, SecAggConfig
+from .base import PROTOCOL_VERSION, Message
+from .envelope import REQUESTS
+from .messages import Hello
+from .training_messages import FitResult
 
 __all__ = ["HeldUpdate", "SecureRound", "SessionRules"]
 

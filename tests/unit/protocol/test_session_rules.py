@@ -8,7 +8,7 @@ import pytest
 from syncfed.exceptions import RequestFailed, SyncfedError
 from syncfed.protocol import PROTOCOL_VERSION, REQUESTS, FitResult, Hello, Ping
 from syncfed.secagg import SecAggClient, SecAggConfig
-from syncfed.session_rules import SessionRules
+from syncfed.protocol.session_rules import SessionRules
 
 LIMIT = 3
 
