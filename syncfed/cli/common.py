@@ -1,4 +1,4 @@
-"""What both command-line tools share: flag spelling, logging, exit codes."""
+"""What the command-line tools share: flag spelling, logging, exit codes, the flags of worker connections."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+from ..auth import read_token
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT
 from ..exceptions import (
     AuthenticationFailed,
     CheckpointError,
@@ -24,8 +25,22 @@ from ..exceptions import (
     SyncfedError,
     WorkerUnavailable,
 )
+from ..net.link import LinkSettings
+from ..net.transport import client_tls
 
-__all__ = ["EXIT_CODES", "exit_code", "normalize_flags", "parse_arguments", "setup_logging", "size", "fail"]
+__all__ = [
+    "EXIT_CODES",
+    "exit_code",
+    "normalize_flags",
+    "parse_arguments",
+    "setup_logging",
+    "size",
+    "fail",
+    "add_client_security_flags",
+    "add_connection_limits",
+    "add_secure_agg_flags",
+    "link_settings",
+]
 
 #: Exit status by error type; the first matching entry wins.
 EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
@@ -110,6 +125,28 @@ def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
         type=float,
         default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to connect and greet each worker (default: %(default)s)",
+    )
+
+
+def link_settings(
+    args: argparse.Namespace, uri: str, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+) -> LinkSettings:
+    """The link settings of a short-lived tool (``--status``, analytics) from the flags of
+    :func:`add_client_security_flags` and :func:`add_connection_limits`.
+
+    No liveness pings: these tools ask once and go. The TLS context is made
+    for a wss:// ``uri`` only, so that a plain worker never needs the TLS files.
+
+    Raises:
+        ConfigError: if the TLS files or the token file cannot be read.
+    """
+    return LinkSettings(
+        max_message_size=args.max_message_size,
+        connect_timeout=args.connect_timeout,
+        request_timeout=request_timeout,
+        ping_interval=None,
+        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key) if uri.startswith("wss://") else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
     )
 
 
