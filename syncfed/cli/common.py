@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 from ..auth import read_token
 from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT
@@ -40,6 +44,8 @@ __all__ = [
     "add_connection_limits",
     "add_secure_agg_flags",
     "link_settings",
+    "FromFlags",
+    "config_from_flags",
 ]
 
 #: Exit status by error type; the first matching entry wins.
@@ -57,6 +63,10 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (SyncfedError, 1),
 )
 INTERRUPTED = 130
+
+Config = TypeVar("Config", bound="DataclassInstance")
+#: How a config field is read from the parsed flags when it is not simply the flag of its name.
+FromFlags = Callable[[argparse.Namespace], Any]
 
 
 def exit_code(error: SyncfedError) -> int:
@@ -126,6 +136,41 @@ def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
         default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to connect and greet each worker (default: %(default)s)",
     )
+
+
+def config_from_flags(
+    kind: type[Config], args: argparse.Namespace, special: Mapping[str, FromFlags | None], **given: Any
+) -> Config:
+    """A frozen config of dataclass ``kind`` from parsed flags.
+
+    Each field is the flag (argparse dest) of its name, unless ``given``
+    holds it or ``special`` says how to read it (a renamed flag, a parsed or
+    derived value); ``None`` there marks a field with no flag, which keeps
+    its default. Fields are read in their declared order, so the first bad
+    flag is the one reported.
+
+    Raises:
+        ConfigError: if the config refuses the values.
+        TypeError: if a field has no flag and no entry in ``special``, or ``special`` names no field:
+            the table and the config drifted apart.
+    """
+    names = [field.name for field in dataclasses.fields(kind)]
+    unknown = sorted(set(special) - set(names))
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no fields {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name in names:
+        if name in given:
+            values[name] = given[name]
+        elif name in special:
+            read = special[name]
+            if read is not None:
+                values[name] = read(args)
+        elif hasattr(args, name):
+            values[name] = getattr(args, name)
+        else:
+            raise TypeError(f"{kind.__name__}.{name} has no flag of its name and no entry among the special cases")
+    return kind(**values)
 
 
 def link_settings(

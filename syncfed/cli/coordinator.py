@@ -43,9 +43,11 @@ from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
 from ..strategies import STRATEGIES
 from .common import (
     INTERRUPTED,
+    FromFlags,
     add_client_security_flags,
     add_connection_limits,
     add_secure_agg_flags,
+    config_from_flags,
     exit_code,
     fail,
     link_settings,
@@ -362,69 +364,33 @@ def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _registry(args: argparse.Namespace) -> Path | None:
+    """``--registry``, else ``registry/`` beside ``--metrics-out``; none with ``--no-registry``."""
+    if args.no_registry:
+        return None
+    return args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None)
+
+
+#: The special cases of :func:`config_from_args`: CoordinatorConfig fields that are not simply the flag of
+#: their name. ``workers`` and ``evaluator`` come from the caller, which parses (or spawns) them.
+CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
+    "lr_min": None,  # no flag: the default floor
+    "strategy_settings": lambda args: {
+        setting: getattr(args, f"setting_{setting}")
+        for setting, _, _ in STRATEGY_FLAGS.values()
+        if getattr(args, f"setting_{setting}") is not None
+    },
+    "registry": _registry,
+}
+
+
 def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluator: dict[str, str]) -> CoordinatorConfig:
-    return CoordinatorConfig(
-        workers=workers,
-        evaluator=evaluator,
-        model=args.model,
-        training_rounds=args.training_rounds,
-        federate_after_n_batches=args.federate_after_n_batches,
-        batch_size=args.batch_size,
-        test_batch_size=args.test_batch_size,
-        lr=args.lr,
-        lr_decay=args.lr_decay,
-        seed=args.seed,
-        strategy=args.strategy,
-        strategy_settings={
-            setting: getattr(args, f"setting_{setting}")
-            for setting, _, _ in STRATEGY_FLAGS.values()
-            if getattr(args, f"setting_{setting}") is not None
-        },
-        fraction_fit=args.fraction_fit,
-        min_fit_workers=args.min_fit_workers,
-        mode=args.mode,
-        buffer_size=args.buffer_size,
-        staleness_weight=args.staleness_weight,
-        staleness_a=args.staleness_a,
-        staleness_b=args.staleness_b,
-        max_staleness=args.max_staleness,
-        compress=args.compress,
-        registry=None
-        if args.no_registry
-        else args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None),
-        chunk_size=args.chunk_size,
-        receive_slots=args.receive_slots,
-        eval_every=args.eval_every,
-        federated_eval=args.federated_eval,
-        cross_site_validation=args.cross_site_validation,
-        cross_site_out=args.cross_site_out,
-        dataset_key=args.dataset_key,
-        save_model=args.save_model,
-        metrics_out=args.metrics_out,
-        max_message_size=args.max_message_size,
-        connect_timeout=args.connect_timeout,
-        request_timeout=args.request_timeout,
-        round_timeout=args.round_timeout,
-        min_workers=args.min_workers,
-        max_round_retries=args.max_round_retries,
-        ping_interval=args.ping_interval,
-        ping_timeout=args.ping_timeout,
-        reconnect_max_delay=args.reconnect_max_delay,
-        checkpoint_dir=args.checkpoint_dir,
-        resume=args.resume,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        auth_token_file=args.auth_token_file,
-        secure_agg=args.secure_agg,
-        secagg_threshold=args.secagg_threshold,
-        secagg_clip=args.secagg_clip,
-        dp=args.dp,
-        dp_clip=args.dp_clip,
-        dp_noise_multiplier=args.dp_noise_multiplier,
-        dp_delta=args.dp_delta,
-        dp_target_epsilon=args.dp_target_epsilon,
-    )
+    """The run's config from the parsed flags; see :data:`CONFIG_FROM_FLAGS` for what is not one flag's value.
+
+    Raises:
+        ConfigError: if the settings do not make a valid run.
+    """
+    return config_from_flags(CoordinatorConfig, args, CONFIG_FROM_FLAGS, workers=workers, evaluator=evaluator)
 
 
 #: Worker flags that --spawn-workers sets itself, from the client's own flags or per process.

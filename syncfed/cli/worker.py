@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Final
 
 import torch
 
@@ -27,7 +28,7 @@ from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..protocol import DEFAULT_CHUNK_SIZE
 from ..worker import Holding, load_holdings, run_worker
-from .common import INTERRUPTED, fail, parse_arguments, setup_logging, size
+from .common import INTERRUPTED, FromFlags, config_from_flags, fail, parse_arguments, setup_logging, size
 
 __all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
 
@@ -217,47 +218,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The special cases of :func:`config_from_args`: WorkerConfig fields that are not simply the flag of their
+#: name, because the flag is named otherwise, its text is parsed, or the value is derived.
+CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
+    "worker_id": lambda args: args.id,
+    "testing": lambda args: args.testing or args.id == "testing",
+    "digits": lambda args: parse_classes(args.digits) if args.digits else None,
+    "shard": lambda args: parse_shard(args.shard) if args.shard else None,
+    "datasets": lambda args: tuple(parse_dataset_spec(text) for text in args.dataset_spec),
+    "models": lambda args: tuple(args.model),
+    "download": lambda args: not args.no_download,
+    "idle_timeout": lambda args: args.idle_timeout or None,  # 0: never
+    "dp_sgd_noise_multiplier": lambda args: args.dp_sgd,
+    "allow_coordinators": lambda args: tuple(args.allow_coordinator),
+}
+
+
 def config_from_args(args: argparse.Namespace) -> WorkerConfig:
-    testing = args.testing or args.id == "testing"
-    return WorkerConfig(
-        worker_id=args.id,
-        host=args.host,
-        port=args.port,
-        testing=testing,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        digits=parse_classes(args.digits) if args.digits else None,
-        shard=parse_shard(args.shard) if args.shard else None,
-        shard_seed=args.shard_seed,
-        val_fraction=args.val_fraction,
-        val_seed=args.val_seed,
-        datasets=tuple(parse_dataset_spec(text) for text in args.dataset_spec),
-        models=tuple(args.model),
-        bench_models=args.bench_models,
-        cuda=args.cuda,
-        threads=args.threads,
-        download=not args.no_download,
-        max_message_size=args.max_message_size,
-        max_in_flight=args.max_in_flight,
-        chunk_size=args.chunk_size,
-        max_connections=args.max_connections,
-        max_pending_connections=args.max_pending_connections,
-        handshake_timeout=args.handshake_timeout,
-        idle_timeout=args.idle_timeout or None,
-        max_secagg_clients=args.max_secagg_clients,
-        min_group_size=args.min_group_size,
-        dp_sgd_noise_multiplier=args.dp_sgd,
-        dp_sgd_clip=args.dp_sgd_clip,
-        dp_sgd_delta=args.dp_sgd_delta,
-        batch_delay=args.batch_delay,
-        attack=args.attack,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_ca=args.tls_ca,
-        allow_coordinators=tuple(args.allow_coordinator),
-        auth_token_file=args.auth_token_file,
-        withhold_histogram=args.withhold_histogram,
-    )
+    """The worker's config from the parsed flags; see :data:`CONFIG_FROM_FLAGS` for what is not one flag's value.
+
+    Raises:
+        ConfigError: if a flag's text cannot be parsed or the settings do not make a valid worker.
+    """
+    return config_from_flags(WorkerConfig, args, CONFIG_FROM_FLAGS)
 
 
 def _describe(config: WorkerConfig, holding: Holding, digits: str | None) -> list[str]:
