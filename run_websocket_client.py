@@ -2,7 +2,7 @@
 
 import sys
 
-from syncfed.cli.client import main
+from syncfed.cli.coordinator import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,7 +2,7 @@
 
 import sys
 
-from syncfed.cli.server import main
+from syncfed.cli.worker import main
 
 if __name__ == "__main__":
     sys.exit(main())

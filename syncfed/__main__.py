@@ -1,4 +1,4 @@
-"""``python -m syncfed``: project tools.
+"""``python -m syncfed``: project tools, one subcommand each in :mod:`syncfed.cli`.
 
 Usage::
 
@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from .cli import analytics, models
-from .cli.common import fail
-from .exceptions import SyncfedError
-from .provision import load_project, provision
+from .cli import analytics, models, provision
+
+__all__ = ["PROGRAM", "main"]
 
 PROGRAM = "python -m syncfed"
 
@@ -24,11 +22,11 @@ PROGRAM = "python -m syncfed"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    kits = commands.add_parser(
-        "provision", help="make a private CA and a startup kit (key, certificate, config) per participant"
+    provision.configure(
+        commands.add_parser(
+            "provision", help="make a private CA and a startup kit (key, certificate, config) per participant"
+        )
     )
-    kits.add_argument("project", type=Path, help="the project file (TOML): coordinator and workers")
-    kits.add_argument("-o", "--output", type=Path, default=Path("startup"), help="where to write (default: startup)")
     models.configure(
         commands.add_parser(
             "models",
@@ -44,19 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "models":
-        return models.run(args)
-    if args.command == "analytics":
-        return analytics.run(args)
-    try:
-        project = load_project(args.project)
-        written = provision(project, args.output)
-    except SyncfedError as exc:
-        return fail(PROGRAM, exc)
-    for name, kit in written.items():
-        print(f"{name}: {kit}")
-    print(f"CA key (keep it offline): {args.output / 'ca' / 'ca.key'}")
-    return 0
+    run = {"provision": provision.run, "models": models.run, "analytics": analytics.run}[args.command]
+    return run(args)
 
 
 if __name__ == "__main__":

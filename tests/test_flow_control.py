@@ -149,7 +149,7 @@ def test_the_client_keeps_nothing_of_a_reply_once_it_is_delivered(
     digits_workers: dict[str, WorkerProcess], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each connection's last reply used to stay alive until the next one came: 30 idle workers, 30 models."""
-    import syncfed.client as client_module
+    import syncfed.net.link as client_module
 
     decoders: list[weakref.ref[MessageDecoder]] = []
     original = client_module.receive_message

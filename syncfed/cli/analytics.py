@@ -1,5 +1,8 @@
 """``python -m syncfed analytics``: statistics over all workers' data, without moving a row.
 
+Flags, tables and printing only: greeting and asking the workers is
+:mod:`syncfed.query_round`'s.
+
 Usage::
 
     python -m syncfed analytics --workers alice=ws://localhost:8777,bob=ws://localhost:8778 label-histogram
@@ -32,10 +35,8 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,22 +48,16 @@ from ..analytics import (
     combine_feature_stats,
     combine_labels,
     combine_quantiles,
-    from_sums,
     private_feature_stats,
     private_labels,
     private_quantiles,
-    secure_clip,
-    sums_length,
 )
-from ..auth import read_token
-from ..client import WorkerClient
 from ..config import DEFAULT_WORKERS, parse_endpoints
-from ..exceptions import ConfigError, IncompatibleWorkers, ProtocolError, QuorumNotMet, SecAggError, SyncfedError
+from ..exceptions import ConfigError, ProtocolError, SyncfedError
+from ..net.link import WorkerLink
 from ..partition import parse_classes
-from ..protocol import MAX_FEATURES, Hello, Info, Query, QueryResult
-from ..secagg import SecAggConfig
-from ..secure_round import SESSION_SIZE, SecureRound, secagg_threshold
-from ..transport import client_tls
+from ..protocol import MAX_FEATURES, Query, QueryResult
+from ..query_round import DEFAULT_QUERY_TIMEOUT, QueryAnswers, QueryRound, QuerySettings
 from .common import (
     INTERRUPTED,
     add_client_security_flags,
@@ -70,6 +65,7 @@ from .common import (
     add_secure_agg_flags,
     exit_code,
     fail,
+    link_settings,
     normalize_flags,
     setup_logging,
 )
@@ -77,8 +73,6 @@ from .common import (
 __all__ = ["PROGRAM", "DEFAULT_QUERY_TIMEOUT", "configure", "run", "main"]
 
 PROGRAM = "python -m syncfed analytics"
-#: Seconds a worker has to answer a query (MNIST's 60,000 images take about a second).
-DEFAULT_QUERY_TIMEOUT = 60.0
 
 
 def _selection(text: str) -> tuple[int, ...] | None:
@@ -242,178 +236,23 @@ def _check_privacy(args: argparse.Namespace) -> None:
         raise ConfigError(f"--clip-range {low:g} {high:g} must be two finite numbers low < high")
 
 
-async def _greet(name: str, uri: str, args: argparse.Namespace) -> tuple[WorkerClient, Info]:
-    client = WorkerClient(
-        name,
-        uri,
-        max_message_size=args.max_message_size,
-        connect_timeout=args.connect_timeout,
+async def _ask(args: argparse.Namespace) -> QueryAnswers:
+    """Run the query round the flags describe (:class:`syncfed.query_round.QueryRound`)."""
+    settings = QuerySettings(
+        args.query,
+        features=getattr(args, "features", ()),
+        bins=getattr(args, "bins", None),
+        value_range=tuple(args.value_range) if args.query == "quantiles" else None,
+        clip_range=tuple(args.clip_range) if getattr(args, "clip_range", None) is not None else None,
+        secure_agg=args.secure_agg,
+        secagg_threshold=args.secagg_threshold,
         request_timeout=args.request_timeout,
-        ping_interval=None,
-        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key) if uri.startswith("wss://") else None,
-        auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
-    )
-    await client.connect()
-    try:
-        info = await client.request(Hello(), timeout=args.connect_timeout)
-    except BaseException:
-        await client.close()
-        raise
-    assert isinstance(info, Info)
-    return client, info
-
-
-def _query(args: argparse.Namespace, infos: dict[str, Info]) -> Query:
-    """The query for workers that hold ``infos``; flags are checked against their input size."""
-    sizes = {name: math.prod(info.input_shape) for name, info in infos.items()}
-    if len(set(sizes.values())) > 1:
-        raise IncompatibleWorkers(
-            "workers hold inputs of different sizes: " + ", ".join(f"{name} {n}" for name, n in sizes.items())
-        )
-    num_features = next(iter(sizes.values()))
-    features: tuple[int, ...] = ()
-    if args.query != "label-histogram":
-        features = tuple(range(num_features)) if args.features is None else args.features
-    if features and features[-1] >= num_features:
-        raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
-    if args.query == "feature-stats" and (args.dp_epsilon is not None or args.secure_agg):
-        return Query(args.query, features, None, tuple(args.clip_range))
-    if args.query != "quantiles":
-        return Query(args.query, features)
-    return Query(args.query, features, args.bins, tuple(args.value_range))
-
-
-@dataclass
-class _Answers:
-    """What asking the workers gave: the query sent, the answers, each failed worker's error.
-
-    With secure aggregation ``results`` holds the one combined answer under
-    ``SECURE_SUM`` and ``secure`` describes the round (the JSON's ``secure_agg``).
-    """
-
-    query: Query | None = None
-    results: dict[str, QueryResult] = field(default_factory=dict)
-    failures: dict[str, SyncfedError] = field(default_factory=dict)
-    secure: dict[str, Any] | None = None
-    #: Why there is no answer at all (workers that disagree, a secure round that could not
-    #: finish), reported after the workers' own failures.
-    error: SyncfedError | None = None
-
-
-#: The key of the combined answer among the results of a secure round.
-SECURE_SUM = "secure sum"
-
-
-async def _sum_securely(
-    args: argparse.Namespace,
-    query: Query,
-    clients: dict[str, WorkerClient],
-    infos: dict[str, Info],
-    failures: dict[str, SyncfedError],
-) -> tuple[QueryResult, dict[str, Any]]:
-    """The combined answer of ``clients`` by one secure aggregation round, and what the round did.
-
-    Workers that fail or refuse leave the round (into ``failures``); those
-    whose masked answer arrived stay in the sum even if they leave later.
-
-    Raises:
-        QuorumNotMet: if fewer workers than the threshold are left to unmask the sum.
-        IncompatibleWorkers: if the workers' label histograms differ in length.
-    """
-    n = len(clients)
-    threshold = secagg_threshold(n, args.secagg_threshold)
-    if n < 2 or threshold > n:
-        raise QuorumNotMet(f"secure aggregation needs {max(threshold, 2)} workers, {n} answered the greeting")
-    classes = {name: info.num_classes for name, info in infos.items()}
-    if query.query == "label-histogram" and len(set(classes.values())) > 1:
-        raise IncompatibleWorkers(
-            "workers hold different numbers of classes: " + ", ".join(f"{name} {c}" for name, c in classes.items())
-        )
-    num_features = math.prod(next(iter(infos.values())).input_shape)  # _query checked that the workers agree
-    largest = max(info.num_examples for info in infos.values())  # a withheld histogram's bound is as good
-    config = SecAggConfig(
-        num_clients=n,
-        threshold=threshold,
-        length=sums_length(query, next(iter(classes.values()))),
-        clip=secure_clip(query, largest, num_features, n),
-        session=os.urandom(SESSION_SIZE),
-        bits=64,
-        max_count=1,
     )
 
-    async def failure(client: WorkerClient, error: BaseException) -> str:
-        if not isinstance(error, SyncfedError):
-            raise error
-        failures[client.name] = error
-        return str(error)
+    def link(name: str, uri: str) -> WorkerLink:
+        return WorkerLink.from_settings(name, uri, link_settings(args, uri, request_timeout=args.request_timeout))
 
-    secure = SecureRound(list(clients.values()), config, timeout=args.request_timeout, failure=failure)
-    try:
-        result = await secure.run(dict.fromkeys(clients, query), weighted=False)
-    except SecAggError as exc:
-        raise QuorumNotMet(f"secure aggregation aborted: {exc}") from None
-    names = list(clients)
-    for name in secure.recovered:  # its answer is in the sum: not left out
-        del failures[name]
-    exact = query.query != "feature-stats"
-    round_ = {
-        "workers": n,
-        "threshold": threshold,
-        "summed": [names[u] for u in result.clients],
-        "recovered": secure.recovered,
-        "sum_error_bound": 0.0 if exact else config.quantizer.error_bound,
-    }
-    return from_sums(query, result.weighted_sum, num_features), round_
-
-
-async def _ask_each(query: Query, clients: dict[str, WorkerClient], answers: _Answers) -> None:
-    """Send ``query`` to every client at once; each answer or failure goes into ``answers``."""
-    replies = await asyncio.gather(*(client.request(query) for client in clients.values()), return_exceptions=True)
-    for name, reply in zip(clients, replies, strict=True):
-        if isinstance(reply, SyncfedError):
-            answers.failures[name] = reply
-        elif isinstance(reply, BaseException):
-            raise reply
-        else:
-            assert isinstance(reply, QueryResult)  # request() checked the reply's kind
-            answers.results[name] = reply
-
-
-async def _ask(args: argparse.Namespace) -> _Answers:
-    """Greet every worker, then send the query to those that answered; gather answers and failures."""
-    endpoints = parse_endpoints(args.workers)
-    answers = _Answers()
-    failures = answers.failures
-    clients: dict[str, WorkerClient] = {}
-    infos: dict[str, Info] = {}
-    try:
-        greetings = await asyncio.gather(
-            *(_greet(name, uri, args) for name, uri in endpoints.items()), return_exceptions=True
-        )
-        unexpected: BaseException | None = None
-        for name, greeting in zip(endpoints, greetings, strict=True):
-            if isinstance(greeting, SyncfedError):
-                failures[name] = greeting
-            elif isinstance(greeting, BaseException):
-                unexpected = unexpected or greeting
-            else:
-                clients[name], infos[name] = greeting
-        if unexpected is not None:
-            raise unexpected
-        try:
-            if clients:
-                answers.query = query = _query(args, infos)
-                if args.secure_agg:
-                    combined, answers.secure = await _sum_securely(args, query, clients, infos, failures)
-                    answers.results[SECURE_SUM] = combined
-                else:
-                    await _ask_each(query, clients, answers)
-        except SyncfedError as exc:  # the answer as a whole failed: reported after the workers' own failures
-            answers.error = exc
-    finally:
-        await asyncio.gather(*(client.close() for client in clients.values()))
-    answers.failures = {name: failures[name] for name in endpoints if name in failures}
-    return answers
+    return await QueryRound(parse_endpoints(args.workers), settings, link=link).run()
 
 
 def _number(value: float, low: float = -math.inf, high: float = math.inf) -> str:

@@ -1,16 +1,21 @@
-"""What both command-line tools share: flag spelling, logging, exit codes."""
+"""What the command-line tools share: flag spelling, logging, exit codes, the flags of worker connections."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+from ..auth import read_token
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT
 from ..exceptions import (
     AuthenticationFailed,
     CheckpointError,
@@ -25,8 +30,24 @@ from ..exceptions import (
     SyncfedError,
     WorkerUnavailable,
 )
+from ..net.link import LinkSettings
+from ..net.transport import client_tls
 
-__all__ = ["EXIT_CODES", "exit_code", "normalize_flags", "parse_arguments", "setup_logging", "size", "fail"]
+__all__ = [
+    "EXIT_CODES",
+    "exit_code",
+    "normalize_flags",
+    "parse_arguments",
+    "setup_logging",
+    "size",
+    "fail",
+    "add_client_security_flags",
+    "add_connection_limits",
+    "add_secure_agg_flags",
+    "link_settings",
+    "FromFlags",
+    "config_from_flags",
+]
 
 #: Exit status by error type; the first matching entry wins.
 EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
@@ -44,6 +65,10 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (SyncfedError, 1),
 )
 INTERRUPTED = 130
+
+Config = TypeVar("Config", bound="DataclassInstance")
+#: How a config field is read from the parsed flags when it is not simply the flag of its name.
+FromFlags = Callable[[argparse.Namespace], Any]
 
 
 def exit_code(error: SyncfedError) -> int:
@@ -112,6 +137,63 @@ def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
         type=float,
         default=DEFAULT_CONNECT_TIMEOUT,
         help="seconds to connect and greet each worker (default: %(default)s)",
+    )
+
+
+def config_from_flags(
+    kind: type[Config], args: argparse.Namespace, special: Mapping[str, FromFlags | None], **given: Any
+) -> Config:
+    """A frozen config of dataclass ``kind`` from parsed flags.
+
+    Each field is the flag (argparse dest) of its name, unless ``given``
+    holds it or ``special`` says how to read it (a renamed flag, a parsed or
+    derived value); ``None`` there marks a field with no flag, which keeps
+    its default. Fields are read in their declared order, so the first bad
+    flag is the one reported.
+
+    Raises:
+        ConfigError: if the config refuses the values.
+        TypeError: if a field has no flag and no entry in ``special``, or ``special`` names no field:
+            the table and the config drifted apart.
+    """
+    names = [field.name for field in dataclasses.fields(kind)]
+    unknown = sorted(set(special) - set(names))
+    if unknown:
+        raise TypeError(f"{kind.__name__} has no fields {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name in names:
+        if name in given:
+            values[name] = given[name]
+        elif name in special:
+            read = special[name]
+            if read is not None:
+                values[name] = read(args)
+        elif hasattr(args, name):
+            values[name] = getattr(args, name)
+        else:
+            raise TypeError(f"{kind.__name__}.{name} has no flag of its name and no entry among the special cases")
+    return kind(**values)
+
+
+def link_settings(
+    args: argparse.Namespace, uri: str, *, request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+) -> LinkSettings:
+    """The link settings of a short-lived tool (``--status``, analytics) from the flags of
+    :func:`add_client_security_flags` and :func:`add_connection_limits`.
+
+    No liveness pings: these tools ask once and go. The TLS context is made
+    for a wss:// ``uri`` only, so that a plain worker never needs the TLS files.
+
+    Raises:
+        ConfigError: if the TLS files or the token file cannot be read.
+    """
+    return LinkSettings(
+        max_message_size=args.max_message_size,
+        connect_timeout=args.connect_timeout,
+        request_timeout=request_timeout,
+        ping_interval=None,
+        tls=client_tls(args.tls_ca, args.tls_cert, args.tls_key) if uri.startswith("wss://") else None,
+        auth_token=read_token(args.auth_token_file) if args.auth_token_file is not None else None,
     )
 
 

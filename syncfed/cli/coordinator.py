@@ -1,0 +1,541 @@
+"""``run_websocket_client.py`` (``syncfed-coordinator``): the coordinator of a federated training run.
+
+Usage::
+
+    python run_websocket_client.py                   # workers already running
+    python run_websocket_client.py --spawn-workers   # start them locally, run, stop them
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+from ..compression import COMPRESSIONS
+from ..config import (
+    DEFAULT_EVALUATOR,
+    DEFAULT_PING_INTERVAL,
+    DEFAULT_PING_TIMEOUT,
+    DEFAULT_RECEIVE_SLOTS,
+    DEFAULT_RECONNECT_MAX_DELAY,
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_ROUND_TIMEOUT,
+    DEFAULT_WORKERS,
+    DP_MODES,
+    CoordinatorConfig,
+    parse_endpoints,
+)
+from ..coordinator import FEDERATED, Coordinator, RunResult
+from ..datasets import DATASETS, ensure_mnist
+from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
+from ..models import DEMO_MODELS
+from ..monitor import Progress, TensorBoardWriter
+from ..net.link import WorkerLink
+from ..net.spawn import spawn_workers
+from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
+from ..strategies import STRATEGIES
+from .common import (
+    INTERRUPTED,
+    FromFlags,
+    add_client_security_flags,
+    add_connection_limits,
+    add_secure_agg_flags,
+    config_from_flags,
+    exit_code,
+    fail,
+    link_settings,
+    parse_arguments,
+    setup_logging,
+    size,
+)
+
+__all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
+
+PROGRAM = "run_websocket_client.py"
+CENTRAL = "central"
+
+#: Strategy settings as flags: flag -> (setting, type, help). Only the flags given reach the strategy,
+#: which refuses those it does not take.
+STRATEGY_FLAGS: dict[str, tuple[str, Callable[[str], Any], str]] = {
+    "--mu": ("mu", float, "fedprox: weight of the proximal term (default 0.01)"),
+    "--server-lr": ("server_lr", float, "fedavgm, fedadam, fedyogi, fedadagrad, scaffold: server learning rate"),
+    "--server-momentum": ("momentum", float, "fedavgm: server momentum (default 0.9)"),
+    "--beta1": ("beta1", float, "fedadam, fedyogi, fedadagrad: first-moment decay (default 0.9)"),
+    "--beta2": ("beta2", float, "fedadam, fedyogi: second-moment decay (default 0.99)"),
+    "--tau": ("tau", float, "fedadam, fedyogi, fedadagrad: adaptivity (default 0.001)"),
+    "--trim-ratio": ("trim_ratio", float, "trimmed-mean: share trimmed at each end per coordinate (default 0.2)"),
+    "--byzantine-f": ("byzantine_f", int, "krum, multi-krum: byzantine workers tolerated (default 1)"),
+    "--multi-krum-m": ("m", int, "multi-krum: updates averaged (default: n - f)"),
+}
+
+T = TypeVar("T")
+Listener = Callable[[Mapping[str, Any]], None]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
+        description="Run federated training over syncfed workers. Flags may be written with dashes or underscores.",
+    )
+    recipe = parser.add_argument_group("training")
+    recipe.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
+    recipe.add_argument("--test-batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
+    recipe.add_argument("--training-rounds", type=int, default=40, help="federated rounds (default: %(default)s)")
+    recipe.add_argument(
+        "--federate-after-n-batches", type=int, default=10, help="local batches per round (default: %(default)s)"
+    )
+    recipe.add_argument("--lr", type=float, default=0.1, help="learning rate (default: %(default)s)")
+    recipe.add_argument(
+        "--lr-decay", type=float, default=0.98, help="learning-rate decay per round, floor 0.001 (default: %(default)s)"
+    )
+    recipe.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="seed of the initial model and the workers' shuffling (default: %(default)s)",
+    )
+    strategy = parser.add_argument_group("strategy (docs/strategies.md)")
+    strategy.add_argument(
+        "--strategy",
+        "--aggregation",
+        dest="strategy",
+        default="fedavg",
+        metavar="NAME",
+        help=f"{', '.join(STRATEGIES)}, or an import path mypkg.mod:MyStrategy (default: %(default)s)",
+    )
+    for flag, (setting, kind, text) in STRATEGY_FLAGS.items():
+        strategy.add_argument(flag, dest=f"setting_{setting}", type=kind, help=text)
+    strategy.add_argument(
+        "--fraction-fit",
+        type=float,
+        default=1.0,
+        help="client sampling: share of the training workers each round trains, seeded (default: %(default)s)",
+    )
+    strategy.add_argument(
+        "--min-fit-workers",
+        type=int,
+        default=1,
+        help="client sampling: at least this many per round (default: %(default)s)",
+    )
+    asynchronous = parser.add_argument_group("asynchronous mode (FedBuff)")
+    asynchronous.add_argument(
+        "--mode",
+        choices=("sync", "async"),
+        default="sync",
+        help="sync: rounds wait for the selected workers; async: workers train continuously and the coordinator"
+        " publishes a new global version per buffer of updates (default: %(default)s)",
+    )
+    asynchronous.add_argument(
+        "--buffer-size",
+        type=int,
+        default=2,
+        metavar="K",
+        help="updates per global version; 1 is FedAsync (default: %(default)s)",
+    )
+    asynchronous.add_argument(
+        "--staleness-weight",
+        choices=("constant", "polynomial", "hinge"),
+        default="polynomial",
+        help="discount of stale updates: 1, (1+s)^-a, or 1 up to b then 1/(a(s-b)+1) (default: %(default)s)",
+    )
+    asynchronous.add_argument("--staleness-a", type=float, default=0.5, help="the discount's a (default: %(default)s)")
+    asynchronous.add_argument("--staleness-b", type=int, default=4, help="the hinge's b (default: %(default)s)")
+    asynchronous.add_argument(
+        "--max-staleness", type=int, help="discard updates more than this many versions old (default: keep all)"
+    )
+    recipe.add_argument(
+        "--model",
+        help="registry name (mnist-cnn, digits-cnn) or import path mypkg.models:Net"
+        " (default: follows the workers' data set)",
+    )
+    recipe.add_argument(
+        "--eval-every", type=int, default=10, help="evaluate at rounds 1, 1+N, ... and the last (default: %(default)s)"
+    )
+    recipe.add_argument("--cuda", action="store_true", help="with --spawn-workers, let the workers train on the GPU")
+
+    workers = parser.add_argument_group("workers")
+    workers.add_argument(
+        "--workers", default=DEFAULT_WORKERS, help="training workers as id=uri,... (default: %(default)s)"
+    )
+    workers.add_argument(
+        "--evaluator", default=DEFAULT_EVALUATOR, help="the evaluator as id=uri, empty for none (default: %(default)s)"
+    )
+    workers.add_argument(
+        "--spawn-workers",
+        action="store_true",
+        help="start the workers as local processes on free ports, and stop them at the end",
+    )
+    workers.add_argument(
+        "--dataset",
+        choices=DATASETS,
+        default="digits",
+        help="with --spawn-workers: the workers' data set (default: %(default)s)",
+    )
+    workers.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path("data"),
+        help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)",
+    )
+
+    workers.add_argument(
+        "--worker-args",
+        metavar="ARGS",
+        help="with --spawn-workers: more flags for every training worker, as one shell-quoted string, e.g."
+        " --worker-args='--val-fraction 0.2 --slowdown 0.1' (see run_websocket_server.py --help)",
+    )
+    workers.add_argument(
+        "--centralized",
+        action="store_true",
+        help="with --spawn-workers: train one worker that holds all the training data (the pooled baseline)",
+    )
+    workers.add_argument(
+        "--status", action="store_true", help="print who the workers are and how fast they answer, then exit"
+    )
+
+    sites = parser.add_argument_group("evaluation at the sites and named data sets (docs/evaluation.md)")
+    sites.add_argument(
+        "--federated-eval",
+        action="store_true",
+        help="at each evaluation round, every training worker also scores the global model on its validation"
+        " split; printed per site and as the example-weighted average",
+    )
+    sites.add_argument(
+        "--cross-site-validation",
+        action="store_true",
+        help="after the last round, score every worker's final local model and the global one on every"
+        " worker's validation split and the evaluator's test set",
+    )
+    sites.add_argument(
+        "--cross-site-out",
+        type=Path,
+        metavar="DIR",
+        help="where the cross-site matrix goes as JSON and PNG (default: cross-site/ beside --metrics-out,"
+        " else ./cross-site)",
+    )
+    sites.add_argument(
+        "--dataset-key",
+        metavar="NAME",
+        help="train and evaluate on the workers' named data set NAME (see the workers' --dataset-spec);"
+        " default: each worker's default data set",
+    )
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
+    output.add_argument(
+        "--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model"
+    )
+    output.add_argument("--tensorboard", type=Path, metavar="DIR", help="also write TensorBoard scalars to DIR")
+    output.add_argument(
+        "--registry",
+        type=Path,
+        metavar="DIR",
+        help="record every global model version in this model registry (python -m syncfed models);"
+        " default: registry/ beside --metrics-out when that is given",
+    )
+    output.add_argument("--no-registry", action="store_true", help="record no model versions")
+    output.add_argument(
+        "--no-progress", action="store_true", help="plain lines per round instead of a progress bar on a terminal"
+    )
+    output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
+
+    parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
+    add_client_security_flags(parser)
+
+    reliability = parser.add_argument_group("reliability")
+    reliability.add_argument(
+        "--round-timeout",
+        type=float,
+        default=DEFAULT_ROUND_TIMEOUT,
+        help="seconds a round waits for training replies; later ones are dropped (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--min-workers", type=int, help="quorum: training workers a round needs to count (default: all of them)"
+    )
+    reliability.add_argument(
+        "--max-round-retries",
+        type=int,
+        default=3,
+        help="retries of a round below the quorum before the run stops (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--ping-interval",
+        type=float,
+        default=DEFAULT_PING_INTERVAL,
+        help="seconds between liveness pings to each worker (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--ping-timeout",
+        type=float,
+        default=DEFAULT_PING_TIMEOUT,
+        help="a worker that misses pings this long is dropped as frozen or gone (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--reconnect-max-delay",
+        type=float,
+        default=DEFAULT_RECONNECT_MAX_DELAY,
+        help="cap of the exponential backoff between reconnection attempts (default: %(default)s)",
+    )
+    reliability.add_argument(
+        "--checkpoint-dir", type=Path, metavar="DIR", help="write a checkpoint here after every completed round"
+    )
+    reliability.add_argument(
+        "--resume", action="store_true", help="continue the run checkpointed in --checkpoint-dir with its next round"
+    )
+
+    limits = parser.add_argument_group("limits and timeouts")
+    limits.add_argument(
+        "--chunk-size",
+        type=size,
+        default=DEFAULT_CHUNK_SIZE,
+        help="stream larger messages in fragments of this size, so no side holds a second copy (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--receive-slots",
+        type=int,
+        default=DEFAULT_RECEIVE_SLOTS,
+        metavar="K",
+        help="training updates received at once; finished workers hold theirs until a slot frees, which bounds"
+        " the coordinator's memory however many workers there are (0: no limit; default: %(default)s)",
+    )
+    limits.add_argument(
+        "--compress",
+        choices=COMPRESSIONS,
+        default="none",
+        help="encoding of the workers' updates on the wire; fp16 and int8 cut the bytes of slow links"
+        " at a small error, reported in the metrics (default: %(default)s)",
+    )
+    add_connection_limits(limits)
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=DEFAULT_REQUEST_TIMEOUT,
+        help="seconds to wait for an evaluation reply (default: %(default)s)",
+    )
+    _add_privacy_flags(parser)
+    return parser
+
+
+def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
+    """Secure aggregation and differential privacy (docs/privacy.md)."""
+    privacy = parser.add_argument_group("privacy (docs/privacy.md)")
+    add_secure_agg_flags(privacy, summed="each round's updates", among="those per round")
+    privacy.add_argument(
+        "--secagg-clip",
+        type=float,
+        default=4.0,
+        metavar="R",
+        help="without --dp, update values beyond +-R are clipped before masking (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--dp",
+        choices=DP_MODES,
+        help="differential privacy (DP-FedAvg): the coordinator (central) or each worker (distributed) adds the noise",
+    )
+    privacy.add_argument(
+        "--dp-clip",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="L2 norm each worker's update is clipped to (default: %(default)s)",
+    )
+    privacy.add_argument(
+        "--dp-noise-multiplier",
+        type=float,
+        metavar="Z",
+        help="noise of standard deviation Z * C on the sum of the updates (default: the least that lets"
+        " --training-rounds rounds stay within --dp-target-epsilon)",
+    )
+    privacy.add_argument(
+        "--dp-delta", type=float, default=1e-5, help="the delta epsilon is reported at (default: %(default)s)"
+    )
+    privacy.add_argument(
+        "--dp-target-epsilon",
+        type=float,
+        metavar="EPSILON",
+        help="stop, saving the model, before a round that would spend more than this",
+    )
+
+
+def _registry(args: argparse.Namespace) -> Path | None:
+    """``--registry``, else ``registry/`` beside ``--metrics-out``; none with ``--no-registry``."""
+    if args.no_registry:
+        return None
+    return args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None)
+
+
+#: The special cases of :func:`config_from_args`: CoordinatorConfig fields that are not simply the flag of
+#: their name. ``workers`` and ``evaluator`` come from the caller, which parses (or spawns) them.
+CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
+    "lr_min": None,  # no flag: the default floor
+    "strategy_settings": lambda args: {
+        setting: getattr(args, f"setting_{setting}")
+        for setting, _, _ in STRATEGY_FLAGS.values()
+        if getattr(args, f"setting_{setting}") is not None
+    },
+    "registry": _registry,
+}
+
+
+def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluator: dict[str, str]) -> CoordinatorConfig:
+    """The run's config from the parsed flags; see :data:`CONFIG_FROM_FLAGS` for what is not one flag's value.
+
+    Raises:
+        ConfigError: if the settings do not make a valid run.
+    """
+    return config_from_flags(CoordinatorConfig, args, CONFIG_FROM_FLAGS, workers=workers, evaluator=evaluator)
+
+
+#: Worker flags that --spawn-workers sets itself, from the client's own flags or per process.
+SPAWNER_FLAGS: Final = ("--id", "--host", "--port", "--testing", "--dataset", "--data-dir", "--config")
+
+
+def _worker_args(text: str | None) -> list[str]:
+    """``--worker-args`` split as a shell would.
+
+    Raises:
+        ConfigError: if it cannot be split, or sets a flag the spawner sets.
+    """
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as exc:
+        raise ConfigError(f"--worker-args {text!r}: {exc}") from None
+    for token in tokens:
+        flag = token.split("=", 1)[0].replace("_", "-")
+        if flag in SPAWNER_FLAGS:
+            raise ConfigError(f"--worker-args cannot set {flag}: --spawn-workers sets it for each worker")
+    return tokens
+
+
+async def _with_workers(
+    args: argparse.Namespace, action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]]
+) -> T:
+    """Run ``action(workers, evaluator)`` on the configured workers, or on spawned ones."""
+    workers = parse_endpoints(args.workers)
+    evaluator = parse_endpoints(args.evaluator)
+    if args.centralized:
+        if not args.spawn_workers:
+            raise ConfigError(
+                "--centralized trains one spawned worker that holds all the training data: add --spawn-workers"
+            )
+        workers = {CENTRAL: ""}
+    if not args.spawn_workers:
+        if args.worker_args is not None:
+            raise ConfigError("--worker-args only applies with --spawn-workers")
+        return await action(workers, evaluator)
+    extra = _worker_args(args.worker_args)
+    if args.dataset == "mnist":
+        ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
+    common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
+    if args.cuda:
+        common.append("--cuda")
+    if args.model and args.model not in DEMO_MODELS:  # a user model, or a benchmark model: workers serve it only so
+        common += ["--model", args.model]
+    plan = [(name, [*common, "--digits", "0-9", *extra] if name == CENTRAL else [*common, *extra]) for name in workers]
+    plan += [(name, [*common, "--testing"]) for name in evaluator]
+    async with spawn_workers(plan) as processes:
+        spawned = {name: processes[name].uri for name in workers}
+        spawned_evaluator = {name: processes[name].uri for name in evaluator}
+        return await action(spawned, spawned_evaluator)
+
+
+async def _train(args: argparse.Namespace, progress: Progress, listeners: list[Listener]) -> RunResult:
+    async def action(workers: dict[str, str], evaluator: dict[str, str]) -> RunResult:
+        config = config_from_args(args, workers, evaluator)
+        return await Coordinator(config, report=progress.report, listeners=listeners).run()
+
+    # Check the settings before starting any worker process.
+    config_from_args(args, parse_endpoints(args.workers), parse_endpoints(args.evaluator))
+    return await _with_workers(args, action)
+
+
+async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
+    """One row of the status table: who the worker is and how fast it answers."""
+    client = WorkerLink.from_settings(name, uri, link_settings(args, uri))
+    try:
+        await client.connect()
+        try:
+            info = await client.request(Hello(), timeout=args.connect_timeout)
+            assert isinstance(info, Info)
+            times = []
+            for _ in range(3):
+                started = time.perf_counter()
+                await client.request(Ping(), timeout=args.connect_timeout)
+                times.append(time.perf_counter() - started)
+        finally:
+            await client.close()
+    except SyncfedError as exc:
+        return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
+    withheld = info.histogram is None
+    histogram = (
+        "withheld" if withheld else " ".join(f"{label}:{n}" for label, n in enumerate(info.histogram or ()) if n)
+    )
+    return [
+        name,
+        uri,
+        f"reachable ({info.role})",
+        str(info.protocol_version),
+        info.dataset,
+        f"at most {info.num_examples}" if withheld else str(info.num_examples),
+        histogram,
+        f"{statistics.median(times) * 1000:.1f}",
+    ]
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async def action(workers: dict[str, str], evaluator: dict[str, str]) -> int:
+        endpoints = {**workers, **evaluator}
+        rows = await asyncio.gather(*(_probe(name, uri, args) for name, uri in endpoints.items()))
+        header = ["id", "address", "status", "protocol", "dataset", "examples", "classes", "rtt ms"]
+        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        return 0 if all(row[2].startswith("reachable") for row in rows) else exit_code(WorkerUnavailable("", ""))
+
+    return await _with_workers(args, action)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        return fail(PROGRAM, exc)
+    setup_logging(args.verbose, default=30)
+    progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status)
+    listeners: list[Listener] = [progress]
+    tensorboard: TensorBoardWriter | None = None
+    try:
+        if args.status:
+            return asyncio.run(_status(args))
+        if args.tensorboard is not None:
+            tensorboard = TensorBoardWriter(args.tensorboard)
+            listeners.append(tensorboard)
+        result = asyncio.run(_train(args, progress, listeners))
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except SyncfedError as exc:
+        return fail(PROGRAM, exc)
+    except OSError as exc:  # an output path that cannot be written, say
+        print(f"{PROGRAM}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+        if tensorboard is not None:
+            tensorboard.close()
+    final = [record for record in result.evaluations if record.model == FEDERATED]
+    if final:
+        last = final[-1]
+        print(f"Final federated accuracy at round {last.round}: {last.result.accuracy:.2%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""The coordinator's side of one worker connection: requests matched to replies by id.
+
+Named a *link* because in federated learning "client" means the worker; the
+old name :class:`WorkerClient` stays an alias for one release.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import ssl
+from dataclasses import dataclass
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
+from websockets.frames import CloseCode
+
+from .. import auth
+from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_PING_INTERVAL, DEFAULT_PING_TIMEOUT, DEFAULT_REQUEST_TIMEOUT
+from ..exceptions import (
+    AuthenticationFailed,
+    MessageTooLarge,
+    ProtocolError,
+    RemoteError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
+from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, encode_fragments, reply_kind
+from .transport import connection_options, off_loop, receive, receive_message, send_message
+
+__all__ = ["LinkSettings", "WorkerLink", "WorkerClient"]
+
+logger = logging.getLogger("syncfed.client")  # the name it had before the move: --verbose lines are unchanged
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """What every link of one coordinator-side tool shares: limits, timeouts and credentials.
+
+    The coordinator, ``--status`` and ``python -m syncfed analytics`` each
+    build one and make their links with :meth:`WorkerLink.from_settings`, so
+    a new setting is added in one place.
+    """
+
+    # Limits
+    max_message_size: int
+    chunk_size: int = DEFAULT_CHUNK_SIZE  # larger requests are streamed in fragments of this size
+    # Timeouts
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    request_timeout: float = DEFAULT_REQUEST_TIMEOUT
+    ping_interval: float | None = DEFAULT_PING_INTERVAL  # None: no liveness pings
+    ping_timeout: float | None = DEFAULT_PING_TIMEOUT
+    # Security
+    tls: ssl.SSLContext | None = None  # for wss:// workers; None: the system's CAs
+    auth_token: bytes | None = None  # answer the workers' token challenge with this
+
+
+class WorkerLink:
+    """One connection to a worker; several requests may be in flight at once.
+
+    Usage::
+
+        async with WorkerLink("alice", "ws://localhost:8777") as alice:
+            info = await alice.request(Hello())
+    """
+
+    def __init__(
+        self,
+        name: str,
+        uri: str,
+        *,
+        # Limits
+        max_message_size: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        # Timeouts
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        ping_interval: float | None = DEFAULT_PING_INTERVAL,
+        ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        # Security
+        tls: ssl.SSLContext | None = None,
+        auth_token: bytes | None = None,
+    ) -> None:
+        self.name = name
+        self.uri = uri
+        self.max_message_size = max_message_size
+        self.chunk_size = chunk_size  # larger requests are streamed in fragments of this size
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        # Liveness: websockets pings every ping_interval and drops the
+        # connection when a pong is ping_timeout late. A training worker
+        # answers pings (it trains in a thread); a frozen or dead one does not.
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.tls = tls
+        self.auth_token = auth_token
+        self._connection: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._ids = itertools.count(1)
+        self._closed_reason = "not connected"
+        self._closing: str | None = None  # why we are closing, when it is our doing
+        self.bytes_sent = 0  # message bytes over all connections, for metrics
+        self.bytes_received = 0
+
+    @classmethod
+    def from_settings(cls, name: str, uri: str, settings: LinkSettings) -> WorkerLink:
+        """A link to worker ``name`` at ``uri`` with the shared ``settings``; not connected yet."""
+        return cls(
+            name,
+            uri,
+            max_message_size=settings.max_message_size,
+            chunk_size=settings.chunk_size,
+            connect_timeout=settings.connect_timeout,
+            request_timeout=settings.request_timeout,
+            ping_interval=settings.ping_interval,
+            ping_timeout=settings.ping_timeout,
+            tls=settings.tls,
+            auth_token=settings.auth_token,
+        )
+
+    async def __aenter__(self) -> WorkerLink:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection: TLS for wss:// addresses, then the token handshake when one is set.
+
+        Raises:
+            WorkerUnavailable: if the worker cannot be reached within ``connect_timeout``.
+            AuthenticationFailed: if the worker's certificate does not verify, or either side
+                refuses the other (client certificate, allow-list, token).
+        """
+        secure = self.uri.startswith("wss://")
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                connection = await connect(
+                    self.uri,
+                    open_timeout=None,
+                    # Short: on a missed pong websockets waits this long for a
+                    # closing handshake the frozen peer cannot answer.
+                    close_timeout=1.0,
+                    ping_interval=self.ping_interval,
+                    ping_timeout=self.ping_timeout,
+                    ssl=(self.tls or ssl.create_default_context()) if secure else None,
+                    **connection_options(self.max_message_size),
+                )
+                if self.auth_token is not None:
+                    try:
+                        await self._authenticate(connection, self.auth_token)
+                    except BaseException:
+                        connection.transport.abort()  # never leave a half-authenticated connection open
+                        raise
+                self._connection = connection
+        except TimeoutError:
+            raise WorkerUnavailable(
+                self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s"
+            ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise AuthenticationFailed(
+                f"worker {self.name} at {self.uri} failed certificate verification: {exc.verify_message}"
+            ) from None
+        except ssl.SSLError as exc:
+            raise AuthenticationFailed(
+                f"worker {self.name} at {self.uri} refused the TLS handshake ({exc.reason});"
+                " it may require a client certificate: pass --tls-cert and --tls-key"
+            ) from None
+        except InvalidStatus as exc:
+            status, body = exc.response.status_code, exc.response.body.decode(errors="replace").strip()
+            if status == 403:
+                raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {body}") from None
+            raise WorkerUnavailable(self.name, f"{self.uri} answered HTTP {status}: {body}") from None
+        except InvalidMessage:
+            if secure:
+                # Under TLS 1.3 a refused client certificate shows up here: the
+                # worker hangs up after the TLS handshake, before answering HTTP.
+                raise AuthenticationFailed(
+                    f"worker {self.name} at {self.uri} hung up after the TLS handshake: it did not accept this"
+                    " coordinator's client certificate (pass --tls-cert and --tls-key signed by its CA)"
+                ) from None
+            raise WorkerUnavailable(
+                self.name, f"{self.uri} did not answer a websocket handshake (is it a wss:// worker?)"
+            ) from None
+        except (OSError, ConnectionClosed) as exc:
+            raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        except (AuthenticationFailed, WorkerUnavailable):
+            raise
+        except Exception as exc:  # invalid URI or handshake: websockets raises several types
+            raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        self._closing = None
+        self._reader = asyncio.create_task(self._read_replies(self._connection))
+
+    async def _authenticate(self, connection: ClientConnection, token: bytes) -> None:
+        """Answer the worker's challenge and check its proof; see :mod:`syncfed.auth`."""
+        try:
+            frame, worker_nonce, own_nonce = auth.respond(token, await receive(connection, auth.MAX_AUTH_FRAME))
+            await connection.send(frame)
+            auth.verify_confirmation(token, worker_nonce, own_nonce, await receive(connection, auth.MAX_AUTH_FRAME))
+        except ConnectionClosed as exc:
+            if exc.rcvd is None or exc.rcvd.code != CloseCode.POLICY_VIOLATION:
+                # Dropped, e.g. from a worker's full queue of connections still authenticating: not a refusal.
+                raise WorkerUnavailable(self.name, f"connection lost while authenticating ({exc})") from None
+            reason = exc.rcvd.reason or "connection closed"
+            raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {reason}") from None
+        except (AuthenticationFailed, MessageTooLarge) as exc:
+            await connection.close(CloseCode.POLICY_VIOLATION, "authentication failed")
+            raise AuthenticationFailed(f"worker {self.name} failed authentication: {exc}") from None
+
+    @property
+    def connected(self) -> bool:
+        """Whether requests can be sent now."""
+        return self._connection is not None and self._reader is not None and not self._reader.done()
+
+    @property
+    def closed_reason(self) -> str:
+        return self._closed_reason
+
+    async def close(self, reason: str = "connection closed by the coordinator") -> None:
+        """Close the connection (the worker abandons what it was doing for us); idempotent."""
+        if self.connected:
+            self._closing = reason
+        if self._connection is not None:
+            await self._connection.close()
+        if self._reader is not None:
+            await self._reader
+
+    async def request(self, message: Message, *, timeout: float | None = None) -> Message:
+        """Send a request and wait for its reply.
+
+        Raises:
+            RemoteError: if the worker answered with an error reply.
+            WorkerUnavailable: if the connection is gone or the reply is late.
+            ProtocolError: if the reply is of the wrong kind.
+        """
+        if self._connection is None or self._reader is None or self._reader.done():
+            raise WorkerUnavailable(self.name, self._closed_reason)
+        request_id = next(self._ids)
+        reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = reply
+        limit = self.request_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                outgoing = encode_fragments(request_id, message, chunk_size=self.chunk_size)
+                await send_message(self._connection, outgoing)
+                self.bytes_sent += outgoing.size
+                answer = await reply
+        except TimeoutError:
+            raise WorkerTimeout(self.name, f"no reply to {message.kind} within {limit:g} s") from None
+        except ConnectionClosed:
+            raise WorkerUnavailable(self.name, self._closed_reason) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(answer, Error):
+            raise RemoteError(self.name, answer.code, answer.reason)
+        expected = reply_kind(message)
+        if answer.kind != expected:
+            raise ProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
+        return answer
+
+    async def _read_replies(self, connection: ClientConnection) -> None:
+        """Route each reply to the request waiting for it; fail them all when the connection ends."""
+        failure: Exception = WorkerUnavailable(self.name, "connection closed")
+        try:
+            while True:
+                await self._deliver(await receive_message(connection, self.max_message_size))
+        except ConnectionClosed as exc:
+            if self._closing is not None:
+                self._closed_reason = self._closing
+            elif "keepalive ping timeout" in str(exc):
+                self._closed_reason = f"no answer to pings for {self.ping_timeout:g} s (frozen or gone)"
+            else:
+                self._closed_reason = f"connection lost ({exc})"
+            failure = WorkerUnavailable(self.name, self._closed_reason)
+        except ProtocolError as exc:
+            self._closed_reason = f"sent an invalid reply: {exc}"
+            failure = WorkerUnavailable(self.name, self._closed_reason)
+            await connection.close(1002, "invalid reply")
+        finally:
+            # Whatever ended the loop, nobody may wait for a reply that cannot come.
+            for request_id in list(self._pending):
+                self._resolve(request_id, failure)
+
+    async def _deliver(self, incoming: MessageDecoder) -> None:
+        """Hand one received reply to the request waiting for it.
+
+        A method of its own so that nothing of the reply outlives the call:
+        a loop's variables would hold each connection's last reply, a whole
+        model, until the next one arrives.
+
+        Raises:
+            ProtocolError: if the reply is invalid and no request can take the blame.
+        """
+        self.bytes_received += incoming.size
+        try:
+            envelope = await off_loop(incoming.size, incoming.finish)  # a large reply decodes in a thread
+        except ProtocolError as exc:
+            if exc.request_id in self._pending:
+                self._resolve(exc.request_id, exc)
+                return
+            if incoming.frame is not None and auth.is_challenge(incoming.frame):
+                raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
+            raise
+        if envelope.id in self._pending:
+            self._resolve(envelope.id, envelope.message)
+        elif envelope.id == 0 and isinstance(envelope.message, Error):
+            # The worker could not tell which request it refuses (e.g. too_large with no readable id):
+            # any of those in flight may be the one, and none would get a reply, so all fail now.
+            error = envelope.message
+            logger.warning(
+                "%s: error %s with id 0 fails %d requests: %s", self.name, error.code, len(self._pending), error.reason
+            )
+            for request_id in list(self._pending):
+                self._resolve(request_id, RemoteError(self.name, error.code, error.reason))
+        elif isinstance(envelope.message, Error):
+            logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
+        else:  # a reply to a request that timed out
+            logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
+
+    def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
+        future = self._pending.pop(request_id)
+        if future.done():
+            return
+        if isinstance(outcome, Exception):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+#: The old name, kept for one release: "client" meant three different things.
+WorkerClient = WorkerLink

@@ -1,0 +1,102 @@
+"""WorkerLink: one way to build it from shared settings, and its old name kept for one release."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ssl
+from pathlib import Path
+
+import pytest
+
+import syncfed.client
+import syncfed.spawn
+import syncfed.transport
+from syncfed.cli.common import link_settings
+from syncfed.exceptions import ConfigError
+from syncfed.net import spawn, transport
+from syncfed.net.link import LinkSettings, WorkerClient, WorkerLink
+
+#: What a link is made of: the settings it was given.
+SETTINGS = [field.name for field in dataclasses.fields(LinkSettings)]
+
+
+def described(link: WorkerLink) -> dict[str, object]:
+    return {"name": link.name, "uri": link.uri, **{name: getattr(link, name) for name in SETTINGS}}
+
+
+def test_from_settings_builds_the_link_the_constructor_builds() -> None:
+    tls = ssl.create_default_context()
+    settings = LinkSettings(
+        max_message_size=2**20,
+        chunk_size=2**17,
+        connect_timeout=1.5,
+        request_timeout=7.0,
+        ping_interval=None,
+        ping_timeout=None,
+        tls=tls,
+        auth_token=b"t" * 16,
+    )
+    built = WorkerLink.from_settings("alice", "wss://localhost:1", settings)
+    by_hand = WorkerLink(
+        "alice",
+        "wss://localhost:1",
+        max_message_size=2**20,
+        chunk_size=2**17,
+        connect_timeout=1.5,
+        request_timeout=7.0,
+        ping_interval=None,
+        ping_timeout=None,
+        tls=tls,
+        auth_token=b"t" * 16,
+    )
+    assert described(built) == described(by_hand)
+    assert built.tls is tls and not built.connected
+
+
+def test_the_settings_defaults_are_the_constructors() -> None:
+    built = WorkerLink.from_settings("bob", "ws://localhost:2", LinkSettings(max_message_size=1000))
+    assert described(built) == described(WorkerLink("bob", "ws://localhost:2", max_message_size=1000))
+
+
+def test_the_old_names_are_the_new_objects() -> None:
+    assert WorkerClient is WorkerLink
+    assert syncfed.client.WorkerClient is WorkerLink and syncfed.client.LinkSettings is LinkSettings
+    for name in transport.__all__:
+        assert getattr(syncfed.transport, name) is getattr(transport, name)
+    assert syncfed.spawn.spawn_workers is spawn.spawn_workers
+    assert syncfed.spawn.WorkerProcess is spawn.WorkerProcess
+
+
+def flags(**given: object) -> argparse.Namespace:
+    values: dict[str, object] = {
+        "max_message_size": 4096,
+        "connect_timeout": 2.0,
+        "tls_ca": None,
+        "tls_cert": None,
+        "tls_key": None,
+        "auth_token_file": None,
+    }
+    return argparse.Namespace(**{**values, **given})
+
+
+def test_a_tools_link_settings_come_from_its_flags(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"  0123456789abcdef\n")
+    plain = link_settings(flags(auth_token_file=token), "ws://localhost:1", request_timeout=9.0)
+    assert plain == LinkSettings(
+        max_message_size=4096,
+        connect_timeout=2.0,
+        request_timeout=9.0,
+        ping_interval=None,
+        auth_token=b"0123456789abcdef",
+    )
+    secure = link_settings(flags(), "wss://localhost:1")
+    assert isinstance(secure.tls, ssl.SSLContext) and secure.tls.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+def test_tls_files_are_read_for_wss_workers_only(tmp_path: Path) -> None:
+    missing = flags(tls_ca=tmp_path / "no-ca.pem")
+    assert link_settings(missing, "ws://localhost:1").tls is None
+    with pytest.raises(ConfigError, match="^cannot load TLS files"):
+        link_settings(missing, "wss://localhost:1")
