@@ -14,7 +14,10 @@ from typing import Final
 
 import numpy as np
 
-__all__ = ["nonfinite"]
+from .exceptions import AggregationError
+from .tensors import Weights
+
+__all__ = ["finite_model", "nonfinite"]
 
 #: Elements scanned at a time: the boolean mask stays at 1 MiB.
 _BLOCK: Final = 1 << 20
@@ -44,3 +47,15 @@ def nonfinite(weights: Mapping[str, np.ndarray]) -> str | None:
         if bad:
             return f"tensor {name} holds {bad} non-finite values ({', '.join(sorted(kinds, reverse=True))})"
     return None
+
+
+def finite_model(weights: Weights, version: int) -> Weights:
+    """``weights``, the new global model, unless a server optimizer overflowed on finite updates.
+
+    Raises:
+        AggregationError: naming the tensor; the run stops before anything non-finite is saved.
+    """
+    reason = nonfinite(weights)
+    if reason is not None:
+        raise AggregationError(f"round {version}: the aggregated model is not finite: {reason}")
+    return weights

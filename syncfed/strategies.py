@@ -60,11 +60,13 @@ from .aggregation import (
     validate_updates,
 )
 from .exceptions import AggregationError, ConfigError
+from .failure import Failure
 from .tensors import Weights
 
 __all__ = [
     "STRATEGIES",
     "Strategy",
+    "WorkerNeeds",
     "MeanStrategy",
     "FedAvg",
     "Mean",
@@ -82,8 +84,24 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class WorkerNeeds:
+    """What a strategy asks of each training worker besides its update."""
+
+    #: FedProx's proximal coefficient the worker adds to its loss (0: none).
+    mu: float = 0.0
+    #: SCAFFOLD's server control variate, sent with the model (None: the strategy uses none).
+    control: Weights | None = None
+
+
 class Strategy(abc.ABC):
-    """How the coordinator turns a round's updates into the next global model."""
+    """How the coordinator turns a round's updates into the next global model.
+
+    The coordinator reads a strategy only through this interface: what it asks
+    of the workers (:meth:`needs`), whether it can fold updates as they arrive
+    (:meth:`streamed`), the round's failures (:meth:`note_failures`) and
+    :meth:`aggregate`.
+    """
 
     #: Command-line name.
     name: ClassVar[str]
@@ -98,6 +116,27 @@ class Strategy(abc.ABC):
     def proximal_mu(self) -> float:
         """FedProx's proximal coefficient the workers add to their loss (0: none)."""
         return 0.0
+
+    def needs(self, global_weights: Mapping[str, np.ndarray]) -> WorkerNeeds:
+        """What each worker training from ``global_weights`` is asked for: a proximal term, a control variate."""
+        return WorkerNeeds(self.proximal_mu, self.control(global_weights) if self.uses_control else None)
+
+    def streamed(self) -> MeanStrategy | None:
+        """This strategy as a rule on the mean of the updates, when it is one (None: it needs every update at once).
+
+        A streamed strategy lets the coordinator fold each update into running
+        sums as it arrives, and secure aggregation compute the round.
+        """
+        return None
+
+    def note_failures(self, round_number: int, failures: Mapping[str, Failure]) -> None:
+        """See why workers did not contribute to round ``round_number``, before it is aggregated.
+
+        As in Flower's ``aggregate_fit(results, failures)``, a strategy may
+        weigh the failures (or refuse the round by raising); this one ignores
+        them, as strategies written before this hook do.
+        """
+        return None
 
     @abc.abstractmethod
     def aggregate(
@@ -192,6 +231,9 @@ class MeanStrategy(Strategy):
     streaming: ClassVar[bool] = True
     #: Whether the mean weighs each update by its number of examples.
     weighted: ClassVar[bool] = True
+
+    def streamed(self) -> MeanStrategy:
+        return self
 
     def aggregate(
         self,

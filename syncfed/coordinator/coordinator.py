@@ -1,0 +1,103 @@
+"""The coordinator: sends the global model out, aggregates what comes back.
+
+Usage::
+
+    result = asyncio.run(Coordinator(CoordinatorConfig(training_rounds=5)).run())
+
+A run: greet and check the workers (:mod:`.pool`, :mod:`syncfed.compatibility`)
+→ start fresh or resume from the checkpoint (:mod:`.journal`) → the rounds,
+synchronous (:mod:`.sync_rounds`) or asynchronous (:mod:`.buffered_rounds`)
+→ cross-site validation (:mod:`.cross_site`) → save the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..checkpoint import save_weights
+from ..compatibility import chosen_data
+from ..config import CoordinatorConfig
+from ..disclosure import held_classes
+from ..protocol import Info
+from ..strategies import Strategy, make_strategy
+from .buffered_rounds import BufferedRounds
+from .context import RunContext
+from .cross_site import cross_site_validation
+from .dispatch import Dispatch
+from .evaluation import Evaluation
+from .journal import Journal
+from .pool import Pool, worker_links
+from .private_rounds import PrivateRounds
+from .results import RunResult
+from .sync_rounds import SyncRounds
+
+__all__ = ["Coordinator"]
+
+
+class Coordinator:
+    """Runs federated training as configured; see the module docstring."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        report: Callable[[str], None] = print,
+        listeners: Sequence[Callable[[Mapping[str, Any]], None]] = (),
+    ) -> None:
+        """``report`` gets the human-readable lines; ``listeners`` get every metrics event as it happens."""
+        self.config = config
+        self.report = report
+        self.listeners = tuple(listeners)
+        self.strategy: Strategy = make_strategy(config.strategy, **config.strategy_settings)
+        pool = Pool(config, worker_links(config), report=report)
+        journal = Journal(config, self.strategy, report=report, listeners=self.listeners)
+        self._context = RunContext(
+            config,
+            self.strategy,
+            pool,
+            Dispatch(config, pool),
+            journal,
+            Evaluation(config, pool, journal, report=report),
+            report,
+        )
+        # Secure aggregation and differential privacy; it needs each worker's example count.
+        self._private = PrivateRounds(config, self.strategy, report=report) if config.private else None
+
+    async def run(self) -> RunResult:
+        """Connect, check the workers, train for the configured rounds, save.
+
+        Raises:
+            WorkerUnavailable: fewer workers than the quorum, or no evaluator, at the start.
+            IncompatibleWorkers: workers disagree with each other or with the model.
+            QuorumNotMet: a round could not gather the quorum within its retries.
+            CheckpointError: the checkpoint cannot be resumed.
+        """
+        config, context = self.config, self._context
+        pool, journal = context.pool, context.journal
+        try:
+            infos = await pool.start()
+            assert pool.reference is not None
+            result, start = journal.initial_state(pool.model_name, pool.reference)
+            # Each trainer's classes, for the shares of predictions per group; private under --secure-agg.
+            groups = {
+                name: held_classes(info)
+                for name, info in infos.items()
+                if name in config.workers and not config.secure_agg and info.histogram is not None
+            }
+            journal.open_metrics(result)
+            rounds = BufferedRounds(context) if config.mode == "async" else SyncRounds(context, self._private)
+            await rounds.run(start, result, groups)
+            if config.cross_site_validation:
+                await cross_site_validation(context, result)
+        finally:
+            await pool.close()
+            journal.close()
+        if config.save_model is not None:
+            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model})
+            self.report(f"Saved the federated model to {config.save_model}")
+        return result
+
+    def _chosen_data(self, name: str, info: Info) -> Info:
+        """Kept for one release: :func:`syncfed.compatibility.chosen_data` with this run's config."""
+        return chosen_data(self.config, name, info)

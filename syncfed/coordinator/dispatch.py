@@ -1,0 +1,136 @@
+"""Training requests: the plan each worker trains by, and receiving its update under the round's limits.
+
+With receive slots (flow control), a worker holds its finished update until
+the coordinator has room for it, so at most K updates are in memory at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import numpy as np
+
+from ..client import WorkerClient
+from ..config import CoordinatorConfig
+from ..failure import Failure
+from ..fold import StreamingFold
+from ..protocol import Fetch, Fit, FitHeld, FitResult, TrainingPlan
+from ..strategies import WorkerNeeds
+from ..tensors import Weights
+from .pool import Pool
+
+__all__ = ["Dispatch", "as_received", "plan_seed"]
+
+_T = TypeVar("_T")
+
+
+def plan_seed(seed: int, round_number: int, worker_index: int) -> int:
+    """An independent, reproducible seed per run, round and worker."""
+    state = np.random.SeedSequence([seed, round_number, worker_index]).generate_state(1, dtype=np.uint64)
+    return int(state[0]) >> 1
+
+
+def as_received(reply: FitResult) -> FitResult:
+    """Take a reply as it is (asynchronous mode buffers updates rather than folding them as they come)."""
+    return reply
+
+
+class Dispatch:
+    """Builds the fit requests of a run and sends them, each under the round timeout."""
+
+    def __init__(self, config: CoordinatorConfig, pool: Pool) -> None:
+        self.config = config
+        self.pool = pool
+        # Flow control: updates received at once, so the peak holds a few updates however many workers finish.
+        self._slots = asyncio.Semaphore(config.receive_slots) if config.receive_slots else None
+
+    def fit(self, version: int, seed: int, lr: float, weights: Weights, needs: WorkerNeeds, *, delta: bool) -> Fit:
+        """The request that trains one worker from ``weights``, with what the strategy ``needs``."""
+        config = self.config
+        plan = TrainingPlan(
+            round=version,
+            batch_size=config.batch_size,
+            num_batches=config.federate_after_n_batches,
+            lr=lr,
+            seed=seed,
+            mu=needs.mu,
+            delta=delta or config.compress != "none",
+            compress=config.compress,
+        )
+        return Fit(self.pool.model_name, weights, plan, needs.control, config.dataset_key)
+
+    async def train(self, link: WorkerClient, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
+        """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.
+
+        The slot is taken only for the transfer and ``take`` (the fold), never
+        while the worker trains, so at most K updates are in memory at once;
+        a worker waiting for a slot keeps answering pings and is not taken for
+        frozen. Training and the transfer each have the round timeout.
+        """
+        timeout = self.config.round_timeout
+        if self._slots is None:
+            reply = await link.request(fit, timeout=timeout)
+            assert isinstance(reply, FitResult)  # request() checked the reply's kind
+            return take(reply)
+        held = await link.request(
+            dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
+        )
+        assert isinstance(held, FitHeld)
+        async with self._slots:
+            reply = await link.request(Fetch(held.token), timeout=timeout)
+            assert isinstance(reply, FitResult)
+            return take(reply)
+
+    async def collect_updates(
+        self,
+        round_number: int,
+        weights: Weights,
+        needs: WorkerNeeds,
+        trainers: Sequence[WorkerClient],
+        selected: Sequence[WorkerClient],
+        fold: StreamingFold,
+    ) -> dict[str, Failure]:
+        """Send the round's plans to the selected workers at once; fold each update in as it arrives.
+
+        Returns why each selected worker that did not contribute failed.
+        """
+        lr = self.config.learning_rate(round_number)
+        index = {link.name: position for position, link in enumerate(trainers)}
+        pending = {
+            asyncio.ensure_future(
+                self.train(
+                    link,
+                    self.fit(
+                        round_number,
+                        plan_seed(self.config.seed, round_number, index[link.name]),
+                        lr,
+                        weights,
+                        needs,
+                        delta=False,
+                    ),
+                    functools.partial(fold.add, link.name),
+                )
+            ): link
+            for link in selected
+        }
+        failures: dict[str, Failure] = {}
+        try:
+            while pending:
+                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    link = pending.pop(task)
+                    error = task.exception()
+                    if error is not None:
+                        failures[link.name] = await self.pool.failure(link, error)
+                        continue
+                    verdict = task.result()  # the fold's verdict on the update
+                    if verdict is not None:
+                        failures[link.name] = verdict
+        finally:
+            for task in pending:
+                task.cancel()
+        return failures

@@ -1,0 +1,161 @@
+"""Evaluation during a run: the central evaluator's rounds, and federated evaluation at the sites.
+
+On an evaluation round the evaluator scores the federated model (and each
+contributor's own, when individual updates are not private); with
+``--federated-eval`` every training worker also scores the global model on
+its own validation split, reported per site and as the weighted average.
+A lost evaluator or site skips its score, never the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ..client import WorkerClient
+from ..config import CoordinatorConfig
+from ..evaluation import VALIDATION, Cell, result_json
+from ..exceptions import ProtocolError, RemoteError, WorkerUnavailable
+from ..partition import group_label
+from ..protocol import EvalResult, Evaluate
+from ..tensors import Weights
+from .journal import Journal
+from .pool import Pool
+from .results import FEDERATED, EvalRecord, RunResult, SiteEvalRecord
+
+__all__ = ["Evaluation", "score_line"]
+
+
+def score_line(reply: EvalResult) -> str:
+    """How the console shows one score."""
+    return f"Average loss: {reply.loss:.4f}, Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
+
+
+class Evaluation:
+    """Scores models on the evaluator's test data and on the sites' validation splits."""
+
+    def __init__(
+        self, config: CoordinatorConfig, pool: Pool, journal: Journal, *, report: Callable[[str], None]
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.journal = journal
+        self.report = report
+
+    async def evaluate_round(
+        self,
+        round_number: int,
+        result: RunResult,
+        updates: Mapping[str, Weights],
+        evaluator: WorkerClient,
+        groups: Mapping[str, Sequence[int]],
+    ) -> None:
+        """Score each contributing worker's model and the federated one; a lost evaluator skips this evaluation."""
+        candidates = {**updates, FEDERATED: result.weights}
+        batch, key = self.config.test_batch_size, self.config.dataset_key
+        await self.pool.rejoin([evaluator])
+        try:
+            replies = await asyncio.gather(
+                *(
+                    evaluator.request(Evaluate(self.pool.model_name, weights, batch, dataset_key=key))
+                    for weights in candidates.values()
+                )
+            )
+        except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
+            if isinstance(exc, WorkerUnavailable):
+                self.pool.back_off(evaluator)
+            await evaluator.close()
+            self._skipped(round_number, str(exc))
+            return
+        assert self.pool.reference is not None
+        classes = self.pool.reference.num_classes
+        scores = [reply for reply in replies if isinstance(reply, EvalResult)]
+        if any(len(score.predictions) != classes for score in scores):
+            self._skipped(round_number, f"the evaluator's predictions do not have {classes} classes")
+            return
+        self.report(f"Evaluation at round {round_number}/{self.config.training_rounds}:")
+        for name, reply in zip(candidates, scores, strict=True):
+            result.evaluations.append(EvalRecord(round_number, name, reply))
+            label = "Federated model" if name == FEDERATED else f"Model update {name}"
+            shares = ", ".join(
+                f"{group_label(held)}: {sum(reply.predictions[c] for c in held) / reply.num_examples:.0%}"
+                for held in groups.values()
+            )
+            if groups:
+                self.report(f"{label}: Percentage numbers {shares}")
+            self.report(f"{label}: {score_line(reply)}")
+            self.journal.write(
+                {
+                    "event": "eval",
+                    "round": round_number,
+                    "model": name,
+                    "accuracy": reply.accuracy,
+                    "loss": reply.loss,
+                    "n": reply.num_examples,
+                    "correct": reply.correct,
+                    "predictions": list(reply.predictions),
+                }
+            )
+
+    async def score(self, link: WorkerClient, weights: Weights, split: str | None) -> Cell:
+        """``link``'s score of ``weights`` on its own data, or on its validation split, or why there is none.
+
+        A failure is handled as in training (a late worker is dropped and
+        rejoins later) and its reason returned, so one site cannot stop the others.
+        """
+        assert self.pool.reference is not None
+        if not self.pool.ready(link):
+            return f"not connected ({link.closed_reason})"
+        request = Evaluate(self.pool.model_name, weights, self.config.test_batch_size, split, self.config.dataset_key)
+        try:
+            reply = await link.request(request)
+        except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
+            return str(await self.pool.failure(link, exc))
+        assert isinstance(reply, EvalResult)
+        if len(reply.predictions) != self.pool.reference.num_classes:
+            return f"its predictions do not have {self.pool.reference.num_classes} classes"
+        return reply
+
+    async def federated_eval(self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient]) -> None:
+        """Federated evaluation: every training worker scores the global model on its own validation split, at once.
+
+        Reported per site and as the example-weighted average, beside the
+        central evaluator's score of the same model when there is one.
+        """
+        outcomes = await asyncio.gather(*(self.score(link, result.weights, VALIDATION) for link in trainers))
+        named = dict(zip((link.name for link in trainers), outcomes, strict=True))
+        record = SiteEvalRecord(
+            round_number,
+            {name: outcome for name, outcome in named.items() if isinstance(outcome, EvalResult)},
+            {name: outcome for name, outcome in named.items() if isinstance(outcome, str)},
+        )
+        result.site_evaluations.append(record)
+        central = next(
+            (entry.result for entry in result.evaluations if entry.round == round_number and entry.model == FEDERATED),
+            None,
+        )
+        self.report(f"Federated evaluation at round {round_number}/{self.config.training_rounds} (validation splits):")
+        secure = self.config.secure_agg  # each site's figures and size stay private: the average only
+        for name, reply in record.sites.items() if not secure else ():
+            self.report(f"Site {name}: {score_line(reply)}")
+        for name, reason in record.failed.items():
+            self.report(f"Site {name}: not evaluated ({reason})")
+        event: dict[str, Any] = {
+            "event": "federated_eval",
+            "round": round_number,
+            "sites": {name: result_json(reply) for name, reply in record.sites.items()} if not secure else {},
+            "failed": record.failed,
+        }
+        if record.sites:
+            average = record.average
+            beside = f"; central evaluator: {central.accuracy:.2%}" if central is not None else ""
+            self.report(f"Weighted average over {len(record.sites)} sites: {score_line(average)}{beside}")
+            event["average"] = result_json(average)
+        if central is not None:
+            event["central"] = result_json(central)
+        self.journal.write(event)
+
+    def _skipped(self, round_number: int, reason: str) -> None:
+        self.report(f"Evaluation at round {round_number} skipped: {reason}")
+        self.journal.write({"event": "eval_skipped", "round": round_number, "reason": reason})

@@ -1,0 +1,248 @@
+"""The run's written record: the metrics file, the model registry and the checkpoint, and resuming from them.
+
+A finished round (or asynchronous version) is written in this order: its
+events in the metrics file, its model in the registry, then the checkpoint,
+which records how long the metrics file was at that point. On ``--resume``
+the metrics file is cut back to that length, so lines of the round in
+progress at a crash are not written twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import secrets
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from ..checkpoint import Checkpoint, check_resumable, check_weights, load_checkpoint, save_checkpoint
+from ..config import CoordinatorConfig
+from ..exceptions import AggregationError, CheckpointError, ConfigError
+from ..finite import nonfinite
+from ..models import get_weights, resolve_model
+from ..protocol import Info
+from ..registry import ModelRegistry
+from ..strategies import Strategy
+from .results import FEDERATED, RoundRecord, RunResult
+
+__all__ = ["Journal", "round_event"]
+
+
+def round_event(
+    record: RoundRecord,
+    *,
+    mode: str | None,
+    figures: Mapping[str, Any],
+    strategy: str,
+    details: Mapping[str, Any],
+    traffic: tuple[int, int],
+    privacy: Mapping[str, Any],
+) -> dict[str, Any]:
+    """A round's metrics event, in both modes: the record, then the mode's own fields in their places.
+
+    ``figures``: the loss (and example, compression, epsilon) fields; ``details``: what the mode
+    adds after the strategy (the sample, the staleness); ``traffic``: bytes sent and received.
+    """
+    return {
+        "event": "round",
+        **({"mode": mode} if mode is not None else {}),
+        "round": record.round,
+        "workers": list(record.workers),
+        "failed": dict(record.failed),
+        "seconds": round(record.seconds, 4),
+        "lr": record.lr,
+        **figures,
+        "strategy": strategy,
+        **details,
+        "bytes_sent": traffic[0],
+        "bytes_received": traffic[1],
+        **privacy,
+    }
+
+
+class Journal:
+    """Writes the metrics events, registers each version's model, checkpoints, and resumes from a checkpoint."""
+
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        strategy: Strategy,
+        *,
+        report: Callable[[str], None],
+        listeners: Sequence[Callable[[Mapping[str, Any]], None]],
+    ) -> None:
+        """``listeners`` get every metrics event as it is written."""
+        self.config = config
+        self.strategy = strategy
+        self.report = report
+        self.listeners = tuple(listeners)
+        #: Names this run in the model registry: the start time and a random suffix, kept across --resume.
+        self.run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
+        self._registry = ModelRegistry(config.registry) if config.registry is not None else None
+        self._metrics: IO[str] | None = None
+        self._resumed: Checkpoint | None = None
+        self._model_name = ""
+        self._reference: Info | None = None
+
+    def write(self, event: dict[str, Any]) -> None:
+        """One metrics event: a line in the metrics file, and a call of each listener."""
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(event) + "\n")
+            self._metrics.flush()
+        for listener in self.listeners:
+            listener(event)
+
+    def close(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+
+    def initial_state(self, model_name: str, reference: Info) -> tuple[RunResult, int]:
+        """Fresh weights from the seed, or the checkpoint's with ``--resume``; the first round to run.
+
+        Raises:
+            CheckpointError: a checkpoint exists without ``--resume``, or it is not of this run.
+        """
+        self._model_name, self._reference = model_name, reference
+        config = self.config
+        checkpoint = load_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        if checkpoint is not None and not config.resume:
+            raise CheckpointError(
+                f"{config.checkpoint_dir} holds a checkpoint of round {checkpoint.round};"
+                " pass --resume to continue it, or choose another --checkpoint-dir"
+            )
+        if checkpoint is None:
+            if config.resume:
+                self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
+            torch.manual_seed(config.seed)
+            return RunResult(model_name, get_weights(resolve_model(model_name)())), 1
+        self.run_id = str(checkpoint.identity.get("run_id", self.run_id))  # a resumed run keeps its id
+        check_resumable(checkpoint, self._identity())
+        check_weights(checkpoint, get_weights(resolve_model(model_name)()))
+        recorded = checkpoint.strategy_state.get("name")
+        if recorded is not None and recorded != self.strategy.name:
+            raise CheckpointError(
+                f"cannot resume: the run used strategy {recorded}, not {self.strategy.name};"
+                " use another --checkpoint-dir to start a new run"
+            )
+        try:
+            self.strategy.load_state(checkpoint.server_state)
+        except ConfigError as exc:  # the checkpoint's fault, not the command line's
+            raise CheckpointError(f"cannot resume: {exc}") from None
+        self._resumed = checkpoint
+        self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
+        return RunResult(model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
+
+    def open_metrics(self, result: RunResult) -> None:
+        """Open the metrics file: new for a new run; cut back to the checkpoint's length and appended to on resume."""
+        path = self.config.metrics_out
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if result.first_round == 1 or not path.exists():
+            self._metrics = path.open("w", encoding="utf-8")
+            return
+        if self._resumed is not None and self._resumed.metrics_size is not None:
+            _check_metrics_file(path, self._resumed)
+        self._metrics = path.open("r+", encoding="utf-8")
+        if self._resumed is not None and self._resumed.metrics_size is not None:
+            # Lines written after the checkpoint belong to the round in progress at the crash: drop them.
+            self._metrics.truncate(self._resumed.metrics_size)
+        self._metrics.seek(0, os.SEEK_END)
+
+    async def version_done(self, round_number: int, result: RunResult) -> None:
+        """Record a finished round (or asynchronous version): in the model registry, then in the checkpoint."""
+        if self._registry is not None:
+            await asyncio.to_thread(self._register, round_number, result)
+        self._checkpoint(round_number, result)
+
+    def _identity(self) -> dict[str, Any]:
+        assert self._reference is not None
+        return {
+            "model": self._model_name,
+            "dataset": self._reference.dataset,
+            "dataset_key": self.config.dataset_key,
+            "workers": list(self.config.workers),
+            "evaluator": list(self.config.evaluator),
+            "run_id": self.run_id,
+        }
+
+    def _register(self, round_number: int, result: RunResult) -> None:
+        assert self._registry is not None and self._reference is not None
+        reason = nonfinite(result.weights)
+        if reason is not None:  # the registry's own module stays unaware of this rule
+            raise AggregationError(f"refusing to register a non-finite model: {reason}")
+        metrics: dict[str, float] = {}
+        for record in result.evaluations:
+            if record.round == round_number and record.model == FEDERATED:
+                metrics |= {"accuracy": record.result.accuracy, "loss": record.result.loss}
+        for site in result.site_evaluations:
+            if site.round == round_number and site.sites:
+                average = site.average
+                metrics |= {"site_accuracy": average.accuracy, "site_loss": average.loss}
+        self._registry.record(
+            run_id=self.run_id,
+            round=round_number,
+            model=self._model_name,
+            weights=result.weights,
+            participants=list(result.rounds[-1].workers) if result.rounds else [],
+            strategy=self.strategy.describe(),
+            settings={**_settings(self.config), "input_shape": list(self._reference.input_shape)},
+            metrics=metrics,
+        )
+
+    def _checkpoint(self, round_number: int, result: RunResult) -> None:
+        directory = self.config.checkpoint_dir
+        if directory is None:
+            return
+        checkpoint = Checkpoint(
+            round=round_number,
+            weights=result.weights,
+            identity=self._identity(),
+            seed=self.config.seed,
+            config=_settings(self.config),
+            strategy_state=self.strategy.describe(),
+            server_state=self.strategy.state(),
+            metrics_path=str(self.config.metrics_out.resolve()) if self.config.metrics_out is not None else None,
+            metrics_size=self._durable_metrics_size(),
+        )
+        save_checkpoint(directory, checkpoint)
+
+    def _durable_metrics_size(self) -> int | None:
+        """Fsync the metrics file, so the size the checkpoint records is on disk too."""
+        if self._metrics is None:
+            return None
+        self._metrics.flush()
+        os.fsync(self._metrics.fileno())
+        return self._metrics.tell()
+
+
+def _check_metrics_file(path: Path, checkpoint: Checkpoint) -> None:
+    """Refuse to cut a metrics file that is not the one the checkpoint describes."""
+    size = checkpoint.metrics_size or 0
+    recorded = checkpoint.metrics_path
+    if recorded is not None and recorded != str(path.resolve()):
+        raise CheckpointError(
+            f"the checkpointed run wrote its metrics to {recorded}, not {path}; resume with --metrics-out {recorded}"
+        )
+    actual = path.stat().st_size
+    with path.open("rb") as handle:
+        handle.seek(max(size - 1, 0))
+        last = handle.read(1)
+    if actual < size or (size and last != b"\n"):
+        raise CheckpointError(
+            f"metrics file {path} has {actual} bytes and does not end a line at byte {size} as the checkpoint"
+            " of its run says; it was changed or lost data since, so resuming would damage it"
+        )
+
+
+def _settings(config: CoordinatorConfig) -> dict[str, Any]:
+    """The run's settings as JSON values, recorded in checkpoints."""
+    return {
+        name: str(value) if isinstance(value, Path) else value for name, value in dataclasses.asdict(config).items()
+    }

@@ -1,0 +1,260 @@
+"""The workers a run talks to: their connections, joining and rejoining, selection, and what a failure does.
+
+A lost worker is never waited for: it is retried with a backoff
+(:class:`Backoff`) at the start of later rounds, checked like at the start
+(:mod:`syncfed.compatibility`), and joins the round after it greets back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..auth import read_token
+from ..client import WorkerClient
+from ..compatibility import check_compatible, check_rejoining, chosen_data
+from ..config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
+from ..disclosure import holdings
+from ..exceptions import (
+    AuthenticationFailed,
+    IncompatibleWorkers,
+    ProtocolError,
+    RemoteError,
+    WorkerTimeout,
+    WorkerUnavailable,
+)
+from ..failure import Failure
+from ..protocol import Hello, Info
+from ..transport import client_tls
+
+__all__ = ["Backoff", "Pool", "traffic", "worker_links"]
+
+logger = logging.getLogger("syncfed.coordinator")
+
+#: Keeps client sampling's random stream apart from the training seeds derived from the same seed.
+_SAMPLING_STREAM = 0x53414D50
+
+
+def worker_links(config: CoordinatorConfig) -> dict[str, WorkerClient]:
+    """A connection (not yet open) to each worker and the evaluator, with the run's limits, TLS and token."""
+    tls = (
+        client_tls(config.tls_ca, config.tls_cert, config.tls_key)
+        if config.tls_ca is not None or config.tls_cert is not None
+        else None
+    )
+    token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
+    return {
+        name: WorkerClient(
+            name,
+            uri,
+            max_message_size=config.max_message_size,
+            chunk_size=config.chunk_size,
+            connect_timeout=config.connect_timeout,
+            request_timeout=config.request_timeout,
+            ping_interval=config.ping_interval,
+            ping_timeout=config.ping_timeout,
+            tls=tls,
+            auth_token=token,
+        )
+        for name, uri in {**config.workers, **config.evaluator}.items()
+    }
+
+
+def traffic(links: Sequence[WorkerClient]) -> tuple[int, int]:
+    """Message bytes sent to and received from ``links`` so far."""
+    return sum(link.bytes_sent for link in links), sum(link.bytes_received for link in links)
+
+
+@dataclass
+class Backoff:
+    """When to try a lost worker again: at once, then after 0.5, 1, 2, 4, ... s, capped.
+
+    Trying is cheap when the worker is down (the connection is refused at
+    once) and never holds a round up (see :meth:`Pool.rejoin`), so the
+    backoff only spares a struggling host a stream of handshakes.
+    """
+
+    failures: int = 0
+    retry_at: float = 0.0
+
+    def failed(self, now: float, cap: float) -> None:
+        self.failures += 1
+        self.retry_at = now + (0.0 if self.failures == 1 else min(0.5 * 2.0 ** (self.failures - 2), cap))
+
+    def due(self, now: float) -> bool:
+        return now >= self.retry_at
+
+
+class Pool:
+    """The run's worker connections and what is known of each: its backoff, its example count, the checked model."""
+
+    def __init__(
+        self, config: CoordinatorConfig, links: dict[str, WorkerClient], *, report: Callable[[str], None]
+    ) -> None:
+        self.config = config
+        self.report = report
+        self.links = links
+        self.trainers = [links[name] for name in config.workers]
+        self.evaluator = links[next(iter(config.evaluator))] if config.evaluator else None
+        self.backoff = {name: Backoff() for name in links}
+        self.joining: dict[str, asyncio.Task[None]] = {}
+        #: Each worker's example count as its hello said: the most its updates may weigh.
+        self.num_examples: dict[str, int] = {}
+        #: The model every worker can build and the data they share, once :meth:`start` checked them.
+        self.model_name = ""
+        self.reference: Info | None = None
+        # How long a round start waits for reconnecting workers: a live one
+        # answers at once, a frozen one must not stall the round.
+        self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
+
+    def ready(self, link: WorkerClient) -> bool:
+        """Connected and checked: a worker still being greeted joins the next round."""
+        return link.connected and link.name not in self.joining
+
+    async def start(self) -> dict[str, Info]:
+        """Greet every worker at once; go on with a quorum of trainers and the evaluator.
+
+        Raises:
+            WorkerUnavailable: fewer trainers than the quorum answered, or the evaluator did not.
+            IncompatibleWorkers: workers disagree with each other or with the model.
+        """
+        evaluator, trainers = self.evaluator, self.trainers
+        links = [*trainers, *([evaluator] if evaluator else [])]
+        outcomes = await asyncio.gather(*(self._greet(link) for link in links), return_exceptions=True)
+        infos: dict[str, Info] = {}
+        unreachable: list[WorkerUnavailable] = []
+        refused: list[RemoteError | ProtocolError] = []  # answered hello with an error, or with an invalid info
+        for link, outcome in zip(links, outcomes, strict=True):
+            if isinstance(outcome, Info):
+                infos[link.name] = outcome
+            elif isinstance(outcome, (WorkerUnavailable, RemoteError, ProtocolError)) and link is not evaluator:
+                # One faulty peer is one unavailable worker: the quorum decides whether the run can go on.
+                if isinstance(outcome, WorkerUnavailable):
+                    unreachable.append(outcome)
+                else:
+                    refused.append(outcome)
+                    unreachable.append(WorkerUnavailable(link.name, f"bad reply to hello: {outcome}"))
+                self.back_off(link)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        reachable = len(trainers) - len(unreachable)
+        if reachable < self.config.quorum and refused:
+            raise refused[0]  # as before: a worker's own answer says more than "unavailable"
+        if reachable < self.config.quorum:
+            raise (
+                unreachable[0]
+                if len(unreachable) == 1
+                else WorkerUnavailable(
+                    ", ".join(error.worker for error in unreachable),
+                    f"{reachable} of {len(trainers)} training workers reachable, quorum is {self.config.quorum} ("
+                    + "; ".join(f"{error.worker}: {error.reason}" for error in unreachable)
+                    + ")",
+                )
+            )
+        for error in unreachable:
+            self.report(f"Worker {error.worker} is unreachable ({error.reason}); it will be retried each round")
+        self.model_name, self.reference = check_compatible(self.config, infos)
+        return infos
+
+    async def rejoin(self, links: Sequence[WorkerClient]) -> None:
+        """Start reconnecting the lost workers whose backoff has elapsed, and give them a moment.
+
+        A live worker greets back within milliseconds and takes part in the
+        coming round; a frozen one cannot hold the round up for longer than
+        the grace period, and joins a later round if it ever answers.
+        """
+        now = time.monotonic()
+        for link in links:
+            if not link.connected and link.name not in self.joining and self.backoff[link.name].due(now):
+                self.joining[link.name] = asyncio.create_task(self._try_rejoin(link))
+        pending = [self.joining[link.name] for link in links if link.name in self.joining]
+        if pending:
+            await asyncio.wait(pending, timeout=self._join_grace)
+
+    def select(self, round_number: int, trainers: Sequence[WorkerClient]) -> list[WorkerClient]:
+        """The round's workers: every ready one, or a sample seeded by ``(seed, round)`` (client sampling)."""
+        ready = [link for link in trainers if self.ready(link)]
+        size = self.config.sample_size(len(ready))
+        if size == len(ready):
+            return ready
+        rng = np.random.default_rng([self.config.seed, round_number, _SAMPLING_STREAM])
+        return [ready[index] for index in sorted(rng.choice(len(ready), size=size, replace=False))]
+
+    async def failure(self, link: WorkerClient, exc: BaseException) -> Failure:
+        """Why a request failed, closing or backing off the worker as needed; re-raises the unexpected."""
+        if isinstance(exc, WorkerTimeout):
+            # Closing makes the worker abandon the late work; it rejoins next round.
+            await link.close(f"dropped after {exc.reason}")
+            return Failure("timeout", exc.reason)
+        if isinstance(exc, WorkerUnavailable):
+            self.back_off(link)
+            return Failure("unavailable", exc.reason)
+        if isinstance(exc, RemoteError):
+            return Failure("error reply", f"{exc.code}: {exc.reason}")
+        if isinstance(exc, ProtocolError):
+            await link.close(f"sent an invalid reply: {exc}")
+            return Failure("invalid reply", str(exc))
+        raise exc
+
+    def succeeded(self, link: WorkerClient) -> None:
+        self.backoff[link.name].failures = 0
+
+    async def wait_for_backoff(self, link: WorkerClient) -> None:
+        """Sleep until ``link`` is due to be tried again (at least a moment, never a tight loop)."""
+        await asyncio.sleep(max(self.backoff[link.name].retry_at - time.monotonic(), 0.05))
+
+    async def wait_for_retry(self, trainers: Sequence[WorkerClient]) -> None:
+        """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap).
+
+        With every worker connected (the round failed on error replies) there is nothing to wait for.
+        """
+        now = time.monotonic()
+        waits = [self.backoff[link.name].retry_at - now for link in trainers if not link.connected]
+        delay = min([self.config.reconnect_max_delay, *waits]) if waits else 0.0
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        """Stop the rejoining in progress and close every connection."""
+        for task in list(self.joining.values()):
+            task.cancel()
+        await asyncio.gather(*self.joining.values(), return_exceptions=True)
+        await asyncio.gather(*(link.close() for link in self.links.values()))
+
+    async def _greet(self, link: WorkerClient) -> Info:
+        await link.connect()
+        try:
+            info = await link.request(Hello(), timeout=self.config.connect_timeout)
+        except BaseException:
+            await link.close()
+            raise
+        assert isinstance(info, Info)
+        info = chosen_data(self.config, link.name, info)
+        self.num_examples[link.name] = info.num_examples
+        logger.info("%s holds %s", link.name, holdings(info, secure=self.config.secure_agg))
+        return info
+
+    async def _try_rejoin(self, link: WorkerClient) -> None:
+        """Reconnect and greet ``link``, checking it like at the start; back off on failure."""
+        assert self.reference is not None
+        try:
+            info = await self._greet(link)
+            check_rejoining(self.config, link.name, info, self.reference, self.model_name)
+        except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError, AuthenticationFailed) as exc:
+            await link.close()
+            self.back_off(link)
+            logger.info("%s: still unavailable (%s)", link.name, exc)
+            return
+        finally:
+            self.joining.pop(link.name, None)
+        self.succeeded(link)
+        self.report(f"Worker {link.name} rejoined")
+
+    def back_off(self, link: WorkerClient) -> None:
+        """Count a failure of ``link``: it is tried again after its backoff."""
+        self.backoff[link.name].failed(time.monotonic(), self.config.reconnect_max_delay)

@@ -1,0 +1,213 @@
+"""The round's fold: each worker's update taken in as it arrives, then the next global model.
+
+Every synchronous round ends in a fold, read the same way whichever kind it
+is (:class:`Fold`): the contributors' losses and example counts, the updates
+kept for the evaluator, and :meth:`Fold.aggregate`. Two kinds exist:
+
+- :class:`StreamingFold`, for plain rounds: a mean-based strategy folds each
+  update into running sums and lets it go, so the coordinator holds the sums
+  plus the update in flight, whatever the number of workers; a robust one
+  keeps them all (it needs every update at once).
+- :class:`PrivateFold`, for secure aggregation and differential privacy: the
+  updates were summed under masks (or clipped and noised) before the
+  coordinator saw them, so it only holds the round's mean update.
+
+Pure: no I/O. Validation comes before any arithmetic, as in Flower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from .aggregation import RunningMean, from_float64
+from .exceptions import AggregationError
+from .failure import Failure
+from .finite import nonfinite
+from .protocol import FitResult
+from .secagg import unflatten
+from .strategies import MeanStrategy, Strategy
+from .tensors import Weights
+
+__all__ = ["Fold", "PrivateFold", "StreamingFold", "floating", "invalid_update", "mismatch"]
+
+
+class Fold(Protocol):
+    """What a round's fold tells the round: who contributed, with what, and the next global model."""
+
+    #: Each contributor's training loss, in arrival order.
+    losses: dict[str, float]
+    #: Each contributor's example count.
+    examples: dict[str, int]
+    #: Each contributor's relative compression error (empty without --compress).
+    compression_errors: dict[str, float]
+    #: Each --dp-sgd contributor's own example-level epsilon so far.
+    dp_epsilons: dict[str, float]
+    #: Each contributor's weights, when the evaluator scores them this round.
+    kept: dict[str, Weights]
+    #: The example count a secure sum revealed (None when nothing summed the counts).
+    total_examples: int | None
+
+    def aggregate(self, num_workers: int) -> Weights:
+        """The next global model from what was folded in."""
+        ...
+
+
+class StreamingFold:
+    """Takes a round's valid updates as they arrive (see the module docstring).
+
+    ``kept`` holds each update's weights only when the evaluator scores them this round.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        reference: Weights,
+        *,
+        keep: bool,
+        delta: bool,
+        held: Mapping[str, int],
+        control: Weights | None = None,
+    ) -> None:
+        """``held``: each worker's example count as its hello said, the most its updates may weigh;
+        ``control``: the server control variate sent with the round (SCAFFOLD), which updates must match."""
+        self.strategy = strategy
+        self.streamed = strategy.streamed()
+        self.reference = reference
+        self.keep = keep
+        self.delta = delta  # replies carry updates relative to ``reference``
+        self.held = held
+        self.mean = (
+            RunningMean(weighted=self.streamed.weighted, origin=None if delta else reference)
+            if self.streamed is not None
+            else None
+        )
+        self.control = control
+        self.controls = RunningMean(weighted=False) if control is not None else None
+        self.updates: list[tuple[Weights, int]] = []
+        self.losses: dict[str, float] = {}
+        self.compression_errors: dict[str, float] = {}
+        self.dp_epsilons: dict[str, float] = {}
+        self.examples: dict[str, int] = {}
+        self.kept: dict[str, Weights] = {}
+        self.total_examples: int | None = None
+
+    def add(self, name: str, reply: FitResult) -> Failure | None:
+        """Fold in ``name``'s ``reply``; why it is invalid, if it is (then nothing is folded)."""
+        reason = invalid_update(reply, self.reference, self.held.get(name, 0))
+        if reason is None and self.control is not None:
+            reason = (
+                "no control variate update (SCAFFOLD)"
+                if reply.control_delta is None
+                else mismatch(reply.control_delta, self.control) or nonfinite(reply.control_delta)
+            )
+        if reason is not None:
+            return Failure("invalid update", reason)
+        weights = (
+            {tensor: self.reference[tensor] + array for tensor, array in reply.weights.items()}
+            if self.delta and (self.mean is None or self.keep)
+            else reply.weights
+        )
+        if self.mean is not None:
+            self.mean.add(reply.weights, reply.num_examples)
+        else:
+            self.updates.append((weights, reply.num_examples))
+        if self.controls is not None and reply.control_delta is not None:
+            self.controls.add(reply.control_delta, 1)
+        if self.keep:
+            self.kept[name] = weights
+        self.losses[name] = reply.loss
+        self.compression_errors[name] = reply.compression_error
+        if reply.dp_epsilon is not None:
+            self.dp_epsilons[name] = reply.dp_epsilon
+        self.examples[name] = reply.num_examples
+        return None
+
+    def aggregate(self, num_workers: int) -> Weights:
+        """The next global model: the strategy's step from the running mean, or its rule over every update."""
+        if self.mean is None or self.streamed is None:
+            return self.strategy.aggregate(self.reference, self.updates, num_workers=num_workers)
+        mean = self.mean.result()
+        if self.delta:
+            mean = {name: self.reference[name] + array for name, array in mean.items()}
+        return self.streamed.step(
+            self.reference,
+            mean,
+            control_mean=self.controls.result() if self.controls is not None else None,
+            participants=self.mean.count,
+            num_workers=num_workers,
+        )
+
+
+class PrivateFold:
+    """A private round's outcome (see the module docstring).
+
+    ``kept`` is always empty: individual updates stay private, so the
+    evaluator scores the federated model only.
+    """
+
+    def __init__(
+        self,
+        strategy: MeanStrategy,
+        reference: Weights,
+        mean: np.ndarray | None,
+        losses: Mapping[str, float],
+        examples: Mapping[str, int],
+        total_examples: int | None = None,
+    ) -> None:
+        """``mean``: the round's mean update of the float tensors, flat (see :func:`~syncfed.secagg.flatten`);
+        ``total_examples``: the example count the secure sum revealed, when it summed counts."""
+        self.strategy = strategy
+        self.reference = reference
+        self.mean = mean
+        self.losses = dict(losses)
+        self.examples = dict(examples)
+        self.total_examples = total_examples
+        # Empty: private rounds refuse --compress, which would garble a masked update or unclip a clipped one.
+        self.compression_errors: dict[str, float] = {}
+        # Empty: a worker's own epsilon would tell its sampling rate, hence its size.
+        self.dp_epsilons: dict[str, float] = {}
+        self.kept: dict[str, Weights] = {}
+
+    def aggregate(self, num_workers: int) -> Weights:
+        """The next global model: the strategy's step from the global model and the mean update.
+
+        Raises:
+            AggregationError: if no worker contributed.
+        """
+        if self.mean is None:
+            raise AggregationError("no updates to aggregate")
+        # Zero-stride float64 templates: the update is added to the weights in float64, as RunningMean does.
+        like = {name: np.broadcast_to(np.zeros(()), array.shape) for name, array in floating(self.reference).items()}
+        delta = unflatten(self.mean, like)
+        mean = {
+            name: from_float64(array + delta[name], array.dtype) if name in delta else array
+            for name, array in self.reference.items()
+        }
+        return self.strategy.step(self.reference, mean, participants=len(self.losses), num_workers=num_workers)
+
+
+def floating(weights: Mapping[str, np.ndarray]) -> Weights:
+    """The floating-point tensors of ``weights``: the ones a private round carries."""
+    return {name: array for name, array in weights.items() if np.issubdtype(array.dtype, np.floating)}
+
+
+def mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]) -> str | None:
+    """How a worker's weights differ from the global model's names, shapes and dtypes, if they do."""
+    if update.keys() != reference.keys():
+        return f"tensors {sorted(set(update) ^ set(reference))[:5]} do not match the model's"
+    for name, array in reference.items():
+        if update[name].shape != array.shape or update[name].dtype != array.dtype:
+            got, expected = f"{update[name].dtype}{list(update[name].shape)}", f"{array.dtype}{list(array.shape)}"
+            return f"tensor {name} is {got}, the model's is {expected}"
+    return None
+
+
+def invalid_update(reply: FitResult, reference: Mapping[str, np.ndarray], held: int) -> str | None:
+    """Why an update cannot be aggregated: tensors unlike the model's, a non-finite value (after
+    decompression), or more examples than its worker said it holds (which would outweigh the others)."""
+    if reply.num_examples > held:
+        return f"num_examples {reply.num_examples} exceeds the {held} examples the worker's hello claimed"
+    return mismatch(reply.weights, reference) or nonfinite(reply.weights)
