@@ -71,8 +71,8 @@ from syncfed.aggregation import fedavg  # noqa: E402
 from syncfed.config import DEFAULT_RECEIVE_SLOTS, CoordinatorConfig, WorkerConfig  # noqa: E402
 from syncfed.coordinator import Coordinator, plan_seed  # noqa: E402
 from syncfed.models import MODELS, get_weights, set_weights  # noqa: E402
+from syncfed.net.spawn import spawn_workers  # noqa: E402
 from syncfed.protocol import TrainingPlan  # noqa: E402
-from syncfed.spawn import spawn_workers  # noqa: E402
 from syncfed.tensors import Weights  # noqa: E402
 from syncfed.training import train  # noqa: E402
 from syncfed.worker import load_holdings, load_shard, run_worker  # noqa: E402

@@ -24,9 +24,9 @@ import msgpack
 import numpy as np
 from websockets.asyncio.client import connect
 
+from syncfed.net.spawn import spawn_workers
 from syncfed.protocol import Evaluate, Hello, Ping, Query, SecAggUnmask, decode, encode, encode_fragments
 from syncfed.secagg import UnmaskRequest
-from syncfed.spawn import spawn_workers
 
 MiB = 2**20
 

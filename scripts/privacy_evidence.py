@@ -63,8 +63,8 @@ from syncfed.cli import analytics as analytics_cli  # noqa: E402
 from syncfed.config import CoordinatorConfig, WorkerConfig  # noqa: E402
 from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
 from syncfed.exceptions import QuorumNotMet  # noqa: E402
+from syncfed.net.spawn import spawn_workers  # noqa: E402
 from syncfed.privacy import PrivacyAccountant, noise_for_epsilon  # noqa: E402
-from syncfed.spawn import spawn_workers  # noqa: E402
 from syncfed.worker import load_holdings, run_worker  # noqa: E402
 
 THREADS = ["--threads", "1"]

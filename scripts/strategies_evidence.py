@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from syncfed.config import CoordinatorConfig  # noqa: E402
 from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
 from syncfed.exceptions import SyncfedError  # noqa: E402
-from syncfed.spawn import spawn_workers  # noqa: E402
+from syncfed.net.spawn import spawn_workers  # noqa: E402
 
 THREADS = ["--threads", "1"]
 STRATEGIES: dict[str, dict[str, float]] = {

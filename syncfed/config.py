@@ -406,7 +406,7 @@ class CoordinatorConfig:
 
     @property
     def private(self) -> bool:
-        """Whether rounds run through secure aggregation or differential privacy (``syncfed.secure_round``)."""
+        """Whether rounds run through secure aggregation or differential privacy (``coordinator.private_rounds``)."""
         return self.secure_agg or self.dp is not None
 
     @property

@@ -1149,7 +1149,7 @@ def test_a_worker_lost_after_masking_its_answer_stays_in_the_secure_sum(
             os.kill(disposable_worker.process.pid, signal.SIGKILL)  # erin's masked answer is already in
             return await super().unmask()
 
-    monkeypatch.setattr("syncfed.query_round.SecureRound", KillingErin)
+    monkeypatch.setattr("syncfed.coordinator.query_round.SecureRound", KillingErin)
     capsys.readouterr()
     status = analytics_cli.main(
         ["--workers", workers, "--json", str(tmp_path / "s.json"), "--secure-agg", "label-histogram"]

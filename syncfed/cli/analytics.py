@@ -1,7 +1,7 @@
 """``python -m syncfed analytics``: statistics over all workers' data, without moving a row.
 
 Flags, tables and printing only: greeting and asking the workers is
-:mod:`syncfed.query_round`'s.
+:mod:`syncfed.coordinator.query_round`'s.
 
 Usage::
 
@@ -23,7 +23,7 @@ mechanism, :mod:`syncfed.analytics`): only the noisy combined figures are
 shown, never per-worker counts or exact sizes.
 
 With ``--secure-agg`` the answers are summed by secure aggregation
-(:mod:`syncfed.secure_round`): this command learns the sum over the workers
+(:mod:`syncfed.net.secure_round`): this command learns the sum over the workers
 and never one worker's answer, so only totals are shown. ``feature-stats``
 then needs ``--clip-range``, since the moments travel as bounded sums. It
 combines with ``--dp-epsilon``, which adds the noise to the sum.
@@ -53,11 +53,11 @@ from ..analytics import (
     private_quantiles,
 )
 from ..config import DEFAULT_WORKERS, parse_endpoints
+from ..coordinator.query_round import DEFAULT_QUERY_TIMEOUT, QueryAnswers, QueryRound, QuerySettings
 from ..exceptions import ConfigError, ProtocolError, SyncfedError
 from ..net.link import WorkerLink
 from ..partition import parse_classes
 from ..protocol import MAX_FEATURES, Query, QueryResult
-from ..query_round import DEFAULT_QUERY_TIMEOUT, QueryAnswers, QueryRound, QuerySettings
 from .common import (
     INTERRUPTED,
     add_client_security_flags,
@@ -237,7 +237,7 @@ def _check_privacy(args: argparse.Namespace) -> None:
 
 
 async def _ask(args: argparse.Namespace) -> QueryAnswers:
-    """Run the query round the flags describe (:class:`syncfed.query_round.QueryRound`)."""
+    """Run the query round the flags describe (:class:`syncfed.coordinator.query_round.QueryRound`)."""
     settings = QuerySettings(
         args.query,
         features=getattr(args, "features", ()),

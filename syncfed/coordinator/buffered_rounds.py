@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..client import WorkerClient
 from ..exceptions import ProtocolError, QuorumNotMet, RemoteError, WorkerTimeout, WorkerUnavailable
 from ..finite import finite_model, nonfinite
 from ..fold import mismatch
+from ..net.link import WorkerLink
 from ..protocol import FitResult
 from ..staleness import UpdateBuffer
 from ..strategies import MeanStrategy
@@ -159,7 +159,7 @@ class BufferedRounds:
     async def _train_continuously(
         self,
         index: int,
-        link: WorkerClient,
+        link: WorkerLink,
         state: GlobalVersion,
         queue: asyncio.Queue[tuple[str, int, FitResult]],
     ) -> None:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from ..client import WorkerClient
 from ..evaluation import TEST, VALIDATION, Cell, CrossSiteMatrix, write_cross_site
+from ..net.link import WorkerLink
 from ..tensors import Weights
 from .context import RunContext
 from .results import FEDERATED, RunResult
@@ -39,7 +39,7 @@ async def cross_site_validation(context: RunContext, result: RunResult) -> None:
     models[FEDERATED] = result.weights
     gates = {link.name: asyncio.Semaphore(_PIPELINE) for link in sites}
 
-    async def cell(weights: Weights | None, link: WorkerClient) -> Cell:
+    async def cell(weights: Weights | None, link: WorkerLink) -> Cell:
         if weights is None:
             return "no local model: the worker contributed to no round of this run"
         async with gates[link.name]:

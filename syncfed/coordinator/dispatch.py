@@ -14,10 +14,10 @@ from typing import TypeVar
 
 import numpy as np
 
-from ..client import WorkerClient
 from ..config import CoordinatorConfig
 from ..failure import Failure
 from ..fold import StreamingFold
+from ..net.link import WorkerLink
 from ..protocol import Fetch, Fit, FitHeld, FitResult, TrainingPlan
 from ..strategies import WorkerNeeds
 from ..tensors import Weights
@@ -63,7 +63,7 @@ class Dispatch:
         )
         return Fit(self.pool.model_name, weights, plan, needs.control, config.dataset_key)
 
-    async def train(self, link: WorkerClient, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
+    async def train(self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
         """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.
 
         The slot is taken only for the transfer and ``take`` (the fold), never
@@ -90,8 +90,8 @@ class Dispatch:
         round_number: int,
         weights: Weights,
         needs: WorkerNeeds,
-        trainers: Sequence[WorkerClient],
-        selected: Sequence[WorkerClient],
+        trainers: Sequence[WorkerLink],
+        selected: Sequence[WorkerLink],
         fold: StreamingFold,
     ) -> dict[str, Failure]:
         """Send the round's plans to the selected workers at once; fold each update in as it arrives.

@@ -13,10 +13,10 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..client import WorkerClient
 from ..config import CoordinatorConfig
 from ..evaluation import VALIDATION, Cell, result_json
 from ..exceptions import ProtocolError, RemoteError, WorkerUnavailable
+from ..net.link import WorkerLink
 from ..partition import group_label
 from ..protocol import EvalResult, Evaluate
 from ..tensors import Weights
@@ -48,7 +48,7 @@ class Evaluation:
         round_number: int,
         result: RunResult,
         updates: Mapping[str, Weights],
-        evaluator: WorkerClient,
+        evaluator: WorkerLink,
         groups: Mapping[str, Sequence[int]],
     ) -> None:
         """Score each contributing worker's model and the federated one; a lost evaluator skips this evaluation."""
@@ -98,7 +98,7 @@ class Evaluation:
                 }
             )
 
-    async def score(self, link: WorkerClient, weights: Weights, split: str | None) -> Cell:
+    async def score(self, link: WorkerLink, weights: Weights, split: str | None) -> Cell:
         """``link``'s score of ``weights`` on its own data, or on its validation split, or why there is none.
 
         A failure is handled as in training (a late worker is dropped and
@@ -117,7 +117,7 @@ class Evaluation:
             return f"its predictions do not have {self.pool.reference.num_classes} classes"
         return reply
 
-    async def federated_eval(self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient]) -> None:
+    async def federated_eval(self, round_number: int, result: RunResult, trainers: Sequence[WorkerLink]) -> None:
         """Federated evaluation: every training worker scores the global model on its own validation split, at once.
 
         Reported per site and as the example-weighted average, beside the

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..auth import read_token
-from ..client import WorkerClient
 from ..compatibility import check_compatible, check_rejoining, chosen_data
 from ..config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
 from ..disclosure import holdings
@@ -29,8 +28,9 @@ from ..exceptions import (
     WorkerUnavailable,
 )
 from ..failure import Failure
+from ..net.link import LinkSettings, WorkerLink
+from ..net.transport import client_tls
 from ..protocol import Hello, Info
-from ..transport import client_tls
 
 __all__ = ["Backoff", "Pool", "traffic", "worker_links"]
 
@@ -40,7 +40,7 @@ logger = logging.getLogger("syncfed.coordinator")
 _SAMPLING_STREAM = 0x53414D50
 
 
-def worker_links(config: CoordinatorConfig) -> dict[str, WorkerClient]:
+def worker_links(config: CoordinatorConfig) -> dict[str, WorkerLink]:
     """A connection (not yet open) to each worker and the evaluator, with the run's limits, TLS and token."""
     tls = (
         client_tls(config.tls_ca, config.tls_cert, config.tls_key)
@@ -48,24 +48,23 @@ def worker_links(config: CoordinatorConfig) -> dict[str, WorkerClient]:
         else None
     )
     token = read_token(config.auth_token_file) if config.auth_token_file is not None else None
+    settings = LinkSettings(
+        max_message_size=config.max_message_size,
+        chunk_size=config.chunk_size,
+        connect_timeout=config.connect_timeout,
+        request_timeout=config.request_timeout,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+        tls=tls,
+        auth_token=token,
+    )
     return {
-        name: WorkerClient(
-            name,
-            uri,
-            max_message_size=config.max_message_size,
-            chunk_size=config.chunk_size,
-            connect_timeout=config.connect_timeout,
-            request_timeout=config.request_timeout,
-            ping_interval=config.ping_interval,
-            ping_timeout=config.ping_timeout,
-            tls=tls,
-            auth_token=token,
-        )
+        name: WorkerLink.from_settings(name, uri, settings)
         for name, uri in {**config.workers, **config.evaluator}.items()
     }
 
 
-def traffic(links: Sequence[WorkerClient]) -> tuple[int, int]:
+def traffic(links: Sequence[WorkerLink]) -> tuple[int, int]:
     """Message bytes sent to and received from ``links`` so far."""
     return sum(link.bytes_sent for link in links), sum(link.bytes_received for link in links)
 
@@ -94,7 +93,7 @@ class Pool:
     """The run's worker connections and what is known of each: its backoff, its example count, the checked model."""
 
     def __init__(
-        self, config: CoordinatorConfig, links: dict[str, WorkerClient], *, report: Callable[[str], None]
+        self, config: CoordinatorConfig, links: dict[str, WorkerLink], *, report: Callable[[str], None]
     ) -> None:
         self.config = config
         self.report = report
@@ -112,7 +111,7 @@ class Pool:
         # answers at once, a frozen one must not stall the round.
         self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
 
-    def ready(self, link: WorkerClient) -> bool:
+    def ready(self, link: WorkerLink) -> bool:
         """Connected and checked: a worker still being greeted joins the next round."""
         return link.connected and link.name not in self.joining
 
@@ -161,7 +160,7 @@ class Pool:
         self.model_name, self.reference = check_compatible(self.config, infos)
         return infos
 
-    async def rejoin(self, links: Sequence[WorkerClient]) -> None:
+    async def rejoin(self, links: Sequence[WorkerLink]) -> None:
         """Start reconnecting the lost workers whose backoff has elapsed, and give them a moment.
 
         A live worker greets back within milliseconds and takes part in the
@@ -176,7 +175,7 @@ class Pool:
         if pending:
             await asyncio.wait(pending, timeout=self._join_grace)
 
-    def select(self, round_number: int, trainers: Sequence[WorkerClient]) -> list[WorkerClient]:
+    def select(self, round_number: int, trainers: Sequence[WorkerLink]) -> list[WorkerLink]:
         """The round's workers: every ready one, or a sample seeded by ``(seed, round)`` (client sampling)."""
         ready = [link for link in trainers if self.ready(link)]
         size = self.config.sample_size(len(ready))
@@ -185,7 +184,7 @@ class Pool:
         rng = np.random.default_rng([self.config.seed, round_number, _SAMPLING_STREAM])
         return [ready[index] for index in sorted(rng.choice(len(ready), size=size, replace=False))]
 
-    async def failure(self, link: WorkerClient, exc: BaseException) -> Failure:
+    async def failure(self, link: WorkerLink, exc: BaseException) -> Failure:
         """Why a request failed, closing or backing off the worker as needed; re-raises the unexpected."""
         if isinstance(exc, WorkerTimeout):
             # Closing makes the worker abandon the late work; it rejoins next round.
@@ -201,14 +200,14 @@ class Pool:
             return Failure("invalid reply", str(exc))
         raise exc
 
-    def succeeded(self, link: WorkerClient) -> None:
+    def succeeded(self, link: WorkerLink) -> None:
         self.backoff[link.name].failures = 0
 
-    async def wait_for_backoff(self, link: WorkerClient) -> None:
+    async def wait_for_backoff(self, link: WorkerLink) -> None:
         """Sleep until ``link`` is due to be tried again (at least a moment, never a tight loop)."""
         await asyncio.sleep(max(self.backoff[link.name].retry_at - time.monotonic(), 0.05))
 
-    async def wait_for_retry(self, trainers: Sequence[WorkerClient]) -> None:
+    async def wait_for_retry(self, trainers: Sequence[WorkerLink]) -> None:
         """Before retrying a round, wait until the next lost worker is due to be tried (bounded by the cap).
 
         With every worker connected (the round failed on error replies) there is nothing to wait for.
@@ -226,7 +225,7 @@ class Pool:
         await asyncio.gather(*self.joining.values(), return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self.links.values()))
 
-    async def _greet(self, link: WorkerClient) -> Info:
+    async def _greet(self, link: WorkerLink) -> Info:
         await link.connect()
         try:
             info = await link.request(Hello(), timeout=self.config.connect_timeout)
@@ -239,7 +238,7 @@ class Pool:
         logger.info("%s holds %s", link.name, holdings(info, secure=self.config.secure_agg))
         return info
 
-    async def _try_rejoin(self, link: WorkerClient) -> None:
+    async def _try_rejoin(self, link: WorkerLink) -> None:
         """Reconnect and greet ``link``, checking it like at the start; back off on failure."""
         assert self.reference is not None
         try:
@@ -255,6 +254,6 @@ class Pool:
         self.succeeded(link)
         self.report(f"Worker {link.name} rejoined")
 
-    def back_off(self, link: WorkerClient) -> None:
+    def back_off(self, link: WorkerLink) -> None:
         """Count a failure of ``link``: it is tried again after its backoff."""
         self.backoff[link.name].failed(time.monotonic(), self.config.reconnect_max_delay)

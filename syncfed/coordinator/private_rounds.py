@@ -43,12 +43,12 @@ from typing import Any
 import numpy as np
 
 from ..aggregation import check_tensors
-from ..client import WorkerClient
 from ..config import CoordinatorConfig
 from ..exceptions import AggregationError, ConfigError, ProtocolError, SecAggError
 from ..failure import Failure
 from ..finite import nonfinite
 from ..fold import PrivateFold, floating
+from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, FailureHandler, SecureRound, secagg_threshold
 from ..privacy import PrivacyAccountant, gaussian_noise, noise_for_epsilon, noise_std, update_norm
 from ..protocol import Fit, FitResult
@@ -133,8 +133,8 @@ class PrivateRounds:
 
     async def collect(
         self,
-        selected: Sequence[WorkerClient],
-        fit: Callable[[WorkerClient], Fit],
+        selected: Sequence[WorkerLink],
+        fit: Callable[[WorkerLink], Fit],
         reference: Weights,
         examples: Mapping[str, int],
         failure: FailureHandler[Failure],
@@ -210,7 +210,7 @@ class PrivateRounds:
 
     async def _secure(
         self,
-        selected: Sequence[WorkerClient],
+        selected: Sequence[WorkerLink],
         fits: Mapping[str, Fit],
         floats: Weights,
         examples: Mapping[str, int],
@@ -253,7 +253,7 @@ class PrivateRounds:
 
     async def _plain(
         self,
-        selected: Sequence[WorkerClient],
+        selected: Sequence[WorkerLink],
         fits: Mapping[str, Fit],
         floats: Weights,
         failure: FailureHandler[Failure],

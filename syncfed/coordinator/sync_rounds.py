@@ -14,12 +14,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..client import WorkerClient
 from ..disclosure import losses_text, round_figures
 from ..exceptions import QuorumNotMet
 from ..failure import Failure
 from ..finite import finite_model
 from ..fold import Fold, StreamingFold
+from ..net.link import WorkerLink
 from ..tensors import Weights
 from .context import RunContext
 from .dispatch import plan_seed
@@ -59,7 +59,7 @@ class SyncRounds:
             await context.journal.version_done(round_number, result)
 
     async def train_round(
-        self, round_number: int, result: RunResult, trainers: Sequence[WorkerClient], *, keep: bool
+        self, round_number: int, result: RunResult, trainers: Sequence[WorkerLink], *, keep: bool
     ) -> dict[str, Weights]:
         """One round: select, dispatch and fold (until a quorum), aggregate, record.
 
@@ -85,8 +85,8 @@ class SyncRounds:
         return {name: fold.kept[name] for name in contributors if name in fold.kept}
 
     async def _gather(
-        self, round_number: int, weights: Weights, trainers: Sequence[WorkerClient], *, keep: bool
-    ) -> tuple[Fold, dict[str, Failure], list[WorkerClient]]:
+        self, round_number: int, weights: Weights, trainers: Sequence[WorkerLink], *, keep: bool
+    ) -> tuple[Fold, dict[str, Failure], list[WorkerLink]]:
         """Select the round's workers and fold their updates, retrying while fewer than the quorum contribute.
 
         Raises:
@@ -132,8 +132,8 @@ class SyncRounds:
         self,
         round_number: int,
         weights: Weights,
-        trainers: Sequence[WorkerClient],
-        selected: Sequence[WorkerClient],
+        trainers: Sequence[WorkerLink],
+        selected: Sequence[WorkerLink],
         *,
         keep: bool,
     ) -> tuple[Fold, dict[str, Failure]]:
@@ -171,8 +171,8 @@ class SyncRounds:
         self,
         record: RoundRecord,
         fold: Fold,
-        trainers: Sequence[WorkerClient],
-        selected: Sequence[WorkerClient],
+        trainers: Sequence[WorkerLink],
+        selected: Sequence[WorkerLink],
         before: tuple[int, int],
     ) -> None:
         """Report the round on the console and the log, and write its metrics event."""

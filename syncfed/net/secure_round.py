@@ -30,8 +30,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
-from ..client import WorkerClient
 from ..exceptions import ConfigError, ProtocolError
+from ..net.link import WorkerLink
 from ..protocol import (
     Fit,
     Message,
@@ -57,7 +57,7 @@ Reason = TypeVar("Reason")
 
 #: Turns a failed request into the reason a worker left the round, closing or
 #: backing off the worker as the caller does; re-raises the unexpected.
-FailureHandler = Callable[[WorkerClient, BaseException], Awaitable[Reason]]
+FailureHandler = Callable[[WorkerLink, BaseException], Awaitable[Reason]]
 
 #: Random bytes binding one round's keys, masks and ciphertexts together.
 SESSION_SIZE = 32
@@ -95,7 +95,7 @@ class SecureRound(Generic[Reason]):
 
     def __init__(
         self,
-        clients: Sequence[WorkerClient],
+        clients: Sequence[WorkerLink],
         config: SecAggConfig,
         *,
         timeout: float,
@@ -107,7 +107,7 @@ class SecureRound(Generic[Reason]):
         self.timeout = timeout
         self._failure = failure
         self._server = SecAggServer(config)
-        self._active: dict[int, WorkerClient] = dict(enumerate(clients))
+        self._active: dict[int, WorkerLink] = dict(enumerate(clients))
         self._keys: dict[int, NeighbourKeys] = {}
         self._forwarded: dict[int, ForwardedShares] = {}
         self._request: UnmaskRequest | None = None

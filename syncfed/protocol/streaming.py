@@ -336,7 +336,7 @@ class MessageDecoder:
     def open(self) -> Opened:
         """Read the message's envelope, once its last fragment was fed, leaving its body a plain map.
 
-        Decoding is bounded by the message's size (see :mod:`syncfed.unpacking`);
+        Decoding is bounded by the message's size (see :mod:`syncfed.protocol.unpacking`);
         building the message from its body is left to :meth:`Opened.build`.
 
         Raises:

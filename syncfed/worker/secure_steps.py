@@ -30,8 +30,8 @@ from ..protocol import (
     SecAggUnmask,
     SecAggUnmasked,
 )
-from ..secagg import SecAggClient, flatten
 from ..protocol.session_rules import SessionRules
+from ..secagg import SecAggClient, flatten
 from .compute import Compute
 
 __all__ = ["SecureStep", "SecureSteps"]

@@ -21,8 +21,8 @@ from ..admission import Admission
 from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..exceptions import ConfigError
+from ..net.transport import connection_options, server_tls
 from ..protocol import Info
-from ..transport import connection_options, server_tls
 from .compute import Compute
 from .holdings import Holding, advertised_holdings
 from .session import Session

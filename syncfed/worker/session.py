@@ -24,6 +24,7 @@ from websockets.frames import CloseCode
 from .. import auth
 from ..admission import IdleClock
 from ..exceptions import AuthenticationFailed, MessageTooLarge, ProtocolError, RequestFailed, TensorError
+from ..net.transport import off_loop, receive, receive_message, send_message
 from ..protocol import (
     Describe,
     Envelope,
@@ -47,7 +48,6 @@ from ..protocol import (
     encode_fragments,
 )
 from ..protocol.session_rules import SessionRules
-from ..transport import off_loop, receive, receive_message, send_message
 from .secure_steps import SecureSteps
 
 if TYPE_CHECKING:

@@ -32,6 +32,8 @@ def test_an_unknown_name_is_an_attribute_error() -> None:
 
 
 def test_importing_syncfed_does_not_start_the_networking_layer() -> None:
-    code = "import sys, syncfed, syncfed.tensors; print(sorted(m for m in ('asyncio', 'websockets') if m in sys.modules))"
+    code = (
+        "import sys, syncfed, syncfed.tensors; print(sorted(m for m in ('asyncio', 'websockets') if m in sys.modules))"
+    )
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert output.stdout.strip() == "[]"

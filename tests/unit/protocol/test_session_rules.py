@@ -7,8 +7,8 @@ import pytest
 
 from syncfed.exceptions import RequestFailed, SyncfedError
 from syncfed.protocol import PROTOCOL_VERSION, REQUESTS, FitResult, Hello, Ping
-from syncfed.secagg import SecAggClient, SecAggConfig
 from syncfed.protocol.session_rules import SessionRules
+from syncfed.secagg import SecAggClient, SecAggConfig
 
 LIMIT = 3
 

@@ -25,12 +25,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from .analytics import from_sums, secure_clip, sums_length
-from .exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
-from .net.link import WorkerLink
-from .protocol import Hello, Info, Query, QueryResult
-from .secagg import SecAggConfig
-from .secure_round import SESSION_SIZE, SecureRound, secagg_threshold
+from ..analytics import from_sums, secure_clip, sums_length
+from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
+from ..net.link import WorkerLink
+from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
+from ..protocol import Hello, Info, Query, QueryResult
+from ..secagg import SecAggConfig
 
 __all__ = ["DEFAULT_QUERY_TIMEOUT", "SECURE_SUM", "QuerySettings", "QueryAnswers", "QueryRound", "build_query"]
 
