@@ -6,11 +6,10 @@ plan, aggregates their updates and has an evaluator score the result.
 The names below are the stable API for embedding syncfed in Python (see
 ``docs/api.md``)::
 
-    import asyncio
     from syncfed import Coordinator, CoordinatorConfig
 
     config = CoordinatorConfig(workers={"alice": "ws://127.0.0.1:8777"}, evaluator={}, training_rounds=5)
-    result = asyncio.run(Coordinator(config).run())
+    result = await Coordinator(config).run()  # inside a coroutine, or through asyncio.run
 
 They are loaded on first use, so that ``import syncfed.tensors`` (or any
 other pure module) does not start the networking layer.
