@@ -59,9 +59,9 @@ import numpy as np
 
 from .datasets import Dataset
 from .exceptions import AggregationError, ConfigError, ProtocolError
+from .masking import Quantizer
 from .privacy import _check_positive
 from .protocol import Error, Query, QueryResult
-from .secagg import Quantizer
 
 __all__ = [
     "Moments",
@@ -470,7 +470,7 @@ def secure_clip(query: Query, num_examples: int, num_features: int, num_clients:
     ``num_examples`` is the largest worker's size. Counts are whole numbers,
     so their round uses a scale of 1 (the clip is the ring's limit) and sums
     them exactly; the moments use the largest power-of-two scale their bound
-    allows, so :attr:`~syncfed.secagg.Quantizer.error_bound` is the error of
+    allows, so :attr:`~syncfed.masking.Quantizer.error_bound` is the error of
     each sum.
 
     Raises:

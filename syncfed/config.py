@@ -15,8 +15,8 @@ from typing import Final
 from .compression import COMPRESSIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
+from .masking import MAX_CLIENTS
 from .protocol import DEFAULT_CHUNK_SIZE, MAX_PLAN_SIZE
-from .secagg import MAX_CLIENTS
 from .staleness import staleness_weight
 from .strategies import make_strategy
 

@@ -26,8 +26,8 @@ from .aggregation import RunningMean, from_float64
 from .exceptions import AggregationError
 from .failure import Failure
 from .finite import nonfinite
+from .masking import unflatten
 from .protocol import FitResult
-from .secagg import unflatten
 from .strategies import MeanStrategy, Strategy
 from .tensors import Weights
 
@@ -157,7 +157,7 @@ class PrivateFold:
         examples: Mapping[str, int],
         total_examples: int | None = None,
     ) -> None:
-        """``mean``: the round's mean update of the float tensors, flat (see :func:`~syncfed.secagg.flatten`);
+        """``mean``: the round's mean update of the float tensors, flat (see :func:`~syncfed.masking.flatten`);
         ``total_examples``: the example count the secure sum revealed, when it summed counts."""
         self.strategy = strategy
         self.reference = reference

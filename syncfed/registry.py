@@ -156,6 +156,70 @@ class ModelVersion:
             raise ConfigError(f"participants {describe(self.participants)} must be strings")
 
 
+class _Database:
+    """The registry's SQLite file: its schema, WAL mode, one connection per call and explicit transactions.
+
+    Raises:
+        CheckpointError: if the database cannot be opened or has another schema version.
+    """
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._initialize()
+
+    def _initialize(self) -> None:
+        """Switch to WAL and create the schema on first use; refuse another schema version."""
+        try:
+            with self.connection() as connection:
+                connection.execute("PRAGMA journal_mode = WAL")
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"cannot open model registry {self.path}: {exc}") from None
+        with self.transaction() as connection:
+            exists = connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+            ).fetchone()
+            if exists is None:
+                # One statement at a time: executescript() would commit the open transaction first.
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        connection.execute(statement)
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                return
+            row = connection.execute("SELECT version FROM schema_version").fetchone()
+        version = row[0] if row is not None else None
+        if version != SCHEMA_VERSION:
+            raise CheckpointError(
+                f"model registry {self.path} has schema version {version}, this syncfed reads {SCHEMA_VERSION}"
+            )
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """A fresh connection in autocommit mode: transactions are explicit (:meth:`transaction`)."""
+        connection = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+        try:
+            connection.execute("PRAGMA foreign_keys = ON")
+            yield connection
+        finally:
+            connection.close()
+
+    @contextlib.contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """One transaction; a writer takes the lock up front (``BEGIN IMMEDIATE``) so it never deadlocks a reader."""
+        try:
+            with self.connection() as connection:
+                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield connection
+                except BaseException:
+                    if connection.in_transaction:
+                        connection.execute("ROLLBACK")
+                    raise
+                connection.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise CheckpointError(f"model registry {self.path} failed: {exc}") from None
+
+
 class ModelRegistry:
     """Records global model versions in ``directory`` and finds, loads and exports them.
 
@@ -175,7 +239,7 @@ class ModelRegistry:
                 (self.directory / WEIGHTS_FOLDER).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise CheckpointError(f"cannot create model registry in {directory}: {exc}") from None
-        self._initialize()
+        self._db = _Database(self.database, timeout)
 
     # Writing
 
@@ -216,7 +280,7 @@ class ModelRegistry:
         version_id = _version_id(run_id, round, digest, model, json.loads(texts[2]))
         self._store(digest, weights)
         created = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
-        with self._transaction() as connection:
+        with self._db.transaction() as connection:
             old = connection.execute(
                 "SELECT id, hash, created FROM versions WHERE run_id = ? AND round = ?", (run_id, round)
             ).fetchone()
@@ -249,7 +313,7 @@ class ModelRegistry:
         _check_run_id(run_id)
         _check_round(round)
         values = _check_metrics(metrics)
-        with self._transaction() as connection:
+        with self._db.transaction() as connection:
             row = connection.execute("SELECT id FROM versions WHERE run_id = ? AND round = ?", (run_id, round))
             found = row.fetchone()
             if found is None:
@@ -310,7 +374,7 @@ class ModelRegistry:
             _check_run_id(run_id)
             where, parameters = where + " AND versions.run_id = ?", (metric, run_id)
         order = "ASC" if lowest else "DESC"
-        with self._connection() as connection:
+        with self._db.connection() as connection:
             row = connection.execute(
                 f"SELECT versions.id FROM versions JOIN metrics ON metrics.version_id = versions.id {where}"
                 f" ORDER BY metrics.value {order}, versions.created, versions.run_id, versions.round LIMIT 1",
@@ -402,7 +466,7 @@ class ModelRegistry:
             raise CheckpointError(f"cannot write weights to {path}: {exc}") from None
 
     def _drop_unreferenced(self, digest: str) -> None:
-        with self._connection() as connection:
+        with self._db.connection() as connection:
             used = connection.execute("SELECT 1 FROM versions WHERE hash = ? LIMIT 1", (digest,)).fetchone()
         if used is None:
             self._weights_path(digest).unlink(missing_ok=True)
@@ -411,7 +475,7 @@ class ModelRegistry:
         return self.directory / WEIGHTS_FOLDER / f"{digest}.safetensors"
 
     def _select(self, clause: str, parameters: tuple[Any, ...]) -> list[ModelVersion]:
-        with self._transaction(write=False) as connection:
+        with self._db.transaction(write=False) as connection:
             rows = connection.execute(f"SELECT {_COLUMNS} FROM versions {clause}", parameters).fetchall()
             metrics: dict[str, dict[str, float]] = {row[0]: {} for row in rows}
             for version_id in metrics:
@@ -438,57 +502,6 @@ class ModelRegistry:
             ]
         except (ValueError, TypeError, ConfigError) as exc:
             raise CheckpointError(f"registry {self.database} holds an invalid entry: {exc}") from None
-
-    def _initialize(self) -> None:
-        """Switch to WAL and create the schema on first use; refuse another schema version."""
-        try:
-            with self._connection() as connection:
-                connection.execute("PRAGMA journal_mode = WAL")
-        except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open model registry {self.database}: {exc}") from None
-        with self._transaction() as connection:
-            exists = connection.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
-            ).fetchone()
-            if exists is None:
-                # One statement at a time: executescript() would commit the open transaction first.
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        connection.execute(statement)
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-                return
-            row = connection.execute("SELECT version FROM schema_version").fetchone()
-        version = row[0] if row is not None else None
-        if version != SCHEMA_VERSION:
-            raise CheckpointError(
-                f"model registry {self.database} has schema version {version}, this syncfed reads {SCHEMA_VERSION}"
-            )
-
-    @contextlib.contextmanager
-    def _connection(self) -> Iterator[sqlite3.Connection]:
-        """A fresh connection in autocommit mode: transactions are explicit (:meth:`_transaction`)."""
-        connection = sqlite3.connect(self.database, timeout=self.timeout, isolation_level=None)
-        try:
-            connection.execute("PRAGMA foreign_keys = ON")
-            yield connection
-        finally:
-            connection.close()
-
-    @contextlib.contextmanager
-    def _transaction(self, *, write: bool = True) -> Iterator[sqlite3.Connection]:
-        """One transaction; a writer takes the lock up front (``BEGIN IMMEDIATE``) so it never deadlocks a reader."""
-        try:
-            with self._connection() as connection:
-                connection.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    yield connection
-                except BaseException:
-                    if connection.in_transaction:
-                        connection.execute("ROLLBACK")
-                    raise
-                connection.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise CheckpointError(f"model registry {self.database} failed: {exc}") from None
 
 
 def _version_id(run_id: str, round: int, digest: str, model: str, settings: Mapping[str, Any]) -> str:

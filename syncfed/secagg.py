@@ -45,13 +45,21 @@ Client ids are 0 to ``num_clients - 1``; the coordinator maps its workers to
 them. Messages hold only ints, bytes, maps keyed by client id and int32 or
 int64 arrays (the ring element in two's complement), so they fit msgpack and
 the tensor whitelist of :mod:`syncfed.tensors`.
+
+This module is the protocol: the round's settings (:class:`SecAggConfig`),
+the messages of its steps, the client, the server and :func:`simulate`, with
+the key agreement and share encryption they share. The arithmetic it rests on
+lives in pure modules of its own, so each can be read and tested alone:
+Shamir sharing in :mod:`syncfed.secret_sharing`; the neighbour graph, the
+masks' generator, the :class:`~syncfed.masking.Quantizer` and the flat layout
+of a model in :mod:`syncfed.masking`. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -59,12 +67,23 @@ import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .aggregation import from_float64, validate_updates
-from .exceptions import AggregationError, ConfigError, ProtocolError, SecAggError, describe
+from .aggregation import validate_updates
+from .exceptions import ConfigError, ProtocolError, SecAggError, describe
+from .masking import (
+    MAX_CLIENTS,
+    Quantizer,
+    apply_mask,
+    check_graph,
+    flatten,
+    neighbour_graph,
+    neighbours_of,
+    unflatten,
+    unsigned_dtype,
+)
+from .secret_sharing import PRIME, SECRET_SIZE, SHARE_SIZE, RandomBytes, combine_shares, split_secret
 from .tensors import Weights
 
 __all__ = [
@@ -96,304 +115,15 @@ __all__ = [
     "simulate",
 ]
 
-
-#: Shamir shares live in GF(p) for the Mersenne prime 2^521 - 1 (Robinson 1952),
-#: the first Mersenne prime above 2^256, so a 32-byte secret is one field element.
-PRIME: Final = 2**521 - 1
-#: Bytes of an X25519 public or private key, of a seed and of a rebuilt secret.
+#: Bytes of an X25519 public or private key (as many as a shared secret, :data:`SECRET_SIZE`).
 KEY_SIZE: Final = 32
-SECRET_SIZE: Final = 32
-#: Bytes of one share: a field element, big-endian.
-SHARE_SIZE: Final = (PRIME.bit_length() + 7) // 8
 _NONCE_SIZE: Final = 12
 _TAG_SIZE: Final = 16
 #: Bytes of one encrypted pair of shares: nonce, both shares, AES-GCM tag.
 CIPHERTEXT_SIZE: Final = _NONCE_SIZE + 2 * SHARE_SIZE + _TAG_SIZE
-#: Client ids are below this; a client's id plus one is its Shamir point.
-MAX_CLIENTS: Final = 1 << 16
 _SESSION_SIZES: Final = range(16, 65)
-#: Quantized values stay within 2^48 in magnitude so float64 products remain exact to well under one unit.
-_MAX_LIMIT: Final = 2**48
 #: Ring elements masked at a time, so no mask is ever held whole (a 100M-value model needs 400 MB per mask).
 _BLOCK: Final = 1 << 20
-
-RandomBytes = Callable[[int], bytes]
-
-
-# Shamir secret sharing (Shamir 1979, "How to Share a Secret")
-
-
-def _random_element(random_bytes: RandomBytes) -> int:
-    # Rejection sampling keeps the coefficient uniform: 521 random bits, redrawn if they equal p.
-    while True:
-        value = int.from_bytes(random_bytes(SHARE_SIZE), "big") & PRIME
-        if value != PRIME:
-            return value
-
-
-def split_secret(
-    secret: bytes, threshold: int, holders: Iterable[int], random_bytes: RandomBytes = os.urandom
-) -> dict[int, bytes]:
-    """Split a 32-byte secret into one share per holder id; any ``threshold`` of them rebuild it.
-
-    Holder ``i`` gets the value at ``x = i + 1`` of a random polynomial of
-    degree ``threshold - 1`` whose constant term is the secret.
-
-    Raises:
-        ConfigError: if the secret is not 32 bytes or there are fewer holders than the threshold.
-    """
-    points = sorted(set(holders))
-    if len(secret) != SECRET_SIZE:
-        raise ConfigError(f"secret has {len(secret)} bytes, expected {SECRET_SIZE}")
-    if not 1 <= threshold <= len(points):
-        raise ConfigError(f"threshold {threshold} must be between 1 and the {len(points)} holders")
-    coefficients = [int.from_bytes(secret, "big")] + [_random_element(random_bytes) for _ in range(threshold - 1)]
-    shares = {}
-    for holder in points:
-        x, y = holder + 1, 0
-        for coefficient in reversed(coefficients):  # Horner
-            y = (y * x + coefficient) % PRIME
-        shares[holder] = y.to_bytes(SHARE_SIZE, "big")
-    return shares
-
-
-def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
-    """Rebuild a secret from at least ``threshold`` shares (by holder id), by Lagrange interpolation at 0.
-
-    Raises:
-        SecAggError: if there are fewer shares than the threshold.
-        ProtocolError: if a share is not a field element or the shares do not rebuild a 32-byte secret.
-    """
-    if len(shares) < threshold:
-        raise SecAggError(f"{len(shares)} shares are fewer than the threshold of {threshold}")
-    points = {}
-    for holder in sorted(shares)[:threshold]:
-        y = int.from_bytes(shares[holder], "big")
-        if len(shares[holder]) != SHARE_SIZE or y >= PRIME:
-            raise ProtocolError(f"share from client {holder} is not an element of the field")
-        points[holder + 1] = y
-    secret = 0
-    for x, y in points.items():
-        numerator, denominator = 1, 1
-        for other in points:
-            if other != x:
-                numerator = numerator * other % PRIME
-                denominator = denominator * (other - x) % PRIME
-        secret = (secret + y * numerator * pow(denominator, -1, PRIME)) % PRIME
-    if secret >= 1 << (8 * SECRET_SIZE):
-        raise ProtocolError(f"shares from clients {sorted(points)} do not rebuild a {SECRET_SIZE}-byte secret")
-    return secret.to_bytes(SECRET_SIZE, "big")
-
-
-# The neighbour graph of SecAgg+ and the pseudo-random generator
-
-
-def _check_graph(num_clients: int, neighbours: int, seed: int) -> None:
-    """Refuse a graph that cannot exist, without building anything."""
-    if not 2 <= num_clients <= MAX_CLIENTS:
-        raise ConfigError(f"number of clients {num_clients} must be between 2 and {MAX_CLIENTS}")
-    if not 1 <= neighbours < num_clients:
-        raise ConfigError(f"neighbour count {neighbours} must be between 1 and {num_clients - 1}")
-    if seed < 0:
-        raise ConfigError(f"graph seed {seed} must not be negative")
-    if neighbours % 2 and num_clients % 2:
-        raise ConfigError(f"neighbour count {neighbours} must be even with an odd number of clients {num_clients}")
-
-
-def _ring(num_clients: int, neighbours: int, seed: int) -> tuple[list[int], list[int]]:
-    """The seeded ring of clients and the offsets each one links to (see :func:`neighbour_graph`)."""
-    _check_graph(num_clients, neighbours, seed)
-    ring = np.random.default_rng(seed).permutation(num_clients).tolist()
-    offsets = list(range(1, neighbours // 2 + 1)) + ([num_clients // 2] if neighbours % 2 else [])
-    return ring, offsets
-
-
-def neighbour_graph(num_clients: int, neighbours: int, seed: int) -> tuple[frozenset[int], ...]:
-    """Each client's neighbours in a ``neighbours``-regular graph, the same for every party that knows the seed.
-
-    A Harary graph (each client linked to the ``k // 2`` next ones around a
-    ring, and to the opposite one when ``k`` is odd) on a seeded random
-    permutation of the clients: exactly ``k``-regular, connected when
-    ``k >= 2``, and the complete graph when ``k = n - 1``. The seed is public; it only has to be
-    the same everywhere. It costs ``n * k``: a client needs only its own row, :func:`neighbours_of`.
-
-    Raises:
-        ConfigError: if ``k`` is not between 1 and ``n - 1``, or both are odd (no such graph exists).
-    """
-    ring, offsets = _ring(num_clients, neighbours, seed)
-    links: list[set[int]] = [set() for _ in range(num_clients)]
-    for position, client in enumerate(ring):
-        for offset in offsets:
-            other = ring[(position + offset) % num_clients]
-            links[client].add(other)
-            links[other].add(client)
-    return tuple(frozenset(link) for link in links)
-
-
-def neighbours_of(client: int, num_clients: int, neighbours: int, seed: int) -> frozenset[int]:
-    """One client's row of :func:`neighbour_graph`, in ``O(n + k)``: what a worker builds, whatever the round's size.
-
-    Raises:
-        ConfigError: as :func:`neighbour_graph`, or if ``client`` is not below ``num_clients``.
-    """
-    ring, offsets = _ring(num_clients, neighbours, seed)
-    if not 0 <= client < num_clients:
-        raise ConfigError(f"client id {client} must be below the {num_clients} clients")
-    position = ring.index(client)
-    # Links are symmetric: the client links forward by each offset, and is linked from as far back.
-    return frozenset(ring[(position + sign * offset) % num_clients] for offset in offsets for sign in (1, -1))
-
-
-def _apply_mask(ring: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
-    """Add (or subtract) the mask that a 32-byte seed expands to, in place, one block at a time.
-
-    The PRG is the AES-256-CTR keystream: a cryptographic generator, unlike
-    numpy's PCG64 or Philox whose state follows from a few outputs; it is the
-    core of NIST SP 800-90A's CTR_DRBG and runs at memory speed with AES-NI.
-    Every seed is fresh per round (see :class:`SecAggConfig` ``session``), so
-    the zero nonce never repeats under one key. ``ring`` is unsigned, so
-    numpy's arithmetic wraps modulo 2^bits.
-    """
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    zeros = bytes(min(ring.size, _BLOCK) * ring.itemsize)
-    for start in range(0, ring.size, _BLOCK):
-        part = ring[start : start + _BLOCK]
-        mask = np.frombuffer(encryptor.update(zeros[: part.nbytes]), dtype=ring.dtype)
-        if subtract:
-            part -= mask
-        else:
-            part += mask
-
-
-# Fixed-point quantization and the flat layout of a model's tensors
-
-
-@dataclass(frozen=True)
-class Quantizer:
-    """Fixed point in Z_{2^bits} for example-weighted sums that cannot wrap around.
-
-    A client with ``count`` examples (at most ``max_count``) sends each value
-    ``x`` of its vector as ``round(clip(x, -clip, clip) * count / max_count *
-    scale)``, then ``count`` itself as one more element. With
-    ``scale = limit / clip`` and ``limit = floor((2^(bits-1) - 1) /
-    num_clients)`` (at most 2^48), no code exceeds ``limit``, so the sum of
-    ``num_clients`` vectors stays below 2^(bits-1) and reads back as a signed
-    integer: the decoded sum is ``sum_u count_u * x_u`` to within
-    :attr:`error_bound`. Capping the weight at ``max_count`` follows Flower's
-    SecAgg+ ``max_weight``.
-
-    Choose ``clip`` as a bound on the values: values beyond it are clipped, and
-    the resolution is ``clip * max_count / limit``, so updates (differences
-    from the global model) quantize better than weights. ``bits`` is 32 (the
-    default: each client keeps about ``31 - log2(num_clients)`` bits) or 64
-    (48 bits each, so float64 stays exact).
-
-    Raises:
-        ConfigError: if a setting is out of range or the counts could wrap around.
-    """
-
-    num_clients: int
-    clip: float
-    bits: int = 32
-    max_count: int = 1000
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.num_clients <= MAX_CLIENTS:
-            raise ConfigError(f"number of clients {self.num_clients} must be between 1 and {MAX_CLIENTS}")
-        if not (isinstance(self.clip, (int, float)) and 0 < self.clip < float("inf")):
-            raise ConfigError(f"clip {self.clip!r} must be a positive finite number")
-        if self.bits not in (32, 64):
-            raise ConfigError(f"ring of {self.bits} bits is not one of 32, 64")
-        if not 1 <= self.max_count <= (2 ** (self.bits - 1) - 1) // self.num_clients:
-            raise ConfigError(
-                f"max count {self.max_count} times {self.num_clients} clients does not fit a {self.bits}-bit ring"
-            )
-
-    @property
-    def dtype(self) -> np.dtype[Any]:
-        """The ring's wire dtype: int32 or int64, two's complement."""
-        return np.dtype(f"<i{self.bits // 8}")
-
-    @property
-    def limit(self) -> int:
-        """The largest magnitude of one client's code."""
-        return min(int(2 ** (self.bits - 1) - 1) // self.num_clients, _MAX_LIMIT)
-
-    @property
-    def scale(self) -> float:
-        """Codes per unit of weighted value."""
-        return self.limit / self.clip
-
-    @property
-    def error_bound(self) -> float:
-        """Largest error of a decoded weighted sum, per element, for values within ``clip``.
-
-        Half a code per client from rounding to nearest, plus the float64
-        rounding of the products (under ``limit * 2^-49`` codes).
-        """
-        return self.num_clients * (0.5 + self.limit * 2.0**-49) * self.max_count / self.scale
-
-    def encode(self, vector: np.ndarray, count: int) -> np.ndarray:
-        """One client's ring vector: its weighted codes, then its count.
-
-        Raises:
-            ConfigError: if the vector is not one-dimensional and finite or the count is out of range.
-        """
-        values = np.asarray(vector, dtype=np.float64)
-        if values.ndim != 1 or not np.isfinite(values).all():
-            raise ConfigError("vector to quantize must be one-dimensional with finite values")
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or not 1 <= count <= self.max_count:
-            raise ConfigError(f"example count {count!r} must be an integer between 1 and {self.max_count}")
-        codes = np.clip(values, -self.clip, self.clip)  # a fresh array: the rest works in place
-        codes *= int(count) / self.max_count
-        codes *= self.scale
-        ring = np.empty(values.size + 1, dtype=self.dtype)
-        ring[:-1] = np.rint(codes, out=codes)
-        ring[-1] = count
-        return ring
-
-    def decode(self, total: np.ndarray) -> tuple[np.ndarray, int]:
-        """The weighted sum ``sum_u count_u * x_u`` (float64) and the total count of a sum of ring vectors.
-
-        Raises:
-            SecAggError: if the total count is not between 1 and ``num_clients * max_count``.
-        """
-        total = np.asarray(total, dtype=self.dtype)
-        count = int(total[-1])
-        if not 1 <= count <= self.num_clients * self.max_count:
-            raise SecAggError(f"example counts sum to {count}, outside 1 to {self.num_clients * self.max_count}")
-        return total[:-1].astype(np.float64) * (self.max_count / self.scale), count
-
-
-def flatten(weights: Mapping[str, np.ndarray]) -> np.ndarray:
-    """Every tensor of ``weights`` in one float64 vector, in sorted name order.
-
-    Sorting makes the order the same at both ends whatever order their dicts
-    list the tensors in; :func:`unflatten` follows the same rule.
-    """
-    if not weights:
-        return np.zeros(0)
-    return np.concatenate([np.asarray(weights[name], dtype=np.float64).ravel() for name in sorted(weights)])
-
-
-def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> Weights:
-    """Cut a flat vector back into the tensors of ``like`` (names, shapes, dtypes), in ``like``'s order.
-
-    Integer tensors (batch-norm counters) are rounded to nearest.
-
-    Raises:
-        AggregationError: if the vector's length is not the total size of the tensors.
-    """
-    size = sum(int(like[name].size) for name in like)
-    if vector.shape != (size,):
-        raise AggregationError(f"vector of shape {vector.shape} does not hold tensors of {size} values")
-    pieces: dict[str, np.ndarray] = {}
-    offset = 0
-    for name in sorted(like):
-        reference = like[name]
-        pieces[name] = from_float64(vector[offset : offset + reference.size].reshape(reference.shape), reference.dtype)
-        offset += reference.size
-    return {name: pieces[name] for name in like}
 
 
 # The round's settings and its messages
@@ -459,7 +189,7 @@ class SecAggConfig:
 
     def __post_init__(self) -> None:
         degree = self.degree
-        _check_graph(self.num_clients, degree, self.graph_seed)  # validates without building: a peer picks n and k
+        check_graph(self.num_clients, degree, self.graph_seed)  # validates without building: a peer picks n and k
         if not (degree + 1) / 2 < self.threshold <= degree + 1:
             raise ConfigError(
                 f"threshold {self.threshold} must be more than half of, and at most, the {degree + 1} holders of shares"
@@ -621,11 +351,6 @@ def _associated(session: bytes, sender: int, recipient: int) -> bytes:
     return session + struct.pack(">II", sender, recipient)
 
 
-def _unsigned(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    """The ring arithmetic dtype: numpy's unsigned integers wrap modulo 2^bits."""
-    return np.dtype(f"<u{dtype.itemsize}")
-
-
 _SHARE_KEY: Final = b"syncfed secagg share key"
 _MASK_SEED: Final = b"syncfed secagg mask seed"
 
@@ -752,11 +477,13 @@ class SecAggClient:
                 raise ProtocolError(f"shares from client {v} to client {self._id} do not decrypt") from None
             self._held[v] = (plain[:SHARE_SIZE], plain[SHARE_SIZE:])
         ring = config.quantizer.encode(vector, count)
-        masked = ring.view(_unsigned(ring.dtype))
-        _apply_mask(masked, self._seed)
+        masked = ring.view(unsigned_dtype(ring.dtype))
+        apply_mask(masked, self._seed, block=_BLOCK)
         for v in sorted(shares.ciphertexts):
             shared = _agree(self._s_private, self._s_public[v], v)
-            _apply_mask(masked, _derive(shared, config.session, _MASK_SEED, self._id, v), subtract=v > self._id)
+            apply_mask(
+                masked, _derive(shared, config.session, _MASK_SEED, self._id, v), block=_BLOCK, subtract=v > self._id
+            )
         self._steps.end("mask_input")
         return MaskedInput(self._id, ring)
 
@@ -888,7 +615,7 @@ class SecAggServer:
             _need(len(alive), config.threshold, f"clients of client {u}'s neighbourhood sent masked inputs")
         self._survivors = set(masked)
         self._dropped = self._shared - self._survivors
-        self._total = np.zeros(config.length + 1, dtype=_unsigned(dtype))
+        self._total = np.zeros(config.length + 1, dtype=unsigned_dtype(dtype))
         for message in masked.values():
             self._total += message.vector.view(self._total.dtype)
         self._steps.end("receive_masked_inputs")
@@ -931,7 +658,7 @@ class SecAggServer:
         keys = {v: self._rebuild(replies, v, seed=False) for v in sorted(self._dropped)}
         total = self._total
         for seed in seeds.values():
-            _apply_mask(total, seed, subtract=True)
+            apply_mask(total, seed, block=_BLOCK, subtract=True)
         for v, key in keys.items():
             private = X25519PrivateKey.from_private_bytes(key)
             _check(
@@ -941,7 +668,7 @@ class SecAggServer:
             for u in sorted(self._graph[v] & self._survivors):
                 shared = _agree(private, self._keys[u].s_public, u)
                 # Survivor u added this pairwise mask if v < u and subtracted it otherwise: undo that.
-                _apply_mask(total, _derive(shared, config.session, _MASK_SEED, u, v), subtract=v < u)
+                apply_mask(total, _derive(shared, config.session, _MASK_SEED, u, v), block=_BLOCK, subtract=v < u)
         signed = total.view(config.quantizer.dtype)
         weighted_sum, count = config.quantizer.decode(signed)
         self._steps.end("receive_unmask_shares")
