@@ -29,6 +29,10 @@ from syncfed.spawn import WorkerProcess, spawn_workers
 
 T = TypeVar("T")
 
+#: The tests folder, where user_models.py lives, and the repository root above it.
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
 #: Seconds a set of workers may take to start (importing torch on a busy 2-core machine).
 STARTUP_TIMEOUT = 60.0
 #: Seconds the workers may take to stop.

@@ -9,13 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO
+
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.monitor import Progress, TensorBoardWriter
 from syncfed.spawn import WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-CLIENT = str(ROOT / "run_websocket_client.py")
+CLIENT = str(REPO / "run_websocket_client.py")
 
 
 class Terminal(io.StringIO):

@@ -8,10 +8,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import independent_score
+from conftest import REPO, independent_score
 from safetensors.numpy import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
@@ -21,7 +19,7 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "run_websocket_client.py"),
+            str(REPO / "run_websocket_client.py"),
             "--spawn-workers",
             "--metrics-out",
             str(metrics),

@@ -18,8 +18,8 @@ from types import ModuleType
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "plot_metrics.py"
 ROUNDS = 4
 TRAINERS = ("alice", "bob", "charlie")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -22,7 +23,6 @@ from hypothesis.extra import numpy as hnp
 from syncfed.exceptions import CheckpointError, ConfigError
 from syncfed.registry import ModelRegistry, ModelVersion, content_hash
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = settings(max_examples=25, deadline=None)
 CLI_TIMEOUT = 60.0
 

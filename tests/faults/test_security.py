@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import REPO
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -54,7 +55,6 @@ from syncfed.transport import client_tls, server_tls
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "run_websocket_server.py"
 CLIENT = REPO / "run_websocket_client.py"
 

@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -59,7 +60,6 @@ from syncfed.tensors import encode_weights
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 FAULT_LIMIT = 3 * 2**20  # dave's --max-message-size in conftest.py
 MiB = 2**20
 REPLY_TIMEOUT = 30.0  # seconds for any one reply, a short fit included

@@ -17,7 +17,7 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from conftest import THREADS, running_workers
+from conftest import REPO, THREADS, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +65,6 @@ from syncfed.secure_round import SecureRound
 from syncfed.spawn import WorkerProcess
 from syncfed.worker import load_shard
 
-REPO = Path(__file__).resolve().parent.parent
 CLI_TIMEOUT = 120.0  # seconds for one command-line run on a busy machine
 DIGITS_TRAIN = 1437  # 80% of scikit-learn's 1,797 digits
 

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 import pytest
+from conftest import REPO
 from safetensors.numpy import load_file
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -45,7 +46,6 @@ from syncfed.protocol import Envelope, Error, Hello, Info, Ping, Pong, decode, e
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENT = "run_websocket_client.py"
 
 # Durations, in seconds.

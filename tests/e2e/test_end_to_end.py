@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
-from conftest import independent_score
+from conftest import REPO, independent_score
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
@@ -34,7 +34,6 @@ from syncfed.spawn import WorkerProcess
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 TRAINERS = ("alice", "bob", "charlie")
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1,797 digits
 RUN_TIMEOUT = 120.0  # seconds for one coordinator run

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 import user_models
-from conftest import THREADS, running_workers
+from conftest import TESTS, THREADS, running_workers
 from websockets.asyncio.client import ClientConnection, connect
 
 from syncfed.exceptions import ModelError, ProtocolError
@@ -109,7 +109,6 @@ def plain() -> Iterator[WorkerProcess]:
         yield capped(workers)["alice"]
 
 
-TESTS = str(Path(__file__).resolve().parent)
 #: A user model that cannot be built on PyTorch's meta device (tests/user_models.py).
 META_SHY = "user_models:MetaShy"
 
@@ -118,7 +117,7 @@ META_SHY = "user_models:MetaShy"
 def bench() -> Iterator[WorkerProcess]:
     """A digits worker that serves the benchmark models too, and a user model that is built on the CPU to describe."""
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, saved]))  # so the worker imports user_models
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved]))  # so the worker imports user_models
     try:
         with running_workers([("bob", [*THREADS, "--bench-models", "--model", META_SHY])]) as workers:
             yield capped(workers)["bob"]

@@ -14,15 +14,15 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import REPO
 
 from syncfed.config import DEFAULT_RECEIVE_SLOTS
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SCRIPT = REPO / "scripts" / "bench.py"
 #: Bytes of the quick run's model, counted independently: DigitsMLP(688) has
 #: layers 64->688, 688->688, 688->688 and 688->10, with biases, in float32.
 MLP_1M_BYTES = 4 * sum(inputs * outputs + outputs for inputs, outputs in ((64, 688), (688, 688), (688, 688), (688, 10)))
