@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from syncfed.config import CoordinatorConfig
 from syncfed.datasets import load_dataset
 from syncfed.models import DigitsCNN
 from syncfed.spawn import WorkerProcess, spawn_workers
@@ -53,6 +54,10 @@ DIGITS_PLAN: list[tuple[str, list[str]]] = [
     # The fault tests' worker: its own classes, a small size limit.
     ("dave", [*THREADS, "--digits", "0,5,9", "--max-message-size", str(FAULT_LIMIT)]),
 ]
+
+#: The session's training workers, and the seconds one coordinator run may take.
+TRAINERS = ("alice", "bob", "charlie")
+RUN_TIMEOUT = 120.0
 
 #: Sizes of the tiny MNIST written for the tests.
 MNIST_TRAIN, MNIST_TEST = 60, 20
@@ -166,3 +171,37 @@ def disposable_worker() -> Iterator[WorkerProcess]:
     """A training worker erin of this test's own, for tests that kill it."""
     with running_workers([("erin", [*THREADS, "--digits", "1,2"])]) as workers:
         yield workers["erin"]
+
+
+# Helpers of coordinator runs over the session's workers ------------------------------
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
+    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coroutine
+
+    return asyncio.run(bounded())
+
+
+def uris(workers: dict[str, WorkerProcess], *names: str) -> dict[str, str]:
+    return {name: workers[name].uri for name in names}
+
+
+def config(workers: dict[str, WorkerProcess], *, evaluator: bool = True, **settings: Any) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        workers=uris(workers, *TRAINERS),
+        evaluator=uris(workers, "testing") if evaluator else {},
+        connect_timeout=10.0,
+        request_timeout=60.0,
+        **settings,
+    )
+
+
+def assert_same_weights(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)

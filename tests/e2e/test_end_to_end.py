@@ -13,63 +13,26 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, independent_score
+from conftest import REPO, TRAINERS, assert_same_weights, config, independent_score, run
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from syncfed.client import WorkerClient
-from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
 from syncfed.models import DigitsCNN, MnistCNN, get_weights
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
 from syncfed.spawn import WorkerProcess
 
-T = TypeVar("T")
-
-TRAINERS = ("alice", "bob", "charlie")
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1,797 digits
-RUN_TIMEOUT = 120.0  # seconds for one coordinator run
 CLI_TIMEOUT = 150.0  # seconds for one command-line run, spawning included
 MNIST_TEST = 20  # test images in conftest's tiny MNIST
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
-    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coroutine
-
-    return asyncio.run(bounded())
-
-
-def uris(workers: dict[str, WorkerProcess], *names: str) -> dict[str, str]:
-    return {name: workers[name].uri for name in names}
-
-
-def config(workers: dict[str, WorkerProcess], *, evaluator: bool = True, **settings: Any) -> CoordinatorConfig:
-    return CoordinatorConfig(
-        workers=uris(workers, *TRAINERS),
-        evaluator=uris(workers, "testing") if evaluator else {},
-        connect_timeout=10.0,
-        request_timeout=60.0,
-        **settings,
-    )
-
-
-def assert_same_weights(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for name in expected:
-        assert actual[name].dtype == expected[name].dtype, name
-        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
 def assert_scores_as_reported(weights: dict[str, np.ndarray], reported_correct: int) -> None:

@@ -25,11 +25,10 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
+from conftest import THREADS, TRAINERS, config, run, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from test_end_to_end import TRAINERS, config, run
 
 from syncfed.cli.client import main as client_main
 from syncfed.client import WorkerClient

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from test_end_to_end import REPO, config, run
+from conftest import REPO, config, run
 
 from syncfed.coordinator import Coordinator
 from syncfed.registry import ModelRegistry

@@ -16,8 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
-from test_end_to_end import TRAINERS, assert_same_weights, config, run
+from conftest import THREADS, TRAINERS, assert_same_weights, config, run, running_workers
 
 from syncfed.client import WorkerClient
 from syncfed.config import CoordinatorConfig

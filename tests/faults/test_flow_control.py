@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_end_to_end import config, run
+from conftest import config, run
 
 from syncfed.client import WorkerClient
 from syncfed.coordinator import Coordinator

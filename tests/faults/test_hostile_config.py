@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from hypothesis import given
 from hypothesis import strategies as st
-from test_end_to_end import REPO
 
 from syncfed.cli import client, server
 from syncfed.cli.common import parse_arguments

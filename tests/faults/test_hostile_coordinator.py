@@ -32,6 +32,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from syncfed.checkpoint import CHECKPOINT_FILE
 from syncfed.cli.client import main as client_main
 from syncfed.client import WorkerClient
+from syncfed.coordinator import _mismatch
 from syncfed.protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -455,3 +456,14 @@ def test_resuming_from_a_corrupted_checkpoint_exits_9_with_one_line(
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(PROGRAM), err
     assert "Traceback" not in err
+
+
+# A regression test for a defect found in review: updates that do not fit the model were not named.
+
+
+def test_updates_that_do_not_fit_the_model_are_named() -> None:
+    model = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    assert _mismatch(dict(model), model) is None
+    assert _mismatch({"a": model["a"]}, model) == "tensors ['b'] do not match the model's"
+    wrong = {"a": np.zeros((3, 2), np.float32), "b": model["b"]}
+    assert _mismatch(wrong, model) == "tensor a is float32[3, 2], the model's is float32[2, 3]"

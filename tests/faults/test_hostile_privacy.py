@@ -16,8 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import THREADS, running_workers
-from test_end_to_end import REPO, run
+from conftest import REPO, THREADS, run, running_workers
 
 from syncfed.client import WorkerClient
 from syncfed.protocol import Hello, Info, decode, encode

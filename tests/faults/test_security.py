@@ -721,6 +721,20 @@ def test_authentication_comes_before_any_application_message(token_worker: Token
     assert (code, reason) == (1008, "authentication failed: expected an authentication response, got something else")
 
 
+def test_an_unauthenticated_peer_cannot_send_a_large_frame(token_worker: TokenSite) -> None:
+    async def probe() -> tuple[int | None, str]:
+        async with connect(token_worker.uri, compression=None, max_size=None) as connection:
+            await asyncio.wait_for(connection.recv(), RAW_TIMEOUT)  # the challenge
+            await connection.send(b"\0" * 10_000)  # far over the 256-byte handshake limit
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(connection.recv(), RAW_TIMEOUT)
+            assert closed.value.rcvd is not None
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    code, reason = run(probe(), 3 * RAW_TIMEOUT)
+    assert code == 1009  # message too big, refused by websockets before buffering it
+
+
 # -- 4. The loud warning ---------------------------------------------------------------------------
 
 

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
+from conftest import THREADS, run, running_workers
 from opacus.accountants.analysis import rdp
-from test_end_to_end import run
 from torch import nn
 
 from syncfed.cli.server import build_parser, config_from_args
