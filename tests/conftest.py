@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from units import MS
 
 from syncfed.config import CoordinatorConfig
 from syncfed.datasets import load_dataset
@@ -35,9 +36,9 @@ TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 
 #: Seconds a set of workers may take to start (importing torch on a busy 2-core machine).
-STARTUP_TIMEOUT = 60.0
+STARTUP_TIMEOUT = 60_000 * MS
 #: Seconds the workers may take to stop.
-SHUTDOWN_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 30_000 * MS
 
 #: The message size limit of the fault-test worker: above one digits-cnn fit
 #: request (about 2.4 MB), so it can train, and small enough to exceed cheaply.
@@ -57,7 +58,7 @@ DIGITS_PLAN: list[tuple[str, list[str]]] = [
 
 #: The session's training workers, and the seconds one coordinator run may take.
 TRAINERS = ("alice", "bob", "charlie")
-RUN_TIMEOUT = 120.0
+RUN_TIMEOUT = 120_000 * MS
 
 #: Sizes of the tiny MNIST written for the tests.
 MNIST_TRAIN, MNIST_TEST = 60, 20
@@ -81,7 +82,7 @@ class _LoopThread:
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=10_000 * MS)
         if not self.thread.is_alive():
             self.loop.close()
 
@@ -92,7 +93,7 @@ def running_workers(plan: Sequence[tuple[str, Sequence[str]]]) -> Iterator[dict[
     pool = _LoopThread()
     spawner = spawn_workers(plan, startup_timeout=STARTUP_TIMEOUT)
     try:
-        workers = pool.run(spawner.__aenter__(), STARTUP_TIMEOUT + 30)
+        workers = pool.run(spawner.__aenter__(), STARTUP_TIMEOUT + 30_000 * MS)
         try:
             yield workers
         finally:
@@ -194,8 +195,8 @@ def config(workers: dict[str, WorkerProcess], *, evaluator: bool = True, **setti
     return CoordinatorConfig(
         workers=uris(workers, *TRAINERS),
         evaluator=uris(workers, "testing") if evaluator else {},
-        connect_timeout=10.0,
-        request_timeout=60.0,
+        connect_timeout=10_000 * MS,
+        request_timeout=60_000 * MS,
         **settings,
     )
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from conftest import REPO, independent_score
 from safetensors.numpy import load_file
+from units import MS
 
 
 def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
@@ -29,7 +30,7 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300_000 * MS,
     )
     seconds = time.perf_counter() - started
     assert completed.returncode == 0, completed.stderr

@@ -23,6 +23,7 @@ import torch
 from conftest import REPO, TRAINERS, assert_same_weights, config, independent_score, run
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from units import MS
 
 from syncfed.client import WorkerClient
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
@@ -31,7 +32,7 @@ from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
 from syncfed.spawn import WorkerProcess
 
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1,797 digits
-CLI_TIMEOUT = 150.0  # seconds for one command-line run, spawning included
+CLI_TIMEOUT = 150_000 * MS  # one command-line run, spawning included
 MNIST_TEST = 20  # test images in conftest's tiny MNIST
 
 
@@ -181,9 +182,11 @@ def test_mean_and_fedavg_aggregate_what_the_workers_return(digits_workers: dict[
                 lr=settings.learning_rate(1),
                 seed=plan_seed(settings.seed, 1, index),
             )
-            async with WorkerClient(name, settings.workers[name], max_message_size=2**30, connect_timeout=10) as client:
+            async with WorkerClient(
+                name, settings.workers[name], max_message_size=2**30, connect_timeout=10_000 * MS
+            ) as client:
                 await client.request(Hello())
-                reply = await client.request(Fit("digits-cnn", initial, plan), timeout=60)
+                reply = await client.request(Fit("digits-cnn", initial, plan), timeout=60_000 * MS)
             assert isinstance(reply, FitResult)
             return reply
 

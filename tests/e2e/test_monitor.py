@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conftest import REPO
+from units import MS
 
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
@@ -69,7 +70,9 @@ def test_tensorboard_files_hold_the_runs_scalars(digits_workers: dict[str, Worke
         training_rounds=2,
         eval_every=1,
     )
-    result = asyncio.run(asyncio.wait_for(Coordinator(config, report=lambda _: None, listeners=[writer]).run(), 120))
+    result = asyncio.run(
+        asyncio.wait_for(Coordinator(config, report=lambda _: None, listeners=[writer]).run(), 120_000 * MS)
+    )
     writer.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -98,7 +101,7 @@ def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[st
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
@@ -123,7 +126,7 @@ def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[st
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert dead.returncode == 5
     assert any(
@@ -148,7 +151,7 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
         ],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=180_000 * MS,
         cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr
@@ -162,7 +165,9 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
 
 
 def test_centralized_needs_spawned_workers() -> None:
-    completed = subprocess.run([sys.executable, CLIENT, "--centralized"], capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, CLIENT, "--centralized"], capture_output=True, text=True, timeout=60_000 * MS
+    )
     assert completed.returncode == 2
     assert completed.stderr.strip() == (
         "run_websocket_client.py: error: --centralized trains one spawned worker that holds all the training data:"
@@ -175,7 +180,7 @@ def test_worker_args_reach_every_spawned_training_worker() -> None:
         [sys.executable, CLIENT, "--spawn-workers", "--status", "--worker-args=--val-fraction 0.5 --min-group-size 3"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=180_000 * MS,
     )
     assert completed.returncode == 0, completed.stderr
     rows = [line.split() for line in completed.stdout.splitlines()[1:]]
@@ -192,7 +197,7 @@ def test_worker_args_are_checked_before_anything_starts() -> None:
         (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
     ):
         completed = subprocess.run(
-            [sys.executable, CLIENT, "--status", *arguments], capture_output=True, text=True, timeout=60
+            [sys.executable, CLIENT, "--status", *arguments], capture_output=True, text=True, timeout=60_000 * MS
         )
         assert completed.returncode == 2
         assert completed.stderr.startswith(f"run_websocket_client.py: error: {message}"), completed.stderr

@@ -19,12 +19,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import REPO
+from units import MS
 
 SCRIPT = REPO / "scripts" / "plot_metrics.py"
 ROUNDS = 4
 TRAINERS = ("alice", "bob", "charlie")
-CLI_TIMEOUT = 150.0  # seconds for the coordinator's run, spawning included
-PLOT_TIMEOUT = 60.0  # seconds for one plot, importing matplotlib included
+CLI_TIMEOUT = 150_000 * MS  # the coordinator's run, spawning included
+PLOT_TIMEOUT = 60_000 * MS  # one plot, importing matplotlib included
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FEDERATED_BLUE = np.array([0x1F, 0x77, 0xB4]) / 255  # tab10's first colour, the first thick line's
 

@@ -27,6 +27,7 @@ import pytest
 from conftest import THREADS, running_workers
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from units import MS
 from websockets.asyncio.server import ServerConnection, serve
 
 from syncfed.checkpoint import CHECKPOINT_FILE
@@ -72,7 +73,9 @@ def workers() -> Iterator[dict[str, WorkerProcess]]:
 @pytest.fixture(scope="module")
 def alice_info(workers: dict[str, WorkerProcess]) -> Info:
     async def greet() -> Info:
-        async with WorkerClient("alice", workers["alice"].uri, max_message_size=2**26, connect_timeout=10) as client:
+        async with WorkerClient(
+            "alice", workers["alice"].uri, max_message_size=2**26, connect_timeout=10_000 * MS
+        ) as client:
             info = await client.request(Hello())
             assert isinstance(info, Info)
             return info
@@ -106,10 +109,12 @@ def fake_worker(answer: Answer) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     try:
-        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 10), loop).result(15)
+        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 10_000 * MS), loop).result(
+            15_000 * MS
+        )
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
+        thread.join(timeout=10_000 * MS)
 
 
 def packed(request_id: int, kind: str, body: dict[str, Any]) -> bytes:

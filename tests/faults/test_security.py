@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, DNSName, ExtensionPolicy, IPAddress, PolicyBuilder, Store
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -59,12 +60,12 @@ SERVER = REPO / "run_websocket_server.py"
 CLIENT = REPO / "run_websocket_client.py"
 
 # Durations, in seconds.
-STARTUP_TIMEOUT = 90.0  # a set of workers importing torch on a busy 2-core machine
-STOP_TIMEOUT = 10.0
-CLI_TIMEOUT = 120.0  # one command-line run
-RAW_TIMEOUT = 10.0  # one exchange of a raw client
-CLOSE_TIMEOUT = 3.0  # far above the moment a refusing worker closes (it closes at once)
-POLL = 0.01  # how often a worker's output is looked at
+STARTUP_TIMEOUT = 90_000 * MS  # a set of workers importing torch on a busy 2-core machine
+STOP_TIMEOUT = 10_000 * MS
+CLI_TIMEOUT = 120_000 * MS  # one command-line run
+RAW_TIMEOUT = 10_000 * MS  # one exchange of a raw client
+CLOSE_TIMEOUT = 3000 * MS  # far above the moment a refusing worker closes (it closes at once)
+POLL = 10 * MS  # how often a worker's output is looked at
 
 TRAINERS = ("alice", "bob", "charlie")
 EVALUATOR = "testing"
@@ -365,7 +366,7 @@ async def greet(name: str, uri: str, *, tls: ssl.SSLContext | None = None, token
 
 
 async def raw_connect(uri: str) -> ClientConnection:
-    return await connect(uri, open_timeout=RAW_TIMEOUT, close_timeout=1.0, compression=None, max_size=2**20)
+    return await connect(uri, open_timeout=RAW_TIMEOUT, close_timeout=1000 * MS, compression=None, max_size=2**20)
 
 
 async def frames_until_closed(connection: ClientConnection) -> list[bytes]:
