@@ -190,14 +190,29 @@ def test_worker_args_reach_every_spawned_training_worker() -> None:
 
 
 def test_worker_args_are_checked_before_anything_starts() -> None:
-    for arguments, message in (
+    cases = (
         (["--worker-args", "--val-fraction 0.5"], "--worker-args only applies with --spawn-workers"),
         (["--spawn-workers", "--worker-args=--port 9000"], "--worker-args cannot set --port: --spawn-workers sets it"),
         (["--spawn-workers", "--worker-args=--data_dir=/x"], "--worker-args cannot set --data-dir: --spawn-workers"),
         (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
-    ):
-        completed = subprocess.run(
-            [sys.executable, CLIENT, "--status", *arguments], capture_output=True, text=True, timeout=60_000 * MS
+    )
+    # All four at once: each spends its seconds importing torch before it refuses.
+    processes = [
+        subprocess.Popen(
+            [sys.executable, CLIENT, "--status", *arguments],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        assert completed.returncode == 2
-        assert completed.stderr.startswith(f"run_websocket_client.py: error: {message}"), completed.stderr
+        for arguments, _ in cases
+    ]
+    try:
+        for process, (_, message) in zip(processes, cases, strict=True):
+            _, stderr = process.communicate(timeout=60_000 * MS)
+            assert process.returncode == 2
+            assert stderr.startswith(f"run_websocket_client.py: error: {message}"), stderr
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -59,15 +59,11 @@ QUICK = [
 
 
 @pytest.fixture(scope="module")
-def workers() -> Iterator[dict[str, WorkerProcess]]:
-    """alice and bob, honest; nan, a real worker whose updates are all NaN (``--attack nan``)."""
-    plan = [
-        ("alice", THREADS),
-        ("bob", THREADS),
-        ("nan", [*THREADS, "--digits", "0,1,2,3,4,5,6,7,8,9", "--attack", "nan"]),
-    ]
-    with running_workers(plan) as started:
-        yield started
+def workers(digits_workers: dict[str, WorkerProcess]) -> Iterator[dict[str, WorkerProcess]]:
+    """alice and bob, honest: the session's, so that only nan starts here; nan, a real worker whose
+    updates are all NaN (``--attack nan``)."""
+    with running_workers([("nan", [*THREADS, "--digits", "0,1,2,3,4,5,6,7,8,9", "--attack", "nan"])]) as started:
+        yield {"alice": digits_workers["alice"], "bob": digits_workers["bob"], **started}
 
 
 @pytest.fixture(scope="module")

@@ -286,7 +286,7 @@ def trio(cluster: Cluster) -> Iterator[Cluster]:
 
 #: Coordinator settings every scenario here shares: short connect timeout, a
 #: round deadline far above what any round takes, no evaluator.
-FAST: dict[str, Any] = {"connect_timeout": 10.0, "round_timeout": ROUND_TIMEOUT}
+FAST: dict[str, Any] = {"connect_timeout": 10_000 * MS, "round_timeout": ROUND_TIMEOUT}
 
 
 # -- Watching a run ------------------------------------------------------------------------
@@ -368,10 +368,10 @@ class Background:
 
     def __exit__(self, *exc_info: object) -> None:
         # The run is bounded by its own timeout; wait for it so it never outlives the test.
-        self._thread.join(self.timeout + 30)
+        self._thread.join(self.timeout + 30_000 * MS)
 
     def join(self) -> RunResult:
-        self._thread.join(self.timeout + 30)
+        self._thread.join(self.timeout + 30_000 * MS)
         assert not self._thread.is_alive(), "the coordinator did not finish"
         if self.error is not None:
             raise self.error
@@ -568,7 +568,7 @@ def killed_and_restarted(cluster: Cluster, tmp_path_factory: pytest.TempPathFact
             time.sleep(100 * MS)  # into round 4's training (each round takes a few tenths of a second)
             killed_at = time.monotonic()
             bob.kill()
-            seen = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30, "bob dropped")
+            seen = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30_000 * MS, "bob dropped")
             restarted_at = time.monotonic()
             restarted_in = bob.start()
             result = background.join()
@@ -660,7 +660,9 @@ def test_a_frozen_worker_is_dropped_by_liveness_and_rejoins_after_sigcont(trio: 
             frozen_at = time.monotonic()
             bob.signal(signal.SIGSTOP)
             wait_until(lambda: bob.status("State").startswith("T"), 5000 * MS, "bob to stop")
-            dropped = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30, "bob dropped")
+            dropped = metrics.wait_for(
+                lambda data: is_round(data) and "bob" in data["failed"], 30_000 * MS, "bob dropped"
+            )
             detection = dropped.at - frozen_at
             # Still frozen past the next round's wait for reconnecting workers.
             time.sleep(join_grace + 1000 * MS)
