@@ -31,6 +31,7 @@ ALLOWED_TO_IMPORT_IO = {
     # `python -m syncfed` hands its arguments to the command lines.
     "__main__.py": "entry point",
     # Shims kept for one release at the old import paths; they only re-export from net/.
+    # (syncfed/coordinator.py and syncfed/worker.py need none: they become the packages.)
     "client.py": "shim for syncfed.net.link",
     "transport.py": "shim for syncfed.net.transport",
     "spawn.py": "shim for syncfed.net.spawn",
