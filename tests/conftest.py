@@ -22,17 +22,23 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 import torch
+from units import MS
 
+from syncfed.config import CoordinatorConfig
 from syncfed.datasets import load_dataset
 from syncfed.models import DigitsCNN
 from syncfed.spawn import WorkerProcess, spawn_workers
 
 T = TypeVar("T")
 
+#: The tests folder, where user_models.py lives, and the repository root above it.
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
 #: Seconds a set of workers may take to start (importing torch on a busy 2-core machine).
-STARTUP_TIMEOUT = 60.0
+STARTUP_TIMEOUT = 60_000 * MS
 #: Seconds the workers may take to stop.
-SHUTDOWN_TIMEOUT = 30.0
+SHUTDOWN_TIMEOUT = 30_000 * MS
 
 #: The message size limit of the fault-test worker: above one digits-cnn fit
 #: request (about 2.4 MB), so it can train, and small enough to exceed cheaply.
@@ -49,6 +55,10 @@ DIGITS_PLAN: list[tuple[str, list[str]]] = [
     # The fault tests' worker: its own classes, a small size limit.
     ("dave", [*THREADS, "--digits", "0,5,9", "--max-message-size", str(FAULT_LIMIT)]),
 ]
+
+#: The session's training workers, and the seconds one coordinator run may take.
+TRAINERS = ("alice", "bob", "charlie")
+RUN_TIMEOUT = 120_000 * MS
 
 #: Sizes of the tiny MNIST written for the tests.
 MNIST_TRAIN, MNIST_TEST = 60, 20
@@ -72,7 +82,7 @@ class _LoopThread:
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(timeout=10)
+        self.thread.join(timeout=10_000 * MS)
         if not self.thread.is_alive():
             self.loop.close()
 
@@ -83,7 +93,7 @@ def running_workers(plan: Sequence[tuple[str, Sequence[str]]]) -> Iterator[dict[
     pool = _LoopThread()
     spawner = spawn_workers(plan, startup_timeout=STARTUP_TIMEOUT)
     try:
-        workers = pool.run(spawner.__aenter__(), STARTUP_TIMEOUT + 30)
+        workers = pool.run(spawner.__aenter__(), STARTUP_TIMEOUT + 30_000 * MS)
         try:
             yield workers
         finally:
@@ -162,3 +172,37 @@ def disposable_worker() -> Iterator[WorkerProcess]:
     """A training worker erin of this test's own, for tests that kill it."""
     with running_workers([("erin", [*THREADS, "--digits", "1,2"])]) as workers:
         yield workers["erin"]
+
+
+# Helpers of coordinator runs over the session's workers ------------------------------
+
+
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
+    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await coroutine
+
+    return asyncio.run(bounded())
+
+
+def uris(workers: dict[str, WorkerProcess], *names: str) -> dict[str, str]:
+    return {name: workers[name].uri for name in names}
+
+
+def config(workers: dict[str, WorkerProcess], *, evaluator: bool = True, **settings: Any) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        workers=uris(workers, *TRAINERS),
+        evaluator=uris(workers, "testing") if evaluator else {},
+        connect_timeout=10_000 * MS,
+        request_timeout=60_000 * MS,
+        **settings,
+    )
+
+
+def assert_same_weights(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pytest
 from conftest import THREADS, running_workers
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
@@ -51,11 +52,11 @@ TOKEN = b"0123456789abcdef0123456789abcdef"
 MAX_SIZE = 16 * 2**20
 
 # Durations, in seconds.
-TEST_TIMEOUT = 90.0  # one test's event loop
-PROMPT = 20.0  # a hello and a short fit, on a busy 2-core machine (about 4 s at load 12)
+TEST_TIMEOUT = 90_000 * MS  # one test's event loop
+PROMPT = 20_000 * MS  # a hello and a short fit, on a busy 2-core machine (about 4 s at load 12)
 IDLE = 1.5  # the quiet worker's --idle-timeout
 HANDSHAKE = 3.0  # the gate worker's --handshake-timeout
-SLACK = 3.0  # how late a worker may close what it should close
+SLACK = 3000 * MS  # how late a worker may close what it should close
 BATCH_DELAY = 0.5  # the quiet worker's --batch-delay: a fit of n batches takes n/2 s
 
 PLAN = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.05, seed=3)
@@ -141,7 +142,7 @@ def client(worker: WorkerProcess, token: bytes | None = None) -> WorkerClient:
 
 
 async def raw(uri: str, **options: Any) -> ClientConnection:
-    return await connect(uri, compression=None, max_size=None, open_timeout=PROMPT, close_timeout=1, **options)
+    return await connect(uri, compression=None, max_size=None, open_timeout=PROMPT, close_timeout=1000 * MS, **options)
 
 
 async def attackers(uri: str, count: int, *, challenged: bool) -> tuple[list[ClientConnection], int]:
@@ -267,7 +268,7 @@ def test_a_coordinator_gets_in_through_a_churn_of_silent_peers(locked: WorkerPro
         stop, opened = asyncio.Event(), [0]
         tasks = [asyncio.create_task(churn(stop, opened)) for _ in range(churners)]
         try:
-            await asyncio.sleep(2.0)  # the queue is full and turning over
+            await asyncio.sleep(2000 * MS)  # the queue is full and turning over
             started = time.monotonic()
             for attempt in range(1, attempts_allowed + 1):
                 try:
@@ -296,7 +297,7 @@ def test_the_oldest_silent_peer_makes_room_and_slots_stay_capped(gate: WorkerPro
         opened, refused = await attackers(gate.uri, 6, challenged=True)
         assert refused == 0
         async with closing(opened):
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(200 * MS)
             alive = [connection.state is State.OPEN for connection in opened]
             watched = [
                 asyncio.create_task(closed_after(connection, started, HANDSHAKE + SLACK)) for connection in opened[4:]
@@ -437,7 +438,7 @@ def test_a_busy_coordinator_is_not_cut_off(quiet: WorkerProcess) -> None:
             assert isinstance(fetched, FitResult)
             async with asyncio.timeout(IDLE + SLACK):
                 while coordinator.connected:
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(50 * MS)
             cut = time.monotonic() - last_request
         connection = await raw(quiet.uri)
         async with closing([connection]):

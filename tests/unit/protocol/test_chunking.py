@@ -23,6 +23,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -56,7 +57,7 @@ WHITELIST = ("float16", "float32", "float64", "int8", "uint8", "int16", "int32",
 PLAN = TrainingPlan(round=1, batch_size=8, num_batches=2, lr=0.05, seed=1)
 
 
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60_000 * MS) -> T:
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
             return await coroutine
@@ -432,7 +433,7 @@ async def receiving_server(limit: int) -> AsyncIterator[tuple[str, asyncio.Queue
 
 @asynccontextmanager
 async def client_of(uri: str, limit: int) -> AsyncIterator[ClientConnection]:
-    async with connect(uri, open_timeout=10, **connection_options(limit)) as connection:
+    async with connect(uri, open_timeout=10_000 * MS, **connection_options(limit)) as connection:
         yield connection
 
 
@@ -506,14 +507,16 @@ def test_a_cancelled_streamed_send_closes_the_connection() -> None:
 
     async def scenario() -> None:
         # The server never reads, so it does not see the hang-up; close_timeout bounds its own close.
-        async with serve(never_reads, "127.0.0.1", 0, close_timeout=0.1, **connection_options(512 * MiB)) as server:
+        async with serve(
+            never_reads, "127.0.0.1", 0, close_timeout=100 * MS, **connection_options(512 * MiB)
+        ) as server:
             uri = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
             async with client_of(uri, 512 * MiB) as connection:
                 outgoing = encode_fragments(1, FitResult(model_weights(16 * MiB), 1, 0.0), chunk_size=MiB)
                 with pytest.raises(TimeoutError):
-                    async with asyncio.timeout(0.5):
+                    async with asyncio.timeout(500 * MS):
                         await send_message(connection, outgoing)
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(5000 * MS):
                     await connection.wait_closed()
                 with pytest.raises(ConnectionClosed):
                     await connection.send(encode(2, Ping()))
@@ -529,7 +532,7 @@ def test_a_real_worker_reads_a_streamed_fit_request(disposable_worker: WorkerPro
         async with WorkerClient("erin", disposable_worker.uri, max_message_size=64 * MiB, chunk_size=32 * KiB) as erin:
             await erin.request(Hello())
             sent = erin.bytes_sent
-            result = await erin.request(Fit("digits-cnn", weights, PLAN), timeout=60)
+            result = await erin.request(Fit("digits-cnn", weights, PLAN), timeout=60_000 * MS)
             assert (
                 erin.bytes_sent - sent
                 == encode_fragments(2, Fit("digits-cnn", weights, PLAN), chunk_size=32 * KiB).size
@@ -539,7 +542,7 @@ def test_a_real_worker_reads_a_streamed_fit_request(disposable_worker: WorkerPro
             assert any(not np.array_equal(result.weights[name], weights[name]) for name in weights)
             assert await erin.request(Ping()) == Pong()
 
-    run(scenario(), timeout=90)
+    run(scenario(), timeout=90_000 * MS)
 
 
 # Memory: no second buffer of the message's size -------------------------------------
@@ -560,7 +563,7 @@ def test_a_100m_parameter_message_needs_no_second_whole_size_buffer() -> None:
 
     tracemalloc.start()
     try:
-        received, seconds = run(scenario(), timeout=120)
+        received, seconds = run(scenario(), timeout=120_000 * MS)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

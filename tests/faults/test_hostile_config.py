@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from hypothesis import given
 from hypothesis import strategies as st
-from test_end_to_end import REPO
+from units import MS
 
 from syncfed.cli import client, server
 from syncfed.cli.common import parse_arguments
@@ -105,7 +106,9 @@ def test_a_valid_file_reads_as_the_same_flags(program: str, text: str, flags: li
 
 
 def cli(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, script, *arguments], cwd=REPO, capture_output=True, text=True, timeout=120_000 * MS
+    )
 
 
 @pytest.mark.parametrize(
@@ -177,7 +180,7 @@ def models_cli(registry: ModelRegistry, *arguments: str) -> subprocess.Completed
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=120_000 * MS,
         env={**os.environ, "PYTHONPATH": path},
     )
 

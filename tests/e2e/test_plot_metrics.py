@@ -1,7 +1,7 @@
 """scripts/plot_metrics.py: real metrics files from the coordinator's command line, rendered to PNG.
 
 One short real run (4 rounds, evaluated after each) is made once for the
-module by the coordinator's command line; the error tests use small files
+module by the coordinator's command line over the session's workers; the error tests use small files
 written here. The command line is run as a subprocess where its exit status
 and its stderr (one line, no traceback) are what is tested.
 """
@@ -18,13 +18,16 @@ from types import ModuleType
 import matplotlib.image
 import numpy as np
 import pytest
+from conftest import REPO
+from units import MS
 
-REPO = Path(__file__).resolve().parent.parent
+from syncfed.spawn import WorkerProcess
+
 SCRIPT = REPO / "scripts" / "plot_metrics.py"
 ROUNDS = 4
 TRAINERS = ("alice", "bob", "charlie")
-CLI_TIMEOUT = 150.0  # seconds for the coordinator's run, spawning included
-PLOT_TIMEOUT = 60.0  # seconds for one plot, importing matplotlib included
+CLI_TIMEOUT = 150_000 * MS  # the coordinator's run, spawning included
+PLOT_TIMEOUT = 60_000 * MS  # one plot, importing matplotlib included
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FEDERATED_BLUE = np.array([0x1F, 0x77, 0xB4]) / 255  # tab10's first colour, the first thick line's
 
@@ -42,11 +45,13 @@ plot_metrics = _import_script()
 
 
 @pytest.fixture(scope="module")
-def real_metrics(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The metrics file of a real 4-round run over spawned workers, evaluated every round."""
+def real_metrics(digits_workers: dict[str, WorkerProcess], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The metrics file of a real 4-round run over the session's workers, evaluated every round."""
     directory = tmp_path_factory.mktemp("real-run")
     path = directory / "metrics.jsonl"
-    arguments = ["--spawn-workers", "--training-rounds", str(ROUNDS), "--eval-every", "1", "--metrics-out", str(path)]
+    workers = ",".join(f"{name}={digits_workers[name].uri}" for name in TRAINERS)
+    arguments = ["--workers", workers, "--evaluator", f"testing={digits_workers['testing'].uri}"]
+    arguments += ["--training-rounds", str(ROUNDS), "--eval-every", "1", "--metrics-out", str(path)]
     done = subprocess.run(
         [sys.executable, str(REPO / "run_websocket_client.py"), *arguments],
         cwd=directory,

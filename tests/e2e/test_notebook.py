@@ -13,16 +13,16 @@ import base64
 import hashlib
 import os
 import re
-from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 nbclient = pytest.importorskip("nbclient")
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "Asynchronous-federated-learning-on-MNIST.ipynb"
+NOTEBOOK = REPO / "notebooks" / "Asynchronous-federated-learning-on-MNIST.ipynb"
 ROUNDS = 3
 CELL_TIMEOUT = 300  # seconds per cell, starting worker processes included
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

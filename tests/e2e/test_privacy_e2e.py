@@ -25,11 +25,11 @@ from typing import Any, cast
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
+from conftest import THREADS, TRAINERS, config, run, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
-from test_end_to_end import TRAINERS, config, run
+from units import MS
 
 from syncfed.cli.client import main as client_main
 from syncfed.client import WorkerClient
@@ -64,7 +64,7 @@ SESSION = b"k" * 32
 #: A worker's update in a secure round: 5 batches of 32 at this rate, from the seeded initial model.
 BATCHES, LR = 5, 0.05
 #: Seconds a killed worker's connection may take to close.
-KILL_TIMEOUT = 10.0
+KILL_TIMEOUT = 10_000 * MS
 
 
 def over_the_wire(message: Message) -> Message:
@@ -331,7 +331,12 @@ async def connect(workers: dict[str, WorkerProcess], names: list[str]) -> list[S
     clients = []
     for name in names:
         client = SpyClient(
-            name, workers[name].uri, max_message_size=2**26, connect_timeout=10, request_timeout=60, ping_interval=None
+            name,
+            workers[name].uri,
+            max_message_size=2**26,
+            connect_timeout=10_000 * MS,
+            request_timeout=60_000 * MS,
+            ping_interval=None,
         )
         client.masked = []
         await client.connect()
@@ -365,7 +370,7 @@ async def until_disconnected(client: WorkerClient) -> None:
     deadline = time.monotonic() + KILL_TIMEOUT
     while client.connected:
         assert time.monotonic() < deadline, f"{client.name}'s connection stayed open after SIGKILL"
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(10 * MS)
 
 
 def top_byte_uniformity(vector: np.ndarray) -> float:
@@ -394,7 +399,7 @@ def test_a_worker_killed_after_sending_its_masked_input_is_recovered_from_the_su
                 session=os.urandom(32),
                 max_count=max(update.num_examples for update in updates),
             )
-            secure = SecureRound(clients, config, timeout=60.0, failure=why)
+            secure = SecureRound(clients, config, timeout=60_000 * MS, failure=why)
             await secure.advertise()
             await secure.share()
             await secure.mask(fits, weighted=True)
@@ -435,7 +440,7 @@ def test_fewer_survivors_than_the_threshold_fail_the_round_and_reveal_nothing(
         clients = await connect(doomed_workers, names)
         try:
             config = SecAggConfig(2, 2, flat_float(initial_weights()).size, 4.0, os.urandom(32), max_count=1000)
-            secure = SecureRound(clients, config, timeout=60.0, failure=why)
+            secure = SecureRound(clients, config, timeout=60_000 * MS, failure=why)
             await secure.advertise()
             await secure.share()
             await secure.mask(fits, weighted=True)

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,9 @@ from typing import Any, TypeVar
 import msgpack
 import numpy as np
 import pytest
+from conftest import REPO, RUN_TIMEOUT, run
 from safetensors.numpy import load_file
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -45,15 +47,13 @@ from syncfed.protocol import Envelope, Error, Hello, Info, Ping, Pong, decode, e
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 CLIENT = "run_websocket_client.py"
 
 # Durations, in seconds.
-STARTUP_TIMEOUT = 90.0  # a set of workers importing torch on a busy 2-core machine
-STOP_TIMEOUT = 10.0
-RUN_TIMEOUT = 120.0  # one coordinator run
-CLI_TIMEOUT = 120.0  # one command-line run
-POLL = 0.005  # how often files and processes are looked at
+STARTUP_TIMEOUT = 90_000 * MS  # a set of workers importing torch on a busy 2-core machine
+STOP_TIMEOUT = 10_000 * MS
+CLI_TIMEOUT = 120_000 * MS  # one command-line run
+POLL = 5 * MS  # how often files and processes are looked at
 PING_TIMEOUT = 3.0  # the coordinator's default --ping-timeout
 ROUND_TIMEOUT = 60.0  # far above every round here: nothing may be dropped by the deadline
 
@@ -110,16 +110,6 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
-    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coroutine
-
-    return asyncio.run(bounded())
 
 
 # -- Worker processes on fixed ports --------------------------------------------------------
@@ -296,7 +286,7 @@ def trio(cluster: Cluster) -> Iterator[Cluster]:
 
 #: Coordinator settings every scenario here shares: short connect timeout, a
 #: round deadline far above what any round takes, no evaluator.
-FAST: dict[str, Any] = {"connect_timeout": 10.0, "round_timeout": ROUND_TIMEOUT}
+FAST: dict[str, Any] = {"connect_timeout": 10_000 * MS, "round_timeout": ROUND_TIMEOUT}
 
 
 # -- Watching a run ------------------------------------------------------------------------
@@ -378,10 +368,10 @@ class Background:
 
     def __exit__(self, *exc_info: object) -> None:
         # The run is bounded by its own timeout; wait for it so it never outlives the test.
-        self._thread.join(self.timeout + 30)
+        self._thread.join(self.timeout + 30_000 * MS)
 
     def join(self) -> RunResult:
-        self._thread.join(self.timeout + 30)
+        self._thread.join(self.timeout + 30_000 * MS)
         assert not self._thread.is_alive(), "the coordinator did not finish"
         if self.error is not None:
             raise self.error
@@ -575,10 +565,10 @@ def killed_and_restarted(cluster: Cluster, tmp_path_factory: pytest.TempPathFact
     try:
         with Background(config) as background:
             metrics.wait_round(KILL_ROUND - 1)
-            time.sleep(0.1)  # into round 4's training (each round takes a few tenths of a second)
+            time.sleep(100 * MS)  # into round 4's training (each round takes a few tenths of a second)
             killed_at = time.monotonic()
             bob.kill()
-            seen = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30, "bob dropped")
+            seen = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30_000 * MS, "bob dropped")
             restarted_at = time.monotonic()
             restarted_in = bob.start()
             result = background.join()
@@ -666,14 +656,16 @@ def test_a_frozen_worker_is_dropped_by_liveness_and_rejoins_after_sigcont(trio: 
     try:
         with Background(config) as background:
             metrics.wait_round(freeze_round - 1)
-            time.sleep(0.1)  # into round 3's training
+            time.sleep(100 * MS)  # into round 3's training
             frozen_at = time.monotonic()
             bob.signal(signal.SIGSTOP)
-            wait_until(lambda: bob.status("State").startswith("T"), 5, "bob to stop")
-            dropped = metrics.wait_for(lambda data: is_round(data) and "bob" in data["failed"], 30, "bob dropped")
+            wait_until(lambda: bob.status("State").startswith("T"), 5000 * MS, "bob to stop")
+            dropped = metrics.wait_for(
+                lambda data: is_round(data) and "bob" in data["failed"], 30_000 * MS, "bob dropped"
+            )
             detection = dropped.at - frozen_at
             # Still frozen past the next round's wait for reconnecting workers.
-            time.sleep(join_grace + 1.0)
+            time.sleep(join_grace + 1000 * MS)
             continued_at = time.monotonic()
             bob.signal(signal.SIGCONT)
             result = background.join()
@@ -788,7 +780,7 @@ def test_a_killed_coordinator_resumes_from_its_checkpoint(trio: Cluster, tmp_pat
             saved = load_checkpoint(checkpoints)  # never half written: the file is replaced whole
             return saved is not None and saved.round >= crash_after
 
-        wait_until(checkpointed, 30, f"the checkpoint of round {crash_after}")
+        wait_until(checkpointed, 30_000 * MS, f"the checkpoint of round {crash_after}")
         killed_at = time.monotonic()
         process.send_signal(signal.SIGKILL)
         process.wait(STOP_TIMEOUT)
@@ -933,7 +925,7 @@ def test_a_quorum_that_cannot_be_met_stops_the_cli_with_one_line(trio: Cluster, 
         metrics.wait_round(1, CLI_TIMEOUT)
         killed_at = time.monotonic()
         trio["bob"].kill()
-        _, stderr = process.communicate(timeout=30)
+        _, stderr = process.communicate(timeout=30_000 * MS)
         exit_seconds = time.monotonic() - killed_at
     assert process.returncode == 8, stderr
     line = one_error_line((process.returncode, stderr))
@@ -1005,7 +997,9 @@ def garbage(rng: random.Random) -> bytes | str:
 async def flood_connection(uri: str, count: int, seed: int) -> int:
     """Send ``count`` bad messages while reading the replies; return how many error replies came."""
     rng = random.Random(seed)
-    async with connect(uri, compression=None, max_size=None, open_timeout=10, close_timeout=5) as connection:
+    async with connect(
+        uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=5000 * MS
+    ) as connection:
 
         async def read() -> int:
             replies = 0
@@ -1018,7 +1012,7 @@ async def flood_connection(uri: str, count: int, seed: int) -> int:
         reader = asyncio.create_task(read())
         for _ in range(count):
             await connection.send(garbage(rng))
-        async with asyncio.timeout(60):
+        async with asyncio.timeout(60_000 * MS):
             return await reader
 
 
@@ -1026,7 +1020,7 @@ async def flood_without_reading(uri: str, seconds: float, seed: int) -> int:
     """Send bad messages for ``seconds`` and never read a reply; then drop the TCP connection."""
     rng = random.Random(seed)
     sent = 0
-    connection = await connect(uri, compression=None, max_size=None, open_timeout=10, close_timeout=1)
+    connection = await connect(uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=1000 * MS)
     try:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
@@ -1041,14 +1035,16 @@ async def flood_without_reading(uri: str, seconds: float, seed: int) -> int:
 async def short_connection(uri: str, port: int, kind: int) -> str:
     """One of several ways to open a connection and go away quickly."""
     if kind == 0:  # a polite session: hello, close
-        async with connect(uri, compression=None, max_size=None, open_timeout=10, close_timeout=5) as connection:
+        async with connect(
+            uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=5000 * MS
+        ) as connection:
             await connection.send(encode(1, Hello()))
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(10_000 * MS):
                 reply = decode(await connection.recv(decode=False))
             assert isinstance(reply.message, Info)
         return "hello"
     if kind == 1:  # a websocket handshake, then gone without a closing handshake
-        connection = await connect(uri, compression=None, open_timeout=10)
+        connection = await connect(uri, compression=None, open_timeout=10_000 * MS)
         await connection.send(b"\x00garbage")
         connection.transport.abort()
         return "abort"
@@ -1067,7 +1063,7 @@ async def short_connection(uri: str, port: int, kind: int) -> str:
         await writer.drain()
         answer = b""
         with contextlib.suppress(ConnectionError):
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(10_000 * MS):
                 answer = await reader.read(200)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer
         return "bad-http"
@@ -1126,17 +1122,19 @@ def test_a_flood_of_bad_input_leaves_a_worker_serving_with_flat_memory(trio: Clu
     rss_after = alice.rss_mib()
     assert rss_after - rss_before < 100, (rss_before, rss_after)
     # Every connection of the flood was let go: the descriptors are back to where they were.
-    fds = wait_until(lambda: alice.open_fds() <= fds_before + 1 and alice.open_fds(), 10, "alice's sockets to close")
+    fds = wait_until(
+        lambda: alice.open_fds() <= fds_before + 1 and alice.open_fds(), 10_000 * MS, "alice's sockets to close"
+    )
 
     async def still_serves() -> None:
-        async with connect(alice.uri, compression=None, max_size=None, open_timeout=10) as connection:
+        async with connect(alice.uri, compression=None, max_size=None, open_timeout=10_000 * MS) as connection:
             await connection.send(encode(1, Hello()))
             await connection.send(encode(2, Ping()))
-            async with asyncio.timeout(10):
+            async with asyncio.timeout(10_000 * MS):
                 replies = [decode(await connection.recv(decode=False)) for _ in range(2)]
             assert isinstance(replies[0].message, Info) and replies[1] == Envelope(2, Pong())
 
-    run(still_serves(), 30)
+    run(still_serves(), 30_000 * MS)
     assert alice.alive
     record(
         "flood of alice (4x1000 bad messages, 1 unread sender, 300 short connections, during a 2-round run)",
@@ -1166,14 +1164,16 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
 
     async def hello(connection: ClientConnection, request_id: int = 1) -> None:
         await connection.send(encode(request_id, Hello()))
-        async with asyncio.timeout(10):
+        async with asyncio.timeout(10_000 * MS):
             reply = decode(await connection.recv(decode=False))
         assert isinstance(reply.message, Info) and reply.message.worker_id == "erin"
 
     async def open_one() -> ClientConnection:
-        return await connect(erin.uri, compression=None, max_size=None, open_timeout=10, close_timeout=5)
+        return await connect(
+            erin.uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=5000 * MS
+        )
 
-    async def admitted(timeout: float = 5.0) -> tuple[ClientConnection, float]:
+    async def admitted(timeout: float = 5000 * MS) -> tuple[ClientConnection, float]:
         """A connection, once the worker has counted out the ones closed just before (a moment after the close).
 
         A connection counts from its hello on (erin has no token): until the slots free, the handshake gets
@@ -1216,7 +1216,7 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
         are answered with a close (1013 too many connections).
         """
         (await admitted())[0].transport.abort()  # wait until the slots are free, then free ours at once
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(200 * MS)
         outcomes = await asyncio.gather(*(open_one() for _ in range(count)), return_exceptions=True)
         opened = [outcome for outcome in outcomes if isinstance(outcome, ClientConnection)]
         try:
@@ -1232,8 +1232,8 @@ def test_connections_beyond_the_limit_are_refused_with_503(cluster: Cluster) -> 
                 await connection.close()
         return count - len(refused), len(refused)
 
-    reopened = run(one_past_the_limit(), 60)
-    accepted, refused = run(at_once(20), 60)
+    reopened = run(one_past_the_limit(), 60_000 * MS)
+    accepted, refused = run(at_once(20), 60_000 * MS)
     assert (accepted, refused) == (limit, 20 - limit)
     assert erin.alive
     record(

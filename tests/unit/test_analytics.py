@@ -17,9 +17,10 @@ from pathlib import Path
 import msgpack
 import numpy as np
 import pytest
-from conftest import THREADS, running_workers
+from conftest import REPO, THREADS, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from units import MS
 
 from syncfed.analytics import (
     Laplace,
@@ -65,8 +66,7 @@ from syncfed.secure_round import SecureRound
 from syncfed.spawn import WorkerProcess
 from syncfed.worker import load_shard
 
-REPO = Path(__file__).resolve().parent.parent
-CLI_TIMEOUT = 120.0  # seconds for one command-line run on a busy machine
+CLI_TIMEOUT = 120_000 * MS  # one command-line run on a busy machine
 DIGITS_TRAIN = 1437  # 80% of scikit-learn's 1,797 digits
 
 
@@ -1177,7 +1177,9 @@ def test_a_worker_refuses_an_answer_beyond_the_secure_round_s_limit(digits_worke
 
     async def scenario() -> None:
         clients = [
-            WorkerClient(name, digits_workers[name].uri, max_message_size=2**20, connect_timeout=10, ping_interval=None)
+            WorkerClient(
+                name, digits_workers[name].uri, max_message_size=2**20, connect_timeout=10_000 * MS, ping_interval=None
+            )
             for name in names
         ]
         try:
@@ -1186,7 +1188,7 @@ def test_a_worker_refuses_an_answer_beyond_the_secure_round_s_limit(digits_worke
                 await client.request(Hello())
             # 100 is below every worker's example count (the first entry of its sums).
             config = SecAggConfig(2, 2, sums_length(query, 10), 100.0, os.urandom(32), bits=64, max_count=1)
-            secure = SecureRound(clients, config, timeout=60.0, failure=why)
+            secure = SecureRound(clients, config, timeout=60_000 * MS, failure=why)
             with pytest.raises(SecAggError, match="^0 clients sent masked inputs, threshold is 2$"):
                 await secure.run(dict.fromkeys(names, query), weighted=False)
         finally:

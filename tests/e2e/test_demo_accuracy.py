@@ -8,10 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import independent_score
+from conftest import REPO, independent_score
 from safetensors.numpy import load_file
-
-ROOT = Path(__file__).resolve().parent.parent
+from units import MS
 
 
 def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
@@ -21,7 +20,7 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     completed = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "run_websocket_client.py"),
+            str(REPO / "run_websocket_client.py"),
             "--spawn-workers",
             "--metrics-out",
             str(metrics),
@@ -31,7 +30,7 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=300_000 * MS,
     )
     seconds = time.perf_counter() - started
     assert completed.returncode == 0, completed.stderr

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_end_to_end import config, run
+from conftest import config, run
+from units import MS
 
 from syncfed.client import WorkerClient
 from syncfed.coordinator import Coordinator
@@ -71,7 +72,7 @@ def test_a_worker_holds_an_update_until_it_is_fetched_once(digits_workers: dict[
     async def scenario() -> tuple[FitResult, FitResult, FitResult, list[str]]:
         errors = []
         async with WorkerClient(
-            "alice", digits_workers["alice"].uri, max_message_size=2**26, connect_timeout=10
+            "alice", digits_workers["alice"].uri, max_message_size=2**26, connect_timeout=10_000 * MS
         ) as client:
             await client.request(Hello())
             plain = await client.request(fit())
@@ -114,7 +115,7 @@ def counting_fetches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         counts["all"] += 1
         counts["most"] = max(counts["most"], counts["now"])
         try:
-            await asyncio.sleep(0.05)  # keep it in flight long enough for others to pile up, were they allowed
+            await asyncio.sleep(50 * MS)  # keep it in flight long enough for others to pile up, were they allowed
             return await original(self, message, *args, **kwargs)
         finally:
             counts["now"] -= 1
@@ -163,13 +164,17 @@ def test_the_client_keeps_nothing_of_a_reply_once_it_is_delivered(
 
     async def scenario() -> list[bool]:
         async with WorkerClient(
-            "alice", digits_workers["alice"].uri, max_message_size=2**26, connect_timeout=10, ping_interval=None
+            "alice",
+            digits_workers["alice"].uri,
+            max_message_size=2**26,
+            connect_timeout=10_000 * MS,
+            ping_interval=None,
         ) as client:
             await client.request(Hello())
             reply = await client.request(fit())
             assert isinstance(reply, FitResult)
             del reply
-            await asyncio.sleep(0.1)  # the connection idles, waiting for the next message
+            await asyncio.sleep(100 * MS)  # the connection idles, waiting for the next message
             gc.collect()
             return [ref() is not None for ref in decoders]
 

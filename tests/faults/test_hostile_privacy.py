@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import THREADS, running_workers
-from test_end_to_end import REPO, run
+from conftest import REPO, THREADS, run, running_workers
+from units import MS
 
 from syncfed.client import WorkerClient
 from syncfed.protocol import Hello, Info, decode, encode
@@ -26,7 +26,7 @@ from syncfed.spawn import WorkerProcess
 
 TRAINERS = ("pia", "quinn", "ray")
 WITHHOLDER = "quinn"
-RUN_TIMEOUT = 240.0
+RUN_TIMEOUT = 240_000 * MS
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +49,11 @@ def trained_on(worker: WorkerProcess) -> int:
 
 async def hello(worker: WorkerProcess) -> Info:
     client = WorkerClient(
-        worker.worker_id, worker.uri, max_message_size=2**20, connect_timeout=10.0, ping_interval=None
+        worker.worker_id, worker.uri, max_message_size=2**20, connect_timeout=10_000 * MS, ping_interval=None
     )
     await client.connect()
     try:
-        info = await client.request(Hello(), timeout=10.0)
+        info = await client.request(Hello(), timeout=10_000 * MS)
     finally:
         await client.close()
     assert isinstance(info, Info)
@@ -140,7 +140,7 @@ def test_the_status_table_shows_a_withheld_histogram(private_workers: dict[str, 
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert done.returncode == 0, done.stderr
     (row,) = [line for line in done.stdout.splitlines() if line.startswith(WITHHOLDER)]

@@ -30,6 +30,8 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -59,13 +61,12 @@ from syncfed.tensors import encode_weights
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 FAULT_LIMIT = 3 * 2**20  # dave's --max-message-size in conftest.py
 MiB = 2**20
-REPLY_TIMEOUT = 30.0  # seconds for any one reply, a short fit included
-TEST_TIMEOUT = 90.0  # seconds for one test's event loop
-QUIET = 0.3  # seconds of silence that show no further reply is coming
-CLI_TIMEOUT = 60.0
+REPLY_TIMEOUT = 30_000 * MS  # any one reply, a short fit included
+TEST_TIMEOUT = 90_000 * MS  # one test's event loop
+QUIET = 300 * MS  # of silence that show no further reply is coming
+CLI_TIMEOUT = 60_000 * MS
 
 PLAN = TrainingPlan(round=1, batch_size=8, num_batches=3, lr=0.05, seed=3)
 
@@ -136,7 +137,9 @@ class Peer:
 
 @asynccontextmanager
 async def open_peer(uri: str) -> AsyncIterator[Peer]:
-    async with connect(uri, compression=None, max_size=None, open_timeout=10, close_timeout=5) as connection:
+    async with connect(
+        uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=5000 * MS
+    ) as connection:
         yield Peer(connection)
 
 
@@ -442,7 +445,7 @@ def test_requests_past_the_in_flight_limit_are_busy(dave: WorkerProcess, weights
                 await peer.request(request_id, Evaluate("digits-cnn", weights, 256))
             await peer.request(10, Ping())
             assert await peer.expect_error(10, "busy") == "9 requests in flight exceed limit of 8"
-            replies = await peer.receive_many(8, timeout=60)
+            replies = await peer.receive_many(8, timeout=60_000 * MS)
             assert sorted((reply.id, reply.message.kind) for reply in replies) == [(2, "fit_result")] + [
                 (request_id, "eval_result") for request_id in range(3, 10)
             ]
@@ -533,7 +536,7 @@ def test_ping_is_answered_while_a_long_fit_runs(dave: WorkerProcess, weights: di
             await peer.hello()
             long_plan = TrainingPlan(round=1, batch_size=1, num_batches=2000, lr=0.01, seed=5)
             await peer.request(2, Fit("digits-cnn", weights, long_plan))
-            await asyncio.sleep(0.3)  # let the fit start in its thread
+            await asyncio.sleep(300 * MS)  # let the fit start in its thread
             latencies = []
             for request_id in (3, 4, 5):
                 sent = time.perf_counter()
@@ -541,7 +544,7 @@ def test_ping_is_answered_while_a_long_fit_runs(dave: WorkerProcess, weights: di
                 reply = await peer.receive()
                 latencies.append(time.perf_counter() - sent)
                 assert reply == Envelope(request_id, Pong()), f"{reply.message.kind} came before the pong"
-            fitted = await peer.receive(timeout=60)
+            fitted = await peer.receive(timeout=60_000 * MS)
             assert fitted.id == 2 and isinstance(fitted.message, FitResult)
             assert max(latencies) < fitted.message.seconds / 2, (latencies, fitted.message.seconds)
 
@@ -580,7 +583,12 @@ def test_two_connections_with_the_same_ids_get_only_their_own_replies(
 def incompatible(workers: dict[str, str], evaluator: dict[str, str], tmp_path: Path, **settings: Any) -> str:
     metrics = tmp_path / "metrics.jsonl"
     config = CoordinatorConfig(
-        workers=workers, evaluator=evaluator, training_rounds=1, metrics_out=metrics, connect_timeout=10, **settings
+        workers=workers,
+        evaluator=evaluator,
+        training_rounds=1,
+        metrics_out=metrics,
+        connect_timeout=10_000 * MS,
+        **settings,
     )
     with pytest.raises(IncompatibleWorkers) as raised:
         run(Coordinator(config, report=lambda _: None).run())
@@ -638,7 +646,7 @@ def test_client_fails_fast_on_a_closed_port() -> None:
     port = free_port()
 
     async def scenario() -> None:
-        client = WorkerClient("ghost", f"ws://127.0.0.1:{port}", max_message_size=MiB, connect_timeout=20)
+        client = WorkerClient("ghost", f"ws://127.0.0.1:{port}", max_message_size=MiB, connect_timeout=20_000 * MS)
         with pytest.raises(WorkerUnavailable) as raised:
             await client.connect()
         assert raised.value.worker == "ghost"
@@ -647,7 +655,7 @@ def test_client_fails_fast_on_a_closed_port() -> None:
             await client.request(Ping())
 
     started = time.perf_counter()
-    run(scenario(), timeout=10)
+    run(scenario(), timeout=10_000 * MS)
     assert time.perf_counter() - started < 3, "a refused connection must not wait for the connect timeout"
 
 
@@ -659,12 +667,12 @@ def test_client_gives_up_on_a_silent_listener() -> None:
             listener.bind(("127.0.0.1", 0))
             listener.listen()
             uri = f"ws://127.0.0.1:{listener.getsockname()[1]}"
-            client = WorkerClient("mute", uri, max_message_size=MiB, connect_timeout=0.5)
+            client = WorkerClient("mute", uri, max_message_size=MiB, connect_timeout=500 * MS)
             with pytest.raises(WorkerUnavailable) as raised:
                 await client.connect()
             assert str(raised.value) == f"worker mute is unavailable: no connection to {uri} within 0.5 s"
 
-    run(scenario(), timeout=10)
+    run(scenario(), timeout=10_000 * MS)
 
 
 Handler = Callable[[ServerConnection], Awaitable[None]]
@@ -703,42 +711,42 @@ async def answers_error(connection: ServerConnection) -> None:
         await connection.send(encode(decode(data).id, Error("busy", "3 requests in flight exceed limit of 2")))
 
 
-async def request_via(handler: Handler, message: Any, timeout: float = 5.0) -> Any:
+async def request_via(handler: Handler, message: Any, timeout: float = 5000 * MS) -> Any:
     async with fake_worker(handler) as uri:
         async with WorkerClient(
-            "fake", uri, max_message_size=MiB, connect_timeout=5, request_timeout=timeout
+            "fake", uri, max_message_size=MiB, connect_timeout=5000 * MS, request_timeout=timeout
         ) as client:
             return await client.request(message)
 
 
 def test_client_times_out_on_a_stalled_worker() -> None:
     with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(stalls, Ping(), timeout=0.3), timeout=10)
+        run(request_via(stalls, Ping(), timeout=300 * MS), timeout=10_000 * MS)
     assert str(raised.value) == "worker fake is unavailable: no reply to ping within 0.3 s"
 
 
 def test_client_drops_a_worker_that_sends_garbage() -> None:
     with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(sends_garbage, Ping()), timeout=10)
+        run(request_via(sends_garbage, Ping()), timeout=10_000 * MS)
     assert str(raised.value).startswith("worker fake is unavailable: sent an invalid reply: invalid msgpack")
 
 
 def test_client_reports_a_worker_that_hangs_up() -> None:
     with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(hangs_up, Hello()), timeout=10)
+        run(request_via(hangs_up, Hello()), timeout=10_000 * MS)
     assert str(raised.value).startswith("worker fake is unavailable: connection lost (")
     assert "1011" in str(raised.value)
 
 
 def test_client_refuses_a_reply_of_the_wrong_kind() -> None:
     with pytest.raises(ProtocolError) as raised:
-        run(request_via(answers_wrong_kind, Hello()), timeout=10)
+        run(request_via(answers_wrong_kind, Hello()), timeout=10_000 * MS)
     assert str(raised.value) == "fake answered hello with pong, expected info"
 
 
 def test_client_turns_an_error_reply_into_a_remote_error() -> None:
     with pytest.raises(RemoteError) as raised:
-        run(request_via(answers_error, Ping()), timeout=10)
+        run(request_via(answers_error, Ping()), timeout=10_000 * MS)
     assert (raised.value.peer, raised.value.code) == ("fake", "busy")
     assert str(raised.value) == "fake answered with error busy: 3 requests in flight exceed limit of 2"
 
@@ -750,10 +758,10 @@ def test_a_reply_over_the_client_limit_ends_the_connection_clearly(
 
     async def scenario() -> None:
         uri = digits_workers["alice"].uri
-        async with WorkerClient("alice", uri, max_message_size=2 * MiB, connect_timeout=10) as client:
+        async with WorkerClient("alice", uri, max_message_size=2 * MiB, connect_timeout=10_000 * MS) as client:
             await client.request(Hello())
             with pytest.raises(WorkerUnavailable) as raised:
-                await client.request(Fit("digits-cnn", weights, PLAN), timeout=30)
+                await client.request(Fit("digits-cnn", weights, PLAN), timeout=30_000 * MS)
             message = str(raised.value)
             assert message.startswith("worker alice is unavailable: connection lost (")
             assert "message too big" in message and f"exceeds limit of {2 * MiB} bytes" in message
@@ -765,11 +773,13 @@ def test_a_worker_that_dies_mid_fit_fails_the_request(
     disposable_worker: WorkerProcess, weights: dict[str, np.ndarray]
 ) -> None:
     async def scenario() -> None:
-        async with WorkerClient("erin", disposable_worker.uri, max_message_size=2**30, connect_timeout=10) as client:
+        async with WorkerClient(
+            "erin", disposable_worker.uri, max_message_size=2**30, connect_timeout=10_000 * MS
+        ) as client:
             await client.request(Hello())
             long_plan = TrainingPlan(round=1, batch_size=1, num_batches=100_000, lr=0.01, seed=1)
-            fit = asyncio.create_task(client.request(Fit("digits-cnn", weights, long_plan), timeout=60))
-            await asyncio.sleep(0.5)
+            fit = asyncio.create_task(client.request(Fit("digits-cnn", weights, long_plan), timeout=60_000 * MS))
+            await asyncio.sleep(500 * MS)
             assert not fit.done()
             os.kill(disposable_worker.process.pid, signal.SIGKILL)
             started = time.perf_counter()
@@ -780,20 +790,20 @@ def test_a_worker_that_dies_mid_fit_fails_the_request(
             with pytest.raises(WorkerUnavailable):
                 await client.request(Ping())
 
-    run(scenario(), timeout=30)
+    run(scenario(), timeout=30_000 * MS)
 
 
 def test_a_worker_that_cannot_start_is_reported_with_its_last_words() -> None:
     async def scenario() -> None:
         with pytest.raises(WorkerUnavailable) as raised:
-            async with spawn_workers([("zed", ["--threads", "1", "--digits", "42"])], startup_timeout=60):
+            async with spawn_workers([("zed", ["--threads", "1", "--digits", "42"])], startup_timeout=60_000 * MS):
                 raise AssertionError("the worker started")
         message = str(raised.value)
         assert message.startswith("worker zed is unavailable: process exited with status 2: ")
         assert "run_websocket_server.py: error: digits entry '42' is not within 0..9" in message
         assert "Traceback" not in message
 
-    run(scenario(), timeout=90)
+    run(scenario(), timeout=90_000 * MS)
 
 
 # -- The command line ---------------------------------------------------------------------
@@ -883,17 +893,17 @@ def test_ctrl_c_stops_the_cli_and_its_spawned_workers(tmp_path: Path) -> None:
     try:
         deadline = time.monotonic() + CLI_TIMEOUT
         while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
-            assert process.poll() is None, process.communicate(timeout=5)
+            assert process.poll() is None, process.communicate(timeout=5000 * MS)
             assert time.monotonic() < deadline, "no round finished in time"
-            time.sleep(0.1)
+            time.sleep(100 * MS)
         workers = children_of(process.pid)
         assert len(workers) == 1
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=30)
+        out, err = process.communicate(timeout=30_000 * MS)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate(timeout=10)
+            process.communicate(timeout=10_000 * MS)
     assert process.returncode == 130
     assert "Traceback" not in err
     assert err.splitlines() == ["run_websocket_client.py: interrupted"]
@@ -936,11 +946,11 @@ def test_ctrl_c_stops_a_worker_with_one_line() -> None:
         first = output.decode().splitlines()[0]
         assert first == "alice holds 576 training examples of digits, digits 0-3 (0: 142, 1: 146, 2: 142, 3: 146)"
         process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30)
+        _, err = process.communicate(timeout=30_000 * MS)
     finally:
         if process.poll() is None:
             process.kill()
-            process.communicate(timeout=10)
+            process.communicate(timeout=10_000 * MS)
     assert process.returncode == 130
     assert b"Traceback" not in err
     assert err.decode().splitlines() == ["run_websocket_server.py: stopped"]

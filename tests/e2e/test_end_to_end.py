@@ -13,64 +13,27 @@ import math
 import re
 import subprocess
 import sys
-from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from conftest import independent_score
+from conftest import REPO, TRAINERS, assert_same_weights, config, independent_score, run
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from units import MS
 
 from syncfed.client import WorkerClient
-from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
 from syncfed.models import DigitsCNN, MnistCNN, get_weights
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
 from syncfed.spawn import WorkerProcess
 
-T = TypeVar("T")
-
-REPO = Path(__file__).resolve().parent.parent
-TRAINERS = ("alice", "bob", "charlie")
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1,797 digits
-RUN_TIMEOUT = 120.0  # seconds for one coordinator run
-CLI_TIMEOUT = 150.0  # seconds for one command-line run, spawning included
+CLI_TIMEOUT = 150_000 * MS  # one command-line run, spawning included
 MNIST_TEST = 20  # test images in conftest's tiny MNIST
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
-    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coroutine
-
-    return asyncio.run(bounded())
-
-
-def uris(workers: dict[str, WorkerProcess], *names: str) -> dict[str, str]:
-    return {name: workers[name].uri for name in names}
-
-
-def config(workers: dict[str, WorkerProcess], *, evaluator: bool = True, **settings: Any) -> CoordinatorConfig:
-    return CoordinatorConfig(
-        workers=uris(workers, *TRAINERS),
-        evaluator=uris(workers, "testing") if evaluator else {},
-        connect_timeout=10.0,
-        request_timeout=60.0,
-        **settings,
-    )
-
-
-def assert_same_weights(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
-    assert sorted(actual) == sorted(expected)
-    for name in expected:
-        assert actual[name].dtype == expected[name].dtype, name
-        np.testing.assert_array_equal(actual[name], expected[name], err_msg=name)
 
 
 def assert_scores_as_reported(weights: dict[str, np.ndarray], reported_correct: int) -> None:
@@ -219,9 +182,11 @@ def test_mean_and_fedavg_aggregate_what_the_workers_return(digits_workers: dict[
                 lr=settings.learning_rate(1),
                 seed=plan_seed(settings.seed, 1, index),
             )
-            async with WorkerClient(name, settings.workers[name], max_message_size=2**30, connect_timeout=10) as client:
+            async with WorkerClient(
+                name, settings.workers[name], max_message_size=2**30, connect_timeout=10_000 * MS
+            ) as client:
                 await client.request(Hello())
-                reply = await client.request(Fit("digits-cnn", initial, plan), timeout=60)
+                reply = await client.request(Fit("digits-cnn", initial, plan), timeout=60_000 * MS)
             assert isinstance(reply, FitResult)
             return reply
 

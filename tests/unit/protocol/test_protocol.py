@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from syncfed.exceptions import MessageTooLarge, ProtocolError, SyncfedError
+from syncfed.exceptions import MessageTooLarge, ProtocolError, SyncfedError, describe
 from syncfed.protocol import (
     ERROR_CODES,
     MAX_ID,
@@ -589,6 +589,29 @@ def test_unhashable_tensor_dtype_is_a_bad_tensor() -> None:
 def test_bad_weights_map_is_a_bad_tensor() -> None:
     body = {**VALID_BODIES["evaluate"], "weights": [1, 2]}
     expect(envelope("evaluate", body, request_id=4), "bad_tensor", 4)
+
+
+# Regression tests for defects found in review: crafted tensors, and error text sized by the peer.
+
+
+def crafted_fit(tensor: dict[str, object]) -> bytes:
+    plan = plan_body(batch_size=1, num_batches=1, lr=0.1, seed=1)
+    return envelope("fit", {"model": "digits-cnn", "weights": {"w": tensor}, "plan": plan}, request_id=5)
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62, 2**62], [0, 2**64 - 1], [2**40, 0]])
+def test_empty_tensors_with_huge_sizes_are_bad_tensors(shape: list[int]) -> None:
+    with pytest.raises(ProtocolError) as raised:
+        decode(crafted_fit({"dtype": "float32", "shape": shape, "data": b""}))
+    assert raised.value.code == "bad_tensor"
+    assert raised.value.request_id == 5
+
+
+def test_error_messages_stay_short_whatever_the_peer_sent() -> None:
+    with pytest.raises(ProtocolError) as raised:
+        decode(msgpack.packb({"v": 1, "id": 1, "kind": "x" * 5_000_000, "body": {}}))
+    assert len(str(raised.value)) < 200
+    assert len(describe(list(range(10**6)))) < 200
 
 
 # Structured fuzzing: any msgpack value in any place of a readable envelope gives

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 from conftest import THREADS, running_workers
+from units import MS
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -48,12 +49,12 @@ MiB = 2**20
 #: The hostile-wire worker's message size limit: a bomb at the limit is cheap to build and send.
 LIMIT = 16 * MiB
 #: Seconds any reply may take; the review's graph bomb froze the worker for 55 s.
-REPLY_TIMEOUT = 10.0
+REPLY_TIMEOUT = 10_000 * MS
 #: The longest ping round trip allowed on a second connection while an attack is processed.
 MAX_STALL = 1.0
 
 
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
+def run(coroutine: Coroutine[Any, Any, T], timeout: float = 60_000 * MS) -> T:
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
             return await coroutine
@@ -141,10 +142,10 @@ async def attack_while_pinging(uri: str, attack: bytes | list[bytes], *, greet: 
                 await watcher.send(encode(request_id, Ping()))
                 await reply(watcher)
                 slowest = max(slowest, time.perf_counter() - started)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(10 * MS)
 
         pinger = asyncio.create_task(ping())
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(50 * MS)
         await hostile.send(attack)
         answer = await reply(hostile)
         done.set()
@@ -375,7 +376,9 @@ def test_an_error_with_id_0_fails_every_request_in_flight_at_once() -> None:
                 await client.request(Hello())
                 started = time.perf_counter()
                 outcomes = await asyncio.gather(
-                    client.request(Ping(), timeout=30), client.request(Ping(), timeout=30), return_exceptions=True
+                    client.request(Ping(), timeout=30_000 * MS),
+                    client.request(Ping(), timeout=30_000 * MS),
+                    return_exceptions=True,
                 )
                 return outcomes, time.perf_counter() - started
 

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 import user_models
-from conftest import THREADS, running_workers
+from conftest import TESTS, THREADS, running_workers
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 
 from syncfed.exceptions import ModelError, ProtocolError
@@ -53,8 +54,8 @@ from syncfed.training import _batches, batch_size
 
 T = TypeVar("T")
 
-REPLY_TIMEOUT = 60.0  # seconds for one reply, a fit of the whole shard on a busy machine included
-TEST_TIMEOUT = 180.0
+REPLY_TIMEOUT = 60_000 * MS  # one reply, a fit of the whole shard on a busy machine included
+TEST_TIMEOUT = 180_000 * MS
 MiB = 2**20
 #: Address space a worker may add to its size at start: room for any honest request here, far below an attack's.
 HEADROOM = 2048 * MiB
@@ -109,7 +110,6 @@ def plain() -> Iterator[WorkerProcess]:
         yield capped(workers)["alice"]
 
 
-TESTS = str(Path(__file__).resolve().parent)
 #: A user model that cannot be built on PyTorch's meta device (tests/user_models.py).
 META_SHY = "user_models:MetaShy"
 
@@ -118,7 +118,7 @@ META_SHY = "user_models:MetaShy"
 def bench() -> Iterator[WorkerProcess]:
     """A digits worker that serves the benchmark models too, and a user model that is built on the CPU to describe."""
     saved = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [TESTS, saved]))  # so the worker imports user_models
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), saved]))  # so the worker imports user_models
     try:
         with running_workers([("bob", [*THREADS, "--bench-models", "--model", META_SHY])]) as workers:
             yield capped(workers)["bob"]
@@ -153,7 +153,9 @@ class Peer:
 
 @asynccontextmanager
 async def greeted(worker: WorkerProcess) -> AsyncIterator[tuple[Peer, Info]]:
-    async with connect(worker.uri, compression=None, max_size=None, open_timeout=10, close_timeout=5) as connection:
+    async with connect(
+        worker.uri, compression=None, max_size=None, open_timeout=10_000 * MS, close_timeout=5000 * MS
+    ) as connection:
         peer = Peer(connection)
         info = await peer.ask(Hello())
         assert isinstance(info, Info), info
@@ -230,7 +232,7 @@ def test_weights_that_do_not_fit_a_big_model_build_nothing(bench: WorkerProcess,
 
 def test_describe_gives_each_models_layout(bench: WorkerProcess) -> None:
     async def scenario() -> dict[str, Message]:
-        async with connect(bench.uri, compression=None, max_size=None, open_timeout=10) as connection:
+        async with connect(bench.uri, compression=None, max_size=None, open_timeout=10_000 * MS) as connection:
             peer = Peer(connection)
             early = await peer.error(Describe("digits-cnn"), "out_of_order")
             assert early == "describe before hello"

@@ -11,25 +11,25 @@ plain torch pass.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import math
 import os
 import signal
 import sys
-from collections.abc import Coroutine, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
+from conftest import THREADS, run, running_workers
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from units import MS
 
 from syncfed.cli import client as client_cli
 from syncfed.cli import server as server_cli
@@ -57,20 +57,9 @@ from syncfed.spawn import WorkerProcess
 from syncfed.training import train
 from syncfed.worker import load_shard
 
-T = TypeVar("T")
-
 TRAINERS = ("alice", "bob", "charlie")
 CLASSES = {"alice": (0, 1, 2, 3), "bob": (4, 5, 6), "charlie": (7, 8, 9)}
-RUN_TIMEOUT = 120.0  # seconds for one coordinator run
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = RUN_TIMEOUT) -> T:
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coroutine
-
-    return asyncio.run(bounded())
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -408,8 +397,8 @@ def settings_for(workers: dict[str, WorkerProcess], **changes: Any) -> Coordinat
     return CoordinatorConfig(
         workers={name: workers[name].uri for name in TRAINERS},
         evaluator={"testing": workers["testing"].uri},
-        connect_timeout=10.0,
-        request_timeout=60.0,
+        connect_timeout=10_000 * MS,
+        request_timeout=60_000 * MS,
         **changes,
     )
 
@@ -501,7 +490,7 @@ def test_a_worker_trains_only_on_what_it_does_not_hold_out(
     async def fit_and_hello() -> tuple[Info, FitResult]:
         async with WorkerClient("alice", digits_workers["alice"].uri, max_message_size=2**30) as alice:
             info = await alice.request(Hello())
-            reply = await alice.request(Fit("digits-cnn", initial, plan), timeout=60)
+            reply = await alice.request(Fit("digits-cnn", initial, plan), timeout=60_000 * MS)
         assert isinstance(info, Info) and isinstance(reply, FitResult)
         return info, reply
 
@@ -598,7 +587,7 @@ def test_a_local_model_cell_matches_an_independent_evaluation(
     async def bob_update() -> FitResult:
         async with WorkerClient("bob", digits_workers["bob"].uri, max_message_size=2**30) as bob:
             await bob.request(Hello())
-            reply = await bob.request(Fit("digits-cnn", global_two, plan), timeout=60)
+            reply = await bob.request(Fit("digits-cnn", global_two, plan), timeout=60_000 * MS)
         assert isinstance(reply, FitResult)
         return reply
 
@@ -629,8 +618,8 @@ def test_a_site_lost_before_cross_site_validation_leaves_empty_cells(
         federated_eval=True,
         cross_site_validation=True,
         cross_site_out=tmp_path / "matrix",
-        connect_timeout=5.0,
-        request_timeout=30.0,
+        connect_timeout=5000 * MS,
+        request_timeout=30_000 * MS,
     )
     report: list[str] = []
     result = run(Coordinator(config, report=report.append, listeners=[kill_after_last_round]).run())
@@ -671,8 +660,8 @@ def registry_settings(
     return CoordinatorConfig(
         workers={name: workers[name].uri for name in REGISTRY_CLASSES},
         evaluator={"judge": workers["judge"].uri} if evaluator else {},
-        connect_timeout=10.0,
-        request_timeout=60.0,
+        connect_timeout=10_000 * MS,
+        request_timeout=60_000 * MS,
         **changes,
     )
 

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
-from test_end_to_end import TRAINERS, assert_same_weights, config, run
+from conftest import THREADS, TRAINERS, assert_same_weights, config, run, running_workers
+from units import MS
 
 from syncfed.client import WorkerClient
 from syncfed.config import CoordinatorConfig
@@ -53,7 +53,12 @@ def plan(**changes: Any) -> TrainingPlan:
 
 async def fit(worker: WorkerProcess, name: str, request: Fit) -> FitResult:
     async with WorkerClient(
-        name, worker.uri, max_message_size=2**26, connect_timeout=10, request_timeout=60, ping_interval=None
+        name,
+        worker.uri,
+        max_message_size=2**26,
+        connect_timeout=10_000 * MS,
+        request_timeout=60_000 * MS,
+        ping_interval=None,
     ) as client:
         await client.request(Hello())
         reply = await client.request(request)
@@ -176,7 +181,7 @@ def test_async_mode_publishes_versions_without_waiting_for_the_slow_worker(
         eval_every=6,
         federate_after_n_batches=5,
         metrics_out=metrics,
-        connect_timeout=10.0,
+        connect_timeout=10_000 * MS,
     )
     result = run(Coordinator(settings, report=lambda _: None).run())
     versions = rounds_of(metrics)

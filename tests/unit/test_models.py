@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import TESTS
 
 from syncfed.exceptions import ModelError
 from syncfed.models import (
@@ -20,8 +19,6 @@ from syncfed.models import (
     set_weights,
 )
 from syncfed.tensors import decode_weights, encode_weights
-
-TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture

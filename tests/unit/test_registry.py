@@ -15,16 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import REPO
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from units import MS
 
 from syncfed.exceptions import CheckpointError, ConfigError
 from syncfed.registry import ModelRegistry, ModelVersion, content_hash
 
-REPO = Path(__file__).resolve().parent.parent
 FAST = settings(max_examples=25, deadline=None)
-CLI_TIMEOUT = 60.0
+CLI_TIMEOUT = 60_000 * MS
 
 WIRE_DTYPES = ("float16", "float32", "float64", "int8", "uint8", "int16", "int32", "int64", "bool")
 shapes = hnp.array_shapes(min_dims=1, max_dims=3, min_side=0, max_side=4)

@@ -29,6 +29,7 @@ import pytest
 import torch
 from conftest import THREADS, running_workers
 from torch import nn
+from units import MS
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
@@ -60,7 +61,7 @@ from syncfed.transport import receive, receive_message, send_message
 T = TypeVar("T")
 
 #: The unit of time: every duration below is a multiple of it.
-UNIT = 0.1
+UNIT = 100 * MS
 #: Bound of one test's event loop.
 TEST_TIMEOUT = 300 * UNIT
 MiB = 2**20

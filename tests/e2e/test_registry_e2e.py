@@ -8,7 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from test_end_to_end import REPO, config, run
+from conftest import REPO, config, run
+from units import MS
 
 from syncfed.coordinator import Coordinator
 from syncfed.registry import ModelRegistry
@@ -41,7 +42,7 @@ def test_every_version_is_recorded_and_loads_back_bit_identically(
         [sys.executable, "-m", "syncfed", "models", "--registry", str(registry_dir), "list"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
         cwd=REPO,
     )
     assert listing.returncode == 0, listing.stderr

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from test_end_to_end import config, run
+from conftest import config, run
 
 from syncfed.coordinator import Coordinator
 from syncfed.spawn import WorkerProcess

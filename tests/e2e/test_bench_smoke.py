@@ -14,15 +14,16 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from conftest import REPO
+from units import MS
 
 from syncfed.config import DEFAULT_RECEIVE_SLOTS
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench.py"
+SCRIPT = REPO / "scripts" / "bench.py"
 #: Bytes of the quick run's model, counted independently: DigitsMLP(688) has
 #: layers 64->688, 688->688, 688->688 and 688->10, with biases, in float32.
 MLP_1M_BYTES = 4 * sum(inputs * outputs + outputs for inputs, outputs in ((64, 688), (688, 688), (688, 688), (688, 10)))
@@ -54,7 +55,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One quick run of every section but Flower (an optional extra), read back from its JSON."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     command = [sys.executable, str(SCRIPT), "--quick", "--only", "overhead,transfer,scale,memory", "--json", str(out)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300_000 * MS)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
     assert "Targets of issue 9" in completed.stdout
     return dict(json.loads(out.read_text()))

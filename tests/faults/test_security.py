@@ -34,11 +34,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from conftest import REPO
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, DNSName, ExtensionPolicy, IPAddress, PolicyBuilder, Store
+from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -54,17 +56,16 @@ from syncfed.transport import client_tls, server_tls
 
 T = TypeVar("T")
 
-REPO = Path(__file__).resolve().parent.parent
 SERVER = REPO / "run_websocket_server.py"
 CLIENT = REPO / "run_websocket_client.py"
 
 # Durations, in seconds.
-STARTUP_TIMEOUT = 90.0  # a set of workers importing torch on a busy 2-core machine
-STOP_TIMEOUT = 10.0
-CLI_TIMEOUT = 120.0  # one command-line run
-RAW_TIMEOUT = 10.0  # one exchange of a raw client
-CLOSE_TIMEOUT = 3.0  # far above the moment a refusing worker closes (it closes at once)
-POLL = 0.01  # how often a worker's output is looked at
+STARTUP_TIMEOUT = 90_000 * MS  # a set of workers importing torch on a busy 2-core machine
+STOP_TIMEOUT = 10_000 * MS
+CLI_TIMEOUT = 120_000 * MS  # one command-line run
+RAW_TIMEOUT = 10_000 * MS  # one exchange of a raw client
+CLOSE_TIMEOUT = 3000 * MS  # far above the moment a refusing worker closes (it closes at once)
+POLL = 10 * MS  # how often a worker's output is looked at
 
 TRAINERS = ("alice", "bob", "charlie")
 EVALUATOR = "testing"
@@ -365,7 +366,7 @@ async def greet(name: str, uri: str, *, tls: ssl.SSLContext | None = None, token
 
 
 async def raw_connect(uri: str) -> ClientConnection:
-    return await connect(uri, open_timeout=RAW_TIMEOUT, close_timeout=1.0, compression=None, max_size=2**20)
+    return await connect(uri, open_timeout=RAW_TIMEOUT, close_timeout=1000 * MS, compression=None, max_size=2**20)
 
 
 async def frames_until_closed(connection: ClientConnection) -> list[bytes]:
@@ -719,6 +720,20 @@ def test_authentication_comes_before_any_application_message(token_worker: Token
     frames, code, reason = run(scenario())
     assert len(frames) == 1 and auth.is_challenge(frames[0]), "no info reply"
     assert (code, reason) == (1008, "authentication failed: expected an authentication response, got something else")
+
+
+def test_an_unauthenticated_peer_cannot_send_a_large_frame(token_worker: TokenSite) -> None:
+    async def probe() -> tuple[int | None, str]:
+        async with connect(token_worker.uri, compression=None, max_size=None) as connection:
+            await asyncio.wait_for(connection.recv(), RAW_TIMEOUT)  # the challenge
+            await connection.send(b"\0" * 10_000)  # far over the 256-byte handshake limit
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(connection.recv(), RAW_TIMEOUT)
+            assert closed.value.rcvd is not None
+            return closed.value.rcvd.code, closed.value.rcvd.reason
+
+    code, reason = run(probe(), 3 * RAW_TIMEOUT)
+    assert code == 1009  # message too big, refused by websockets before buffering it
 
 
 # -- 4. The loud warning ---------------------------------------------------------------------------

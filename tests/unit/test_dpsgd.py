@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import THREADS, running_workers
+from conftest import THREADS, run, running_workers
 from opacus.accountants.analysis import rdp
-from test_end_to_end import run
 from torch import nn
+from units import MS
 
 from syncfed.cli.server import build_parser, config_from_args
 from syncfed.client import WorkerClient
@@ -216,8 +216,8 @@ def test_the_epsilon_travels_only_when_set() -> None:
 
 # -- End to end: a real worker process started with --dp-sgd 1.0 -------------------------------------
 
-REPLY_TIMEOUT = 120.0
-LOG_TIMEOUT = 10.0  # seconds for a logged line to reach the test through the worker's pipe
+REPLY_TIMEOUT = 120_000 * MS
+LOG_TIMEOUT = 10_000 * MS  # a logged line to reach the test through the worker's pipe
 
 
 def test_a_dp_sgd_worker_reports_a_growing_epsilon(tmp_path: Path) -> None:
@@ -244,7 +244,7 @@ def test_a_dp_sgd_worker_reports_a_growing_epsilon(tmp_path: Path) -> None:
             training_rounds=2,
             federate_after_n_batches=2,
             batch_size=8,
-            connect_timeout=10.0,
+            connect_timeout=10_000 * MS,
             metrics_out=metrics,
         )
         run(Coordinator(settings).run())
@@ -252,7 +252,7 @@ def test_a_dp_sgd_worker_reports_a_growing_epsilon(tmp_path: Path) -> None:
         deadline = time.monotonic() + LOG_TIMEOUT
         while not any("dp-sgd: 10 steps so far" in line for line in workers["erin"].output):
             assert time.monotonic() < deadline, " | ".join(workers["erin"].output)
-            time.sleep(0.05)
+            time.sleep(50 * MS)
     for reply in (first, second):
         assert all(np.isfinite(array).all() for array in reply.weights.values())
     assert any(not np.array_equal(first.weights[name], start[name]) for name in start)  # it trained

@@ -27,11 +27,13 @@ import pytest
 from conftest import THREADS, running_workers
 from safetensors import safe_open
 from safetensors.numpy import save_file
+from units import MS
 from websockets.asyncio.server import ServerConnection, serve
 
 from syncfed.checkpoint import CHECKPOINT_FILE
 from syncfed.cli.client import main as client_main
 from syncfed.client import WorkerClient
+from syncfed.coordinator import _mismatch
 from syncfed.protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -57,21 +59,19 @@ QUICK = [
 
 
 @pytest.fixture(scope="module")
-def workers() -> Iterator[dict[str, WorkerProcess]]:
-    """alice and bob, honest; nan, a real worker whose updates are all NaN (``--attack nan``)."""
-    plan = [
-        ("alice", THREADS),
-        ("bob", THREADS),
-        ("nan", [*THREADS, "--digits", "0,1,2,3,4,5,6,7,8,9", "--attack", "nan"]),
-    ]
-    with running_workers(plan) as started:
-        yield started
+def workers(digits_workers: dict[str, WorkerProcess]) -> Iterator[dict[str, WorkerProcess]]:
+    """alice and bob, honest: the session's, so that only nan starts here; nan, a real worker whose
+    updates are all NaN (``--attack nan``)."""
+    with running_workers([("nan", [*THREADS, "--digits", "0,1,2,3,4,5,6,7,8,9", "--attack", "nan"])]) as started:
+        yield {"alice": digits_workers["alice"], "bob": digits_workers["bob"], **started}
 
 
 @pytest.fixture(scope="module")
 def alice_info(workers: dict[str, WorkerProcess]) -> Info:
     async def greet() -> Info:
-        async with WorkerClient("alice", workers["alice"].uri, max_message_size=2**26, connect_timeout=10) as client:
+        async with WorkerClient(
+            "alice", workers["alice"].uri, max_message_size=2**26, connect_timeout=10_000 * MS
+        ) as client:
             info = await client.request(Hello())
             assert isinstance(info, Info)
             return info
@@ -105,10 +105,12 @@ def fake_worker(answer: Answer) -> Iterator[str]:
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
     try:
-        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 10), loop).result(15)
+        yield asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 10_000 * MS), loop).result(
+            15_000 * MS
+        )
     finally:
         loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=10)
+        thread.join(timeout=10_000 * MS)
 
 
 def packed(request_id: int, kind: str, body: dict[str, Any]) -> bytes:
@@ -455,3 +457,14 @@ def test_resuming_from_a_corrupted_checkpoint_exits_9_with_one_line(
     lines = err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(PROGRAM), err
     assert "Traceback" not in err
+
+
+# A regression test for a defect found in review: updates that do not fit the model were not named.
+
+
+def test_updates_that_do_not_fit_the_model_are_named() -> None:
+    model = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    assert _mismatch(dict(model), model) is None
+    assert _mismatch({"a": model["a"]}, model) == "tensors ['b'] do not match the model's"
+    wrong = {"a": np.zeros((3, 2), np.float32), "b": model["b"]}
+    assert _mismatch(wrong, model) == "tensor a is float32[3, 2], the model's is float32[2, 3]"

@@ -9,13 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import REPO
+from units import MS
+
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.monitor import Progress, TensorBoardWriter
 from syncfed.spawn import WorkerProcess
 
-ROOT = Path(__file__).resolve().parent.parent
-CLIENT = str(ROOT / "run_websocket_client.py")
+CLIENT = str(REPO / "run_websocket_client.py")
 
 
 class Terminal(io.StringIO):
@@ -68,7 +70,9 @@ def test_tensorboard_files_hold_the_runs_scalars(digits_workers: dict[str, Worke
         training_rounds=2,
         eval_every=1,
     )
-    result = asyncio.run(asyncio.wait_for(Coordinator(config, report=lambda _: None, listeners=[writer]).run(), 120))
+    result = asyncio.run(
+        asyncio.wait_for(Coordinator(config, report=lambda _: None, listeners=[writer]).run(), 120_000 * MS)
+    )
     writer.close()
     events = EventAccumulator(str(tmp_path / "tb"))
     events.Reload()
@@ -97,7 +101,7 @@ def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[st
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
@@ -122,7 +126,7 @@ def test_status_table_lists_every_worker_and_exit_status(digits_workers: dict[st
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=60_000 * MS,
     )
     assert dead.returncode == 5
     assert any(
@@ -147,7 +151,7 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
         ],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=180_000 * MS,
         cwd=tmp_path,
     )
     assert completed.returncode == 0, completed.stderr
@@ -161,7 +165,9 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
 
 
 def test_centralized_needs_spawned_workers() -> None:
-    completed = subprocess.run([sys.executable, CLIENT, "--centralized"], capture_output=True, text=True, timeout=60)
+    completed = subprocess.run(
+        [sys.executable, CLIENT, "--centralized"], capture_output=True, text=True, timeout=60_000 * MS
+    )
     assert completed.returncode == 2
     assert completed.stderr.strip() == (
         "run_websocket_client.py: error: --centralized trains one spawned worker that holds all the training data:"
@@ -174,7 +180,7 @@ def test_worker_args_reach_every_spawned_training_worker() -> None:
         [sys.executable, CLIENT, "--spawn-workers", "--status", "--worker-args=--val-fraction 0.5 --min-group-size 3"],
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=180_000 * MS,
     )
     assert completed.returncode == 0, completed.stderr
     rows = [line.split() for line in completed.stdout.splitlines()[1:]]
@@ -184,14 +190,29 @@ def test_worker_args_reach_every_spawned_training_worker() -> None:
 
 
 def test_worker_args_are_checked_before_anything_starts() -> None:
-    for arguments, message in (
+    cases = (
         (["--worker-args", "--val-fraction 0.5"], "--worker-args only applies with --spawn-workers"),
         (["--spawn-workers", "--worker-args=--port 9000"], "--worker-args cannot set --port: --spawn-workers sets it"),
         (["--spawn-workers", "--worker-args=--data_dir=/x"], "--worker-args cannot set --data-dir: --spawn-workers"),
         (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
-    ):
-        completed = subprocess.run(
-            [sys.executable, CLIENT, "--status", *arguments], capture_output=True, text=True, timeout=60
+    )
+    # All four at once: each spends its seconds importing torch before it refuses.
+    processes = [
+        subprocess.Popen(
+            [sys.executable, CLIENT, "--status", *arguments],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
         )
-        assert completed.returncode == 2
-        assert completed.stderr.startswith(f"run_websocket_client.py: error: {message}"), completed.stderr
+        for arguments, _ in cases
+    ]
+    try:
+        for process, (_, message) in zip(processes, cases, strict=True):
+            _, stderr = process.communicate(timeout=60_000 * MS)
+            assert process.returncode == 2
+            assert stderr.startswith(f"run_websocket_client.py: error: {message}"), stderr
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
