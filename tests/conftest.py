@@ -1,6 +1,6 @@
 """Shared fixtures: real worker processes on 127.0.0.1, and a tiny MNIST on disk.
 
-Worker processes are started once per session with :func:`syncfed.spawn.spawn_workers`
+Worker processes are started once per session with :func:`syncfed.net.spawn.spawn_workers`
 inside an event loop that runs in a background thread: the loop keeps reading
 the workers' output (so their pipes never fill) while each test runs its own
 ``asyncio.run``. Every wait is bounded, and the processes are stopped at the
@@ -27,7 +27,7 @@ from units import MS
 from syncfed.config import CoordinatorConfig
 from syncfed.datasets import load_dataset
 from syncfed.models import DigitsCNN
-from syncfed.spawn import WorkerProcess, spawn_workers
+from syncfed.net.spawn import WorkerProcess, spawn_workers
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 In the manner of h11's ``tests/helpers.py`` (``ConnectionPair``): a real
 :class:`~syncfed.worker.Worker` over a tiny in-memory data set, served in the
 test's own event loop on 127.0.0.1 port 0, a connected
-:class:`~syncfed.client.WorkerClient`, and a side door that sends raw bytes
+:class:`~syncfed.client.WorkerLink`, and a side door that sends raw bytes
 on a connection of its own, so a test can break rules the client never would.
 
 Usage::
@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from websockets.asyncio.client import ClientConnection, connect
 
-from syncfed.client import WorkerClient
 from syncfed.config import WorkerConfig
 from syncfed.datasets import Dataset, load_dataset
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
 from syncfed.protocol import Envelope, Error, Hello, Info, Message, decode, encode
 from syncfed.worker import Worker, serving
 
@@ -118,10 +118,10 @@ class LinkPair:
         self.worker = Worker(self.config, tiny_digits() if data is None else data)
         self.uri = ""
         self._stack = AsyncExitStack()
-        self._client: WorkerClient | None = None
+        self._client: WorkerLink | None = None
 
     @property
-    def client(self) -> WorkerClient:
+    def client(self) -> WorkerLink:
         """The coordinator's side of the link, connected (not greeted: send ``Hello`` first)."""
         assert self._client is not None, "use the pair as an async context manager"
         return self._client
@@ -129,7 +129,7 @@ class LinkPair:
     async def __aenter__(self) -> LinkPair:
         try:
             _, self.uri = await self._stack.enter_async_context(serving(self.worker))
-            self._client = WorkerClient(
+            self._client = WorkerLink(
                 self.config.worker_id, self.uri, max_message_size=self.config.max_message_size, connect_timeout=REPLY
             )
             await self._stack.enter_async_context(self._client)

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import config, run
 
 from syncfed.coordinator import Coordinator
-from syncfed.spawn import WorkerProcess
+from syncfed.net.spawn import WorkerProcess
 
 
 def rounds(metrics: Path) -> list[dict]:  # type: ignore[type-arg]

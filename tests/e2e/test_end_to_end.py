@@ -25,11 +25,11 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from units import MS
 
-from syncfed.client import WorkerClient
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
 from syncfed.models import DigitsCNN, MnistCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
-from syncfed.spawn import WorkerProcess
 
 DIGITS_TEST_SIZE = 360  # 20% of scikit-learn's 1,797 digits
 CLI_TIMEOUT = 150_000 * MS  # one command-line run, spawning included
@@ -182,7 +182,7 @@ def test_mean_and_fedavg_aggregate_what_the_workers_return(digits_workers: dict[
                 lr=settings.learning_rate(1),
                 seed=plan_seed(settings.seed, 1, index),
             )
-            async with WorkerClient(
+            async with WorkerLink(
                 name, settings.workers[name], max_message_size=2**30, connect_timeout=10_000 * MS
             ) as client:
                 await client.request(Hello())

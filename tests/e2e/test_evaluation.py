@@ -31,16 +31,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from units import MS
 
-from syncfed.cli import client as client_cli
-from syncfed.cli import server as server_cli
+from syncfed.cli import coordinator as client_cli
+from syncfed.cli import worker as server_cli
 from syncfed.cli.common import parse_arguments
-from syncfed.client import WorkerClient
 from syncfed.config import CoordinatorConfig, WorkerConfig
 from syncfed.coordinator import FEDERATED, Coordinator, RunResult, plan_seed
 from syncfed.datasets import DatasetSpec, load_dataset, parse_dataset_spec
 from syncfed.evaluation import CrossSiteMatrix, holdout, pool, validation_seed, write_cross_site
 from syncfed.exceptions import AggregationError, ConfigError, IncompatibleWorkers, ProtocolError, RemoteError
 from syncfed.models import DigitsCNN, get_weights, set_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     DatasetInfo,
     EvalResult,
@@ -53,7 +54,6 @@ from syncfed.protocol import (
     decode,
     encode,
 )
-from syncfed.spawn import WorkerProcess
 from syncfed.training import train
 from syncfed.worker import load_shard
 
@@ -488,7 +488,7 @@ def test_a_worker_trains_only_on_what_it_does_not_hold_out(
     plan = TrainingPlan(round=1, batch_size=32, num_batches=10, lr=0.1, seed=11)
 
     async def fit_and_hello() -> tuple[Info, FitResult]:
-        async with WorkerClient("alice", digits_workers["alice"].uri, max_message_size=2**30) as alice:
+        async with WorkerLink("alice", digits_workers["alice"].uri, max_message_size=2**30) as alice:
             info = await alice.request(Hello())
             reply = await alice.request(Fit("digits-cnn", initial, plan), timeout=60_000 * MS)
         assert isinstance(info, Info) and isinstance(reply, FitResult)
@@ -585,7 +585,7 @@ def test_a_local_model_cell_matches_an_independent_evaluation(
     )
 
     async def bob_update() -> FitResult:
-        async with WorkerClient("bob", digits_workers["bob"].uri, max_message_size=2**30) as bob:
+        async with WorkerLink("bob", digits_workers["bob"].uri, max_message_size=2**30) as bob:
             await bob.request(Hello())
             reply = await bob.request(Fit("digits-cnn", global_two, plan), timeout=60_000 * MS)
         assert isinstance(reply, FitResult)
@@ -668,7 +668,7 @@ def registry_settings(
 
 def hello(process: WorkerProcess) -> Info:
     async def greet() -> Info:
-        async with WorkerClient(process.worker_id, process.uri, max_message_size=2**20) as client:
+        async with WorkerLink(process.worker_id, process.uri, max_message_size=2**20) as client:
             info = await client.request(Hello())
         assert isinstance(info, Info)
         return info
@@ -740,7 +740,7 @@ def test_a_request_for_a_data_set_the_worker_lacks_gets_an_error_reply(
     weights = get_weights(DigitsCNN())
 
     async def ask() -> None:
-        async with WorkerClient("judge", registry_workers["judge"].uri, max_message_size=2**30) as judge:
+        async with WorkerLink("judge", registry_workers["judge"].uri, max_message_size=2**30) as judge:
             await judge.request(Hello())
             with pytest.raises(RemoteError) as error:
                 await judge.request(Evaluate("digits-cnn", weights, 64, dataset_key="small"))

@@ -15,7 +15,7 @@ from units import MS
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.monitor import Progress, TensorBoardWriter
-from syncfed.spawn import WorkerProcess
+from syncfed.net.spawn import WorkerProcess
 
 CLIENT = str(REPO / "run_websocket_client.py")
 

@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO
 from units import MS
 
-from syncfed.spawn import WorkerProcess
+from syncfed.net.spawn import WorkerProcess
 
 SCRIPT = REPO / "scripts" / "plot_metrics.py"
 ROUNDS = 4

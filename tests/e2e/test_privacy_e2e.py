@@ -31,12 +31,16 @@ from hypothesis import strategies as st
 from scipy import stats
 from units import MS
 
-from syncfed.cli.client import main as client_main
-from syncfed.client import WorkerClient
+from syncfed.cli.coordinator import main as client_main
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
+from syncfed.coordinator.private_rounds import PrivateRounds
 from syncfed.exceptions import ConfigError, ProtocolError, SecAggError, WorkerUnavailable
+from syncfed.fold import PrivateFold
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.secure_round import SecureRound, secagg_threshold
+from syncfed.net.spawn import WorkerProcess
 from syncfed.privacy import PrivacyAccountant
 from syncfed.protocol import (
     Fit,
@@ -56,8 +60,6 @@ from syncfed.protocol import (
     encode,
 )
 from syncfed.secagg import CIPHERTEXT_SIZE, SecAggClient, SecAggConfig, SecAggServer, flatten
-from syncfed.secure_round import PrivateFold, PrivateRounds, SecureRound, secagg_threshold
-from syncfed.spawn import WorkerProcess
 from syncfed.strategies import make_strategy
 
 SESSION = b"k" * 32
@@ -227,7 +229,7 @@ def collect(settings: CoordinatorConfig, fakes: list[FakeWorker], reference: dic
     """A private round of ``settings`` over the fakes, without secure aggregation."""
     private = PrivateRounds(settings, make_strategy("fedavg"), report=lambda _: None)
     plan = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.1, seed=0)
-    clients = cast(list[WorkerClient], fakes)
+    clients = cast(list[WorkerLink], fakes)
     return asyncio.run(
         private.collect(clients, lambda _: Fit("m", reference, plan), reference, {"a": 5, "b": 5, "c": 5}, why)
     )
@@ -315,7 +317,7 @@ def doomed_workers() -> Iterator[dict[str, WorkerProcess]]:
         yield workers
 
 
-class SpyClient(WorkerClient):
+class SpyClient(WorkerLink):
     """A worker connection that keeps the masked inputs it receives, as the coordinator sees them."""
 
     masked: list[np.ndarray]
@@ -353,7 +355,7 @@ def fits_for(names: list[str]) -> dict[str, Fit]:
     }
 
 
-async def why(client: WorkerClient, error: BaseException) -> str:
+async def why(client: WorkerLink, error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
@@ -366,7 +368,7 @@ def kill(worker: WorkerProcess) -> None:
     KILLED.add(worker.worker_id)
 
 
-async def until_disconnected(client: WorkerClient) -> None:
+async def until_disconnected(client: WorkerLink) -> None:
     deadline = time.monotonic() + KILL_TIMEOUT
     while client.connected:
         assert time.monotonic() < deadline, f"{client.name}'s connection stayed open after SIGKILL"
@@ -503,7 +505,7 @@ def clipped_mean_of_plain_updates(workers: dict[str, WorkerProcess]) -> np.ndarr
         for index, name in enumerate(TRAINERS):
             # The plan the coordinator sends in round 1 of a run with seed 1, less the clip.
             plan = TrainingPlan(round=1, batch_size=32, num_batches=BATCHES, lr=LR, seed=plan_seed(1, 1, index))
-            async with WorkerClient(name, workers[name].uri, max_message_size=2**26, ping_interval=None) as client:
+            async with WorkerLink(name, workers[name].uri, max_message_size=2**26, ping_interval=None) as client:
                 await client.request(Hello())
                 reply = await client.request(Fit("digits-cnn", start, replace(plan, delta=True)))
             assert isinstance(reply, FitResult)

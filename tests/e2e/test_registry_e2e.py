@@ -12,8 +12,8 @@ from conftest import REPO, config, run
 from units import MS
 
 from syncfed.coordinator import Coordinator
+from syncfed.net.spawn import WorkerProcess
 from syncfed.registry import ModelRegistry
-from syncfed.spawn import WorkerProcess
 
 
 def test_every_version_is_recorded_and_loads_back_bit_identically(

@@ -19,12 +19,12 @@ import torch
 from conftest import THREADS, TRAINERS, assert_same_weights, config, run, running_workers
 from units import MS
 
-from syncfed.client import WorkerClient
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
-from syncfed.spawn import WorkerProcess
 
 BATCHES, LR = 5, 0.05
 
@@ -52,7 +52,7 @@ def plan(**changes: Any) -> TrainingPlan:
 
 
 async def fit(worker: WorkerProcess, name: str, request: Fit) -> FitResult:
-    async with WorkerClient(
+    async with WorkerLink(
         name,
         worker.uri,
         max_message_size=2**26,

@@ -36,11 +36,12 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from syncfed.client import WorkerClient
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.exceptions import IncompatibleWorkers, ProtocolError, RemoteError, WorkerUnavailable
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess, spawn_workers
 from syncfed.protocol import (
     Envelope,
     Error,
@@ -56,7 +57,6 @@ from syncfed.protocol import (
     decode,
     encode,
 )
-from syncfed.spawn import WorkerProcess, spawn_workers
 from syncfed.tensors import encode_weights
 
 T = TypeVar("T")
@@ -646,7 +646,7 @@ def test_client_fails_fast_on_a_closed_port() -> None:
     port = free_port()
 
     async def scenario() -> None:
-        client = WorkerClient("ghost", f"ws://127.0.0.1:{port}", max_message_size=MiB, connect_timeout=20_000 * MS)
+        client = WorkerLink("ghost", f"ws://127.0.0.1:{port}", max_message_size=MiB, connect_timeout=20_000 * MS)
         with pytest.raises(WorkerUnavailable) as raised:
             await client.connect()
         assert raised.value.worker == "ghost"
@@ -667,7 +667,7 @@ def test_client_gives_up_on_a_silent_listener() -> None:
             listener.bind(("127.0.0.1", 0))
             listener.listen()
             uri = f"ws://127.0.0.1:{listener.getsockname()[1]}"
-            client = WorkerClient("mute", uri, max_message_size=MiB, connect_timeout=500 * MS)
+            client = WorkerLink("mute", uri, max_message_size=MiB, connect_timeout=500 * MS)
             with pytest.raises(WorkerUnavailable) as raised:
                 await client.connect()
             assert str(raised.value) == f"worker mute is unavailable: no connection to {uri} within 0.5 s"
@@ -713,7 +713,7 @@ async def answers_error(connection: ServerConnection) -> None:
 
 async def request_via(handler: Handler, message: Any, timeout: float = 5000 * MS) -> Any:
     async with fake_worker(handler) as uri:
-        async with WorkerClient(
+        async with WorkerLink(
             "fake", uri, max_message_size=MiB, connect_timeout=5000 * MS, request_timeout=timeout
         ) as client:
             return await client.request(message)
@@ -758,7 +758,7 @@ def test_a_reply_over_the_client_limit_ends_the_connection_clearly(
 
     async def scenario() -> None:
         uri = digits_workers["alice"].uri
-        async with WorkerClient("alice", uri, max_message_size=2 * MiB, connect_timeout=10_000 * MS) as client:
+        async with WorkerLink("alice", uri, max_message_size=2 * MiB, connect_timeout=10_000 * MS) as client:
             await client.request(Hello())
             with pytest.raises(WorkerUnavailable) as raised:
                 await client.request(Fit("digits-cnn", weights, PLAN), timeout=30_000 * MS)
@@ -773,7 +773,7 @@ def test_a_worker_that_dies_mid_fit_fails_the_request(
     disposable_worker: WorkerProcess, weights: dict[str, np.ndarray]
 ) -> None:
     async def scenario() -> None:
-        async with WorkerClient(
+        async with WorkerLink(
             "erin", disposable_worker.uri, max_message_size=2**30, connect_timeout=10_000 * MS
         ) as client:
             await client.request(Hello())

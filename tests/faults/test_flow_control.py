@@ -19,10 +19,11 @@ import pytest
 from conftest import config, run
 from units import MS
 
-from syncfed.client import WorkerClient
 from syncfed.coordinator import Coordinator
 from syncfed.exceptions import ProtocolError, RemoteError
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     Fetch,
     Fit,
@@ -36,7 +37,6 @@ from syncfed.protocol import (
     encode,
     reply_kind,
 )
-from syncfed.spawn import WorkerProcess
 
 PLAN = TrainingPlan(round=1, batch_size=32, num_batches=2, lr=0.05, seed=3)
 
@@ -71,7 +71,7 @@ def fit(plan: TrainingPlan = PLAN) -> Fit:
 def test_a_worker_holds_an_update_until_it_is_fetched_once(digits_workers: dict[str, WorkerProcess]) -> None:
     async def scenario() -> tuple[FitResult, FitResult, FitResult, list[str]]:
         errors = []
-        async with WorkerClient(
+        async with WorkerLink(
             "alice", digits_workers["alice"].uri, max_message_size=2**26, connect_timeout=10_000 * MS
         ) as client:
             await client.request(Hello())
@@ -106,9 +106,9 @@ def test_a_worker_holds_an_update_until_it_is_fetched_once(digits_workers: dict[
 def counting_fetches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Count the fetches the coordinator has in flight at once, and in all."""
     counts = {"now": 0, "most": 0, "all": 0}
-    original = WorkerClient.request
+    original = WorkerLink.request
 
-    async def request(self: WorkerClient, message: Message, *args: Any, **kwargs: Any) -> Message:
+    async def request(self: WorkerLink, message: Message, *args: Any, **kwargs: Any) -> Message:
         if not isinstance(message, Fetch):
             return await original(self, message, *args, **kwargs)
         counts["now"] += 1
@@ -120,7 +120,7 @@ def counting_fetches(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         finally:
             counts["now"] -= 1
 
-    monkeypatch.setattr(WorkerClient, "request", request)
+    monkeypatch.setattr(WorkerLink, "request", request)
     return counts
 
 
@@ -163,7 +163,7 @@ def test_the_client_keeps_nothing_of_a_reply_once_it_is_delivered(
     monkeypatch.setattr(client_module, "receive_message", receive_message)
 
     async def scenario() -> list[bool]:
-        async with WorkerClient(
+        async with WorkerLink(
             "alice",
             digits_workers["alice"].uri,
             max_message_size=2**26,

@@ -4,7 +4,7 @@ Peers that never authenticate must not keep a real coordinator out, idle
 connections must be closed, and a connection that is busy (a long fit, an
 update held for fetching, a slow upload) must not be taken for idle. Every
 test drives a real worker process on 127.0.0.1 with raw websockets peers and
-the real :class:`WorkerClient`; the pure admission rules are tested at their
+the real :class:`WorkerLink`; the pure admission rules are tested at their
 limits first. Every wait has a deadline.
 """
 
@@ -26,9 +26,10 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
 from syncfed.admission import Admission, IdleClock
-from syncfed.client import WorkerClient
 from syncfed.exceptions import WorkerUnavailable
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     Envelope,
     Fetch,
@@ -44,7 +45,6 @@ from syncfed.protocol import (
     encode,
     encode_fragments,
 )
-from syncfed.spawn import WorkerProcess
 
 T = TypeVar("T")
 
@@ -135,10 +135,8 @@ def weights() -> dict[str, np.ndarray]:
     return get_weights(DigitsCNN())
 
 
-def client(worker: WorkerProcess, token: bytes | None = None) -> WorkerClient:
-    return WorkerClient(
-        worker.worker_id, worker.uri, max_message_size=MAX_SIZE, connect_timeout=PROMPT, auth_token=token
-    )
+def client(worker: WorkerProcess, token: bytes | None = None) -> WorkerLink:
+    return WorkerLink(worker.worker_id, worker.uri, max_message_size=MAX_SIZE, connect_timeout=PROMPT, auth_token=token)
 
 
 async def raw(uri: str, **options: Any) -> ClientConnection:
@@ -185,7 +183,7 @@ async def closing(connections: list[ClientConnection]) -> AsyncIterator[None]:
             connection.transport.abort()
 
 
-async def hello_and_fit(worker_client: WorkerClient, plan: TrainingPlan = PLAN) -> float:
+async def hello_and_fit(worker_client: WorkerLink, plan: TrainingPlan = PLAN) -> float:
     """Seconds a hello and a fit take on an open client."""
     started = time.monotonic()
     info = await worker_client.request(Hello(), timeout=PROMPT)

@@ -28,6 +28,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from syncfed.exceptions import ModelError, ProtocolError
 from syncfed.models import MODELS, DigitsCNN, check_layout, describe_model, get_weights
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     MAX_LAYOUT_TENSORS,
     MAX_PLAN_SIZE,
@@ -46,7 +47,6 @@ from syncfed.protocol import (
     decode,
     encode,
 )
-from syncfed.spawn import WorkerProcess
 from syncfed.tensors import MAX_DIM as MAX_TENSOR_DIM
 from syncfed.tensors import MAX_DIMS as MAX_TENSOR_DIMS
 from syncfed.tensors import MAX_NAME as MAX_TENSOR_NAME

@@ -22,7 +22,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from units import MS
 
-from syncfed.cli import client, server
+from syncfed.cli import coordinator as client
+from syncfed.cli import worker as server
 from syncfed.cli.common import parse_arguments
 from syncfed.config import CoordinatorConfig
 from syncfed.exceptions import CheckpointError, ConfigError

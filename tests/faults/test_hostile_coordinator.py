@@ -31,9 +31,10 @@ from units import MS
 from websockets.asyncio.server import ServerConnection, serve
 
 from syncfed.checkpoint import CHECKPOINT_FILE
-from syncfed.cli.client import main as client_main
-from syncfed.client import WorkerClient
+from syncfed.cli.coordinator import main as client_main
 from syncfed.coordinator import _mismatch
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     PROTOCOL_VERSION,
     Error,
@@ -48,7 +49,6 @@ from syncfed.protocol import (
     decode,
     encode,
 )
-from syncfed.spawn import WorkerProcess
 
 PROGRAM = "run_websocket_client.py: error: "
 #: Every run: two short rounds, failures given up on quickly, nothing written outside tmp_path.
@@ -69,7 +69,7 @@ def workers(digits_workers: dict[str, WorkerProcess]) -> Iterator[dict[str, Work
 @pytest.fixture(scope="module")
 def alice_info(workers: dict[str, WorkerProcess]) -> Info:
     async def greet() -> Info:
-        async with WorkerClient(
+        async with WorkerLink(
             "alice", workers["alice"].uri, max_message_size=2**26, connect_timeout=10_000 * MS
         ) as client:
             info = await client.request(Hello())

@@ -19,10 +19,10 @@ import pytest
 from conftest import REPO, THREADS, run, running_workers
 from units import MS
 
-from syncfed.client import WorkerClient
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import Hello, Info, decode, encode
 from syncfed.registry import ModelRegistry
-from syncfed.spawn import WorkerProcess
 
 TRAINERS = ("pia", "quinn", "ray")
 WITHHOLDER = "quinn"
@@ -48,7 +48,7 @@ def trained_on(worker: WorkerProcess) -> int:
 
 
 async def hello(worker: WorkerProcess) -> Info:
-    client = WorkerClient(
+    client = WorkerLink(
         worker.worker_id, worker.uri, max_message_size=2**20, connect_timeout=10_000 * MS, ping_interval=None
     )
     await client.connect()

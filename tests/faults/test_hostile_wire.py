@@ -1,7 +1,7 @@
 """Hostile peers on the wire (issue 14, items 1, 2 and 7): decoding cost is bounded by message size.
 
 Each attack is sent as the review sent it, to a real worker process on
-127.0.0.1 or, for the coordinator's side, to a real :class:`WorkerClient`
+127.0.0.1 or, for the coordinator's side, to a real :class:`WorkerLink`
 from a fake worker. Memory is measured with tracemalloc in this process
 (pure decoding and the client) and as the worker's RSS (``/proc``).
 """
@@ -22,8 +22,9 @@ from units import MS
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from syncfed.client import WorkerClient
 from syncfed.exceptions import ProtocolError, RemoteError, WorkerUnavailable
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     STREAM_MAGIC,
     Envelope,
@@ -39,9 +40,8 @@ from syncfed.protocol import (
     encode,
     encode_fragments,
 )
+from syncfed.protocol.unpacking import AMPLIFICATION, BUDGET_FLOOR, budget, decoded_cost
 from syncfed.secagg import UnmaskRequest, neighbour_graph, neighbours_of
-from syncfed.spawn import WorkerProcess
-from syncfed.unpacking import AMPLIFICATION, BUDGET_FLOOR, budget, decoded_cost
 
 T = TypeVar("T")
 
@@ -290,7 +290,7 @@ def test_a_bomb_reply_costs_the_coordinator_nothing_like_75_times() -> None:
         server = await fake_worker(bomb)
         port = next(iter(server.sockets)).getsockname()[1]
         async with server:
-            client = WorkerClient("hostile", f"ws://127.0.0.1:{port}", max_message_size=LIMIT, ping_interval=None)
+            client = WorkerLink("hostile", f"ws://127.0.0.1:{port}", max_message_size=LIMIT, ping_interval=None)
             await client.connect()
             tracemalloc.start()
             try:
@@ -372,7 +372,7 @@ def test_an_error_with_id_0_fails_every_request_in_flight_at_once() -> None:
         server = await serve(handler, "127.0.0.1", 0, max_size=None)
         port = next(iter(server.sockets)).getsockname()[1]
         async with server:
-            async with WorkerClient("w", f"ws://127.0.0.1:{port}", max_message_size=MiB, ping_interval=None) as client:
+            async with WorkerLink("w", f"ws://127.0.0.1:{port}", max_message_size=MiB, ping_interval=None) as client:
                 await client.request(Hello())
                 started = time.perf_counter()
                 outcomes = await asyncio.gather(

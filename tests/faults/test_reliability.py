@@ -143,7 +143,7 @@ class Site:
         """Start the process; :meth:`wait_ready` waits until it serves."""
         assert not self.alive, f"{self.name} is already running"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        command = [sys.executable, "-m", "syncfed.cli.server", "--id", self.name, "--host", "127.0.0.1"]
+        command = [sys.executable, "-m", "syncfed.cli.worker", "--id", self.name, "--host", "127.0.0.1"]
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
                 [*command, "--port", str(self.port), "--threads", "1", *self.arguments],

@@ -35,12 +35,14 @@ from websockets.exceptions import ConnectionClosed
 
 from syncfed import auth
 from syncfed.aggregation import RunningMean, fedavg, mean
-from syncfed.cli.client import main as coordinator_main
-from syncfed.client import WorkerClient
+from syncfed.cli.coordinator import main as coordinator_main
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator, RunResult
 from syncfed.exceptions import AuthenticationFailed, QuorumNotMet, WorkerUnavailable
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
+from syncfed.net.transport import receive, receive_message, send_message
 from syncfed.protocol import (
     Error,
     EvalResult,
@@ -55,8 +57,6 @@ from syncfed.protocol import (
     TrainingPlan,
     encode_fragments,
 )
-from syncfed.spawn import WorkerProcess
-from syncfed.transport import receive, receive_message, send_message
 
 T = TypeVar("T")
 
@@ -351,7 +351,7 @@ def test_an_impostor_worker_without_the_token_is_refused_before_any_request(tmp_
 
     async def scenario() -> None:
         async with serving([impostor]) as uris:
-            client = WorkerClient("mallory", uris["mallory"], max_message_size=MiB, auth_token=TOKEN)
+            client = WorkerLink("mallory", uris["mallory"], max_message_size=MiB, auth_token=TOKEN)
             with pytest.raises(AuthenticationFailed) as raised:
                 await client.connect()
             assert str(raised.value) == "worker mallory failed authentication: the worker does not know the token"
@@ -557,8 +557,8 @@ def test_training_stops_within_a_batch_when_its_coordinator_disconnects(slow_wor
 
     async def scenario() -> float:
         options = {"max_message_size": 64 * MiB, "connect_timeout": 50 * UNIT, "request_timeout": 200 * UNIT}
-        leaving = WorkerClient("frank", slow_worker.uri, **options)
-        staying = WorkerClient("frank", slow_worker.uri, **options)
+        leaving = WorkerLink("frank", slow_worker.uri, **options)
+        staying = WorkerLink("frank", slow_worker.uri, **options)
         await leaving.connect()
         await staying.connect()
         try:

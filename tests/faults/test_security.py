@@ -46,13 +46,13 @@ from websockets.exceptions import ConnectionClosed
 
 from syncfed import auth
 from syncfed.__main__ import main as syncfed_main
-from syncfed.cli import client as client_cli
-from syncfed.cli import server as server_cli
+from syncfed.cli import coordinator as client_cli
+from syncfed.cli import worker as server_cli
 from syncfed.cli.common import parse_arguments
-from syncfed.client import WorkerClient
 from syncfed.exceptions import AuthenticationFailed
+from syncfed.net.link import WorkerLink
+from syncfed.net.transport import client_tls, server_tls
 from syncfed.protocol import Hello, Info, decode, encode
-from syncfed.transport import client_tls, server_tls
 
 T = TypeVar("T")
 
@@ -353,7 +353,7 @@ def only(name: str, uri: str) -> tuple[str, ...]:
 
 async def greet(name: str, uri: str, *, tls: ssl.SSLContext | None = None, token: bytes | None = None) -> Info:
     """Connect as the coordinator does and say hello; return the worker's info."""
-    client = WorkerClient(
+    client = WorkerLink(
         name, uri, max_message_size=2**20, connect_timeout=RAW_TIMEOUT, ping_interval=None, tls=tls, auth_token=token
     )
     await client.connect()

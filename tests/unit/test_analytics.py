@@ -42,11 +42,13 @@ from syncfed.analytics import (
     sums_length,
 )
 from syncfed.cli import analytics as analytics_cli
-from syncfed.cli import server as server_cli
-from syncfed.client import WorkerClient
+from syncfed.cli import worker as server_cli
 from syncfed.config import WorkerConfig
 from syncfed.datasets import Dataset
 from syncfed.exceptions import AggregationError, ConfigError, ProtocolError, SecAggError
+from syncfed.net.link import WorkerLink
+from syncfed.net.secure_round import SecureRound
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     ERROR_CODES,
     MAX_BINS,
@@ -62,8 +64,6 @@ from syncfed.protocol import (
     encode,
 )
 from syncfed.secagg import CIPHERTEXT_SIZE, ForwardedShares, Quantizer, SecAggConfig, SecAggResult
-from syncfed.secure_round import SecureRound
-from syncfed.spawn import WorkerProcess
 from syncfed.worker import load_shard
 
 CLI_TIMEOUT = 120_000 * MS  # one command-line run on a busy machine
@@ -1171,13 +1171,13 @@ def test_a_worker_refuses_an_answer_beyond_the_secure_round_s_limit(digits_worke
     query = Query("label-histogram")
     reasons: dict[str, str] = {}
 
-    async def why(client: WorkerClient, error: BaseException) -> str:
+    async def why(client: WorkerLink, error: BaseException) -> str:
         reasons[client.name] = str(error)
         return str(error)
 
     async def scenario() -> None:
         clients = [
-            WorkerClient(
+            WorkerLink(
                 name, digits_workers[name].uri, max_message_size=2**20, connect_timeout=10_000 * MS, ping_interval=None
             )
             for name in names

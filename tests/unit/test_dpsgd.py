@@ -22,13 +22,13 @@ from opacus.accountants.analysis import rdp
 from torch import nn
 from units import MS
 
-from syncfed.cli.server import build_parser, config_from_args
-from syncfed.client import WorkerClient
+from syncfed.cli.worker import build_parser, config_from_args
 from syncfed.config import CoordinatorConfig, WorkerConfig
 from syncfed.coordinator import Coordinator
 from syncfed.datasets import Dataset
 from syncfed.exceptions import ConfigError, ModelError, ProtocolError
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan, decode, encode
 from syncfed.training import DPSGD, ExampleAccountant, _batches, train
 
@@ -226,7 +226,7 @@ def test_a_dp_sgd_worker_reports_a_growing_epsilon(tmp_path: Path) -> None:
 
     async def fits(uri: str) -> list[FitResult]:
         replies = []
-        async with WorkerClient("erin", uri, max_message_size=2**26, ping_interval=None) as client:
+        async with WorkerLink("erin", uri, max_message_size=2**26, ping_interval=None) as client:
             await client.request(Hello())
             for _ in range(2):
                 reply = await client.request(Fit("digits-cnn", start, plan), timeout=REPLY_TIMEOUT)

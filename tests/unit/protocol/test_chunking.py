@@ -28,9 +28,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from syncfed.client import WorkerClient
 from syncfed.exceptions import ConfigError, MessageTooLarge, ProtocolError, TensorError
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.net.link import WorkerLink
+from syncfed.net.spawn import WorkerProcess
+from syncfed.net.transport import connection_options, receive_message, send_message
 from syncfed.protocol import (
     DEFAULT_CHUNK_SIZE,
     STREAM_MAGIC,
@@ -47,8 +49,6 @@ from syncfed.protocol import (
     encode,
     encode_fragments,
 )
-from syncfed.spawn import WorkerProcess
-from syncfed.transport import connection_options, receive_message, send_message
 
 T = TypeVar("T")
 
@@ -466,7 +466,7 @@ def test_many_fragments_over_a_real_connection_arrive_bit_identical_and_limits_h
 
 
 def test_the_client_streams_requests_and_reads_streamed_replies() -> None:
-    """WorkerClient against a fake worker that answers a fit with a streamed result of its own."""
+    """WorkerLink against a fake worker that answers a fit with a streamed result of its own."""
     weights = model_weights(100 * KiB, seed=1)
     reply = FitResult(model_weights(100 * KiB, seed=2), 5, 0.5, 1.0)
     seen: list[int] = []
@@ -485,7 +485,7 @@ def test_the_client_streams_requests_and_reads_streamed_replies() -> None:
     async def scenario() -> None:
         async with serve(worker, "127.0.0.1", 0, **connection_options(8 * MiB)) as server:
             uri = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
-            async with WorkerClient("fake", uri, max_message_size=8 * MiB, chunk_size=8 * KiB) as client:
+            async with WorkerLink("fake", uri, max_message_size=8 * MiB, chunk_size=8 * KiB) as client:
                 assert isinstance(await client.request(Hello()), Info)
                 received = await client.request(Fit("m", weights, PLAN))
                 assert received == reply
@@ -529,7 +529,7 @@ def test_a_real_worker_reads_a_streamed_fit_request(disposable_worker: WorkerPro
     weights = get_weights(DigitsCNN())
 
     async def scenario() -> None:
-        async with WorkerClient("erin", disposable_worker.uri, max_message_size=64 * MiB, chunk_size=32 * KiB) as erin:
+        async with WorkerLink("erin", disposable_worker.uri, max_message_size=64 * MiB, chunk_size=32 * KiB) as erin:
             await erin.request(Hello())
             sent = erin.bytes_sent
             result = await erin.request(Fit("digits-cnn", weights, PLAN), timeout=60_000 * MS)
