@@ -12,7 +12,7 @@ The names below are the stable API for embedding syncfed in Python (see
     result = await Coordinator(config).run()  # inside a coroutine, or through asyncio.run
 
 They are loaded on first use, so that ``import syncfed.tensors`` (or any
-other pure module) does not start the networking layer.
+other pure module) loads neither the protocol nor the networking layer.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .exceptions import SyncfedError
-from .protocol import PROTOCOL_VERSION
 
-if TYPE_CHECKING:
-    from .config import CoordinatorConfig, WorkerConfig
-    from .coordinator import Coordinator, RunResult
-    from .datasets import Dataset, load_dataset
-    from .strategies import (
+if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
+    from .config import CoordinatorConfig, WorkerConfig  # noqa: F401
+    from .coordinator import Coordinator, RunResult  # noqa: F401
+    from .datasets import Dataset, load_dataset  # noqa: F401
+    from .protocol import PROTOCOL_VERSION  # noqa: F401
+    from .strategies import (  # noqa: F401
         FedAdagrad,
         FedAdam,
         FedAvg,
@@ -44,75 +44,38 @@ if TYPE_CHECKING:
         TrimmedMean,
         make_strategy,
     )
-    from .worker import Holding, load_holdings, run_worker
-
-__all__ = [
-    "__version__",
-    "PROTOCOL_VERSION",
-    "SyncfedError",
-    # Running a worker
-    "WorkerConfig",
-    "run_worker",
-    "load_holdings",
-    "Holding",
-    "Dataset",
-    "load_dataset",
-    # Running a coordinator
-    "CoordinatorConfig",
-    "Coordinator",
-    "RunResult",
-    # Strategies
-    "Strategy",
-    "MeanStrategy",
-    "make_strategy",
-    "FedAvg",
-    "Mean",
-    "FedProx",
-    "FedAvgM",
-    "FedAdam",
-    "FedYogi",
-    "FedAdagrad",
-    "Scaffold",
-    "Median",
-    "TrimmedMean",
-    "Krum",
-    "MultiKrum",
-]
+    from .worker import Holding, load_holdings, run_worker  # noqa: F401
 
 __version__ = "0.1.0"
 
-#: Where each lazily loaded name lives.
-_HOMES: dict[str, str] = {
-    "WorkerConfig": "config",
-    "CoordinatorConfig": "config",
-    "run_worker": "worker",
-    "load_holdings": "worker",
-    "Holding": "worker",
-    "Dataset": "datasets",
-    "load_dataset": "datasets",
-    "Coordinator": "coordinator",
-    "RunResult": "coordinator",
-    **{
-        name: "strategies"
-        for name in (
-            "Strategy",
-            "MeanStrategy",
-            "make_strategy",
-            "FedAvg",
-            "Mean",
-            "FedProx",
-            "FedAvgM",
-            "FedAdam",
-            "FedYogi",
-            "FedAdagrad",
-            "Scaffold",
-            "Median",
-            "TrimmedMean",
-            "Krum",
-            "MultiKrum",
-        )
-    },
+#: The stable names, by the module they live in (see docs/api.md).
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "protocol": ("PROTOCOL_VERSION",),
+    "config": ("WorkerConfig", "CoordinatorConfig"),
+    "worker": ("run_worker", "load_holdings", "Holding"),
+    "datasets": ("Dataset", "load_dataset"),
+    "coordinator": ("Coordinator", "RunResult"),
+    "strategies": (
+        "Strategy",
+        "MeanStrategy",
+        "make_strategy",
+        "FedAvg",
+        "Mean",
+        "FedProx",
+        "FedAvgM",
+        "FedAdam",
+        "FedYogi",
+        "FedAdagrad",
+        "Scaffold",
+        "Median",
+        "TrimmedMean",
+        "Krum",
+        "MultiKrum",
+    ),
 }
+_HOMES = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = ["__version__", "SyncfedError", *_HOMES]
 
 
 def __getattr__(name: str) -> Any:

@@ -71,7 +71,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .aggregation import validate_updates
-from .exceptions import ConfigError, ProtocolError, SecAggError, describe
+from .exceptions import ConfigError, ProtocolError, RemoteProtocolError, SecAggError, describe
 from .masking import (
     MAX_CLIENTS,
     Quantizer,
@@ -344,7 +344,7 @@ def _agree(private: X25519PrivateKey, public: bytes, owner: int) -> bytes:
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError:  # a low-order point: the agreed secret would be all zeros
-        raise ProtocolError(f"public key of client {owner} is not a usable X25519 key") from None
+        raise RemoteProtocolError(f"public key of client {owner} is not a usable X25519 key") from None
 
 
 def _associated(session: bytes, sender: int, recipient: int) -> bytes:
@@ -474,7 +474,7 @@ class SecAggClient:
             try:
                 plain = AESGCM(self._share_keys[v]).decrypt(nonce, sealed, _associated(config.session, v, self._id))
             except InvalidTag:
-                raise ProtocolError(f"shares from client {v} to client {self._id} do not decrypt") from None
+                raise RemoteProtocolError(f"shares from client {v} to client {self._id} do not decrypt") from None
             self._held[v] = (plain[:SHARE_SIZE], plain[SHARE_SIZE:])
         ring = config.quantizer.encode(vector, count)
         masked = ring.view(unsigned_dtype(ring.dtype))

@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Final
 
-from .exceptions import ConfigError, ProtocolError, SecAggError
+from .exceptions import ConfigError, RemoteProtocolError, SecAggError
 
 __all__ = ["PRIME", "SECRET_SIZE", "SHARE_SIZE", "RandomBytes", "split_secret", "combine_shares"]
 
@@ -70,7 +70,7 @@ def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
 
     Raises:
         SecAggError: if there are fewer shares than the threshold.
-        ProtocolError: if a share is not a field element or the shares do not rebuild a 32-byte secret.
+        RemoteProtocolError: if a share is not a field element or the shares do not rebuild a 32-byte secret.
     """
     if len(shares) < threshold:
         raise SecAggError(f"{len(shares)} shares are fewer than the threshold of {threshold}")
@@ -78,7 +78,7 @@ def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
     for holder in sorted(shares)[:threshold]:
         y = int.from_bytes(shares[holder], "big")
         if len(shares[holder]) != SHARE_SIZE or y >= PRIME:
-            raise ProtocolError(f"share from client {holder} is not an element of the field")
+            raise RemoteProtocolError(f"share from client {holder} is not an element of the field")
         points[holder + 1] = y
     secret = 0
     for x, y in points.items():
@@ -89,5 +89,5 @@ def combine_shares(shares: Mapping[int, bytes], threshold: int) -> bytes:
                 denominator = denominator * (other - x) % PRIME
         secret = (secret + y * numerator * pow(denominator, -1, PRIME)) % PRIME
     if secret >= 1 << (8 * SECRET_SIZE):
-        raise ProtocolError(f"shares from clients {sorted(points)} do not rebuild a {SECRET_SIZE}-byte secret")
+        raise RemoteProtocolError(f"shares from clients {sorted(points)} do not rebuild a {SECRET_SIZE}-byte secret")
     return secret.to_bytes(SECRET_SIZE, "big")

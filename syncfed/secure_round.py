@@ -7,8 +7,16 @@ Import from their new homes instead: :mod:`syncfed.net.secure_round`
 
 from __future__ import annotations
 
-from .coordinator.private_rounds import PrivateRounds
+from .coordinator.private_rounds import NOISE_ROOM, NORM_SLACK, PrivateRounds
 from .fold import PrivateFold
 from .net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
 
-__all__ = ["SESSION_SIZE", "PrivateFold", "PrivateRounds", "SecureRound", "secagg_threshold"]
+__all__ = [
+    "NOISE_ROOM",
+    "NORM_SLACK",
+    "SESSION_SIZE",
+    "PrivateFold",
+    "PrivateRounds",
+    "SecureRound",
+    "secagg_threshold",
+]

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..exceptions import ProtocolError, QuorumNotMet, RemoteError, WorkerTimeout, WorkerUnavailable
-from ..finite import finite_model, nonfinite
-from ..fold import mismatch
+from ..failure import Failure
+from ..finite import finite_model
+from ..fold import invalid_update
 from ..net.link import WorkerLink
 from ..protocol import FitResult
 from ..staleness import UpdateBuffer
@@ -83,7 +84,7 @@ class BufferedRounds:
             before = traffic(trainers)
             contributors: list[str] = []
             losses: dict[str, float] = {}
-            failed: dict[str, str] = {}
+            failed: dict[str, Failure] = {}
             discarded = 0
             while state.version < config.training_rounds:
                 try:
@@ -93,10 +94,10 @@ class BufferedRounds:
                     raise QuorumNotMet(
                         f"version {state.version + 1}: no worker returned an update within {config.round_timeout:g} s"
                     ) from None
-                reason = mismatch(reply.weights, state.weights) or nonfinite(reply.weights)
+                reason = invalid_update(reply, state.weights, context.pool.num_examples.get(name, 0))
                 if reason is not None:
                     context.report(f"Update of {name} dropped: {reason}")
-                    failed[name] = f"invalid update: {reason}"
+                    failed[name] = Failure("invalid update", reason)
                     continue
                 staleness = state.version - base
                 if not buffer.add(reply.weights, staleness):
@@ -109,6 +110,7 @@ class BufferedRounds:
                     continue
                 stalenesses = buffer.stalenesses
                 mean = buffer.apply(state.weights)
+                self.strategy.note_failures(state.version + 1, failed)
                 state.weights = result.weights = finite_model(
                     self.strategy.step(state.weights, mean, participants=len(contributors), num_workers=len(trainers)),
                     state.version + 1,
@@ -120,7 +122,7 @@ class BufferedRounds:
                     time.perf_counter() - started,
                     config.learning_rate(state.version),
                     losses,
-                    failed,
+                    {name: str(failure) for name, failure in failed.items()},
                 )
                 result.rounds.append(record)
                 after = traffic(trainers)
@@ -195,7 +197,10 @@ class BufferedRounds:
                 await pool.wait_for_backoff(link)
                 continue
             pool.succeeded(link)
-            if config.cross_site_validation and mismatch(reply.weights, weights) is None:
+            if (
+                config.cross_site_validation
+                and invalid_update(reply, weights, pool.num_examples.get(link.name, 0)) is None
+            ):
                 # The worker's local model: its base plus the update it returned.
                 context.local_models[link.name] = {name: weights[name] + delta for name, delta in reply.weights.items()}
             await queue.put((link.name, base, reply))

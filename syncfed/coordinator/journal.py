@@ -23,8 +23,7 @@ import torch
 
 from ..checkpoint import Checkpoint, check_resumable, check_weights, load_checkpoint, save_checkpoint
 from ..config import CoordinatorConfig
-from ..exceptions import AggregationError, CheckpointError, ConfigError
-from ..finite import nonfinite
+from ..exceptions import CheckpointError, ConfigError
 from ..models import get_weights, resolve_model
 from ..protocol import Info
 from ..registry import ModelRegistry
@@ -174,9 +173,6 @@ class Journal:
 
     def _register(self, round_number: int, result: RunResult) -> None:
         assert self._registry is not None and self._reference is not None
-        reason = nonfinite(result.weights)
-        if reason is not None:  # the registry's own module stays unaware of this rule
-            raise AggregationError(f"refusing to register a non-finite model: {reason}")
         metrics: dict[str, float] = {}
         for record in result.evaluations:
             if record.round == round_number and record.model == FEDERATED:

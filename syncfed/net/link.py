@@ -23,6 +23,7 @@ from ..exceptions import (
     MessageTooLarge,
     ProtocolError,
     RemoteError,
+    RemoteProtocolError,
     WorkerTimeout,
     WorkerUnavailable,
 )
@@ -258,7 +259,7 @@ class WorkerLink:
             raise RemoteError(self.name, answer.code, answer.reason)
         expected = reply_kind(message)
         if answer.kind != expected:
-            raise ProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
+            raise RemoteProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
         return answer
 
     async def _read_replies(self, connection: ClientConnection) -> None:

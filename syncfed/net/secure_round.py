@@ -31,7 +31,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Generic, TypeVar
 
 from ..exceptions import ConfigError, ProtocolError
-from ..net.link import WorkerLink
 from ..protocol import (
     Fit,
     Message,
@@ -46,6 +45,7 @@ from ..protocol import (
     SecAggUnmasked,
 )
 from ..secagg import ForwardedShares, NeighbourKeys, SecAggConfig, SecAggResult, SecAggServer, UnmaskRequest
+from .link import WorkerLink
 
 __all__ = ["SESSION_SIZE", "FailureHandler", "SecureRound", "secagg_threshold"]
 

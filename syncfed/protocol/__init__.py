@@ -102,3 +102,6 @@ __all__ = [
     "encode_fragments",
     "decode",
 ]
+
+#: The old name of the bound on claimed example counts, kept for one release.
+MAX_EXAMPLES = MAX_SHARD

@@ -10,7 +10,7 @@ The rooms: :mod:`.server` (who is let in, one session per connection),
 by kind), :mod:`.compute` (the training thread, the model cache, SCAFFOLD and
 DP-SGD state), :mod:`.secure_steps` (the four secure aggregation steps) and
 :mod:`.holdings` (the data sets and models it serves). The session's rules
-themselves are pure: :mod:`syncfed.session_rules`.
+themselves are pure: :mod:`syncfed.protocol.session_rules`.
 
 Usage::
 

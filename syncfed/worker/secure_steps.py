@@ -1,7 +1,7 @@
 """The worker's four steps of a secure aggregation round (``syncfed.secagg``, Bonawitz et al. 2017).
 
 The round's cryptography is pure (``syncfed.secagg``) and which round is open
-on a connection is a session rule (``syncfed.session_rules``); what is here
+on a connection is a session rule (``syncfed.protocol.session_rules``); what is here
 is what each step asks of the worker: advertise keys, share them, train or
 answer a query and mask the result, and unmask.
 """

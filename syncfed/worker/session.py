@@ -1,7 +1,7 @@
 """One connection to a worker: the I/O around its session rules.
 
 In the manner of websockets' ``asyncio/connection.py``, this layer only moves
-messages: it reads each one, asks the pure :class:`~syncfed.session_rules.SessionRules`
+messages: it reads each one, asks the pure :class:`~syncfed.protocol.session_rules.SessionRules`
 whether it is served, runs what is served in a task of its own, looked up by
 kind in one table (:attr:`Session.handlers`), and sends the reply or the
 error reply. A bad request gets an error reply and the session keeps serving.

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import syncfed.protocol
 import syncfed.protocol.unpacking
-import syncfed.unpacking
 
 PACKAGE = Path(syncfed.protocol.__file__).parent
 
@@ -90,12 +89,6 @@ def test_the_package_exports_exactly_the_old_names() -> None:
     assert syncfed.protocol.__all__ == OLD_ALL
     for name in OLD_ALL + OLD_LIMITS:
         assert hasattr(syncfed.protocol, name), name
-
-
-def test_the_old_unpacking_module_is_the_new_one() -> None:
-    assert syncfed.unpacking.__all__ == syncfed.protocol.unpacking.__all__
-    for name in syncfed.unpacking.__all__:
-        assert getattr(syncfed.unpacking, name) is getattr(syncfed.protocol.unpacking, name)
 
 
 def sibling_imports(module: str) -> set[str]:
