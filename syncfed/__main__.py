@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from .cli import analytics, models, provision
+from .cli.common import run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
 
@@ -20,6 +21,11 @@ PROGRAM = "python -m syncfed"
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
     provision.configure(
@@ -43,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     run = {"provision": provision.run, "models": models.run, "analytics": analytics.run}[args.command]
-    return run(args)
+    try:
+        return run(args)
+    except BrokenPipeError:
+        return stdout_closed()
 
 
 if __name__ == "__main__":

@@ -67,7 +67,9 @@ from .common import (
     fail,
     link_settings,
     normalize_flags,
+    run_program,
     setup_logging,
+    stdout_closed,
 )
 
 __all__ = ["PROGRAM", "DEFAULT_QUERY_TIMEOUT", "configure", "run", "main"]
@@ -439,6 +441,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as exc:  # the JSON file cannot be written
         print(f"{PROGRAM}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1
@@ -446,6 +450,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="statistics over all workers' data, without moving it")
     configure(parser)
     return run(parser.parse_args(normalize_flags(sys.argv[1:] if argv is None else argv)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -73,6 +74,37 @@ FromFlags = Callable[[argparse.Namespace], Any]
 
 def exit_code(error: SyncfedError) -> int:
     return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+
+
+#: The exit status of a program whose output's reader went away (128 + SIGPIPE), as Unix tools end.
+BROKEN_PIPE = 141
+
+
+def run_program(body: Callable[[], int]) -> int:
+    """Run a program's ``body`` and flush its output; a reader that went away (``| head``) ends it quietly.
+
+    The flush is here so that buffered output meets a closed pipe inside the
+    program, not in the interpreter's exit (which would print a traceback and
+    exit 120).
+    """
+    try:
+        status = body()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return stdout_closed()
+    return status
+
+
+def stdout_closed() -> int:
+    """End quietly when standard output's reader has gone (``| head``), as Unix tools do.
+
+    Standard output is pointed at the null device, so that the interpreter's
+    last flush at exit does not fail on the closed pipe a second time.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return BROKEN_PIPE
 
 
 def fail(program: str, error: SyncfedError) -> int:

@@ -52,8 +52,10 @@ from .common import (
     fail,
     link_settings,
     parse_arguments,
+    run_program,
     setup_logging,
     size,
+    stdout_closed,
 )
 
 __all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
@@ -503,6 +505,11 @@ async def _status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = parse_arguments(build_parser(), sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
@@ -523,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as exc:  # an output path that cannot be written, say
         print(f"{PROGRAM}: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
         return 1

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..exceptions import SyncfedError
 from ..registry import EXPORT_FORMATS, ModelRegistry, ModelVersion
-from .common import INTERRUPTED, fail
+from .common import INTERRUPTED, fail, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "configure", "run", "main"]
 
@@ -92,9 +92,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog=PROGRAM, description="list, show, pick and export recorded model versions")
     configure(parser)
-    return run(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(args)
+    except BrokenPipeError:
+        return stdout_closed()
 
 
 def _table(versions: Sequence[ModelVersion]) -> str:

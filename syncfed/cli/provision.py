@@ -11,6 +11,7 @@ reads the flags and prints where each kit went.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..exceptions import SyncfedError
@@ -39,4 +40,19 @@ def run(args: argparse.Namespace) -> int:
     for name, kit in written.items():
         print(f"{name}: {kit}")
     print(f"CA key (keep it offline): {args.output / 'ca' / 'ca.key'}")
+    top = git_work_tree(args.output)
+    if top is not None:
+        print(
+            f"{PROGRAM}: warning: {args.output} is inside the git work tree {top}: keep it out of version control"
+            " (add it to .gitignore): it holds the CA's private key",
+            file=sys.stderr,
+        )
     return 0
+
+
+def git_work_tree(path: Path) -> Path | None:
+    """The top of the git work tree that ``path`` lies in, if any: a private key there is one commit from leaking."""
+    for folder in (path.resolve(), *path.resolve().parents):
+        if (folder / ".git").exists():
+            return folder
+    return None

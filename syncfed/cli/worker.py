@@ -28,7 +28,17 @@ from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..protocol import DEFAULT_CHUNK_SIZE
 from ..worker import Holding, load_holdings, run_worker
-from .common import INTERRUPTED, FromFlags, config_from_flags, fail, parse_arguments, setup_logging, size
+from .common import (
+    INTERRUPTED,
+    FromFlags,
+    config_from_flags,
+    fail,
+    parse_arguments,
+    run_program,
+    setup_logging,
+    size,
+    stdout_closed,
+)
 
 __all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
 
@@ -273,6 +283,11 @@ def _describe(config: WorkerConfig, holding: Holding, digits: str | None) -> lis
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parse_arguments(parser, sys.argv[1:] if argv is None else argv)
@@ -308,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return INTERRUPTED
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
+    except BrokenPipeError:
+        return stdout_closed()
     except OSError as exc:  # the port is taken, the host does not resolve
         print(f"{PROGRAM}: error: cannot serve on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
