@@ -9,11 +9,10 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .cli import analytics, models, provision
-from .cli.common import run_program, stdout_closed
+from .cli.common import Parser, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
 
@@ -26,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="syncfed project tools")
+    parser = Parser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
     provision.configure(
         commands.add_parser(

@@ -60,6 +60,7 @@ from ..partition import parse_classes
 from ..protocol import MAX_FEATURES, Query, QueryResult
 from .common import (
     INTERRUPTED,
+    Parser,
     add_client_security_flags,
     add_connection_limits,
     add_secure_agg_flags,
@@ -455,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="statistics over all workers' data, without moving it")
+    parser = Parser(prog=PROGRAM, description="statistics over all workers' data, without moving it")
     configure(parser)
     return run(parser.parse_args(normalize_flags(sys.argv[1:] if argv is None else argv)))
 

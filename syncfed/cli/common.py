@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
+import re
 import sys
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -37,6 +39,7 @@ from ..net.transport import client_tls
 __all__ = [
     "EXIT_CODES",
     "exit_code",
+    "Parser",
     "normalize_flags",
     "parse_arguments",
     "setup_logging",
@@ -111,6 +114,34 @@ def fail(program: str, error: SyncfedError) -> int:
     """Print one clear line for ``error`` and return its exit status."""
     print(f"{program}: error: {error}", file=sys.stderr)
     return exit_code(error)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse as the programs use it: no abbreviated flags, and a mistake costs one line.
+
+    Abbreviations are refused (``--spawn-worker`` is not ``--spawn-workers``),
+    so that a script keeps working when a flag is added. An error is printed
+    as one line, with the closest flag for a misspelt one and a pointer to
+    ``--help``, instead of the whole usage first.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}{self._suggestion(message)} (see {self.prog} --help)\n")
+
+    def _suggestion(self, message: str) -> str:
+        """``; did you mean --x?`` for the first unknown flag in ``message`` that is close to a real one."""
+        known = [option for option in self._option_string_actions if option.startswith("--")]
+        for token in re.findall(r"(?<![\w-])(--[\w-]+)", message):
+            if token in known:
+                continue
+            close = difflib.get_close_matches(token, known, n=1, cutoff=0.75)
+            if close:
+                return f"; did you mean {close[0]}?"
+        return ""
 
 
 def normalize_flags(argv: Sequence[str]) -> list[str]:
@@ -268,7 +299,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> arg
         ConfigError: if the file cannot be read or names an unknown setting.
     """
     argv = normalize_flags(argv)
-    first = argparse.ArgumentParser(add_help=False)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     first.add_argument("--config", type=Path)
     known, _ = first.parse_known_args(argv)
     if known.config is not None:

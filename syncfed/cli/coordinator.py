@@ -44,6 +44,7 @@ from ..strategies import STRATEGIES
 from .common import (
     INTERRUPTED,
     FromFlags,
+    Parser,
     add_client_security_flags,
     add_connection_limits,
     add_secure_agg_flags,
@@ -82,7 +83,7 @@ Listener = Callable[[Mapping[str, Any]], None]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROGRAM,
         description="Run federated training over syncfed workers. Flags may be written with dashes or underscores.",
     )

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..exceptions import SyncfedError
 from ..registry import EXPORT_FORMATS, ModelRegistry, ModelVersion
-from .common import INTERRUPTED, fail, run_program, stdout_closed
+from .common import INTERRUPTED, Parser, fail, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "configure", "run", "main"]
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = argparse.ArgumentParser(prog=PROGRAM, description="list, show, pick and export recorded model versions")
+    parser = Parser(prog=PROGRAM, description="list, show, pick and export recorded model versions")
     configure(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:

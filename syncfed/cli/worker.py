@@ -31,6 +31,7 @@ from ..worker import Holding, load_holdings, run_worker
 from .common import (
     INTERRUPTED,
     FromFlags,
+    Parser,
     config_from_flags,
     fail,
     parse_arguments,
@@ -46,7 +47,7 @@ PROGRAM = "run_websocket_server.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog=PROGRAM,
         description="Run a syncfed worker that trains and evaluates on its private data. "
         "Flags may be written with dashes or underscores.",

@@ -1,0 +1,46 @@
+"""Flag mistakes cost one line: the closest flag, a pointer to --help, and no abbreviations."""
+
+from __future__ import annotations
+
+import pytest
+
+from syncfed.cli import coordinator, worker
+from syncfed.cli.common import Parser
+
+
+def error_of(main: object, argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)  # type: ignore[operator]
+    assert stopped.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    return captured.err
+
+
+def test_a_misspelt_flag_gets_one_line_with_the_closest_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert error_of(coordinator.main, ["--traning-rounds", "3"], capsys) == (
+        "run_websocket_client.py: error: unrecognized arguments: --traning-rounds 3;"
+        " did you mean --training-rounds? (see run_websocket_client.py --help)\n"
+    )
+
+
+def test_an_abbreviated_flag_is_refused_not_guessed(capsys: pytest.CaptureFixture[str]) -> None:
+    error = error_of(coordinator.main, ["--spawn-worker"], capsys)
+    assert error.startswith("run_websocket_client.py: error: unrecognized arguments: --spawn-worker;")
+    assert "did you mean --spawn-workers?" in error
+    assert error_of(worker.main, ["--id", "alice", "--max-message"], capsys).count("\n") == 1
+
+
+def test_a_flag_far_from_every_other_gets_no_guess(capsys: pytest.CaptureFixture[str]) -> None:
+    error = error_of(worker.main, ["--id", "alice", "--zzzzzz"], capsys)
+    assert "did you mean" not in error and error.endswith("(see run_websocket_server.py --help)\n")
+
+
+def test_subcommands_share_the_rules() -> None:
+    parser = Parser(prog="tool")
+    commands = parser.add_subparsers(dest="command")
+    sub = commands.add_parser("go")
+    sub.add_argument("--rounds")
+    assert isinstance(sub, Parser) and not sub.allow_abbrev
+    with pytest.raises(SystemExit):
+        parser.parse_args(["go", "--round", "3"])
