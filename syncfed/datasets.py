@@ -24,9 +24,10 @@ import re
 import struct
 import urllib.request
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import Final, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -35,6 +36,7 @@ from .exceptions import ConfigError, DatasetError
 __all__ = [
     "DATASETS",
     "Dataset",
+    "LazyInputs",
     "DatasetSpec",
     "Split",
     "check_dataset_key",
@@ -67,14 +69,44 @@ _MNIST_FILES: Final[dict[str, str]] = {  # file name -> md5 of the gzipped file
 _IDX_TYPES: Final[dict[int, str]] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+@runtime_checkable
+class LazyInputs(Protocol):
+    """Inputs read from disk a batch at a time (an image folder), so a data set never holds them all.
+
+    ``shape`` is ``(N, *input_shape)`` and ``dtype`` float32, as an array's;
+    ``take`` reads the examples at ``indices`` (in their order) as one float32
+    array; ``subset`` selects examples without reading them.
+    """
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def __len__(self) -> int: ...
+
+    def take(self, indices: np.ndarray) -> np.ndarray: ...
+
+    def subset(self, indices: np.ndarray) -> LazyInputs: ...
+
+    def fingerprint(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Images and labels held in memory by one worker."""
+    """A worker's examples: inputs in memory or read per batch (:class:`LazyInputs`), and class labels.
+
+    ``labels`` index ``classes`` when the data names its classes (a user's own
+    data, after the federation agreed on them); the bundled data sets leave
+    ``classes`` empty and their labels are the digits themselves.
+    """
 
     name: str
-    images: np.ndarray  # float32, (N, 1, H, W)
+    images: np.ndarray | LazyInputs  # float32, (N, *input_shape): (N, 1, H, W) for the bundled images
     labels: np.ndarray  # int64, (N,)
     num_classes: int = 10
+    classes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -83,18 +115,36 @@ class Dataset:
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
+    def batch(self, indices: np.ndarray) -> np.ndarray:
+        """The inputs of the examples at ``indices``, as one float32 array."""
+        if isinstance(self.images, np.ndarray):
+            return np.asarray(self.images[indices])
+        return self.images.take(indices)
+
+    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Inputs and labels in order, ``size`` examples at a time: a pass that never holds lazy inputs whole."""
+        for start in range(0, len(self), size):
+            indices = np.arange(start, min(start + size, len(self)))
+            yield self.batch(indices), self.labels[indices]
+
     def histogram(self) -> list[int]:
         """Examples per class."""
         return [int(n) for n in np.bincount(self.labels, minlength=self.num_classes)]
 
     def subset(self, indices: np.ndarray) -> Dataset:
-        return Dataset(self.name, self.images[indices], self.labels[indices], self.num_classes)
+        images = self.images[indices] if isinstance(self.images, np.ndarray) else self.images.subset(indices)
+        return Dataset(self.name, images, self.labels[indices], self.num_classes, self.classes)
 
     def fingerprint(self) -> str:
         """A digest of the examples, their order included: the version a worker advertises, never the data."""
         digest = hashlib.sha256(f"{self.name}\0{self.num_classes}\0{self.images.shape}\0".encode())
-        digest.update(np.ascontiguousarray(self.images, dtype=np.float32).data)
+        if isinstance(self.images, np.ndarray):
+            digest.update(np.ascontiguousarray(self.images, dtype=np.float32).data)
+        else:
+            digest.update(self.images.fingerprint().encode())
         digest.update(np.ascontiguousarray(self.labels, dtype=np.int64).data)
+        if self.classes:
+            digest.update("\0".join(self.classes).encode())
         return "sha256:" + digest.hexdigest()[:16]
 
 

@@ -23,6 +23,7 @@ from .base import MAX_ID as MAX_ID
 from .base import MAX_NAME as MAX_NAME
 from .base import MAX_PLAN_SIZE as MAX_PLAN_SIZE
 from .base import MAX_SHARD as MAX_SHARD
+from .data_messages import DATA_KINDS, FEATURE_TYPES, DataPlan, DataSchema, Feature
 from .envelope import REQUESTS, Envelope, Opened, encode, reply_kind
 from .messages import DATA_SPLITS, DatasetInfo, Describe, Error, Hello, Info, ModelLayout, Ping, Pong
 from .messages import MAX_DATASETS as MAX_DATASETS
@@ -101,6 +102,11 @@ __all__ = [
     "encode",
     "encode_fragments",
     "decode",
+    "DATA_KINDS",
+    "FEATURE_TYPES",
+    "DataSchema",
+    "Feature",
+    "DataPlan",
 ]
 
 #: The old name of the bound on claimed example counts, kept for one release.

@@ -29,6 +29,7 @@ from .base import (
     _fields,
     _is_int,
 )
+from .data_messages import DataPlan, DataSchema, plan_from
 
 __all__ = [
     "Hello",
@@ -120,6 +121,7 @@ class DatasetInfo:
     histogram: tuple[int, ...] | None  # None: withheld (--withhold-histogram), and max_examples bounds its sum
     validation_size: int = 0
     max_examples: int | None = None
+    schema: DataSchema | None = None  # a user's own data (``syncfed.data``); None: a bundled data set
 
     def __post_init__(self) -> None:
         _check_name(self.key, "data set key")
@@ -129,6 +131,7 @@ class DatasetInfo:
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, not {describe(self.dtype)}")
         _check_schema(self.input_shape, self.num_classes, self.histogram, self.max_examples)
         _check_validation_size(self.validation_size)
+        _check_own_schema(self.schema, self.input_shape, self.num_classes)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.histogram is not None:
             object.__setattr__(self, "histogram", tuple(self.histogram))
@@ -149,6 +152,7 @@ class DatasetInfo:
             "num_classes": self.num_classes,
             **_histogram_fields(self.histogram, self.max_examples),
             **({"validation_size": self.validation_size} if self.validation_size else {}),
+            **({"schema": self.schema.to_body()} if self.schema is not None else {}),
         }
 
     @classmethod
@@ -158,9 +162,9 @@ class DatasetInfo:
             body,
             "data set entry",
             {"key", "dataset", "split", "version", "input_shape", "dtype", "num_classes"},
-            frozenset({"histogram", "validation_size", "max_examples"}),
+            frozenset({"histogram", "validation_size", "max_examples", "schema"}),
         )
-        return cls(**{"histogram": None, **body})
+        return cls(**{"histogram": None, **body, "schema": _schema_from(body)})
 
 
 @dataclass(frozen=True)
@@ -184,6 +188,7 @@ class Info(Message):
     validation_size: int = 0
     datasets: tuple[DatasetInfo, ...] = ()  # the worker's named data sets; empty without --dataset-spec
     max_examples: int | None = None  # with a withheld histogram: a power of two at least the examples held
+    schema: DataSchema | None = None  # the default data set's, when it is the worker's own (``syncfed.data``)
 
     def __post_init__(self) -> None:
         _check_name(self.worker_id, "worker_id")
@@ -203,6 +208,7 @@ class Info(Message):
         )
         keys = [entry.key for entry in self.datasets]
         _check(len(set(keys)) == len(keys), f"data set keys {describe(keys)} must be distinct")
+        _check_own_schema(self.schema, self.input_shape, self.num_classes)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.histogram is not None:
             object.__setattr__(self, "histogram", tuple(self.histogram))
@@ -227,6 +233,7 @@ class Info(Message):
             # Defaults stay off the wire: a worker without a validation split or named data sets reads as before.
             **({"validation_size": self.validation_size} if self.validation_size else {}),
             **({"datasets": [entry.to_body() for entry in self.datasets]} if self.datasets else {}),
+            **({"schema": self.schema.to_body()} if self.schema is not None else {}),
         }
 
     @classmethod
@@ -235,14 +242,39 @@ class Info(Message):
             body,
             cls.kind,
             {"worker_id", "role", "dataset", "input_shape", "num_classes", "models", "protocol_version"},
-            frozenset({"histogram", "validation_size", "datasets", "max_examples"}),
+            frozenset({"histogram", "validation_size", "datasets", "max_examples", "schema"}),
         )
         entries = body.get("datasets", [])
         _check(
             isinstance(entries, list) and len(entries) <= MAX_DATASETS,
             f"datasets must be a list of at most {MAX_DATASETS} data set entries",
         )
-        return cls(**{"histogram": None, **body, "datasets": tuple(DatasetInfo.from_body(entry) for entry in entries)})
+        return cls(
+            **{
+                "histogram": None,
+                **body,
+                "datasets": tuple(DatasetInfo.from_body(entry) for entry in entries),
+                "schema": _schema_from(body),
+            }
+        )
+
+
+def _check_own_schema(schema: Any, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """A schema, when given, describes the same shape and class count as the entry's own fields."""
+    if schema is None:
+        return
+    _check(isinstance(schema, DataSchema), "schema must be a DataSchema")
+    _check(
+        tuple(input_shape) == schema.input_shape,
+        f"input_shape {describe(input_shape)} differs from the schema's {describe(schema.input_shape)}",
+    )
+    _check(
+        num_classes == schema.num_classes, f"num_classes {num_classes} differs from the schema's {schema.num_classes}"
+    )
+
+
+def _schema_from(body: Mapping[str, Any]) -> DataSchema | None:
+    return DataSchema.from_body(body["schema"]) if body.get("schema") is not None else None
 
 
 def _histogram_fields(histogram: tuple[int, ...] | None, max_examples: int | None) -> dict[str, Any]:
@@ -295,17 +327,19 @@ class Describe(Message):
 
     kind: ClassVar[str] = "describe"
     model: str
+    data: DataPlan | None = None  # a model built from the agreed data plan (own data) has its layout only with it
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
+        _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
 
     def to_body(self) -> dict[str, Any]:
-        return {"model": self.model}
+        return {"model": self.model, **({"data": self.data.to_body()} if self.data is not None else {})}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Describe:
-        _fields(body, cls.kind, {"model"})
-        return cls(body["model"])
+        _fields(body, cls.kind, {"model"}, frozenset({"data"}))
+        return cls(body["model"], plan_from(body))
 
 
 def _check_spec(entry: Any) -> None:

@@ -28,6 +28,7 @@ from .base import (
     _is_number,
     _weights_equal,
 )
+from .data_messages import DataPlan, plan_field, plan_from
 
 __all__ = ["QUERIES", "MAX_FEATURES", "MAX_BINS", "MAX_CELLS", "Query", "QueryResult"]
 
@@ -56,8 +57,10 @@ class Query(Message):
     features: tuple[int, ...] = ()
     bins: int | None = None
     value_range: tuple[float, float] | None = None
+    data: DataPlan | None = None  # over a user's own data: the agreed plan, its statistics left out
 
     def __post_init__(self) -> None:
+        _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
         _check(self.query in QUERIES, f"query must be one of {', '.join(QUERIES)}, not {describe(self.query)}")
         _check(
             isinstance(self.features, (list, tuple))
@@ -122,12 +125,13 @@ class Query(Message):
             "features": list(self.features),
             "bins": self.bins,
             "range": None if self.value_range is None else list(self.value_range),
+            **plan_field(self.data),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Query:
-        _fields(body, cls.kind, {"query", "features", "bins", "range"})
-        return cls(body["query"], body["features"], body["bins"], body["range"])
+        _fields(body, cls.kind, {"query", "features", "bins", "range"}, frozenset({"data"}))
+        return cls(body["query"], body["features"], body["bins"], body["range"], plan_from(body))
 
 
 #: The tensors of each query's answer and their dtypes.

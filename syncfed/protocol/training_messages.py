@@ -29,6 +29,7 @@ from .base import (
     _optional_weights_equal,
     _weights_equal,
 )
+from .data_messages import DataPlan, plan_field, plan_from
 
 __all__ = [
     "COMPRESSIONS",
@@ -163,6 +164,7 @@ class Fit(Message):
     plan: TrainingPlan
     control: Weights | None = None
     dataset_key: str | None = None  # which named data set to train on; None: the worker's default
+    data: DataPlan | None = None  # what the federation agreed about its own data; None: a bundled data set
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
@@ -171,6 +173,7 @@ class Fit(Message):
         if self.control is not None:
             _check_weights(self.control)
         _check_optional_name(self.dataset_key, "dataset_key")
+        _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fit):
@@ -179,6 +182,7 @@ class Fit(Message):
             self.model == other.model
             and self.plan == other.plan
             and self.dataset_key == other.dataset_key
+            and self.data == other.data
             and _weights_equal(self.weights, other.weights)
             and _optional_weights_equal(self.control, other.control)
         )
@@ -189,11 +193,11 @@ class Fit(Message):
             body["control"] = encode_weights(self.control)
         if self.dataset_key is not None:
             body["dataset_key"] = self.dataset_key
-        return body
+        return {**body, **plan_field(self.data)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Fit:
-        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key"}))
+        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key", "data"}))
         control = decode_weights(body["control"]) if "control" in body else None
         return cls(
             body["model"],
@@ -201,6 +205,7 @@ class Fit(Message):
             TrainingPlan.from_body(body["plan"]),
             control,
             body.get("dataset_key"),
+            plan_from(body),
         )
 
 
@@ -337,6 +342,7 @@ class Evaluate(Message):
     batch_size: int
     split: str | None = None
     dataset_key: str | None = None
+    data: DataPlan | None = None  # as in :class:`Fit`
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
@@ -350,15 +356,17 @@ class Evaluate(Message):
             f"split must be one of {', '.join(EVAL_SPLITS)}, not {describe(self.split)}",
         )
         _check_optional_name(self.dataset_key, "dataset_key")
+        _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Evaluate):
             return NotImplemented
-        return (self.model, self.batch_size, self.split, self.dataset_key) == (
+        return (self.model, self.batch_size, self.split, self.dataset_key, self.data) == (
             other.model,
             other.batch_size,
             other.split,
             other.dataset_key,
+            other.data,
         ) and _weights_equal(self.weights, other.weights)
 
     def to_body(self) -> dict[str, Any]:
@@ -368,29 +376,37 @@ class Evaluate(Message):
             "batch_size": self.batch_size,
             **({"split": self.split} if self.split is not None else {}),
             **({"dataset_key": self.dataset_key} if self.dataset_key is not None else {}),
+            **plan_field(self.data),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Evaluate:
-        _fields(body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key"}))
+        _fields(body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key", "data"}))
         return cls(
             body["model"],
             decode_weights(body["weights"]),
             body["batch_size"],
             body.get("split"),
             body.get("dataset_key"),
+            plan_from(body),
         )
 
 
 @dataclass(frozen=True)
 class EvalResult(Message):
-    """Mean loss per example, number correct, and the histogram of predicted classes."""
+    """Mean loss per example, number correct, and the histogram of predicted classes.
+
+    ``class_counts`` and ``class_correct`` (optional, together) give per true
+    class its examples and those predicted right: per-class recall.
+    """
 
     kind: ClassVar[str] = "eval_result"
     loss: float
     correct: int
     num_examples: int
     predictions: tuple[int, ...]
+    class_counts: tuple[int, ...] | None = None
+    class_correct: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _check(_is_number(self.loss), "loss must be a finite number")
@@ -402,6 +418,25 @@ class EvalResult(Message):
         _check_counts(self.predictions, "predictions")
         _check(sum(self.predictions) == self.num_examples, "predictions must sum to num_examples")
         object.__setattr__(self, "predictions", tuple(self.predictions))
+        _check(
+            (self.class_counts is None) == (self.class_correct is None),
+            "class_counts and class_correct go together",
+        )
+        if self.class_counts is not None and self.class_correct is not None:
+            _check_counts(self.class_counts, "class_counts")
+            _check_counts(self.class_correct, "class_correct")
+            _check(
+                len(self.class_counts) == len(self.class_correct) == len(self.predictions),
+                "class_counts and class_correct must have one entry per class of predictions",
+            )
+            _check(sum(self.class_counts) == self.num_examples, "class_counts must sum to num_examples")
+            _check(sum(self.class_correct) == self.correct, "class_correct must sum to correct")
+            _check(
+                all(c <= n for c, n in zip(self.class_correct, self.class_counts, strict=True)),
+                "class_correct must not exceed class_counts",
+            )
+            object.__setattr__(self, "class_counts", tuple(self.class_counts))
+            object.__setattr__(self, "class_correct", tuple(self.class_correct))
 
     @property
     def accuracy(self) -> float:
@@ -413,9 +448,26 @@ class EvalResult(Message):
             "correct": self.correct,
             "num_examples": self.num_examples,
             "predictions": list(self.predictions),
+            **(
+                {"class_counts": list(self.class_counts), "class_correct": list(self.class_correct)}
+                if self.class_counts is not None and self.class_correct is not None
+                else {}
+            ),
         }
+
+    @property
+    def recall(self) -> tuple[float | None, ...] | None:
+        """Per class, the share of its examples predicted right (``None`` for a class with none here)."""
+        if self.class_counts is None or self.class_correct is None:
+            return None
+        return tuple(c / n if n else None for c, n in zip(self.class_correct, self.class_counts, strict=True))
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> EvalResult:
-        _fields(body, cls.kind, {"loss", "correct", "num_examples", "predictions"})
+        _fields(
+            body,
+            cls.kind,
+            {"loss", "correct", "num_examples", "predictions"},
+            frozenset({"class_counts", "class_correct"}),
+        )
         return cls(**body)

@@ -75,6 +75,7 @@ OLD_LIMITS = [
 LAYERS = [
     "base",
     "unpacking",
+    "data_messages",
     "messages",
     "training_messages",
     "queries",
@@ -85,8 +86,12 @@ LAYERS = [
 ]
 
 
-def test_the_package_exports_exactly_the_old_names() -> None:
-    assert syncfed.protocol.__all__ == OLD_ALL
+#: Names added since: the own-data schema and plan (docs/data.md).
+NEW_ALL = ["DATA_KINDS", "FEATURE_TYPES", "DataSchema", "Feature", "DataPlan"]
+
+
+def test_the_package_exports_exactly_the_old_names_then_the_new() -> None:
+    assert syncfed.protocol.__all__ == OLD_ALL + NEW_ALL
     for name in OLD_ALL + OLD_LIMITS:
         assert hasattr(syncfed.protocol, name), name
 
