@@ -128,7 +128,9 @@ class Dataset:
             yield self.batch(indices), self.labels[indices]
 
     def histogram(self) -> list[int]:
-        """Examples per class."""
+        """Examples per class; a continuous label (float labels) counts all examples as one."""
+        if self.labels.dtype.kind == "f":
+            return [len(self)]
         return [int(n) for n in np.bincount(self.labels, minlength=self.num_classes)]
 
     def subset(self, indices: np.ndarray) -> Dataset:
