@@ -13,14 +13,18 @@ import dataclasses
 from collections.abc import Mapping
 
 from .config import CoordinatorConfig
+from .data.agreement import agree
 from .exceptions import IncompatibleWorkers, ModelError
 from .models import check_model, default_model, get_weights, resolve_model
-from .protocol import PROTOCOL_VERSION, Info
+from .protocol import PROTOCOL_VERSION, DataPlan, DataSchema, Info
+from .shaped_models import default_shaped_model, shaped_factory
 from .tensors import DTYPES
 
 __all__ = [
+    "agreed_plan",
     "check_compatible",
     "check_data",
+    "check_fits_plan",
     "check_identity",
     "check_model_available",
     "check_rejoining",
@@ -28,8 +32,9 @@ __all__ = [
 ]
 
 
-def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tuple[str, Info]:
-    """The run's model name and the reference ``info`` every worker's data must match.
+def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tuple[str, Info, DataPlan | None]:
+    """The run's model name, the reference ``info`` every worker's data must match, and, over a user's own
+    data, the plan the workers' schemas agree on (without standardisation; see ``syncfed.data.agreement``).
 
     Raises:
         IncompatibleWorkers: a worker is not who, or what, the config lists; workers disagree
@@ -38,32 +43,95 @@ def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tu
     for name, info in infos.items():
         check_identity(config, name, info)
     reference_name, reference = next(iter(infos.items()))
-    for name, info in infos.items():
-        check_data(name, info, reference_name, reference)
-    model_name = config.model or default_model(reference.dataset)
+    plan = agreed_plan(infos, evaluator=next(iter(config.evaluator), None))
+    if plan is None:
+        for name, info in infos.items():
+            check_data(name, info, reference_name, reference)
+        model_name = config.model or default_model(reference.dataset)
+        input_shape, num_classes, what = reference.input_shape, reference.num_classes, reference.dataset
+    else:
+        model_name = config.model or default_shaped_model(plan)
+        input_shape, num_classes, what = plan.input_shape, plan.num_classes, f"own {plan.kind}"
     for name, info in infos.items():
         check_model_available(name, info, model_name)
     try:
-        model = resolve_model(model_name)()
-        check_model(model, reference.input_shape, reference.num_classes)
+        model = shaped_factory(model_name, plan)() if plan is not None else resolve_model(model_name)()
+        check_model(model, input_shape, num_classes)
         for tensor, array in get_weights(model).items():
             if array.dtype.name not in DTYPES:
                 raise ModelError(f"tensor {tensor} has dtype {array.dtype}, which the wire does not carry")
     except ModelError as exc:
+        raise IncompatibleWorkers(f"model {model_name} does not fit the workers' {what} data: {exc}") from None
+    return model_name, reference, plan
+
+
+def agreed_plan(infos: Mapping[str, Info], *, evaluator: str | None = None) -> DataPlan | None:
+    """The plan the workers' own data agree on, or ``None`` when they all hold a bundled data set.
+
+    Raises:
+        IncompatibleWorkers: some workers hold their own data and others a bundled data set,
+            or their schemas disagree (one line naming the worker and the difference).
+    """
+    schemas = {name: info.schema for name, info in infos.items() if info.schema is not None}
+    if not schemas:
+        return None
+    bundled = [name for name, info in infos.items() if info.schema is None]
+    if bundled:
+        own = next(iter(schemas))
         raise IncompatibleWorkers(
-            f"model {model_name} does not fit the workers' {reference.dataset} data: {exc}"
-        ) from None
-    return model_name, reference
+            f"{bundled[0]} holds the bundled {infos[bundled[0]].dataset} data set, but {own} its own"
+            f" {schemas[own].kind}: start every worker with --data, or none"
+        )
+    return agree(schemas, evaluator=evaluator if evaluator in schemas else None)
 
 
-def check_rejoining(config: CoordinatorConfig, name: str, info: Info, reference: Info, model_name: str) -> None:
+def check_fits_plan(name: str, schema: DataSchema | None, plan: DataPlan) -> None:
+    """A worker that (re)joins a run over own data holds data the run's ``plan`` can serve.
+
+    Its classes must be among the plan's, its features the plan's, of the same
+    type, and its input the plan's shape; categories outside the vocabulary
+    are fine (they go to the "other" slot).
+
+    Raises:
+        IncompatibleWorkers: naming the worker and the first difference.
+    """
+    if schema is None:
+        raise IncompatibleWorkers(f"{name} holds a bundled data set, but the run trains on own {plan.kind} data")
+    if schema.kind != plan.kind:
+        raise IncompatibleWorkers(f"{name} holds {schema.kind}, but the run trains on {plan.kind}")
+    if plan.classes is None or schema.classes is None:
+        if plan.classes != schema.classes:
+            label = "continuous" if schema.classes is None else "class"
+            raise IncompatibleWorkers(f"{name}'s label is {label}, unlike the run's")
+    else:
+        new = [c for c in schema.classes if c not in plan.classes]
+        if new:
+            raise IncompatibleWorkers(f"{name} holds class {new[0]!r}, which the run's model does not have")
+    if plan.kind == "table":
+        types = {feature.name: feature.type for feature in schema.features}
+        for feature in plan.features:
+            if feature not in types:
+                raise IncompatibleWorkers(f"{name}'s table has no column {feature!r}")
+            expected = "categorical" if feature in (plan.categories or {}) else "numeric"
+            if types[feature] != expected:
+                raise IncompatibleWorkers(f"{name}'s column {feature!r} is {types[feature]}, the run's {expected}")
+    elif schema.input_shape != plan.input_shape:
+        raise IncompatibleWorkers(f"{name}'s inputs have shape {schema.input_shape}, the run's {plan.input_shape}")
+
+
+def check_rejoining(
+    config: CoordinatorConfig, name: str, info: Info, reference: Info, model_name: str, plan: DataPlan | None = None
+) -> None:
     """Check a worker that greets again mid-run as at the start, against the run's data and model.
 
     Raises:
         IncompatibleWorkers: as :func:`check_compatible`.
     """
     check_identity(config, name, info)
-    check_data(name, info, "the others", reference)
+    if plan is None:
+        check_data(name, info, "the others", reference)
+    else:
+        check_fits_plan(name, info.schema, plan)
     check_model_available(name, info, model_name)
 
 
@@ -124,6 +192,7 @@ def chosen_data(config: CoordinatorConfig, name: str, info: Info) -> Info:
             histogram=entry.histogram,
             max_examples=entry.max_examples,
             validation_size=entry.validation_size,
+            schema=entry.schema,
         )
     needs = "--federated-eval" if config.federated_eval else "--cross-site-validation"
     if name in config.workers and info.validation_size == 0 and (config.federated_eval or config.cross_site_validation):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Final
 
 from .compression import COMPRESSIONS
+from .data.normalization import NORMALIZATIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .masking import MAX_CLIENTS
@@ -253,6 +254,8 @@ class CoordinatorConfig:
     checkpoint_dir: Path | None = None
     resume: bool = False
     registry: Path | None = None  # record every global version here (SQLite + safetensors; syncfed.registry)
+    # A user's own data (docs/data.md)
+    normalize: str | None = None  # federated, fixed or none; None: the data kind's default
     # Reliability
     min_workers: int | None = None  # quorum; None: every training worker
     max_round_retries: int = 3
@@ -287,6 +290,8 @@ class CoordinatorConfig:
             raise ConfigError("at least one training worker is needed")
         if len(self.evaluator) > 1:
             raise ConfigError(f"at most one evaluator is supported, got {len(self.evaluator)}")
+        if self.normalize is not None and self.normalize not in NORMALIZATIONS:
+            raise ConfigError(f"normalization {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
         overlap = set(self.workers) & set(self.evaluator)
         if overlap:
             raise ConfigError(f"worker id {sorted(overlap)[0]!r} is both a trainer and the evaluator")

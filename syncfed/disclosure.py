@@ -29,6 +29,9 @@ def holdings(info: Info, *, secure: bool) -> str:
     """How the coordinator's log describes a worker's data, after "<worker> holds"."""
     if secure or info.histogram is None:
         return f"data set {info.dataset} (its size and classes are not logged under --secure-agg or when withheld)"
+    if info.schema is not None and info.schema.classes is not None:
+        named = ", ".join(info.schema.classes[label] for label in held_classes(info))
+        return f"{info.num_examples} examples of its own {info.dataset} (classes {named})"
     return f"{info.num_examples} examples of {info.dataset} (classes {group_label(held_classes(info))})"
 
 

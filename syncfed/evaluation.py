@@ -100,12 +100,24 @@ def pool(results: Iterable[EvalResult]) -> EvalResult:
     total = sum(result.num_examples for result in results)
     loss = math.fsum(result.loss * result.num_examples for result in results) / total
     predictions = tuple(sum(counts) for counts in zip(*(result.predictions for result in results), strict=True))
-    return EvalResult(loss, sum(result.correct for result in results), total, predictions)
+    counts = correct = None
+    if all(result.class_counts is not None for result in results):  # per-class recall pools too
+        counts = tuple(sum(column) for column in zip(*(result.class_counts or () for result in results), strict=True))
+        correct = tuple(sum(column) for column in zip(*(result.class_correct or () for result in results), strict=True))
+    return EvalResult(loss, sum(result.correct for result in results), total, predictions, counts, correct)
 
 
 def result_json(result: EvalResult) -> dict[str, Any]:
-    """A score as the JSON fields the metrics file uses for it."""
-    return {"loss": result.loss, "accuracy": result.accuracy, "correct": result.correct, "n": result.num_examples}
+    """A score as the JSON fields the metrics file uses for it; per-class counts when the score has them."""
+    fields: dict[str, Any] = {
+        "loss": result.loss,
+        "accuracy": result.accuracy,
+        "correct": result.correct,
+        "n": result.num_examples,
+    }
+    if result.class_counts is not None:
+        fields |= {"class_counts": list(result.class_counts), "class_correct": list(result.class_correct or ())}
+    return fields
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -33,6 +33,7 @@ from ..config import (
     parse_endpoints,
 )
 from ..coordinator import FEDERATED, Coordinator, RunResult
+from ..data.normalization import NORMALIZATIONS
 from ..datasets import DATASETS, ensure_mnist
 from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
 from ..models import DEMO_MODELS
@@ -162,6 +163,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--eval-every", type=int, default=10, help="evaluate at rounds 1, 1+N, ... and the last (default: %(default)s)"
     )
     recipe.add_argument("--cuda", action="store_true", help="with --spawn-workers, let the workers train on the GPU")
+    recipe.add_argument(
+        "--normalize",
+        choices=NORMALIZATIONS,
+        help="over the workers' own data: standardise with the global mean and standard deviation computed"
+        " before round 1 (federated), keep images' [0, 1] scale (fixed), or leave values as read (none);"
+        " default: federated (docs/data.md)",
+    )
 
     workers = parser.add_argument_group("workers")
     workers.add_argument(
@@ -193,6 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ARGS",
         help="with --spawn-workers: more flags for every training worker, as one shell-quoted string, e.g."
         " --worker-args='--val-fraction 0.2 --slowdown 0.1' (see run_websocket_server.py --help)",
+    )
+    workers.add_argument(
+        "--site",
+        action="append",
+        default=[],
+        metavar="NAME=DATA",
+        help="spawn a local worker NAME over its own data DATA (a worker's --data: csv:PATH, images:DIR, ...);"
+        " repeat per site; the site named as the evaluator (testing, unless --evaluator names another) holds"
+        " the test data; implies --spawn-workers, and --worker-args go to every site (docs/data.md)",
     )
     workers.add_argument(
         "--centralized",
@@ -397,7 +414,7 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
 
 
 #: Worker flags that --spawn-workers sets itself, from the client's own flags or per process.
-SPAWNER_FLAGS: Final = ("--id", "--host", "--port", "--testing", "--dataset", "--data-dir", "--config")
+SPAWNER_FLAGS: Final = ("--id", "--host", "--port", "--testing", "--dataset", "--data-dir", "--data", "--config")
 
 
 def _worker_args(text: str | None) -> list[str]:
@@ -417,12 +434,40 @@ def _worker_args(text: str | None) -> list[str]:
     return tokens
 
 
+def parse_sites(entries: Sequence[str]) -> dict[str, str]:
+    """``--site NAME=DATA`` entries as ``{name: data spec}``, in order.
+
+    Raises:
+        ConfigError: if an entry lacks a name or data, or a name repeats.
+    """
+    sites: dict[str, str] = {}
+    for entry in entries:
+        name, sep, spec = entry.partition("=")
+        if not sep or not name.strip() or not spec.strip():
+            raise ConfigError(f"--site {entry!r} must look like alice=csv:alice.csv (NAME=DATA)")
+        if name.strip() in sites:
+            raise ConfigError(f"--site {name.strip()!r} appears twice")
+        sites[name.strip()] = spec.strip()
+    return sites
+
+
+def _endpoints(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
+    """The training workers and the evaluator as ``{id: uri}``; spawned ``--site`` workers have no uri yet."""
+    evaluator = parse_endpoints(args.evaluator)
+    sites = parse_sites(args.site)
+    if not sites:
+        return parse_endpoints(args.workers), evaluator
+    tester = next(iter(evaluator), None)
+    return {name: "" for name in sites if name != tester}, {name: "" for name in sites if name == tester}
+
+
 async def _with_workers(
     args: argparse.Namespace, action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]]
 ) -> T:
     """Run ``action(workers, evaluator)`` on the configured workers, or on spawned ones."""
-    workers = parse_endpoints(args.workers)
-    evaluator = parse_endpoints(args.evaluator)
+    workers, evaluator = _endpoints(args)
+    if args.site:
+        return await _with_sites(args, workers, evaluator, action)
     if args.centralized:
         if not args.spawn_workers:
             raise ConfigError(
@@ -449,13 +494,37 @@ async def _with_workers(
         return await action(spawned, spawned_evaluator)
 
 
+async def _with_sites(
+    args: argparse.Namespace,
+    workers: dict[str, str],
+    evaluator: dict[str, str],
+    action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]],
+) -> T:
+    """Spawn one worker per ``--site`` over its own data, every site with ``--worker-args``, and run ``action``."""
+    if args.centralized:
+        raise ConfigError("--centralized pools the bundled data set; it does not apply to --site")
+    sites = parse_sites(args.site)
+    extra = _worker_args(args.worker_args)
+    common = ["--threads", "1", *(["--cuda"] if args.cuda else [])]
+    if args.model and args.model not in DEMO_MODELS:
+        common += ["--model", args.model]
+    plan = [
+        (name, ["--data", spec, *common, *(["--testing"] if name in evaluator else []), *extra])
+        for name, spec in sites.items()
+    ]
+    async with spawn_workers(plan) as processes:
+        spawned = {name: processes[name].uri for name in workers}
+        spawned_evaluator = {name: processes[name].uri for name in evaluator}
+        return await action(spawned, spawned_evaluator)
+
+
 async def _train(args: argparse.Namespace, progress: Progress, listeners: list[Listener]) -> RunResult:
     async def action(workers: dict[str, str], evaluator: dict[str, str]) -> RunResult:
         config = config_from_args(args, workers, evaluator)
         return await Coordinator(config, report=progress.report, listeners=listeners).run()
 
     # Check the settings before starting any worker process.
-    config_from_args(args, parse_endpoints(args.workers), parse_endpoints(args.evaluator))
+    config_from_args(args, *_endpoints(args))
     return await _with_workers(args, action)
 
 
@@ -477,8 +546,14 @@ async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
     except SyncfedError as exc:
         return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
     withheld = info.histogram is None
+    # Own data names its classes (a continuous label has one count); the bundled data sets' are their digits.
+    names = info.schema.classes if info.schema is not None else None
     histogram = (
-        "withheld" if withheld else " ".join(f"{label}:{n}" for label, n in enumerate(info.histogram or ()) if n)
+        "withheld"
+        if withheld
+        else " ".join(
+            f"{label if names is None else names[label]}:{n}" for label, n in enumerate(info.histogram or ()) if n
+        )
     )
     return [
         name,

@@ -12,6 +12,7 @@ synchronous (:mod:`.sync_rounds`) or asynchronous (:mod:`.buffered_rounds`)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..strategies import Strategy, make_strategy
 from .buffered_rounds import BufferedRounds
 from .context import RunContext
 from .cross_site import cross_site_validation
+from .data_statistics import agree_statistics
 from .dispatch import Dispatch
 from .evaluation import Evaluation
 from .journal import Journal
@@ -32,7 +34,20 @@ from .private_rounds import PrivateRounds
 from .results import RunResult
 from .sync_rounds import SyncRounds
 
-__all__ = ["Coordinator"]
+__all__ = ["Coordinator", "prediction_groups"]
+
+
+def prediction_groups(config: CoordinatorConfig, infos: Mapping[str, Info]) -> dict[str, list[int]]:
+    """Each trainer's classes, for the classic demo's "Percentage numbers" line: shown only when the
+    trainers hold disjoint groups of classes (alice 0-3, bob 4-6, charlie 7-9), and never under
+    --secure-agg or for a withheld histogram, which keep a site's classes private."""
+    groups = {
+        name: held_classes(info)
+        for name, info in infos.items()
+        if name in config.workers and not config.secure_agg and info.histogram is not None
+    }
+    held = [label for classes in groups.values() for label in classes]
+    return groups if len(groups) > 1 and len(held) == len(set(held)) else {}
 
 
 class Coordinator:
@@ -78,13 +93,17 @@ class Coordinator:
         try:
             infos = await pool.start()
             assert pool.reference is not None
-            result, start = journal.initial_state(pool.model_name, pool.reference)
-            # Each trainer's classes, for the shares of predictions per group; private under --secure-agg.
-            groups = {
-                name: held_classes(info)
-                for name, info in infos.items()
-                if name in config.workers and not config.secure_agg and info.histogram is not None
-            }
+            result, start = journal.initial_state(pool.model_name, pool.reference, pool.plan)
+            if pool.plan is not None:
+                pool.plan = journal.resumed_plan() or await agree_statistics(
+                    config,
+                    pool.plan,
+                    {link.name: link for link in pool.trainers if pool.ready(link)},
+                    infos,
+                    report=self.report,
+                )
+                journal.use_plan(pool.plan)
+            groups = prediction_groups(config, infos) if pool.plan is None else {}
             journal.open_metrics(result)
             rounds = BufferedRounds(context) if config.mode == "async" else SyncRounds(context, self._private)
             await rounds.run(start, result, groups)
@@ -94,7 +113,8 @@ class Coordinator:
             await pool.close()
             journal.close()
         if config.save_model is not None:
-            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model})
+            plan = {"data_plan": json.dumps(pool.plan.to_body())} if pool.plan is not None else {}
+            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan})
             self.report(f"Saved the federated model to {config.save_model}")
         return result
 

@@ -61,7 +61,7 @@ class Dispatch:
             delta=delta or config.compress != "none",
             compress=config.compress,
         )
-        return Fit(self.pool.model_name, weights, plan, needs.control, config.dataset_key)
+        return Fit(self.pool.model_name, weights, plan, needs.control, config.dataset_key, self.pool.plan)
 
     async def train(self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
         """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.

@@ -24,12 +24,24 @@ from .journal import Journal
 from .pool import Pool
 from .results import FEDERATED, EvalRecord, RunResult, SiteEvalRecord
 
-__all__ = ["Evaluation", "score_line"]
+__all__ = ["Evaluation", "recall_line", "score_line"]
 
 
 def score_line(reply: EvalResult) -> str:
     """How the console shows one score."""
     return f"Average loss: {reply.loss:.4f}, Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
+
+
+def recall_line(reply: EvalResult, classes: Sequence[str] | None) -> str:
+    """Per-class recall as the console shows it ("Recall per class: NORMAL 91.2%, PNEUMONIA 96.0%"), or ""
+    when the reply has no per-class counts; a class absent from the scored data shows as "-"."""
+    recall = reply.recall
+    if recall is None:
+        return ""
+    names = classes if classes is not None and len(classes) == len(recall) else [str(c) for c in range(len(recall))]
+    return "Recall per class: " + ", ".join(
+        f"{name} {'-' if share is None else f'{share:.1%}'}" for name, share in zip(names, recall, strict=True)
+    )
 
 
 class Evaluation:
@@ -58,7 +70,9 @@ class Evaluation:
         try:
             replies = await asyncio.gather(
                 *(
-                    evaluator.request(Evaluate(self.pool.model_name, weights, batch, dataset_key=key))
+                    evaluator.request(
+                        Evaluate(self.pool.model_name, weights, batch, dataset_key=key, data=self.pool.plan)
+                    )
                     for weights in candidates.values()
                 )
             )
@@ -68,8 +82,7 @@ class Evaluation:
             await evaluator.close()
             self._skipped(round_number, str(exc))
             return
-        assert self.pool.reference is not None
-        classes = self.pool.reference.num_classes
+        classes = self.pool.num_classes
         scores = [reply for reply in replies if isinstance(reply, EvalResult)]
         if any(len(score.predictions) != classes for score in scores):
             self._skipped(round_number, f"the evaluator's predictions do not have {classes} classes")
@@ -85,6 +98,9 @@ class Evaluation:
             if groups:
                 self.report(f"{label}: Percentage numbers {shares}")
             self.report(f"{label}: {score_line(reply)}")
+            recall = recall_line(reply, self.pool.plan.classes if self.pool.plan is not None else None)
+            if recall and name == FEDERATED:
+                self.report(f"{label}: {recall}")
             self.journal.write(
                 {
                     "event": "eval",
@@ -95,6 +111,11 @@ class Evaluation:
                     "n": reply.num_examples,
                     "correct": reply.correct,
                     "predictions": list(reply.predictions),
+                    **(
+                        {"class_counts": list(reply.class_counts), "class_correct": list(reply.class_correct or ())}
+                        if reply.class_counts is not None
+                        else {}
+                    ),
                 }
             )
 
@@ -104,17 +125,18 @@ class Evaluation:
         A failure is handled as in training (a late worker is dropped and
         rejoins later) and its reason returned, so one site cannot stop the others.
         """
-        assert self.pool.reference is not None
         if not self.pool.ready(link):
             return f"not connected ({link.closed_reason})"
-        request = Evaluate(self.pool.model_name, weights, self.config.test_batch_size, split, self.config.dataset_key)
+        request = Evaluate(
+            self.pool.model_name, weights, self.config.test_batch_size, split, self.config.dataset_key, self.pool.plan
+        )
         try:
             reply = await link.request(request)
         except (WorkerUnavailable, RemoteError, ProtocolError) as exc:
             return str(await self.pool.failure(link, exc))
         assert isinstance(reply, EvalResult)
-        if len(reply.predictions) != self.pool.reference.num_classes:
-            return f"its predictions do not have {self.pool.reference.num_classes} classes"
+        if len(reply.predictions) != self.pool.num_classes:
+            return f"its predictions do not have {self.pool.num_classes} classes"
         return reply
 
     async def federated_eval(self, round_number: int, result: RunResult, trainers: Sequence[WorkerLink]) -> None:
@@ -151,6 +173,9 @@ class Evaluation:
             average = record.average
             beside = f"; central evaluator: {central.accuracy:.2%}" if central is not None else ""
             self.report(f"Weighted average over {len(record.sites)} sites: {score_line(average)}{beside}")
+            recall = recall_line(average, self.pool.plan.classes if self.pool.plan is not None else None)
+            if recall:
+                self.report(f"Weighted average over {len(record.sites)} sites: {recall}")
             event["average"] = result_json(average)
         if central is not None:
             event["central"] = result_json(central)

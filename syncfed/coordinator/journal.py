@@ -23,10 +23,11 @@ import torch
 
 from ..checkpoint import Checkpoint, check_resumable, check_weights, load_checkpoint, save_checkpoint
 from ..config import CoordinatorConfig
-from ..exceptions import CheckpointError, ConfigError
+from ..exceptions import CheckpointError, ConfigError, ProtocolError
 from ..models import get_weights, resolve_model
-from ..protocol import Info
+from ..protocol import DataPlan, Info
 from ..registry import ModelRegistry
+from ..shaped_models import shaped_factory
 from ..strategies import Strategy
 from .results import FEDERATED, RoundRecord, RunResult
 
@@ -88,6 +89,7 @@ class Journal:
         self._resumed: Checkpoint | None = None
         self._model_name = ""
         self._reference: Info | None = None
+        self._plan: DataPlan | None = None  # over a user's own data: the plan the run trains with
 
     def write(self, event: dict[str, Any]) -> None:
         """One metrics event: a line in the metrics file, and a call of each listener."""
@@ -101,13 +103,16 @@ class Journal:
         if self._metrics is not None:
             self._metrics.close()
 
-    def initial_state(self, model_name: str, reference: Info) -> tuple[RunResult, int]:
+    def initial_state(self, model_name: str, reference: Info, plan: DataPlan | None = None) -> tuple[RunResult, int]:
         """Fresh weights from the seed, or the checkpoint's with ``--resume``; the first round to run.
+
+        ``plan`` is the agreed plan of a run over own data (its statistics may come later: :meth:`resumed_plan`).
 
         Raises:
             CheckpointError: a checkpoint exists without ``--resume``, or it is not of this run.
         """
-        self._model_name, self._reference = model_name, reference
+        self._model_name, self._reference, self._plan = model_name, reference, plan
+        build = shaped_factory(model_name, plan) if plan is not None else resolve_model(model_name)
         config = self.config
         checkpoint = load_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         if checkpoint is not None and not config.resume:
@@ -119,10 +124,10 @@ class Journal:
             if config.resume:
                 self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
             torch.manual_seed(config.seed)
-            return RunResult(model_name, get_weights(resolve_model(model_name)())), 1
+            return RunResult(model_name, get_weights(build())), 1
         self.run_id = str(checkpoint.identity.get("run_id", self.run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
-        check_weights(checkpoint, get_weights(resolve_model(model_name)()))
+        check_weights(checkpoint, get_weights(build()))
         recorded = checkpoint.strategy_state.get("name")
         if recorded is not None and recorded != self.strategy.name:
             raise CheckpointError(
@@ -136,6 +141,32 @@ class Journal:
         self._resumed = checkpoint
         self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
         return RunResult(model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
+
+    def resumed_plan(self) -> DataPlan | None:
+        """The plan a resumed run over own data trained with, statistics included: a resumed run keeps
+        standardising as its model learned to, so it does not agree on them again.
+
+        Raises:
+            CheckpointError: the checkpoint's plan is unreadable, or the workers' data now agree on
+                another plan (other classes, features or shapes).
+        """
+        if self._resumed is None or self._plan is None:
+            return None
+        body = self._resumed.identity.get("data_plan")
+        try:
+            recorded = DataPlan.from_body(body)
+        except ProtocolError as exc:
+            raise CheckpointError(f"cannot resume: the checkpoint's data plan is invalid: {exc}") from None
+        if recorded.without_statistics() != self._plan.without_statistics():
+            raise CheckpointError(
+                "cannot resume: the workers' data no longer agree with the checkpointed run's (classes, features,"
+                " categories or input shape changed); use another --checkpoint-dir to start a new run"
+            )
+        return recorded
+
+    def use_plan(self, plan: DataPlan) -> None:
+        """The plan the rounds will carry, statistics included: checkpoints and the registry record it."""
+        self._plan = plan
 
     def open_metrics(self, result: RunResult) -> None:
         """Open the metrics file: new for a new run; cut back to the checkpoint's length and appended to on resume."""
@@ -169,6 +200,7 @@ class Journal:
             "workers": list(self.config.workers),
             "evaluator": list(self.config.evaluator),
             "run_id": self.run_id,
+            **({"data_plan": self._plan.to_body()} if self._plan is not None else {}),
         }
 
     def _register(self, round_number: int, result: RunResult) -> None:
@@ -188,7 +220,7 @@ class Journal:
             weights=result.weights,
             participants=list(result.rounds[-1].workers) if result.rounds else [],
             strategy=self.strategy.describe(),
-            settings={**_settings(self.config), "input_shape": list(self._reference.input_shape)},
+            settings={**_settings(self.config), **_data_settings(self._reference, self._plan)},
             metrics=metrics,
         )
 
@@ -235,6 +267,14 @@ def _check_metrics_file(path: Path, checkpoint: Checkpoint) -> None:
             f"metrics file {path} has {actual} bytes and does not end a line at byte {size} as the checkpoint"
             " of its run says; it was changed or lost data since, so resuming would damage it"
         )
+
+
+def _data_settings(reference: Info, plan: DataPlan | None) -> dict[str, Any]:
+    """What a registered version records of the data: the model's input shape, and over own data the plan
+    (class names, feature order, vocabularies, statistics), without which the model cannot be used."""
+    if plan is None:
+        return {"input_shape": list(reference.input_shape)}
+    return {"input_shape": list(plan.input_shape), "data_plan": plan.to_body()}
 
 
 def _settings(config: CoordinatorConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from ..exceptions import (
 from ..failure import Failure
 from ..net.link import LinkSettings, WorkerLink
 from ..net.transport import client_tls
-from ..protocol import Hello, Info
+from ..protocol import DataPlan, Hello, Info
 
 __all__ = ["Backoff", "Pool", "traffic", "worker_links"]
 
@@ -107,9 +107,19 @@ class Pool:
         #: The model every worker can build and the data they share, once :meth:`start` checked them.
         self.model_name = ""
         self.reference: Info | None = None
+        #: Over a user's own data, what the workers agreed on (``syncfed.data``); its statistics once agreed.
+        self.plan: DataPlan | None = None
         # How long a round start waits for reconnecting workers: a live one
         # answers at once, a frozen one must not stall the round.
         self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
+
+    @property
+    def num_classes(self) -> int:
+        """The classes the run's model scores: the agreed ones over own data, else the workers' data set's."""
+        if self.plan is not None:
+            return self.plan.num_classes
+        assert self.reference is not None, "known once start() checked the workers"
+        return self.reference.num_classes
 
     def ready(self, link: WorkerLink) -> bool:
         """Connected and checked: a worker still being greeted joins the next round."""
@@ -157,7 +167,7 @@ class Pool:
             )
         for error in unreachable:
             self.report(f"Worker {error.worker} is unreachable ({error.reason}); it will be retried each round")
-        self.model_name, self.reference = check_compatible(self.config, infos)
+        self.model_name, self.reference, self.plan = check_compatible(self.config, infos)
         return infos
 
     async def rejoin(self, links: Sequence[WorkerLink]) -> None:
@@ -243,7 +253,7 @@ class Pool:
         assert self.reference is not None
         try:
             info = await self._greet(link)
-            check_rejoining(self.config, link.name, info, self.reference, self.model_name)
+            check_rejoining(self.config, link.name, info, self.reference, self.model_name, self.plan)
         except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError, AuthenticationFailed) as exc:
             await link.close()
             self.back_off(link)

@@ -26,13 +26,24 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from ..analytics import from_sums, secure_clip, sums_length
+from ..compatibility import agreed_plan
 from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
 from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
 from ..protocol import Hello, Info, Query, QueryResult
 from ..secagg import SecAggConfig
 
-__all__ = ["DEFAULT_QUERY_TIMEOUT", "SECURE_SUM", "QuerySettings", "QueryAnswers", "QueryRound", "build_query"]
+__all__ = [
+    "DEFAULT_QUERY_TIMEOUT",
+    "SECURE_SUM",
+    "QuerySettings",
+    "QueryAnswers",
+    "QueryRound",
+    "ask_each",
+    "build_query",
+    "query_width",
+    "sum_securely",
+]
 
 #: Seconds a worker has to answer a query (MNIST's 60,000 images take about a second).
 DEFAULT_QUERY_TIMEOUT: Final = 60.0
@@ -83,26 +94,38 @@ class QueryAnswers:
 def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
     """The query for workers that hold ``infos``; the settings are checked against their input size.
 
+    Over a user's own data the query carries the plan the workers' schemas
+    agree on (without standardisation): features index its encoded input.
+
     Raises:
-        IncompatibleWorkers: if the workers' inputs differ in size.
+        IncompatibleWorkers: if the workers' inputs differ in size, or their own data does not agree.
         ConfigError: if a feature lies beyond the workers' inputs.
     """
-    sizes = {name: math.prod(info.input_shape) for name, info in infos.items()}
-    if len(set(sizes.values())) > 1:
-        raise IncompatibleWorkers(
-            "workers hold inputs of different sizes: " + ", ".join(f"{name} {n}" for name, n in sizes.items())
-        )
-    num_features = next(iter(sizes.values()))
+    plan = agreed_plan(infos)
+    if plan is None:
+        sizes = {name: math.prod(info.input_shape) for name, info in infos.items()}
+        if len(set(sizes.values())) > 1:
+            raise IncompatibleWorkers(
+                "workers hold inputs of different sizes: " + ", ".join(f"{name} {n}" for name, n in sizes.items())
+            )
+        num_features = next(iter(sizes.values()))
+    else:
+        num_features = math.prod(plan.input_shape)
     features: tuple[int, ...] = ()
     if settings.query != "label-histogram":
         features = tuple(range(num_features)) if settings.features is None else settings.features
     if features and features[-1] >= num_features:
         raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
     if settings.query == "feature-stats" and settings.clip_range is not None:
-        return Query(settings.query, features, None, settings.clip_range)
+        return Query(settings.query, features, None, settings.clip_range, plan)
     if settings.query != "quantiles":
-        return Query(settings.query, features)
-    return Query(settings.query, features, settings.bins, settings.value_range)
+        return Query(settings.query, features, data=plan)
+    return Query(settings.query, features, settings.bins, settings.value_range, plan)
+
+
+def query_width(query: Query, infos: Mapping[str, Info]) -> int:
+    """How many values one example gives the query: its plan's encoded input, else the workers' input."""
+    return math.prod(query.data.input_shape if query.data is not None else next(iter(infos.values())).input_shape)
 
 
 class QueryRound:
@@ -146,7 +169,9 @@ class QueryRound:
                         combined, answers.secure = await self._sum_securely(query, links, infos, failures)
                         answers.results[SECURE_SUM] = combined
                     else:
-                        await self._ask_each(query, links, answers)
+                        results, failed = await ask_each(query, links)
+                        answers.results.update(results)
+                        failures.update(failed)
             except SyncfedError as exc:  # the answer as a whole failed: reported after the workers' own failures
                 answers.error = exc
         finally:
@@ -166,18 +191,6 @@ class QueryRound:
         assert isinstance(info, Info)
         return link, info
 
-    async def _ask_each(self, query: Query, links: dict[str, WorkerLink], answers: QueryAnswers) -> None:
-        """Send ``query`` to every worker at once; each answer or failure goes into ``answers``."""
-        replies = await asyncio.gather(*(link.request(query) for link in links.values()), return_exceptions=True)
-        for name, reply in zip(links, replies, strict=True):
-            if isinstance(reply, SyncfedError):
-                answers.failures[name] = reply
-            elif isinstance(reply, BaseException):
-                raise reply
-            else:
-                assert isinstance(reply, QueryResult)  # request() checked the reply's kind
-                answers.results[name] = reply
-
     async def _sum_securely(
         self,
         query: Query,
@@ -194,47 +207,98 @@ class QueryRound:
             QuorumNotMet: if fewer workers than the threshold are left to unmask the sum.
             IncompatibleWorkers: if the workers' label histograms differ in length.
         """
-        n = len(links)
-        threshold = secagg_threshold(n, self.settings.secagg_threshold)
-        if n < 2 or threshold > n:
-            raise QuorumNotMet(f"secure aggregation needs {max(threshold, 2)} workers, {n} answered the greeting")
         classes = {name: info.num_classes for name, info in infos.items()}
+        if query.data is not None:  # own data: the agreed classes, whichever each site holds
+            classes = dict.fromkeys(infos, query.data.num_classes)
         if query.query == "label-histogram" and len(set(classes.values())) > 1:
             raise IncompatibleWorkers(
                 "workers hold different numbers of classes: " + ", ".join(f"{name} {c}" for name, c in classes.items())
             )
-        num_features = math.prod(next(iter(infos.values())).input_shape)  # build_query checked that they agree
-        largest = max(info.num_examples for info in infos.values())  # a withheld histogram's bound is as good
-        config = SecAggConfig(
-            num_clients=n,
-            threshold=threshold,
-            length=sums_length(query, next(iter(classes.values()))),
-            clip=secure_clip(query, largest, num_features, n),
-            session=os.urandom(SESSION_SIZE),
-            bits=64,
-            max_count=1,
+        return await sum_securely(
+            query,
+            links,
+            num_features=query_width(query, infos),
+            num_classes=next(iter(classes.values())),
+            largest=max(info.num_examples for info in infos.values()),  # a withheld histogram's bound is as good
+            threshold=self.settings.secagg_threshold,
+            timeout=self.settings.request_timeout,
+            failures=failures,
         )
 
-        async def failure(link: WorkerLink, error: BaseException) -> str:
-            if not isinstance(error, SyncfedError):
-                raise error
-            failures[link.name] = error
-            return str(error)
 
-        secure = SecureRound(list(links.values()), config, timeout=self.settings.request_timeout, failure=failure)
-        try:
-            result = await secure.run(dict.fromkeys(links, query), weighted=False)
-        except SecAggError as exc:
-            raise QuorumNotMet(f"secure aggregation aborted: {exc}") from None
-        names = list(links)
-        for name in secure.recovered:  # its answer is in the sum: not left out
-            del failures[name]
-        exact = query.query != "feature-stats"
-        round_ = {
-            "workers": n,
-            "threshold": threshold,
-            "summed": [names[u] for u in result.clients],
-            "recovered": secure.recovered,
-            "sum_error_bound": 0.0 if exact else config.quantizer.error_bound,
-        }
-        return from_sums(query, result.weighted_sum, num_features), round_
+async def ask_each(
+    query: Query, links: Mapping[str, WorkerLink]
+) -> tuple[dict[str, QueryResult], dict[str, SyncfedError]]:
+    """Send ``query`` to every worker at once: the answers, and each failed worker's error."""
+    results: dict[str, QueryResult] = {}
+    failures: dict[str, SyncfedError] = {}
+    replies = await asyncio.gather(*(link.request(query) for link in links.values()), return_exceptions=True)
+    for name, reply in zip(links, replies, strict=True):
+        if isinstance(reply, SyncfedError):
+            failures[name] = reply
+        elif isinstance(reply, BaseException):
+            raise reply
+        else:
+            assert isinstance(reply, QueryResult)  # request() checked the reply's kind
+            results[name] = reply
+    return results, failures
+
+
+async def sum_securely(
+    query: Query,
+    links: Mapping[str, WorkerLink],
+    *,
+    num_features: int,
+    num_classes: int,
+    largest: int,
+    threshold: int | None,
+    timeout: float,
+    failures: dict[str, SyncfedError],
+) -> tuple[QueryResult, dict[str, Any]]:
+    """The combined answer of ``links`` by one secure aggregation round, and what the round did.
+
+    ``num_features`` is the width of the data the query reads, ``num_classes``
+    the length of a label histogram, ``largest`` the most examples a worker
+    holds. Workers that fail or refuse leave the round (into ``failures``);
+    those whose masked answer arrived stay in the sum even if they leave later.
+
+    Raises:
+        QuorumNotMet: if fewer workers than the threshold are left to unmask the sum.
+    """
+    n = len(links)
+    needed = secagg_threshold(n, threshold)
+    if n < 2 or needed > n:
+        raise QuorumNotMet(f"secure aggregation needs {max(needed, 2)} workers, {n} answered the greeting")
+    config = SecAggConfig(
+        num_clients=n,
+        threshold=needed,
+        length=sums_length(query, num_classes),
+        clip=secure_clip(query, largest, num_features, n),
+        session=os.urandom(SESSION_SIZE),
+        bits=64,
+        max_count=1,
+    )
+
+    async def failure(link: WorkerLink, error: BaseException) -> str:
+        if not isinstance(error, SyncfedError):
+            raise error
+        failures[link.name] = error
+        return str(error)
+
+    secure = SecureRound(list(links.values()), config, timeout=timeout, failure=failure)
+    try:
+        result = await secure.run(dict.fromkeys(links, query), weighted=False)
+    except SecAggError as exc:
+        raise QuorumNotMet(f"secure aggregation aborted: {exc}") from None
+    names = list(links)
+    for name in secure.recovered:  # its answer is in the sum: not left out
+        del failures[name]
+    exact = query.query != "feature-stats"
+    round_ = {
+        "workers": n,
+        "threshold": needed,
+        "summed": [names[u] for u in result.clients],
+        "recovered": secure.recovered,
+        "sum_error_bound": 0.0 if exact else config.quantizer.error_bound,
+    }
+    return from_sums(query, result.weighted_sum, num_features), round_
