@@ -11,7 +11,7 @@ from ..datasets import Dataset
 from ..exceptions import DatasetError
 from ..protocol.data_messages import DataPlan, DataSchema, Feature
 from .base import SourceOptions, standardize
-from .labels import map_labels, read_labels
+from .labels import plan_labels, read_labels
 
 __all__ = ["ArraySource"]
 
@@ -88,14 +88,7 @@ class ArraySource:
             x = x[:, [position[name] for name in plan.features]]
         if tuple(x.shape[1:]) != plan.input_shape:
             raise DatasetError(f"{self.where}: inputs of shape {x.shape[1:]}, the plan's are {plan.input_shape}")
-        if plan.classes is None:
-            if self.classes is not None:
-                raise DatasetError(f"{self.where}: this site's label has classes, the plan's is continuous")
-            labels = self._labels
-        else:
-            if self.classes is None:
-                raise DatasetError(f"{self.where}: this site's label is continuous, the plan's has classes")
-            labels = map_labels(self._labels, self.classes, plan.classes, self.where)
+        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
         return Dataset(self.name, standardize(x, plan), labels, plan.num_classes, plan.classes or ())
 
     def fingerprint(self) -> str:
