@@ -59,29 +59,25 @@ class TableSource:
     def __init__(
         self,
         where: str,
-        features: tuple[Feature, ...],
+        schema: DataSchema,
         numeric: np.ndarray,
         codes: np.ndarray,
         levels: dict[str, tuple[str, ...]],
-        classes: tuple[str, ...] | None,
         labels: np.ndarray,
     ) -> None:
-        """The parts :func:`_parse` read: ``numeric`` (float32, one column per numeric feature, in
-        ``features`` order), ``codes`` (int32, one column per categorical feature: an index into its
+        """The parts :func:`_parse` read: ``numeric`` (float32, one column per numeric feature, in the
+        schema's order), ``codes`` (int32, one column per categorical feature: an index into its
         ``levels``, every value this site holds, or -1 for a missing one) and the labels."""
         self.where = where
-        self.classes = classes
+        self.classes = schema.classes
+        self._schema = schema
         self._labels = labels
         self._numeric = numeric
         self._codes = codes
         self._levels = levels
-        numeric_names = [feature.name for feature in features if feature.type == "numeric"]
+        numeric_names = [feature.name for feature in schema.features if feature.type == "numeric"]
         self._numeric_column = {name: i for i, name in enumerate(numeric_names)}
         self._code_column = {name: i for i, name in enumerate(levels)}
-        try:
-            self._schema = DataSchema("table", (len(features),), classes, features)
-        except ProtocolError as exc:  # a name too long for the wire, or more categories than it allows
-            raise DatasetError(f"{where}: {exc}") from None
 
     @classmethod
     def read(cls, path: str | Path, format: str, options: SourceOptions) -> TableSource:
@@ -251,25 +247,28 @@ def _parse(frame: Any, options: SourceOptions, where: str) -> TableSource:
         else:
             _refuse_missing(missing, used, label, options.missing, where)
     numeric, codes, levels, described = [], [], {}, []
-    for name in features:
-        if name in categorical:
-            code, levels[name], counts = _categories(frame[name])
-            codes.append(code)
-            shown = tuple(
-                level for level, count in zip(levels[name], counts, strict=True) if count >= options.min_group_size
-            )
-            described.append(Feature(name, "categorical", shown))
-        else:
-            numeric.append(_numbers(frame[name], name, rows, where))
-            described.append(Feature(name, "numeric"))
-    classes, labels = read_labels(_label_values(frame[label]), options.label_type, where)
+    try:  # a name too long for the wire, or more categories than it allows, stops here
+        for name in features:
+            if name in categorical:
+                code, levels[name], counts = _categories(frame[name])
+                codes.append(code)
+                shown = zip(levels[name], counts, strict=True)
+                described.append(
+                    Feature(name, "categorical", tuple(v for v, n in shown if n >= options.min_group_size))
+                )
+            else:
+                numeric.append(_numbers(frame[name], name, rows, where))
+                described.append(Feature(name, "numeric"))
+        classes, labels = read_labels(_label_values(frame[label]), options.label_type, where)
+        schema = DataSchema("table", (len(features),), classes, tuple(described))
+    except ProtocolError as exc:
+        raise DatasetError(f"{where}: {exc}") from None
     return TableSource(
         where,
-        tuple(described),
+        schema,
         np.stack(numeric, axis=1) if numeric else np.zeros((len(frame), 0), dtype=np.float32),
         np.stack(codes, axis=1) if codes else np.zeros((len(frame), 0), dtype=np.int32),
         levels,
-        classes,
         labels,
     )
 

@@ -323,3 +323,11 @@ def test_source_from_arrays_a_dataframe_and_other_values() -> None:
     with pytest.raises(DatasetError) as caught:
         source_from({"x": x}, SourceOptions())
     assert str(caught.value) == "arrays: dict is not (x, y), (x, y, info), a pandas DataFrame or a torch Dataset"
+
+
+def test_class_names_the_wire_cannot_carry_stop_the_start(tmp_path: Path) -> None:
+    path = tmp_path / "site.npz"
+    np.savez(path, x=np.zeros((2, 2)), y=np.array([0, 1]), classes=np.array(["a", "a"]))
+    with pytest.raises(DatasetError) as caught:
+        read_npz(path, SourceOptions())
+    assert str(caught.value) == f"{path}: classes must be distinct"

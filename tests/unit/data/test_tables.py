@@ -460,3 +460,16 @@ def test_a_plan_of_another_kind_is_refused(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as caught:
         read(path, feature_columns=("age",)).prepare(DataPlan("arrays", (1,), ("0", "1")))
     assert str(caught.value) == f"{path}: this worker holds a table, the plan describes arrays"
+
+
+def test_names_the_wire_cannot_carry_stop_the_start() -> None:
+    long = "x" * 300
+    with pytest.raises(DatasetError) as caught:
+        TableSource.from_frame(pd.DataFrame({long: [1], "fraud": [0]}), SourceOptions(label_column="fraud"))
+    assert str(caught.value).startswith("DataFrame: feature name must be a string of 1 to 256 characters, not 'xxx")
+    many = pd.DataFrame({"code": [f"c{i}" for i in range(10_001)], "fraud": 0})
+    with pytest.raises(DatasetError) as caught:
+        TableSource.from_frame(
+            many, SourceOptions(label_column="fraud", categorical_columns=("code",), min_group_size=1)
+        )
+    assert str(caught.value).startswith("DataFrame: categories of feature code must be a list of at most 10000 names")
