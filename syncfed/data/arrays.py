@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..datasets import Dataset
-from ..exceptions import DatasetError
+from ..exceptions import DatasetError, ProtocolError
 from ..protocol.data_messages import DataPlan, DataSchema, Feature
 from .base import SourceOptions, standardize
-from .labels import map_labels, read_labels
+from .labels import plan_labels, read_labels
 
 __all__ = ["ArraySource"]
 
@@ -24,7 +24,8 @@ class ArraySource:
     ``feature_names`` names the values of a 1-d input, so sites match them by name.
 
     Raises:
-        DatasetError: if the arrays are empty, not numbers, not finite, or do not match in length.
+        DatasetError: if the arrays are empty, not numbers, not finite, or do not match in length, or a name
+            is not one the wire carries.
     """
 
     name = "arrays"
@@ -63,6 +64,11 @@ class ArraySource:
             if y.dtype.kind not in "iu" or (len(y) and (y.min() < 0 or y.max() >= len(self.classes))):
                 raise DatasetError(f"{where}: with {len(self.classes)} class names, y must hold their indices")
             self._labels = y.astype(np.int64)
+        try:  # a name the wire refuses (empty, too long) stops the start, not the first hello
+            features = tuple(Feature(name) for name in self.feature_names)
+            self._schema = DataSchema("arrays", tuple(self.x.shape[1:]), self.classes, features)
+        except ProtocolError as exc:
+            raise DatasetError(f"{where}: {exc}") from None
 
     @property
     def labels(self) -> np.ndarray:
@@ -72,8 +78,7 @@ class ArraySource:
         return len(self.x)
 
     def schema(self) -> DataSchema:
-        features = tuple(Feature(name) for name in self.feature_names)
-        return DataSchema("arrays", tuple(self.x.shape[1:]), self.classes, features)
+        return self._schema
 
     def prepare(self, plan: DataPlan) -> Dataset:
         """The arrays as ``plan`` says (see :meth:`syncfed.data.base.Source.prepare`)."""
@@ -88,14 +93,7 @@ class ArraySource:
             x = x[:, [position[name] for name in plan.features]]
         if tuple(x.shape[1:]) != plan.input_shape:
             raise DatasetError(f"{self.where}: inputs of shape {x.shape[1:]}, the plan's are {plan.input_shape}")
-        if plan.classes is None:
-            if self.classes is not None:
-                raise DatasetError(f"{self.where}: this site's label has classes, the plan's is continuous")
-            labels = self._labels
-        else:
-            if self.classes is None:
-                raise DatasetError(f"{self.where}: this site's label is continuous, the plan's has classes")
-            labels = map_labels(self._labels, self.classes, plan.classes, self.where)
+        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
         return Dataset(self.name, standardize(x, plan), labels, plan.num_classes, plan.classes or ())
 
     def fingerprint(self) -> str:

@@ -17,7 +17,7 @@ import numpy as np
 from ..exceptions import DatasetError
 from ..protocol.base import MAX_CLASSES
 
-__all__ = ["class_name", "class_order", "read_labels", "map_labels"]
+__all__ = ["class_name", "class_order", "read_labels", "map_labels", "plan_labels"]
 
 
 def class_name(value: object) -> str:
@@ -98,3 +98,22 @@ def map_labels(labels: np.ndarray, local: Sequence[str], agreed: Sequence[str], 
         raise DatasetError(f"{where}: class {lost[0]!r} of this site is not among the agreed classes")
     table = np.array([position[name] for name in local], dtype=np.int64)
     return table[labels] if len(table) else labels.astype(np.int64)
+
+
+def plan_labels(
+    labels: np.ndarray, local: Sequence[str] | None, agreed: Sequence[str] | None, where: str
+) -> np.ndarray:
+    """A site's ``labels`` as a plan wants them: indices into the ``agreed`` classes, or the site's continuous
+    values when both the site (``local``) and the plan (``agreed``) have none.
+
+    Raises:
+        DatasetError: if one side has classes and the other a continuous label, or a class of this site is not
+            among the agreed ones.
+    """
+    if agreed is None:
+        if local is not None:
+            raise DatasetError(f"{where}: this site's label has classes, the plan's is continuous")
+        return labels
+    if local is None:
+        raise DatasetError(f"{where}: this site's label is continuous, the plan's has classes")
+    return map_labels(labels, local, agreed, where)
