@@ -20,6 +20,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final
 
 import msgpack
@@ -65,12 +66,22 @@ def _check_names(value: Any, what: str, limit: int) -> None:
     _check(len(set(value)) == len(value), f"{what} must be distinct")
 
 
-def _check_shape(value: Any) -> None:
+def _check_shape(value: Any, kind: str) -> None:
     _check(
         isinstance(value, (list, tuple)) and 0 < len(value) <= 8 and all(_is_int(d) and d > 0 for d in value),
         f"input_shape must be a list of 1 to 8 positive sizes, not {describe(value)}",
     )
     _check(math.prod(value) <= 2**31, f"input_shape {describe(value)} exceeds limit of 2**31 values per example")
+    _check(
+        kind != "images" or len(value) == 3,
+        f"images' input_shape must be (channels, height, width), not {describe(value)}",
+    )
+
+
+def _list(value: Any) -> Any:
+    """A peer's list as a tuple; anything else as it came, for the constructor's checks to refuse
+    (``tuple()`` would split a string into characters, or a map into its keys)."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclass(frozen=True)
@@ -106,7 +117,7 @@ class Feature:
     def from_body(cls, body: Any) -> Feature:
         _check(isinstance(body, Mapping), "a feature must be a map")
         _fields(body, "feature", {"name", "type"}, frozenset({"categories"}))
-        return cls(body["name"], body["type"], tuple(body.get("categories", ())))
+        return cls(body["name"], body["type"], _list(body.get("categories", [])))
 
 
 @dataclass(frozen=True)
@@ -127,7 +138,7 @@ class DataSchema:
 
     def __post_init__(self) -> None:
         _check(self.kind in DATA_KINDS, f"data kind must be one of {', '.join(DATA_KINDS)}, not {describe(self.kind)}")
-        _check_shape(self.input_shape)
+        _check_shape(self.input_shape, self.kind)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.classes is not None:
             _check_names(self.classes, "classes", MAX_CLASSES)
@@ -150,6 +161,7 @@ class DataSchema:
                 f"a table's input_shape must be (number of features,), not {describe(self.input_shape)}",
             )
         elif self.features:
+            _check(self.kind == "arrays", "images have no named features")
             _check(
                 math.prod(self.input_shape) == len(self.features)
                 and all(feature.type == "numeric" for feature in self.features),
@@ -181,11 +193,10 @@ class DataSchema:
             isinstance(features, list) and len(features) <= MAX_TABLE_FEATURES,
             f"features must be a list of at most {MAX_TABLE_FEATURES} features",
         )
-        classes = body["classes"]
         return cls(
             body["kind"],
             body["input_shape"],
-            None if classes is None else tuple(classes) if isinstance(classes, list) else classes,
+            _list(body["classes"]),
             tuple(Feature.from_body(feature) for feature in features),
         )
 
@@ -221,7 +232,7 @@ class DataPlan:
 
     def __post_init__(self) -> None:
         _check(self.kind in DATA_KINDS, f"data kind must be one of {', '.join(DATA_KINDS)}, not {describe(self.kind)}")
-        _check_shape(self.input_shape)
+        _check_shape(self.input_shape, self.kind)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.classes is not None:
             _check_names(self.classes, "classes", MAX_CLASSES)
@@ -241,8 +252,11 @@ class DataPlan:
             sum(len(vocabulary) for vocabulary in categories.values()) <= MAX_VOCABULARY,
             f"the vocabularies exceed limit of {MAX_VOCABULARY} categories",
         )
+        # Read-only, as the rest of a frozen message: a plan's digest keys the worker's cache.
         object.__setattr__(
-            self, "categories", {name: tuple(categories[name]) for name in self.features if name in categories}
+            self,
+            "categories",
+            MappingProxyType({name: tuple(categories[name]) for name in self.features if name in categories}),
         )
         if self.kind == "table":
             width = encoded_width(self.features, self.categories or {})
@@ -252,6 +266,10 @@ class DataPlan:
             )
         else:
             _check(not categories, f"{self.kind} have no categorical features")
+            _check(
+                not self.features or (self.kind == "arrays" and math.prod(self.input_shape) == len(self.features)),
+                "only arrays name their features, one per input value",
+            )
         for what in ("mean", "std"):
             values = getattr(self, what)
             _check(
@@ -293,15 +311,14 @@ class DataPlan:
         )
         categories = body.get("categories", {})
         _check(isinstance(categories, Mapping), "categories must be a map")
-        classes = body["classes"]
         return cls(
             body["kind"],
             body["input_shape"],
-            None if classes is None else tuple(classes) if isinstance(classes, list) else classes,
-            tuple(body.get("features", ())) if isinstance(body.get("features", ()), list) else body["features"],
-            {name: tuple(v) if isinstance(v, list) else v for name, v in categories.items()},
-            tuple(body.get("mean", ())) if isinstance(body.get("mean", ()), list) else body["mean"],
-            tuple(body.get("std", ())) if isinstance(body.get("std", ()), list) else body["std"],
+            _list(body["classes"]),
+            _list(body.get("features", [])),
+            {name: _list(vocabulary) for name, vocabulary in categories.items()},
+            _list(body.get("mean", [])),
+            _list(body.get("std", [])),
         )
 
     def digest(self) -> str:

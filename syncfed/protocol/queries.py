@@ -57,7 +57,7 @@ class Query(Message):
     features: tuple[int, ...] = ()
     bins: int | None = None
     value_range: tuple[float, float] | None = None
-    data: DataPlan | None = None  # over a user's own data: the agreed plan, its statistics left out
+    data: DataPlan | None = None  # over a user's own data: the plan to prepare it with (syncfed.data.normalization)
 
     def __post_init__(self) -> None:
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
