@@ -389,11 +389,11 @@ class ImageFolderSource:
         first: tuple[str, int, int, int] | None = None  # path, height, width, channels
         for index in range(len(self._listing)):
             path = self._listing.path(index)
-            height, width, channels = self._listing.read(index, self.max_pixels).shape
             try:
                 status = os.stat(path)
             except OSError as exc:
                 raise DatasetError(f"{path}: cannot read image: {exc.strerror}") from None
+            height, width, channels = self._listing.read(index, self.max_pixels).shape
             digest.update(f"{self._listing.name(index)}\0{status.st_size}\0{status.st_mtime_ns}\0".encode())
             if first is None:
                 first = (path, height, width, channels)
