@@ -277,7 +277,6 @@ def train(
             if correction is not None
             else {}
         )
-        images = torch.from_numpy(data.images)
         labels = torch.from_numpy(data.labels)
         total_loss = 0.0
         seen = 0
@@ -287,7 +286,7 @@ def train(
             if batch_delay:
                 time.sleep(batch_delay)
             index = torch.from_numpy(batch)
-            x, y = images[index].to(device), labels[index].to(device)
+            x, y = torch.from_numpy(data.batch(batch)).to(device), labels[index].to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
             pull = None  # FedProx's proximal term
@@ -322,11 +321,10 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.dev
         total_loss = 0.0
         correct = 0
         predictions = torch.zeros(data.num_classes, dtype=torch.int64)
-        images = torch.from_numpy(data.images)
         labels = torch.from_numpy(data.labels)
         with torch.no_grad():
             for start in range(0, len(data), batch_size):
-                x = images[start : start + batch_size].to(device)
+                x = torch.from_numpy(data.batch(np.arange(start, min(start + batch_size, len(data))))).to(device)
                 y = labels[start : start + batch_size].to(device)
                 output = model(x)
                 total_loss += F.cross_entropy(output, y, reduction="sum").item()
