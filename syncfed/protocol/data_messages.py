@@ -298,10 +298,10 @@ class DataPlan:
             body["kind"],
             body["input_shape"],
             None if classes is None else tuple(classes) if isinstance(classes, list) else classes,
-            tuple(body.get("features", ())) if isinstance(body.get("features", ()), list) else body["features"],
+            tuple(body.get("features", [])) if isinstance(body.get("features", []), list) else body["features"],
             {name: tuple(v) if isinstance(v, list) else v for name, v in categories.items()},
-            tuple(body.get("mean", ())) if isinstance(body.get("mean", ()), list) else body["mean"],
-            tuple(body.get("std", ())) if isinstance(body.get("std", ()), list) else body["std"],
+            tuple(body.get("mean", [])) if isinstance(body.get("mean", []), list) else body["mean"],
+            tuple(body.get("std", [])) if isinstance(body.get("std", []), list) else body["std"],
         )
 
     def digest(self) -> str:
