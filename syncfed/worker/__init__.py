@@ -9,9 +9,9 @@ The rooms: :mod:`.server` (who is let in, one session per connection),
 :mod:`.session` (one connection: its rules applied, its requests dispatched
 by kind), :mod:`.compute` (the training thread, SCAFFOLD and DP-SGD state),
 :mod:`.catalog` (the models it builds, cached), :mod:`.secure_steps` (the
-four secure aggregation steps) and :mod:`.holdings` (the data sets it
-serves, bundled or its own). The session's rules themselves are pure:
-:mod:`syncfed.protocol.session_rules`.
+four secure aggregation steps), :mod:`.holdings` (the data sets it serves,
+bundled or its own) and :mod:`.handle` (a worker started from Python). The
+session's rules themselves are pure: :mod:`syncfed.protocol.session_rules`.
 
 Usage::
 
@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 from ..exceptions import RequestFailed
+from .handle import WorkerHandle, serve_worker, start_worker
 from .holdings import (
     Holding,
     Served,
@@ -41,11 +42,14 @@ __all__ = [
     "Served",
     "SourceHolding",
     "Worker",
+    "WorkerHandle",
     "advertised_holdings",
     "hold_source",
     "load_holdings",
     "load_shard",
     "model_factories",
     "run_worker",
+    "serve_worker",
     "serving",
+    "start_worker",
 ]

@@ -4,7 +4,8 @@ Hello describes the data (schema, class histogram); fit, evaluate and
 describe carry the federation's data plan and the worker prepares its
 examples as the plan says; requests without a plan, or with a plan that does
 not fit, are refused with one line. A bad file stops the worker at start-up
-with one line and no traceback.
+with one line and no traceback. The Python API starts a worker in this
+process's event loop.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 from conftest import REPO, THREADS, running_workers
 from units import MS
 
+from syncfed import load_data, start_worker
 from syncfed.data.arrays import ArraySource
 from syncfed.exceptions import RemoteError
 from syncfed.models import get_weights
@@ -33,6 +35,7 @@ from syncfed.protocol import (
     Describe,
     EvalResult,
     Evaluate,
+    Feature,
     Fit,
     FitResult,
     Hello,
@@ -233,3 +236,21 @@ def test_a_bad_file_stops_the_worker_before_it_listens(tmp_path: Path) -> None:
         # The exit-code table's status for a data problem (syncfed.cli.common.EXIT_CODES).
         assert (started.returncode, started.stderr) == (3, f"run_websocket_server.py: error: {line}\n")
         assert "listening" not in started.stdout
+
+
+def test_the_python_api_serves_arrays_from_this_event_loop() -> None:
+    x, y = site_arrays(seed=1)
+
+    async def scenario() -> tuple[Info, FitResult]:
+        source = load_data((x, y), feature_names=FEATURES)
+        async with await start_worker("notebook", source, host="127.0.0.1", port=0, val_fraction=0.25) as worker:
+            assert worker.uri.startswith("ws://127.0.0.1:") and not worker.uri.endswith(":0")
+            async with link(worker.uri) as peer:
+                info = await peer.request(Hello())
+                reply = await peer.request(Fit("mlp", fresh_weights(), FIT, data=PLAN))
+        assert isinstance(info, Info) and isinstance(reply, FitResult)
+        return info, reply
+
+    info, reply = run(scenario())
+    assert (info.worker_id, info.validation_size, reply.num_examples) == ("notebook", COUNT // 4, COUNT - COUNT // 4)
+    assert info.schema is not None and info.schema.features == tuple(Feature(name) for name in FEATURES)
