@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=DATASET:SPLIT",
         help="hold this named data set, e.g. digits-train=digits:train, or own data such as north=csv:claims.csv"
-        " (repeatable; the first is the default; --digits, --shard and the own-data flags apply to each);"
-        " without it the worker holds --dataset or --data",
+        " (repeatable; the first is the default; --shard and the own-data flags apply to each, --digits to the bundled"
+        " ones); without it the worker holds --dataset or --data",
     )
     own = parser.add_argument_group("own data (--data; docs/data.md)")
     own.add_argument(
