@@ -25,6 +25,7 @@ from .exceptions import SyncfedError
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
     from .config import CoordinatorConfig, WorkerConfig  # noqa: F401
     from .coordinator import Coordinator, RunResult  # noqa: F401
+    from .data.sources import load_data  # noqa: F401
     from .datasets import Dataset, load_dataset  # noqa: F401
     from .protocol import PROTOCOL_VERSION  # noqa: F401
     from .strategies import (  # noqa: F401
@@ -44,7 +45,7 @@ if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported thr
         TrimmedMean,
         make_strategy,
     )
-    from .worker import Holding, load_holdings, run_worker  # noqa: F401
+    from .worker import Holding, WorkerHandle, load_holdings, run_worker, serve_worker, start_worker  # noqa: F401
 
 __version__ = "0.1.0"
 
@@ -52,8 +53,9 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, tuple[str, ...]] = {
     "protocol": ("PROTOCOL_VERSION",),
     "config": ("WorkerConfig", "CoordinatorConfig"),
-    "worker": ("run_worker", "load_holdings", "Holding"),
+    "worker": ("run_worker", "load_holdings", "Holding", "start_worker", "serve_worker", "WorkerHandle"),
     "datasets": ("Dataset", "load_dataset"),
+    "data.sources": ("load_data",),
     "coordinator": ("Coordinator", "RunResult"),
     "strategies": (
         "Strategy",

@@ -51,7 +51,7 @@ answer that combines like a single worker's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -202,12 +202,13 @@ def _histograms(
 def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Error:
     """This worker's answer to ``query`` over ``data``, or the error reply that refuses it.
 
-    Answers ``incompatible`` for a feature the data does not have and
-    ``refused`` for an answer that would describe a group smaller than
-    ``min_group_size`` examples.
+    Answers ``incompatible`` for a feature the data does not have (or a
+    label histogram of a continuous label) and ``refused`` for an answer that
+    would describe a group smaller than ``min_group_size`` examples. The
+    inputs are read a chunk of examples at a time, so a folder of images is
+    never held whole; per-chunk moments merge exactly (:func:`merge_moments`).
     """
-    values = data.images.reshape(len(data), -1)
-    num_examples, num_features = values.shape
+    num_examples, num_features = len(data), math.prod(data.input_shape)
     beyond = [index for index in query.features if index >= num_features]
     if beyond:
         return Error("incompatible", f"feature {beyond[0]} is beyond this worker's {num_features} features")
@@ -219,16 +220,32 @@ def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Er
     features = list(query.features)
     tensors: dict[str, np.ndarray]
     if query.query == "label-histogram":
+        if data.labels.dtype.kind == "f":
+            return Error("incompatible", "this worker's label is continuous: it has no classes to count")
         labels = np.bincount(data.labels, minlength=data.num_classes).astype(np.int64)
         if _small(labels, min_group_size).any():
             return _refusal(query, "a label", min_group_size)
         tensors = {"labels": labels}
     elif query.query == "feature-stats":
         clip = query.value_range  # set when the coordinator adds differential privacy
-        selected, pooled = moments(values, features, clip), moments(values.reshape(-1, 1), None, clip)
+        totals: tuple[Moments, Moments] | None = None
+        for values in _rows(data, max(1, CHUNK // max(1, num_features))):
+            part = moments(values, features, clip), moments(values.reshape(-1, 1), None, clip)
+            totals = (
+                part if totals is None else (merge_moments([totals[0], part[0]]), merge_moments([totals[1], part[1]]))
+            )
+        assert totals is not None, "at least min_group_size examples, so at least one chunk"
+        selected, pooled = totals
         tensors = {"mean": selected.mean, "m2": selected.m2, "pooled": np.array([pooled.mean[0], pooled.m2[0]])}
     else:
-        histogram, pooled_cells, examples = _histograms(values, features, query.edges)
+        size = len(query.edges) + 1
+        histogram = np.zeros((len(features), size), dtype=np.int64)
+        pooled_cells = np.zeros(size, dtype=np.int64)
+        examples = np.zeros(size, dtype=np.int64)
+        for values in _rows(data, max(1, CHUNK // max(num_features, size))):
+            counted = _histograms(values, features, query.edges)
+            for total, cell_counts in zip((histogram, pooled_cells, examples), counted, strict=True):
+                total += cell_counts
         small = _small(histogram, min_group_size).any(axis=1)
         if small.any():
             return _refusal(query, f"a cell of feature {features[int(np.argmax(small))]}", min_group_size)
@@ -236,6 +253,12 @@ def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Er
             return _refusal(query, "a cell of the histogram over all features", min_group_size)
         tensors = {"histogram": histogram, "pooled": pooled_cells}
     return QueryResult(query.query, num_examples, num_features, tensors)
+
+
+def _rows(data: Dataset, size: int) -> Iterator[np.ndarray]:
+    """The examples' inputs flattened to rows of features, ``size`` examples at a time."""
+    for inputs, _ in data.chunks(size):
+        yield inputs.reshape(len(inputs), -1)
 
 
 def _validate(query: Query, results: Mapping[str, QueryResult]) -> None:

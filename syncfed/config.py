@@ -8,12 +8,13 @@ usable.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
 from .compression import COMPRESSIONS
 from .data.normalization import NORMALIZATIONS
+from .data.base import SourceOptions
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .masking import MAX_CLIENTS
@@ -114,6 +115,10 @@ class WorkerConfig:
     digits: tuple[int, ...] | None = None  # None: by worker id, or all for the evaluator
     shard: tuple[int, int] | None = None  # (k, n): the k-th (0-based) of n seeded IID shards, instead of classes
     shard_seed: int = 0
+    # A user's own data instead of ``dataset`` (docs/data.md): a spec such as csv:claims.csv or images:xray/train,
+    # read with ``source_options``, whose minimum group size is always the worker's own (``min_group_size``)
+    data: str | None = None
+    source_options: SourceOptions = field(default_factory=SourceOptions)
     # Validation and named data sets (federated evaluation, the data-set registry)
     val_fraction: float = 0.1  # share of a trainer's examples held out for validation, never trained on
     val_seed: int | None = None  # seed of the hold-out; None: derived from the worker id
@@ -202,6 +207,33 @@ class WorkerConfig:
         for key in keys:
             if keys.count(key) > 1:
                 raise ConfigError(f"data set key {key!r} appears twice")
+        self._check_own_data()
+
+    def _check_own_data(self) -> None:
+        """Own data replaces the bundled data sets' choices; the source options take the worker's group size."""
+        if self.data is not None:
+            if not self.data:
+                raise ConfigError("data spec must not be empty")
+            if self.dataset != "digits":
+                raise ConfigError(
+                    f"--data and --dataset {self.dataset} each choose the worker's data: give one of them"
+                )
+            if self.datasets:
+                raise ConfigError(
+                    "--data and --dataset-spec each choose the worker's data:"
+                    " name own data in --dataset-spec as KEY=SPEC, e.g. north=csv:claims.csv"
+                )
+        if self.digits is not None and self.own_data:
+            raise ConfigError(
+                "--digits picks classes of digits or MNIST; a worker with its own data holds every example"
+                " of it (use --shard K/N for a part)"
+            )
+        object.__setattr__(self, "source_options", replace(self.source_options, min_group_size=self.min_group_size))
+
+    @property
+    def own_data(self) -> bool:
+        """Whether the worker holds a user's own data (``--data``, or a ``--dataset-spec`` of own data)."""
+        return self.data is not None or any(spec.source is not None for spec in self.datasets)
 
     @property
     def secured(self) -> bool:

@@ -12,7 +12,8 @@ data set's usual mean and standard deviation; labels become int64.
 
 A worker may hold several of them under names of its own (its data-set
 registry): ``--dataset-spec digits-train=digits:train`` is a
-:class:`DatasetSpec`.
+:class:`DatasetSpec`, as is a user's own data, ``--dataset-spec north=csv:claims.csv``
+(``syncfed.data``).
 """
 
 from __future__ import annotations
@@ -163,19 +164,27 @@ def check_dataset_key(key: str) -> None:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A named data set a worker holds: a split of one of :data:`DATASETS` under a key of its own.
+    """A named data set a worker holds: a split of one of :data:`DATASETS`, or a user's own data
+    (``source``, a ``--data`` spec such as ``csv:claims.csv``), under a key of its own.
+
+    Own data has no split of its own: the worker's role decides (the evaluator's is its test set).
 
     Raises:
         ConfigError: if the key is invalid (see :func:`check_dataset_key`), the data set
-            is unknown or the split is not train or test.
+            is unknown, the split is not train or test, or a spec names both kinds of data.
     """
 
     key: str
-    dataset: str
-    split: Split
+    dataset: str = ""
+    split: Split = "train"
+    source: str | None = None
 
     def __post_init__(self) -> None:
         check_dataset_key(self.key)
+        if self.source is not None:
+            if not self.source or self.dataset:
+                raise ConfigError(f"data set {self.key} must name either a bundled data set or own data, not both")
+            return
         if self.dataset not in DATASETS:
             raise ConfigError(f"data set {self.dataset!r} is not one of {', '.join(DATASETS)}")
         if self.split not in ("train", "test"):
@@ -183,15 +192,21 @@ class DatasetSpec:
 
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
-    """Parse ``"digits-train=digits:train"`` (key, data set, split) into a :class:`DatasetSpec`.
+    """Parse ``"digits-train=digits:train"`` (key, data set, split) or ``"north=csv:claims.csv"`` (key and
+    a spec of the worker's own data) into a :class:`DatasetSpec`.
 
     Raises:
-        ConfigError: if it does not look like ``KEY=DATASET:SPLIT`` or a part is invalid.
+        ConfigError: if it does not look like ``KEY=DATASET:SPLIT`` or ``KEY=SPEC`` or a part is invalid.
     """
     key, equals, rest = text.partition("=")
     dataset, colon, split = rest.partition(":")
     if not equals or not colon:
-        raise ConfigError(f"data set spec {text!r} must look like digits-train=digits:train (KEY=DATASET:SPLIT)")
+        raise ConfigError(
+            f"data set spec {text!r} must look like digits-train=digits:train (KEY=DATASET:SPLIT)"
+            " or north=csv:claims.csv (KEY=SPEC of own data)"
+        )
+    if dataset.strip() not in DATASETS:
+        return DatasetSpec(key.strip(), source=rest.strip())
     return DatasetSpec(key.strip(), dataset.strip(), split.strip())  # type: ignore[arg-type]  # checked on construction
 
 

@@ -56,6 +56,8 @@ class EvalOutcome:
     correct: int
     num_examples: int
     predictions: list[int]  # histogram of predicted classes
+    class_counts: list[int]  # examples per true class
+    class_correct: list[int]  # of them, those predicted right: per-class recall
 
 
 def batch_size(plan: TrainingPlan, num_examples: int) -> int:
@@ -286,6 +288,7 @@ def train(
             if batch_delay:
                 time.sleep(batch_delay)
             index = torch.from_numpy(batch)
+            # One batch read at a time: a folder of images is never held whole.
             x, y = torch.from_numpy(data.batch(batch)).to(device), labels[index].to(device)
             optimizer.zero_grad()
             loss = F.cross_entropy(model(x), y)
@@ -315,25 +318,37 @@ def train(
 
 
 def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.device) -> EvalOutcome:
-    """Mean loss per example (a sum over examples divided by their number), accuracy and predictions."""
+    """Mean loss per example (a sum over examples divided by their number), accuracy, predictions, and per
+    true class its examples and those predicted right; ``batch_size`` examples read at a time."""
     model.to(device).eval()
     try:
         total_loss = 0.0
         correct = 0
         predictions = torch.zeros(data.num_classes, dtype=torch.int64)
-        labels = torch.from_numpy(data.labels)
+        counts = torch.zeros(data.num_classes, dtype=torch.int64)
+        hits = torch.zeros(data.num_classes, dtype=torch.int64)
         with torch.no_grad():
-            for start in range(0, len(data), batch_size):
-                x = torch.from_numpy(data.batch(np.arange(start, min(start + batch_size, len(data))))).to(device)
-                y = labels[start : start + batch_size].to(device)
+            for inputs, targets in data.chunks(batch_size):
+                x = torch.from_numpy(inputs).to(device)
+                y = torch.from_numpy(targets).to(device)
                 output = model(x)
                 total_loss += F.cross_entropy(output, y, reduction="sum").item()
                 predicted = output.argmax(dim=1)
-                correct += int((predicted == y).sum().item())
+                right = predicted == y
+                correct += int(right.sum().item())
                 predictions += torch.bincount(predicted.cpu(), minlength=data.num_classes)[: data.num_classes]
+                counts += torch.bincount(y.cpu(), minlength=data.num_classes)[: data.num_classes]
+                hits += torch.bincount(y[right].cpu(), minlength=data.num_classes)[: data.num_classes]
     finally:
         model.cpu()
-    return EvalOutcome(total_loss / len(data), correct, len(data), [int(n) for n in predictions])
+    return EvalOutcome(
+        total_loss / len(data),
+        correct,
+        len(data),
+        [int(n) for n in predictions],
+        [int(n) for n in counts],
+        [int(n) for n in hits],
+    )
 
 
 def corrupt(update: Weights, base: Mapping[str, np.ndarray], attack: str, rng: np.random.Generator) -> Weights:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
@@ -35,7 +35,7 @@ from syncfed.datasets import Dataset, load_dataset
 from syncfed.models import DigitsCNN, get_weights
 from syncfed.net.link import WorkerLink
 from syncfed.protocol import Envelope, Error, Hello, Info, Message, decode, encode
-from syncfed.worker import Worker, serving
+from syncfed.worker import Served, Worker, serving
 
 __all__ = ["MS", "LinkPair", "RawPeer", "digits_weights", "tiny_digits"]
 
@@ -109,10 +109,10 @@ class LinkPair:
     """A worker served in this event loop, a client linked to it, and raw connections on demand.
 
     ``settings`` replace fields of the worker's :class:`WorkerConfig` (``max_in_flight=2``);
-    ``data`` is what it serves, :func:`tiny_digits` by default.
+    ``data`` is what it serves (a data set, or holdings), :func:`tiny_digits` by default.
     """
 
-    def __init__(self, data: Dataset | None = None, **settings: Any) -> None:
+    def __init__(self, data: Dataset | Sequence[Served] | None = None, **settings: Any) -> None:
         base = WorkerConfig("linked", host="127.0.0.1", port=0)
         self.config = dataclasses.replace(base, **settings)
         self.worker = Worker(self.config, tiny_digits() if data is None else data)

@@ -4,6 +4,7 @@ Usage::
 
     python run_websocket_server.py --id alice --port 8777
     python run_websocket_server.py --id testing --port 8780 --testing
+    python run_websocket_server.py --id north --port 8781 --data npz:north.npz  # own data (docs/data.md)
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import torch
 
 from ..config import (
@@ -23,11 +25,12 @@ from ..config import (
     DEFAULT_MAX_MESSAGE_SIZE,
     WorkerConfig,
 )
+from ..data.base import LABEL_TYPES, MISSING_POLICIES, SourceOptions
 from ..datasets import DATASETS, parse_dataset_spec
 from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..protocol import DEFAULT_CHUNK_SIZE
-from ..worker import Holding, load_holdings, run_worker
+from ..worker import Holding, SourceHolding, load_holdings, run_worker
 from .common import (
     INTERRUPTED,
     FromFlags,
@@ -59,7 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--testing", action="store_true", help="hold the test set and serve as the evaluator (implied by --id testing)"
     )
-    parser.add_argument("--dataset", choices=DATASETS, default="digits", help="data set (default: %(default)s)")
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--dataset", choices=DATASETS, default="digits", help="data set (default: %(default)s)")
+    data.add_argument(
+        "--data",
+        metavar="SPEC",
+        help="serve your own data instead: images:DIR, csv:PATH, tsv:PATH, parquet:PATH, npz:PATH or"
+        " module.path:function (docs/data.md)",
+    )
     parser.add_argument(
         "--data-dir", type=Path, default=Path("data"), help="where MNIST/raw lives (default: %(default)s)"
     )
@@ -92,8 +102,47 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=DATASET:SPLIT",
-        help="hold this named data set, e.g. digits-train=digits:train (repeatable; the first is the default;"
-        " --digits and --shard apply to each); without it the worker holds --dataset",
+        help="hold this named data set, e.g. digits-train=digits:train, or own data such as north=csv:claims.csv"
+        " (repeatable; the first is the default; --shard and the own-data flags apply to each, --digits to the bundled"
+        " ones); without it the worker holds --dataset or --data",
+    )
+    own = parser.add_argument_group("own data (--data; docs/data.md)")
+    own.add_argument(
+        "--image-size", type=_image_size, metavar="N|H,W", help="resize every image to N x N or H x W pixels"
+    )
+    own.add_argument("--channels", type=int, choices=(1, 3), help="convert every image to 1 (grayscale) or 3 (RGB)")
+    own.add_argument("--label-column", metavar="NAME", help="a table's label column")
+    own.add_argument(
+        "--feature-columns", type=_names, metavar="A,B,C", help="a table's feature columns (default: every other)"
+    )
+    own.add_argument(
+        "--categorical-columns",
+        type=_names,
+        default=(),
+        metavar="A,B",
+        help="feature columns one-hot encoded over a vocabulary the workers agree on",
+    )
+    own.add_argument(
+        "--missing",
+        choices=MISSING_POLICIES,
+        default="error",
+        help="what a table's missing value does: stop naming its row and column, take the column's mean, or drop"
+        " the row (default: %(default)s)",
+    )
+    own.add_argument(
+        "--label-type",
+        choices=LABEL_TYPES,
+        default="auto",
+        help="read the label as classes or as a continuous number; auto: continuous when its values are"
+        " non-integral numbers (default: %(default)s)",
+    )
+    own.add_argument(
+        "--data-arg",
+        action="append",
+        default=[],
+        type=_data_arg,
+        metavar="KEY=VALUE",
+        help="a setting for a module.path:function loader (repeatable)",
     )
     parser.add_argument(
         "--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)"
@@ -229,6 +278,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """``224`` or ``224,160`` (height, width) for argparse."""
+    parts = text.split(",")
+    try:
+        sizes = [int(part) for part in parts]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 224 or 224,160 (height,width)")
+    return (sizes[0], sizes[-1])
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b,c`` as column names for argparse."""
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of column names such as age,sex")
+    return names
+
+
+def _data_arg(text: str) -> tuple[str, str]:
+    """``key=value`` for argparse."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a loader setting such as site=north (KEY=VALUE)")
+    return key.strip(), value
+
+
+def _source_options(args: argparse.Namespace) -> SourceOptions:
+    """How the worker reads its own data, from the own-data flags; the group size is the worker's."""
+    return SourceOptions(
+        image_size=args.image_size,
+        channels=args.channels,
+        label_column=args.label_column,
+        feature_columns=args.feature_columns,
+        categorical_columns=args.categorical_columns,
+        missing=args.missing,
+        label_type=args.label_type,
+        data_args=dict(args.data_arg),
+        min_group_size=args.min_group_size,
+    )
+
+
 #: The special cases of :func:`config_from_args`: WorkerConfig fields that are not simply the flag of their
 #: name, because the flag is named otherwise, its text is parsed, or the value is derived.
 CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
@@ -237,6 +329,7 @@ CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
     "digits": lambda args: parse_classes(args.digits) if args.digits else None,
     "shard": lambda args: parse_shard(args.shard) if args.shard else None,
     "datasets": lambda args: tuple(parse_dataset_spec(text) for text in args.dataset_spec),
+    "source_options": _source_options,
     "models": lambda args: tuple(args.model),
     "download": lambda args: not args.no_download,
     "idle_timeout": lambda args: args.idle_timeout or None,  # 0: never
@@ -275,12 +368,41 @@ def _describe(config: WorkerConfig, holding: Holding, digits: str | None) -> lis
     lines = [
         f"{config.worker_id} holds {total} {role} examples of {holding.data.name}{named}, digits {held} ({listed})"
     ]
-    if holding.validation is not None:
-        lines.append(
-            f"{config.worker_id} holds out {len(holding.validation)} of them for validation"
-            f" (--val-fraction {config.val_fraction:g}) and trains on {len(holding.data)}"
-        )
-    return lines
+    return lines + _held_out(config, holding.validation_size, len(holding.data))
+
+
+#: The most classes a worker names, with their counts, when it starts.
+LISTED_CLASSES: Final = 20
+
+
+def _describe_own(config: WorkerConfig, holding: SourceHolding) -> list[str]:
+    """What a worker with its own data says it holds at start: the spec, the examples per class, the hold-out."""
+    examples = np.concatenate([holding.train, holding.held])
+    classes = holding.schema.classes
+    if classes is None:
+        label = "a continuous label"
+    else:
+        counts = np.bincount(holding.source.labels[examples], minlength=len(classes))
+        listed = [f"{name}: {count}" for name, count in zip(classes, counts, strict=True)]
+        more = f" and {len(listed) - LISTED_CLASSES} more" if len(listed) > LISTED_CLASSES else ""
+        label = f"classes {', '.join(listed[:LISTED_CLASSES])}{more}"
+    role = "test" if holding.split == "test" else "training"
+    spec = config.data if holding.spec is None else f"{holding.spec.source} as data set {holding.spec.key}"
+    lines = [
+        f"{config.worker_id} holds {len(examples)} {role} examples of {holding.name} from {spec}"
+        f" ({holding.version}), {label}"
+    ]
+    return lines + _held_out(config, holding.validation_size, len(holding.train))
+
+
+def _held_out(config: WorkerConfig, validation_size: int, trained: int) -> list[str]:
+    """The start-up line on the validation hold-out, when there is one."""
+    if not validation_size:
+        return []
+    return [
+        f"{config.worker_id} holds out {validation_size} of them for validation"
+        f" (--val-fraction {config.val_fraction:g}) and trains on {trained}"
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -310,7 +432,12 @@ def _main(argv: list[str] | None) -> int:
             torch.set_num_threads(config.threads)
         holdings = load_holdings(config)
         for holding in holdings:
-            for line in _describe(config, holding, args.digits):
+            described = (
+                _describe_own(config, holding)
+                if isinstance(holding, SourceHolding)
+                else _describe(config, holding, args.digits)
+            )
+            for line in described:
                 print(line, flush=True)
         if config.dp_sgd_noise_multiplier is not None:
             print(

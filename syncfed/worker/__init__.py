@@ -7,10 +7,11 @@ A bad request gets an error reply and the worker keeps serving.
 
 The rooms: :mod:`.server` (who is let in, one session per connection),
 :mod:`.session` (one connection: its rules applied, its requests dispatched
-by kind), :mod:`.compute` (the training thread, the model cache, SCAFFOLD and
-DP-SGD state), :mod:`.secure_steps` (the four secure aggregation steps) and
-:mod:`.holdings` (the data sets and models it serves). The session's rules
-themselves are pure: :mod:`syncfed.protocol.session_rules`.
+by kind), :mod:`.compute` (the training thread, SCAFFOLD and DP-SGD state),
+:mod:`.catalog` (the models it builds, cached), :mod:`.secure_steps` (the
+four secure aggregation steps), :mod:`.holdings` (the data sets it serves,
+bundled or its own) and :mod:`.handle` (a worker started from Python). The
+session's rules themselves are pure: :mod:`syncfed.protocol.session_rules`.
 
 Usage::
 
@@ -21,18 +22,34 @@ Usage::
 from __future__ import annotations
 
 from ..exceptions import RequestFailed
-from .holdings import Holding, advertised_holdings, load_holdings, load_shard, model_factories
+from .handle import WorkerHandle, serve_worker, start_worker
+from .holdings import (
+    Holding,
+    Served,
+    SourceHolding,
+    advertised_holdings,
+    hold_source,
+    load_holdings,
+    load_shard,
+    model_factories,
+)
 from .server import LOOPBACK, Worker, run_worker, serving
 
 __all__ = [
     "LOOPBACK",
     "Holding",
     "RequestFailed",
+    "Served",
+    "SourceHolding",
     "Worker",
+    "WorkerHandle",
     "advertised_holdings",
+    "hold_source",
     "load_holdings",
     "load_shard",
     "model_factories",
     "run_worker",
+    "serve_worker",
     "serving",
+    "start_worker",
 ]

@@ -26,13 +26,26 @@ from ..compression import compression_error
 from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..evaluation import VALIDATION
-from ..exceptions import ConfigError, ModelError, ProtocolError, RequestFailed
-from ..models import Layout, check_layout, describe_model, get_weights, set_weights
+from ..exceptions import DatasetError, ModelError, RequestFailed
+from ..models import check_layout, get_weights, set_weights
 from ..privacy import clip_update, gaussian_noise
-from ..protocol import Error, EvalResult, Evaluate, Fit, FitResult, Message, ModelLayout, Query, QueryResult
+from ..protocol import (
+    DataPlan,
+    Describe,
+    Error,
+    EvalResult,
+    Evaluate,
+    Fit,
+    FitResult,
+    Message,
+    ModelLayout,
+    Query,
+    QueryResult,
+)
 from ..tensors import Weights
 from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
-from .holdings import Holding, model_factories
+from .catalog import ModelCatalog, ModelKey
+from .holdings import Holding, Served, SourceHolding
 
 __all__ = ["Compute"]
 
@@ -40,9 +53,14 @@ logger = logging.getLogger("syncfed.worker")
 
 
 class Compute:
-    """Runs what a worker is asked to compute over its holdings, with the models it may build."""
+    """Runs what a worker is asked to compute over its holdings, with the models it may build.
 
-    def __init__(self, config: WorkerConfig, holdings: Sequence[Holding], named: Mapping[str, Holding]) -> None:
+    A request over a user's own data carries the federation's data plan
+    (``data``): the holding prepares its examples as the plan says, in the
+    compute's thread, since a large table takes a while to encode.
+    """
+
+    def __init__(self, config: WorkerConfig, holdings: Sequence[Served], named: Mapping[str, Served]) -> None:
         """``holdings``: the first is the default; ``named``: those a request may name by key.
 
         Raises:
@@ -51,21 +69,12 @@ class Compute:
         self.config = config
         self.holdings = holdings
         self.named = named
-        self.factories = model_factories(config.models, bench=config.bench_models)
-        # Each model's state as names, dtypes and shapes, described once without building it (see
-        # ``describe_model``): a request's weights are checked against it before any model is built.
-        self.layouts: dict[str, Layout] = {}
-        for name, factory in self.factories.items():
-            try:
-                self.layouts[name] = describe_model(factory)
-            except ModelError as exc:
-                raise ConfigError(f"model {name}: {exc}") from None
+        self.catalog = ModelCatalog(config, shaped=any(isinstance(holding, SourceHolding) for holding in holdings))
         self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
         # One compute job at a time: it owns the cached models and the CPU.
         self._lock = asyncio.Lock()
-        self._models: dict[str, nn.Module] = {}
         # SCAFFOLD's client control variates c_i, per model; see ``_control``.
-        self._controls: dict[str, Weights] = {}
+        self._controls: dict[ModelKey, Weights] = {}
         self._attack_rng = np.random.default_rng()
         # Example-level DP-SGD (--dp-sgd): one accountant for every step on this worker's examples, across rounds.
         z = config.dp_sgd_noise_multiplier
@@ -74,23 +83,26 @@ class Compute:
 
     async def run(self, message: Fit | Evaluate) -> Message:
         """Run a fit or an evaluation in a thread, one at a time."""
-        """Run a fit or an evaluation in a thread, one at a time."""
-        if message.model not in self.factories:
-            raise RequestFailed(
-                "unknown_model",
-                f"model {message.model!r} is not registered on this worker "
-                f"(it has {', '.join(self.factories)}; start it with --model to add one)",
-            )
+        holding = self._holding(message.dataset_key, message.data)
+        key = self.catalog.key(message.model, message.data, hint="; start it with --model to add one")
         if isinstance(message, Fit) and self.config.testing:
             raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
+        if isinstance(message, Evaluate) and message.split == VALIDATION and not holding.validation_size:
+            raise RequestFailed(
+                "incompatible",
+                "this worker holds no validation split (it is the evaluator, or runs with --val-fraction 0)",
+            )
+        if message.data is not None and message.data.classes is None:
+            raise RequestFailed(
+                "incompatible", "the data plan's label is continuous (regression), which this worker cannot train yet"
+            )
         try:
-            check_layout(self.layouts[message.model], message.weights)
+            check_layout(self.catalog.layout(key, message.data), message.weights)
         except ModelError as exc:
             raise RequestFailed("incompatible", str(exc)) from None
-        data = self._examples(message)
         abandoned = threading.Event()
         async with self._lock:
-            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, data, abandoned)
+            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, key, holding, abandoned)
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -103,65 +115,95 @@ class Compute:
                     job.exception()  # retrieved: an abandoned job's Abandoned is expected
                 raise
 
-    def describe(self, name: str) -> ModelLayout:
+    def describe(self, message: Describe) -> ModelLayout:
         """The layout of a model this worker serves, from its description: nothing is built."""
-        if name not in self.layouts:
-            raise RequestFailed(
-                "unknown_model",
-                f"model {name!r} is not registered on this worker (it has {', '.join(self.layouts)})",
-            )
-        try:
-            return ModelLayout(
-                name, tuple((tensor, dtype, shape) for tensor, (dtype, shape) in self.layouts[name].items())
-            )
-        except ProtocolError as exc:  # e.g. a user model with a dtype the wire does not carry
-            raise RequestFailed("incompatible", f"model {name!r} cannot be described on the wire: {exc}") from None
+        self._holding(None, message.data)
+        return self.catalog.describe(message.model, message.data)
 
     async def query(self, query: Query) -> QueryResult:
         """This worker's answer to ``query``; a refusal or a query its data cannot answer is an error reply."""
+        holding = self._holding(None, query.data)
         # Read-only numpy over the data: a thread, beside any fit, so pings are still answered.
-        reply = await asyncio.to_thread(analytics.answer, query, self.holdings[0].data, self.config.min_group_size)
+        reply = await asyncio.to_thread(self._answer, query, holding)
         if isinstance(reply, Error):
             raise RequestFailed(reply.code, reply.reason)
         return reply
 
-    def _model(self, name: str) -> nn.Module:
-        model = self._models.get(name)
-        if model is None:
-            model = self._models[name] = self.factories[name]()
-        return model
+    def _answer(self, query: Query, holding: Served) -> QueryResult | Error:
+        data = self._prepared(holding, query.data)[0] if query.data is not None else self._bundled(holding).data
+        return analytics.answer(query, data, self.config.min_group_size)
 
-    def _examples(self, message: Fit | Evaluate) -> Dataset:
-        """What ``message`` asks for: its named data set (else the default), or that set's validation split."""
-        key = message.dataset_key
+    def _holding(self, key: str | None, plan: DataPlan | None) -> Served:
+        """The data set a request names (else the default), checked against whether it carries a data plan.
+
+        Raises:
+            RequestFailed: ``incompatible`` for a data set this worker does not hold, a request over own data
+                without a plan, or one over a bundled data set with one.
+        """
         holding = self.holdings[0] if key is None else self.named.get(key)
         if holding is None:
             held = ", ".join(self.named) or "no named data sets"
             raise RequestFailed("incompatible", f"data set {key!r} is not held by this worker (it has {held})")
-        if isinstance(message, Evaluate) and message.split == VALIDATION:
-            if holding.validation is None:
-                raise RequestFailed(
-                    "incompatible",
-                    "this worker holds no validation split (it is the evaluator, or runs with --val-fraction 0)",
-                )
-            return holding.validation
-        return holding.data
+        if isinstance(holding, SourceHolding) and plan is None:
+            raise RequestFailed(
+                "incompatible",
+                f"this worker holds its own data ({holding.name}): requests need the federation's data plan;"
+                " see docs/data.md",
+            )
+        if not isinstance(holding, SourceHolding) and plan is not None:
+            raise RequestFailed(
+                "incompatible", f"this worker holds {holding.data.name}, not own data: requests carry no data plan"
+            )
+        return holding
 
-    def _compute_sync(self, message: Fit | Evaluate, data: Dataset, abandoned: threading.Event) -> Message:
-        model = self._model(message.model)
+    @staticmethod
+    def _bundled(holding: Served) -> Holding:
+        assert not isinstance(holding, SourceHolding), "checked by _holding"
+        return holding
+
+    @staticmethod
+    def _prepared(holding: Served, plan: DataPlan) -> tuple[Dataset, Dataset | None]:
+        """Own data as ``plan`` says; a plan that does not fit it is an ``incompatible`` reply with its line."""
+        assert isinstance(holding, SourceHolding), "checked by _holding"
+        try:
+            return holding.prepared(plan)
+        except DatasetError as exc:
+            raise RequestFailed("incompatible", str(exc)) from None
+
+    def _examples(self, message: Fit | Evaluate, holding: Served) -> Dataset:
+        """What ``message`` asks for: the data set's examples, or its validation split (checked in :meth:`run`)."""
+        if message.data is not None:
+            data, validation = self._prepared(holding, message.data)
+        else:
+            bundled = self._bundled(holding)
+            data, validation = bundled.data, bundled.validation
+        if isinstance(message, Evaluate) and message.split == VALIDATION:
+            assert validation is not None, "checked by run"
+            return validation
+        return data
+
+    def _compute_sync(
+        self, message: Fit | Evaluate, key: ModelKey, holding: Served, abandoned: threading.Event
+    ) -> Message:
+        data = self._examples(message, holding)
+        model = self.catalog.model(key, message.data)
         try:
             set_weights(model, message.weights)
         except ModelError as exc:
             raise RequestFailed("incompatible", str(exc)) from None
         if isinstance(message, Fit):
-            return self._fit(model, message, data, abandoned)
+            return self._fit(model, key, message, data, abandoned)
         outcome = evaluate(model, data, message.batch_size, self.device)
-        return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
+        per_class = (tuple(outcome.class_counts), tuple(outcome.class_correct)) if message.data is not None else ()
+        # Per-class counts only over own data: a bundled data set's reply stays as it always was.
+        return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions), *per_class)
 
-    def _fit(self, model: nn.Module, message: Fit, data: Dataset, abandoned: threading.Event) -> FitResult:
+    def _fit(
+        self, model: nn.Module, key: ModelKey, message: Fit, data: Dataset, abandoned: threading.Event
+    ) -> FitResult:
         started = time.perf_counter()
         plan = message.plan
-        local = self._control(message) if message.control is not None else None
+        local = self._control(key, message) if message.control is not None else None
         correction = (
             {name: message.control[name] - local[name] for name in local}
             if message.control is not None and local is not None
@@ -211,7 +253,7 @@ class Compute:
                 else np.zeros_like(array)
                 for name, array in local.items()
             }
-            self._controls[message.model] = {name: local[name] + control_delta[name] for name in local}
+            self._controls[key] = {name: local[name] + control_delta[name] for name in local}
         weights = {name: trained[name] - message.weights[name] for name in trained} if plan.delta else trained
         if plan.clip is not None:
             # Differential privacy (DP-FedAvg, McMahan et al. 2018): the float tensors' update, clipped, plus this
@@ -227,8 +269,8 @@ class Compute:
             weights, len(data), result.loss, time.perf_counter() - started, control_delta, error, dp_epsilon
         )
 
-    def _control(self, message: Fit) -> Weights:
-        """This worker's SCAFFOLD control variate for the request's model, checked against the server's.
+    def _control(self, key: ModelKey, message: Fit) -> Weights:
+        """This worker's SCAFFOLD control variate for the request's model (``key``), checked against the server's.
 
         A server variate of all zeros marks the first round of a run: the
         worker's own variate starts at zero then too, rather than carrying
@@ -241,7 +283,7 @@ class Compute:
                 raise RequestFailed(
                     "incompatible", f"control variate {name} does not match a float tensor of the model"
                 )
-        local = self._controls.get(message.model)
+        local = self._controls.get(key)
         fresh = not any(np.any(array) for array in message.control.values())
         if local is None or fresh or local.keys() != message.control.keys():
             local = {name: np.zeros_like(array) for name, array in message.control.items()}

@@ -24,7 +24,7 @@ from ..exceptions import ConfigError
 from ..net.transport import connection_options, server_tls
 from ..protocol import Info
 from .compute import Compute
-from .holdings import Holding, advertised_holdings
+from .holdings import Holding, Served
 from .session import Session
 
 __all__ = ["LOOPBACK", "Worker", "run_worker", "serving"]
@@ -49,20 +49,19 @@ def _common_name(peercert: object) -> str | None:
 class Worker:
     """Serves fit, evaluate, describe, query, hello and ping requests over its data."""
 
-    def __init__(self, config: WorkerConfig, data: Dataset | Sequence[Holding]) -> None:
+    def __init__(self, config: WorkerConfig, data: Dataset | Sequence[Served]) -> None:
         """``data``: the worker's holdings (the first is its default), or one data set served as is.
 
         Raises:
             ConfigError: if there is no data set, or two share a name.
         """
         self.config = config
-        self.holdings = [Holding(data)] if isinstance(data, Dataset) else list(data)
+        self.holdings: list[Served] = [Holding(data)] if isinstance(data, Dataset) else list(data)
         if not self.holdings:
             raise ConfigError("a worker needs at least one data set")
         self.named = {holding.spec.key: holding for holding in self.holdings if holding.spec is not None}
         if len(self.named) != sum(holding.spec is not None for holding in self.holdings):
             raise ConfigError("two of the worker's data sets share a key")
-        self.data = self.holdings[0].data  # what it serves when a request names no data set
         self._catalog = tuple(holding.describe(config.withhold_histogram) for holding in self.named.values())
         self.compute = Compute(config, self.holdings, self.named)
         # Slots go to authenticated connections only; see Session.run() for what authenticates one.
@@ -76,14 +75,10 @@ class Worker:
         return Info(
             worker_id=self.config.worker_id,
             role=self.config.role,
-            dataset=self.data.name,
-            input_shape=self.data.input_shape,
-            num_classes=self.data.num_classes,
-            models=tuple(self.compute.factories),
+            models=self.compute.catalog.names,
             datasets=self._catalog,
-            **advertised_holdings(
-                self.data.histogram(), self.holdings[0].validation_size, self.config.withhold_histogram
-            ),
+            # The data set it serves when a request names none.
+            **self.holdings[0].summary(self.config.withhold_histogram),
         )
 
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
@@ -153,7 +148,7 @@ async def serving(worker: Worker) -> AsyncIterator[tuple[Server, str]]:
 
 
 async def run_worker(
-    config: WorkerConfig, data: Dataset | Sequence[Holding], *, ready: Callable[[str], None] = print
+    config: WorkerConfig, data: Dataset | Sequence[Served], *, ready: Callable[[str], None] = print
 ) -> None:
     """Serve ``data`` (see :class:`Worker`) until cancelled; ``ready`` gets the line naming the bound address."""
     async with serving(Worker(config, data)) as (server, uri):

@@ -283,7 +283,7 @@ class Session:
 
     async def describe(self, message: Describe) -> ModelLayout:
         """Describe: the layout of a model this worker serves."""
-        return self.worker.compute.describe(message.model)
+        return self.worker.compute.describe(message)
 
     async def reply_error(self, request_id: int, code: str, reason: str, size: int) -> None:
         """Send an error reply, logged: failures cross the wire as data, never as a traceback."""
