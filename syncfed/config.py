@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Final
 
 from .compression import COMPRESSIONS
-from .data.normalization import NORMALIZATIONS
 from .data.base import SourceOptions
+from .data.normalization import NORMALIZATIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .masking import MAX_CLIENTS

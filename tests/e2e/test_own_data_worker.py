@@ -222,8 +222,8 @@ def test_a_bad_file_stops_the_worker_before_it_listens(tmp_path: Path) -> None:
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(Path.read_bytes(no_labels)[:100])
     cases = {
-        no_labels: f"{no_labels}: an npz file of own data needs arrays x and y; it holds x",
-        truncated: f"cannot read {truncated}: File is not a zip file",
+        no_labels: f"{no_labels}: no array 'y'; the file holds 'x'",
+        truncated: f"{truncated}: not an .npz file: File is not a zip file",
     }
     for path, line in cases.items():
         started = subprocess.run(

@@ -45,5 +45,5 @@ def test_start_worker_serves_a_spec_or_a_dataset_and_stops_twice(tmp_path: Path)
 def test_start_worker_refuses_what_it_cannot_serve(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="^a worker serves a source .load_data., a data spec or a Dataset, not list$"):
         asyncio.run(start_worker("alice", [1, 2], port=0))  # type: ignore[arg-type]
-    with pytest.raises(DatasetError, match="^cannot read .*none.npz: No such file or directory$"):
+    with pytest.raises(DatasetError, match="^.*/none.npz: no such file$"):
         asyncio.run(start_worker("alice", f"npz:{tmp_path}/none.npz", port=0))
