@@ -41,6 +41,7 @@ from ..monitor import Progress, TensorBoardWriter
 from ..net.link import WorkerLink
 from ..net.spawn import spawn_workers
 from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
+from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
 from .common import (
     INTERRUPTED,
@@ -506,7 +507,7 @@ async def _with_sites(
     sites = parse_sites(args.site)
     extra = _worker_args(args.worker_args)
     common = ["--threads", "1", *(["--cuda"] if args.cuda else [])]
-    if args.model and args.model not in DEMO_MODELS:
+    if args.model and args.model not in DEMO_MODELS and args.model not in SHAPED_MODELS:  # sites serve mlp and cnn
         common += ["--model", args.model]
     plan = [
         (name, ["--data", spec, *common, *(["--testing"] if name in evaluator else []), *extra])
