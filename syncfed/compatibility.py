@@ -50,6 +50,11 @@ def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tu
         model_name = config.model or default_model(reference.dataset)
         input_shape, num_classes, what = reference.input_shape, reference.num_classes, reference.dataset
     else:
+        if plan.classes is None:
+            raise IncompatibleWorkers(
+                "the workers' label is continuous (a regression task), which this version cannot train yet;"
+                " if its values are classes, start the workers with --label-type classes"
+            )
         model_name = config.model or default_shaped_model(plan)
         input_shape, num_classes, what = plan.input_shape, plan.num_classes, f"own {plan.kind}"
     for name, info in infos.items():

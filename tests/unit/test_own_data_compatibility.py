@@ -103,3 +103,14 @@ def test_recall_per_class_names_the_agreed_classes() -> None:
     )
     assert recall_line(EvalResult(0.5, 7, 10, (4, 6, 0), (6, 4, 0), (4, 3, 0)), ("a", "b", "c")).endswith("c -")
     assert recall_line(EvalResult(0.5, 7, 10, (4, 6, 0)), ("a", "b", "c")) == ""
+
+
+def test_a_continuous_label_stops_the_run_at_the_handshake() -> None:
+    schema = DataSchema("table", (3,), None, FEATURES)
+    infos = {name: Info(name, "trainer", "table", (3,), 1, (9,), ("mlp",), schema=schema) for name in ("alice", "bob")}
+    with pytest.raises(IncompatibleWorkers) as error:
+        check_compatible(CoordinatorConfig(workers={"alice": "ws://unused", "bob": "ws://unused"}), infos)
+    assert str(error.value) == (
+        "the workers' label is continuous (a regression task), which this version cannot train yet;"
+        " if its values are classes, start the workers with --label-type classes"
+    )
