@@ -10,27 +10,20 @@ status of ``IncompatibleWorkers``, before round 1.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO, THREADS, running_workers
+from conftest import THREADS, running_workers
 from PIL import Image
-from units import MS
+from programs import run_program
 
 from syncfed.cli.common import exit_code
 from syncfed.exceptions import ConfigError, DatasetError, IncompatibleWorkers
 from syncfed.net.spawn import WorkerProcess
-
-#: Seconds one program may take to stop (it imports torch first, on a busy 2-core machine).
-PROGRAM_TIMEOUT = 120_000 * MS
-#: Seconds a coordinator may take to spawn its sites and stop at their handshake.
-COORDINATOR_TIMEOUT = 240_000 * MS
 
 DATA_PROBLEM, WRONG_FLAG, DISAGREEMENT = (
     exit_code(DatasetError("")),
@@ -236,16 +229,6 @@ CASES: list[tuple[str, list[str], int, str]] = [
 ENTRIES = (["run_websocket_server.py"], ["-m", "syncfed.cli.worker"])
 
 
-def program(arguments: list[str], pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """A program of the repository run to its end, with ``pythonpath`` (the loaders' folder) first on its path."""
-    env = dict(os.environ)
-    paths = [str(pythonpath)] if pythonpath is not None else []
-    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return subprocess.run(
-        [sys.executable, *arguments], capture_output=True, text=True, timeout=PROGRAM_TIMEOUT, cwd=REPO, env=env
-    )
-
-
 @pytest.mark.parametrize(
     ("flags", "status", "line", "entry"),
     [(flags, status, line, ENTRIES[i % 2]) for i, (_, flags, status, line) in enumerate(CASES)],
@@ -255,7 +238,7 @@ def test_bad_input_stops_the_worker_with_one_line(
     bad: Path, flags: list[str], status: int, line: str, entry: list[str]
 ) -> None:
     filled = [flag.format(bad=bad) for flag in flags]
-    started = program(
+    started = run_program(
         [*entry, "--id", "north", "--host", "127.0.0.1", "--port", "0", *THREADS, *filled], bad / "loaders"
     )
     assert (started.returncode, started.stderr) == (status, f"run_websocket_server.py: error: {line.format(bad=bad)}\n")
@@ -354,7 +337,7 @@ DISAGREEMENTS: list[tuple[str, list[str], str]] = [
 
 
 def coordinator(arguments: list[str]) -> subprocess.CompletedProcess[str]:
-    return program(["run_websocket_client.py", "--training-rounds", "1", "--no-progress", *arguments])
+    return run_program(["run_websocket_client.py", "--training-rounds", "1", "--no-progress", *arguments])
 
 
 def assert_refused(run: subprocess.CompletedProcess[str], line: str) -> None:
