@@ -132,8 +132,11 @@ def agree(schemas: Mapping[str, DataSchema], *, evaluator: str | None = None) ->
 
 
 def _label_line(odd: _Odd) -> str:
-    if odd.value:  # this worker's label is continuous
-        return f"{odd.name} has a continuous label, {odd.them} class names: start it with --label-type classes"
+    if odd.value:  # its label is non-integral numbers: read as classes, each value would be a class of its own
+        return (
+            f"{odd.name} has a continuous label (non-integral numbers), {odd.them} class names: check its label"
+            " column, or start every site with --label-type continuous"
+        )
     return f"{odd.name} has class names, {odd.them} a continuous label: start it with --label-type continuous"
 
 

@@ -191,7 +191,10 @@ def test_the_type_of_a_column() -> None:
 def test_a_continuous_label_among_classes() -> None:
     refused(
         {"alice": table("x"), "bob": table("x", classes=None), "carol": table("x")},
-        "bob has a continuous label, the others class names: start it with --label-type classes",
+        (
+            "bob has a continuous label (non-integral numbers), the others class names: check its label column,"
+            " or start every site with --label-type continuous"
+        ),
     )
     refused(
         {"alice": table("x", classes=None), "bob": table("x")},

@@ -1,0 +1,25 @@
+"""The repository's programs run to their end in a subprocess, as a user runs them from its root."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from units import MS
+
+#: The repository root, where run_websocket_server.py and run_websocket_client.py live.
+REPO = Path(__file__).resolve().parent.parent
+#: Seconds one program may take: it imports torch first, on a busy 2-core machine, and may spawn workers.
+PROGRAM_TIMEOUT = 240_000 * MS
+
+
+def run_program(arguments: list[str], pythonpath: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python ARGUMENTS`` in the repository root, with ``pythonpath`` (a user's module folder) first on its path."""
+    env = dict(os.environ)
+    paths = [str(pythonpath)] if pythonpath is not None else []
+    env["PYTHONPATH"] = os.pathsep.join([*paths, str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.run(
+        [sys.executable, *arguments], capture_output=True, text=True, timeout=PROGRAM_TIMEOUT, cwd=REPO, env=env
+    )
