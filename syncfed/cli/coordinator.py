@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--site",
         action="append",
         default=[],
-        metavar="NAME=DATA",
-        help="spawn a local worker NAME over its own data DATA (a worker's --data: csv:PATH, images:DIR, ...);"
+        metavar="NAME=DATA [FLAGS]",
+        help="spawn a local worker NAME over its own data DATA (a worker's --data: csv:PATH, images:DIR, ...),"
+        " optionally followed by flags for that site alone, e.g. --site 'bob=csv:b.csv --label-column y';"
         " repeat per site; the site named as the evaluator (testing, unless --evaluator names another) holds"
         " the test data; implies --spawn-workers, and --worker-args go to every site (docs/data.md)",
     )
@@ -418,8 +419,8 @@ def config_from_args(args: argparse.Namespace, workers: dict[str, str], evaluato
 SPAWNER_FLAGS: Final = ("--id", "--host", "--port", "--testing", "--dataset", "--data-dir", "--data", "--config")
 
 
-def _worker_args(text: str | None) -> list[str]:
-    """``--worker-args`` split as a shell would.
+def _worker_args(text: str | None, what: str = "--worker-args") -> list[str]:
+    """Worker flags (``--worker-args``, or a ``--site``'s own) split as a shell would.
 
     Raises:
         ConfigError: if it cannot be split, or sets a flag the spawner sets.
@@ -427,28 +428,32 @@ def _worker_args(text: str | None) -> list[str]:
     try:
         tokens = shlex.split(text or "")
     except ValueError as exc:
-        raise ConfigError(f"--worker-args {text!r}: {exc}") from None
+        raise ConfigError(f"{what} {text!r}: {exc}") from None
     for token in tokens:
         flag = token.split("=", 1)[0].replace("_", "-")
         if flag in SPAWNER_FLAGS:
-            raise ConfigError(f"--worker-args cannot set {flag}: --spawn-workers sets it for each worker")
+            raise ConfigError(f"{what} cannot set {flag}: --spawn-workers sets it for each worker")
     return tokens
 
 
-def parse_sites(entries: Sequence[str]) -> dict[str, str]:
-    """``--site NAME=DATA`` entries as ``{name: data spec}``, in order.
+def parse_sites(entries: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
+    """``--site NAME=DATA [FLAGS]`` entries as ``{name: (data spec, that site's own worker flags)}``, in order.
+
+    The flags after the data, shell-quoted like ``--worker-args``, go to that
+    site alone: ``--site "bob=csv:b.csv --categorical-columns dose"``.
 
     Raises:
-        ConfigError: if an entry lacks a name or data, or a name repeats.
+        ConfigError: if an entry lacks a name or data, a name repeats, or its flags set one the spawner sets.
     """
-    sites: dict[str, str] = {}
+    sites: dict[str, tuple[str, list[str]]] = {}
     for entry in entries:
-        name, sep, spec = entry.partition("=")
-        if not sep or not name.strip() or not spec.strip():
-            raise ConfigError(f"--site {entry!r} must look like alice=csv:alice.csv (NAME=DATA)")
+        name, sep, rest = entry.partition("=")
+        words = _worker_args(rest, f"--site {name.strip()}") if sep else []
+        if not sep or not name.strip() or not words or words[0].startswith("-"):
+            raise ConfigError(f"--site {entry!r} must look like alice=csv:alice.csv (NAME=DATA, then its own flags)")
         if name.strip() in sites:
             raise ConfigError(f"--site {name.strip()!r} appears twice")
-        sites[name.strip()] = spec.strip()
+        sites[name.strip()] = (words[0], words[1:])
     return sites
 
 
@@ -501,7 +506,7 @@ async def _with_sites(
     evaluator: dict[str, str],
     action: Callable[[dict[str, str], dict[str, str]], Awaitable[T]],
 ) -> T:
-    """Spawn one worker per ``--site`` over its own data, every site with ``--worker-args``, and run ``action``."""
+    """Spawn one worker per ``--site`` over its own data, with ``--worker-args`` and its own flags; run ``action``."""
     if args.centralized:
         raise ConfigError("--centralized pools the bundled data set; it does not apply to --site")
     sites = parse_sites(args.site)
@@ -510,8 +515,8 @@ async def _with_sites(
     if args.model and args.model not in DEMO_MODELS and args.model not in SHAPED_MODELS:  # sites serve mlp and cnn
         common += ["--model", args.model]
     plan = [
-        (name, ["--data", spec, *common, *(["--testing"] if name in evaluator else []), *extra])
-        for name, spec in sites.items()
+        (name, ["--data", spec, *common, *(["--testing"] if name in evaluator else []), *extra, *own])
+        for name, (spec, own) in sites.items()
     ]
     async with spawn_workers(plan) as processes:
         spawned = {name: processes[name].uri for name in workers}
