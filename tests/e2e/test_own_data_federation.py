@@ -360,3 +360,48 @@ def test_status_names_each_sites_classes(hospitals: dict[str, WorkerProcess], ta
     assert "malignant" not in rows["hospital_c"]
     test = pd.read_csv(tables["testing"])[LABEL]
     assert f" benign:{(test == 'benign').sum()} malignant:{(test == 'malignant').sum()} " in rows["testing"]
+
+
+def analytics(workers: dict[str, WorkerProcess], *arguments: str) -> subprocess.CompletedProcess[str]:
+    listed = ",".join(f"{name}={workers[name].uri}" for name in TRAINERS)
+    done = run_cli("syncfed", "analytics", "--workers", listed, *arguments, program="-m")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure-agg"])
+def test_analytics_count_the_union_of_classes_and_describe_the_encoded_unstandardised_features(
+    hospitals: dict[str, WorkerProcess], tables: dict[str, Path], tmp_path: Path, secure: bool
+) -> None:
+    flags = ["--secure-agg"] if secure else []
+    pooled = trained_rows(tables)
+    histogram = analytics(hospitals, *flags, "--json", str(tmp_path / "labels.json"), "label-histogram")
+    rows = {line.split()[0]: line.split()[1:] for line in histogram.stdout.splitlines() if line.split()}
+    totals = [int((pooled[LABEL] == label).sum()) for label in CLASSES]
+    for label, total in zip(CLASSES, totals, strict=True):
+        assert rows[label][-1] == str(total)
+    if not secure:
+        assert rows["label"] == [*TRAINERS, "total"] and rows["malignant"][2] == "0"  # hospital_c: none
+    assert json.loads((tmp_path / "labels.json").read_text())["total"] == totals
+
+    clip = ["--clip-range", "-4096", "4096"] if secure else []
+    stats = analytics(hospitals, *flags, "--json", str(tmp_path / "stats.json"), "feature-stats", *clip)
+    assert stats.stdout.startswith(f"feature-stats over {len(pooled)} examples of 3 workers")
+    features = sorted(pooled.columns.drop(LABEL))  # the plan's order: by name
+    values = pooled[features].astype(np.float32).astype(np.float64)
+    saved = json.loads((tmp_path / "stats.json").read_text())
+    answer = saved["features"]
+    assert [entry["feature"] for entry in answer] == [*map(str, range(30)), "all"]
+    mean = np.array([entry["mean"] for entry in answer[:30]])
+    variance = np.array([entry["variance"] for entry in answer[:30]])
+    if not secure:
+        np.testing.assert_allclose(mean, values.mean(), rtol=1e-9)
+        np.testing.assert_allclose(variance, values.var(ddof=0), rtol=1e-9)
+        return
+    # The workers clip to the range (worst area passes 4096), and each decoded sum is within the round's bound.
+    clipped = values.clip(-4096, 4096)
+    assert (clipped != values).any().any()
+    eps = saved["secure_agg"]["sum_error_bound"] / len(pooled)
+    assert 0 < eps < 1e-3
+    np.testing.assert_array_less(np.abs(mean - clipped.mean()), eps * (1 + 1e-9))
+    np.testing.assert_array_less(np.abs(variance - clipped.var(ddof=0)), eps * (1 + 2 * clipped.abs().mean() + eps))
