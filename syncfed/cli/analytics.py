@@ -271,6 +271,12 @@ def _finite(values: np.ndarray) -> list[float | None]:
     return [float(value) if math.isfinite(value) else None for value in values]
 
 
+def _label_names(query: Query, count: int) -> list[str]:
+    """The histogram's rows: the agreed class names over own data, else the label numbers (the digits)."""
+    classes = query.data.classes if query.data is not None else None
+    return list(classes) if classes is not None else [str(label) for label in range(count)]
+
+
 def _tabulate(
     query: Query, results: dict[str, QueryResult], probabilities: Sequence[float], *, per_worker: bool = True
 ) -> tuple[list[list[str]], dict[str, Any]]:
@@ -281,7 +287,10 @@ def _tabulate(
     """
     if query.query == "label-histogram" and not per_worker:
         total = combine_labels(query, results)
-        rows = [["label", "total"], *([str(label), str(count)] for label, count in enumerate(total))]
+        rows = [
+            ["label", "total"],
+            *([label, str(count)] for label, count in zip(_label_names(query, len(total)), total, strict=True)),
+        ]
         rows.append(["total", str(total.sum())])
         return rows, {"total": total.tolist()}
     if query.query == "label-histogram":
@@ -289,7 +298,8 @@ def _tabulate(
         counts = {name: result.tensors["labels"] for name, result in results.items()}
         rows = [["label", *results, "total"]]
         rows += [
-            [str(label), *(str(c[label]) for c in counts.values()), str(total[label])] for label in range(len(total))
+            [name, *(str(c[label]) for c in counts.values()), str(total[label])]
+            for label, name in enumerate(_label_names(query, len(total)))
         ]
         rows.append(["total", *(str(result.num_examples) for result in results.values()), str(total.sum())])
         answer = {"total": total.tolist(), "per_worker": {name: c.tolist() for name, c in counts.items()}}
@@ -341,7 +351,8 @@ def _tabulate_private(
     rng = np.random.default_rng(seed)  # None: fresh entropy from the OS, never from the data
     if query.query == "label-histogram":
         total, mechanism = private_labels(query, results, epsilon, rng)
-        rows = [["label", "total"], *([str(label), f"{count:.1f}"] for label, count in enumerate(total))]
+        names = _label_names(query, len(total))
+        rows = [["label", "total"], *([name, f"{count:.1f}"] for name, count in zip(names, total, strict=True))]
         rows.append(["total", f"{total.sum():.1f}"])
         return rows, {"total": total.tolist(), "noise": [_noise("each count", mechanism)]}
     if query.query == "feature-stats":

@@ -127,6 +127,8 @@ class Journal:
             return RunResult(model_name, get_weights(build())), 1
         self.run_id = str(checkpoint.identity.get("run_id", self.run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
+        if plan is not None:  # other classes change the model's shape: say why, not which tensor differs
+            _recorded_plan(checkpoint, plan)
         check_weights(checkpoint, get_weights(build()))
         recorded = checkpoint.strategy_state.get("name")
         if recorded is not None and recorded != self.strategy.name:
@@ -152,17 +154,7 @@ class Journal:
         """
         if self._resumed is None or self._plan is None:
             return None
-        body = self._resumed.identity.get("data_plan")
-        try:
-            recorded = DataPlan.from_body(body)
-        except ProtocolError as exc:
-            raise CheckpointError(f"cannot resume: the checkpoint's data plan is invalid: {exc}") from None
-        if recorded.without_statistics() != self._plan.without_statistics():
-            raise CheckpointError(
-                "cannot resume: the workers' data no longer agree with the checkpointed run's (classes, features,"
-                " categories or input shape changed); use another --checkpoint-dir to start a new run"
-            )
-        return recorded
+        return _recorded_plan(self._resumed, self._plan)
 
     def use_plan(self, plan: DataPlan) -> None:
         """The plan the rounds will carry, statistics included: checkpoints and the registry record it."""
@@ -248,6 +240,24 @@ class Journal:
         self._metrics.flush()
         os.fsync(self._metrics.fileno())
         return self._metrics.tell()
+
+
+def _recorded_plan(checkpoint: Checkpoint, plan: DataPlan) -> DataPlan:
+    """The plan ``checkpoint`` recorded, statistics included, if the workers' data still agree on it (``plan``).
+
+    Raises:
+        CheckpointError: the recorded plan is unreadable, or differs from ``plan`` beyond its statistics.
+    """
+    try:
+        recorded = DataPlan.from_body(checkpoint.identity.get("data_plan"))
+    except ProtocolError as exc:
+        raise CheckpointError(f"cannot resume: the checkpoint's data plan is invalid: {exc}") from None
+    if recorded.without_statistics() != plan.without_statistics():
+        raise CheckpointError(
+            "cannot resume: the workers' data no longer agree with the checkpointed run's (classes, features,"
+            " categories or input shape changed); use another --checkpoint-dir to start a new run"
+        )
+    return recorded
 
 
 def _check_metrics_file(path: Path, checkpoint: Checkpoint) -> None:

@@ -102,6 +102,8 @@ class Pool:
         self.evaluator = links[next(iter(config.evaluator))] if config.evaluator else None
         self.backoff = {name: Backoff() for name in links}
         self.joining: dict[str, asyncio.Task[None]] = {}
+        #: Why each worker that came back was last refused (its data or model no longer fit the run).
+        self.refused: dict[str, str] = {}
         #: Each worker's example count as its hello said: the most its updates may weigh.
         self.num_examples: dict[str, int] = {}
         #: The model every worker can build and the data they share, once :meth:`start` checked them.
@@ -258,9 +260,14 @@ class Pool:
             await link.close()
             self.back_off(link)
             logger.info("%s: still unavailable (%s)", link.name, exc)
+            if isinstance(exc, IncompatibleWorkers) and self.refused.get(link.name) != str(exc):
+                # Not down but changed: the operator must hear it, once, not at each retry.
+                self.refused[link.name] = str(exc)
+                self.report(f"Worker {link.name} refused: {exc}")
             return
         finally:
             self.joining.pop(link.name, None)
+        self.refused.pop(link.name, None)
         self.succeeded(link)
         self.report(f"Worker {link.name} rejoined")
 
