@@ -47,7 +47,7 @@ def prediction_groups(config: CoordinatorConfig, infos: Mapping[str, Info]) -> d
         if name in config.workers and not config.secure_agg and info.histogram is not None
     }
     held = [label for classes in groups.values() for label in classes]
-    return groups if len(groups) > 1 and len(held) == len(set(held)) else {}
+    return groups if len(held) == len(set(held)) else {}
 
 
 class Coordinator:
