@@ -39,6 +39,9 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
 #: Fragments smaller than this would cost more in framing than they save in memory.
 MIN_CHUNK_SIZE: Final = 64 * 2**10
+#: A table encoded as a plan says (one float32 per example and one-hot slot) that a worker will hold: the
+#: plan's vocabularies size it, so without a bound a coordinator could ask for more memory than the machine has.
+DEFAULT_MAX_PREPARED_BYTES: Final = 2 * 2**30
 #: Training updates the coordinator receives at once; finished workers hold theirs until a slot frees.
 DEFAULT_RECEIVE_SLOTS: Final = 2
 #: The learning rate decays or stays: a factor above 1 would grow it past any float in a few hundred rounds.
@@ -135,6 +138,7 @@ class WorkerConfig:
     max_pending_connections: int = 64  # connections still authenticating; a newcomer evicts the oldest
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     max_secagg_clients: int = 1024  # largest secure aggregation round (clients, so neighbours too) it joins
+    max_prepared_bytes: int = DEFAULT_MAX_PREPARED_BYTES  # a table encoded as a plan says; a larger one is refused
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
     withhold_histogram: bool = False  # hello sends no class histogram, only a power-of-two bound on its size
@@ -174,6 +178,8 @@ class WorkerConfig:
         _positive("handshake_timeout", self.handshake_timeout)
         if self.idle_timeout is not None and not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise ConfigError(f"idle_timeout must be a non-negative number of seconds, not {self.idle_timeout!r}")
+        if self.max_prepared_bytes < 1:
+            raise ConfigError(f"max prepared bytes {self.max_prepared_bytes} is below the minimum of 1 byte")
         if not 2 <= self.max_secagg_clients <= MAX_CLIENTS:
             raise ConfigError(f"max secure aggregation clients {self.max_secagg_clients} is not in 2..{MAX_CLIENTS}")
         _check_tls(self.tls_cert, self.tls_key)

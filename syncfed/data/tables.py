@@ -28,7 +28,7 @@ import pandas as pd
 from ..datasets import Dataset
 from ..exceptions import ConfigError, DatasetError, ProtocolError, describe
 from ..protocol.data_messages import DataPlan, DataSchema, Feature
-from .base import SourceOptions, standardize
+from .base import SourceOptions
 from .labels import class_name, class_order, plan_labels, read_labels
 from .loaders import reason
 
@@ -114,11 +114,18 @@ class TableSource:
 
     def prepare(self, plan: DataPlan) -> Dataset:
         """The rows encoded as ``plan`` says (see :meth:`syncfed.data.base.Source.prepare`): features matched by
-        name in the plan's order, a number as one column, a category one-hot over the plan's vocabulary and a
-        last "other" slot; then standardised with the plan's statistics."""
+        name in the plan's order, a number as one column standardised with the plan's statistics, a category
+        one-hot over the plan's vocabulary and a last "other" slot, each slot 0 or 1.
+
+        The one array is filled in place: a plan's vocabularies can make it wide, and a worker bounds its
+        size before asking for it (``--max-prepared-bytes``).
+        """
         if plan.kind != "table":
             raise DatasetError(f"{self.where}: this worker holds a table, the plan describes {plan.kind}")
+        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
         vocabularies = plan.categories or {}
+        mean = np.asarray(plan.mean, dtype=np.float32)
+        std = np.asarray(plan.std, dtype=np.float32)
         x = np.zeros((len(self), plan.input_shape[0]), dtype=np.float32)
         offset = 0
         for name in plan.features:
@@ -128,7 +135,8 @@ class TableSource:
                         f"{self.where}: column {name!r} is categorical in the plan, numeric here:"
                         f" start this worker with --categorical-columns {name}"
                     )
-                x[:, offset] = self._numeric[:, self._numeric_column[name]]
+                column = self._numeric[:, self._numeric_column[name]]
+                x[:, offset] = (column - mean[offset]) / std[offset] if plan.mean else column
                 offset += 1
             elif name in self._code_column:
                 if name not in vocabularies:
@@ -145,8 +153,7 @@ class TableSource:
                 offset += len(vocabulary) + 1
             else:
                 raise DatasetError(f"{self.where}: this site's table has no column {name!r}")
-        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
-        return Dataset(self.name, standardize(x, plan), labels, plan.num_classes, plan.classes or ())
+        return Dataset(self.name, x, labels, plan.num_classes, plan.classes or ())
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self._numeric.tobytes())
