@@ -64,11 +64,14 @@ class TableSource:
         codes: np.ndarray,
         levels: dict[str, tuple[str, ...]],
         labels: np.ndarray,
+        min_group_size: int,
     ) -> None:
         """The parts :func:`_parse` read: ``numeric`` (float32, one column per numeric feature, in the
         schema's order), ``codes`` (int32, one column per categorical feature: an index into its
-        ``levels``, every value this site holds, or -1 for a missing one) and the labels."""
+        ``levels``, every value this site holds, or -1 for a missing one) and the labels;
+        ``min_group_size``, the fewest examples of a category the schema names."""
         self.where = where
+        self.min_group_size = min_group_size
         self.classes = schema.classes
         self._schema = schema
         self._labels = labels
@@ -277,6 +280,7 @@ def _parse(frame: Any, options: SourceOptions, where: str) -> TableSource:
         np.stack(codes, axis=1) if codes else np.zeros((len(frame), 0), dtype=np.int32),
         levels,
         labels,
+        options.min_group_size,
     )
 
 

@@ -254,8 +254,16 @@ def hold_source(config: WorkerConfig, source: Source, spec: DatasetSpec | None =
     trainer holds out ``config.val_fraction`` for validation as for a bundled data set (:func:`load_shard`).
 
     Raises:
-        ConfigError: if the shard holds no examples.
+        ConfigError: if the shard holds no examples, or ``source`` names categories of fewer examples than
+            ``config.min_group_size`` (a table read with a smaller minimum, as ``load_data`` can).
     """
+    # A table's schema names the categories its reading let through; hello would reveal them as they are.
+    read_with = getattr(source, "min_group_size", config.min_group_size)
+    if read_with < config.min_group_size:
+        raise ConfigError(
+            f"the data were read with a minimum group size of {read_with}, below this worker's"
+            f" {config.min_group_size}: read them with load_data(..., min_group_size={config.min_group_size})"
+        )
     examples = np.arange(len(source))
     if config.shard is not None:
         shard, count = config.shard
