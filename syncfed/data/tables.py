@@ -40,6 +40,9 @@ TABLE_FORMATS: Final = ("csv", "tsv", "parquet")
 #: How many of a table's column names an error line lists.
 _LISTED_COLUMNS: Final = 20
 
+#: The package pandas needs to decompress a file of each suffix that the standard library cannot.
+_PACKAGES: Final = {".zst": "zstandard"}
+
 #: The name pandas gives a CSV column with an empty header, as the index column of ``DataFrame.to_csv``.
 _UNNAMED = re.compile(r"Unnamed: \d+")
 
@@ -185,7 +188,12 @@ def _read_file(path: Path, format: str) -> Any:
         raise DatasetError(f"{path}: a folder, not a {format} file") from None
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty") from None
-    except (OSError, ValueError, pd.errors.ParserError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+    except ImportError as exc:  # pandas imports what a file needs (zstandard, pyarrow) only when it reads one
+        package = "pyarrow" if format == "parquet" else _PACKAGES.get(path.suffix.lower())
+        needs = f"it needs the {package} package (pip install {package})" if package else reason(exc)
+        raise DatasetError(f"{path}: cannot be read as {format}: {needs}") from None
+    # pyarrow's ArrowInvalid is a ValueError, its ArrowNotImplementedError (a type or codec it lacks) this one
+    except (OSError, ValueError, NotImplementedError, pd.errors.ParserError) as exc:
         raise DatasetError(f"{path}: cannot be read as {format}: {reason(exc)}") from None
 
 
