@@ -237,12 +237,17 @@ class QueryRound:
 
 
 async def ask_each(
-    query: Query, links: Mapping[str, WorkerLink]
+    query: Query, links: Mapping[str, WorkerLink], *, timeout: float | None = None
 ) -> tuple[dict[str, QueryResult], dict[str, SyncfedError]]:
-    """Send ``query`` to every worker at once: the answers, and each failed worker's error."""
+    """Send ``query`` to every worker at once: the answers, and each failed worker's error.
+
+    ``timeout``: seconds each worker has to answer; ``None``, its link's request timeout.
+    """
     results: dict[str, QueryResult] = {}
     failures: dict[str, SyncfedError] = {}
-    replies = await asyncio.gather(*(link.request(query) for link in links.values()), return_exceptions=True)
+    replies = await asyncio.gather(
+        *(link.request(query, timeout=timeout) for link in links.values()), return_exceptions=True
+    )
     for name, reply in zip(links, replies, strict=True):
         if isinstance(reply, SyncfedError):
             failures[name] = reply
