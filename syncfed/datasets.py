@@ -231,19 +231,19 @@ class DatasetSpec:
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
     """Parse ``"digits-train=digits:train"`` (key, data set, split) or ``"north=csv:claims.csv"`` (key and
-    a spec of the worker's own data) into a :class:`DatasetSpec`.
+    a spec of the worker's own data, any that ``--data`` takes, a bare path included) into a :class:`DatasetSpec`.
 
     Raises:
         ConfigError: if it does not look like ``KEY=DATASET:SPLIT`` or ``KEY=SPEC`` or a part is invalid.
     """
     key, equals, rest = text.partition("=")
     dataset, colon, split = rest.partition(":")
-    if not equals or not colon:
+    if not equals or not rest.strip() or (not colon and rest.strip() in DATASETS):
         raise ConfigError(
             f"data set spec {text!r} must look like digits-train=digits:train (KEY=DATASET:SPLIT)"
             " or north=csv:claims.csv (KEY=SPEC of own data)"
         )
-    if dataset.strip() not in DATASETS:
+    if dataset.strip() not in DATASETS or not colon:
         return DatasetSpec(key.strip(), source=rest.strip())
     return DatasetSpec(key.strip(), dataset.strip(), split.strip())  # type: ignore[arg-type]  # checked on construction
 
