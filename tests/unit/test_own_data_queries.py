@@ -37,8 +37,8 @@ def test_all_features_of_a_table_are_its_numeric_columns_and_a_chosen_slot_is_se
     assert every.features == (0, 1) and every.data is not None and every.data.input_shape == (5,)
     quantiles = build_query(QuerySettings("quantiles", None, 4, (0.0, 1.0)), infos(TABLE))
     assert quantiles.features == (0, 1)
-    # Chosen features go as chosen: the workers refuse a slot (tests/e2e/test_own_data_guards.py).
-    assert build_query(QuerySettings("feature-stats", features=(1, 4)), infos(TABLE)).features == (1, 4)  # dose, "other"
+    # Chosen features (dose, "other") go as chosen: the workers refuse a slot (tests/e2e/test_own_data_guards.py).
+    assert build_query(QuerySettings("feature-stats", features=(1, 4)), infos(TABLE)).features == (1, 4)
     arrays = DataSchema("arrays", (3,), ("no", "yes"))
     assert build_query(QuerySettings("feature-stats", features=None), infos(arrays)).features == (0, 1, 2)
 
