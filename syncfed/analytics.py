@@ -51,7 +51,7 @@ answer that combines like a single worker's.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -199,19 +199,32 @@ def _histograms(
     return selected.reshape(len(features), size), pooled, examples
 
 
-def answer(query: Query, data: Dataset, min_group_size: int) -> QueryResult | Error:
+def answer(
+    query: Query, data: Dataset, min_group_size: int, *, selectable: Collection[int] | None = None
+) -> QueryResult | Error:
     """This worker's answer to ``query`` over ``data``, or the error reply that refuses it.
 
     Answers ``incompatible`` for a feature the data does not have (or a
     label histogram of a continuous label) and ``refused`` for an answer that
-    would describe a group smaller than ``min_group_size`` examples. The
-    inputs are read a chunk of examples at a time, so a folder of images is
-    never held whole; per-chunk moments merge exactly (:func:`merge_moments`).
+    would describe a group smaller than ``min_group_size`` examples, or one
+    that selects a feature outside ``selectable`` (a table's numeric columns:
+    the mean of a category's one-hot slot times the count is the number of
+    examples holding it, however few). The inputs are read a chunk of examples
+    at a time, so a folder of images is never held whole; per-chunk moments
+    merge exactly (:func:`merge_moments`).
     """
     num_examples, num_features = len(data), math.prod(data.input_shape)
     beyond = [index for index in query.features if index >= num_features]
     if beyond:
         return Error("incompatible", f"feature {beyond[0]} is beyond this worker's {num_features} features")
+    if selectable is not None:
+        slot = next((index for index in query.features if index not in selectable), None)
+        if slot is not None:
+            return Error(
+                "refused",
+                f"{query.query} of feature {slot} would count the examples of a category (a one-hot slot),"
+                f" which may be fewer than {min_group_size}; this worker's minimum group size is {min_group_size}",
+            )
     if num_examples < min_group_size:
         return Error(
             "refused",

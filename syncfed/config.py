@@ -39,6 +39,9 @@ __all__ = [
 DEFAULT_MAX_MESSAGE_SIZE: Final = 512 * 2**20
 #: Fragments smaller than this would cost more in framing than they save in memory.
 MIN_CHUNK_SIZE: Final = 64 * 2**10
+#: A table encoded as a plan says (one float32 per example and one-hot slot) that a worker will hold: the
+#: plan's vocabularies size it, so without a bound a coordinator could ask for more memory than the machine has.
+DEFAULT_MAX_PREPARED_BYTES: Final = 2 * 2**30
 #: Training updates the coordinator receives at once; finished workers hold theirs until a slot frees.
 DEFAULT_RECEIVE_SLOTS: Final = 2
 #: The learning rate decays or stays: a factor above 1 would grow it past any float in a few hundred rounds.
@@ -47,6 +50,9 @@ MAX_LR_DECAY: Final = 1.0
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
 DEFAULT_REQUEST_TIMEOUT: Final = 600.0
+#: Each federated-normalisation query reads a site's whole data: an image folder of 100,000 files, decoded
+#: once per channel (twice under secure aggregation), takes far longer than an evaluation reply.
+DEFAULT_STATISTICS_TIMEOUT: Final = 3600.0
 DEFAULT_ROUND_TIMEOUT: Final = 600.0
 DEFAULT_PING_INTERVAL: Final = 1.0
 DEFAULT_PING_TIMEOUT: Final = 3.0
@@ -135,6 +141,7 @@ class WorkerConfig:
     max_pending_connections: int = 64  # connections still authenticating; a newcomer evicts the oldest
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     max_secagg_clients: int = 1024  # largest secure aggregation round (clients, so neighbours too) it joins
+    max_prepared_bytes: int = DEFAULT_MAX_PREPARED_BYTES  # a table encoded as a plan says; a larger one is refused
     # Privacy
     min_group_size: int = 10  # analytics answers never describe fewer examples than this
     withhold_histogram: bool = False  # hello sends no class histogram, only a power-of-two bound on its size
@@ -174,6 +181,8 @@ class WorkerConfig:
         _positive("handshake_timeout", self.handshake_timeout)
         if self.idle_timeout is not None and not (math.isfinite(self.idle_timeout) and self.idle_timeout >= 0):
             raise ConfigError(f"idle_timeout must be a non-negative number of seconds, not {self.idle_timeout!r}")
+        if self.max_prepared_bytes < 1:
+            raise ConfigError(f"max prepared bytes {self.max_prepared_bytes} is below the minimum of 1 byte")
         if not 2 <= self.max_secagg_clients <= MAX_CLIENTS:
             raise ConfigError(f"max secure aggregation clients {self.max_secagg_clients} is not in 2..{MAX_CLIENTS}")
         _check_tls(self.tls_cert, self.tls_key)
@@ -298,6 +307,7 @@ class CoordinatorConfig:
     # Timeouts
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # evaluation replies
+    statistics_timeout: float = DEFAULT_STATISTICS_TIMEOUT  # each federated-normalisation query (own data)
     round_timeout: float = DEFAULT_ROUND_TIMEOUT  # training replies
     ping_interval: float | None = DEFAULT_PING_INTERVAL  # None: no liveness pings
     ping_timeout: float | None = DEFAULT_PING_TIMEOUT
@@ -349,6 +359,7 @@ class CoordinatorConfig:
             "lr_min",
             "connect_timeout",
             "request_timeout",
+            "statistics_timeout",
             "round_timeout",
             "ping_interval",
             "ping_timeout",

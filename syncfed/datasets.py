@@ -38,6 +38,7 @@ __all__ = [
     "DATASETS",
     "Dataset",
     "LazyInputs",
+    "Rows",
     "DatasetSpec",
     "Split",
     "check_dataset_key",
@@ -67,6 +68,8 @@ _MNIST_FILES: Final[dict[str, str]] = {  # file name -> md5 of the gzipped file
     "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
     "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
 }
+#: Rows a :class:`Rows` view copies at once to digest them.
+_FINGERPRINT_ROWS: Final = 4096
 _IDX_TYPES: Final[dict[int, str]] = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -92,6 +95,41 @@ class LazyInputs(Protocol):
     def subset(self, indices: np.ndarray) -> LazyInputs: ...
 
     def fingerprint(self) -> str: ...
+
+
+class Rows:
+    """Rows of an array in memory, in a given order, as :class:`LazyInputs`: a view that copies a batch at a time.
+
+    A worker's training and validation splits of own data share the one
+    array prepared for a plan this way, rather than each holding a copy.
+    """
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray) -> None:
+        self.array = array
+        self.rows = rows
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.array[self.rows[indices]])
+
+    def subset(self, indices: np.ndarray) -> Rows:
+        return Rows(self.array, self.rows[indices])
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for start in range(0, len(self.rows), _FINGERPRINT_ROWS):
+            digest.update(self.take(np.arange(start, min(start + _FINGERPRINT_ROWS, len(self)))).data)
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -193,19 +231,19 @@ class DatasetSpec:
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
     """Parse ``"digits-train=digits:train"`` (key, data set, split) or ``"north=csv:claims.csv"`` (key and
-    a spec of the worker's own data) into a :class:`DatasetSpec`.
+    a spec of the worker's own data, any that ``--data`` takes, a bare path included) into a :class:`DatasetSpec`.
 
     Raises:
         ConfigError: if it does not look like ``KEY=DATASET:SPLIT`` or ``KEY=SPEC`` or a part is invalid.
     """
     key, equals, rest = text.partition("=")
     dataset, colon, split = rest.partition(":")
-    if not equals or not colon:
+    if not equals or not rest.strip() or (not colon and rest.strip() in DATASETS):
         raise ConfigError(
             f"data set spec {text!r} must look like digits-train=digits:train (KEY=DATASET:SPLIT)"
             " or north=csv:claims.csv (KEY=SPEC of own data)"
         )
-    if dataset.strip() not in DATASETS:
+    if dataset.strip() not in DATASETS or not colon:
         return DatasetSpec(key.strip(), source=rest.strip())
     return DatasetSpec(key.strip(), dataset.strip(), split.strip())  # type: ignore[arg-type]  # checked on construction
 

@@ -27,6 +27,7 @@ from ..config import (
     DEFAULT_RECONNECT_MAX_DELAY,
     DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_ROUND_TIMEOUT,
+    DEFAULT_STATISTICS_TIMEOUT,
     DEFAULT_WORKERS,
     DP_MODES,
     CoordinatorConfig,
@@ -340,6 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_REQUEST_TIMEOUT,
         help="seconds to wait for an evaluation reply (default: %(default)s)",
+    )
+    limits.add_argument(
+        "--statistics-timeout",
+        type=float,
+        default=DEFAULT_STATISTICS_TIMEOUT,
+        help="seconds each site has to answer a federated-normalisation query over its own data, which reads"
+        " all of it: an image folder once per channel, twice under --secure-agg (default: %(default)s)",
     )
     _add_privacy_flags(parser)
     return parser

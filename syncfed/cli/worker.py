@@ -23,6 +23,7 @@ from ..config import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_PREPARED_BYTES,
     WorkerConfig,
 )
 from ..data.base import LABEL_TYPES, MISSING_POLICIES, SourceOptions
@@ -206,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1024,
         help="largest secure aggregation round joined, in clients; larger ones are refused (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-prepared-bytes",
+        type=size,
+        default=DEFAULT_MAX_PREPARED_BYTES,
+        help="largest table encoded as the federation's plan says (a float32 per example and one-hot slot),"
+        " in bytes or with a unit such as 512MiB; a plan asking more is refused (default: %(default)s)",
     )
     parser.add_argument(
         "--min-group-size",

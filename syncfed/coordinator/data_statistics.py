@@ -11,6 +11,10 @@ Under ``--secure-agg`` it learns only sums, and a secure sum needs bounded
 values, so it takes two passes (``syncfed.data.normalization``): coarse
 moments of the values clipped to a wide range, then the moments of the values
 standardised with the coarse ones, clipped to a narrow range, which refine them.
+
+Each query reads a site's whole data (an image folder once per channel, twice
+under ``--secure-agg``), so it has its own timeout, ``--statistics-timeout``,
+well above the one for an evaluation reply.
 """
 
 from __future__ import annotations
@@ -91,7 +95,7 @@ async def _answers(
                     num_classes=query.data.num_classes,
                     largest=max(infos[name].num_examples for name in trainers),
                     threshold=config.secagg_threshold,
-                    timeout=config.request_timeout,
+                    timeout=config.statistics_timeout,
                     failures=failures,
                 )
             except QuorumNotMet as exc:
@@ -99,7 +103,7 @@ async def _answers(
             results = {SECURE_SUM: result}
             error = max(error, float(round_["sum_error_bound"]))
         else:
-            results, failures = await ask_each(query, trainers)
+            results, failures = await ask_each(query, trainers, timeout=config.statistics_timeout)
         if failures:
             name, failure = next(iter(failures.items()))
             raise IncompatibleWorkers(

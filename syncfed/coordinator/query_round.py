@@ -27,10 +27,11 @@ from typing import Any, Final
 
 from ..analytics import from_sums, secure_clip, sums_length
 from ..compatibility import agreed_plan
+from ..data.normalization import _standardised
 from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
 from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
-from ..protocol import Hello, Info, Query, QueryResult
+from ..protocol import DataPlan, Hello, Info, Query, QueryResult
 from ..secagg import SecAggConfig
 
 __all__ = [
@@ -57,7 +58,7 @@ class QuerySettings:
     """What to ask every worker, and how.
 
     ``features`` are indices into the flattened input; ``None`` asks for all
-    of them (label histograms take none). ``clip_range`` makes the workers clip
+    of them, over a table its numeric columns (label histograms take none). ``clip_range`` makes the workers clip
     every value of a ``feature-stats`` query, as differential privacy and
     secure aggregation need bounded sums.
     """
@@ -95,7 +96,8 @@ def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
     """The query for workers that hold ``infos``; the settings are checked against their input size.
 
     Over a user's own data the query carries the plan the workers' schemas
-    agree on (without standardisation): features index its encoded input.
+    agree on (without standardisation): features index its encoded input, and
+    "all of them" (``features`` ``None``) are a table's numeric columns.
 
     Raises:
         IncompatibleWorkers: if the workers' inputs differ in size, or their own data does not agree.
@@ -113,7 +115,7 @@ def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
         num_features = math.prod(plan.input_shape)
     features: tuple[int, ...] = ()
     if settings.query != "label-histogram":
-        features = tuple(range(num_features)) if settings.features is None else settings.features
+        features = _every_feature(plan, num_features) if settings.features is None else settings.features
     if features and features[-1] >= num_features:
         raise ConfigError(f"feature {features[-1]} is beyond the workers' {num_features} features")
     if settings.query == "feature-stats" and settings.clip_range is not None:
@@ -121,6 +123,14 @@ def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
     if settings.query != "quantiles":
         return Query(settings.query, features, data=plan)
     return Query(settings.query, features, settings.bins, settings.value_range, plan)
+
+
+def _every_feature(plan: DataPlan | None, num_features: int) -> tuple[int, ...]:
+    """What "all features" selects: every input value, but of a table only its numeric columns, since a
+    one-hot slot would count a category's rows (which its workers refuse)."""
+    if plan is not None and plan.kind == "table":
+        return tuple(_standardised(plan).tolist())
+    return tuple(range(num_features))
 
 
 def query_width(query: Query, infos: Mapping[str, Info]) -> int:
@@ -227,12 +237,17 @@ class QueryRound:
 
 
 async def ask_each(
-    query: Query, links: Mapping[str, WorkerLink]
+    query: Query, links: Mapping[str, WorkerLink], *, timeout: float | None = None
 ) -> tuple[dict[str, QueryResult], dict[str, SyncfedError]]:
-    """Send ``query`` to every worker at once: the answers, and each failed worker's error."""
+    """Send ``query`` to every worker at once: the answers, and each failed worker's error.
+
+    ``timeout``: seconds each worker has to answer; ``None``, its link's request timeout.
+    """
     results: dict[str, QueryResult] = {}
     failures: dict[str, SyncfedError] = {}
-    replies = await asyncio.gather(*(link.request(query) for link in links.values()), return_exceptions=True)
+    replies = await asyncio.gather(
+        *(link.request(query, timeout=timeout) for link in links.values()), return_exceptions=True
+    )
     for name, reply in zip(links, replies, strict=True):
         if isinstance(reply, SyncfedError):
             failures[name] = reply

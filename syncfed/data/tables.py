@@ -28,7 +28,7 @@ import pandas as pd
 from ..datasets import Dataset
 from ..exceptions import ConfigError, DatasetError, ProtocolError, describe
 from ..protocol.data_messages import DataPlan, DataSchema, Feature
-from .base import SourceOptions, standardize
+from .base import SourceOptions
 from .labels import class_name, class_order, plan_labels, read_labels
 from .loaders import reason
 
@@ -39,6 +39,9 @@ TABLE_FORMATS: Final = ("csv", "tsv", "parquet")
 
 #: How many of a table's column names an error line lists.
 _LISTED_COLUMNS: Final = 20
+
+#: The package pandas needs to decompress a file of each suffix that the standard library cannot.
+_PACKAGES: Final = {".zst": "zstandard"}
 
 #: The name pandas gives a CSV column with an empty header, as the index column of ``DataFrame.to_csv``.
 _UNNAMED = re.compile(r"Unnamed: \d+")
@@ -64,11 +67,14 @@ class TableSource:
         codes: np.ndarray,
         levels: dict[str, tuple[str, ...]],
         labels: np.ndarray,
+        min_group_size: int,
     ) -> None:
         """The parts :func:`_parse` read: ``numeric`` (float32, one column per numeric feature, in the
         schema's order), ``codes`` (int32, one column per categorical feature: an index into its
-        ``levels``, every value this site holds, or -1 for a missing one) and the labels."""
+        ``levels``, every value this site holds, or -1 for a missing one) and the labels;
+        ``min_group_size``, the fewest examples of a category the schema names."""
         self.where = where
+        self.min_group_size = min_group_size
         self.classes = schema.classes
         self._schema = schema
         self._labels = labels
@@ -114,11 +120,18 @@ class TableSource:
 
     def prepare(self, plan: DataPlan) -> Dataset:
         """The rows encoded as ``plan`` says (see :meth:`syncfed.data.base.Source.prepare`): features matched by
-        name in the plan's order, a number as one column, a category one-hot over the plan's vocabulary and a
-        last "other" slot; then standardised with the plan's statistics."""
+        name in the plan's order, a number as one column standardised with the plan's statistics, a category
+        one-hot over the plan's vocabulary and a last "other" slot, each slot 0 or 1.
+
+        The one array is filled in place: a plan's vocabularies can make it wide, and a worker bounds its
+        size before asking for it (``--max-prepared-bytes``).
+        """
         if plan.kind != "table":
             raise DatasetError(f"{self.where}: this worker holds a table, the plan describes {plan.kind}")
+        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
         vocabularies = plan.categories or {}
+        mean = np.asarray(plan.mean, dtype=np.float32)
+        std = np.asarray(plan.std, dtype=np.float32)
         x = np.zeros((len(self), plan.input_shape[0]), dtype=np.float32)
         offset = 0
         for name in plan.features:
@@ -128,7 +141,8 @@ class TableSource:
                         f"{self.where}: column {name!r} is categorical in the plan, numeric here:"
                         f" start this worker with --categorical-columns {name}"
                     )
-                x[:, offset] = self._numeric[:, self._numeric_column[name]]
+                column = self._numeric[:, self._numeric_column[name]]
+                x[:, offset] = (column - mean[offset]) / std[offset] if plan.mean else column
                 offset += 1
             elif name in self._code_column:
                 if name not in vocabularies:
@@ -145,8 +159,7 @@ class TableSource:
                 offset += len(vocabulary) + 1
             else:
                 raise DatasetError(f"{self.where}: this site's table has no column {name!r}")
-        labels = plan_labels(self._labels, self.classes, plan.classes, self.where)
-        return Dataset(self.name, standardize(x, plan), labels, plan.num_classes, plan.classes or ())
+        return Dataset(self.name, x, labels, plan.num_classes, plan.classes or ())
 
     def fingerprint(self) -> str:
         digest = hashlib.sha256(self._numeric.tobytes())
@@ -175,7 +188,12 @@ def _read_file(path: Path, format: str) -> Any:
         raise DatasetError(f"{path}: a folder, not a {format} file") from None
     except pd.errors.EmptyDataError:
         raise DatasetError(f"{path}: the file is empty") from None
-    except (OSError, ValueError, pd.errors.ParserError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+    except ImportError as exc:  # pandas imports what a file needs (zstandard, pyarrow) only when it reads one
+        package = "pyarrow" if format == "parquet" else _PACKAGES.get(path.suffix.lower())
+        needs = f"it needs the {package} package (pip install {package})" if package else reason(exc)
+        raise DatasetError(f"{path}: cannot be read as {format}: {needs}") from None
+    # pyarrow's ArrowInvalid is a ValueError, its ArrowNotImplementedError (a type or codec it lacks) this one
+    except (OSError, ValueError, NotImplementedError, pd.errors.ParserError) as exc:
         raise DatasetError(f"{path}: cannot be read as {format}: {reason(exc)}") from None
 
 
@@ -270,6 +288,7 @@ def _parse(frame: Any, options: SourceOptions, where: str) -> TableSource:
         np.stack(codes, axis=1) if codes else np.zeros((len(frame), 0), dtype=np.int32),
         levels,
         labels,
+        options.min_group_size,
     )
 
 

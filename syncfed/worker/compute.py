@@ -24,6 +24,7 @@ from torch import nn
 from .. import analytics
 from ..compression import compression_error
 from ..config import WorkerConfig
+from ..data.normalization import _standardised
 from ..datasets import Dataset
 from ..evaluation import VALIDATION
 from ..exceptions import DatasetError, ModelError, RequestFailed
@@ -130,8 +131,13 @@ class Compute:
         return reply
 
     def _answer(self, query: Query, holding: Served) -> QueryResult | Error:
-        data = self._prepared(holding, query.data)[0] if query.data is not None else self._bundled(holding).data
-        return analytics.answer(query, data, self.config.min_group_size)
+        if query.data is None:
+            return analytics.answer(query, self._bundled(holding).data, self.config.min_group_size)
+        # A table's one-hot slots count the rows of each category, the rare ones its schema hides included:
+        # only its numeric columns may be selected (federated normalisation asks for no others).
+        selectable = frozenset(_standardised(query.data).tolist()) if query.data.kind == "table" else None
+        data = self._prepared(holding, query.data)[0]
+        return analytics.answer(query, data, self.config.min_group_size, selectable=selectable)
 
     def _holding(self, key: str | None, plan: DataPlan | None) -> Served:
         """The data set a request names (else the default), checked against whether it carries a data plan.

@@ -9,20 +9,21 @@ a federation agrees on.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeAlias
 
 import numpy as np
 
-from ..config import WorkerConfig
+from ..config import DEFAULT_MAX_PREPARED_BYTES, WorkerConfig
 from ..data.base import Source
 from ..data.sources import open_source
-from ..datasets import Dataset, DatasetSpec, load_dataset
+from ..datasets import Dataset, DatasetSpec, Rows, load_dataset
 from ..evaluation import holdout, validation_seed
-from ..exceptions import ConfigError
+from ..exceptions import ConfigError, DatasetError
 from ..models import BENCH_MODELS, DEMO_MODELS, ModelFactory, resolve_model
 from ..partition import class_indices, default_classes, iid_shard
 from ..protocol import DataPlan, DatasetInfo
@@ -85,7 +86,11 @@ class SourceHolding:
     Preparing follows the plan (class order, feature encoding, statistics),
     so it happens per request, in the compute's thread; the last
     ``cache_size`` plans' examples are kept (a lazy image folder costs
-    nothing to keep, a table its encoded copy).
+    nothing to keep, a table its encoded copy). A table's encoding is sized
+    by the plan's vocabularies, so it is refused before it is made when it
+    would pass ``max_prepared_bytes``, and the tables kept stay within it
+    too: the least recently used make room. The training and validation
+    splits are views of the one prepared array.
     """
 
     def __init__(
@@ -98,10 +103,13 @@ class SourceHolding:
         testing: bool = False,
         # Limits
         cache_size: int = 2,
+        max_prepared_bytes: int = DEFAULT_MAX_PREPARED_BYTES,
     ) -> None:
         """``train`` and ``held``: indices of the source's examples, disjoint."""
         if cache_size < 1:
             raise ConfigError(f"cache size {cache_size} must be at least 1")
+        if max_prepared_bytes < 1:
+            raise ConfigError(f"max prepared bytes {max_prepared_bytes} is below the minimum of 1 byte")
         self.source = source
         self.train = train
         self.held = held
@@ -110,7 +118,9 @@ class SourceHolding:
         self.schema = source.schema()
         self.version = source.fingerprint()
         self.cache_size = cache_size
-        self._prepared: OrderedDict[str, tuple[Dataset, Dataset | None]] = OrderedDict()
+        self.max_prepared_bytes = max_prepared_bytes
+        # Per plan digest: the prepared splits, and the bytes of the table encoding they view (0 for others).
+        self._prepared: OrderedDict[str, tuple[tuple[Dataset, Dataset | None], int]] = OrderedDict()
         self._lock = threading.Lock()  # a query's thread may prepare beside a fit's
 
     @property
@@ -150,21 +160,44 @@ class SourceHolding:
         """The examples trained on (the evaluator: scored on) and the validation split, as ``plan`` says.
 
         Raises:
-            DatasetError: if the plan does not fit this data.
+            DatasetError: if the plan does not fit this data, or its table encoding would pass
+                ``max_prepared_bytes``.
         """
         key = plan.digest()
         with self._lock:
             cached = self._prepared.get(key)
             if cached is not None:
                 self._prepared.move_to_end(key)
-                return cached
+                return cached[0]
+            size = self._encoded_size(plan)
+            while self._prepared and sum(kept for _, kept in self._prepared.values()) + size > self.max_prepared_bytes:
+                self._prepared.popitem(last=False)
             data = self.source.prepare(plan)
+            if isinstance(data.images, np.ndarray):
+                data = replace(data, images=Rows(data.images, np.arange(len(data))))
             train = data if len(self.train) == len(data) else data.subset(self.train)
             prepared = train, data.subset(self.held) if len(self.held) else None
-            self._prepared[key] = prepared
+            self._prepared[key] = prepared, size
             while len(self._prepared) > self.cache_size:
                 self._prepared.popitem(last=False)
             return prepared
+
+    def _encoded_size(self, plan: DataPlan) -> int:
+        """The bytes of the table ``plan`` encodes this data into, checked against the limit; 0 for other kinds,
+        whose size the data held decides (an image folder is read per batch, arrays keep their shape).
+
+        Raises:
+            DatasetError: if the table would pass ``max_prepared_bytes``.
+        """
+        if plan.kind != "table":
+            return 0
+        size = len(self.source) * math.prod(plan.input_shape) * np.dtype(np.float32).itemsize
+        if size > self.max_prepared_bytes:
+            raise DatasetError(
+                f"table of {len(self.source)} rows encoded in {math.prod(plan.input_shape)} values each takes"
+                f" {size} bytes, exceeds limit of {self.max_prepared_bytes} bytes (the worker's --max-prepared-bytes)"
+            )
+        return size
 
 
 #: A data set a worker serves, bundled or its own.
@@ -221,8 +254,16 @@ def hold_source(config: WorkerConfig, source: Source, spec: DatasetSpec | None =
     trainer holds out ``config.val_fraction`` for validation as for a bundled data set (:func:`load_shard`).
 
     Raises:
-        ConfigError: if the shard holds no examples.
+        ConfigError: if the shard holds no examples, or ``source`` names categories of fewer examples than
+            ``config.min_group_size`` (a table read with a smaller minimum, as ``load_data`` can).
     """
+    # A table's schema names the categories its reading let through; hello would reveal them as they are.
+    read_with = getattr(source, "min_group_size", config.min_group_size)
+    if read_with < config.min_group_size:
+        raise ConfigError(
+            f"the data were read with a minimum group size of {read_with}, below this worker's"
+            f" {config.min_group_size}: read them with load_data(..., min_group_size={config.min_group_size})"
+        )
     examples = np.arange(len(source))
     if config.shard is not None:
         shard, count = config.shard
@@ -232,9 +273,13 @@ def hold_source(config: WorkerConfig, source: Source, spec: DatasetSpec | None =
                 f"worker {config.worker_id} holds no examples: shard {shard + 1}/{count} of {len(source)} is empty"
             )
     if config.testing or config.val_fraction == 0:
-        return SourceHolding(source, examples, examples[:0], spec=spec, testing=config.testing)
-    train, held = _holdout(config, len(examples))
-    return SourceHolding(source, examples[train], examples[held], spec=spec, testing=config.testing)
+        train, held = examples, examples[:0]
+    else:
+        positions, held_positions = _holdout(config, len(examples))
+        train, held = examples[positions], examples[held_positions]
+    return SourceHolding(
+        source, train, held, spec=spec, testing=config.testing, max_prepared_bytes=config.max_prepared_bytes
+    )
 
 
 def load_holdings(config: WorkerConfig) -> list[Served]:

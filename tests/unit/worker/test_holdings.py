@@ -66,7 +66,7 @@ def test_a_trainer_holds_out_a_seeded_validation_split_and_the_evaluator_holds_e
     assert np.array_equal(again.held, trainer.held)  # seeded by the worker's id
     train, validation = trainer.prepared(PLAN)
     assert validation is not None and (len(train), len(validation)) == (40, 10)
-    assert np.array_equal(train.images[:, 0], trainer.train * 3)  # the examples trained on, in order
+    assert np.array_equal(train.batch(np.arange(len(train)))[:, 0], trainer.train * 3)  # those trained on, in order
     labels = source().labels
     assert trainer.histogram() == [int(np.sum(labels[trainer.train] == k)) for k in range(3)]
 
