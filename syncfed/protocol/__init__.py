@@ -4,6 +4,7 @@ No module here does I/O: they turn bytes into validated messages and back.
 The package is layered, each module importing only those above it:
 
 - :mod:`~syncfed.protocol.base`: the version, error codes, limits and field checks;
+- :mod:`~syncfed.protocol.task_messages`: the task a request trains for and the metric sums it scores;
 - :mod:`~syncfed.protocol.messages`, :mod:`~syncfed.protocol.training_messages`,
   :mod:`~syncfed.protocol.queries`, :mod:`~syncfed.protocol.secagg_messages`: the messages;
 - :mod:`~syncfed.protocol.unpacking`: msgpack decoding bounded by what it may cost;
@@ -45,9 +46,16 @@ from .secagg_messages import (
 )
 from .streaming import DEFAULT_CHUNK_SIZE, STREAM_MAGIC, MessageDecoder, Outgoing, decode, encode_fragments
 from .streaming import Buffer as Buffer
+from .task_messages import LOSSES, METRICS, REGRESSION_SUMS, TASK_KINDS, Recipe
+from .task_messages import MAX_CONFUSION_CLASSES as MAX_CONFUSION_CLASSES
+from .task_messages import MAX_HIDDEN as MAX_HIDDEN
+from .task_messages import MAX_SCORE_BINS as MAX_SCORE_BINS
+from .task_messages import MAX_WIDTH as MAX_WIDTH
+from .task_messages import MIN_SCORE_BINS as MIN_SCORE_BINS
 from .training_messages import (
     COMPRESSIONS,
     EVAL_SPLITS,
+    OPTIMIZERS,
     EvalResult,
     Evaluate,
     Fetch,
@@ -56,6 +64,8 @@ from .training_messages import (
     FitResult,
     TrainingPlan,
 )
+from .training_messages import MAX_LOCAL_EPOCHS as MAX_LOCAL_EPOCHS
+from .training_messages import MAX_WEIGHT_DECAY as MAX_WEIGHT_DECAY
 
 # The names the single module syncfed/protocol.py exported, unchanged; the limits above are importable too.
 __all__ = [
@@ -107,6 +117,12 @@ __all__ = [
     "DataSchema",
     "Feature",
     "DataPlan",
+    "TASK_KINDS",
+    "LOSSES",
+    "Recipe",
+    "OPTIMIZERS",
+    "METRICS",
+    "REGRESSION_SUMS",
 ]
 
 #: The old name of the bound on claimed example counts, kept for one release.

@@ -29,7 +29,8 @@ from .base import (
     _fields,
     _is_int,
 )
-from .data_messages import DataPlan, DataSchema, plan_from
+from .data_messages import DataPlan, DataSchema, plan_field, plan_from
+from .task_messages import Recipe, check_recipe, recipe_field, recipe_from
 
 __all__ = [
     "Hello",
@@ -328,18 +329,20 @@ class Describe(Message):
     kind: ClassVar[str] = "describe"
     model: str
     data: DataPlan | None = None  # a model built from the agreed data plan (own data) has its layout only with it
+    recipe: Recipe | None = None  # the task, which sizes a shaped model's output and hidden layers
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
+        check_recipe(self.recipe, self.data)
 
     def to_body(self) -> dict[str, Any]:
-        return {"model": self.model, **({"data": self.data.to_body()} if self.data is not None else {})}
+        return {"model": self.model, **plan_field(self.data), **recipe_field(self.recipe)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Describe:
-        _fields(body, cls.kind, {"model"}, frozenset({"data"}))
-        return cls(body["model"], plan_from(body))
+        _fields(body, cls.kind, {"model"}, frozenset({"data", "recipe"}))
+        return cls(body["model"], plan_from(body), recipe_from(body))
 
 
 def _check_spec(entry: Any) -> None:

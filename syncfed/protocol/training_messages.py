@@ -30,10 +30,14 @@ from .base import (
     _weights_equal,
 )
 from .data_messages import DataPlan, plan_field, plan_from
+from .task_messages import Recipe, check_metrics, check_recipe, metrics_field, metrics_from, recipe_field, recipe_from
 
 __all__ = [
     "COMPRESSIONS",
     "EVAL_SPLITS",
+    "OPTIMIZERS",
+    "MAX_WEIGHT_DECAY",
+    "MAX_LOCAL_EPOCHS",
     "TrainingPlan",
     "Fit",
     "FitResult",
@@ -46,6 +50,12 @@ __all__ = [
 
 #: What an evaluation may ask a worker to score on instead of its own data: its held-out validation split.
 EVAL_SPLITS: Final = ("validation",)
+#: The optimizers a worker trains with; the first is the default, today's plain SGD.
+OPTIMIZERS: Final = ("sgd", "adam", "adamw")
+#: The largest weight decay a plan may ask for: past 1, one step would more than erase the weights.
+MAX_WEIGHT_DECAY: Final = 1.0
+#: The most passes over its shard a worker may be asked to make in one round.
+MAX_LOCAL_EPOCHS: Final = 1000
 
 
 def _check_optional_name(value: Any, what: str) -> None:
@@ -55,10 +65,20 @@ def _check_optional_name(value: Any, what: str) -> None:
 
 @dataclass(frozen=True)
 class TrainingPlan:
-    """How a worker trains in one round: plain SGD over ``num_batches`` batches.
+    """How a worker trains in one round: an optimizer over ``num_batches`` batches, or ``local_epochs`` passes.
 
     Zero batches send the weights straight back: a round of pure transfer,
     for benchmarks and link checks.
+
+    ``optimizer`` is one of :data:`OPTIMIZERS`, plain SGD by default (today's
+    ``torch.optim.SGD(params, lr)``); ``momentum`` is SGD's alone (Adam keeps
+    moments of its own), ``weight_decay`` is SGD's and Adam's L2 term or
+    AdamW's decoupled decay, and ``grad_clip`` bounds each step's gradient L2
+    norm. With ``local_epochs`` the worker makes that many passes over its
+    shard (``ceil(n / batch_size)`` batches each) instead, and ``num_batches``
+    must be 0, so a plan never says two things. ``keep_state`` keeps the
+    optimizer's state (momentum, Adam moments) per worker and model from one
+    round to the next; by default each round starts afresh.
 
     ``mu`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2`` to the
     loss (Li et al. 2020). With ``delta`` the worker sends back its update
@@ -88,6 +108,12 @@ class TrainingPlan:
     clip: float | None = None
     noise_std: float = 0.0
     hold: bool = False
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    local_epochs: int | None = None
+    keep_state: bool = False
 
     def __post_init__(self) -> None:
         _check(_is_int(self.round) and 1 <= self.round <= MAX_ID, "round must be a positive integer")
@@ -120,6 +146,36 @@ class TrainingPlan:
         _check(type(self.hold) is bool, f"hold must be true or false, not {describe(self.hold)}")
         _check(self.clip is None or self.delta, "clip needs delta: it bounds the update, not the weights")
         _check(self.clip is not None or not self.noise_std, "noise_std needs clip: the noise is scaled to the clip")
+        self._check_optimizer()
+
+    def _check_optimizer(self) -> None:
+        """The local optimizer's settings: each bounded, and none that the chosen optimizer would ignore."""
+        _check(
+            self.optimizer in OPTIMIZERS,
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {describe(self.optimizer)}",
+        )
+        _check(
+            _is_number(self.momentum) and 0 <= self.momentum < 1,
+            f"momentum must be a number from 0 to below 1, not {describe(self.momentum)}",
+        )
+        _check(not self.momentum or self.optimizer == "sgd", f"momentum goes with sgd, not {self.optimizer}")
+        _check(
+            _is_number(self.weight_decay) and 0 <= self.weight_decay <= MAX_WEIGHT_DECAY,
+            f"weight_decay must be a number from 0 to {MAX_WEIGHT_DECAY}, not {describe(self.weight_decay)}",
+        )
+        _check(
+            self.grad_clip is None or (_is_number(self.grad_clip) and self.grad_clip > 0),
+            f"grad_clip must be a positive finite number, not {describe(self.grad_clip)}",
+        )
+        _check(
+            self.local_epochs is None or (_is_int(self.local_epochs) and 1 <= self.local_epochs <= MAX_LOCAL_EPOCHS),
+            f"local_epochs must be an integer from 1 to {MAX_LOCAL_EPOCHS}, not {describe(self.local_epochs)}",
+        )
+        _check(
+            self.local_epochs is None or self.num_batches == 0,
+            f"num_batches must be 0 with local_epochs, not {describe(self.num_batches)}",
+        )
+        _check(type(self.keep_state) is bool, f"keep_state must be true or false, not {describe(self.keep_state)}")
 
     def to_body(self) -> dict[str, Any]:
         return {
@@ -135,6 +191,12 @@ class TrainingPlan:
             **({"clip": float(self.clip)} if self.clip is not None else {}),
             **({"noise_std": float(self.noise_std)} if self.noise_std else {}),
             **({"hold": True} if self.hold else {}),
+            **({"optimizer": self.optimizer} if self.optimizer != "sgd" else {}),
+            **({"momentum": float(self.momentum)} if self.momentum else {}),
+            **({"weight_decay": float(self.weight_decay)} if self.weight_decay else {}),
+            **({"grad_clip": float(self.grad_clip)} if self.grad_clip is not None else {}),
+            **({"local_epochs": self.local_epochs} if self.local_epochs is not None else {}),
+            **({"keep_state": True} if self.keep_state else {}),
         }
 
     @classmethod
@@ -144,7 +206,10 @@ class TrainingPlan:
             body,
             "plan",
             {"round", "batch_size", "num_batches", "lr", "seed"},
-            frozenset({"mu", "delta", "compress", "clip", "noise_std", "hold"}),
+            frozenset(
+                {"mu", "delta", "compress", "clip", "noise_std", "hold"}
+                | {"optimizer", "momentum", "weight_decay", "grad_clip", "local_epochs", "keep_state"}
+            ),
         )
         return cls(**body)
 
@@ -165,6 +230,7 @@ class Fit(Message):
     control: Weights | None = None
     dataset_key: str | None = None  # which named data set to train on; None: the worker's default
     data: DataPlan | None = None  # what the federation agreed about its own data; None: a bundled data set
+    recipe: Recipe | None = None  # the task; None: classification with cross-entropy
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
@@ -174,6 +240,7 @@ class Fit(Message):
             _check_weights(self.control)
         _check_optional_name(self.dataset_key, "dataset_key")
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
+        check_recipe(self.recipe, self.data)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Fit):
@@ -183,6 +250,7 @@ class Fit(Message):
             and self.plan == other.plan
             and self.dataset_key == other.dataset_key
             and self.data == other.data
+            and self.recipe == other.recipe
             and _weights_equal(self.weights, other.weights)
             and _optional_weights_equal(self.control, other.control)
         )
@@ -193,11 +261,11 @@ class Fit(Message):
             body["control"] = encode_weights(self.control)
         if self.dataset_key is not None:
             body["dataset_key"] = self.dataset_key
-        return {**body, **plan_field(self.data)}
+        return {**body, **plan_field(self.data), **recipe_field(self.recipe)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Fit:
-        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key", "data"}))
+        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key", "data", "recipe"}))
         control = decode_weights(body["control"]) if "control" in body else None
         return cls(
             body["model"],
@@ -206,6 +274,7 @@ class Fit(Message):
             control,
             body.get("dataset_key"),
             plan_from(body),
+            recipe_from(body),
         )
 
 
@@ -343,6 +412,7 @@ class Evaluate(Message):
     split: str | None = None
     dataset_key: str | None = None
     data: DataPlan | None = None  # as in :class:`Fit`
+    recipe: Recipe | None = None  # as in :class:`Fit`
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
@@ -357,16 +427,18 @@ class Evaluate(Message):
         )
         _check_optional_name(self.dataset_key, "dataset_key")
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
+        check_recipe(self.recipe, self.data)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Evaluate):
             return NotImplemented
-        return (self.model, self.batch_size, self.split, self.dataset_key, self.data) == (
+        return (self.model, self.batch_size, self.split, self.dataset_key, self.data, self.recipe) == (
             other.model,
             other.batch_size,
             other.split,
             other.dataset_key,
             other.data,
+            other.recipe,
         ) and _weights_equal(self.weights, other.weights)
 
     def to_body(self) -> dict[str, Any]:
@@ -377,11 +449,14 @@ class Evaluate(Message):
             **({"split": self.split} if self.split is not None else {}),
             **({"dataset_key": self.dataset_key} if self.dataset_key is not None else {}),
             **plan_field(self.data),
+            **recipe_field(self.recipe),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Evaluate:
-        _fields(body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key", "data"}))
+        _fields(
+            body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key", "data", "recipe"})
+        )
         return cls(
             body["model"],
             decode_weights(body["weights"]),
@@ -389,15 +464,19 @@ class Evaluate(Message):
             body.get("split"),
             body.get("dataset_key"),
             plan_from(body),
+            recipe_from(body),
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class EvalResult(Message):
     """Mean loss per example, number correct, and the histogram of predicted classes.
 
     ``class_counts`` and ``class_correct`` (optional, together) give per true
     class its examples and those predicted right: per-class recall.
+    ``metrics`` holds the task's metric sums (:data:`~syncfed.protocol.task_messages.METRICS`),
+    which add up across sites; a regression result has ``correct`` 0 and one
+    "class" in ``predictions``.
     """
 
     kind: ClassVar[str] = "eval_result"
@@ -407,6 +486,7 @@ class EvalResult(Message):
     predictions: tuple[int, ...]
     class_counts: tuple[int, ...] | None = None
     class_correct: tuple[int, ...] | None = None
+    metrics: Weights | None = None
 
     def __post_init__(self) -> None:
         _check(_is_number(self.loss), "loss must be a finite number")
@@ -437,6 +517,23 @@ class EvalResult(Message):
             )
             object.__setattr__(self, "class_counts", tuple(self.class_counts))
             object.__setattr__(self, "class_correct", tuple(self.class_correct))
+        if self.metrics is not None:
+            per_class = None if self.class_counts is None else (self.class_counts, self.class_correct or ())
+            check_metrics(self.metrics, self.num_examples, self.correct, self.predictions, per_class)
+            object.__setattr__(self, "metrics", dict(self.metrics))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, EvalResult):
+            return NotImplemented
+        fields = (self.loss, self.correct, self.num_examples, self.predictions, self.class_counts, self.class_correct)
+        return fields == (
+            other.loss,
+            other.correct,
+            other.num_examples,
+            other.predictions,
+            other.class_counts,
+            other.class_correct,
+        ) and _optional_weights_equal(self.metrics, other.metrics)
 
     @property
     def accuracy(self) -> float:
@@ -453,6 +550,7 @@ class EvalResult(Message):
                 if self.class_counts is not None and self.class_correct is not None
                 else {}
             ),
+            **metrics_field(self.metrics),
         }
 
     @property
@@ -468,6 +566,6 @@ class EvalResult(Message):
             body,
             cls.kind,
             {"loss", "correct", "num_examples", "predictions"},
-            frozenset({"class_counts", "class_correct"}),
+            frozenset({"class_counts", "class_correct", "metrics"}),
         )
-        return cls(**body)
+        return cls(**{**body, "metrics": metrics_from(body)})

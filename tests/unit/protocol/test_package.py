@@ -74,6 +74,7 @@ OLD_LIMITS = [
 #: Each module imports only the modules before it.
 LAYERS = [
     "base",
+    "task_messages",
     "unpacking",
     "data_messages",
     "messages",
@@ -86,8 +87,20 @@ LAYERS = [
 ]
 
 
-#: Names added since: the own-data schema and plan (docs/data.md).
-NEW_ALL = ["DATA_KINDS", "FEATURE_TYPES", "DataSchema", "Feature", "DataPlan"]
+#: Names added since: the own-data schema and plan (docs/data.md), then the task and its metrics (issue 17).
+NEW_ALL = [
+    "DATA_KINDS",
+    "FEATURE_TYPES",
+    "DataSchema",
+    "Feature",
+    "DataPlan",
+    "TASK_KINDS",
+    "LOSSES",
+    "Recipe",
+    "OPTIMIZERS",
+    "METRICS",
+    "REGRESSION_SUMS",
+]
 
 
 def test_the_package_exports_exactly_the_old_names_then_the_new() -> None:
