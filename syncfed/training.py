@@ -73,7 +73,8 @@ class EvalOutcome:
     predictions: list[int]  # histogram of predicted classes
     class_counts: list[int]  # examples per true class
     class_correct: list[int]  # of them, those predicted right: per-class recall
-    metrics: dict[str, np.ndarray] = field(default_factory=dict)  # the task's metric sums (syncfed.metrics)
+    # The task's metric sums (syncfed.metrics); arrays, so left out of ==, which they would make ambiguous.
+    metrics: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
 def batch_size(plan: TrainingPlan, num_examples: int) -> int:
