@@ -3,6 +3,12 @@
 No I/O and no asyncio: the worker runs these in a thread so that it keeps
 answering pings and other requests while it trains.
 
+The task (``syncfed.tasks``) gives the loss, the targets and the metric
+sums; without one, training is the classic cross-entropy. The optimizer is
+SGD (with optional momentum and weight decay), Adam or AdamW; its state is
+reset each round unless the caller hands back the state the last round
+returned (``keep_state``).
+
 Optional example-level DP-SGD (Abadi et al. 2016, "Deep Learning with
 Differential Privacy") takes per-example gradients from Opacus, imported on
 first use (``pip install 'syncfed[dpsgd]'``); syncfed keeps its own seeded
@@ -17,19 +23,20 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .datasets import Dataset
-from .exceptions import ConfigError, ModelError
+from .exceptions import AggregationError, ConfigError, ModelError
+from .metrics import average_precision, combine, roc_auc
 from .protocol import TrainingPlan
+from .tasks import Binary, BuiltinTask, Task, make_task
 from .tensors import Weights
 
 __all__ = [
@@ -38,16 +45,24 @@ __all__ = [
     "EvalOutcome",
     "DPSGD",
     "ExampleAccountant",
+    "OPTIMIZERS",
     "batch_size",
+    "num_steps",
     "train",
     "evaluate",
     "corrupt",
 ]
 
 
+#: The optimizers a plan may name.
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
 @dataclass(frozen=True)
 class TrainResult:
     loss: float  # mean training loss per example over the round
+    steps: int = 0  # batches trained on: what SCAFFOLD's K and the DP accountant count
+    state: dict[str, Any] | None = None  # the optimizer's state, to hand back next round when it is kept
 
 
 @dataclass(frozen=True)
@@ -58,6 +73,8 @@ class EvalOutcome:
     predictions: list[int]  # histogram of predicted classes
     class_counts: list[int]  # examples per true class
     class_correct: list[int]  # of them, those predicted right: per-class recall
+    # The task's metric sums (syncfed.metrics); arrays, so left out of ==, which they would make ambiguous.
+    metrics: dict[str, np.ndarray] = field(default_factory=dict, compare=False)
 
 
 def batch_size(plan: TrainingPlan, num_examples: int) -> int:
@@ -69,8 +86,24 @@ def batch_size(plan: TrainingPlan, num_examples: int) -> int:
     return min(plan.batch_size, num_examples)
 
 
-def _batches(num_examples: int, plan: TrainingPlan) -> Iterator[np.ndarray]:
-    """Index arrays of the plan's batches, drawn from a stream of reshuffled passes over the shard.
+def num_steps(plan: TrainingPlan, num_examples: int, local_epochs: int | None = None) -> int:
+    """The batches a round trains on: the plan's ``num_batches``, or with ``local_epochs`` E, E passes of
+    ``ceil(n / batch size)`` batches each.
+
+    Raises:
+        ConfigError: if ``local_epochs`` is not a positive integer.
+    """
+    if local_epochs is None:
+        return plan.num_batches
+    if isinstance(local_epochs, bool) or not isinstance(local_epochs, int) or local_epochs < 1:
+        raise ConfigError(f"local epochs {local_epochs!r} must be a positive integer")
+    size = batch_size(plan, num_examples)
+    return local_epochs * -(-num_examples // size) if size else 0
+
+
+def _batches(num_examples: int, plan: TrainingPlan, count: int | None = None) -> Iterator[np.ndarray]:
+    """Index arrays of ``count`` batches (by default the plan's), drawn from a stream of reshuffled passes
+    over the shard.
 
     Lazy, so memory stays at one pass plus one batch however long the plan.
     Each batch holds :func:`batch_size` examples.
@@ -80,7 +113,7 @@ def _batches(num_examples: int, plan: TrainingPlan) -> Iterator[np.ndarray]:
         return
     rng = np.random.default_rng(plan.seed)
     pending = np.empty(0, dtype=np.int64)
-    for _ in range(plan.num_batches):
+    for _ in range(plan.num_batches if count is None else count):
         if len(pending) < size:
             pending = np.concatenate([pending, rng.permutation(num_examples)])
         yield pending[:size]
@@ -219,6 +252,55 @@ def _privatize(parameters: Sequence[nn.Parameter], index: torch.Tensor, dp_sgd: 
         parameter.grad_sample = None  # type: ignore[attr-defined]
 
 
+def _optimizer(
+    parameters: Iterable[nn.Parameter], lr: float, name: str, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """The local optimizer. SGD at momentum 0 and weight decay 0 is the classic ``SGD(params, lr=lr)``:
+    torch's defaults, so the classic training does not move by a bit.
+
+    Raises:
+        ConfigError: if the name is unknown, a setting is out of range, or momentum is asked of Adam.
+    """
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(momentum) and 0 <= momentum < 1):
+        raise ConfigError(f"momentum {momentum!r} must be a number from 0 to below 1")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ConfigError(f"weight decay {weight_decay!r} must be a non-negative finite number")
+    if name == "sgd":
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if momentum:
+        raise ConfigError(f"momentum {momentum} goes with sgd: {name} keeps its own moments")
+    kind = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    return kind(parameters, lr=lr, weight_decay=weight_decay)
+
+
+def _resume(optimizer: torch.optim.Optimizer, name: str, state: Mapping[str, Any]) -> None:
+    """Load the moments ``state`` (a previous :attr:`TrainResult.state`) into ``optimizer``, keeping the
+    plan's hyperparameters: torch's own ``load_state_dict`` would bring back last round's learning rate.
+
+    Raises:
+        ConfigError: if the state is another optimizer's or another model's.
+    """
+    if state.get("optimizer") != name:
+        raise ConfigError(f"optimizer state of {state.get('optimizer')!r} cannot resume {name}")
+    groups = optimizer.state_dict()["param_groups"]
+    try:
+        optimizer.load_state_dict({"state": state["torch"]["state"], "param_groups": groups})
+    except (KeyError, ValueError) as exc:
+        raise ConfigError(f"optimizer state does not fit the model: {exc}") from None
+
+
+def _portable(name: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer's state for :attr:`TrainResult.state`, its tensors on the CPU as the cached model is."""
+    saved = optimizer.state_dict()
+    moments = {
+        index: {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+        for index, entry in saved["state"].items()
+    }
+    return {"optimizer": name, "torch": {"state": moments, "param_groups": saved["param_groups"]}}
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -231,11 +313,30 @@ def train(
     correction: Mapping[str, np.ndarray] | None = None,
     dp_sgd: DPSGD | None = None,
     noise: torch.Generator | None = None,
+    task: Task | None = None,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    grad_clip: float | None = None,
+    local_epochs: int | None = None,
+    state: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Plain SGD over ``plan.num_batches`` batches of the shard, in place.
+    """Train ``model`` in place over the round's batches of the shard (:func:`num_steps`).
 
-    Uses cross-entropy on the model's output, which is the negative
-    log-likelihood whether the model ends in ``log_softmax`` or in logits.
+    ``task`` gives the loss (by default cross-entropy, the negative
+    log-likelihood whether the model ends in ``log_softmax`` or in logits).
+    ``optimizer`` is ``sgd`` (with ``momentum`` and ``weight_decay``),
+    ``adam`` or ``adamw`` (``weight_decay``, decoupled for AdamW), all at the
+    plan's learning rate. ``state``, the :attr:`TrainResult.state` of an
+    earlier round, resumes the optimizer's moments; without it they start
+    from zero (reset each round).
+
+    Each step's gradient is, in this order: the loss's (or DP-SGD's private
+    one), plus FedProx's and SCAFFOLD's terms, then clipped to L2 norm
+    ``grad_clip`` over the whole model. Clipping last bounds what one step
+    may do whatever its sources: an SGD step without momentum moves the
+    weights by at most ``lr * grad_clip``.
+
     With ``plan.mu > 0`` the loss gains FedProx's proximal term
     ``mu/2 * ||w - anchor||^2`` over the parameters (Li et al. 2020), which
     keeps non-IID workers near the global model. ``correction`` (SCAFFOLD's
@@ -251,11 +352,20 @@ def train(
     the plan's seed, which the coordinator knows. The returned loss is the
     plain mean over the examples, not a private figure.
 
+    DP-SGD works with every optimizer: Adam's moments, weight decay and
+    ``grad_clip`` only process the private gradient further, which spends
+    no more privacy (post-processing).
+
     Raises:
         Abandoned: if ``abandoned`` was set.
         ModelError: if ``dp_sgd`` is set and Opacus cannot handle the model.
-        ConfigError: if ``dp_sgd`` is set and Opacus is not installed.
+        ConfigError: if ``dp_sgd`` is set and Opacus is not installed, an optimizer setting is
+            out of range, or ``state`` does not fit.
     """
+    if grad_clip is not None and not (math.isfinite(grad_clip) and grad_clip > 0):
+        raise ConfigError(f"gradient clip {grad_clip!r} must be a positive finite number")
+    task = task if task is not None else make_task(None, data.num_classes)
+    steps = num_steps(plan, len(data), local_epochs)
     model.to(device).train()
     sampler = None
     try:
@@ -264,7 +374,9 @@ def train(
             sampler = _grad_sampler(model)
             private = dp_sgd, noise if noise is not None else torch.Generator().manual_seed(secrets.randbits(63))
         parameters = dict(model.named_parameters())
-        optimizer = torch.optim.SGD(parameters.values(), lr=plan.lr)
+        local = _optimizer(parameters.values(), plan.lr, optimizer, momentum, weight_decay)
+        if state is not None:
+            _resume(local, optimizer, state)
         proximal = (
             {name: torch.from_numpy(np.asarray(anchor[name])).to(device) for name in parameters}
             if plan.mu and anchor is not None
@@ -279,19 +391,18 @@ def train(
             if correction is not None
             else {}
         )
-        labels = torch.from_numpy(data.labels)
         total_loss = 0.0
         seen = 0
-        for batch in _batches(len(data), plan):
+        for batch in _batches(len(data), plan, steps):
             if abandoned is not None and abandoned.is_set():
                 raise Abandoned
             if batch_delay:
                 time.sleep(batch_delay)
             index = torch.from_numpy(batch)
             # One batch read at a time: a folder of images is never held whole.
-            x, y = torch.from_numpy(data.batch(batch)).to(device), labels[index].to(device)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            x, y = torch.from_numpy(data.batch(batch)).to(device), task.targets(data.labels[batch]).to(device)
+            local.zero_grad()
+            loss = task.loss(model(x), y)
             pull = None  # FedProx's proximal term
             if proximal:
                 distances = [torch.sum((parameters[name] - proximal[name]) ** 2) for name in proximal]
@@ -307,19 +418,53 @@ def train(
                 grad = parameters[name].grad
                 if grad is not None:
                     grad += shift
-            optimizer.step()
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(list(parameters.values()), grad_clip)
+            local.step()
             total_loss += loss.item() * len(index)
             seen += len(index)
     finally:
         if sampler is not None:
             sampler._close()  # removes Opacus's hooks and attributes from the cached model
         model.cpu()  # also when abandoned or out of memory: the cached model lives on the CPU
-    return TrainResult(total_loss / seen if seen else 0.0)
+    return TrainResult(total_loss / seen if seen else 0.0, steps, _portable(optimizer, local))
 
 
-def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.device) -> EvalOutcome:
-    """Mean loss per example (a sum over examples divided by their number), accuracy, predictions, and per
-    true class its examples and those predicted right; ``batch_size`` examples read at a time."""
+def _summed_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> float:
+    """The batch's loss summed over its examples: exact for a built-in task, mean times size for a user's."""
+    if isinstance(task, BuiltinTask):
+        return task.summed_loss(output, target).item()
+    return task.loss(output, target).item() * len(target)
+
+
+def _add_sums(total: dict[str, np.ndarray] | None, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A running sum of the task's per-batch metric sums, checked like sites' sums.
+
+    Raises:
+        ModelError: if a batch's sums are not numeric, finite, or shaped as the first batch's.
+    """
+    try:
+        return combine([batch] if total is None else [total, batch], what="batch")
+    except AggregationError as exc:
+        raise ModelError(f"task metric sums are inconsistent: {exc}") from None
+
+
+def evaluate(
+    model: nn.Module, data: Dataset, batch_size: int, device: torch.device, task: Task | None = None
+) -> EvalOutcome:
+    """Mean loss per example (a sum over examples divided by their number), accuracy, predictions, per
+    true class its examples and those predicted right, and the task's metric sums; ``batch_size`` examples
+    read at a time.
+
+    ``task`` defaults to the classic classification. A task that predicts no
+    class (regression) counts every example in the one class of a continuous
+    label, none of them correct. A binary task's sums also hold the site's
+    exact ``auc`` and ``pr_auc`` from its raw scores when both classes are present.
+
+    Raises:
+        ModelError: if the task predicts a class out of range or its metric sums are inconsistent.
+    """
+    task = task if task is not None else make_task(None, data.num_classes)
     model.to(device).eval()
     try:
         total_loss = 0.0
@@ -327,20 +472,39 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.dev
         predictions = torch.zeros(data.num_classes, dtype=torch.int64)
         counts = torch.zeros(data.num_classes, dtype=torch.int64)
         hits = torch.zeros(data.num_classes, dtype=torch.int64)
+        sums: dict[str, np.ndarray] | None = None
+        scores: list[np.ndarray] = []  # a binary task's probabilities, for the site's exact AUC
         with torch.no_grad():
-            for inputs, targets in data.chunks(batch_size):
+            for inputs, labels in data.chunks(batch_size):
                 x = torch.from_numpy(inputs).to(device)
-                y = torch.from_numpy(targets).to(device)
                 output = model(x)
-                total_loss += F.cross_entropy(output, y, reduction="sum").item()
-                predicted = output.argmax(dim=1)
-                right = predicted == y
-                correct += int(right.sum().item())
-                predictions += torch.bincount(predicted.cpu(), minlength=data.num_classes)[: data.num_classes]
-                counts += torch.bincount(y.cpu(), minlength=data.num_classes)[: data.num_classes]
-                hits += torch.bincount(y[right].cpu(), minlength=data.num_classes)[: data.num_classes]
+                total_loss += _summed_loss(task, output, task.targets(labels).to(device))
+                predicted = task.predicted(output)
+                if predicted is None:
+                    predictions[0] += len(labels)
+                    counts[0] += len(labels)
+                else:
+                    if len(predicted) and not 0 <= int(predicted.min()) <= int(predicted.max()) < data.num_classes:
+                        raise ModelError(f"task predicted class {int(predicted.max())} of {data.num_classes} classes")
+                    y = torch.from_numpy(labels).to(device)
+                    right = predicted == y
+                    correct += int(right.sum().item())
+                    predictions += torch.bincount(predicted.cpu(), minlength=data.num_classes)[: data.num_classes]
+                    counts += torch.bincount(y.cpu(), minlength=data.num_classes)[: data.num_classes]
+                    hits += torch.bincount(y[right].cpu(), minlength=data.num_classes)[: data.num_classes]
+                sums = _add_sums(sums, task.batch_sums(output, labels))
+                if isinstance(task, Binary):
+                    scores.append(task.probabilities(output).cpu().numpy().astype(np.float64))
     finally:
         model.cpu()
+    metrics = sums if sums is not None else {}
+    if scores:
+        auc, pr_auc = (
+            roc_auc(data.labels, np.concatenate(scores)),
+            average_precision(data.labels, np.concatenate(scores)),
+        )
+        if auc is not None and pr_auc is not None:
+            metrics.update(auc=np.array([auc]), pr_auc=np.array([pr_auc]))
     return EvalOutcome(
         total_loss / len(data),
         correct,
@@ -348,6 +512,7 @@ def evaluate(model: nn.Module, data: Dataset, batch_size: int, device: torch.dev
         [int(n) for n in predictions],
         [int(n) for n in counts],
         [int(n) for n in hits],
+        metrics,
     )
 
 
