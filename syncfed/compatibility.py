@@ -109,7 +109,8 @@ def check_fits_plan(name: str, schema: DataSchema | None, plan: DataPlan) -> Non
             label = "continuous" if schema.classes is None else "class"
             raise IncompatibleWorkers(f"{name}'s label is {label}, unlike the run's")
     else:
-        new = [c for c in schema.classes if c not in plan.classes]
+        known = set(plan.classes)
+        new = [c for c in schema.classes if c not in known]
         if new:
             raise IncompatibleWorkers(f"{name} holds class {new[0]!r}, which the run's model does not have")
     if plan.kind == "table":

@@ -113,7 +113,7 @@ class Coordinator:
             await pool.close()
             journal.close()
         if config.save_model is not None:
-            plan = {"data_plan": json.dumps(pool.plan.to_body())} if pool.plan is not None else {}
+            plan = {"data_plan": json.dumps(pool.plan.to_json())} if pool.plan is not None else {}
             save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan})
             self.report(f"Saved the federated model to {config.save_model}")
         return result

@@ -192,7 +192,7 @@ class Journal:
             "workers": list(self.config.workers),
             "evaluator": list(self.config.evaluator),
             "run_id": self.run_id,
-            **({"data_plan": self._plan.to_body()} if self._plan is not None else {}),
+            **({"data_plan": self._plan.to_json()} if self._plan is not None else {}),
         }
 
     def _register(self, round_number: int, result: RunResult) -> None:
@@ -249,7 +249,7 @@ def _recorded_plan(checkpoint: Checkpoint, plan: DataPlan) -> DataPlan:
         CheckpointError: the recorded plan is unreadable, or differs from ``plan`` beyond its statistics.
     """
     try:
-        recorded = DataPlan.from_body(checkpoint.identity.get("data_plan"))
+        recorded = DataPlan.from_json(checkpoint.identity.get("data_plan"))
     except ProtocolError as exc:
         raise CheckpointError(f"cannot resume: the checkpoint's data plan is invalid: {exc}") from None
     if recorded.without_statistics() != plan.without_statistics():
@@ -284,7 +284,7 @@ def _data_settings(reference: Info, plan: DataPlan | None) -> dict[str, Any]:
     (class names, feature order, vocabularies, statistics), without which the model cannot be used."""
     if plan is None:
         return {"input_shape": list(reference.input_shape)}
-    return {"input_shape": list(plan.input_shape), "data_plan": plan.to_body()}
+    return {"input_shape": list(plan.input_shape), "data_plan": plan.to_json()}
 
 
 def _settings(config: CoordinatorConfig) -> dict[str, Any]:

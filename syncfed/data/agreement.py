@@ -14,8 +14,10 @@ Rules (``docs/protocol.md``, "A user's own data", states them for a coordinator 
   categorical) for each. A plan cannot pass the limit of features, since each
   site's schema is within it and every site must list the same ones.
 - The label is continuous at every site or has classes at every site.
-- Class names that differ only in case or surrounding spaces at two sites are
-  refused: a typo would otherwise silently make two classes.
+- Class names that differ only in case or surrounding spaces are refused when
+  one site holds one without the other and another site the other without the
+  first, even if a third holds both: a typo would otherwise silently make two
+  classes. A site that holds both spellings, with the others holding one, is fine.
 - With the evaluator named, a class that only it holds is refused: no trainer
   has an example of it, so the model could never learn it.
 
@@ -40,6 +42,7 @@ The plan:
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -213,26 +216,47 @@ def _folded(name: str) -> str:
     return name.strip().casefold()
 
 
+def _check_spellings(held: Mapping[str, set[str]], classes: tuple[str, ...]) -> None:
+    """Refuse two spellings of one class (:func:`_folded`) that one site holds without the other and another
+    site the other way round: the two sites may mean one class.
+
+    The sites holding the spellings of one class must nest, each set within the next larger one (a site that
+    holds both spellings tells them apart; one that holds a spelling alone is then one of them). Linear in the
+    names the sites hold: one pass over each site's names, then per class one comparison of each distinct
+    set of sites with the next larger one, never of every pair of spellings (one hello may list thousands).
+    """
+    spellings: dict[str, list[str]] = {}
+    for name in classes:
+        spellings.setdefault(_folded(name), []).append(name)
+    groups = [variants for variants in spellings.values() if len(variants) > 1]
+    wanted = {name for variants in groups for name in variants}
+    holders: dict[str, list[str]] = {}
+    for worker, names in held.items():
+        for name in names & wanted:
+            holders.setdefault(name, []).append(worker)
+    for variants in groups:
+        spelt: dict[frozenset[str], str] = {}  # each distinct set of sites, and its first spelling in class order
+        for name in variants:
+            spelt.setdefault(frozenset(holders[name]), name)
+        nested = sorted(spelt.items(), key=lambda entry: len(entry[0]))
+        for (fewer, one), (more, other) in itertools.pairwise(nested):
+            if not fewer <= more:  # neither set holds the other: each has a site the other lacks
+                a = next(worker for worker in held if worker in fewer and worker not in more)
+                b = next(worker for worker in held if worker in more and worker not in fewer)
+                (a, one), (b, other) = sorted([(a, one), (b, other)], key=lambda pair: pair[1])
+                raise IncompatibleWorkers(
+                    f"{a}'s class {one!r} and {b}'s class {other!r} differ only in case or surrounding spaces:"
+                    " name the class the same way at every site"
+                )
+
+
 def _classes(schemas: Mapping[str, DataSchema], evaluator: str | None) -> tuple[str, ...] | None:
     """The union of the class names, after the checks on names that only a typo or only the evaluator explains."""
     if next(iter(schemas.values())).classes is None:
         return None
     held = {name: set(schema.classes or ()) for name, schema in schemas.items()}
     classes = class_order(c for names in held.values() for c in names)
-    spellings: dict[str, list[str]] = {}
-    for name in classes:
-        spellings.setdefault(_folded(name), []).append(name)
-    for variants in spellings.values():
-        for first in variants:
-            for second in variants:
-                # Two sites spell one class two ways, and neither holds both: a site that holds both means them.
-                a = next((w for w, names in held.items() if first in names and second not in names), None)
-                b = next((w for w, names in held.items() if second in names and first not in names), None)
-                if first < second and a is not None and b is not None:
-                    raise IncompatibleWorkers(
-                        f"{a}'s class {first!r} and {b}'s class {second!r} differ only in case or surrounding spaces:"
-                        " name the class the same way at every site"
-                    )
+    _check_spellings(held, classes)
     trainers = [names for name, names in held.items() if name != evaluator]
     if evaluator is not None and trainers:
         taught = set().union(*trainers)

@@ -112,19 +112,6 @@ def default_normalization(kind: str) -> str:
     return "federated"
 
 
-def _standardised(plan: DataPlan) -> np.ndarray:
-    """The model input values a table plan standardises: its numeric columns, in the encoded layout."""
-    categories = plan.categories or {}
-    positions, start = [], 0
-    for feature in plan.features:
-        if feature in categories:
-            start += len(categories[feature]) + 1  # its one-hot slots and "other"
-        else:
-            positions.append(start)
-            start += 1
-    return np.array(positions, dtype=np.int64)
-
-
 def statistics_queries(plan: DataPlan, value_range: tuple[float, float] | None = None) -> tuple[Query, ...]:
     """The ``feature-stats`` queries whose combined answers :func:`plan_statistics` (``plan`` without
     statistics) or :func:`refine_statistics` (``plan`` with the coarse ones) read, in order.
@@ -151,7 +138,7 @@ def statistics_queries(plan: DataPlan, value_range: tuple[float, float] | None =
             f"arrays of {values} values per example exceed limit of {MAX_STATISTICS} standardised values:"
             " start the coordinator with --normalize none"
         )
-    selected = _standardised(plan) if plan.kind == "table" else np.arange(values)
+    selected = plan.numeric_slots() if plan.kind == "table" else np.arange(values)
     return tuple(
         Query(
             "feature-stats",
@@ -212,7 +199,7 @@ def _std(mean: np.ndarray, variance: np.ndarray, count: np.ndarray, sum_error: f
 def _with_statistics(plan: DataPlan, mean: np.ndarray, std: np.ndarray) -> DataPlan:
     """``plan`` with one mean and std per standardised quantity; a table's one-hot slots get 0 and 1."""
     if plan.kind == "table":
-        positions = _standardised(plan)
+        positions = plan.numeric_slots()
         full_mean, full_std = np.zeros(plan.input_shape[0]), np.ones(plan.input_shape[0])
         full_mean[positions], full_std[positions] = mean, std
         mean, std = full_mean, full_std
@@ -257,7 +244,7 @@ def refine_statistics(coarse: DataPlan, stats: Sequence[FeatureStats], *, sum_er
         raise ConfigError("refining needs a plan with coarse statistics")
     m2, variance, count = _moments(coarse, stats)
     s2 = _std(m2, variance, count, sum_error)
-    used = np.arange(len(m2)) if coarse.kind != "table" else _standardised(coarse)
+    used = np.arange(len(m2)) if coarse.kind != "table" else coarse.numeric_slots()
     m1 = np.asarray(coarse.mean, dtype=np.float32)[used].astype(np.float64)
     s1 = np.asarray(coarse.std, dtype=np.float32)[used].astype(np.float64)
     return _with_statistics(coarse.without_statistics(), m1 + s1 * m2, s1 * s2)

@@ -12,21 +12,31 @@ names, one feature order, one vocabulary per categorical column, and the
 statistics every site standardises with. The plan travels in every fit,
 evaluate and query request, so a worker holds no per-coordinator state and a
 coordinator written in another language needs only this module's fields.
+
+On the wire a list of names is one ``bin`` of UTF-8 names joined by nul
+bytes, a table's column types and vocabulary sizes are ``bin`` too, and the
+statistics are float64 tensors: an array of strings or floats costs the
+bounded decoder (:mod:`syncfed.protocol.unpacking`) far more than its bytes,
+so the documented limits could not be reached. :meth:`DataPlan.to_json`
+is the readable form a saved model and a checkpoint record.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
 import msgpack
+import numpy as np
 
-from ..exceptions import describe
-from .base import MAX_CLASSES, _check, _check_name, _fields, _is_int, _is_number
+from ..exceptions import LocalProtocolError, describe
+from ..tensors import decode_tensor, encode_tensor
+from .base import MAX_CLASSES, MAX_NAME, _check, _check_name, _fields, _is_int
 
 __all__ = [
     "DATA_KINDS",
@@ -34,6 +44,8 @@ __all__ = [
     "MAX_TABLE_FEATURES",
     "MAX_CATEGORIES",
     "MAX_VOCABULARY",
+    "MAX_STATISTICS",
+    "SEPARATOR",
     "Feature",
     "DataSchema",
     "DataPlan",
@@ -56,14 +68,95 @@ MAX_VOCABULARY: Final = 200_000
 MAX_STATISTICS: Final = 2**22
 
 
+#: Separates the names of a list on the wire (one ``bin`` of UTF-8 names), so no name may contain it.
+SEPARATOR: Final = "\x00"
+#: A feature's type on the wire: one byte per feature in ``types``.
+_TYPE_CODES: Final = {"numeric": 0, "categorical": 1}
+_TYPES: Final = tuple(_TYPE_CODES)
+#: ``category_counts``: one little-endian uint32 per categorical feature.
+_COUNT: Final = np.dtype("<u4")
+
+
 def _check_names(value: Any, what: str, limit: int) -> None:
     _check(
         isinstance(value, (list, tuple)) and len(value) <= limit,
         f"{what} must be a list of at most {limit} names, not {describe(value)}",
     )
     for name in value:
-        _check_name(name, f"each of {what}")
-    _check(len(set(value)) == len(value), f"{what} must be distinct")
+        if not _is_plain_name(name):  # the reasons are formatted for the first bad name only
+            _check_name(name, f"each of {what}")
+            raise LocalProtocolError(f"each of {what} must not contain a nul character, not {describe(name)}")
+    _check(_distinct(value), f"{what} must be distinct")
+
+
+def _distinct(names: Iterable[str]) -> bool:
+    """No name twice; by sorting, which holds a list of references where a set of 65,536 names holds 4 MiB."""
+    return all(a != b for a, b in itertools.pairwise(sorted(names)))
+
+
+def _is_plain_name(name: Any) -> bool:
+    """A name of 1 to MAX_NAME characters without the wire's separator."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_NAME and SEPARATOR not in name
+
+
+def _names_bin(names: Iterable[str]) -> bytes:
+    """Names on the wire: their UTF-8 joined by nul bytes; no names, no bytes."""
+    return SEPARATOR.join(names).encode()
+
+
+def _names_from(value: Any, what: str, limit: int) -> tuple[str, ...]:
+    """A peer's names ``bin`` as names, counted before a string is built (the constructor checks each)."""
+    _check(isinstance(value, bytes), f"{what} must be a bin of names separated by nul bytes, not {describe(value)}")
+    count = value.count(0) + 1 if value else 0
+    _check(count <= limit, f"{what} must be a list of at most {limit} names, not {count} names")
+    try:
+        text = value.decode()
+    except UnicodeDecodeError:
+        raise LocalProtocolError(f"{what} must be utf-8 names separated by nul bytes") from None
+    return tuple(text.split(SEPARATOR)) if text else ()
+
+
+def _columns_body(names: Sequence[str], types: Sequence[str], vocabularies: Sequence[Sequence[str]]) -> dict[str, Any]:
+    """A table's columns on the wire: ``features``, and when one is categorical ``types`` (a byte per feature),
+    ``categories`` (every vocabulary in feature order, in one names ``bin``) and ``category_counts``."""
+    if not names:
+        return {}
+    if "categorical" not in types:
+        return {"features": _names_bin(names)}
+    return {
+        "features": _names_bin(names),
+        "types": bytes(_TYPE_CODES[kind] for kind in types),
+        "categories": _names_bin(itertools.chain.from_iterable(vocabularies)),
+        "category_counts": np.array([len(v) for v in vocabularies], dtype=_COUNT).tobytes(),
+    }
+
+
+def _columns_from(body: Mapping[str, Any]) -> tuple[tuple[str, ...], tuple[str, ...], list[tuple[str, ...]]]:
+    """A peer's columns: names, types, and one vocabulary per categorical feature, in order."""
+    names = _names_from(body.get("features", b""), "features", MAX_TABLE_FEATURES)
+    given = {"types", "categories", "category_counts"} & set(body)
+    if not given:
+        return names, ("numeric",) * len(names), []
+    _check(len(given) == 3, "types, categories and category_counts go together")
+    codes, counts = body["types"], body["category_counts"]
+    _check(
+        isinstance(codes, bytes) and len(codes) == len(names) and not codes.translate(None, b"\x00\x01"),
+        f"types must be a bin of one byte (0 numeric, 1 categorical) for each of the {len(names)} features",
+    )
+    categorical = codes.count(1)
+    _check(
+        isinstance(counts, bytes) and len(counts) == _COUNT.itemsize * categorical,
+        f"category_counts must be a bin of one uint32 for each of the {categorical} categorical features",
+    )
+    sizes = np.frombuffer(counts, dtype=_COUNT).astype(np.int64)
+    vocabulary = _names_from(body["categories"], "categories", MAX_VOCABULARY)
+    _check(
+        int(sizes.sum()) == len(vocabulary),
+        f"category_counts add up to {int(sizes.sum())}, but categories holds {len(vocabulary)}",
+    )
+    ends = np.cumsum(sizes).tolist()
+    vocabularies = [vocabulary[end - size : end] for end, size in zip(ends, sizes.tolist(), strict=True)]
+    return names, tuple(_TYPES[code] for code in codes), vocabularies
 
 
 def _check_shape(value: Any, kind: str) -> None:
@@ -79,12 +172,47 @@ def _check_shape(value: Any, kind: str) -> None:
 
 
 def _list(value: Any) -> Any:
-    """A peer's list as a tuple; anything else as it came, for the constructor's checks to refuse
+    """A JSON list as a tuple; anything else as it came, for the constructor's checks to refuse
     (``tuple()`` would split a string into characters, or a map into its keys)."""
     return tuple(value) if isinstance(value, list) else value
 
 
-@dataclass(frozen=True)
+def _statistics(value: Any, what: str) -> np.ndarray:
+    """A mean or std given as numbers (or a 1-D array of them) as float64, every value finite."""
+    reason = f"{what} must be a list of at most {MAX_STATISTICS} finite numbers"
+    if isinstance(value, np.ndarray):
+        _check(value.ndim == 1 and value.dtype.kind in "fiu" and len(value) <= MAX_STATISTICS, reason)
+        values = value.astype(np.float64, copy=False)
+    else:
+        _check(
+            isinstance(value, (list, tuple))
+            and len(value) <= MAX_STATISTICS
+            and set(map(type, value)) <= {int, float},  # no bools, strings numpy would parse, or objects
+            reason,
+        )
+        try:
+            values = np.array(value, dtype=np.float64)
+        except OverflowError:  # an int too large for a float
+            raise LocalProtocolError(reason) from None
+    _check(bool(np.isfinite(values).all()), reason)
+    return values
+
+
+def _statistics_from(body: Mapping[str, Any]) -> tuple[np.ndarray | tuple[()], np.ndarray | tuple[()]]:
+    """A peer's mean and std: float64 tensors of one dimension, or both absent."""
+    given = {"mean", "std"} & set(body)
+    if not given:
+        return (), ()
+    _check(len(given) == 2, "mean and std go together")
+    arrays = []
+    for what in ("mean", "std"):
+        array = decode_tensor(body[what], name=what)
+        _check(array.dtype == np.float64 and array.ndim == 1, f"{what} must be a float64 tensor of one dimension")
+        arrays.append(array)
+    return arrays[0], arrays[1]
+
+
+@dataclass(frozen=True, slots=True)
 class Feature:
     """One column of a table: its name, its type, and for a categorical one the categories this site reveals.
 
@@ -97,27 +225,16 @@ class Feature:
     categories: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_name(self.name, "feature name")
-        _check(
-            self.type in FEATURE_TYPES,
-            f"feature {self.name}'s type must be one of {', '.join(FEATURE_TYPES)}, not {describe(self.type)}",
-        )
+        if not _is_plain_name(self.name):
+            _check_name(self.name, "feature name")
+            raise LocalProtocolError(f"feature name must not contain a nul character, not {describe(self.name)}")
+        if self.type not in FEATURE_TYPES:
+            raise LocalProtocolError(
+                f"feature {self.name}'s type must be one of {', '.join(FEATURE_TYPES)}, not {describe(self.type)}"
+            )
         _check_names(self.categories, f"categories of feature {self.name}", MAX_CATEGORIES)
         _check(self.type == "categorical" or not self.categories, f"numeric feature {self.name} has no categories")
         object.__setattr__(self, "categories", tuple(self.categories))
-
-    def to_body(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "type": self.type,
-            **({"categories": list(self.categories)} if self.categories else {}),
-        }
-
-    @classmethod
-    def from_body(cls, body: Any) -> Feature:
-        _check(isinstance(body, Mapping), "a feature must be a map")
-        _fields(body, "feature", {"name", "type"}, frozenset({"categories"}))
-        return cls(body["name"], body["type"], _list(body.get("categories", [])))
 
 
 @dataclass(frozen=True)
@@ -149,8 +266,7 @@ class DataSchema:
             and all(isinstance(feature, Feature) for feature in self.features),
             f"features must be a list of at most {MAX_TABLE_FEATURES} features",
         )
-        names = [feature.name for feature in self.features]
-        _check(len(set(names)) == len(names), "feature names must be distinct")
+        _check(_distinct(feature.name for feature in self.features), "feature names must be distinct")
         _check(
             sum(len(feature.categories) for feature in self.features) <= MAX_VOCABULARY,
             f"the features' categories exceed limit of {MAX_VOCABULARY}",
@@ -180,25 +296,37 @@ class DataSchema:
         return {
             "kind": self.kind,
             "input_shape": list(self.input_shape),
-            "classes": None if self.classes is None else list(self.classes),
-            **({"features": [feature.to_body() for feature in self.features]} if self.features else {}),
+            "classes": None if self.classes is None else _names_bin(self.classes),
+            **_columns_body(
+                [f.name for f in self.features],
+                [f.type for f in self.features],
+                [f.categories for f in self.features if f.type == "categorical"],
+            ),
         }
 
     @classmethod
     def from_body(cls, body: Any) -> DataSchema:
         _check(isinstance(body, Mapping), "schema must be a map")
-        _fields(body, "schema", {"kind", "input_shape", "classes"}, frozenset({"features"}))
-        features = body.get("features", [])
-        _check(
-            isinstance(features, list) and len(features) <= MAX_TABLE_FEATURES,
-            f"features must be a list of at most {MAX_TABLE_FEATURES} features",
-        )
+        _fields(body, "schema", {"kind", "input_shape", "classes"}, _COLUMNS)
+        names, types, vocabularies = _columns_from(body)
+        held = iter(vocabularies)
         return cls(
             body["kind"],
-            body["input_shape"],
-            _list(body["classes"]),
-            tuple(Feature.from_body(feature) for feature in features),
+            _list(body["input_shape"]),
+            _classes_from(body),
+            tuple(
+                Feature(name, kind, next(held) if kind == "categorical" else ())
+                for name, kind in zip(names, types, strict=True)
+            ),
         )
+
+
+#: A body's optional fields that describe a table's columns.
+_COLUMNS: Final = frozenset({"features", "types", "categories", "category_counts"})
+
+
+def _classes_from(body: Mapping[str, Any]) -> tuple[str, ...] | None:
+    return None if body["classes"] is None else _names_from(body["classes"], "classes", MAX_CLASSES)
 
 
 def encoded_width(features: tuple[str, ...], categories: Mapping[str, tuple[str, ...]]) -> int:
@@ -219,7 +347,9 @@ class DataPlan:
     - ``categories``: each categorical feature's vocabulary (it gets one more slot, "other");
     - ``mean`` and ``std``: the standardisation every site applies, per
       channel for images (``C`` numbers) and per model input value otherwise
-      (``prod(input_shape)``), or both empty for none.
+      (``prod(input_shape)``), or both empty for none. A table's one-hot and
+      "other" slots keep mean 0 and std 1: a plan that scaled them could weigh
+      a slot to read a rare category's count out of pooled sums.
     """
 
     kind: str
@@ -245,8 +375,9 @@ class DataPlan:
             isinstance(categories, Mapping) and len(categories) <= len(self.features),
             "categories must map categorical features to their vocabularies",
         )
+        features = set(self.features)  # a peer picks both lengths: no scan of one per entry of the other
         for name, vocabulary in categories.items():
-            _check(name in self.features, f"categories name {describe(name)}, which is not a feature")
+            _check(name in features, f"categories name {describe(name)}, which is not a feature")
             _check_names(vocabulary, f"categories of feature {name}", MAX_CATEGORIES)
         _check(
             sum(len(vocabulary) for vocabulary in categories.values()) <= MAX_VOCABULARY,
@@ -270,23 +401,49 @@ class DataPlan:
                 not self.features or (self.kind == "arrays" and math.prod(self.input_shape) == len(self.features)),
                 "only arrays name their features, one per input value",
             )
-        for what in ("mean", "std"):
-            values = getattr(self, what)
-            _check(
-                isinstance(values, (list, tuple))
-                and len(values) <= MAX_STATISTICS
-                and all(_is_number(v) for v in values),
-                f"{what} must be a list of at most {MAX_STATISTICS} finite numbers",
-            )
-            object.__setattr__(self, what, tuple(float(v) for v in values))
-        _check(len(self.mean) == len(self.std), "mean and std must have the same length")
+        mean, std = _statistics(self.mean, "mean"), _statistics(self.std, "std")
+        _check(len(mean) == len(std), "mean and std must have the same length")
         expected = self.input_shape[0] if self.kind == "images" else math.prod(self.input_shape)
         per = "one per channel" if self.kind == "images" else "one per input value"
         _check(
-            not self.mean or len(self.mean) == expected,
-            f"mean and std must hold {expected} values ({per}), not {len(self.mean)}",
+            not len(mean) or len(mean) == expected,
+            f"mean and std must hold {expected} values ({per}), not {len(mean)}",
         )
-        _check(all(s > 0 for s in self.std), "std values must be positive")
+        _check(bool((std > 0).all()), "std values must be positive")
+        if self.kind == "table" and len(mean):
+            self._check_one_hot(mean, std)
+        object.__setattr__(self, "mean", tuple(mean.tolist()))
+        object.__setattr__(self, "std", tuple(std.tolist()))
+
+    def _check_one_hot(self, mean: np.ndarray, std: np.ndarray) -> None:
+        """Statistics apply to numeric columns only: every one-hot and "other" slot has mean 0 and std 1."""
+        scaled = (mean != 0) | (std != 1)
+        scaled[self.numeric_slots()] = False
+        if not scaled.any():
+            return
+        slot = int(np.flatnonzero(scaled)[0])
+        categories, start = self.categories or {}, 0
+        for name in self.features:
+            width = len(categories[name]) + 1 if name in categories else 1
+            if slot < start + width:
+                break
+            start += width
+        raise LocalProtocolError(
+            f"one-hot slot {slot - start} of feature {name} has mean {float(mean[slot])!r} and std"
+            f" {float(std[slot])!r}, not 0 and 1: a plan standardises numeric features only"
+        )
+
+    def numeric_slots(self) -> np.ndarray:
+        """The positions of a table's numeric features in the encoded row (the values a plan standardises)."""
+        categories = self.categories or {}
+        positions, start = [], 0
+        for feature in self.features:
+            if feature in categories:
+                start += len(categories[feature]) + 1  # its one-hot slots and "other"
+            else:
+                positions.append(start)
+                start += 1
+        return np.array(positions, dtype=np.int64)
 
     @property
     def num_classes(self) -> int:
@@ -294,6 +451,39 @@ class DataPlan:
         return 1 if self.classes is None else len(self.classes)
 
     def to_body(self) -> dict[str, Any]:
+        categories = self.categories or {}
+        statistics = {what: encode_tensor(np.array(getattr(self, what), dtype=np.float64)) for what in ("mean", "std")}
+        return {
+            "kind": self.kind,
+            "input_shape": list(self.input_shape),
+            "classes": None if self.classes is None else _names_bin(self.classes),
+            **_columns_body(
+                self.features,
+                ["categorical" if name in categories else "numeric" for name in self.features],
+                list(categories.values()),
+            ),
+            **(statistics if self.mean else {}),
+        }
+
+    @classmethod
+    def from_body(cls, body: Any) -> DataPlan:
+        _check(isinstance(body, Mapping), "data plan must be a map")
+        _fields(body, "data plan", {"kind", "input_shape", "classes"}, _COLUMNS | {"mean", "std"})
+        names, types, vocabularies = _columns_from(body)
+        categorical = (name for name, kind in zip(names, types, strict=True) if kind == "categorical")
+        mean, std = _statistics_from(body)
+        return cls(
+            body["kind"],
+            _list(body["input_shape"]),
+            _classes_from(body),
+            names,
+            dict(zip(categorical, vocabularies, strict=True)),
+            mean,  # type: ignore[arg-type]  # checked and stored as a tuple on construction
+            std,  # type: ignore[arg-type]
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The plan as JSON values, names and numbers in lists: what a saved model and a checkpoint record."""
         return {
             "kind": self.kind,
             "input_shape": list(self.input_shape),
@@ -304,21 +494,26 @@ class DataPlan:
         }
 
     @classmethod
-    def from_body(cls, body: Any) -> DataPlan:
-        _check(isinstance(body, Mapping), "data plan must be a map")
+    def from_json(cls, value: Any) -> DataPlan:
+        """The plan :meth:`to_json` recorded.
+
+        Raises:
+            LocalProtocolError: if it is not a valid plan.
+        """
+        _check(isinstance(value, Mapping), "data plan must be a map")
         _fields(
-            body, "data plan", {"kind", "input_shape", "classes"}, frozenset({"features", "categories", "mean", "std"})
+            value, "data plan", {"kind", "input_shape", "classes"}, frozenset({"features", "categories", "mean", "std"})
         )
-        categories = body.get("categories", {})
+        categories = value.get("categories", {})
         _check(isinstance(categories, Mapping), "categories must be a map")
         return cls(
-            body["kind"],
-            body["input_shape"],
-            _list(body["classes"]),
-            _list(body.get("features", [])),
+            value["kind"],
+            _list(value["input_shape"]),
+            _list(value["classes"]),
+            _list(value.get("features", [])),
             {name: _list(vocabulary) for name, vocabulary in categories.items()},
-            _list(body.get("mean", [])),
-            _list(body.get("std", [])),
+            _list(value.get("mean", [])),
+            _list(value.get("std", [])),
         )
 
     def digest(self) -> str:

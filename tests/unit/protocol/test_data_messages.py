@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -36,6 +38,7 @@ from syncfed.protocol.data_messages import (
     MAX_VOCABULARY,
     encoded_width,
 )
+from syncfed.tensors import encode_tensor
 
 WEIGHTS = {"w": np.arange(4, dtype=np.float32)}
 TRAINING = TrainingPlan(round=1, batch_size=8, num_batches=2, lr=0.1, seed=3)
@@ -68,7 +71,7 @@ def built_and_decoded(build: object, kind: str, body: dict[str, object], reason:
 
 # Strategies ------------------------------------------------------------------
 
-names = st.text(min_size=1, max_size=12)
+names = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1, max_size=12)
 sorted_names = st.lists(names, max_size=6, unique=True).map(lambda values: tuple(sorted(values)))
 finite = st.floats(-1e6, 1e6, allow_nan=False)
 positive = st.floats(1e-6, 1e6)
@@ -105,9 +108,16 @@ def data_plans(draw: st.DrawFn) -> DataPlan:
     shape = (encoded_width(columns, categories),) if schema.kind == "table" else schema.input_shape
     count = shape[0] if schema.kind == "images" else math.prod(shape)
     statistics = draw(st.booleans()) and count <= 256  # hypothesis draws lists of a few thousand at most
-    mean = tuple(draw(st.lists(finite, min_size=count, max_size=count))) if statistics else ()
-    std = tuple(draw(st.lists(positive, min_size=count, max_size=count))) if statistics else ()
-    return DataPlan(schema.kind, shape, schema.classes, columns, categories, mean, std)
+    plan = DataPlan(schema.kind, shape, schema.classes, columns, categories)
+    if not statistics:
+        return plan
+    mean = np.array(draw(st.lists(finite, min_size=count, max_size=count)))
+    std = np.array(draw(st.lists(positive, min_size=count, max_size=count)))
+    if schema.kind == "table":  # statistics apply to numeric columns only: one-hot slots keep 0 and 1
+        one_hot = np.ones(count, dtype=bool)
+        one_hot[plan.numeric_slots()] = False
+        mean[one_hot], std[one_hot] = 0.0, 1.0
+    return DataPlan(schema.kind, shape, schema.classes, columns, categories, tuple(mean.tolist()), tuple(std.tolist()))
 
 
 @st.composite
@@ -174,8 +184,7 @@ def test_round_trip_of_messages_with_the_new_fields(message: Message) -> None:
 def test_round_trip_of_schemas_and_plans_as_bodies(schema: DataSchema, plan: DataPlan) -> None:
     assert DataSchema.from_body(unpack(pack(schema.to_body()))) == schema
     assert DataPlan.from_body(unpack(pack(plan.to_body()))) == plan
-    for feature in schema.features:
-        assert Feature.from_body(unpack(pack(feature.to_body()))) == feature
+    assert DataPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
 
 
 def test_a_plan_without_optional_fields_decodes() -> None:
@@ -186,7 +195,47 @@ def test_a_plan_without_optional_fields_decodes() -> None:
 
 
 def test_wire_form_of_a_plan() -> None:
-    assert TABLE.to_body() == {
+    """Names travel as one bin each list, joined by nul bytes; statistics as float64 tensors."""
+    table = DataPlan(
+        "table",
+        (6,),
+        ("no", "yes"),
+        ("age", "city", "bmi", "zip"),
+        {"city": ("Bern", "Oslo"), "zip": ()},
+        (40, 0, 0, 0, 25, 0),
+        (9, 1, 1, 1, 4, 1),
+    )
+    assert unpack(pack(table.to_body())) == {
+        "kind": "table",
+        "input_shape": [6],
+        "classes": b"no\x00yes",
+        "features": b"age\x00city\x00bmi\x00zip",
+        "types": b"\x00\x01\x00\x01",
+        "categories": b"Bern\x00Oslo",
+        "category_counts": b"\x02\x00\x00\x00\x00\x00\x00\x00",
+        "mean": {"dtype": "float64", "shape": [6], "data": np.array([40, 0, 0, 0, 25, 0], "<f8").tobytes()},
+        "std": {"dtype": "float64", "shape": [6], "data": np.array([9, 1, 1, 1, 4, 1], "<f8").tobytes()},
+    }
+    assert DataPlan("arrays", (2,), None).to_body() == {"kind": "arrays", "input_shape": [2], "classes": None}
+    assert DataPlan("arrays", (2,), None, ("a", "b")).to_body()["features"] == b"a\x00b"  # all numeric: no types
+
+
+def test_wire_form_of_a_schema() -> None:
+    schema = DataSchema("table", (2,), ("0", "1"), (Feature("age"), Feature("city", "categorical", ("Oslo",))))
+    assert schema.to_body() == {
+        "kind": "table",
+        "input_shape": [2],
+        "classes": b"0\x001",
+        "features": b"age\x00city",
+        "types": b"\x00\x01",
+        "categories": b"Oslo",
+        "category_counts": b"\x01\x00\x00\x00",
+    }
+
+
+def test_a_plan_records_itself_as_json() -> None:
+    """A saved model and a checkpoint record the plan as readable JSON; the wire's bins are not JSON."""
+    assert TABLE.to_json() == {
         "kind": "table",
         "input_shape": [5],
         "classes": ["no", "yes"],
@@ -195,20 +244,7 @@ def test_wire_form_of_a_plan() -> None:
         "mean": [40.0, 0.0, 0.0, 0.0, 25.0],
         "std": [9.0, 1.0, 1.0, 1.0, 4.0],
     }
-    assert DataPlan("arrays", (2,), None).to_body() == {"kind": "arrays", "input_shape": [2], "classes": None}
-
-
-def test_wire_form_of_a_schema() -> None:
-    schema = DataSchema("table", (2,), ("0", "1"), (Feature("age"), Feature("city", "categorical", ("Oslo",))))
-    assert schema.to_body() == {
-        "kind": "table",
-        "input_shape": [2],
-        "classes": ["0", "1"],
-        "features": [
-            {"name": "age", "type": "numeric"},
-            {"name": "city", "type": "categorical", "categories": ["Oslo"]},
-        ],
-    }
+    assert DataPlan.from_json(json.loads(json.dumps(TABLE.to_json()))) == TABLE
 
 
 def test_a_plan_is_frozen_through_and_through() -> None:
@@ -218,7 +254,7 @@ def test_a_plan_is_frozen_through_and_through() -> None:
         TABLE.kind, TABLE.input_shape, TABLE.classes, TABLE.features, TABLE.categories
     )
     assert TABLE.without_statistics().digest() != TABLE.digest()
-    assert DataPlan.from_body(TABLE.to_body()).digest() == TABLE.digest()
+    assert DataPlan.from_body(unpack(pack(TABLE.to_body()))).digest() == TABLE.digest()
 
 
 def test_num_classes_of_a_continuous_label_is_one() -> None:
@@ -314,9 +350,12 @@ def test_feature_rules() -> None:
 
 
 def test_a_string_of_categories_is_refused_not_split_into_letters() -> None:
-    body = {"name": "x", "type": "categorical", "categories": "abc"}
+    record = {"kind": "table", "input_shape": [2], "classes": None, "features": ["x"], "categories": {"x": "a"}}
     with pytest.raises(LocalProtocolError, match="^categories of feature x must be a list of at most"):
-        Feature.from_body(body)
+        DataPlan.from_json(record)
+    with pytest.raises(LocalProtocolError) as info:
+        DataPlan.from_body({"kind": "arrays", "input_shape": [2], "classes": "ab"})
+    assert str(info.value) == "classes must be a bin of names separated by nul bytes, not 'ab'"
 
 
 def test_schema_shape_rules() -> None:
@@ -476,7 +515,13 @@ def test_eval_result_class_counts_rules() -> None:
 def test_a_peer_plan_that_breaks_a_rule_is_remote() -> None:
     body = {
         **Fit("m", {}, TRAINING).to_body(),
-        "data": {"kind": "arrays", "input_shape": [2], "classes": None, "mean": [0, 0], "std": [1, 0]},
+        "data": {
+            "kind": "arrays",
+            "input_shape": [2],
+            "classes": None,
+            "mean": encode_tensor(np.zeros(2)),
+            "std": encode_tensor(np.array([1.0, 0.0])),
+        },
     }
     body["plan"] = TRAINING.to_body()
     built_and_decoded(
@@ -485,20 +530,20 @@ def test_a_peer_plan_that_breaks_a_rule_is_remote() -> None:
 
 
 def test_a_peer_schema_that_breaks_a_rule_is_remote() -> None:
-    schema = {"kind": "table", "input_shape": [1], "classes": ["a"], "features": [{"name": "x", "type": "date"}]}
+    schema = {"kind": "table", "input_shape": [1], "classes": b"a\x00b\x00a", "features": b"x"}
     body = {
         "worker_id": "bob",
         "role": "trainer",
         "dataset": "table",
         "input_shape": [1],
-        "num_classes": 1,
-        "histogram": [4],
+        "num_classes": 3,
+        "histogram": [4, 1, 2],
         "models": [],
         "protocol_version": 1,
         "schema": schema,
     }
     built_and_decoded(
-        lambda: Feature("x", "date"), "info", body, "feature x's type must be one of numeric, categorical, not 'date'"
+        lambda: DataSchema("table", (1,), ("a", "b", "a"), (Feature("x"),)), "info", body, "classes must be distinct"
     )
 
 
@@ -525,7 +570,7 @@ def test_unknown_fields_of_a_plan_or_schema_are_refused() -> None:
         decode(envelope("describe", {"model": "m", "data": plan}))
     assert str(info.value) == (
         "data plan body has fields ['classes', 'input_shape', 'kind', 'scale'], expected ['classes', 'input_shape',"
-        " 'kind'] and optionally ['categories', 'features', 'mean', 'std']"
+        " 'kind'] and optionally ['categories', 'category_counts', 'features', 'mean', 'std', 'types']"
     )
 
 
@@ -573,4 +618,83 @@ def test_fuzzed_plans_and_schemas_raise_only_protocol_error(
     try:
         decode(frame)
     except ProtocolError as exc:
-        assert exc.request_id == 11 and exc.code == "malformed"
+        # mean and std are tensors: one that is not is a bad tensor
+        assert exc.request_id == 11 and exc.code in ("malformed", "bad_tensor" if field in ("mean", "std") else "")
+
+
+# Names on the wire: nul-separated UTF-8, types and counts that agree -----------------------------
+
+
+def test_a_name_may_not_hold_the_separator() -> None:
+    cases = {
+        "each of classes must not contain a nul character, not 'a\\x00b'": lambda: DataSchema(
+            "arrays", (1,), ("a\x00b",)
+        ),
+        "feature name must not contain a nul character, not 'a\\x00b'": lambda: Feature("a\x00b"),
+        "each of categories of feature c must not contain a nul character, not '\\x00'": lambda: Feature(
+            "c", "categorical", ("\x00",)
+        ),
+        "each of features must not contain a nul character, not 'x\\x00'": lambda: DataPlan(
+            "arrays", (1,), None, ("x\x00",)
+        ),
+    }
+    for reason, build in cases.items():
+        with pytest.raises(LocalProtocolError) as info:
+            build()
+        assert str(info.value) == reason
+
+
+def test_columns_that_do_not_add_up_are_refused() -> None:
+    table = {"kind": "table", "input_shape": [2], "classes": None, "features": b"a\x00b"}
+    typed = {**table, "types": b"\x00\x01", "categories": b"x\x00y", "category_counts": b"\x02\x00\x00\x00"}
+    assert DataSchema.from_body(typed).features == (Feature("a"), Feature("b", "categorical", ("x", "y")))
+    cases: dict[str, dict[str, Any]] = {
+        "types, categories and category_counts go together": {**table, "types": b"\x00\x01"},
+        "types must be a bin of one byte (0 numeric, 1 categorical) for each of the 2 features": {
+            **typed,
+            "types": b"\x00\x02",
+        },
+        "category_counts must be a bin of one uint32 for each of the 1 categorical features": {
+            **typed,
+            "category_counts": b"\x02\x00\x00",
+        },
+        "category_counts add up to 3, but categories holds 2": {**typed, "category_counts": b"\x03\x00\x00\x00"},
+        "categories must be utf-8 names separated by nul bytes": {**typed, "categories": b"\xff\x00y"},
+        "each of categories of feature b must be a string of 1 to 256 characters, not ''": {
+            **typed,
+            "categories": b"x\x00",
+            "category_counts": b"\x02\x00\x00\x00",
+        },
+    }
+    for reason, body in cases.items():
+        with pytest.raises(LocalProtocolError) as info:
+            DataSchema.from_body(body)
+        assert str(info.value) == reason
+
+
+# A table plan standardises numeric columns only --------------------------------------------------
+
+
+def test_a_plan_that_scales_a_one_hot_slot_is_refused() -> None:
+    """A coordinator could weigh one slot to read a rare category's count out of pooled sums."""
+    columns, categories = ("age", "city", "bmi"), {"city": ("Bern", "Oslo")}  # city's slots: 1, 2 and "other" 3
+    cases = {
+        "one-hot slot 1 of feature city has mean 0.5 and std 1.0": ((40, 0, 0.5, 0, 25), (9, 1, 1, 1, 4)),
+        "one-hot slot 2 of feature city has mean 0.0 and std 3.0": ((40, 0, 0, 0, 25), (9, 1, 1, 3, 4)),
+    }
+    for slot, (mean, std) in cases.items():
+        body = {
+            **Fit("m", {}, TRAINING).to_body(),
+            "data": {
+                **TABLE.to_body(),
+                "mean": encode_tensor(np.array(mean, "<f8")),
+                "std": encode_tensor(np.array(std, "<f8")),
+            },
+        }
+        built_and_decoded(
+            lambda: DataPlan("table", (5,), None, columns, categories, mean, std),  # noqa: B023
+            "fit",
+            body,
+            f"{slot}, not 0 and 1: a plan standardises numeric features only",
+        )
+    assert DataPlan("table", (5,), TABLE.classes, columns, categories, (40, 0, 0, 0, 25), (9, 1, 1, 1, 4)) == TABLE
