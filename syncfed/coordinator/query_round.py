@@ -27,7 +27,6 @@ from typing import Any, Final
 
 from ..analytics import from_sums, secure_clip, sums_length
 from ..compatibility import agreed_plan
-from ..data.normalization import _standardised
 from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
 from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
@@ -129,7 +128,7 @@ def _every_feature(plan: DataPlan | None, num_features: int) -> tuple[int, ...]:
     """What "all features" selects: every input value, but of a table only its numeric columns, since a
     one-hot slot would count a category's rows (which its workers refuse)."""
     if plan is not None and plan.kind == "table":
-        return tuple(_standardised(plan).tolist())
+        return tuple(plan.numeric_slots().tolist())
     return tuple(range(num_features))
 
 

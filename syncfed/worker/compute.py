@@ -24,7 +24,6 @@ from torch import nn
 from .. import analytics
 from ..compression import compression_error
 from ..config import WorkerConfig
-from ..data.normalization import _standardised
 from ..datasets import Dataset
 from ..evaluation import VALIDATION
 from ..exceptions import DatasetError, ModelError, RequestFailed
@@ -135,7 +134,7 @@ class Compute:
             return analytics.answer(query, self._bundled(holding).data, self.config.min_group_size)
         # A table's one-hot slots count the rows of each category, the rare ones its schema hides included:
         # only its numeric columns may be selected (federated normalisation asks for no others).
-        selectable = frozenset(_standardised(query.data).tolist()) if query.data.kind == "table" else None
+        selectable = frozenset(query.data.numeric_slots().tolist()) if query.data.kind == "table" else None
         data = self._prepared(holding, query.data)[0]
         return analytics.answer(query, data, self.config.min_group_size, selectable=selectable)
 
