@@ -1,8 +1,9 @@
 """The model registry: models are named on the wire, never sent.
 
 Worker and coordinator import this same registry. A user's own model is
-named by import path, ``mypkg.models:Net`` (a class or function that takes
-no arguments and returns a ``torch.nn.Module``); a worker only builds the
+named by import path, ``mypkg.models:Net`` (a class or function that returns
+a ``torch.nn.Module``, taking no arguments or the agreed schema: see
+:func:`resolve_model`); a worker only builds the
 import paths it was started with, so a coordinator cannot make it import
 arbitrary code.
 """
@@ -10,6 +11,7 @@ arbitrary code.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from functools import partial
 from types import MappingProxyType
@@ -32,6 +34,7 @@ __all__ = [
     "DigitsCNN",
     "DigitsMLP",
     "resolve_model",
+    "schema_parameters",
     "default_model",
     "get_weights",
     "set_weights",
@@ -124,8 +127,19 @@ def default_model(dataset: str) -> str:
         raise ModelError(f"no default model for data set {dataset!r}; pass --model") from None
 
 
-def resolve_model(name: str) -> ModelFactory:
+def resolve_model(
+    name: str, *, input_shape: tuple[int, ...] | None = None, num_outputs: int | None = None
+) -> ModelFactory:
     """Find a model factory by registry name or ``module:attribute`` import path.
+
+    A user's model may take the agreed schema: a class or function with a
+    parameter named ``input_shape`` (a tuple, e.g. ``(30,)`` or ``(1, 8, 8)``)
+    or ``num_outputs`` (an int: one per class, one for binary and
+    regression) gets the values given here bound to it, so one model fits
+    every table width or image size::
+
+        class Net(nn.Module):
+            def __init__(self, input_shape: tuple[int, ...], num_outputs: int) -> None: ...
 
     Raises:
         ModelError: if the name is neither registered nor importable.
@@ -141,7 +155,21 @@ def resolve_model(name: str) -> ModelFactory:
         raise ModelError(f"cannot import model {name!r}: {exc}") from None
     if not callable(factory):
         raise ModelError(f"model {name!r} is not callable")
-    return factory  # type: ignore[no-any-return]
+    given = {"input_shape": input_shape, "num_outputs": num_outputs}
+    schema = {key: value for key, value in given.items() if value is not None and key in schema_parameters(factory)}
+    return partial(factory, **schema) if schema else factory
+
+
+def schema_parameters(factory: Callable[..., object]) -> frozenset[str]:
+    """The schema parameters (``input_shape``, ``num_outputs``) that ``factory`` takes by keyword."""
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature takes no schema
+        return frozenset()
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return frozenset(
+        name for name in ("input_shape", "num_outputs") if name in parameters and parameters[name].kind in keyword
+    )
 
 
 #: A model's state as the wire describes it: tensor name -> (dtype name, shape), in the model's order.

@@ -190,7 +190,7 @@ def test_requests_without_the_plan_or_with_one_that_does_not_fit_are_refused(nor
         ),
         (
             "unknown_model",
-            "model 'nope' is not registered on this worker (it has mnist-cnn, digits-cnn, mlp, cnn;"
+            "model 'nope' is not registered on this worker (it has mnist-cnn, digits-cnn, mlp, cnn, linear, resnet18;"
             " start it with --model to add one)",
         ),
     ]
