@@ -131,6 +131,8 @@ class WorkerConfig:
     datasets: tuple[DatasetSpec, ...] = ()  # named data sets (--dataset-spec); empty: the one ``dataset`` names
     models: tuple[str, ...] = ()  # import paths of user models (or built-in names) this worker may build
     bench_models: bool = False  # also serve the benchmark MLPs of models.BENCH_MODELS (up to 100M parameters)
+    tasks: tuple[str, ...] = ()  # import paths of user tasks (mypkg.tasks:Task) a request's recipe may name
+    state_dir: Path | None = None  # where optimizer state kept between rounds (keep_state) is saved; None: memory
     cuda: bool = False
     threads: int | None = None  # torch threads; None keeps torch's default
     download: bool = True

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from .exceptions import ConfigError, DatasetError, ModelError
 from .metrics import score_histogram
-from .protocol.task_messages import Recipe
+from .protocol.task_messages import MAX_CONFUSION_CLASSES, Recipe
 
 __all__ = [
     "Task",
@@ -141,9 +141,11 @@ class Classification(BuiltinTask):
         return output.argmax(dim=1)
 
     def batch_sums(self, output: torch.Tensor, labels: np.ndarray) -> dict[str, np.ndarray]:
+        c = self.num_classes
+        if c > MAX_CONFUSION_CLASSES:  # C * C counts (80 GB at 100,000 classes) that no result may carry
+            return {}
         truth = _class_labels(labels, self.num_classes, "classification").astype(np.int64)
         guess = self.predicted(output).cpu().numpy().astype(np.int64)
-        c = self.num_classes
         return {"confusion": np.bincount(truth * c + guess, minlength=c * c).reshape(c, c).astype(np.int64)}
 
 

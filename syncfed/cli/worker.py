@@ -149,6 +149,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", default=[], metavar="MODULE:ATTR", help="also allow this user model (repeatable)"
     )
     parser.add_argument(
+        "--task",
+        action="append",
+        default=[],
+        metavar="MODULE:ATTR",
+        help="also allow this user task (mypkg.tasks:Task), which a coordinator's --task may then name (repeatable)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="save the optimizer state kept between rounds (--keep-optimizer-state) here, so a restarted worker"
+        " goes on with it (default: kept in memory only)",
+    )
+    parser.add_argument(
         "--bench-models",
         action="store_true",
         help="also serve the benchmark models mlp-1m, mlp-10m and mlp-100m (scripts/bench.py)",
@@ -339,6 +353,7 @@ CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
     "datasets": lambda args: tuple(parse_dataset_spec(text) for text in args.dataset_spec),
     "source_options": _source_options,
     "models": lambda args: tuple(args.model),
+    "tasks": lambda args: tuple(args.task),
     "download": lambda args: not args.no_download,
     "idle_timeout": lambda args: args.idle_timeout or None,  # 0: never
     "dp_sgd_noise_multiplier": lambda args: args.dp_sgd,

@@ -3,28 +3,42 @@
 The demo models and those a worker was started with (``--model``) are
 built without arguments, so one layout each serves every request. A worker
 that holds its own data also builds the shaped models of
-:mod:`syncfed.shaped_models` (``mlp``, ``cnn``), sized from each request's
-data plan: their layouts and built models are kept per model and plan.
+:mod:`syncfed.shaped_models` (``mlp``, ``cnn``, ...), and a user model that
+takes the schema (``input_shape``, ``num_outputs``) is built for each
+request's data plan too: such a model is sized from the plan and the
+request's recipe (its output count, hidden layers, dropout), so its layouts
+and built models are kept per model, plan and recipe.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from typing import Any, TypeAlias
 
+import msgpack
 from torch import nn
 
 from ..config import WorkerConfig
 from ..exceptions import ConfigError, ModelError, ProtocolError, RequestFailed
-from ..models import Layout, describe_model
+from ..models import Layout, describe_model, schema_parameters
 from ..protocol import DataPlan, ModelLayout
+from ..protocol.task_messages import Recipe
 from ..shaped_models import SHAPED_MODELS, shaped_factory
 from .holdings import model_factories
 
 __all__ = ["ModelKey", "ModelCatalog"]
 
-#: A model as a worker caches it: its name, and the digest of the plan it was sized from ("" for none).
+#: A model as a worker caches it: its name, and the digest of the plan and recipe it was sized from ("" for none).
 ModelKey: TypeAlias = tuple[str, str]
+
+
+def sizing(plan: DataPlan, recipe: Recipe | None) -> str:
+    """The digest a model sized from ``plan`` and ``recipe`` is cached under (its :data:`ModelKey`'s second part)."""
+    if recipe is None:
+        return plan.digest()
+    packed = msgpack.packb(recipe.to_body(), use_bin_type=True)
+    return f"{plan.digest()}-{hashlib.sha256(packed).hexdigest()[:16]}"
 
 
 class ModelCatalog:
@@ -43,7 +57,7 @@ class ModelCatalog:
         max_shaped: int = 4,
     ) -> None:
         """``shaped``: also serve the shaped models (a worker that holds its own data); ``max_shaped``: the
-        (model, plan) pairs whose layouts and built models are kept."""
+        (model, plan, recipe) triples whose layouts and built models are kept."""
         if max_shaped < 1:
             raise ConfigError(f"max shaped models {max_shaped} must be at least 1")
         self.factories = model_factories(config.models, bench=config.bench_models)
@@ -51,12 +65,17 @@ class ModelCatalog:
         self.max_shaped = max_shaped
         # Each model's state as names, dtypes and shapes, described without building it (see ``describe_model``):
         # a request's weights are checked against it before any model is built.
+        # Sized from each request's plan and recipe: the shaped models, and user models that take the schema.
+        self._sized = frozenset(
+            (*self.shaped, *(name for name in config.models if schema_parameters(self.factories[name])))
+        )
         self._layouts: dict[str, Layout] = {}
         for name, factory in self.factories.items():
             try:
                 self._layouts[name] = describe_model(factory)
             except ModelError as exc:
-                raise ConfigError(f"model {name}: {exc}") from None
+                if name not in self._sized:  # one that needs the schema is described per plan
+                    raise ConfigError(f"model {name}: {exc}") from None
         self._shaped_layouts: OrderedDict[ModelKey, Layout] = OrderedDict()
         self._models: dict[ModelKey, nn.Module] = {}
         self._shaped_models: OrderedDict[ModelKey, nn.Module] = OrderedDict()
@@ -66,17 +85,18 @@ class ModelCatalog:
         """Every model this worker serves, as hello lists them."""
         return (*self.factories, *self.shaped)
 
-    def key(self, name: str, plan: DataPlan | None, *, hint: str = "") -> ModelKey:
-        """How model ``name`` is cached for a request over ``plan``; ``hint`` ends an unknown model's reason.
+    def key(self, name: str, plan: DataPlan | None, recipe: Recipe | None = None, *, hint: str = "") -> ModelKey:
+        """How model ``name`` is cached for a request over ``plan`` with ``recipe``; ``hint`` ends an unknown
+        model's reason.
 
         Raises:
             RequestFailed: ``unknown_model`` if this worker does not serve it,
-                ``incompatible`` for a shaped model without a plan to size it.
+                ``incompatible`` for a model sized from a plan the request lacks.
         """
-        if name in self.shaped:
-            if plan is None:
-                raise RequestFailed("incompatible", f"model {name!r} is sized from the data plan the request lacks")
-            return name, plan.digest()
+        if name in self._sized and plan is not None:
+            return name, sizing(plan, recipe)
+        if name in self._sized and name not in self._layouts:
+            raise RequestFailed("incompatible", f"model {name!r} is sized from the data plan the request lacks")
         if name not in self.factories:
             raise RequestFailed(
                 "unknown_model",
@@ -84,7 +104,7 @@ class ModelCatalog:
             )
         return name, ""
 
-    def layout(self, key: ModelKey, plan: DataPlan | None) -> Layout:
+    def layout(self, key: ModelKey, plan: DataPlan | None, recipe: Recipe | None = None) -> Layout:
         """The layout of the model ``key`` names (from :meth:`key`), described without building it.
 
         Raises:
@@ -94,9 +114,9 @@ class ModelCatalog:
             return self._layouts[key[0]]
         layout = self._shaped_layouts.get(key)
         if layout is None:
-            assert plan is not None, "a shaped model's key comes with its plan"
+            assert plan is not None, "a sized model's key comes with its plan"
             try:
-                layout = describe_model(shaped_factory(key[0], plan))
+                layout = describe_model(shaped_factory(key[0], plan, recipe))
             except ModelError as exc:
                 raise RequestFailed("incompatible", f"model {key[0]!r} does not suit the data plan: {exc}") from None
             self._shaped_layouts[key] = layout
@@ -104,19 +124,19 @@ class ModelCatalog:
         self._shaped_layouts.move_to_end(key)
         return layout
 
-    def describe(self, name: str, plan: DataPlan | None) -> ModelLayout:
-        """The layout of model ``name`` (sized from ``plan`` for a shaped one) as the wire carries it.
+    def describe(self, name: str, plan: DataPlan | None, recipe: Recipe | None = None) -> ModelLayout:
+        """The layout of model ``name`` (sized from ``plan`` and ``recipe`` for a sized one) as the wire carries it.
 
         Raises:
             RequestFailed: as :meth:`key` and :meth:`layout`, or ``incompatible`` for a dtype the wire lacks.
         """
-        layout = self.layout(self.key(name, plan), plan)
+        layout = self.layout(self.key(name, plan, recipe), plan, recipe)
         try:
             return ModelLayout(name, tuple((tensor, dtype, shape) for tensor, (dtype, shape) in layout.items()))
         except ProtocolError as exc:  # e.g. a user model with a dtype the wire does not carry
             raise RequestFailed("incompatible", f"model {name!r} cannot be described on the wire: {exc}") from None
 
-    def model(self, key: ModelKey, plan: DataPlan | None) -> nn.Module:
+    def model(self, key: ModelKey, plan: DataPlan | None, recipe: Recipe | None = None) -> nn.Module:
         """The model ``key`` names, built on first use and then reused (its weights are set per request)."""
         if not key[1]:
             model = self._models.get(key)
@@ -125,8 +145,8 @@ class ModelCatalog:
             return model
         shaped = self._shaped_models.get(key)
         if shaped is None:
-            assert plan is not None, "a shaped model's key comes with its plan"
-            shaped = self._shaped_models[key] = shaped_factory(key[0], plan)()
+            assert plan is not None, "a sized model's key comes with its plan"
+            shaped = self._shaped_models[key] = shaped_factory(key[0], plan, recipe)()
             _bound(self._shaped_models, self.max_shaped)
         self._shaped_models.move_to_end(key)
         return shaped

@@ -4,8 +4,13 @@ Training and evaluation run in a thread so that the event loop keeps
 answering pings and other requests; they share the cached models, so only
 one runs at a time. A job whose request is cancelled (its coordinator went
 away) is asked to stop within one batch, and the next waits until it has.
-Across rounds the compute keeps each model's SCAFFOLD control variate and
-the example-level DP-SGD accountant.
+Across rounds the compute keeps each model's SCAFFOLD control variate, the
+example-level DP-SGD accountant, and the optimizer's state when a plan asks
+to keep it (``keep_state``; see :mod:`.optimizer_states`).
+
+A request's recipe names its task (``syncfed.tasks``): the loss trained on
+and the metric sums an evaluation returns. Without one, training and the
+reply are exactly the classic ones.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from ..compression import compression_error
 from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..evaluation import VALIDATION
-from ..exceptions import DatasetError, ModelError, RequestFailed
+from ..exceptions import ConfigError, DatasetError, LocalProtocolError, ModelError, ProtocolError, RequestFailed
 from ..models import check_layout, get_weights, set_weights
 from ..privacy import clip_update, gaussian_noise
 from ..protocol import (
@@ -42,10 +47,12 @@ from ..protocol import (
     Query,
     QueryResult,
 )
+from ..tasks import Task, make_task, resolve_task
 from ..tensors import Weights
 from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
 from .catalog import ModelCatalog, ModelKey
 from .holdings import Holding, Served, SourceHolding
+from .optimizer_states import OptimizerStates
 
 __all__ = ["Compute"]
 
@@ -64,12 +71,16 @@ class Compute:
         """``holdings``: the first is the default; ``named``: those a request may name by key.
 
         Raises:
-            ConfigError: if a model cannot be described.
+            ConfigError: if a model cannot be described, a task (``--task``) cannot be built for the
+                default data set's classes, or a kept optimizer state (``--state-dir``) cannot be read.
         """
         self.config = config
         self.holdings = holdings
         self.named = named
         self.catalog = ModelCatalog(config, shaped=any(isinstance(holding, SourceHolding) for holding in holdings))
+        for path in config.tasks:  # a bad path stops the worker at start, as a bad --model does
+            resolve_task(path, _num_classes(holdings[0]))
+        self._states = OptimizerStates(config.state_dir)
         self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
         # One compute job at a time: it owns the cached models and the CPU.
         self._lock = asyncio.Lock()
@@ -84,7 +95,7 @@ class Compute:
     async def run(self, message: Fit | Evaluate) -> Message:
         """Run a fit or an evaluation in a thread, one at a time."""
         holding = self._holding(message.dataset_key, message.data)
-        key = self.catalog.key(message.model, message.data, hint="; start it with --model to add one")
+        key = self.catalog.key(message.model, message.data, message.recipe, hint="; start it with --model to add one")
         if isinstance(message, Fit) and self.config.testing:
             raise RequestFailed("wrong_role", "this worker is an evaluator and does not train")
         if isinstance(message, Evaluate) and message.split == VALIDATION and not holding.validation_size:
@@ -92,17 +103,22 @@ class Compute:
                 "incompatible",
                 "this worker holds no validation split (it is the evaluator, or runs with --val-fraction 0)",
             )
-        if message.data is not None and message.data.classes is None:
+        if isinstance(message, Fit) and message.control is not None and message.plan.optimizer != "sgd":
+            # Option II learns c_i from (x - y) / (K * lr): the mean gradient only when each step is lr times one.
             raise RequestFailed(
-                "incompatible", "the data plan's label is continuous (regression), which this worker cannot train yet"
+                "incompatible",
+                f"scaffold learns its control variates from sgd steps, not {message.plan.optimizer}: use sgd",
             )
+        task = _task(message, holding, self.config.tasks)
         try:
-            check_layout(self.catalog.layout(key, message.data), message.weights)
+            check_layout(self.catalog.layout(key, message.data, message.recipe), message.weights)
         except ModelError as exc:
             raise RequestFailed("incompatible", str(exc)) from None
         abandoned = threading.Event()
         async with self._lock:
-            job = asyncio.get_running_loop().run_in_executor(None, self._compute_sync, message, key, holding, abandoned)
+            job = asyncio.get_running_loop().run_in_executor(
+                None, self._compute_sync, message, key, holding, task, abandoned
+            )
             try:
                 return await asyncio.shield(job)
             except asyncio.CancelledError:
@@ -118,7 +134,7 @@ class Compute:
     def describe(self, message: Describe) -> ModelLayout:
         """The layout of a model this worker serves, from its description: nothing is built."""
         self._holding(None, message.data)
-        return self.catalog.describe(message.model, message.data)
+        return self.catalog.describe(message.model, message.data, message.recipe)
 
     async def query(self, query: Query) -> QueryResult:
         """This worker's answer to ``query``; a refusal or a query its data cannot answer is an error reply."""
@@ -188,26 +204,54 @@ class Compute:
         return data
 
     def _compute_sync(
-        self, message: Fit | Evaluate, key: ModelKey, holding: Served, abandoned: threading.Event
+        self, message: Fit | Evaluate, key: ModelKey, holding: Served, task: Task | None, abandoned: threading.Event
     ) -> Message:
         data = self._examples(message, holding)
-        model = self.catalog.model(key, message.data)
+        model = self.catalog.model(key, message.data, message.recipe)
         try:
             set_weights(model, message.weights)
         except ModelError as exc:
             raise RequestFailed("incompatible", str(exc)) from None
         if isinstance(message, Fit):
-            return self._fit(model, key, message, data, abandoned)
-        outcome = evaluate(model, data, message.batch_size, self.device)
-        per_class = (tuple(outcome.class_counts), tuple(outcome.class_correct)) if message.data is not None else ()
-        # Per-class counts only over own data: a bundled data set's reply stays as it always was.
-        return EvalResult(outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions), *per_class)
+            return self._fit(model, key, message, data, task, abandoned)
+        return self._evaluate(model, message, data, task)
+
+    def _evaluate(self, model: nn.Module, message: Evaluate, data: Dataset, task: Task | None) -> EvalResult:
+        """The score of ``model`` on ``data``; with a recipe, also its task's metric sums."""
+        try:
+            outcome = evaluate(model, data, message.batch_size, self.device, task)
+        except (ModelError, DatasetError) as exc:  # a user task's output or sums that do not fit
+            raise RequestFailed("incompatible", str(exc)) from None
+        scored = (outcome.loss, outcome.correct, outcome.num_examples, tuple(outcome.predictions))
+        # Per-class counts over own data with classes: a bundled data set's reply stays as it always was.
+        classes = message.data is not None and message.data.classes is not None
+        counts = tuple(outcome.class_counts) if classes else None
+        right = tuple(outcome.class_correct) if classes else None
+        if message.recipe is None:
+            return EvalResult(*scored, counts, right)
+        try:  # no sums (more classes than a confusion matrix may have): accuracy and recall travel without them
+            return EvalResult(*scored, counts, right, outcome.metrics or None)
+        except LocalProtocolError as exc:  # a user task's sums that are not the protocol's
+            raise RequestFailed(
+                "incompatible", f"task {message.recipe.task} metric sums cannot be sent: {exc}"
+            ) from None
 
     def _fit(
-        self, model: nn.Module, key: ModelKey, message: Fit, data: Dataset, abandoned: threading.Event
+        self,
+        model: nn.Module,
+        key: ModelKey,
+        message: Fit,
+        data: Dataset,
+        task: Task | None,
+        abandoned: threading.Event,
     ) -> FitResult:
         started = time.perf_counter()
         plan = message.plan
+        state_key = (*key, plan.optimizer)
+        if not plan.keep_state:
+            self._states.drop(key)
+        # A run's first round starts afresh, as SCAFFOLD's variate does, rather than from an earlier run's moments.
+        state = self._states.get(state_key) if plan.keep_state and plan.round > 1 else None
         local = self._control(key, message) if message.control is not None else None
         correction = (
             {name: message.control[name] - local[name] for name in local}
@@ -226,14 +270,22 @@ class Compute:
                 anchor=message.weights,
                 correction=correction,
                 dp_sgd=self._dp_sgd,
+                task=task,
+                optimizer=plan.optimizer,
+                momentum=plan.momentum,
+                weight_decay=plan.weight_decay,
+                grad_clip=plan.grad_clip,
+                local_epochs=plan.local_epochs,
+                state=state,
             )
-        except ModelError as exc:  # a model Opacus cannot train with DP-SGD
+        except (ModelError, ConfigError, DatasetError) as exc:
+            # A model Opacus cannot train with DP-SGD, a kept state that does not fit, labels the task cannot learn.
             raise RequestFailed("incompatible", str(exc)) from None
         dp_epsilon = None
         if self._accountant is not None:
             # Every step trained counts, whatever becomes of the reply. A batch size above the
             # shard's trains on the whole shard each step: a sample rate of 1.
-            self._accountant.step(batch_size(plan, len(data)) / len(data), plan.num_batches)
+            self._accountant.step(batch_size(plan, len(data)) / len(data), result.steps)
             dp_epsilon = self._accountant.epsilon()
             logger.info(
                 "dp-sgd: %d steps so far on %d examples, epsilon %.4g at delta %g",
@@ -244,6 +296,8 @@ class Compute:
             )
         if not math.isfinite(result.loss):
             raise RequestFailed("internal", f"training diverged (loss {result.loss}); lower the learning rate")
+        if plan.keep_state and result.state is not None:
+            self._states.put(state_key, result.state)
         trained = get_weights(model)
         if self.config.attack is not None:
             trained = corrupt(trained, message.weights, self.config.attack, self._attack_rng)
@@ -251,7 +305,7 @@ class Compute:
         if message.control is not None and local is not None:
             # Option II of SCAFFOLD: c_i+ = c_i - c + (x - y) / (K * lr), from the weights alone.
             # With no batches there is nothing to learn the variate from: it stays.
-            steps = plan.num_batches * plan.lr
+            steps = result.steps * plan.lr
             control_delta = {
                 name: ((message.weights[name] - trained[name]) / steps - message.control[name]).astype(array.dtype)
                 if steps
@@ -293,3 +347,29 @@ class Compute:
         if local is None or fresh or local.keys() != message.control.keys():
             local = {name: np.zeros_like(array) for name, array in message.control.items()}
         return local
+
+
+def _num_classes(holding: Served) -> int:
+    """The classes a data set's models output (1 for a continuous label), before any plan: its schema's."""
+    if isinstance(holding, SourceHolding):
+        return 1 if holding.schema.classes is None else len(holding.schema.classes)
+    return holding.data.num_classes
+
+
+def _task(message: Fit | Evaluate, holding: Served, user_tasks: tuple[str, ...]) -> Task | None:
+    """The task the request's recipe names over the data it is about; ``None`` without a recipe (the classic).
+    ``user_tasks``: the task paths the worker was started with.
+
+    Raises:
+        RequestFailed: ``incompatible`` if the task does not fit the data (a binary task over the
+            ten digits), or is a user's task this worker was not started with (``--task``).
+    """
+    if message.recipe is None:
+        return None
+    num_classes = _num_classes(holding) if message.data is None else message.data.num_classes
+    try:
+        if message.data is None:  # a plan's classes were checked against the recipe when the request was read
+            message.recipe.check_classes(tuple(str(label) for label in range(num_classes)))
+        return make_task(message.recipe, num_classes, user_tasks=user_tasks)
+    except (ProtocolError, ConfigError) as exc:
+        raise RequestFailed("incompatible", str(exc)) from None

@@ -96,17 +96,15 @@ def test_the_validation_split_is_scored_as_the_plan_says() -> None:
     assert scored.class_counts is not None and len(scored.class_counts) == 3 and scored.class_counts[2] == 0
 
 
-def test_a_continuous_plan_is_refused_for_training() -> None:
+def test_a_continuous_plan_over_class_labels_is_refused_for_training() -> None:
+    """Regression trains now (tests/e2e/test_task_worker.py); a plan whose label this site's data lacks does not."""
     continuous = DataPlan("arrays", (2,), None)
 
     async def scenario() -> tuple[str, str]:
         async with LinkPair([holding()]) as pair:
             return await refusal(pair, Fit("mlp", weights(continuous), FIT, data=continuous))
 
-    assert run(scenario()) == (
-        "incompatible",
-        "the data plan's label is continuous (regression), which this worker cannot train yet",
-    )
+    assert run(scenario()) == ("incompatible", "arrays: this site's label has classes, the plan's is continuous")
 
 
 def test_a_bundled_data_sets_worker_refuses_a_plan_and_answers_as_before() -> None:
