@@ -164,7 +164,8 @@ def test_describe_sizes_a_model_from_the_plan_and_the_recipe() -> None:
     assert layout(binary)["head.3.weight"] == (1, 7)
     assert linear == (
         "incompatible",
-        "model 'linear' does not suit the data plan: cannot build the model: linear has no hidden layers to size, not (7,)",
+        "model 'linear' does not suit the data plan: cannot build the model:"
+        " linear has no hidden layers to size, not (7,)",
     )
 
 
