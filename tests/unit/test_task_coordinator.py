@@ -359,3 +359,32 @@ def test_pooled_sites_keep_their_metric_sums_only_when_every_site_has_them() -> 
     plain = EvalResult(0.5, 0, 1, (1,))
     assert pool([first, plain]).metrics is None
     assert not math.isnan(result_json(both)["r2"])
+
+
+# -- Resuming keeps the recipe; a run without accuracy still shows progress ---------------------------
+
+
+def test_a_resumed_run_keeps_its_target_scale_and_refuses_another_task() -> None:
+    from syncfed.checkpoint import Checkpoint
+    from syncfed.coordinator.journal import _recorded_recipe
+    from syncfed.exceptions import CheckpointError
+
+    recorded = Recipe("regression", target_mean=151.0, target_std=77.0)
+    checkpoint = Checkpoint(round=3, weights={}, identity={"recipe": recorded.to_body()}, seed=1, config={})
+    assert _recorded_recipe(checkpoint, Recipe("regression")) == recorded
+    with pytest.raises(CheckpointError, match="^cannot resume: the run trained regression with mse, now regression"):
+        _recorded_recipe(checkpoint, Recipe("regression", "huber"))
+    classic = Checkpoint(round=3, weights={}, identity={}, seed=1, config={})
+    assert _recorded_recipe(classic, None) is None
+
+
+def test_progress_reads_a_regression_s_events_without_accuracy() -> None:
+    import io
+
+    from syncfed.monitor import Progress
+
+    stream = io.StringIO()
+    progress = Progress(2, enabled=False, stream=stream)
+    progress({"event": "eval", "round": 1, "model": "federated", "loss": 0.4, "mae": 3.1})
+    progress({"event": "round", "round": 1, "seconds": 0.5, "failed": {}})
+    assert stream.getvalue() == "Round 1/2 done in 0.50 s\n"
