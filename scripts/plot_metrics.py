@@ -1,9 +1,10 @@
-"""Plot test accuracy and loss per round from one or more ``--metrics-out`` files.
+"""Plot test accuracy (or another metric) and loss per round from one or more ``--metrics-out`` files.
 
 Usage::
 
     python scripts/plot_metrics.py metrics.jsonl -o curves.png
     python scripts/plot_metrics.py fed.jsonl central.jsonl -o compare.png --labels federated,centralized
+    python scripts/plot_metrics.py binary.jsonl -o auc.png --metric auc      # any numeric field of eval events
 
 Each file is one run. By default a run draws its ``federated`` model (and, in a
 run with a single worker such as ``central``, that worker's model) as a thick
@@ -45,10 +46,11 @@ class MetricsError(Exception):
 
 
 class Point(NamedTuple):
-    """One evaluation of one model: accuracy is a fraction (0-1), loss the mean test loss."""
+    """One evaluation of one model: ``value`` is the plotted metric (accuracy as a fraction, by default), loss
+    the mean test loss."""
 
     round: int
-    accuracy: float
+    value: float
     loss: float
 
 
@@ -62,14 +64,17 @@ class Run:
 
 def _number(event: dict[str, Any], key: str, where: str) -> float:
     value = event.get(key)
+    if key in event and value is None and key not in ("accuracy", "loss"):
+        return math.nan  # a figure the data leave undefined (an AUC without positives): a gap in the line
     # bool is an int subclass; true/false in a numeric field is garbage, not 1/0.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise MetricsError(f"{where}: eval event has no numeric {key!r} (got {value!r})")
+        hint = "; a regression has none: try --metric mae" if key == "accuracy" and "mae" in event else ""
+        raise MetricsError(f"{where}: eval event has no numeric {key!r} (got {value!r}){hint}")
     return float(value)
 
 
-def load_metrics(path: Path) -> dict[str, list[Point]]:
-    """Read the ``eval`` events of a metrics file, by model name, sorted by round.
+def load_metrics(path: Path, metric: str = "accuracy") -> dict[str, list[Point]]:
+    """Read the ``eval`` events of a metrics file, by model name, sorted by round, with ``metric`` as the value.
 
     Other events are ignored. A later evaluation of the same model and round
     replaces an earlier one, so a file that was appended to twice still gives
@@ -104,16 +109,16 @@ def load_metrics(path: Path) -> dict[str, list[Point]]:
             raise MetricsError(f"{where}: eval event has no model name (got {model!r})")
         if isinstance(round_number, bool) or not isinstance(round_number, int):
             raise MetricsError(f"{where}: eval event has no integer 'round' (got {round_number!r})")
-        point = Point(round_number, _number(event, "accuracy", where), _number(event, "loss", where))
+        point = Point(round_number, _number(event, metric, where), _number(event, "loss", where))
         by_model.setdefault(model, {})[round_number] = point
     if not by_model:
         raise MetricsError(f"{path}: no eval events, so nothing to plot (was the run made without an evaluator?)")
     return {model: [points[r] for r in sorted(points)] for model, points in sorted(by_model.items())}
 
 
-def load_run(path: Path, label: str | None = None) -> Run:
+def load_run(path: Path, label: str | None = None, metric: str = "accuracy") -> Run:
     """:func:`load_metrics` under a legend label, the file's stem by default."""
-    return Run(label if label is not None else path.stem, load_metrics(path))
+    return Run(label if label is not None else path.stem, load_metrics(path, metric))
 
 
 def main_models(curves: Mapping[str, Sequence[Point]]) -> set[str]:
@@ -140,8 +145,9 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else math.nan  # a diverged loss becomes a gap, not a ruined scale
 
 
-def plot(runs: Sequence[Run], output: Path, models: Sequence[str] | None = None) -> Figure:
-    """Draw accuracy (%) and mean test loss per round side by side, save the figure to ``output`` and return it.
+def plot(runs: Sequence[Run], output: Path, models: Sequence[str] | None = None, metric: str = "accuracy") -> Figure:
+    """Draw ``metric`` (accuracy in %) and mean test loss per round side by side, save the figure to ``output``
+    and return it.
 
     ``models`` limits the lines to those model names (in runs that have them);
     the format follows ``output``'s extension (png, pdf, svg, ...).
@@ -186,18 +192,25 @@ def plot(runs: Sequence[Run], output: Path, models: Sequence[str] | None = None)
             "alpha": 1.0 if main else 0.75,
             "zorder": 3 if main else 2,
         }
-        accuracy_axes.plot(rounds, [100 * _finite(point.accuracy) for point in points], **style)
+        scale = 100 if metric == "accuracy" else 1
+        accuracy_axes.plot(rounds, [scale * _finite(point.value) for point in points], **style)
         loss_axes.plot(rounds, [_finite(point.loss) for point in points], **style)
 
-    accuracy_axes.set(title="Test accuracy", xlabel="Round", ylabel="Accuracy (%)")
+    if metric == "accuracy":
+        accuracy_axes.set(title="Test accuracy", xlabel="Round", ylabel="Accuracy (%)")
+    else:
+        accuracy_axes.set(title=f"Test {metric}", xlabel="Round", ylabel=metric)
     loss_axes.set(title="Mean test loss", xlabel="Round", ylabel="Loss")
     for axes in (accuracy_axes, loss_axes):
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.grid(True, alpha=0.3)
-    low, high = accuracy_axes.get_ylim()
-    accuracy_axes.set_ylim(max(0.0, low), min(101.0, high))  # autoscale's margins, but never below 0% or far above 100%
+    if metric == "accuracy":
+        low, high = accuracy_axes.get_ylim()
+        accuracy_axes.set_ylim(
+            max(0.0, low), min(101.0, high)
+        )  # autoscale's margins, never below 0% nor far above 100%
     loss_axes.set_ylim(bottom=0)
-    title = "Test accuracy and loss per round"
+    title = f"Test {metric} and loss per round"
     figure.suptitle(title if len(runs) > 1 else f"{title}: {runs[0].label}", fontsize=13)
     # Both panels hold the same lines: one legend under them, from one panel's handles.
     handles, labels = accuracy_axes.get_legend_handles_labels()
@@ -232,7 +245,8 @@ def _labels(paths: Sequence[Path], given: str | None) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
-        description="Plot test accuracy and loss per round from syncfed --metrics-out files, one run per file.",
+        description="Plot test accuracy (or --metric) and loss per round from syncfed --metrics-out files,"
+        " one run per file.",
     )
     parser.add_argument("metrics", nargs="+", type=Path, metavar="METRICS.jsonl", help="metrics files, one per run")
     parser.add_argument(
@@ -247,6 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--labels", metavar="A,B,...", help="legend label of each run, in file order (default: the file names' stems)"
     )
     parser.add_argument(
+        "--metric",
+        default="accuracy",
+        metavar="NAME",
+        help="the eval events' field drawn beside the loss: accuracy, balanced_accuracy, f1_macro, auc, pr_auc,"
+        " sensitivity, specificity, mse, rmse, mae, r2 (default: %(default)s)",
+    )
+    parser.add_argument(
         "--models",
         metavar="M,N,...",
         help="draw only these models, e.g. federated,central (default: federated and each worker's model)",
@@ -259,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labels = _labels(args.metrics, args.labels)
         models = _split(args.models, "--models") if args.models is not None else None
-        runs = [load_run(path, label) for path, label in zip(args.metrics, labels, strict=True)]
-        plot(runs, args.output, models)
+        runs = [load_run(path, label, args.metric) for path, label in zip(args.metrics, labels, strict=True)]
+        plot(runs, args.output, models, args.metric)
     except MetricsError as exc:
         print(f"{PROGRAM}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

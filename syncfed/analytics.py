@@ -12,6 +12,9 @@ of a digits image).
   parallel formula of Chan, Golub and LeVeque 1979 ("Updating formulae and a
   pairwise algorithm for computing sample variances"), which stays accurate
   where sums of squares cancel; plus the same over every value of every feature.
+- ``label-stats``: the count, mean and M2 of a continuous label (a
+  regression target), combined as ``feature-stats`` are; the coordinator
+  standardises the target with them (``syncfed.coordinator.task_setup``).
 - ``quantiles``: every worker fills the histogram the query fixes (equal
   bins over a range, a cell below it and one above), the coordinator sums
   them and reads quantiles off the sum, within one bin width of
@@ -73,6 +76,7 @@ __all__ = [
     "answer",
     "combine_labels",
     "combine_feature_stats",
+    "combine_label_stats",
     "combine_quantiles",
     "histogram_quantiles",
     "sums",
@@ -239,6 +243,11 @@ def answer(
         if _small(labels, min_group_size).any():
             return _refusal(query, "a label", min_group_size)
         tensors = {"labels": labels}
+    elif query.query == "label-stats":
+        if data.labels.dtype.kind != "f":
+            return Error("incompatible", "this worker's label is a class: it has no continuous moments")
+        target = moments(np.asarray(data.labels).reshape(-1, 1), None, query.value_range)
+        tensors = {"mean": target.mean, "m2": target.m2}
     elif query.query == "feature-stats":
         clip = query.value_range  # set when the coordinator adds differential privacy
         totals: tuple[Moments, Moments] | None = None
@@ -322,6 +331,16 @@ class FeatureStats:
     features: tuple[int, ...]
     selected: Moments
     pooled: Moments
+
+
+def combine_label_stats(query: Query, results: Mapping[str, QueryResult]) -> Moments:
+    """Exact moments of the continuous label over all workers' data (one column).
+
+    Raises:
+        AggregationError: if the answers are not label statistics.
+    """
+    _validate(query, results)
+    return merge_moments([Moments(r.num_examples, r.tensors["mean"], r.tensors["m2"]) for r in results.values()])
 
 
 def combine_feature_stats(query: Query, results: Mapping[str, QueryResult]) -> FeatureStats:
@@ -431,9 +450,9 @@ def histogram_quantiles(counts: np.ndarray, edges: np.ndarray, probabilities: Se
 
 
 def _centre(query: Query) -> tuple[float, float]:
-    """The centre and half width of a feature-stats query's clipping range, about which sums are taken."""
+    """The centre and half width of a moments query's clipping range, about which sums are taken."""
     if query.value_range is None:
-        raise ConfigError("feature-stats over secure aggregation needs a clipping range: sums need a bound")
+        raise ConfigError(f"{query.query} over secure aggregation needs a clipping range: sums need a bound")
     low, high = query.value_range
     return (low + high) / 2, (high - low) / 2
 
@@ -445,7 +464,8 @@ def sums(query: Query, result: QueryResult) -> np.ndarray:
     ``label-histogram``: the counts per class; ``quantiles``: the ``k``
     histograms, then the one over all features; ``feature-stats``: the ``k``
     sums, the ``k`` sums of squares, then the sum and the sum of squares over
-    all features, every value taken about the centre of the clipping range.
+    all features; ``label-stats``: the label's sum and sum of squares; every
+    value of the moments taken about the centre of the clipping range.
 
     Raises:
         ConfigError: if a feature-stats query has no clipping range.
@@ -457,6 +477,9 @@ def sums(query: Query, result: QueryResult) -> np.ndarray:
     if query.query == "quantiles":
         return np.concatenate([count, tensors["histogram"].ravel(), tensors["pooled"]]).astype(np.float64)
     centre, _ = _centre(query)
+    if query.query == "label-stats":
+        shift = tensors["mean"] - centre
+        return np.concatenate([count, result.num_examples * shift, tensors["m2"] + result.num_examples * shift**2])
     values = result.num_examples * result.num_features
     shifted = tensors["mean"] - centre
     pooled_shift = tensors["pooled"][0] - centre
@@ -478,6 +501,8 @@ def sums_length(query: Query, num_classes: int) -> int:
     if query.query == "quantiles":
         assert query.bins is not None, "a quantiles query has bins"
         return 1 + (selected + 1) * (query.bins + 2)
+    if query.query == "label-stats":
+        return 3
     return 1 + 2 * selected + 2
 
 
@@ -493,7 +518,7 @@ def sums_bound(query: Query, num_examples: int, num_features: int) -> float:
     """
     if query.query == "label-histogram":
         return float(num_examples)
-    values = float(num_examples) * num_features
+    values = float(num_examples) * (1 if query.query == "label-stats" else num_features)
     if query.query == "quantiles":
         return values
     _, half = _centre(query)
@@ -514,7 +539,7 @@ def secure_clip(query: Query, num_examples: int, num_features: int, num_clients:
             it can count exactly, or moments too large for it.
     """
     limit = Quantizer(num_clients, 1.0, bits=64, max_count=1).limit
-    counts = query.query != "feature-stats"
+    counts = query.query not in ("feature-stats", "label-stats")
     # A count is at least 1; sums of values clipped to an edge may pass the bound by a few ulps.
     bound = max(sums_bound(query, num_examples, num_features), 1.0) * (1.0 if counts else 1.0 + SUM_SLACK)
     if bound > limit or (counts and bound * num_clients > EXACT_INTEGERS):
@@ -553,6 +578,14 @@ def from_sums(query: Query, total: np.ndarray, num_features: int) -> QueryResult
                 raise AggregationError(f"a sum of {total.size} values does not hold {selected + 1} histograms")
             histogram = cells.reshape(selected + 1, query.bins + 2)
             tensors = {"histogram": histogram[:-1], "pooled": histogram[-1]}
+        elif query.query == "label-stats":
+            if total.size != 3:
+                raise AggregationError(f"a sum of {total.size} values does not hold a label's moments")
+            centre, _ = _centre(query)
+            tensors = {
+                "mean": np.array([centre + total[1] / count]),
+                "m2": np.array([max(total[2] - total[1] ** 2 / count, 0.0)]),
+            }
         else:
             if total.size != 3 + 2 * selected:
                 raise AggregationError(f"a sum of {total.size} values does not hold the moments of {selected} features")

@@ -14,9 +14,9 @@ from collections.abc import Mapping
 
 from .config import CoordinatorConfig
 from .data.agreement import agree
-from .exceptions import IncompatibleWorkers, ModelError
+from .exceptions import IncompatibleWorkers, ModelError, ProtocolError
 from .models import check_model, default_model, get_weights, resolve_model
-from .protocol import PROTOCOL_VERSION, DataPlan, DataSchema, Info
+from .protocol import LOSSES, PROTOCOL_VERSION, TASK_KINDS, DataPlan, DataSchema, Info, Recipe
 from .shaped_models import default_shaped_model, shaped_factory
 from .tensors import DTYPES
 
@@ -29,12 +29,17 @@ __all__ = [
     "check_model_available",
     "check_rejoining",
     "chosen_data",
+    "chosen_recipe",
+    "decided_task",
 ]
 
 
-def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tuple[str, Info, DataPlan | None]:
-    """The run's model name, the reference ``info`` every worker's data must match, and, over a user's own
-    data, the plan the workers' schemas agree on (without standardisation; see ``syncfed.data.agreement``).
+def check_compatible(
+    config: CoordinatorConfig, infos: Mapping[str, Info]
+) -> tuple[str, Info, DataPlan | None, Recipe | None]:
+    """The run's model name, the reference ``info`` every worker's data must match, over a user's own
+    data the plan the workers' schemas agree on (without standardisation; see ``syncfed.data.agreement``),
+    and the run's recipe (:func:`chosen_recipe`; its class weights and target statistics come later).
 
     Raises:
         IncompatibleWorkers: a worker is not who, or what, the config lists; workers disagree
@@ -50,24 +55,70 @@ def check_compatible(config: CoordinatorConfig, infos: Mapping[str, Info]) -> tu
         model_name = config.model or default_model(reference.dataset)
         input_shape, num_classes, what = reference.input_shape, reference.num_classes, reference.dataset
     else:
-        if plan.classes is None:
-            raise IncompatibleWorkers(
-                "the workers' label is continuous (a regression task), which this version cannot train yet;"
-                " if its values are classes, start the workers with --label-type classes"
-            )
         model_name = config.model or default_shaped_model(plan)
         input_shape, num_classes, what = plan.input_shape, plan.num_classes, f"own {plan.kind}"
+    recipe = chosen_recipe(config, plan, reference.num_classes)
     for name, info in infos.items():
         check_model_available(name, info, model_name)
     try:
-        model = shaped_factory(model_name, plan)() if plan is not None else resolve_model(model_name)()
-        check_model(model, input_shape, num_classes)
+        model = shaped_factory(model_name, plan, recipe)() if plan is not None else resolve_model(model_name)()
+        check_model(model, input_shape, num_classes if recipe is None else recipe.num_outputs(num_classes))
         for tensor, array in get_weights(model).items():
             if array.dtype.name not in DTYPES:
                 raise ModelError(f"tensor {tensor} has dtype {array.dtype}, which the wire does not carry")
     except ModelError as exc:
         raise IncompatibleWorkers(f"model {model_name} does not fit the workers' {what} data: {exc}") from None
-    return model_name, reference, plan
+    return model_name, reference, plan, recipe
+
+
+def decided_task(task: str, classes: tuple[str, ...] | None) -> str:
+    """``--task`` with ``auto`` decided from the agreed label: continuous -> regression, two classes -> binary,
+    else classification. ``classes`` is ``None`` for a continuous label."""
+    if task != "auto":
+        return task
+    if classes is None:
+        return "regression"
+    return "binary" if len(classes) == 2 else "classification"
+
+
+def chosen_recipe(config: CoordinatorConfig, plan: DataPlan | None, num_classes: int) -> Recipe | None:
+    """The run's recipe before its data statistics: the task (``auto`` decided from ``plan``), loss, threshold
+    and shaped model's layers; ``None`` over a bundled data set with the classic task, so its requests stay
+    byte for byte what they were. ``num_classes`` is the bundled data set's when ``plan`` is ``None``.
+
+    Raises:
+        IncompatibleWorkers: the task, or a flag of it, does not fit the workers' label (one line).
+    """
+    if plan is None and (config.hidden or config.dropout):
+        raise IncompatibleWorkers("--hidden and --dropout shape the built-in models over own data, not a bundled one")
+    if plan is None:  # the digits and MNIST demos: always classes, and "auto" keeps the classic task
+        task = "classification" if config.task == "auto" else config.task
+        classes: tuple[str, ...] | None = tuple(str(label) for label in range(num_classes))
+        data = f"{num_classes} classes"
+    else:
+        classes = plan.classes
+        task = decided_task(config.task, classes)
+        data = "a continuous label" if classes is None else f"{len(classes)} classes"
+    flags = "the workers' data" if config.task == "auto" else f"--task {task}"
+    if config.loss is not None and task in TASK_KINDS and config.loss not in LOSSES[task]:
+        raise IncompatibleWorkers(f"--loss {config.loss} does not fit a {task} task, which {flags} ({data}) make")
+    if config.class_weights is not None and task != "classification" and task in TASK_KINDS:
+        raise IncompatibleWorkers(f"--class-weights goes with a classification task, not {task} ({data})")
+    if config.threshold != 0.5 and task != "binary" and task in TASK_KINDS:
+        raise IncompatibleWorkers(f"--threshold goes with a binary task, not {task} ({data})")
+    try:
+        recipe = Recipe(
+            task,
+            config.loss or "",
+            threshold=config.threshold,
+            hidden=config.hidden,
+            dropout=config.dropout,
+        )
+        recipe.check_classes(classes)
+    except ProtocolError as exc:
+        raise IncompatibleWorkers(f"{flags} cannot train on the workers' data: {exc}") from None
+    classic = plan is None and recipe == Recipe() and config.class_weights is None
+    return None if classic else recipe
 
 
 def agreed_plan(infos: Mapping[str, Info], *, evaluator: str | None = None) -> DataPlan | None:

@@ -18,7 +18,17 @@ from .data.normalization import NORMALIZATIONS
 from .datasets import DATASETS, DatasetSpec, check_dataset_key
 from .exceptions import ConfigError
 from .masking import MAX_CLIENTS
-from .protocol import DEFAULT_CHUNK_SIZE, MAX_PLAN_SIZE
+from .protocol import (
+    DEFAULT_CHUNK_SIZE,
+    LOSSES,
+    MAX_HIDDEN,
+    MAX_LOCAL_EPOCHS,
+    MAX_PLAN_SIZE,
+    MAX_WEIGHT_DECAY,
+    MAX_WIDTH,
+    OPTIMIZERS,
+    TASK_KINDS,
+)
 from .staleness import staleness_weight
 from .strategies import make_strategy
 
@@ -32,6 +42,8 @@ __all__ = [
     "parse_endpoints",
     "ATTACKS",
     "DP_MODES",
+    "TASKS",
+    "CLASS_WEIGHTS",
 ]
 
 # Limits
@@ -77,6 +89,11 @@ ATTACKS: Final = {
 #: Differential privacy modes: who adds the noise (docs/privacy.md).
 DP_MODES: Final = ("central", "distributed")
 
+#: ``--task``: ``auto`` decides from the workers' agreed data; any other value is an import path ``mypkg.tasks:Task``.
+TASKS: Final = ("auto", *TASK_KINDS)
+#: ``--class-weights``: ``balanced`` weighs class c by n / (C * n_c), from the federated label histogram.
+CLASS_WEIGHTS: Final = ("balanced",)
+
 DEFAULT_WORKERS: Final = "alice=ws://localhost:8777,bob=ws://localhost:8778,charlie=ws://localhost:8779"
 DEFAULT_EVALUATOR: Final = "testing=ws://localhost:8780"
 
@@ -101,6 +118,12 @@ def parse_endpoints(text: str) -> dict[str, str]:
 def _check_tls(cert: Path | None, key: Path | None) -> None:
     if (cert is None) != (key is None):
         raise ConfigError("--tls-cert and --tls-key go together")
+
+
+def _is_task_path(task: str) -> bool:
+    """Whether ``task`` reads as an import path ``mypkg.tasks:Task`` (the worker resolves it, never the coordinator)."""
+    module, sep, name = task.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and name.isidentifier()
 
 
 def _positive(name: str, value: float | None) -> None:
@@ -271,6 +294,23 @@ class CoordinatorConfig:
     lr_decay: float = 0.98
     lr_min: float = 0.001
     seed: int = 1
+    # The task (docs/tasks.md): auto, a built-in task or an import path; its loss (None: the task's default)
+    task: str = "auto"
+    loss: str | None = None
+    class_weights: str | None = None  # "balanced", or None for unweighted cross-entropy
+    threshold: float = 0.5  # binary: the positive probability above which an example is predicted positive
+    # The local optimizer, sent in every training plan
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    local_epochs: int | None = None  # passes over each shard per round, instead of federate_after_n_batches
+    keep_optimizer_state: bool = False  # keep each worker's optimizer state between rounds; default: reset
+    # The shaped model (own data) and its start
+    hidden: tuple[int, ...] = ()  # the mlp's hidden widths; empty: its default
+    dropout: float = 0.0
+    initial_weights: Path | None = None  # a safetensors file to start from instead of the seeded model
+    allow_partial_weights: bool = False  # take the tensors of initial_weights that fit, listing the others
     # Strategy (see ``strategies``): a name or an import path, and its settings (mu, server_lr, ...)
     strategy: str = "fedavg"
     strategy_settings: dict[str, float] = field(default_factory=dict)
@@ -412,6 +452,8 @@ class CoordinatorConfig:
         if self.chunk_size < MIN_CHUNK_SIZE:
             raise ConfigError(f"chunk size {self.chunk_size} is below the minimum of {MIN_CHUNK_SIZE} bytes")
         self._check_privacy(strategy.streaming and not strategy.uses_control)
+        _check_task(self)
+        _check_local_training(self)
 
     def _check_privacy(self, mean_only: bool) -> None:
         """Refuse what secure aggregation and differential privacy cannot do (``mean_only``: the strategy's needs)."""
@@ -487,3 +529,58 @@ class CoordinatorConfig:
     def is_eval_round(self, round_number: int) -> bool:
         """Rounds 1, 1 + eval_every, 1 + 2 * eval_every, ... and the last."""
         return (round_number - 1) % self.eval_every == 0 or round_number == self.training_rounds
+
+
+def _check_task(config: CoordinatorConfig) -> None:
+    """The task's flags agree with each other; what depends on the data is checked at the handshake."""
+    task, builtin = config.task, config.task in TASK_KINDS
+    if task not in TASKS and not _is_task_path(task):
+        raise ConfigError(f"task {task!r} is not one of {', '.join(TASKS)} or an import path mypkg.tasks:Task")
+    if config.loss is not None:
+        owners = [kind for kind, losses in LOSSES.items() if config.loss in losses]
+        if builtin and task not in owners:
+            wanted = f"--task {owners[0]}" if owners else f"one of {', '.join(LOSSES[task])}"
+            raise ConfigError(f"--loss {config.loss} goes with {wanted}, not --task {task}")
+        if task == "auto" and not owners:
+            known = sorted({loss for losses in LOSSES.values() for loss in losses})
+            raise ConfigError(f"loss {config.loss!r} is not one of {', '.join(known)}")
+    if config.class_weights is not None:
+        if config.class_weights not in CLASS_WEIGHTS:
+            raise ConfigError(f"class weights {config.class_weights!r} are not one of {', '.join(CLASS_WEIGHTS)}")
+        if task in ("binary", "regression") or (config.loss is not None and config.loss != "cross_entropy"):
+            what = f"--task {task}" if task in ("binary", "regression") else f"--loss {config.loss}"
+            raise ConfigError(f"--class-weights goes with a classification task, not {what}")
+    if not (math.isfinite(config.threshold) and 0 < config.threshold < 1):
+        raise ConfigError(f"threshold must be strictly between 0 and 1, not {config.threshold!r}")
+    if config.threshold != 0.5 and task in ("classification", "regression"):
+        raise ConfigError(f"--threshold goes with a binary task, not --task {task}")
+    if len(config.hidden) > MAX_HIDDEN or not all(0 < width <= MAX_WIDTH for width in config.hidden):
+        raise ConfigError(
+            f"hidden must be at most {MAX_HIDDEN} layer widths from 1 to {MAX_WIDTH}, not {config.hidden}"
+        )
+    if not (math.isfinite(config.dropout) and 0 <= config.dropout < 1):
+        raise ConfigError(f"dropout must be from 0 to below 1, not {config.dropout!r}")
+    if config.initial_weights is not None:
+        if config.resume:
+            raise ConfigError(
+                "--initial-weights starts a new run, --resume continues a checkpointed one: give one of them"
+            )
+        if not config.initial_weights.is_file():
+            raise ConfigError(f"--initial-weights {config.initial_weights}: no such file")
+    elif config.allow_partial_weights:
+        raise ConfigError("--allow-partial-weights needs --initial-weights")
+
+
+def _check_local_training(config: CoordinatorConfig) -> None:
+    """The local optimizer's settings, bounded as the training plan bounds them, and none the optimizer ignores."""
+    if config.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optimizer {config.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    if not (math.isfinite(config.momentum) and 0 <= config.momentum < 1):
+        raise ConfigError(f"momentum must be from 0 to below 1, not {config.momentum!r}")
+    if config.momentum and config.optimizer != "sgd":
+        raise ConfigError(f"--momentum goes with --optimizer sgd, not {config.optimizer}")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= MAX_WEIGHT_DECAY):
+        raise ConfigError(f"weight_decay must be from 0 to {MAX_WEIGHT_DECAY}, not {config.weight_decay!r}")
+    _positive("grad_clip", config.grad_clip)
+    if config.local_epochs is not None and not 1 <= config.local_epochs <= MAX_LOCAL_EPOCHS:
+        raise ConfigError(f"local_epochs must be from 1 to {MAX_LOCAL_EPOCHS}, not {config.local_epochs}")

@@ -5,7 +5,11 @@
   site's own distribution, which the central evaluator's test set may not
   resemble (federated evaluation, as in Flower's evaluate rounds).
 - :func:`pool` turns per-site scores into the example-weighted average: the
-  score the union of the validation splits would get.
+  score the union of the validation splits would get, metric sums included
+  (``syncfed.metrics.combine``), so every metric of the average is exact.
+- :func:`headline` and :func:`result_json` show a score as its task reads:
+  AUC, sensitivity and specificity for a binary task; MAE, RMSE and R² for
+  a regression; accuracy, balanced accuracy and macro F1 for classes.
 - :class:`CrossSiteMatrix` holds cross-site validation (as in NVIDIA FLARE):
   each site's final local model and the global model, scored on every site's
   validation split and on the evaluator's test set. With non-IID sites the
@@ -22,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -30,6 +34,7 @@ from typing import Any, Final
 import numpy as np
 
 from .exceptions import AggregationError, ConfigError
+from .metrics import binary_metrics, classification_metrics, combine, regression_metrics, report
 from .protocol import EvalResult
 
 __all__ = [
@@ -38,7 +43,10 @@ __all__ = [
     "holdout",
     "validation_seed",
     "pool",
+    "headline",
+    "is_regression",
     "result_json",
+    "scalar_metrics",
     "Cell",
     "CrossSiteMatrix",
     "write_cross_site",
@@ -104,20 +112,86 @@ def pool(results: Iterable[EvalResult]) -> EvalResult:
     if all(result.class_counts is not None for result in results):  # per-class recall pools too
         counts = tuple(sum(column) for column in zip(*(result.class_counts or () for result in results), strict=True))
         correct = tuple(sum(column) for column in zip(*(result.class_correct or () for result in results), strict=True))
-    return EvalResult(loss, sum(result.correct for result in results), total, predictions, counts, correct)
+    metrics = None
+    if all(result.metrics is not None for result in results):  # sums add up; a site's exact AUC only alone
+        metrics = combine([result.metrics or {} for result in results])
+    return EvalResult(loss, sum(result.correct for result in results), total, predictions, counts, correct, metrics)
 
 
-def result_json(result: EvalResult) -> dict[str, Any]:
-    """A score as the JSON fields the metrics file uses for it; per-class counts when the score has them."""
-    fields: dict[str, Any] = {
-        "loss": result.loss,
-        "accuracy": result.accuracy,
-        "correct": result.correct,
-        "n": result.num_examples,
-    }
+def is_regression(result: EvalResult) -> bool:
+    """Whether ``result`` scores a regression (its sums are ``regression``): it has no accuracy."""
+    return result.metrics is not None and "regression" in result.metrics
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}g}"
+
+
+def headline(result: EvalResult) -> str:
+    """The task's headline figures of a score with metric sums, as the console shows them; "" without sums.
+
+    Binary: "AUC 0.962 (±0.0004 from binning), PR AUC 0.951, sensitivity 91.2%, specificity 94.0%" (the
+    bound only when the AUC comes from pooled histograms); regression: "MAE 3.12, RMSE 4.01, R² 0.41";
+    classification: "accuracy 91.2%, balanced accuracy 90.0%, macro F1 0.903".
+    """
+    sums = result.metrics
+    if sums is None:
+        return ""
+    if "regression" in sums:
+        figures = regression_metrics(sums["regression"])
+        if figures is None:
+            return ""
+        return f"MAE {figures.mae:.4g}, RMSE {figures.rmse:.4g}, R² {figures.r2:.3g}"
+    if "confusion" not in sums:
+        return ""  # a user task's own sums: its JSON fields only
+    if "scores" in sums:
+        auc, pr_auc = sums.get("auc"), sums.get("pr_auc")
+        binary = binary_metrics(
+            sums["confusion"],
+            sums["scores"],
+            float(auc[0]) if auc is not None else None,
+            float(pr_auc[0]) if pr_auc is not None else None,
+        )
+        bound = f" (±{binary.auc_bound:.2g} from binning)" if not binary.exact and binary.auc_bound else ""
+        return (
+            f"AUC {_number(binary.auc)}{bound}, PR AUC {_number(binary.pr_auc)},"
+            f" sensitivity {_share(binary.sensitivity)}, specificity {_share(binary.specificity)}"
+        )
+    figures_c = classification_metrics(sums["confusion"])
+    return (
+        f"accuracy {_share(figures_c.accuracy)}, balanced accuracy {_share(figures_c.balanced_accuracy)},"
+        f" macro F1 {_number(figures_c.f1_macro)}"
+    )
+
+
+def result_json(result: EvalResult, classes: Sequence[str] = ()) -> dict[str, Any]:
+    """A score as the JSON fields the metrics file uses for it: loss, accuracy where it applies (not for a
+    regression), per-class counts when the score has them, and its task's metrics
+    (:func:`syncfed.metrics.report`: ``balanced_accuracy``, ``auc``, ``mae``, ...) when it has metric sums."""
+    fields: dict[str, Any] = {"loss": result.loss}
+    if not is_regression(result):
+        fields |= {"accuracy": result.accuracy, "correct": result.correct}
+    fields["n"] = result.num_examples
     if result.class_counts is not None:
         fields |= {"class_counts": list(result.class_counts), "class_correct": list(result.class_correct or ())}
+    if result.metrics is not None:
+        fields |= report(result.metrics, classes)
     return fields
+
+
+def scalar_metrics(result: EvalResult) -> dict[str, float]:
+    """The numbers among a score's JSON fields (loss, accuracy, auc, mae, ...), without counts and undefined
+    figures: what TensorBoard plots and the model registry ranks versions by."""
+    skip = {"n", "correct"}
+    return {
+        name: float(value)
+        for name, value in result_json(result).items()
+        if name not in skip and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 @dataclass(frozen=True)

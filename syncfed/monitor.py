@@ -9,11 +9,28 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 from .exceptions import ConfigError
 
-__all__ = ["Progress", "TensorBoardWriter"]
+__all__ = ["EVAL_SCALARS", "Progress", "TensorBoardWriter"]
+
+
+#: The numeric figures of an eval event (README, "Metrics format") that TensorBoard plots, each under its name.
+EVAL_SCALARS: Final = (
+    "accuracy",
+    "loss",
+    "balanced_accuracy",
+    "f1_macro",
+    "auc",
+    "pr_auc",
+    "sensitivity",
+    "specificity",
+    "mse",
+    "rmse",
+    "mae",
+    "r2",
+)
 
 
 class Progress:
@@ -40,8 +57,8 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        if event.get("event") == "eval" and event.get("model") == "federated":
-            self.accuracy = float(event["accuracy"])
+        if event.get("event") == "eval" and event.get("model") == "federated" and "accuracy" in event:
+            self.accuracy = float(event["accuracy"])  # a regression has none
             if self.bar is not None:
                 self.bar.set_postfix_str(self._postfix(None), refresh=True)
         if event.get("event") != "round":
@@ -69,8 +86,9 @@ class Progress:
 
 
 class TensorBoardWriter:
-    """Writes the run's scalars for TensorBoard: accuracy and loss per model,
-    training loss per worker (their mean only under ``--secure-agg``), seconds and bytes per round.
+    """Writes the run's scalars for TensorBoard: per model its accuracy, loss and the task's metrics
+    (:data:`EVAL_SCALARS` that the eval event has: auc, mae, ...), training loss per worker (their mean
+    only under ``--secure-agg``), seconds and bytes per round.
 
     Raises:
         ConfigError: if the ``tensorboard`` package is not installed.
@@ -96,8 +114,10 @@ class TensorBoardWriter:
             if "train_loss_mean" in event:
                 self.writer.add_scalar("train_loss/mean", event["train_loss_mean"], step)
         elif kind == "eval":
-            self.writer.add_scalar(f"accuracy/{event['model']}", event["accuracy"], step)
-            self.writer.add_scalar(f"loss/{event['model']}", event["loss"], step)
+            for name in EVAL_SCALARS:
+                value = event.get(name)
+                if isinstance(value, (int, float)):  # absent where the task has no such figure; None if undefined
+                    self.writer.add_scalar(f"{name}/{event['model']}", value, step)
         self.writer.flush()
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Final, TypeVar
 
 from ..compression import COMPRESSIONS
 from ..config import (
+    CLASS_WEIGHTS,
     DEFAULT_EVALUATOR,
     DEFAULT_PING_INTERVAL,
     DEFAULT_PING_TIMEOUT,
@@ -30,18 +31,20 @@ from ..config import (
     DEFAULT_STATISTICS_TIMEOUT,
     DEFAULT_WORKERS,
     DP_MODES,
+    TASKS,
     CoordinatorConfig,
     parse_endpoints,
 )
 from ..coordinator import FEDERATED, Coordinator, RunResult
 from ..data.normalization import NORMALIZATIONS
 from ..datasets import DATASETS, ensure_mnist
+from ..evaluation import headline, is_regression
 from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
 from ..models import DEMO_MODELS
 from ..monitor import Progress, TensorBoardWriter
 from ..net.link import WorkerLink
 from ..net.spawn import spawn_workers
-from ..protocol import DEFAULT_CHUNK_SIZE, Hello, Info, Ping
+from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS, Hello, Info, Ping
 from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
 from .common import (
@@ -95,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--test-batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
     recipe.add_argument("--training-rounds", type=int, default=40, help="federated rounds (default: %(default)s)")
     recipe.add_argument(
-        "--federate-after-n-batches", type=int, default=10, help="local batches per round (default: %(default)s)"
+        "--federate-after-n-batches",
+        type=int,
+        help="local batches per round (default: 10, unless --local-epochs gives passes over each shard instead)",
     )
     recipe.add_argument("--lr", type=float, default=0.1, help="learning rate (default: %(default)s)")
     recipe.add_argument(
@@ -107,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="seed of the initial model and the workers' shuffling (default: %(default)s)",
     )
+    _add_task_flags(parser)
     strategy = parser.add_argument_group("strategy (docs/strategies.md)")
     strategy.add_argument(
         "--strategy",
@@ -353,6 +359,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _widths(text: str) -> tuple[int, ...]:
+    """``--hidden 64,32``: layer widths, comma-separated."""
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of widths, e.g. 64,32") from None
+
+
+def _add_task_flags(parser: argparse.ArgumentParser) -> None:
+    """The task, its loss and metrics, the local optimizer and the shaped model (docs/tasks.md)."""
+    task = parser.add_argument_group("task, local optimizer and model (docs/tasks.md)")
+    task.add_argument(
+        "--task",
+        default="auto",
+        metavar="TASK",
+        help=f"{', '.join(TASKS)}, or a task of the workers' operators, mypkg.tasks:Task (the workers are started"
+        " with the same path); auto: regression for a continuous label, binary for 2 classes, else"
+        " classification (default: %(default)s)",
+    )
+    losses = sorted({loss for names in LOSSES.values() for loss in names})
+    task.add_argument(
+        "--loss", metavar="LOSS", help=f"{', '.join(losses)} (default: the task's first: cross_entropy, bce, mse)"
+    )
+    task.add_argument(
+        "--class-weights",
+        choices=CLASS_WEIGHTS,
+        help="classification: weigh class c by n / (C * n_c), from the federated label histogram",
+    )
+    task.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="binary: predict positive above this probability, for sensitivity and specificity (default: %(default)s)",
+    )
+    task.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="local optimizer (default: %(default)s)")
+    task.add_argument("--momentum", type=float, default=0.0, help="sgd's momentum (default: %(default)s)")
+    task.add_argument(
+        "--weight-decay", type=float, default=0.0, help="L2 term, adamw's decoupled decay (default: %(default)s)"
+    )
+    task.add_argument("--grad-clip", type=float, metavar="NORM", help="clip each step's gradient to this L2 norm")
+    task.add_argument(
+        "--local-epochs",
+        type=int,
+        metavar="E",
+        help="each round, E passes over each worker's shard instead of --federate-after-n-batches batches",
+    )
+    task.add_argument(
+        "--keep-optimizer-state",
+        action="store_true",
+        help="keep each worker's optimizer state (momentum, Adam moments) between rounds; default: reset each round",
+    )
+    task.add_argument(
+        "--hidden", type=_widths, default=(), metavar="W,W", help="the mlp's hidden layer widths (default: 64,32)"
+    )
+    task.add_argument("--dropout", type=float, default=0.0, help="the shaped model's dropout (default: %(default)s)")
+    task.add_argument(
+        "--initial-weights",
+        type=Path,
+        metavar="PATH",
+        help="start from these safetensors weights (an earlier --save-model, ImageNet's resnet18), checked by"
+        " name and shape",
+    )
+    task.add_argument(
+        "--allow-partial-weights",
+        action="store_true",
+        help="with --initial-weights: take the tensors that fit, and list the others",
+    )
+
+
 def _add_privacy_flags(parser: argparse.ArgumentParser) -> None:
     """Secure aggregation and differential privacy (docs/privacy.md)."""
     privacy = parser.add_argument_group("privacy (docs/privacy.md)")
@@ -401,6 +476,13 @@ def _registry(args: argparse.Namespace) -> Path | None:
     return args.registry or (args.metrics_out.parent / "registry" if args.metrics_out is not None else None)
 
 
+def _batches(args: argparse.Namespace) -> int:
+    """``--federate-after-n-batches``, 10 by default; refused beside ``--local-epochs``, which replaces it."""
+    if args.federate_after_n_batches is not None and args.local_epochs is not None:
+        raise ConfigError("--local-epochs and --federate-after-n-batches each size a round's training: give one")
+    return 10 if args.federate_after_n_batches is None else int(args.federate_after_n_batches)
+
+
 #: The special cases of :func:`config_from_args`: CoordinatorConfig fields that are not simply the flag of
 #: their name. ``workers`` and ``evaluator`` come from the caller, which parses (or spawns) them.
 CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
@@ -411,6 +493,7 @@ CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
         if getattr(args, f"setting_{setting}") is not None
     },
     "registry": _registry,
+    "federate_after_n_batches": _batches,
 }
 
 
@@ -632,7 +715,10 @@ def _main(argv: list[str] | None) -> int:
     final = [record for record in result.evaluations if record.model == FEDERATED]
     if final:
         last = final[-1]
-        print(f"Final federated accuracy at round {last.round}: {last.result.accuracy:.2%}")
+        if is_regression(last.result):
+            print(f"Final federated model at round {last.round}: {headline(last.result)}")
+        else:
+            print(f"Final federated accuracy at round {last.round}: {last.result.accuracy:.2%}")
     return 0
 
 

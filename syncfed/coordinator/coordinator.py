@@ -33,6 +33,7 @@ from .pool import Pool, worker_links
 from .private_rounds import PrivateRounds
 from .results import RunResult
 from .sync_rounds import SyncRounds
+from .task_setup import agree_task
 
 __all__ = ["Coordinator", "prediction_groups"]
 
@@ -93,16 +94,17 @@ class Coordinator:
         try:
             infos = await pool.start()
             assert pool.reference is not None
-            result, start = journal.initial_state(pool.model_name, pool.reference, pool.plan)
+            result, start = journal.initial_state(pool.model_name, pool.reference, pool.plan, pool.recipe)
+            ready = {link.name: link for link in pool.trainers if pool.ready(link)}
             if pool.plan is not None:
                 pool.plan = journal.resumed_plan() or await agree_statistics(
-                    config,
-                    pool.plan,
-                    {link.name: link for link in pool.trainers if pool.ready(link)},
-                    infos,
-                    report=self.report,
+                    config, pool.plan, ready, infos, report=self.report
                 )
                 journal.use_plan(pool.plan)
+            pool.recipe = journal.resumed_recipe() or await agree_task(
+                config, pool.recipe, pool.plan, ready, infos, report=self.report
+            )
+            journal.use_recipe(pool.recipe)
             groups = prediction_groups(config, infos) if pool.plan is None else {}
             journal.open_metrics(result)
             rounds = BufferedRounds(context) if config.mode == "async" else SyncRounds(context, self._private)
@@ -114,7 +116,8 @@ class Coordinator:
             journal.close()
         if config.save_model is not None:
             plan = {"data_plan": json.dumps(pool.plan.to_json())} if pool.plan is not None else {}
-            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan})
+            recipe = {"recipe": json.dumps(pool.recipe.to_body())} if pool.recipe is not None else {}
+            save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan, **recipe})
             self.report(f"Saved the federated model to {config.save_model}")
         return result
 

@@ -54,14 +54,21 @@ class Dispatch:
         plan = TrainingPlan(
             round=version,
             batch_size=config.batch_size,
-            num_batches=config.federate_after_n_batches,
+            num_batches=config.federate_after_n_batches if config.local_epochs is None else 0,
             lr=lr,
             seed=seed,
             mu=needs.mu,
             delta=delta or config.compress != "none",
             compress=config.compress,
+            optimizer=config.optimizer,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            grad_clip=config.grad_clip,
+            local_epochs=config.local_epochs,
+            keep_state=config.keep_optimizer_state,
         )
-        return Fit(self.pool.model_name, weights, plan, needs.control, config.dataset_key, self.pool.plan)
+        pool = self.pool
+        return Fit(pool.model_name, weights, plan, needs.control, config.dataset_key, pool.plan, pool.recipe)
 
     async def train(self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
         """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import CoordinatorConfig
-from ..evaluation import VALIDATION, Cell, result_json
+from ..evaluation import VALIDATION, Cell, headline, is_regression, result_json
 from ..exceptions import ProtocolError, RemoteError, WorkerUnavailable
 from ..net.link import WorkerLink
 from ..partition import group_label
@@ -24,12 +24,29 @@ from .journal import Journal
 from .pool import Pool
 from .results import FEDERATED, EvalRecord, RunResult, SiteEvalRecord
 
-__all__ = ["Evaluation", "recall_line", "score_line"]
+__all__ = ["Evaluation", "eval_event", "recall_line", "score_line"]
 
 
 def score_line(reply: EvalResult) -> str:
-    """How the console shows one score."""
+    """How the console shows one score: its loss, and its accuracy where there is one (not for a regression)."""
+    if is_regression(reply):
+        return f"Average loss: {reply.loss:.4f} ({reply.num_examples} examples)"
     return f"Average loss: {reply.loss:.4f}, Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
+
+
+def eval_event(round_number: int, model: str, reply: EvalResult, classes: Sequence[str] | None) -> dict[str, Any]:
+    """The metrics file's ``eval`` event of the evaluator's score of ``model``: accuracy where it applies,
+    then the task's metrics from the reply's sums (``syncfed.metrics.report``)."""
+    names = classes if classes is not None and len(classes) == len(reply.predictions) else ()
+    figures = result_json(reply, names)
+    event: dict[str, Any] = {"event": "eval", "round": round_number, "model": model}
+    if "accuracy" in figures:
+        event["accuracy"] = figures.pop("accuracy")
+    event |= {"loss": figures.pop("loss"), "n": figures.pop("n")}
+    if "correct" in figures:
+        event["correct"] = figures.pop("correct")
+    event["predictions"] = list(reply.predictions)
+    return event | figures
 
 
 def recall_line(reply: EvalResult, classes: Sequence[str] | None) -> str:
@@ -71,7 +88,14 @@ class Evaluation:
             replies = await asyncio.gather(
                 *(
                     evaluator.request(
-                        Evaluate(self.pool.model_name, weights, batch, dataset_key=key, data=self.pool.plan)
+                        Evaluate(
+                            self.pool.model_name,
+                            weights,
+                            batch,
+                            dataset_key=key,
+                            data=self.pool.plan,
+                            recipe=self.pool.recipe,
+                        )
                     )
                     for weights in candidates.values()
                 )
@@ -82,10 +106,10 @@ class Evaluation:
             await evaluator.close()
             self._skipped(round_number, str(exc))
             return
-        classes = self.pool.num_classes
+        num_classes = self.pool.num_classes
         scores = [reply for reply in replies if isinstance(reply, EvalResult)]
-        if any(len(score.predictions) != classes for score in scores):
-            self._skipped(round_number, f"the evaluator's predictions do not have {classes} classes")
+        if any(len(score.predictions) != num_classes for score in scores):
+            self._skipped(round_number, f"the evaluator's predictions do not have {num_classes} classes")
             return
         self.report(f"Evaluation at round {round_number}/{self.config.training_rounds}:")
         for name, reply in zip(candidates, scores, strict=True):
@@ -98,26 +122,14 @@ class Evaluation:
             if groups:
                 self.report(f"{label}: Percentage numbers {shares}")
             self.report(f"{label}: {score_line(reply)}")
+            figures = headline(reply)
+            if figures and name == FEDERATED:
+                self.report(f"{label}: {figures}")
             recall = recall_line(reply, self.pool.plan.classes if self.pool.plan is not None else None)
             if recall and name == FEDERATED:
                 self.report(f"{label}: {recall}")
-            self.journal.write(
-                {
-                    "event": "eval",
-                    "round": round_number,
-                    "model": name,
-                    "accuracy": reply.accuracy,
-                    "loss": reply.loss,
-                    "n": reply.num_examples,
-                    "correct": reply.correct,
-                    "predictions": list(reply.predictions),
-                    **(
-                        {"class_counts": list(reply.class_counts), "class_correct": list(reply.class_correct or ())}
-                        if reply.class_counts is not None
-                        else {}
-                    ),
-                }
-            )
+            classes = self.pool.plan.classes if self.pool.plan is not None else None
+            self.journal.write(eval_event(round_number, name, reply, classes))
 
     async def score(self, link: WorkerLink, weights: Weights, split: str | None) -> Cell:
         """``link``'s score of ``weights`` on its own data, or on its validation split, or why there is none.
@@ -127,8 +139,15 @@ class Evaluation:
         """
         if not self.pool.ready(link):
             return f"not connected ({link.closed_reason})"
+        pool = self.pool
         request = Evaluate(
-            self.pool.model_name, weights, self.config.test_batch_size, split, self.config.dataset_key, self.pool.plan
+            pool.model_name,
+            weights,
+            self.config.test_batch_size,
+            split,
+            self.config.dataset_key,
+            pool.plan,
+            pool.recipe,
         )
         try:
             reply = await link.request(request)
@@ -158,6 +177,7 @@ class Evaluation:
             None,
         )
         self.report(f"Federated evaluation at round {round_number}/{self.config.training_rounds} (validation splits):")
+        names = self.pool.plan.classes if self.pool.plan is not None and self.pool.plan.classes is not None else ()
         secure = self.config.secure_agg  # each site's figures and size stay private: the average only
         for name, reply in record.sites.items() if not secure else ():
             self.report(f"Site {name}: {score_line(reply)}")
@@ -166,19 +186,26 @@ class Evaluation:
         event: dict[str, Any] = {
             "event": "federated_eval",
             "round": round_number,
-            "sites": {name: result_json(reply) for name, reply in record.sites.items()} if not secure else {},
+            "sites": {name: result_json(reply, names) for name, reply in record.sites.items()} if not secure else {},
             "failed": record.failed,
         }
         if record.sites:
             average = record.average
-            beside = f"; central evaluator: {central.accuracy:.2%}" if central is not None else ""
+            beside = (
+                f"; central evaluator: {central.accuracy:.2%}"
+                if central is not None and not is_regression(central)
+                else ""
+            )
             self.report(f"Weighted average over {len(record.sites)} sites: {score_line(average)}{beside}")
+            figures = headline(average)
+            if figures:
+                self.report(f"Weighted average over {len(record.sites)} sites: {figures}")
             recall = recall_line(average, self.pool.plan.classes if self.pool.plan is not None else None)
             if recall:
                 self.report(f"Weighted average over {len(record.sites)} sites: {recall}")
-            event["average"] = result_json(average)
+            event["average"] = result_json(average, names)
         if central is not None:
-            event["central"] = result_json(central)
+            event["central"] = result_json(central, names)
         self.journal.write(event)
 
     def _skipped(self, round_number: int, reason: str) -> None:

@@ -23,12 +23,15 @@ import torch
 
 from ..checkpoint import Checkpoint, check_resumable, check_weights, load_checkpoint, save_checkpoint
 from ..config import CoordinatorConfig
+from ..evaluation import scalar_metrics
 from ..exceptions import CheckpointError, ConfigError, ProtocolError
+from ..initial_weights import initial_weights
 from ..models import get_weights, resolve_model
-from ..protocol import DataPlan, Info
+from ..protocol import DataPlan, Info, Recipe
 from ..registry import ModelRegistry
 from ..shaped_models import shaped_factory
 from ..strategies import Strategy
+from ..tensors import Weights
 from .results import FEDERATED, RoundRecord, RunResult
 
 __all__ = ["Journal", "round_event"]
@@ -90,6 +93,7 @@ class Journal:
         self._model_name = ""
         self._reference: Info | None = None
         self._plan: DataPlan | None = None  # over a user's own data: the plan the run trains with
+        self._recipe: Recipe | None = None  # the run's task, with its class weights and target statistics
 
     def write(self, event: dict[str, Any]) -> None:
         """One metrics event: a line in the metrics file, and a call of each listener."""
@@ -103,16 +107,21 @@ class Journal:
         if self._metrics is not None:
             self._metrics.close()
 
-    def initial_state(self, model_name: str, reference: Info, plan: DataPlan | None = None) -> tuple[RunResult, int]:
-        """Fresh weights from the seed, or the checkpoint's with ``--resume``; the first round to run.
+    def initial_state(
+        self, model_name: str, reference: Info, plan: DataPlan | None = None, recipe: Recipe | None = None
+    ) -> tuple[RunResult, int]:
+        """Fresh weights from the seed (or ``--initial-weights``), or the checkpoint's with ``--resume``; the
+        first round to run.
 
-        ``plan`` is the agreed plan of a run over own data (its statistics may come later: :meth:`resumed_plan`).
+        ``plan`` is the agreed plan of a run over own data (its statistics may come later: :meth:`resumed_plan`),
+        ``recipe`` the run's task, which shapes a built-in model's outputs.
 
         Raises:
             CheckpointError: a checkpoint exists without ``--resume``, or it is not of this run.
+            ModelError: ``--initial-weights`` do not fit the model (without ``--allow-partial-weights``).
         """
-        self._model_name, self._reference, self._plan = model_name, reference, plan
-        build = shaped_factory(model_name, plan) if plan is not None else resolve_model(model_name)
+        self._model_name, self._reference, self._plan, self._recipe = model_name, reference, plan, recipe
+        build = shaped_factory(model_name, plan, recipe) if plan is not None else resolve_model(model_name)
         config = self.config
         checkpoint = load_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
         if checkpoint is not None and not config.resume:
@@ -124,11 +133,12 @@ class Journal:
             if config.resume:
                 self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
             torch.manual_seed(config.seed)
-            return RunResult(model_name, get_weights(build())), 1
+            return RunResult(model_name, self._starting_weights(get_weights(build()))), 1
         self.run_id = str(checkpoint.identity.get("run_id", self.run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
         if plan is not None:  # other classes change the model's shape: say why, not which tensor differs
             _recorded_plan(checkpoint, plan)
+        _recorded_recipe(checkpoint, recipe)
         check_weights(checkpoint, get_weights(build()))
         recorded = checkpoint.strategy_state.get("name")
         if recorded is not None and recorded != self.strategy.name:
@@ -155,6 +165,29 @@ class Journal:
         if self._resumed is None or self._plan is None:
             return None
         return _recorded_plan(self._resumed, self._plan)
+
+    def resumed_recipe(self) -> Recipe | None:
+        """The recipe a resumed run trained with, its class weights and target statistics included, or ``None``
+        for a new run (or a classic one): a resumed model keeps the target scale it learned."""
+        if self._resumed is None or self._recipe is None:
+            return None
+        return _recorded_recipe(self._resumed, self._recipe)
+
+    def use_recipe(self, recipe: Recipe | None) -> None:
+        """The recipe the rounds will carry, with its statistics: checkpoints record it."""
+        self._recipe = recipe
+
+    def _starting_weights(self, fresh: Weights) -> Weights:
+        """``fresh`` (the seeded model's weights), or those of ``--initial-weights`` checked against them."""
+        path = self.config.initial_weights
+        if path is None:
+            return fresh
+        weights, skipped = initial_weights(path, fresh, allow_partial=self.config.allow_partial_weights)
+        taken = len(fresh) - sum(name in fresh for name in skipped)
+        self.report(f"Initial weights: {taken} of {len(fresh)} tensors from {path}")
+        if skipped:
+            self.report(f"Initial weights: skipped {', '.join(skipped)}")
+        return weights
 
     def use_plan(self, plan: DataPlan) -> None:
         """The plan the rounds will carry, statistics included: checkpoints and the registry record it."""
@@ -193,6 +226,7 @@ class Journal:
             "evaluator": list(self.config.evaluator),
             "run_id": self.run_id,
             **({"data_plan": self._plan.to_json()} if self._plan is not None else {}),
+            **({"recipe": self._recipe.to_body()} if self._recipe is not None else {}),
         }
 
     def _register(self, round_number: int, result: RunResult) -> None:
@@ -200,11 +234,10 @@ class Journal:
         metrics: dict[str, float] = {}
         for record in result.evaluations:
             if record.round == round_number and record.model == FEDERATED:
-                metrics |= {"accuracy": record.result.accuracy, "loss": record.result.loss}
+                metrics |= scalar_metrics(record.result)  # accuracy, loss and the task's: auc, mae, ...
         for site in result.site_evaluations:
             if site.round == round_number and site.sites:
-                average = site.average
-                metrics |= {"site_accuracy": average.accuracy, "site_loss": average.loss}
+                metrics |= {f"site_{name}": value for name, value in scalar_metrics(site.average).items()}
         self._registry.record(
             run_id=self.run_id,
             round=round_number,
@@ -258,6 +291,35 @@ def _recorded_plan(checkpoint: Checkpoint, plan: DataPlan) -> DataPlan:
             " categories or input shape changed); use another --checkpoint-dir to start a new run"
         )
     return recorded
+
+
+def _recorded_recipe(checkpoint: Checkpoint, recipe: Recipe | None) -> Recipe | None:
+    """The recipe ``checkpoint`` recorded, with its class weights and target statistics, if the run still
+    trains that task (``recipe``, before its statistics).
+
+    Raises:
+        CheckpointError: the recorded recipe is unreadable, or the task, loss or model layers changed.
+    """
+    body = checkpoint.identity.get("recipe")
+    try:
+        recorded = Recipe.from_body(body) if body is not None else None
+    except ProtocolError as exc:
+        raise CheckpointError(f"cannot resume: the checkpoint's recipe is invalid: {exc}") from None
+    if _without_statistics(recorded) != _without_statistics(recipe):
+        was = "the classic task" if recorded is None else f"{recorded.task} with {recorded.loss}"
+        now = "the classic task" if recipe is None else f"{recipe.task} with {recipe.loss}"
+        raise CheckpointError(
+            f"cannot resume: the run trained {was}, now {now} (or its threshold or model layers changed);"
+            " use another --checkpoint-dir to start a new run"
+        )
+    return recorded
+
+
+def _without_statistics(recipe: Recipe | None) -> Recipe | None:
+    """``recipe`` without what is computed from the data before round 1: class weights, target mean and std."""
+    if recipe is None:
+        return None
+    return dataclasses.replace(recipe, class_weights=(), target_mean=0.0, target_std=1.0)
 
 
 def _check_metrics_file(path: Path, checkpoint: Checkpoint) -> None:

@@ -30,7 +30,7 @@ from ..exceptions import (
 from ..failure import Failure
 from ..net.link import LinkSettings, WorkerLink
 from ..net.transport import client_tls
-from ..protocol import DataPlan, Hello, Info
+from ..protocol import DataPlan, Hello, Info, Recipe
 
 __all__ = ["Backoff", "Pool", "traffic", "worker_links"]
 
@@ -111,6 +111,8 @@ class Pool:
         self.reference: Info | None = None
         #: Over a user's own data, what the workers agreed on (``syncfed.data``); its statistics once agreed.
         self.plan: DataPlan | None = None
+        #: What the run trains (``None``: the classic task); its class weights and target statistics once agreed.
+        self.recipe: Recipe | None = None
         # How long a round start waits for reconnecting workers: a live one
         # answers at once, a frozen one must not stall the round.
         self._join_grace = min(config.connect_timeout, config.ping_timeout or DEFAULT_PING_TIMEOUT)
@@ -169,7 +171,7 @@ class Pool:
             )
         for error in unreachable:
             self.report(f"Worker {error.worker} is unreachable ({error.reason}); it will be retried each round")
-        self.model_name, self.reference, self.plan = check_compatible(self.config, infos)
+        self.model_name, self.reference, self.plan, self.recipe = check_compatible(self.config, infos)
         return infos
 
     async def rejoin(self, links: Sequence[WorkerLink]) -> None:

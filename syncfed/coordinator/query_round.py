@@ -307,7 +307,7 @@ async def sum_securely(
     names = list(links)
     for name in secure.recovered:  # its answer is in the sum: not left out
         del failures[name]
-    exact = query.query != "feature-stats"
+    exact = query.query not in ("feature-stats", "label-stats")
     round_ = {
         "workers": n,
         "threshold": needed,

@@ -34,7 +34,7 @@ __all__ = ["QUERIES", "MAX_FEATURES", "MAX_BINS", "MAX_CELLS", "Query", "QueryRe
 
 
 #: Federated analytics queries a worker answers over the data it holds (see ``syncfed.analytics``).
-QUERIES: Final = ("label-histogram", "feature-stats", "quantiles")
+QUERIES: Final = ("label-histogram", "feature-stats", "quantiles", "label-stats")
 #: Bounds of a query: feature indices (into the flattened input), histogram
 #: bins, and histogram cells (selected features times bins plus two).
 MAX_FEATURES: Final = 2**24
@@ -49,7 +49,9 @@ class Query(Message):
     ``features`` are indices into the flattened input, sorted and distinct.
     A ``quantiles`` query fixes the histogram every worker fills: ``bins``
     equal bins over ``value_range``, plus a cell below it and one above; the
-    other queries leave both ``None``.
+    other queries leave both ``None``, but ``feature-stats`` and
+    ``label-stats`` (the moments of a continuous label) may carry a range
+    that every value is clipped to first.
     """
 
     kind: ClassVar[str] = "query"
@@ -71,7 +73,7 @@ class Query(Message):
         features = tuple(self.features)
         # Linear and without copies: a peer picks the list's length.
         _check(all(a < b for a, b in itertools.pairwise(features)), "features must be sorted and distinct")
-        _check(self.query != "label-histogram" or not features, "label-histogram takes no features")
+        _check(self.query not in ("label-histogram", "label-stats") or not features, f"{self.query} takes no features")
         if self.query == "quantiles":
             bins, value_range = self.bins, self.value_range
             _check(
@@ -96,10 +98,10 @@ class Query(Message):
                 bool((np.diff(self.edges) > 0).all()),
                 f"range {describe(value_range)} is too narrow for {bins} distinct bins",
             )
-        elif self.query == "feature-stats" and self.value_range is not None:
-            # A clipping range: workers clip every value to it (bounded sensitivity for --dp-epsilon).
+        elif self.query in ("feature-stats", "label-stats") and self.value_range is not None:
+            # A clipping range: workers clip every value to it (a bound for secure sums and --dp-epsilon).
             value_range = self.value_range
-            _check(self.bins is None, "feature-stats takes no bins")
+            _check(self.bins is None, f"{self.query} takes no bins")
             _check(
                 isinstance(value_range, (list, tuple))
                 and len(value_range) == 2
@@ -139,6 +141,7 @@ _QUERY_TENSORS: Final[dict[str, dict[str, str]]] = {
     "label-histogram": {"labels": "int64"},
     "feature-stats": {"mean": "float64", "m2": "float64", "pooled": "float64"},
     "quantiles": {"histogram": "int64", "pooled": "int64"},
+    "label-stats": {"mean": "float64", "m2": "float64"},
 }
 
 
@@ -156,7 +159,9 @@ class QueryResult(Message):
       float64 [2], the same over every value of every feature;
     - ``quantiles``: ``histogram`` int64 [features, bins + 2], each selected
       feature's cells (below the range, the bins, above it); ``pooled``
-      int64 [bins + 2], the cells of every value of every feature.
+      int64 [bins + 2], the cells of every value of every feature;
+    - ``label-stats``: ``mean`` and ``m2`` float64 [1], the continuous label's
+      mean and sum of squared deviations from it.
     """
 
     kind: ClassVar[str] = "query_result"
@@ -187,6 +192,11 @@ class QueryResult(Message):
             labels = self.tensors["labels"]
             _check(labels.ndim == 1 and 0 < len(labels) <= MAX_CLASSES, f"labels must hold 1 to {MAX_CLASSES} counts")
             _check_histogram(labels, self.num_examples, "labels")
+        elif self.query == "label-stats":
+            mean, m2 = self.tensors["mean"], self.tensors["m2"]
+            _check(mean.shape == m2.shape == (1,), "label-stats mean and m2 must hold one number each")
+            _check(bool(np.isfinite(mean).all() and np.isfinite(m2).all()), "label statistics must be finite")
+            _check(bool(m2[0] >= 0), "m2 must not be negative")
         elif self.query == "feature-stats":
             mean, m2, pooled = self.tensors["mean"], self.tensors["m2"], self.tensors["pooled"]
             _check(

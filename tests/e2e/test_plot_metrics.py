@@ -117,9 +117,9 @@ def test_load_metrics_returns_the_files_rounds_and_accuracies(real_metrics: Path
     expected = parse_evals(real_metrics)
     assert sorted(curves) == sorted(expected) == sorted([*TRAINERS, "federated"])
     for model, points in curves.items():
-        assert [(point.round, point.accuracy) for point in points] == expected[model]
+        assert [(point.round, point.value) for point in points] == expected[model]
         assert [point.round for point in points] == list(range(1, ROUNDS + 1))
-        assert all(0 <= point.accuracy <= 1 and point.loss > 0 for point in points)
+        assert all(0 <= point.value <= 1 and point.loss > 0 for point in points)
 
 
 def test_load_metrics_skips_other_events_and_keeps_a_rounds_last_evaluation(tmp_path: Path) -> None:

@@ -35,8 +35,9 @@ def refusal(check: object, *args: object) -> str:
 
 def test_compatible_workers_agree_on_the_default_model_and_the_reference_data() -> None:
     infos = {"alice": info("alice"), "bob": info("bob"), "eve": info("eve", "evaluator")}
-    model_name, reference, plan = check_compatible(CONFIG, infos)
+    model_name, reference, plan, recipe = check_compatible(CONFIG, infos)
     assert model_name == "digits-cnn" and reference is infos["alice"] and plan is None
+    assert recipe is None  # the classic demo: its requests carry no recipe, byte for byte as before
 
 
 def test_identity_a_worker_listed_under_another_name() -> None:

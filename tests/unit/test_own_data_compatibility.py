@@ -28,7 +28,7 @@ def test_the_workers_agree_on_the_union_of_classes_and_an_mlp_sized_to_the_encod
         "bob": table("bob", ("no", "yes")),
         "eve": table("eve", ("no", "yes"), "evaluator"),
     }
-    model, reference, plan = check_compatible(CONFIG, infos)
+    model, reference, plan, _ = check_compatible(CONFIG, infos)
     assert plan is not None and model == "mlp" and reference is infos["alice"]
     assert plan.classes == ("no", "yes")
     assert plan.input_shape == (1 + 3 + 1,)  # age, region one-hot over north, south and "other", bmi
@@ -68,7 +68,7 @@ def test_a_model_the_workers_do_not_serve_is_refused() -> None:
     ],
 )
 def test_a_rejoining_worker_must_fit_the_run_s_plan(schema: DataSchema | None, reason: str) -> None:
-    _, _, plan = check_compatible(CONFIG, {"alice": table("alice", ("no", "yes")), "bob": table("bob", ("no",))})
+    _, _, plan, _ = check_compatible(CONFIG, {"alice": table("alice", ("no", "yes")), "bob": table("bob", ("no",))})
     assert plan is not None
     with pytest.raises(IncompatibleWorkers) as error:
         check_fits_plan("carol", schema, plan)
@@ -77,7 +77,7 @@ def test_a_rejoining_worker_must_fit_the_run_s_plan(schema: DataSchema | None, r
 
 def test_a_rejoining_worker_with_fewer_classes_and_new_categories_fits() -> None:
     infos = {"alice": table("alice", ("no", "yes")), "bob": table("bob", ("no", "yes"))}
-    model, reference, plan = check_compatible(CONFIG, infos)
+    model, reference, plan, _ = check_compatible(CONFIG, infos)
     assert plan is not None
     newcomer = table(
         "alice", ("yes",), features=(Feature("bmi"), Feature("region", "categorical", ("west",)), Feature("age"))
@@ -105,12 +105,14 @@ def test_recall_per_class_names_the_agreed_classes() -> None:
     assert recall_line(EvalResult(0.5, 7, 10, (4, 6, 0)), ("a", "b", "c")) == ""
 
 
-def test_a_continuous_label_stops_the_run_at_the_handshake() -> None:
+def test_a_continuous_label_makes_auto_a_regression_with_one_output() -> None:
     schema = DataSchema("table", (3,), None, FEATURES)
     infos = {name: Info(name, "trainer", "table", (3,), 1, (9,), ("mlp",), schema=schema) for name in ("alice", "bob")}
-    with pytest.raises(IncompatibleWorkers) as error:
-        check_compatible(CoordinatorConfig(workers={"alice": "ws://unused", "bob": "ws://unused"}), infos)
-    assert str(error.value) == (
-        "the workers' label is continuous (a regression task), which this version cannot train yet;"
-        " if its values are classes, start the workers with --label-type classes"
+    config = CoordinatorConfig(workers={"alice": "ws://unused", "bob": "ws://unused"})
+    _, _, plan, recipe = check_compatible(config, infos)
+    assert plan is not None and plan.classes is None
+    assert recipe is not None and (recipe.task, recipe.loss, recipe.num_outputs(plan.num_classes)) == (
+        "regression",
+        "mse",
+        1,
     )

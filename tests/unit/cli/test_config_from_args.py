@@ -41,7 +41,7 @@ def hand_written_coordinator_config(
         evaluator=evaluator,
         model=args.model,
         training_rounds=args.training_rounds,
-        federate_after_n_batches=args.federate_after_n_batches,
+        federate_after_n_batches=10 if args.federate_after_n_batches is None else args.federate_after_n_batches,
         batch_size=args.batch_size,
         test_batch_size=args.test_batch_size,
         lr=args.lr,

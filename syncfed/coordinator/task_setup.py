@@ -1,0 +1,167 @@
+"""Before round 1, what the task needs from every site's data: balanced class weights and the target's scale.
+
+- ``--class-weights balanced`` weighs class ``c`` by ``n / (C * n_c)`` (as
+  scikit-learn's ``compute_class_weight("balanced")``), from the federated
+  label histogram: the sum of the trainers' hello histograms, or, when a
+  site keeps its counts private (``--secure-agg``, ``--withhold-histogram``),
+  a secure ``label-histogram`` query, so no site's counts are revealed.
+- A regression model learns the target standardised with its global mean
+  and standard deviation, found as the features' are
+  (:mod:`.data_statistics`): exact moments from a ``label-stats`` query, or
+  under ``--secure-agg`` two secure passes, the first clipped to the widest
+  range a secure sum allows, the second to ``REFINE_RANGE`` standard
+  deviations about the first pass's mean.
+
+A resumed run keeps what its checkpoint recorded instead (see :mod:`.journal`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from ..analytics import Moments, combine_label_stats, combine_labels
+from ..config import CoordinatorConfig
+from ..data.normalization import REFINE_RANGE, coarse_range
+from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SyncfedError
+from ..net.link import WorkerLink
+from ..protocol import DataPlan, Info, Query, QueryResult, Recipe
+from .query_round import SECURE_SUM, ask_each, sum_securely
+
+__all__ = ["agree_task", "balanced_weights", "hello_histogram", "target_scale"]
+
+
+def balanced_weights(histogram: Sequence[int]) -> tuple[float, ...]:
+    """``n / (C * n_c)`` per class of ``histogram``, ``C`` its classes; a class without training examples
+    gets 1 (no example of it is ever weighed).
+
+    Raises:
+        ConfigError: if the histogram holds no example.
+    """
+    counts = np.asarray(histogram, dtype=np.float64)
+    total = counts.sum()
+    if total <= 0:
+        raise ConfigError("--class-weights balanced needs training examples, and the histogram holds none")
+    weights = np.where(counts > 0, total / (len(counts) * np.maximum(counts, 1)), 1.0)
+    return tuple(float(w) for w in weights)
+
+
+def hello_histogram(infos: Mapping[str, Info], plan: DataPlan | None) -> np.ndarray | None:
+    """The trainers' hello histograms added up, in the plan's class order over own data (each site counts its
+    own classes, a subset of the agreed ones); ``None`` when a site withheld its histogram."""
+    total: np.ndarray | None = None
+    for info in infos.values():
+        if info.histogram is None:
+            return None
+        counts = np.asarray(info.histogram, dtype=np.int64)
+        if plan is not None and plan.classes is not None and info.schema is not None and info.schema.classes:
+            index = {name: position for position, name in enumerate(plan.classes)}
+            placed = np.zeros(len(plan.classes), dtype=np.int64)
+            for name, count in zip(info.schema.classes, counts, strict=True):
+                placed[index[name]] += count
+            counts = placed
+        total = counts if total is None else total + counts
+    return total
+
+
+def target_scale(stats: Moments, sum_error: float = 0.0) -> tuple[float, float]:
+    """The mean and standard deviation of combined label moments; the std floored at the square root of
+    its variance's error bound (``sum_error`` of a secure sum, per example), and 1 for a constant target."""
+    mean, variance = float(stats.mean[0]), float(stats.variance[0])
+    eps = sum_error / stats.count
+    std = math.sqrt(max(variance, eps * (1 + 2 * abs(mean) + eps)))
+    return mean, std if std > 0 else 1.0
+
+
+async def agree_task(
+    config: CoordinatorConfig,
+    recipe: Recipe | None,
+    plan: DataPlan | None,
+    trainers: Mapping[str, WorkerLink],
+    infos: Mapping[str, Info],
+    *,
+    report: Callable[[str], None],
+) -> Recipe | None:
+    """``recipe`` with its balanced class weights and its target's standardisation, from the ``trainers``' data.
+
+    Raises:
+        IncompatibleWorkers: a site could not answer (its one line says why), or a secure pass had
+            too few workers left to unmask its sum.
+    """
+    if recipe is None:
+        return None
+    site_infos = {name: infos[name] for name in trainers}
+    secure = " (secure sums)" if config.secure_agg else ""
+    if config.class_weights is not None:
+        histogram = None if config.secure_agg else hello_histogram(site_infos, plan)
+        if histogram is None:
+            query = Query("label-histogram", data=plan)
+            histogram = combine_labels(query, (await _answer(config, query, trainers, site_infos))[0])
+        weights = balanced_weights(histogram.tolist())
+        names = plan.classes if plan is not None and plan.classes is not None else range(len(weights))
+        report(
+            "Class weights (balanced): "
+            + ", ".join(f"{name} {weight:.3g}" for name, weight in zip(names, weights, strict=True))
+            + secure
+        )
+        recipe = dataclasses.replace(recipe, class_weights=weights)
+    if recipe.task == "regression" and plan is not None and config.normalize != "none":
+        mean, std = await _target_statistics(config, plan, trainers, site_infos)
+        report(f"Regression target: mean {mean:.6g}, standard deviation {std:.6g} over {len(trainers)} sites{secure}")
+        recipe = dataclasses.replace(recipe, target_mean=mean, target_std=std)
+    return recipe
+
+
+async def _target_statistics(
+    config: CoordinatorConfig, plan: DataPlan, trainers: Mapping[str, WorkerLink], infos: Mapping[str, Info]
+) -> tuple[float, float]:
+    """The target's global mean and standard deviation: exact, or by two secure passes (module docstring)."""
+    if not config.secure_agg:
+        query = Query("label-stats", data=plan)
+        answers, _ = await _answer(config, query, trainers, infos)
+        return target_scale(combine_label_stats(query, answers))
+    largest = max(info.num_examples for info in infos.values())
+    try:
+        wide = coarse_range(largest, 1, len(trainers))
+    except ConfigError as exc:
+        raise IncompatibleWorkers(f"the regression target cannot be standardised securely: {exc}") from None
+    query = Query("label-stats", value_range=wide, data=plan)
+    answers, error = await _answer(config, query, trainers, infos)
+    mean, std = target_scale(combine_label_stats(query, answers), error)
+    query = Query("label-stats", value_range=(mean + REFINE_RANGE[0] * std, mean + REFINE_RANGE[1] * std), data=plan)
+    answers, error = await _answer(config, query, trainers, infos)
+    return target_scale(combine_label_stats(query, answers), error)
+
+
+async def _answer(
+    config: CoordinatorConfig, query: Query, trainers: Mapping[str, WorkerLink], infos: Mapping[str, Info]
+) -> tuple[dict[str, QueryResult], float]:
+    """Every trainer's answer to ``query`` (under ``--secure-agg`` one secure sum of them), and the largest
+    error the secure sum put into it (0 when exact). A site that cannot answer stops the run."""
+    failures: dict[str, SyncfedError] = {}
+    if not config.secure_agg:
+        results, failures = await ask_each(query, trainers, timeout=config.statistics_timeout)
+        error = 0.0
+    else:
+        reference = next(iter(infos.values()))
+        try:
+            answer, round_ = await sum_securely(
+                query,
+                trainers,
+                num_features=math.prod(query.data.input_shape if query.data is not None else reference.input_shape),
+                num_classes=query.data.num_classes if query.data is not None else reference.num_classes,
+                largest=max(info.num_examples for info in infos.values()),
+                threshold=config.secagg_threshold,
+                timeout=config.statistics_timeout,
+                failures=failures,
+            )
+        except QuorumNotMet as exc:
+            raise IncompatibleWorkers(f"{query.query} for the task failed: {exc}") from None
+        results, error = {SECURE_SUM: answer}, float(round_["sum_error_bound"])
+    if failures:
+        name, failure = next(iter(failures.items()))
+        raise IncompatibleWorkers(f"{query.query} for the task failed at {name}: {failure}")
+    return results, error
