@@ -395,6 +395,6 @@ def test_model_layout_size_limits() -> None:
         ModelLayout("m", (("a", "uint8", ()), ("a", "uint8", ())))
     with pytest.raises(ProtocolError, match="^model must be a string of 1 to 256 characters"):
         Describe("m" * 257)
-    fields = r"^describe body has fields \['model', 'x'\], expected \['model'\] and optionally \['data'\]$"
+    fields = r"^describe body has fields \['model', 'x'\], expected \['model'\] and optionally \['data', 'recipe'\]$"
     with pytest.raises(ProtocolError, match=fields):
         Describe.from_body({"model": "m", "x": 1})

@@ -367,7 +367,10 @@ VALID_QUERY = {"query": "quantiles", "features": [0, 3], "bins": 4, "range": [0.
 @pytest.mark.parametrize(
     ("changes", "reason"),
     [
-        ({"query": "median"}, "query must be one of label-histogram, feature-stats, quantiles, label-stats, not 'median'"),
+        (
+            {"query": "median"},
+            "query must be one of label-histogram, feature-stats, quantiles, label-stats, not 'median'",
+        ),
         ({"features": [3, 0]}, "features must be sorted and distinct"),
         ({"features": [3, 3]}, "features must be sorted and distinct"),
         ({"features": [-1]}, "features must be a list of at most 16777216 indices in 0..16777215"),
