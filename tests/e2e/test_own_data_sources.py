@@ -75,6 +75,8 @@ def table_run(tables: Path, tmp_path: Path, alice: str, bob: str) -> tuple[dict[
             *(f"--site={site}" for site in sites),
             f"--worker-args={TABLE_FLAGS}",
             *RECIPE,
+            "--task",
+            "classification",  # one output per class, so the model's width shows the union of classes
             "--save-model",
             str(saved),
             "--metrics-out",
