@@ -121,12 +121,14 @@ def table_files(folder: Path, sites: Sequence[str]) -> dict[str, str]:
 
 
 def binary_table(out: Path, sites: Sequence[str] = tuple(HOSPITALS), **settings: Any) -> dict[str, Any]:
+    """The breast-cancer rows: the demo's non-IID hospitals, ROC AUC at the evaluator."""
     write_breast_cancer(out)
     rows = ["federated", CENTRALIZED, *sites]
     return asyncio.run(compare(table_files(out, sites), sites, ["--label-column", "diagnosis"], rows, **settings))
 
 
 def regression_table(out: Path, sites: Sequence[str] = CLINICS, **settings: Any) -> dict[str, Any]:
+    """The diabetes rows: clinics by body-mass index, a continuous label read as such (its values are whole)."""
     write_diabetes(out)
     rows = ["federated", CENTRALIZED, *sites]
     return asyncio.run(
@@ -141,6 +143,7 @@ def regression_table(out: Path, sites: Sequence[str] = CLINICS, **settings: Any)
 
 
 def images_table(out: Path, **settings: Any) -> dict[str, Any]:
+    """The image-folder row: only federated, since the bar compares it with the classic demo's figure."""
     write_digits(out)
     files = {name: f"images:{out / name}" for name in (*IMAGE_SITES, EVALUATOR)}
     return asyncio.run(
