@@ -8,6 +8,10 @@
   class, split like the classic demo (alice 0-3, bob 4-6, charlie 7-9, testing
   all), each site in its own size and format: alice 8x8 grayscale PNG, bob
   16x16 colour JPEG, charlie 32x32 grayscale BMP, testing 24x24 16-bit TIFF.
+- ``diabetes/``: the 442 diabetes records (10 features in their raw units, the
+  label ``progression``, a continuous measure of disease progression after one
+  year) as three "clinics" cut by body-mass index (lowest third, middle,
+  highest: their features and targets differ), plus ``test.csv``.
 
 Usage::
 
@@ -67,6 +71,29 @@ def write_breast_cancer(out: Path) -> dict[str, int]:
     return counts
 
 
+#: The diabetes clinics, each the records of one third of the training records' body-mass index.
+CLINICS = ("clinic_a", "clinic_b", "clinic_c")
+DIABETES_LABEL = "progression"
+
+
+def write_diabetes(out: Path) -> dict[str, int]:
+    """Split the records into a random test set and three clinics by tertile of body-mass index."""
+    from sklearn.datasets import load_diabetes
+    from sklearn.model_selection import train_test_split
+
+    frame = load_diabetes(as_frame=True, scaled=False).frame.rename(columns={"target": DIABETES_LABEL})
+    train, test = train_test_split(frame, test_size=TEST_FRACTION, random_state=SEED)
+    ordered = train.sort_values("bmi", kind="stable")
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {}
+    for name, part in zip(CLINICS, np.array_split(np.arange(len(ordered)), len(CLINICS)), strict=True):
+        ordered.iloc[part].sample(frac=1.0, random_state=SEED).to_csv(out / f"{name}.csv", index=False)
+        counts[name] = len(part)
+    test.to_csv(out / "test.csv", index=False)
+    counts["test"] = len(test)
+    return counts
+
+
 def write_digits(out: Path) -> dict[str, int]:
     """Write each site's digits as ``<site>/<digit>/<index>.<ext>`` in its size and format."""
     from PIL import Image
@@ -101,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tables = write_breast_cancer(args.out / "breast_cancer")
     images = write_digits(args.out / "digits_png")
+    diabetes = write_diabetes(args.out / "diabetes")
     print(
         f"breast cancer CSV files in {args.out / 'breast_cancer'}: " + ", ".join(f"{k} {v}" for k, v in tables.items())
     )
     print(f"digit image folders in {args.out / 'digits_png'}: " + ", ".join(f"{k} {v}" for k, v in images.items()))
+    print(f"diabetes CSV files in {args.out / 'diabetes'}: " + ", ".join(f"{k} {v}" for k, v in diabetes.items()))
     return 0
 
 

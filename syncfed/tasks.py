@@ -20,10 +20,11 @@ for a continuous label), that gives:
   task that predicts no class;
 - ``batch_sums(output: torch.Tensor, labels: np.ndarray) -> dict[str, np.ndarray]``:
   the batch's metric sums, which evaluation adds up over batches and the
-  coordinator over sites (``syncfed.metrics``). Names ``confusion``,
-  ``scores`` and ``regression`` get the built-in metrics if they follow
-  their layout; any other name is summed and reported as it is. Every batch
-  must give the same names and shapes.
+  coordinator over sites (``syncfed.metrics``). They must be a built-in
+  task's, in its layout (``confusion``; ``confusion`` and ``scores``;
+  ``regression``): an evaluation result with other names is refused by the
+  protocol (:func:`~syncfed.protocol.task_messages.check_metrics`). Every
+  batch must give the same names and shapes.
 
 The built-in tasks follow the same protocol, plus :meth:`BuiltinTask.summed_loss`,
 which evaluation uses for an exact loss sum (a user task's is its mean
