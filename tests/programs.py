@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from units import MS
 
@@ -23,3 +27,17 @@ def run_program(arguments: list[str], pythonpath: Path | None = None) -> subproc
     return subprocess.run(
         [sys.executable, *arguments], capture_output=True, text=True, timeout=PROGRAM_TIMEOUT, cwd=REPO, env=env
     )
+
+
+@contextlib.contextmanager
+def script_module(name: str) -> Iterator[ModuleType]:
+    """``scripts/NAME.py`` as a module, registered while in use (its dataclasses look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"syncfed_{name}", REPO / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]

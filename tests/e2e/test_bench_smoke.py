@@ -8,7 +8,6 @@ round moved the model's bytes to every worker and back, plus a little framing.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO
+from programs import script_module
 from units import MS
 
 from syncfed.config import DEFAULT_RECEIVE_SLOTS
@@ -39,15 +39,8 @@ def finite_positive(value: Any) -> bool:
 @pytest.fixture(scope="module")
 def bench() -> Iterator[ModuleType]:
     """scripts/bench.py as a module (registered while in use: its dataclasses look their module up)."""
-    spec = importlib.util.spec_from_file_location("syncfed_bench", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("bench") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 @pytest.fixture(scope="module")

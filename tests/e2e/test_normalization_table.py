@@ -9,7 +9,6 @@ the table with federated statistics beating raw values.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import REPO
+from programs import script_module
 from units import MS
 
 SCRIPT = REPO / "scripts" / "normalization_table.py"
@@ -29,15 +29,8 @@ SCRIPT = REPO / "scripts" / "normalization_table.py"
 @pytest.fixture(scope="module")
 def table() -> Iterator[ModuleType]:
     """The script as a module, registered while in use."""
-    spec = importlib.util.spec_from_file_location("syncfed_normalization_table", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("normalization_table") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def read(path: Path) -> pd.DataFrame:

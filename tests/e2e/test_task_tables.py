@@ -9,7 +9,6 @@ rows as the bars need (federated above the worst site alone, R² positive).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from types import ModuleType
 import pandas as pd
 import pytest
 from conftest import REPO
+from programs import script_module
 from units import MS
 
 SCRIPT = REPO / "scripts" / "task_tables.py"
@@ -28,15 +28,8 @@ SCRIPT = REPO / "scripts" / "task_tables.py"
 @pytest.fixture(scope="module")
 def tables() -> Iterator[ModuleType]:
     """The script as a module, registered while in use."""
-    spec = importlib.util.spec_from_file_location("syncfed_task_tables", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+    with script_module("task_tables") as module:
         yield module
-    finally:
-        del sys.modules[spec.name]
 
 
 def test_diabetes_clinics_are_thirds_by_bmi_with_a_continuous_label(tables: ModuleType, tmp_path: Path) -> None:
