@@ -34,10 +34,10 @@ from ..data.normalization import (
 )
 from ..exceptions import IncompatibleWorkers, QuorumNotMet, SyncfedError
 from ..net.link import WorkerLink
-from ..protocol import DataPlan, Info, Query
+from ..protocol import DataPlan, Info, Query, QueryResult
 from .query_round import SECURE_SUM, ask_each, sum_securely
 
-__all__ = ["agree_statistics"]
+__all__ = ["agree_statistics", "every_answer"]
 
 
 async def agree_statistics(
@@ -84,31 +84,56 @@ async def _answers(
     combined: list[FeatureStats] = []
     error = 0.0
     for query in queries:
-        failures: dict[str, SyncfedError] = {}
-        if config.secure_agg:
-            assert query.data is not None, "statistics queries carry their plan"
-            try:
-                result, round_ = await sum_securely(
-                    query,
-                    trainers,
-                    num_features=math.prod(query.data.input_shape),
-                    num_classes=query.data.num_classes,
-                    largest=max(infos[name].num_examples for name in trainers),
-                    threshold=config.secagg_threshold,
-                    timeout=config.statistics_timeout,
-                    failures=failures,
-                )
-            except QuorumNotMet as exc:
-                raise IncompatibleWorkers(f"federated normalisation failed: {exc}") from None
-            results = {SECURE_SUM: result}
-            error = max(error, float(round_["sum_error_bound"]))
-        else:
-            results, failures = await ask_each(query, trainers, timeout=config.statistics_timeout)
-        if failures:
-            name, failure = next(iter(failures.items()))
-            raise IncompatibleWorkers(
-                f"federated normalisation failed at {name}: {failure};"
-                " start the coordinator with --normalize none to skip it"
-            )
+        results, sum_error = await every_answer(
+            config,
+            query,
+            trainers,
+            infos,
+            what="federated normalisation",
+            hint="; start the coordinator with --normalize none to skip it",
+        )
+        error = max(error, sum_error)
         combined.append(combine_feature_stats(query, results))
     return combined, error
+
+
+async def every_answer(
+    config: CoordinatorConfig,
+    query: Query,
+    trainers: Mapping[str, WorkerLink],
+    infos: Mapping[str, Info],
+    *,
+    what: str,
+    hint: str = "",
+) -> tuple[dict[str, QueryResult], float]:
+    """Every trainer's answer to ``query`` (under ``--secure-agg`` one secure sum of them), and the error the
+    secure sum put into it (0 when exact), within ``--statistics-timeout``.
+
+    Raises:
+        IncompatibleWorkers: a trainer could not answer, or a secure sum could not be unmasked: ``what``
+            failed, then ``hint``; a statistic over some of the sites only would be wrong for the others.
+    """
+    failures: dict[str, SyncfedError] = {}
+    if not config.secure_agg:
+        results, failures = await ask_each(query, trainers, timeout=config.statistics_timeout)
+        error = 0.0
+    else:
+        reference = infos[next(iter(trainers))]
+        try:
+            answer, round_ = await sum_securely(
+                query,
+                trainers,
+                num_features=math.prod(query.data.input_shape if query.data is not None else reference.input_shape),
+                num_classes=query.data.num_classes if query.data is not None else reference.num_classes,
+                largest=max(infos[name].num_examples for name in trainers),
+                threshold=config.secagg_threshold,
+                timeout=config.statistics_timeout,
+                failures=failures,
+            )
+        except QuorumNotMet as exc:
+            raise IncompatibleWorkers(f"{what} failed: {exc}") from None
+        results, error = {SECURE_SUM: answer}, float(round_["sum_error_bound"])
+    if failures:
+        name, failure = next(iter(failures.items()))
+        raise IncompatibleWorkers(f"{what} failed at {name}: {failure}{hint}")
+    return results, error

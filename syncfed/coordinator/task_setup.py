@@ -26,10 +26,10 @@ import numpy as np
 from ..analytics import Moments, combine_label_stats, combine_labels
 from ..config import CoordinatorConfig
 from ..data.normalization import REFINE_RANGE, coarse_range
-from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SyncfedError
+from ..exceptions import ConfigError, IncompatibleWorkers
 from ..net.link import WorkerLink
-from ..protocol import DataPlan, Info, Query, QueryResult, Recipe
-from .query_round import SECURE_SUM, ask_each, sum_securely
+from ..protocol import DataPlan, Info, Query, Recipe
+from .data_statistics import every_answer
 
 __all__ = ["agree_task", "balanced_weights", "hello_histogram", "target_scale"]
 
@@ -99,7 +99,9 @@ async def agree_task(
         histogram = None if config.secure_agg else hello_histogram(site_infos, plan)
         if histogram is None:
             query = Query("label-histogram", data=plan)
-            histogram = combine_labels(query, (await _answer(config, query, trainers, site_infos))[0])
+            histogram = combine_labels(
+                query, (await every_answer(config, query, trainers, site_infos, what=f"{query.query} for the task"))[0]
+            )
         weights = balanced_weights(histogram.tolist())
         names = plan.classes if plan is not None and plan.classes is not None else range(len(weights))
         report(
@@ -121,7 +123,7 @@ async def _target_statistics(
     """The target's global mean and standard deviation: exact, or by two secure passes (module docstring)."""
     if not config.secure_agg:
         query = Query("label-stats", data=plan)
-        answers, _ = await _answer(config, query, trainers, infos)
+        answers, _ = await every_answer(config, query, trainers, infos, what=f"{query.query} for the task")
         return target_scale(combine_label_stats(query, answers))
     largest = max(info.num_examples for info in infos.values())
     try:
@@ -129,39 +131,8 @@ async def _target_statistics(
     except ConfigError as exc:
         raise IncompatibleWorkers(f"the regression target cannot be standardised securely: {exc}") from None
     query = Query("label-stats", value_range=wide, data=plan)
-    answers, error = await _answer(config, query, trainers, infos)
+    answers, error = await every_answer(config, query, trainers, infos, what=f"{query.query} for the task")
     mean, std = target_scale(combine_label_stats(query, answers), error)
     query = Query("label-stats", value_range=(mean + REFINE_RANGE[0] * std, mean + REFINE_RANGE[1] * std), data=plan)
-    answers, error = await _answer(config, query, trainers, infos)
+    answers, error = await every_answer(config, query, trainers, infos, what=f"{query.query} for the task")
     return target_scale(combine_label_stats(query, answers), error)
-
-
-async def _answer(
-    config: CoordinatorConfig, query: Query, trainers: Mapping[str, WorkerLink], infos: Mapping[str, Info]
-) -> tuple[dict[str, QueryResult], float]:
-    """Every trainer's answer to ``query`` (under ``--secure-agg`` one secure sum of them), and the largest
-    error the secure sum put into it (0 when exact). A site that cannot answer stops the run."""
-    failures: dict[str, SyncfedError] = {}
-    if not config.secure_agg:
-        results, failures = await ask_each(query, trainers, timeout=config.statistics_timeout)
-        error = 0.0
-    else:
-        reference = next(iter(infos.values()))
-        try:
-            answer, round_ = await sum_securely(
-                query,
-                trainers,
-                num_features=math.prod(query.data.input_shape if query.data is not None else reference.input_shape),
-                num_classes=query.data.num_classes if query.data is not None else reference.num_classes,
-                largest=max(info.num_examples for info in infos.values()),
-                threshold=config.secagg_threshold,
-                timeout=config.statistics_timeout,
-                failures=failures,
-            )
-        except QuorumNotMet as exc:
-            raise IncompatibleWorkers(f"{query.query} for the task failed: {exc}") from None
-        results, error = {SECURE_SUM: answer}, float(round_["sum_error_bound"])
-    if failures:
-        name, failure = next(iter(failures.items()))
-        raise IncompatibleWorkers(f"{query.query} for the task failed at {name}: {failure}")
-    return results, error
