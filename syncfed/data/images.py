@@ -26,8 +26,10 @@ one of its examples.
   ``MONOCHROME1`` (white is low) is then inverted, so 1 is bright everywhere.
 - **Shape.** ``--channels`` turns colour into luminance (the ITU-R 601-2 weights
   of Pillow's ``L`` conversion, in float) or repeats gray three times;
-  ``--image-size`` resizes with Pillow's antialiased bilinear filter on float
-  (``F``) planes, so 16-bit depth survives. Without them every image of the
+  ``--image-size`` resizes on float (``F``) planes, so 16-bit depth survives:
+  a shrink averages the source pixels each target pixel covers (Pillow's
+  box filter, which undoes an enlargement by a whole factor exactly), and an
+  enlargement interpolates bilinearly. Without them every image of the
   folder must have one size and one channel count.
 
 Reading is checked at start-up: every image is opened and fully decoded once,
@@ -197,11 +199,11 @@ def _fit(pixels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
         pixels = (pixels @ _LUMA)[:, :, None]
     planes = pixels.transpose(2, 0, 1)
     if planes.shape[1:] != (height, width):
+        shrink = planes.shape[1] >= height and planes.shape[2] >= width
+        method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
         planes = np.stack(
             [
-                np.asarray(
-                    Image.fromarray(np.ascontiguousarray(plane)).resize((width, height), Image.Resampling.BILINEAR)
-                )
+                np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((width, height), method))
                 for plane in planes
             ]
         )

@@ -100,21 +100,26 @@ def chw(pixels: np.ndarray) -> np.ndarray:
     return pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
 
 
-def bilinear(values: np.ndarray, size: int, axis: int) -> np.ndarray:
-    """Antialiased bilinear resampling along ``axis``, as Pillow computes it: a triangle filter stretched by
-    the scale when shrinking, its weights normalised over the pixels inside the image."""
+def resampled(values: np.ndarray, size: int, axis: int, *, box: bool) -> np.ndarray:
+    """Resampling along ``axis`` as Pillow computes it: a triangle (bilinear) or box filter stretched by the
+    scale when shrinking, its weights normalised over the pixels inside the image."""
     length = values.shape[axis]
     scale = length / size
     stretch = max(scale, 1.0)
+    support = (0.5 if box else 1.0) * stretch
     rows = np.zeros((size, length))
     for out in range(size):
         center = (out + 0.5) * scale
-        first = max(int(center - stretch + 0.5), 0)
-        last = min(int(center + stretch + 0.5), length)
-        for x in range(first, last):
-            rows[out, x] = max(0.0, 1 - abs((x - center + 0.5) / stretch))
+        for x in range(max(int(center - support + 0.5), 0), min(int(center + support + 0.5), length)):
+            offset = (x - center + 0.5) / stretch
+            rows[out, x] = float(-0.5 <= offset < 0.5) if box else max(0.0, 1 - abs(offset))
         rows[out] /= rows[out].sum()
     return np.moveaxis(np.tensordot(rows, np.moveaxis(values, axis, 0), axes=1), 0, axis)
+
+
+def shrunk(values: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``values`` shrunk to ``height x width`` with the box filter: each pixel the mean of those it covers."""
+    return resampled(resampled(values, height, 0, box=True), width, 1, box=True)
 
 
 def palette_image() -> Image.Image:
@@ -218,15 +223,25 @@ def test_mixed_sizes_stop_without_image_size_and_are_resized_with_it(tmp_path: P
     source = ImageFolderSource(tmp_path, SourceOptions(image_size=(6, 5)))
     assert source.input_shape == (1, 6, 5)
     values = read_all(source)
-    expected = bilinear(bilinear(GRAY8 / 255, 6, 0), 5, 1)
-    np.testing.assert_allclose(values[0, 0], expected, atol=1e-6)
+    np.testing.assert_allclose(values[0, 0], shrunk(GRAY8 / 255, 6, 5), atol=1e-6)
     np.testing.assert_allclose(values[1, 0], np.zeros((6, 5)))
+
+
+def test_a_whole_factor_enlargement_is_undone_exactly_and_enlarging_interpolates(tmp_path: Path) -> None:
+    save(tmp_path / "cls" / "big.png", np.repeat(np.repeat(GRAY8, 3, axis=0), 3, axis=1))
+    np.testing.assert_allclose(
+        read_all(ImageFolderSource(tmp_path, SourceOptions(image_size=(12, 10))))[0, 0], GRAY8 / 255, atol=1e-6
+    )
+    save(tmp_path / "cls" / "big.png", GRAY8)
+    enlarged = read_all(ImageFolderSource(tmp_path, SourceOptions(image_size=(24, 15))))[0, 0]
+    expected = resampled(resampled(GRAY8 / 255, 24, 0, box=False), 15, 1, box=False)
+    np.testing.assert_allclose(enlarged, expected, atol=1e-6)
 
 
 def test_resizing_16_bit_images_keeps_their_depth(tmp_path: Path) -> None:
     save(tmp_path / "cls" / "a.tiff", GRAY16)
     values = read_all(ImageFolderSource(tmp_path, SourceOptions(image_size=(5, 7))))
-    np.testing.assert_allclose(values[0, 0], bilinear(bilinear(GRAY16 / 65535, 5, 0), 7, 1), atol=1e-6)
+    np.testing.assert_allclose(values[0, 0], shrunk(GRAY16 / 65535, 5, 7), atol=1e-6)
     assert not np.allclose(values * 255, np.round(values * 255), atol=1e-3)  # not quantised to 8 bits
 
 
