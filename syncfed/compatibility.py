@@ -17,7 +17,7 @@ from .data.agreement import agree
 from .exceptions import IncompatibleWorkers, ModelError, ProtocolError
 from .models import check_model, default_model, get_weights, resolve_model
 from .protocol import LOSSES, PROTOCOL_VERSION, TASK_KINDS, DataPlan, DataSchema, Info, Recipe
-from .shaped_models import DEFAULT_DROPOUT, default_shaped_model, shaped_factory
+from .shaped_models import default_shaped_model, shaped_factory
 from .tensors import DTYPES
 
 __all__ = [
@@ -57,7 +57,7 @@ def check_compatible(
     else:
         model_name = config.model or default_shaped_model(plan)
         input_shape, num_classes, what = plan.input_shape, plan.num_classes, f"own {plan.kind}"
-    recipe = chosen_recipe(config, plan, reference.num_classes, model_name)
+    recipe = chosen_recipe(config, plan, reference.num_classes)
     for name, info in infos.items():
         check_model_available(name, info, model_name)
     try:
@@ -81,13 +81,10 @@ def decided_task(task: str, classes: tuple[str, ...] | None) -> str:
     return "binary" if len(classes) == 2 else "classification"
 
 
-def chosen_recipe(
-    config: CoordinatorConfig, plan: DataPlan | None, num_classes: int, model_name: str = ""
-) -> Recipe | None:
+def chosen_recipe(config: CoordinatorConfig, plan: DataPlan | None, num_classes: int) -> Recipe | None:
     """The run's recipe before its data statistics: the task (``auto`` decided from ``plan``), loss, threshold
     and shaped model's layers; ``None`` over a bundled data set with the classic task, so its requests stay
-    byte for byte what they were. ``num_classes`` is the bundled data set's when ``plan`` is ``None``;
-    ``model_name`` picks the shaped model's default dropout when ``--dropout`` is not given.
+    byte for byte what they were. ``num_classes`` is the bundled data set's when ``plan`` is ``None``.
 
     Raises:
         IncompatibleWorkers: the task, or a flag of it, does not fit the workers' label (one line).
@@ -115,7 +112,7 @@ def chosen_recipe(
             config.loss or "",
             threshold=config.threshold,
             hidden=config.hidden,
-            dropout=DEFAULT_DROPOUT.get(model_name, 0.0) if config.dropout is None else config.dropout,
+            dropout=config.dropout,
         )
         recipe.check_classes(classes)
     except ProtocolError as exc:

@@ -308,7 +308,7 @@ class CoordinatorConfig:
     keep_optimizer_state: bool = False  # keep each worker's optimizer state between rounds; default: reset
     # The shaped model (own data) and its start
     hidden: tuple[int, ...] = ()  # the mlp's hidden widths; empty: its default
-    dropout: float | None = None  # None: the shaped model's own (DEFAULT_DROPOUT: 0.5 for cnn, else 0)
+    dropout: float = 0.0
     initial_weights: Path | None = None  # a safetensors file to start from instead of the seeded model
     allow_partial_weights: bool = False  # take the tensors of initial_weights that fit, listing the others
     # Strategy (see ``strategies``): a name or an import path, and its settings (mu, server_lr, ...)
@@ -558,7 +558,7 @@ def _check_task(config: CoordinatorConfig) -> None:
         raise ConfigError(
             f"hidden must be at most {MAX_HIDDEN} layer widths from 1 to {MAX_WIDTH}, not {config.hidden}"
         )
-    if config.dropout is not None and not (math.isfinite(config.dropout) and 0 <= config.dropout < 1):
+    if not (math.isfinite(config.dropout) and 0 <= config.dropout < 1):
         raise ConfigError(f"dropout must be from 0 to below 1, not {config.dropout!r}")
     if config.initial_weights is not None:
         if config.resume:

@@ -33,7 +33,6 @@ from .protocol.task_messages import Recipe
 __all__ = [
     "SHAPED_MODELS",
     "MAX_CNN_SIDE",
-    "DEFAULT_DROPOUT",
     "ShapedModel",
     "TabularMLP",
     "LinearModel",
@@ -46,9 +45,6 @@ __all__ = [
 
 #: Images up to this many pixels on a side get the ``cnn`` by default, larger ones ``resnet18``.
 MAX_CNN_SIDE = 64
-#: A shaped model's dropout when ``--dropout`` is not given: the cnn's head of 256 units over a few
-#: thousand images overfits each site's classes without it (the image-folder digits: 94.7% at 0, 96.1% at 0.5).
-DEFAULT_DROPOUT: Mapping[str, float] = MappingProxyType({"cnn": 0.5})
 
 
 class ShapedModel(Protocol):

@@ -413,9 +413,7 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
     task.add_argument(
         "--hidden", type=_widths, default=(), metavar="W,W", help="the mlp's hidden layer widths (default: 64,32)"
     )
-    task.add_argument(
-        "--dropout", type=float, help="the shaped model's dropout (default: 0.5 for cnn, 0 for mlp and resnet18)"
-    )
+    task.add_argument("--dropout", type=float, default=0.0, help="the shaped model's dropout (default: %(default)s)")
     task.add_argument(
         "--initial-weights",
         type=Path,

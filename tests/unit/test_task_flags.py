@@ -202,18 +202,6 @@ def test_a_binary_table_gets_a_one_logit_mlp_and_a_user_task_keeps_its_path() ->
     assert custom is not None and (custom.task, custom.loss) == ("mypkg.tasks:Focal", "focal")
 
 
-@pytest.mark.parametrize(
-    ("model", "dropout", "expected"),
-    [("cnn", None, 0.5), ("cnn", 0.0, 0.0), ("cnn", 0.2, 0.2), ("mlp", None, 0.0), ("resnet18", None, 0.0)],
-)
-def test_dropout_defaults_to_the_shaped_model_s_own_and_a_flag_overrides_it(
-    model: str, dropout: float | None, expected: float
-) -> None:
-    images = DataPlan("images", (1, 8, 8), ("0", "1", "2"))
-    recipe = chosen_recipe(config(dropout=dropout), images, 3, model)
-    assert recipe is not None and recipe.dropout == expected
-
-
 # -- Class weights and the target's scale -------------------------------------------------------------
 
 
