@@ -6,10 +6,11 @@ Usage::
     python scripts/plot_metrics.py fed.jsonl central.jsonl -o compare.png --labels federated,centralized
     python scripts/plot_metrics.py binary.jsonl -o auc.png --metric auc      # any numeric field of eval events
 
-Each file is one run. By default a run draws its ``federated`` model (and, in a
-run with a single worker such as ``central``, that worker's model) as a thick
-line, and every other worker's own model thin and dashed, so a federated run
-and a centralized one can be read off the same axes. Only ``eval`` lines count;
+Each file is one run. By default a run draws its global model (``federated``,
+or ``centralized`` in a ``--centralized`` baseline; in a run with a single
+worker, that worker's model) as a thick line, and every other worker's own
+model thin and dashed, so a federated run and a centralized one can be read
+off the same axes. Only ``eval`` lines count;
 every other event is skipped, so newer coordinators' events do not break old
 plots. The figure is drawn on the non-interactive Agg canvas, without pyplot,
 so it works with no display and leaves matplotlib's global state alone.
@@ -36,6 +37,8 @@ __all__ = ["Point", "Run", "MetricsError", "load_metrics", "load_run", "main_mod
 PROGRAM = "plot_metrics.py"
 #: The coordinator's name for the aggregated model (``syncfed.coordinator.FEDERATED``).
 FEDERATED = "federated"
+#: Its name in a centralized baseline (``syncfed.coordinator.CENTRALIZED``), drawn as a main line of its own.
+CENTRALIZED = "centralized"
 #: Exit status of every error this script reports: bad input, as argparse's usage errors.
 EXIT_ERROR = 2
 INTERRUPTED = 130
@@ -122,9 +125,10 @@ def load_run(path: Path, label: str | None = None, metric: str = "accuracy") -> 
 
 
 def main_models(curves: Mapping[str, Sequence[Point]]) -> set[str]:
-    """The models that stand for the run: ``federated``, and the worker of a one-worker run such as ``central``."""
-    workers = [model for model in curves if model != FEDERATED]
-    return {FEDERATED} | (set(workers) if len(workers) == 1 else set())
+    """The models that stand for the run: ``federated`` or ``centralized``, and the worker of a one-worker run
+    (such as ``central`` in an older centralized baseline's file, whose global model was called ``federated``)."""
+    workers = [model for model in curves if model not in (FEDERATED, CENTRALIZED)]
+    return {FEDERATED, CENTRALIZED} | (set(workers) if len(workers) == 1 else set())
 
 
 def _selected(run: Run, models: Sequence[str] | None) -> list[tuple[str, bool]]:
@@ -135,7 +139,7 @@ def _selected(run: Run, models: Sequence[str] | None) -> list[tuple[str, bool]]:
     names = list(run.curves)
     # In a one-worker run FedAvg returns that worker's model unchanged: the same curve twice would hide one
     # line behind the other, so only the worker's, the more telling name ("central"), is drawn.
-    single = [model for model in mains if model != FEDERATED]
+    single = [model for model in mains if model not in (FEDERATED, CENTRALIZED)]
     if FEDERATED in names and single and run.curves[single[0]] == run.curves[FEDERATED]:
         names.remove(FEDERATED)
     return [(model, model in mains) for model in names]
@@ -270,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--models",
         metavar="M,N,...",
-        help="draw only these models, e.g. federated,central (default: federated and each worker's model)",
+        help="draw only these models, e.g. federated,bob (default: the global model, federated or centralized,"
+        " and each worker's model)",
     )
     return parser
 

@@ -285,6 +285,7 @@ class CoordinatorConfig:
 
     workers: dict[str, str] = field(default_factory=lambda: parse_endpoints(DEFAULT_WORKERS))
     evaluator: dict[str, str] = field(default_factory=lambda: parse_endpoints(DEFAULT_EVALUATOR))
+    centralized: bool = False  # the one worker holds all the training data: the global model is "centralized"
     model: str | None = None  # None: the default model of the workers' data set
     training_rounds: int = 40
     federate_after_n_batches: int = 10
@@ -376,6 +377,8 @@ class CoordinatorConfig:
             raise ConfigError(f"at most one evaluator is supported, got {len(self.evaluator)}")
         if self.normalize is not None and self.normalize not in NORMALIZATIONS:
             raise ConfigError(f"normalization {self.normalize!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if self.centralized and len(self.workers) != 1:
+            raise ConfigError(f"centralized training needs 1 training worker, not {len(self.workers)}")
         overlap = set(self.workers) & set(self.evaluator)
         if overlap:
             raise ConfigError(f"worker id {sorted(overlap)[0]!r} is both a trainer and the evaluator")
@@ -500,6 +503,11 @@ class CoordinatorConfig:
     def private(self) -> bool:
         """Whether rounds run through secure aggregation or differential privacy (``coordinator.private_rounds``)."""
         return self.secure_agg or self.dp is not None
+
+    @property
+    def step(self) -> str:
+        """What the console calls one update of the global model: a round, or in asynchronous mode a version."""
+        return "version" if self.mode == "async" else "round"
 
     @property
     def dp_sampling_rate(self) -> float:

@@ -13,7 +13,10 @@ from typing import IO, Any, Final
 
 from .exceptions import ConfigError
 
-__all__ = ["EVAL_SCALARS", "Progress", "TensorBoardWriter"]
+__all__ = ["EVAL_SCALARS", "GLOBAL_MODELS", "Progress", "TensorBoardWriter"]
+
+#: The global model's names in eval events: a federated run's, and a centralized baseline's.
+GLOBAL_MODELS: Final = ("federated", "centralized")
 
 
 #: The numeric figures of an eval event (README, "Metrics format") that TensorBoard plots, each under its name.
@@ -36,19 +39,24 @@ EVAL_SCALARS: Final = (
 class Progress:
     """A tqdm bar over rounds on a terminal; one plain line per round otherwise.
 
-    The bar shows the round, the last federated accuracy and the seconds per
-    round. ``report`` prints other lines without breaking the bar.
+    The bar shows the round, the global model's last accuracy and the seconds
+    per round. ``report`` prints other lines without breaking the bar. In
+    asynchronous mode (``unit="version"``) a line names the updates each
+    global version was made of and how stale each was.
     """
 
-    def __init__(self, total_rounds: int, *, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    def __init__(
+        self, total_rounds: int, *, enabled: bool = True, stream: IO[str] | None = None, unit: str = "round"
+    ) -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.total = total_rounds
         self.accuracy: float | None = None
+        self.model = GLOBAL_MODELS[0]  # the name of the model whose accuracy is shown
         self.bar: Any = None
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_rounds, unit="round", file=self.stream, dynamic_ncols=True)
+            self.bar = tqdm(total=total_rounds, unit=unit, file=self.stream, dynamic_ncols=True)
 
     def report(self, line: str) -> None:
         if self.bar is not None:
@@ -57,17 +65,21 @@ class Progress:
             print(line, file=self.stream, flush=True)
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        if event.get("event") == "eval" and event.get("model") == "federated" and "accuracy" in event:
-            self.accuracy = float(event["accuracy"])  # a regression has none
+        if event.get("event") == "eval" and event.get("model") in GLOBAL_MODELS and "accuracy" in event:
+            self.model, self.accuracy = str(event["model"]), float(event["accuracy"])  # a regression has none
             if self.bar is not None:
                 self.bar.set_postfix_str(self._postfix(None), refresh=True)
         if event.get("event") != "round":
             return
         round_number, seconds = int(event["round"]), float(event["seconds"])
         if self.bar is None:
-            accuracy = "" if self.accuracy is None else f", last federated accuracy {self.accuracy:.2%}"
+            accuracy = "" if self.accuracy is None else f", last {self.model} accuracy {self.accuracy:.2%}"
             dropped = f", dropped {', '.join(event['failed'])}" if event.get("failed") else ""
-            self.report(f"Round {round_number}/{self.total} done in {seconds:.2f} s{accuracy}{dropped}")
+            done = f"done in {seconds:.2f} s{accuracy}{dropped}"
+            if event.get("mode") == "async":
+                self.report(f"Version {round_number}/{self.total}: {_updates(event)}; {done}")
+            else:
+                self.report(f"Round {round_number}/{self.total} {done}")
             return
         self.bar.n = round_number  # also right after a resume
         self.bar.set_postfix_str(self._postfix(seconds), refresh=True)
@@ -75,7 +87,7 @@ class Progress:
     def _postfix(self, seconds: float | None) -> str:
         parts = []
         if self.accuracy is not None:
-            parts.append(f"federated accuracy {self.accuracy:.2%}")
+            parts.append(f"{self.model} accuracy {self.accuracy:.2%}")
         if seconds is not None:
             parts.append(f"{seconds:.2f} s/round")
         return ", ".join(parts)
@@ -83,6 +95,14 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _updates(event: Mapping[str, Any]) -> str:
+    """An asynchronous version's updates, as folded in: "bob (staleness 0), alice (staleness 2)", and how many
+    were discarded as too stale."""
+    updates = ", ".join(f"{update['worker']} (staleness {update['staleness']})" for update in event["updates"])
+    discarded = int(event.get("discarded", 0))
+    return updates + (f", {discarded} discarded as too stale" if discarded else "")
 
 
 class TensorBoardWriter:

@@ -35,7 +35,7 @@ from ..config import (
     CoordinatorConfig,
     parse_endpoints,
 )
-from ..coordinator import FEDERATED, Coordinator, RunResult
+from ..coordinator import Coordinator, RunResult
 from ..data.normalization import NORMALIZATIONS
 from ..datasets import DATASETS, ensure_mnist
 from ..evaluation import headline, is_regression
@@ -549,8 +549,11 @@ def parse_sites(entries: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
 
 
 def _endpoints(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
-    """The training workers and the evaluator as ``{id: uri}``; spawned ``--site`` workers have no uri yet."""
+    """The training workers and the evaluator as ``{id: uri}``; spawned ``--site`` and ``--centralized`` workers
+    have no uri yet."""
     evaluator = parse_endpoints(args.evaluator)
+    if args.centralized:
+        return {CENTRAL: ""}, evaluator
     sites = parse_sites(args.site)
     if not sites:
         return parse_endpoints(args.workers), evaluator
@@ -565,12 +568,10 @@ async def _with_workers(
     workers, evaluator = _endpoints(args)
     if args.site:
         return await _with_sites(args, workers, evaluator, action)
-    if args.centralized:
-        if not args.spawn_workers:
-            raise ConfigError(
-                "--centralized trains one spawned worker that holds all the training data: add --spawn-workers"
-            )
-        workers = {CENTRAL: ""}
+    if args.centralized and not args.spawn_workers:
+        raise ConfigError(
+            "--centralized trains one spawned worker that holds all the training data: add --spawn-workers"
+        )
     if not args.spawn_workers:
         if args.worker_args is not None:
             raise ConfigError("--worker-args only applies with --spawn-workers")
@@ -688,7 +689,8 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return fail(PROGRAM, exc)
     setup_logging(args.verbose, default=30)
-    progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status)
+    unit = "version" if args.mode == "async" else "round"
+    progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status, unit=unit)
     listeners: list[Listener] = [progress]
     tensorboard: TensorBoardWriter | None = None
     try:
@@ -712,13 +714,13 @@ def _main(argv: list[str] | None) -> int:
         progress.close()
         if tensorboard is not None:
             tensorboard.close()
-    final = [record for record in result.evaluations if record.model == FEDERATED]
+    final = [record for record in result.evaluations if record.model == result.global_model]
     if final:
         last = final[-1]
         if is_regression(last.result):
-            print(f"Final federated model at round {last.round}: {headline(last.result)}")
+            print(f"Final {result.global_model} model at {unit} {last.round}: {headline(last.result)}")
         else:
-            print(f"Final federated accuracy at round {last.round}: {last.result.accuracy:.2%}")
+            print(f"Final {result.global_model} accuracy at {unit} {last.round}: {last.result.accuracy:.2%}")
     return 0
 
 

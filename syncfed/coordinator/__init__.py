@@ -18,9 +18,10 @@ from ..fold import mismatch as _mismatch
 from .coordinator import Coordinator
 from .dispatch import plan_seed
 from .pool import Backoff as _Backoff
-from .results import FEDERATED, EvalRecord, RoundRecord, RunResult, SiteEvalRecord
+from .results import CENTRALIZED, FEDERATED, EvalRecord, RoundRecord, RunResult, SiteEvalRecord
 
 __all__ = [
+    "CENTRALIZED",
     "FEDERATED",
     "Coordinator",
     "EvalRecord",

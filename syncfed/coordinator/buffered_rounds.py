@@ -15,16 +15,18 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
+from ..config import CoordinatorConfig
 from ..exceptions import ProtocolError, QuorumNotMet, RemoteError, WorkerTimeout, WorkerUnavailable
 from ..failure import Failure
 from ..finite import finite_model
 from ..fold import invalid_update
 from ..net.link import WorkerLink
 from ..protocol import FitResult
-from ..staleness import UpdateBuffer
+from ..staleness import UpdateBuffer, staleness_weight
 from ..strategies import MeanStrategy
 from ..tensors import Weights
 from .context import RunContext
@@ -33,9 +35,26 @@ from .journal import round_event
 from .pool import traffic
 from .results import RoundRecord, RunResult
 
-__all__ = ["BufferedRounds"]
+__all__ = ["BufferedRounds", "async_settings_line"]
 
 logger = logging.getLogger("syncfed.coordinator")
+
+
+def async_settings_line(config: CoordinatorConfig) -> str:
+    """The start line of an asynchronous run: what makes a version, and how stale updates count."""
+    s, a, b = "its staleness s", f"{config.staleness_a:g}", config.staleness_b
+    discount = {
+        "constant": f"each counted in full whatever {s}",
+        "polynomial": f"each weighted (1+s)^-{a} by {s}",
+        "hinge": f"each weighted 1 up to staleness {b}, then 1/({a}(s-{b})+1) by {s}",
+    }[config.staleness_weight]
+    limit = "" if config.max_staleness is None else f"; updates staler than {config.max_staleness} are discarded"
+    size = "each update makes" if config.buffer_size == 1 else f"every {config.buffer_size} updates make"
+    return (
+        f"Asynchronous mode (FedBuff): {len(config.workers)} workers train without waiting for each other,"
+        f" each from the newest global version; {size} the next version, {discount}"
+        f" (the versions published since it started){limit}"
+    )
 
 
 @dataclass
@@ -66,6 +85,7 @@ class BufferedRounds:
         """
         context, config = self.context, self.context.config
         trainers, evaluator = context.pool.trainers, context.pool.evaluator
+        context.report(async_settings_line(config))
         buffer = UpdateBuffer(
             config.buffer_size,
             policy=config.staleness_weight,
@@ -83,6 +103,7 @@ class BufferedRounds:
             started = time.perf_counter()
             before = traffic(trainers)
             contributors: list[str] = []
+            updates: list[dict[str, Any]] = []  # each folded update, in order: a worker may send two to a version
             losses: dict[str, float] = {}
             failed: dict[str, Failure] = {}
             discarded = 0
@@ -106,6 +127,10 @@ class BufferedRounds:
                     continue
                 contributors.append(name)
                 losses[name] = reply.loss
+                weight = staleness_weight(
+                    config.staleness_weight, staleness, a=config.staleness_a, b=config.staleness_b
+                )
+                updates.append({"worker": name, "staleness": staleness, "weight": weight, "loss": reply.loss})
                 if not buffer.full:
                     continue
                 stalenesses = buffer.stalenesses
@@ -139,6 +164,7 @@ class BufferedRounds:
                                 "values": [int(s) for s in stalenesses],
                             },
                             "discarded": discarded,
+                            "updates": updates,
                         },
                         traffic=(after[0] - before[0], after[1] - before[1]),
                         privacy={},
@@ -152,7 +178,7 @@ class BufferedRounds:
                 await context.journal.version_done(state.version, result)
                 started = time.perf_counter()
                 before = traffic(trainers)
-                contributors, losses, failed, discarded = [], {}, {}, 0
+                contributors, updates, losses, failed, discarded = [], [], {}, {}, 0
         finally:
             for task in loops:
                 task.cancel()

@@ -41,14 +41,15 @@ __all__ = ["Coordinator", "prediction_groups"]
 def prediction_groups(config: CoordinatorConfig, infos: Mapping[str, Info]) -> dict[str, list[int]]:
     """Each trainer's classes, for the classic demo's "Percentage numbers" line: shown only when the
     trainers hold disjoint groups of classes (alice 0-3, bob 4-6, charlie 7-9), and never under
-    --secure-agg or for a withheld histogram, which keep a site's classes private."""
+    --secure-agg or for a withheld histogram, which keep a site's classes private. One group (a
+    centralized run) would always read 100%."""
     groups = {
         name: held_classes(info)
         for name, info in infos.items()
         if name in config.workers and not config.secure_agg and info.histogram is not None
     }
     held = [label for classes in groups.values() for label in classes]
-    return groups if len(held) == len(set(held)) else {}
+    return groups if len(groups) > 1 and len(held) == len(set(held)) else {}
 
 
 class Coordinator:
@@ -118,7 +119,7 @@ class Coordinator:
             plan = {"data_plan": json.dumps(pool.plan.to_json())} if pool.plan is not None else {}
             recipe = {"recipe": json.dumps(pool.recipe.to_body())} if pool.recipe is not None else {}
             save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan, **recipe})
-            self.report(f"Saved the federated model to {config.save_model}")
+            self.report(f"Saved the {result.global_model} model to {config.save_model}")
         return result
 
     def _chosen_data(self, name: str, info: Info) -> Info:

@@ -16,7 +16,7 @@ from ..evaluation import TEST, VALIDATION, Cell, CrossSiteMatrix, write_cross_si
 from ..net.link import WorkerLink
 from ..tensors import Weights
 from .context import RunContext
-from .results import FEDERATED, RunResult
+from .results import RunResult
 
 __all__ = ["cross_site_validation"]
 
@@ -36,7 +36,7 @@ async def cross_site_validation(context: RunContext, result: RunResult) -> None:
     sites = [*context.pool.trainers, *([evaluator] if evaluator is not None else [])]
     await context.pool.rejoin(sites)
     models: dict[str, Weights | None] = {name: context.local_models.get(name) for name in config.workers}
-    models[FEDERATED] = result.weights
+    models[result.global_model] = result.weights
     gates = {link.name: asyncio.Semaphore(_PIPELINE) for link in sites}
 
     async def cell(weights: Weights | None, link: WorkerLink) -> Cell:
@@ -55,7 +55,7 @@ async def cross_site_validation(context: RunContext, result: RunResult) -> None:
         tuple(tuple(cells[row * len(sites) : (row + 1) * len(sites)]) for row in range(len(models))),
     )
     result.cross_site = matrix
-    report(f"Cross-site validation after round {last} (accuracy; rows: models, columns: data):")
+    report(f"Cross-site validation after {config.step} {last} (accuracy; rows: models, columns: data):")
     for line in matrix.table():
         report(line)
     directory = config.cross_site_out or (

@@ -22,7 +22,7 @@ from ..protocol import EvalResult, Evaluate
 from ..tensors import Weights
 from .journal import Journal
 from .pool import Pool
-from .results import FEDERATED, EvalRecord, RunResult, SiteEvalRecord
+from .results import CENTRALIZED, EvalRecord, RunResult, SiteEvalRecord
 
 __all__ = ["Evaluation", "eval_event", "recall_line", "score_line"]
 
@@ -80,8 +80,10 @@ class Evaluation:
         evaluator: WorkerLink,
         groups: Mapping[str, Sequence[int]],
     ) -> None:
-        """Score each contributing worker's model and the federated one; a lost evaluator skips this evaluation."""
-        candidates = {**updates, FEDERATED: result.weights}
+        """Score each contributing worker's model and the global one; a lost evaluator skips this evaluation."""
+        global_name = result.global_model
+        # A centralized run's one worker trained the global model itself: its update would be scored twice.
+        candidates = {**(updates if global_name != CENTRALIZED else {}), global_name: result.weights}
         batch, key = self.config.test_batch_size, self.config.dataset_key
         await self.pool.rejoin([evaluator])
         try:
@@ -111,10 +113,10 @@ class Evaluation:
         if any(len(score.predictions) != num_classes for score in scores):
             self._skipped(round_number, f"the evaluator's predictions do not have {num_classes} classes")
             return
-        self.report(f"Evaluation at round {round_number}/{self.config.training_rounds}:")
+        self.report(f"Evaluation at {self.config.step} {round_number}/{self.config.training_rounds}:")
         for name, reply in zip(candidates, scores, strict=True):
             result.evaluations.append(EvalRecord(round_number, name, reply))
-            label = "Federated model" if name == FEDERATED else f"Model update {name}"
+            label = f"{global_name.capitalize()} model" if name == global_name else f"Model update {name}"
             shares = ", ".join(
                 f"{group_label(held)}: {sum(reply.predictions[c] for c in held) / reply.num_examples:.0%}"
                 for held in groups.values()
@@ -123,10 +125,10 @@ class Evaluation:
                 self.report(f"{label}: Percentage numbers {shares}")
             self.report(f"{label}: {score_line(reply)}")
             figures = headline(reply)
-            if figures and name == FEDERATED:
+            if figures and name == global_name:
                 self.report(f"{label}: {figures}")
             recall = recall_line(reply, self.pool.plan.classes if self.pool.plan is not None else None)
-            if recall and name == FEDERATED:
+            if recall and name == global_name:
                 self.report(f"{label}: {recall}")
             classes = self.pool.plan.classes if self.pool.plan is not None else None
             self.journal.write(eval_event(round_number, name, reply, classes))
@@ -173,10 +175,15 @@ class Evaluation:
         )
         result.site_evaluations.append(record)
         central = next(
-            (entry.result for entry in result.evaluations if entry.round == round_number and entry.model == FEDERATED),
+            (
+                entry.result
+                for entry in result.evaluations
+                if entry.round == round_number and entry.model == result.global_model
+            ),
             None,
         )
-        self.report(f"Federated evaluation at round {round_number}/{self.config.training_rounds} (validation splits):")
+        at = f"{self.config.step} {round_number}/{self.config.training_rounds}"
+        self.report(f"Federated evaluation at {at} (validation splits):")
         names = self.pool.plan.classes if self.pool.plan is not None and self.pool.plan.classes is not None else ()
         secure = self.config.secure_agg  # each site's figures and size stay private: the average only
         for name, reply in record.sites.items() if not secure else ():
@@ -209,5 +216,5 @@ class Evaluation:
         self.journal.write(event)
 
     def _skipped(self, round_number: int, reason: str) -> None:
-        self.report(f"Evaluation at round {round_number} skipped: {reason}")
+        self.report(f"Evaluation at {self.config.step} {round_number} skipped: {reason}")
         self.journal.write({"event": "eval_skipped", "round": round_number, "reason": reason})

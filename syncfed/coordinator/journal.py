@@ -32,7 +32,7 @@ from ..registry import ModelRegistry
 from ..shaped_models import shaped_factory
 from ..strategies import Strategy
 from ..tensors import Weights
-from .results import FEDERATED, RoundRecord, RunResult
+from .results import CENTRALIZED, FEDERATED, RoundRecord, RunResult
 
 __all__ = ["Journal", "round_event"]
 
@@ -124,6 +124,7 @@ class Journal:
         build = shaped_factory(model_name, plan, recipe) if plan is not None else resolve_model(model_name)
         config = self.config
         checkpoint = load_checkpoint(config.checkpoint_dir) if config.checkpoint_dir is not None else None
+        named = CENTRALIZED if config.centralized else FEDERATED
         if checkpoint is not None and not config.resume:
             raise CheckpointError(
                 f"{config.checkpoint_dir} holds a checkpoint of round {checkpoint.round};"
@@ -133,7 +134,7 @@ class Journal:
             if config.resume:
                 self.report(f"No checkpoint in {config.checkpoint_dir}: starting at round 1")
             torch.manual_seed(config.seed)
-            return RunResult(model_name, self._starting_weights(get_weights(build()))), 1
+            return RunResult(model_name, self._starting_weights(get_weights(build())), global_model=named), 1
         self.run_id = str(checkpoint.identity.get("run_id", self.run_id))  # a resumed run keeps its id
         check_resumable(checkpoint, self._identity())
         if plan is not None:  # other classes change the model's shape: say why, not which tensor differs
@@ -152,7 +153,8 @@ class Journal:
             raise CheckpointError(f"cannot resume: {exc}") from None
         self._resumed = checkpoint
         self.report(f"Resuming after round {checkpoint.round} from {config.checkpoint_dir}")
-        return RunResult(model_name, checkpoint.weights, first_round=checkpoint.round + 1), checkpoint.round + 1
+        resumed = RunResult(model_name, checkpoint.weights, first_round=checkpoint.round + 1, global_model=named)
+        return resumed, checkpoint.round + 1
 
     def resumed_plan(self) -> DataPlan | None:
         """The plan a resumed run over own data trained with, statistics included: a resumed run keeps
@@ -233,7 +235,7 @@ class Journal:
         assert self._registry is not None and self._reference is not None
         metrics: dict[str, float] = {}
         for record in result.evaluations:
-            if record.round == round_number and record.model == FEDERATED:
+            if record.round == round_number and record.model == result.global_model:
                 metrics |= scalar_metrics(record.result)  # accuracy, loss and the task's: auc, mae, ...
         for site in result.site_evaluations:
             if site.round == round_number and site.sites:

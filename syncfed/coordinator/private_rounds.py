@@ -56,7 +56,7 @@ from ..secagg import SecAggConfig, flatten
 from ..strategies import Strategy
 from ..tensors import Weights
 
-__all__ = ["PrivateRounds"]
+__all__ = ["PrivateRounds", "secure_agg_line"]
 
 logger = logging.getLogger("syncfed.secure_round")
 
@@ -67,6 +67,19 @@ NOISE_ROOM = 8.0
 #: Slack on the clip when checking a central-mode update's norm: the worker's
 #: cast back to float32 may leave it a relative 1e-7 above.
 NORM_SLACK = 1e-5
+
+
+def secure_agg_line(config: CoordinatorConfig) -> str:
+    """The start line of a run under ``--secure-agg``: what stays hidden, from how many workers, and how many
+    of them may drop out of a round."""
+    n = config.sample_size(len(config.workers))
+    t = secagg_threshold(n, config.secagg_threshold)
+    among = f"{n} workers" if n == len(config.workers) else f"{n} of the {len(config.workers)} workers"
+    tolerance = "no dropout" if t >= n else f"{n - t} dropout{'s' if n - t > 1 else ''}"
+    return (
+        f"Secure aggregation: the coordinator learns only the sum of each round's updates from {among}, never one"
+        f" worker's update, loss or example count; a round needs {t} of them to unmask its sum (tolerates {tolerance})"
+    )
 
 
 class PrivateRounds:
@@ -108,6 +121,8 @@ class PrivateRounds:
                     f" {rate:g} spend epsilon {target:g} at delta {delta:g}"
                 )
             self.accountant = PrivacyAccountant(self.noise_multiplier, rate, delta)
+        if config.secure_agg:
+            report(secure_agg_line(config))
         self._rng = np.random.default_rng()  # seeded by the operating system: see the module docstring
         self._last: dict[str, Any] = {}
 
@@ -163,8 +178,18 @@ class PrivateRounds:
         return PrivateFold(self.strategy, reference, mean, losses, counts, summed), failures
 
     def metrics(self, round_number: int) -> dict[str, Any]:
-        """The privacy fields of round ``round_number``'s metrics event; reports the epsilon spent so far."""
+        """The privacy fields of round ``round_number``'s metrics event; reports them in one line: how many
+        updates the secure sum holds, the epsilon spent so far."""
         event = dict(self._last)
+        said = []
+        secure = self._last.get("secure_agg")
+        if secure is not None:
+            recovered = secure["recovered"]
+            unmasked = f"; {', '.join(recovered)} dropped, unmasked with the others' shares" if recovered else ""
+            said.append(
+                f"secure aggregation summed {secure['summed']} of {secure['workers']} updates"
+                f" (threshold {secure['threshold']}{unmasked})"
+            )
         if self.accountant is not None:
             epsilon = self.accountant.epsilon_after(round_number)
             event |= {
@@ -175,7 +200,9 @@ class PrivateRounds:
                 "sampling_rate": self.accountant.sampling_rate,
                 "clip": self.config.dp_clip,
             }
-            self.report(f"Round {round_number}: privacy spent epsilon {epsilon:.3f} at delta {self.accountant.delta:g}")
+            said.append(f"privacy spent epsilon {epsilon:.3f} at delta {self.accountant.delta:g}")
+        if said:
+            self.report(f"Round {round_number}: {'; '.join(said)}")
         return {"privacy": event}
 
     def _private_fit(self, fit: Fit, parties: int) -> Fit:

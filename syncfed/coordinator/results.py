@@ -12,10 +12,12 @@ from ..evaluation import CrossSiteMatrix, pool
 from ..protocol import EvalResult
 from ..tensors import Weights
 
-__all__ = ["FEDERATED", "EvalRecord", "RoundRecord", "RunResult", "SiteEvalRecord"]
+__all__ = ["CENTRALIZED", "FEDERATED", "EvalRecord", "RoundRecord", "RunResult", "SiteEvalRecord"]
 
 #: The name of the aggregated model, beside the workers' names, in evaluations.
 FEDERATED = "federated"
+#: Its name in a centralized baseline, where one worker holds all the training data: nothing was federated.
+CENTRALIZED = "centralized"
 
 
 @dataclass(frozen=True)
@@ -23,7 +25,7 @@ class EvalRecord:
     """The evaluator's verdict on one model at one round."""
 
     round: int
-    model: str  # "federated" or a worker id
+    model: str  # "federated" (or "centralized") or a worker id
     result: EvalResult
 
 
@@ -64,8 +66,11 @@ class RunResult:
     evaluations: list[EvalRecord] = field(default_factory=list)
     site_evaluations: list[SiteEvalRecord] = field(default_factory=list)  # with --federated-eval
     cross_site: CrossSiteMatrix | None = None  # with --cross-site-validation
+    global_model: str = FEDERATED  # the global model's name in evaluations: CENTRALIZED in a centralized run
 
-    def accuracy(self, round_number: int, model: str = FEDERATED) -> float:
+    def accuracy(self, round_number: int, model: str | None = None) -> float:
+        """The evaluator's accuracy of ``model`` (the global model by default) at ``round_number``."""
+        model = self.global_model if model is None else model
         for record in self.evaluations:
             if record.round == round_number and record.model == model:
                 return record.result.accuracy

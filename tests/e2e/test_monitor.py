@@ -47,6 +47,18 @@ def test_progress_draws_a_bar_with_round_accuracy_and_seconds_on_a_terminal() ->
     assert "Round 2/40 done" not in output
 
 
+def test_progress_names_the_global_model_and_the_updates_of_each_asynchronous_version() -> None:
+    stream = io.StringIO()
+    progress = Progress(6, stream=stream, unit="version")
+    progress({"event": "eval", "round": 1, "model": "centralized", "accuracy": 0.5})
+    updates = [{"worker": "bob", "staleness": 1, "weight": 0.71, "loss": 1.2}, {"worker": "alice", "staleness": 0}]
+    progress({**round_event(2), "mode": "async", "workers": ["bob", "alice"], "updates": updates, "discarded": 1})
+    assert stream.getvalue().splitlines() == [
+        "Version 2/6: bob (staleness 1), alice (staleness 0), 1 discarded as too stale;"
+        " done in 0.25 s, last centralized accuracy 50.00%"
+    ]
+
+
 def test_progress_falls_back_to_plain_lines_off_a_terminal_or_when_disabled() -> None:
     for stream, enabled in ((io.StringIO(), True), (Terminal(), False)):
         progress = Progress(3, enabled=enabled, stream=stream)
@@ -159,9 +171,15 @@ def test_centralized_baseline_trains_one_worker_holding_all_training_data(tmp_pa
     rounds = [event for event in events if event["event"] == "round"]
     assert [event["workers"] for event in rounds] == [["central"]] * 3
     assert all(event["num_examples"] == {"central": 1293} for event in rounds)
-    evaluated = {(event["round"], event["model"]) for event in events if event["event"] == "eval"}
-    assert evaluated == {(r, model) for r in (1, 2, 3) for model in ("central", "federated")}
-    assert "Model update central: Percentage numbers 0-9: 100%" in completed.stdout
+    # The one worker's model is the global one, named for what it is, and scored once.
+    evaluated = [(event["round"], event["model"]) for event in events if event["event"] == "eval"]
+    assert evaluated == [(r, "centralized") for r in (1, 2, 3)]
+    final = next(event for event in events if event["event"] == "eval" and event["round"] == 3)
+    lines = completed.stdout.splitlines()
+    assert lines[-1] == f"Final centralized accuracy at round 3: {final['accuracy']:.2%}"
+    assert "Round 3/3 done in " in completed.stdout and "last centralized accuracy" in completed.stdout
+    assert sum(line.startswith("Centralized model: Average loss: ") for line in lines) == 3
+    assert "ederated" not in completed.stdout and "Model update" not in completed.stdout
 
 
 def test_centralized_needs_spawned_workers() -> None:

@@ -179,7 +179,7 @@ def test_cli_overlays_runs_under_the_given_labels_and_models(real_metrics: Path,
 
 
 def test_a_one_worker_run_draws_its_worker_once_as_the_main_line(tmp_path: Path) -> None:
-    # A centralized run: one worker, "central"; FedAvg over one worker gives the same model and curve.
+    # An older centralized run's file: one worker, "central"; FedAvg over one worker gives the same model and curve.
     central = write_lines(
         tmp_path / "central.jsonl",
         *(evaluation(r, name, 0.5 + r / 10, 1.0 / r) for r in (1, 2, 3) for name in ("central", "federated")),
@@ -188,6 +188,25 @@ def test_a_one_worker_run_draws_its_worker_once_as_the_main_line(tmp_path: Path)
     (line,) = figure.axes[0].get_lines()
     assert line.get_label() == "central" and line.get_linestyle() == "-"
     assert figure.get_suptitle() == "Test accuracy and loss per round: central"
+
+
+def test_a_centralized_run_overlays_a_federated_one_as_a_main_line_of_its_own(tmp_path: Path) -> None:
+    federated = write_lines(
+        tmp_path / "federated.jsonl",
+        *(evaluation(r, name, 0.5 + r / 10, 1.0 / r) for r in (1, 2) for name in ("alice", "bob", "federated")),
+    )
+    centralized = write_lines(tmp_path / "centralized.jsonl", *(evaluation(r, "centralized", 0.6, 0.5) for r in (1, 2)))
+    runs = [plot_metrics.load_run(federated), plot_metrics.load_run(centralized)]
+    figure = plot_metrics.plot(runs, tmp_path / "both.png")
+    lines = figure.axes[0].get_lines()
+    assert [line.get_label() for line in lines] == [
+        "federated: federated",
+        "centralized: centralized",
+        "federated: alice",
+        "federated: bob",
+    ]
+    assert [line.get_linestyle() for line in lines] == ["-", "-", "--", "--"]
+    assert lines[1].get_linewidth() > lines[2].get_linewidth()
 
 
 # Errors: one line naming the file (and line), exit status 2, no traceback

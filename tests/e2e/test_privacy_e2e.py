@@ -34,7 +34,7 @@ from units import MS
 from syncfed.cli.coordinator import main as client_main
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator, RunResult, plan_seed
-from syncfed.coordinator.private_rounds import PrivateRounds
+from syncfed.coordinator.private_rounds import PrivateRounds, secure_agg_line
 from syncfed.exceptions import ConfigError, ProtocolError, SecAggError, WorkerUnavailable
 from syncfed.fold import PrivateFold
 from syncfed.models import DigitsCNN, get_weights
@@ -199,6 +199,42 @@ def test_the_default_threshold_is_two_thirds_and_a_majority(n: int) -> None:
     assert secagg_threshold(n, 5) == 5
 
 
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        (
+            {"secagg_threshold": 3},
+            "from 3 workers, never one worker's update, loss or example count; a round needs 3"
+            " of them to unmask its sum (tolerates no dropout)",
+        ),
+        (
+            {"workers": {f"w{i}": "" for i in range(10)}, "fraction_fit": 0.5},
+            "from 5 of the 10 workers, never one"
+            " worker's update, loss or example count; a round needs 4 of them to unmask its sum (tolerates 1 dropout)",
+        ),
+        ({"workers": {f"w{i}": "" for i in range(9)}}, "needs 6 of them to unmask its sum (tolerates 3 dropouts)"),
+    ],
+)
+def test_the_secure_aggregation_start_line_says_who_is_summed_and_how_many_may_drop(
+    settings: dict[str, Any], said: str
+) -> None:
+    line = secure_agg_line(CoordinatorConfig(secure_agg=True, **settings))
+    assert line.startswith("Secure aggregation: the coordinator learns only the sum of each round's updates ")
+    assert line.endswith(said)
+
+
+def test_private_rounds_say_secure_aggregation_and_epsilon_in_one_line_per_round() -> None:
+    said: list[str] = []
+    settings = CoordinatorConfig(secure_agg=True, dp="central", dp_noise_multiplier=1.0)
+    private = PrivateRounds(settings, make_strategy("fedavg"), report=said.append)
+    private._last = {"secure_agg": {"workers": 3, "threshold": 2, "summed": 3, "recovered": ["bob"]}}
+    epsilon = private.metrics(4)["privacy"]["epsilon"]
+    assert said[1:] == [
+        "Round 4: secure aggregation summed 3 of 3 updates (threshold 2; bob dropped, unmasked with the others'"
+        f" shares); privacy spent epsilon {epsilon:.3f} at delta 1e-05"
+    ]
+
+
 def test_a_private_fold_adds_the_mean_update_to_float_tensors_only() -> None:
     reference = {"b": np.array([1.0, 2.0], np.float32), "a": np.ones((2, 2), np.float32), "n": np.array(7, np.int64)}
     mean = np.array([0.5, -0.5, 0.25, 0.0, 0.125, 2.0])  # a (4 values), then b (2), as flatten orders them
@@ -285,7 +321,13 @@ def test_secure_aggregation_equals_plain_fedavg_within_the_quantization_bound(
     settings = config(digits_workers, evaluator=False, training_rounds=1, federate_after_n_batches=BATCHES, lr=LR)
     plain_metrics, metrics = tmp_path / "plain.jsonl", tmp_path / "secure.jsonl"
     plain = run(Coordinator(replace(settings, metrics_out=plain_metrics), report=lambda _: None).run())
-    secure = run(Coordinator(replace(settings, secure_agg=True, metrics_out=metrics), report=lambda _: None).run())
+    said: list[str] = []
+    secure = run(Coordinator(replace(settings, secure_agg=True, metrics_out=metrics), report=said.append).run())
+    assert said == [
+        "Secure aggregation: the coordinator learns only the sum of each round's updates from 3 workers, never one"
+        " worker's update, loss or example count; a round needs 2 of them to unmask its sum (tolerates 1 dropout)",
+        "Round 1: secure aggregation summed 3 of 3 updates (threshold 2)",
+    ]
     (event,) = rounds_of(metrics)
     assert event["workers"] == list(TRAINERS)
     assert event["privacy"] == {"secure_agg": {"workers": 3, "threshold": 2, "summed": 3, "recovered": []}}

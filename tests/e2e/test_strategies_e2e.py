@@ -7,6 +7,7 @@ variates, the byzantine hooks) and the coordinator really drives them.
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import replace
@@ -21,7 +22,9 @@ from units import MS
 
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
+from syncfed.coordinator.buffered_rounds import async_settings_line
 from syncfed.models import DigitsCNN, get_weights
+from syncfed.monitor import Progress
 from syncfed.net.link import WorkerLink
 from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import Fit, FitResult, Hello, TrainingPlan
@@ -183,10 +186,30 @@ def test_async_mode_publishes_versions_without_waiting_for_the_slow_worker(
         metrics_out=metrics,
         connect_timeout=10_000 * MS,
     )
-    result = run(Coordinator(settings, report=lambda _: None).run())
+    console = io.StringIO()
+    progress = Progress(12, stream=console, unit="version")
+    result = run(Coordinator(settings, report=progress.report, listeners=[progress]).run())
     versions = rounds_of(metrics)
     assert [record["round"] for record in versions] == list(range(1, 13))
     assert all(len(record["workers"]) == 2 and record["mode"] == "async" for record in versions)
+    # Each folded update in order, a worker twice if it sent two, with its staleness, discount and loss.
+    for record in versions:
+        assert [update["worker"] for update in record["updates"]] == record["workers"]
+        assert [update["staleness"] for update in record["updates"]] == record["staleness"]["values"]
+        assert all(update["weight"] == (1 + update["staleness"]) ** -0.5 for update in record["updates"])
+        assert all(update["loss"] > 0 for update in record["updates"])
+    lines = console.getvalue().splitlines()
+    assert lines[0] == (
+        "Asynchronous mode (FedBuff): 4 workers train without waiting for each other, each from the newest global"
+        " version; every 2 updates make the next version, each weighted (1+s)^-0.5 by its staleness s (the versions"
+        " published since it started)"
+    )
+    said = [line for line in lines if line.startswith("Version ")]
+    assert len(said) == 12 and not any(line.startswith("Round ") for line in lines)
+    for line, record in zip(said, versions, strict=True):
+        updates = ", ".join(f"{update['worker']} (staleness {update['staleness']})" for update in record["updates"])
+        assert line.startswith(f"Version {record['round']}/12: {updates}; done in ")
+    assert "Evaluation at version 7/12:" in lines
     stalenesses = [s for record in versions for s in record["staleness"]["values"]]
     assert max(stalenesses) >= 1  # updates arrive on older bases than the newest version
     contributions = [name for record in versions for name in record["workers"]]
@@ -194,6 +217,26 @@ def test_async_mode_publishes_versions_without_waiting_for_the_slow_worker(
     assert contributions.count("sloth") < min(contributions.count(name) for name in TRAINERS)
     assert [record["round"] for record in rounds_of(metrics, "eval")] == [1, 7, 12]
     assert result.accuracy(12) > result.accuracy(1)
+
+
+@pytest.mark.parametrize(
+    ("settings", "said"),
+    [
+        (
+            {"staleness_weight": "constant", "buffer_size": 1},
+            "each update makes the next version, each counted in full",
+        ),
+        (
+            {"staleness_weight": "hinge", "staleness_a": 2.0, "staleness_b": 3, "max_staleness": 9},
+            "each weighted 1 up to staleness 3, then 1/(2(s-3)+1) by its staleness s (the versions published since it"
+            " started); updates staler than 9 are discarded",
+        ),
+    ],
+)
+def test_the_async_start_line_says_how_versions_are_made(settings: dict[str, Any], said: str) -> None:
+    line = async_settings_line(CoordinatorConfig(mode="async", **settings))
+    assert line.startswith("Asynchronous mode (FedBuff): 3 workers train without waiting for each other")
+    assert said in line
 
 
 def test_async_mode_refuses_strategies_that_need_every_update() -> None:
