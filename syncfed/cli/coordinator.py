@@ -91,12 +91,17 @@ Listener = Callable[[Mapping[str, Any]], None]
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog=PROGRAM,
+        # The full list is 60 lines: the usage names the common start and the groups below hold the rest.
+        usage="%(prog)s [--spawn-workers | --workers ID=URI,... --evaluator ID=URI | --site NAME=DATA ...]"
+        " [option ...]",
         description="Run federated training over syncfed workers. Flags may be written with dashes or underscores.",
     )
+    # The flags the README's first sections use, on top of --help; the rest follow, grouped by topic.
+    common = parser.add_argument_group("common options")
     recipe = parser.add_argument_group("training")
     recipe.add_argument("--batch-size", type=int, default=32, help="training batch size (default: %(default)s)")
     recipe.add_argument("--test-batch-size", type=int, default=128, help="evaluation batch size (default: %(default)s)")
-    recipe.add_argument("--training-rounds", type=int, default=40, help="federated rounds (default: %(default)s)")
+    common.add_argument("--training-rounds", type=int, default=40, help="federated rounds (default: %(default)s)")
     recipe.add_argument(
         "--federate-after-n-batches",
         type=int,
@@ -162,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     asynchronous.add_argument(
         "--max-staleness", type=int, help="discard updates more than this many versions old (default: keep all)"
     )
-    recipe.add_argument(
+    common.add_argument(
         "--model",
         help="registry name (mnist-cnn, digits-cnn) or import path mypkg.models:Net"
         " (default: follows the workers' data set)",
@@ -180,13 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     workers = parser.add_argument_group("workers")
-    workers.add_argument(
+    common.add_argument(
         "--workers", default=DEFAULT_WORKERS, help="training workers as id=uri,... (default: %(default)s)"
     )
-    workers.add_argument(
+    common.add_argument(
         "--evaluator", default=DEFAULT_EVALUATOR, help="the evaluator as id=uri, empty for none (default: %(default)s)"
     )
-    workers.add_argument(
+    common.add_argument(
         "--spawn-workers",
         action="store_true",
         help="start the workers as local processes on free ports, and stop them at the end",
@@ -204,13 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --spawn-workers: where MNIST/raw lives (default: %(default)s)",
     )
 
-    workers.add_argument(
+    common.add_argument(
         "--worker-args",
         metavar="ARGS",
         help="with --spawn-workers: more flags for every training worker, as one shell-quoted string, e.g."
         " --worker-args='--val-fraction 0.2 --slowdown 0.1' (see run_websocket_server.py --help)",
     )
-    workers.add_argument(
+    common.add_argument(
         "--site",
         action="append",
         default=[],
@@ -257,8 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     output = parser.add_argument_group("output")
-    output.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
-    output.add_argument(
+    common.add_argument("--save-model", type=Path, metavar="PATH", help="save the final federated model as safetensors")
+    common.add_argument(
         "--metrics-out", type=Path, metavar="PATH", help="write one JSON object per round and per evaluated model"
     )
     output.add_argument("--tensorboard", type=Path, metavar="DIR", help="also write TensorBoard scalars to DIR")
@@ -275,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     output.add_argument("--verbose", action="store_true", help="log rounds, requests and the spawned workers' output")
 
-    parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
+    common.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
     add_client_security_flags(parser)
 
     reliability = parser.add_argument_group("reliability")

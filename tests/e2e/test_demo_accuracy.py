@@ -1,4 +1,4 @@
-"""The README's demo, as a user runs it: 40 seeded rounds on digits reach 95%."""
+"""The README's demo, as a user runs it: 40 seeded rounds on digits reach 95%, and print the README's sample."""
 
 from __future__ import annotations
 
@@ -11,6 +11,34 @@ from pathlib import Path
 from conftest import REPO, independent_score
 from safetensors.numpy import load_file
 from units import MS
+
+
+def evaluations(lines: list[str]) -> dict[str, list[str]]:
+    """Console lines under each "Evaluation at round N/40:" heading (the final line under its own key)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in lines:
+        if line.startswith("Evaluation at round "):
+            current = sections.setdefault(line, [])
+        elif line.startswith("Final federated accuracy"):
+            sections["final"] = [line]
+            current = None
+        elif current is not None and line.startswith(("Model update ", "Federated model: ")):
+            current.append(line)
+    return sections
+
+
+def readme_demo_sample() -> list[str]:
+    """The indented sample under the README's "The demo trains for 40 rounds" paragraph, unindented."""
+    after = (REPO / "README.md").read_text().split("The demo trains for 40 rounds", 1)[1]
+    block = after.split("\n\n", 2)[1]
+    return [line.removeprefix("    ") for line in block.splitlines()]
+
+
+def test_readme_sample_is_read_as_evaluations() -> None:
+    sample = evaluations(readme_demo_sample())
+    assert list(sample) == ["Evaluation at round 1/40:", "Evaluation at round 40/40:", "final"]
+    assert all(sample.values())
 
 
 def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
@@ -41,6 +69,11 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     print(f"\ndigits demo: federated accuracy {final['accuracy']:.2%} at round 40 in {seconds:.1f} s")
     assert final["accuracy"] >= 0.95
     assert f"Final federated accuracy at round 40: {final['accuracy']:.2%}" in completed.stdout
+    # The README shows this run's output: every line of its sample, under the same heading.
+    printed = evaluations(completed.stdout.splitlines())
+    for heading, lines in evaluations(readme_demo_sample()).items():
+        missing = [line for line in lines if line not in printed.get(heading, [])]
+        assert not missing, f"README.md's demo sample under {heading!r} is not what the demo prints: {missing}"
     # The saved model is the one that reached it: scored here with plain torch, not by the evaluator.
     correct, total = independent_score(load_file(str(model)))
     assert total == final["n"]

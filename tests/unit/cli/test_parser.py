@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from syncfed.cli import coordinator, worker
@@ -44,3 +46,30 @@ def test_subcommands_share_the_rules() -> None:
     assert isinstance(sub, Parser) and not sub.allow_abbrev
     with pytest.raises(SystemExit):
         parser.parse_args(["go", "--round", "3"])
+
+
+#: The coordinator flags the README's first sections use: what a new user looks for first in --help.
+README_COMMON_FLAGS = [
+    "--training-rounds",
+    "--model",
+    "--workers",
+    "--evaluator",
+    "--spawn-workers",
+    "--worker-args",
+    "--site",
+    "--save-model",
+    "--metrics-out",
+    "--config",
+]
+
+
+def test_help_opens_with_the_common_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        coordinator.main(["--help"])
+    text = capsys.readouterr().out
+    usage, *sections = text.split("\n\n")
+    assert usage.count("\n") == 0, "the usage is one line, not every flag"
+    headings = [section.split("\n", 1)[0] for section in sections]
+    assert headings[1:3] == ["options:", "common options:"], headings
+    first_group = sections[2]
+    assert re.findall(r"^  (--[\w-]+)", first_group, flags=re.MULTILINE) == README_COMMON_FLAGS
