@@ -393,6 +393,17 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="binary: predict positive above this probability, for sensitivity and specificity (default: %(default)s)",
     )
+    task.add_argument(
+        "--huber-delta",
+        type=float,
+        metavar="DELTA",
+        help="with --loss huber: the loss's delta, in standard deviations of the target (default: 1)",
+    )
+    task.add_argument(
+        "--target-units",
+        metavar="TEXT",
+        help="regression: the target's units, shown after MAE and RMSE, e.g. days (default: the label's name)",
+    )
     task.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="local optimizer (default: %(default)s)")
     task.add_argument("--momentum", type=float, default=0.0, help="sgd's momentum (default: %(default)s)")
     task.add_argument(
@@ -715,8 +726,9 @@ def _main(argv: list[str] | None) -> int:
     final = [record for record in result.evaluations if record.model == FEDERATED]
     if final:
         last = final[-1]
-        if is_regression(last.result):
-            print(f"Final federated model at round {last.round}: {headline(last.result)}")
+        figures = headline(last.result, result.readout)
+        if is_regression(last.result) or (figures and result.readout.user is not None):
+            print(f"Final federated model at round {last.round}: {figures}")
         else:
             print(f"Final federated accuracy at round {last.round}: {last.result.accuracy:.2%}")
     return 0
