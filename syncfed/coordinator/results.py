@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..evaluation import CrossSiteMatrix, pool
+from ..evaluation import CrossSiteMatrix, Readout, pool
 from ..protocol import EvalResult
 from ..tensors import Weights
 
@@ -64,6 +64,7 @@ class RunResult:
     evaluations: list[EvalRecord] = field(default_factory=list)
     site_evaluations: list[SiteEvalRecord] = field(default_factory=list)  # with --federated-eval
     cross_site: CrossSiteMatrix | None = None  # with --cross-site-validation
+    readout: Readout = field(default_factory=Readout)  # how the run shows its scores: units, a user task's figures
 
     def accuracy(self, round_number: int, model: str = FEDERATED) -> float:
         for record in self.evaluations:
