@@ -106,11 +106,14 @@ def chosen_recipe(config: CoordinatorConfig, plan: DataPlan | None, num_classes:
         raise IncompatibleWorkers(f"--class-weights goes with a classification task, not {task} ({data})")
     if config.threshold != 0.5 and task != "binary" and task in TASK_KINDS:
         raise IncompatibleWorkers(f"--threshold goes with a binary task, not {task} ({data})")
+    if config.target_units is not None and task != "regression" and task in TASK_KINDS:
+        raise IncompatibleWorkers(f"--target-units goes with a regression task, not {task} ({data})")
     try:
         recipe = Recipe(
             task,
             config.loss or "",
             threshold=config.threshold,
+            huber_delta=1.0 if config.huber_delta is None else config.huber_delta,
             hidden=config.hidden,
             dropout=config.dropout,
         )

@@ -22,6 +22,7 @@ from .protocol import (
     DEFAULT_CHUNK_SIZE,
     LOSSES,
     MAX_HIDDEN,
+    MAX_HUBER_DELTA,
     MAX_LOCAL_EPOCHS,
     MAX_PLAN_SIZE,
     MAX_WEIGHT_DECAY,
@@ -58,6 +59,8 @@ DEFAULT_MAX_PREPARED_BYTES: Final = 2 * 2**30
 DEFAULT_RECEIVE_SLOTS: Final = 2
 #: The learning rate decays or stays: a factor above 1 would grow it past any float in a few hundred rounds.
 MAX_LR_DECAY: Final = 1.0
+#: The longest ``--target-units`` ("days", "mmol/L"): a word or two shown after every MAE and RMSE.
+MAX_UNITS: Final = 32
 
 # Timeouts
 DEFAULT_CONNECT_TIMEOUT: Final = 30.0
@@ -300,6 +303,8 @@ class CoordinatorConfig:
     loss: str | None = None
     class_weights: str | None = None  # "balanced", or None for unweighted cross-entropy
     threshold: float = 0.5  # binary: the positive probability above which an example is predicted positive
+    huber_delta: float | None = None  # the huber loss's delta in standardised target units; None: 1
+    target_units: str | None = None  # regression: the target's units, shown after MAE and RMSE ("days")
     # The local optimizer, sent in every training plan
     optimizer: str = "sgd"
     momentum: float = 0.0
@@ -562,6 +567,19 @@ def _check_task(config: CoordinatorConfig) -> None:
         raise ConfigError(f"threshold must be strictly between 0 and 1, not {config.threshold!r}")
     if config.threshold != 0.5 and task in ("classification", "regression"):
         raise ConfigError(f"--threshold goes with a binary task, not --task {task}")
+    if config.huber_delta is not None:
+        if not (math.isfinite(config.huber_delta) and 0 < config.huber_delta <= MAX_HUBER_DELTA):
+            raise ConfigError(
+                f"huber_delta must be above 0 and at most {MAX_HUBER_DELTA:g}, not {config.huber_delta!r}"
+            )
+        if config.loss != "huber":
+            raise ConfigError(f"--huber-delta goes with --loss huber, not {_named_loss(config.loss)}")
+    if config.target_units is not None:
+        units = config.target_units
+        if not (0 < len(units) <= MAX_UNITS and units.isprintable() and units == units.strip()):
+            raise ConfigError(f"target units {units!r:.60} must be 1 to {MAX_UNITS} printable characters")
+        if task in ("classification", "binary"):
+            raise ConfigError(f"--target-units goes with a regression task, not --task {task}")
     if len(config.hidden) > MAX_HIDDEN or not all(0 < width <= MAX_WIDTH for width in config.hidden):
         raise ConfigError(
             f"hidden must be at most {MAX_HIDDEN} layer widths from 1 to {MAX_WIDTH}, not {config.hidden}"
@@ -577,6 +595,10 @@ def _check_task(config: CoordinatorConfig) -> None:
             raise ConfigError(f"--initial-weights {config.initial_weights}: no such file")
     elif config.allow_partial_weights:
         raise ConfigError("--allow-partial-weights needs --initial-weights")
+
+
+def _named_loss(loss: str | None) -> str:
+    return "the task's default loss" if loss is None else f"--loss {loss}"
 
 
 def _check_local_training(config: CoordinatorConfig) -> None:

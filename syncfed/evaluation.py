@@ -9,7 +9,8 @@
   (``syncfed.metrics.combine``), so every metric of the average is exact.
 - :func:`headline` and :func:`result_json` show a score as its task reads:
   AUC, sensitivity and specificity for a binary task; MAE, RMSE and R² for
-  a regression; accuracy, balanced accuracy and macro F1 for classes.
+  a regression, in the target's units (:class:`Readout`); accuracy, balanced
+  accuracy and macro F1 for classes; and a user task's own figures.
 - :class:`CrossSiteMatrix` holds cross-site validation (as in NVIDIA FLARE):
   each site's final local model and the global model, scored on every site's
   validation split and on the evaluator's test set. With non-IID sites the
@@ -26,8 +27,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -43,6 +44,7 @@ __all__ = [
     "holdout",
     "validation_seed",
     "pool",
+    "Readout",
     "headline",
     "is_regression",
     "result_json",
@@ -131,23 +133,49 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}g}"
 
 
-def headline(result: EvalResult) -> str:
+@dataclass(frozen=True)
+class Readout:
+    """What a run knows beyond the sums to show its scores: a regression target's ``units`` (``--target-units``)
+    or else its ``label`` (the agreed label column's name), and for a user task ``user``, which turns combined
+    sums into the JSON fields of the task's own figures (``user.<name>``) or of its raw sums (``user_sums``)."""
+
+    units: str = ""
+    label: str | None = None
+    user: Callable[[Mapping[str, np.ndarray]], dict[str, Any]] | None = None
+
+    def user_fields(self, result: EvalResult) -> dict[str, Any]:
+        """A user task's fields for ``result``; ``{}`` for a built-in task or a score without sums."""
+        return self.user(result.metrics) if self.user is not None and result.metrics is not None else {}
+
+
+def headline(result: EvalResult, readout: Readout = Readout()) -> str:
     """The task's headline figures of a score with metric sums, as the console shows them; "" without sums.
 
     Binary: "AUC 0.962 (±0.0004 from binning), PR AUC 0.951, sensitivity 91.2%, specificity 94.0%" (the
-    bound only when the AUC comes from pooled histograms); regression: "MAE 3.12, RMSE 4.01, R² 0.41";
-    classification: "accuracy 91.2%, balanced accuracy 90.0%, macro F1 0.903".
+    bound only when the AUC comes from pooled histograms); regression: "MAE 3.12 days, RMSE 4.01 days, R² 0.41"
+    with units, "MAE 3.12 (length_of_stay), RMSE 4.01, R² 0.41" with the label's name alone; classification:
+    "accuracy 91.2%, balanced accuracy 90.0%, macro F1 0.903"; then a user task's figures ("brier 0.0712").
     """
-    sums = result.metrics
-    if sums is None:
+    if result.metrics is None:
         return ""
+    own = ", ".join(
+        f"{name.removeprefix('user.')} {value:.4g}"
+        for name, value in readout.user_fields(result).items()
+        if isinstance(value, float)
+    )
+    return ", ".join(part for part in (_builtin_headline(result.metrics, readout), own) if part)
+
+
+def _builtin_headline(sums: Mapping[str, np.ndarray], readout: Readout) -> str:
     if "regression" in sums:
         figures = regression_metrics(sums["regression"])
         if figures is None:
             return ""
-        return f"MAE {figures.mae:.4g}, RMSE {figures.rmse:.4g}, R² {figures.r2:.3g}"
+        units = f" {readout.units}" if readout.units else ""
+        named = "" if readout.units or readout.label is None else f" ({readout.label})"
+        return f"MAE {figures.mae:.4g}{units}{named}, RMSE {figures.rmse:.4g}{units}, R² {figures.r2:.3g}"
     if "confusion" not in sums:
-        return ""  # a user task's own sums: its JSON fields only
+        return ""  # a user task's own sums alone
     if "scores" in sums:
         auc, pr_auc = sums.get("auc"), sums.get("pr_auc")
         binary = binary_metrics(
@@ -168,10 +196,11 @@ def headline(result: EvalResult) -> str:
     )
 
 
-def result_json(result: EvalResult, classes: Sequence[str] = ()) -> dict[str, Any]:
+def result_json(result: EvalResult, classes: Sequence[str] = (), readout: Readout = Readout()) -> dict[str, Any]:
     """A score as the JSON fields the metrics file uses for it: loss, accuracy where it applies (not for a
     regression), per-class counts when the score has them, and its task's metrics
-    (:func:`syncfed.metrics.report`: ``balanced_accuracy``, ``auc``, ``mae``, ...) when it has metric sums."""
+    (:func:`syncfed.metrics.report`: ``balanced_accuracy``, ``auc``, ``mae``, ...) when it has metric sums,
+    with the regression's ``target_units`` when given and a user task's own fields."""
     fields: dict[str, Any] = {"loss": result.loss}
     if not is_regression(result):
         fields |= {"accuracy": result.accuracy, "correct": result.correct}
@@ -180,6 +209,9 @@ def result_json(result: EvalResult, classes: Sequence[str] = ()) -> dict[str, An
         fields |= {"class_counts": list(result.class_counts), "class_correct": list(result.class_correct or ())}
     if result.metrics is not None:
         fields |= report(result.metrics, classes)
+        if "mae" in fields and readout.units:
+            fields["target_units"] = readout.units
+        fields |= readout.user_fields(result)
     return fields
 
 
@@ -202,7 +234,9 @@ class CrossSiteMatrix:
     returned in the last round it contributed to) and the global model;
     ``sites`` the training workers, scored on their validation split, and the
     evaluator, on its test set (``splits`` says which per site). A cell holds
-    the score or, when a site could not score a model, the reason.
+    the score or, when a site could not score a model, the reason. The table
+    and heat map show the task's headline :attr:`metric`; ``readout`` names a
+    regression's units and gives a user task's figures in the JSON.
     """
 
     round: int  # the last round of the run
@@ -210,6 +244,7 @@ class CrossSiteMatrix:
     sites: tuple[str, ...]
     splits: tuple[str, ...]
     cells: tuple[tuple[Cell, ...], ...]
+    readout: Readout = field(default=Readout(), compare=False)
 
     def __post_init__(self) -> None:
         for what, names in (("model", self.models), ("site", self.sites)):
@@ -225,12 +260,48 @@ class CrossSiteMatrix:
         """The score of ``model`` on ``site``'s data, or why there is none."""
         return self.cells[self.models.index(model)][self.sites.index(site)]
 
-    def accuracy(self) -> np.ndarray:
-        """Accuracy per cell as float64 [models, sites], NaN where a cell is empty."""
-        return np.array(
-            [[cell.accuracy if isinstance(cell, EvalResult) else math.nan for cell in row] for row in self.cells],
-            dtype=np.float64,
-        ).reshape(len(self.models), len(self.sites))
+    @property
+    def metric(self) -> str:
+        """The task's headline metric, from the scored cells' sums: ``mae`` for a regression (in the target's
+        units, so sites compare), ``auc`` for a binary task, else ``accuracy``."""
+        sums = next(
+            (cell.metrics for row in self.cells for cell in row if isinstance(cell, EvalResult) and cell.metrics),
+            {},
+        )
+        return "mae" if "regression" in sums else "auc" if "scores" in sums else "accuracy"
+
+    @property
+    def metric_title(self) -> str:
+        """The metric as a heading names it: "accuracy", "ROC AUC", "MAE in days" or "MAE (length_of_stay)"."""
+        if self.metric == "auc":
+            return "ROC AUC"
+        if self.metric == "accuracy":
+            return "accuracy"
+        units, label = self.readout.units, self.readout.label
+        return f"MAE in {units}" if units else f"MAE ({label})" if label else "MAE"
+
+    def values(self) -> np.ndarray:
+        """The headline metric per cell as float64 [models, sites], NaN where a cell is empty or it is undefined."""
+        metric = self.metric
+
+        def value(cell: Cell) -> float:
+            if not isinstance(cell, EvalResult):
+                return math.nan
+            if metric == "accuracy":
+                return cell.accuracy
+            figure = report(cell.metrics or {}).get(metric)
+            return math.nan if figure is None else float(figure)
+
+        return np.array([[value(cell) for cell in row] for row in self.cells], dtype=np.float64).reshape(
+            len(self.models), len(self.sites)
+        )
+
+    def _shown(self, value: float) -> str:
+        if math.isnan(value):
+            return "-"
+        if self.metric == "accuracy":
+            return f"{value:.2%}"
+        return f"{value:.3f}" if self.metric == "auc" else f"{value:.4g}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -239,17 +310,21 @@ class CrossSiteMatrix:
             "sites": list(self.sites),
             "splits": list(self.splits),
             "cells": [
-                [result_json(cell) if isinstance(cell, EvalResult) else {"error": cell} for cell in row]
+                [
+                    result_json(cell, (), self.readout) if isinstance(cell, EvalResult) else {"error": cell}
+                    for cell in row
+                ]
                 for row in self.cells
             ],
         }
 
     def table(self) -> list[str]:
-        """Accuracy as a text table, rows of models and columns of sites, then why each empty cell is empty."""
+        """The headline metric as a text table, rows of models and columns of sites, then why each empty cell
+        is empty ("-" also marks a figure the site's data leave undefined, such as an AUC of one class)."""
         header = ["model \\ data", *(f"{site} ({split})" for site, split in zip(self.sites, self.splits, strict=True))]
         rows = [
-            [model, *(f"{cell.accuracy:.2%}" if isinstance(cell, EvalResult) else "-" for cell in row)]
-            for model, row in zip(self.models, self.cells, strict=True)
+            [model, *(self._shown(value) for value in values)]
+            for model, values in zip(self.models, self.values().tolist(), strict=True)
         ]
         widths = [max(len(line[column]) for line in [header, *rows]) for column in range(len(header))]
         lines = [
@@ -268,39 +343,45 @@ class CrossSiteMatrix:
         return lines
 
     def draw(self, path: Path) -> bool:
-        """Save the accuracy heat map as an image at ``path``; False when matplotlib is not installed."""
+        """Save the headline metric's heat map as an image at ``path``; False when matplotlib is not installed.
+
+        Accuracy and AUC run from 0 to 1; MAE from 0 to the largest cell, its colours reversed (lower is better).
+        """
         try:
             from matplotlib import colormaps
             from matplotlib.backends.backend_agg import FigureCanvasAgg
             from matplotlib.figure import Figure
         except ImportError:
             return False
-        values = self.accuracy()
+        values, lower_is_better = self.values(), self.metric == "mae"
+        finite = values[np.isfinite(values)]
+        top = float(finite.max()) if lower_is_better and finite.size and finite.max() > 0 else 1.0
         figure = Figure(figsize=(1.6 + 1.3 * len(self.sites), 1.2 + 0.6 * len(self.models)), dpi=150)
         FigureCanvasAgg(figure)
         axes = figure.subplots()
-        colours = colormaps["viridis"].with_extremes(bad="lightgrey")  # grey: an empty cell
-        image = axes.imshow(np.ma.masked_invalid(100 * values), cmap=colours, vmin=0, vmax=100, aspect="auto")
+        colours = colormaps["viridis_r" if lower_is_better else "viridis"].with_extremes(bad="lightgrey")  # grey: empty
+        image = axes.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=0, vmax=top, aspect="auto")
         for row, column in np.ndindex(values.shape):
             value = float(values[row, column])
-            text, colour = ("n/a", "black") if math.isnan(value) else (f"{value:.1%}", _ink(value))
-            axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=9)
+            darkness = value / top if not lower_is_better else 1 - value / top  # viridis is dark at its low end
+            text, colour = ("n/a", "black") if math.isnan(value) else (self._shown(value), _ink(darkness))
         axes.set_xticks(
             range(len(self.sites)), [f"{site}\n({split})" for site, split in zip(self.sites, self.splits, strict=True)]
         )
         axes.set_yticks(range(len(self.models)), list(self.models))
         axes.set_xlabel("data")
         axes.set_ylabel("model")
-        axes.set_title(f"Cross-site validation accuracy after round {self.round}")
-        figure.colorbar(image, ax=axes, label="accuracy (%)")
+        axes.set_title(f"Cross-site validation {self.metric_title} after round {self.round}")
+        figure.colorbar(image, ax=axes, label=self.metric_title)
         figure.tight_layout()
         figure.savefig(path)
         return True
 
 
-def _ink(accuracy: float) -> str:
-    """Text colour that stays readable on viridis: white on its dark low end, black on its light high end."""
-    return "white" if accuracy < 0.6 else "black"
+def _ink(position: float) -> str:
+    """Text colour that stays readable on viridis at ``position`` from 0 to 1: white on its dark low end,
+    black on its light high end."""
+    return "white" if position < 0.6 else "black"
 
 
 def write_cross_site(matrix: CrossSiteMatrix, directory: Path) -> list[Path]:

@@ -20,11 +20,20 @@ for a continuous label), that gives:
   task that predicts no class;
 - ``batch_sums(output: torch.Tensor, labels: np.ndarray) -> dict[str, np.ndarray]``:
   the batch's metric sums, which evaluation adds up over batches and the
-  coordinator over sites (``syncfed.metrics``). They must be a built-in
-  task's, in its layout (``confusion``; ``confusion`` and ``scores``;
-  ``regression``): an evaluation result with other names is refused by the
-  protocol (:func:`~syncfed.protocol.task_messages.check_metrics`). Every
-  batch must give the same names and shapes.
+  coordinator over sites (``syncfed.metrics``). Built-in names must be in a
+  built-in task's layout (``confusion``; ``confusion`` and ``scores``;
+  ``regression``); a task's own sums are named ``user.<name>`` (``<name>``
+  of ``[a-z][a-z0-9_]{0,31}``), at most 16, int64 or float64 of at most
+  65,536 elements each (:func:`~syncfed.protocol.task_messages.check_metrics`
+  refuses the rest). Every batch must give the same names and shapes.
+
+Optionally, for the coordinator alone:
+
+- ``metrics(sums: dict[str, np.ndarray]) -> dict[str, float]``: the task's
+  figures from the sums added over every batch and site (its own sums and
+  any built-in ones). A coordinator started with the same ``--task`` path
+  that can import it prints them and writes them as ``user.<name>``
+  (:func:`user_figures` checks them); one that cannot writes the raw sums.
 
 The built-in tasks follow the same protocol, plus :meth:`BuiltinTask.summed_loss`,
 which evaluation uses for an exact loss sum (a user task's is its mean
@@ -35,14 +44,14 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Collection
-from typing import Protocol, runtime_checkable
+from collections.abc import Collection, Mapping
+from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .exceptions import ConfigError, DatasetError, ModelError
+from .exceptions import ConfigError, DatasetError, ModelError, describe
 from .metrics import score_histogram
 from .protocol.task_messages import MAX_CONFUSION_CLASSES, Recipe
 
@@ -54,9 +63,14 @@ __all__ = [
     "Regression",
     "make_task",
     "resolve_task",
+    "MAX_USER_FIGURES",
+    "user_figures",
 ]
 
 _PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_FIGURE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+#: The most figures a user task's ``metrics`` may return.
+MAX_USER_FIGURES: Final = 16
 _METHODS = ("targets", "loss", "predicted", "batch_sums")
 
 
@@ -300,3 +314,31 @@ def resolve_task(path: str, num_classes: int) -> Task:
     if not isinstance(outputs, int) or isinstance(outputs, bool) or outputs < 1:
         raise ConfigError(f"task {path} num_outputs {outputs!r} must be a positive integer")
     return task  # type: ignore[no-any-return]
+
+
+def user_figures(task: Any, sums: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """The figures a user task's optional ``metrics`` gives for combined ``sums``; ``{}`` when it has none.
+
+    Raises:
+        ModelError: if ``metrics`` fails, or returns other than at most 16 finite numbers under short
+            lowercase names (``[a-z][a-z0-9_]{0,31}``).
+    """
+    compute = getattr(task, "metrics", None)
+    if compute is None:
+        return {}
+    try:
+        figures = compute({name: array.copy() for name, array in sums.items()})
+    except Exception as exc:  # the operator's own code: any failure is said in one line
+        raise ModelError(f"the task's metrics failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(figures, Mapping) or len(figures) > MAX_USER_FIGURES:
+        raise ModelError(f"the task's metrics must return a dict of at most {MAX_USER_FIGURES} figures")
+    checked = {}
+    for name, value in figures.items():
+        if not isinstance(name, str) or not _FIGURE.fullmatch(name):
+            raise ModelError(f"the task's metric name {describe(name)} must match [a-z][a-z0-9_]{{0,31}}")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ModelError(f"the task's metric {name} is {type(value).__name__}, not a number")
+        if not np.isfinite(float(value)):
+            raise ModelError(f"the task's metric {name} is {float(value)}, not a finite number")
+        checked[name] = float(value)
+    return checked

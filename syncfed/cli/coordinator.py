@@ -398,6 +398,17 @@ def _add_task_flags(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="binary: predict positive above this probability, for sensitivity and specificity (default: %(default)s)",
     )
+    task.add_argument(
+        "--huber-delta",
+        type=float,
+        metavar="DELTA",
+        help="with --loss huber: the loss's delta, in standard deviations of the target (default: 1)",
+    )
+    task.add_argument(
+        "--target-units",
+        metavar="TEXT",
+        help="regression: the target's units, shown after MAE and RMSE, e.g. days (default: the label's name)",
+    )
     task.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="local optimizer (default: %(default)s)")
     task.add_argument("--momentum", type=float, default=0.0, help="sgd's momentum (default: %(default)s)")
     task.add_argument(
@@ -722,8 +733,9 @@ def _main(argv: list[str] | None) -> int:
     final = [record for record in result.evaluations if record.model == result.global_model]
     if final:
         last = final[-1]
-        if is_regression(last.result):
-            print(f"Final {result.global_model} model at {unit} {last.round}: {headline(last.result)}")
+        figures = headline(last.result, result.readout)
+        if is_regression(last.result) or (figures and result.readout.user is not None):
+            print(f"Final {result.global_model} model at {unit} {last.round}: {figures}")
         else:
             print(f"Final {result.global_model} accuracy at {unit} {last.round}: {last.result.accuracy:.2%}")
     return 0

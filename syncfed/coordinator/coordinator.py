@@ -33,7 +33,7 @@ from .pool import Pool, worker_links
 from .private_rounds import PrivateRounds
 from .results import RunResult
 from .sync_rounds import SyncRounds
-from .task_setup import agree_task
+from .task_setup import agree_task, task_readout
 
 __all__ = ["Coordinator", "prediction_groups"]
 
@@ -106,6 +106,9 @@ class Coordinator:
                 config, pool.recipe, pool.plan, ready, infos, report=self.report
             )
             journal.use_recipe(pool.recipe)
+            context.evaluation.readout = result.readout = task_readout(
+                config, pool.recipe, pool.plan, pool.num_classes, report=self.report
+            )
             groups = prediction_groups(config, infos) if pool.plan is None else {}
             journal.open_metrics(result)
             rounds = BufferedRounds(context) if config.mode == "async" else SyncRounds(context, self._private)

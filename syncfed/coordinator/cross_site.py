@@ -53,9 +53,10 @@ async def cross_site_validation(context: RunContext, result: RunResult) -> None:
         tuple(link.name for link in sites),
         tuple(TEST if link is evaluator else VALIDATION for link in sites),
         tuple(tuple(cells[row * len(sites) : (row + 1) * len(sites)]) for row in range(len(models))),
+        context.evaluation.readout,
     )
     result.cross_site = matrix
-    report(f"Cross-site validation after {config.step} {last} (accuracy; rows: models, columns: data):")
+    report(f"Cross-site validation after {config.step} {last} ({matrix.metric_title}; rows: models, columns: data):")
     for line in matrix.table():
         report(line)
     directory = config.cross_site_out or (

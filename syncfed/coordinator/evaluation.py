@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..config import CoordinatorConfig
-from ..evaluation import VALIDATION, Cell, headline, is_regression, result_json
+from ..evaluation import VALIDATION, Cell, Readout, headline, is_regression, result_json
 from ..exceptions import ProtocolError, RemoteError, WorkerUnavailable
 from ..net.link import WorkerLink
 from ..partition import group_label
@@ -34,11 +34,13 @@ def score_line(reply: EvalResult) -> str:
     return f"Average loss: {reply.loss:.4f}, Accuracy: {reply.correct}/{reply.num_examples} ({reply.accuracy:.2%})"
 
 
-def eval_event(round_number: int, model: str, reply: EvalResult, classes: Sequence[str] | None) -> dict[str, Any]:
+def eval_event(
+    round_number: int, model: str, reply: EvalResult, classes: Sequence[str] | None, readout: Readout | None = None
+) -> dict[str, Any]:
     """The metrics file's ``eval`` event of the evaluator's score of ``model``: accuracy where it applies,
-    then the task's metrics from the reply's sums (``syncfed.metrics.report``)."""
+    then the task's metrics from the reply's sums (``syncfed.metrics.report``) as ``readout`` shows them."""
     names = classes if classes is not None and len(classes) == len(reply.predictions) else ()
-    figures = result_json(reply, names)
+    figures = result_json(reply, names, readout or Readout())
     event: dict[str, Any] = {"event": "eval", "round": round_number, "model": model}
     if "accuracy" in figures:
         event["accuracy"] = figures.pop("accuracy")
@@ -71,6 +73,7 @@ class Evaluation:
         self.pool = pool
         self.journal = journal
         self.report = report
+        self.readout = Readout()  # the run's, once its task is agreed (task_setup.task_readout)
 
     async def evaluate_round(
         self,
@@ -124,14 +127,14 @@ class Evaluation:
             if groups:
                 self.report(f"{label}: Percentage numbers {shares}")
             self.report(f"{label}: {score_line(reply)}")
-            figures = headline(reply)
+            figures = headline(reply, self.readout)
             if figures and name == global_name:
                 self.report(f"{label}: {figures}")
             recall = recall_line(reply, self.pool.plan.classes if self.pool.plan is not None else None)
             if recall and name == global_name:
                 self.report(f"{label}: {recall}")
             classes = self.pool.plan.classes if self.pool.plan is not None else None
-            self.journal.write(eval_event(round_number, name, reply, classes))
+            self.journal.write(eval_event(round_number, name, reply, classes, self.readout))
 
     async def score(self, link: WorkerLink, weights: Weights, split: str | None) -> Cell:
         """``link``'s score of ``weights`` on its own data, or on its validation split, or why there is none.
@@ -193,7 +196,11 @@ class Evaluation:
         event: dict[str, Any] = {
             "event": "federated_eval",
             "round": round_number,
-            "sites": {name: result_json(reply, names) for name, reply in record.sites.items()} if not secure else {},
+            "sites": (
+                {name: result_json(reply, names, self.readout) for name, reply in record.sites.items()}
+                if not secure
+                else {}
+            ),
             "failed": record.failed,
         }
         if record.sites:
@@ -204,15 +211,15 @@ class Evaluation:
                 else ""
             )
             self.report(f"Weighted average over {len(record.sites)} sites: {score_line(average)}{beside}")
-            figures = headline(average)
+            figures = headline(average, self.readout)
             if figures:
                 self.report(f"Weighted average over {len(record.sites)} sites: {figures}")
             recall = recall_line(average, self.pool.plan.classes if self.pool.plan is not None else None)
             if recall:
                 self.report(f"Weighted average over {len(record.sites)} sites: {recall}")
-            event["average"] = result_json(average, names)
+            event["average"] = result_json(average, names, self.readout)
         if central is not None:
-            event["central"] = result_json(central, names)
+            event["central"] = result_json(central, names, self.readout)
         self.journal.write(event)
 
     def _skipped(self, round_number: int, reason: str) -> None:

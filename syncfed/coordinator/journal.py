@@ -285,6 +285,7 @@ def _recorded_plan(checkpoint: Checkpoint, plan: DataPlan) -> DataPlan:
     """
     try:
         recorded = DataPlan.from_json(checkpoint.identity.get("data_plan"))
+        recorded = dataclasses.replace(recorded, label=plan.label)  # a name the console shows: today's
     except ProtocolError as exc:
         raise CheckpointError(f"cannot resume: the checkpoint's data plan is invalid: {exc}") from None
     if recorded.without_statistics() != plan.without_statistics():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..evaluation import CrossSiteMatrix, pool
+from ..evaluation import CrossSiteMatrix, Readout, pool
 from ..protocol import EvalResult
 from ..tensors import Weights
 
@@ -67,6 +67,7 @@ class RunResult:
     site_evaluations: list[SiteEvalRecord] = field(default_factory=list)  # with --federated-eval
     cross_site: CrossSiteMatrix | None = None  # with --cross-site-validation
     global_model: str = FEDERATED  # the global model's name in evaluations: CENTRALIZED in a centralized run
+    readout: Readout = field(default_factory=Readout)  # how the run shows its scores: units, a user task's figures
 
     def accuracy(self, round_number: int, model: str | None = None) -> float:
         """The evaluator's accuracy of ``model`` (the global model by default) at ``round_number``."""

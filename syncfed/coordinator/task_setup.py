@@ -13,6 +13,10 @@
   deviations about the first pass's mean.
 
 A resumed run keeps what its checkpoint recorded instead (see :mod:`.journal`).
+
+Then :func:`task_readout` says how the run shows its scores: a regression's
+units (``--target-units``) or its label's name, and a user task's own
+figures, from its ``metrics`` when the coordinator can import the task.
 """
 
 from __future__ import annotations
@@ -20,18 +24,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..analytics import Moments, combine_label_stats, combine_labels
 from ..config import CoordinatorConfig
 from ..data.normalization import REFINE_RANGE, coarse_range
-from ..exceptions import ConfigError, IncompatibleWorkers
+from ..evaluation import Readout
+from ..exceptions import ConfigError, IncompatibleWorkers, ModelError
 from ..net.link import WorkerLink
-from ..protocol import DataPlan, Info, Query, Recipe
+from ..protocol import TASK_KINDS, DataPlan, Info, Query, Recipe
+from ..tasks import Task, resolve_task, user_figures
 from .data_statistics import every_answer
 
-__all__ = ["agree_task", "balanced_weights", "hello_histogram", "target_scale"]
+__all__ = ["agree_task", "balanced_weights", "hello_histogram", "target_scale", "task_readout"]
 
 
 def balanced_weights(histogram: Sequence[int]) -> tuple[float, ...]:
@@ -136,3 +143,48 @@ async def _target_statistics(
     query = Query("label-stats", value_range=(mean + REFINE_RANGE[0] * std, mean + REFINE_RANGE[1] * std), data=plan)
     answers, error = await every_answer(config, query, trainers, infos, what=f"{query.query} for the task")
     return target_scale(combine_label_stats(query, answers), error)
+
+
+def task_readout(
+    config: CoordinatorConfig,
+    recipe: Recipe | None,
+    plan: DataPlan | None,
+    num_classes: int,
+    *,
+    report: Callable[[str], None],
+) -> Readout:
+    """How the run shows its scores (:class:`~syncfed.evaluation.Readout`).
+
+    A user task is imported here, from the coordinator's own ``--task``
+    path: the operator's code on the operator's machine, never a path a
+    worker named. When it cannot be imported, lacks ``metrics`` or its
+    ``metrics`` fails, the user sums are written raw (``user_sums``), and the
+    console says why once.
+    """
+    label = plan.label if plan is not None else None
+    if recipe is None or recipe.task in TASK_KINDS:
+        return Readout(config.target_units or "", label)
+    path = recipe.task
+    task: Task | None = None
+    why = ""
+    try:
+        task = resolve_task(path, num_classes)
+        if not callable(getattr(task, "metrics", None)):
+            task, why = None, "it gives no metrics(sums)"
+    except ConfigError as exc:  # "task mypkg.tasks:Task cannot be imported: No module named 'mypkg'"
+        why = str(exc)
+
+    def fields(sums: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        nonlocal task, why
+        own = {name: array for name, array in sums.items() if name.startswith("user.")}
+        if task is not None:
+            try:
+                return {f"user.{name}": value for name, value in user_figures(task, sums).items()}
+            except ModelError as exc:
+                task, why = None, str(exc)
+        if why and own:
+            report(f"Task {path}: its own metric sums are written raw (user_sums): {why}")
+            why = ""  # said once
+        return {"user_sums": {name: array.tolist() for name, array in own.items()}} if own else {}
+
+    return Readout(config.target_units or "", label, fields)

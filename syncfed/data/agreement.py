@@ -131,7 +131,9 @@ def agree(schemas: Mapping[str, DataSchema], *, evaluator: str | None = None) ->
     features, categories = _features(schemas, kind)
     classes = _classes(schemas, evaluator)
     shape = (encoded_width(features, categories),) if kind == "table" else next(iter(schemas.values())).input_shape
-    return DataPlan(kind, shape, classes, features, categories)
+    labels = {schema.label for schema in schemas.values()}
+    label = labels.pop() if len(labels) == 1 else None  # named only where every site names it the same
+    return DataPlan(kind, shape, classes, features, categories, label=label)
 
 
 def _label_line(odd: _Odd) -> str:

@@ -66,6 +66,7 @@ about 8e-10 with 30,000 rows in all): the float32 term dominates.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Final
@@ -157,7 +158,7 @@ def _channel_plan(plan: DataPlan, channel: int) -> DataPlan:
     mean = [0.0] * channels
     std = [MASK_STD] * channels
     mean[channel], std[channel] = (plan.mean[channel], plan.std[channel]) if plan.mean else (0.0, 1.0)
-    return DataPlan(plan.kind, plan.input_shape, plan.classes, plan.features, plan.categories, tuple(mean), tuple(std))
+    return dataclasses.replace(plan, mean=tuple(mean), std=tuple(std))
 
 
 def _moments(plan: DataPlan, stats: Sequence[FeatureStats]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -203,15 +204,7 @@ def _with_statistics(plan: DataPlan, mean: np.ndarray, std: np.ndarray) -> DataP
         full_mean, full_std = np.zeros(plan.input_shape[0]), np.ones(plan.input_shape[0])
         full_mean[positions], full_std[positions] = mean, std
         mean, std = full_mean, full_std
-    return DataPlan(
-        plan.kind,
-        plan.input_shape,
-        plan.classes,
-        plan.features,
-        plan.categories,
-        tuple(mean.tolist()),
-        tuple(std.tolist()),
-    )
+    return dataclasses.replace(plan, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
 
 def plan_statistics(plan: DataPlan, stats: Sequence[FeatureStats], *, sum_error: float = 0.0) -> DataPlan:

@@ -278,7 +278,7 @@ def _parse(frame: Any, options: SourceOptions, where: str) -> TableSource:
                 numeric.append(_numbers(frame[name], name, rows, where))
                 described.append(Feature(name, "numeric"))
         classes, labels = read_labels(_label_values(frame[label]), options.label_type, where)
-        schema = DataSchema("table", (len(features),), classes, tuple(described))
+        schema = DataSchema("table", (len(features),), classes, tuple(described), label)
     except ProtocolError as exc:
         raise DatasetError(f"{where}: {exc}") from None
     return TableSource(

@@ -49,6 +49,7 @@ from .streaming import Buffer as Buffer
 from .task_messages import LOSSES, METRICS, REGRESSION_SUMS, TASK_KINDS, Recipe
 from .task_messages import MAX_CONFUSION_CLASSES as MAX_CONFUSION_CLASSES
 from .task_messages import MAX_HIDDEN as MAX_HIDDEN
+from .task_messages import MAX_HUBER_DELTA as MAX_HUBER_DELTA
 from .task_messages import MAX_SCORE_BINS as MAX_SCORE_BINS
 from .task_messages import MAX_WIDTH as MAX_WIDTH
 from .task_messages import MIN_SCORE_BINS as MIN_SCORE_BINS

@@ -89,6 +89,13 @@ def _check_names(value: Any, what: str, limit: int) -> None:
     _check(_distinct(value), f"{what} must be distinct")
 
 
+def _check_label(value: Any) -> None:
+    """An optional label column name: ``None``, or a name as a feature's (1 to 256 characters, no nul)."""
+    if value is not None and not _is_plain_name(value):
+        _check_name(value, "label")
+        raise LocalProtocolError(f"label must not contain a nul character, not {describe(value)}")
+
+
 def _distinct(names: Iterable[str]) -> bool:
     """No name twice; by sorting, which holds a list of references where a set of 65,536 names holds 4 MiB."""
     return all(a != b for a, b in itertools.pairwise(sorted(names)))
@@ -245,13 +252,15 @@ class DataSchema:
       images, ``(number of feature columns,)`` for a table, ``x.shape[1:]`` for arrays;
     - ``features``: a table's feature columns in the file's order (named arrays may list them too);
     - ``classes``: the site's class names (folder names, or label values as
-      text), in the order of ``info``'s histogram; ``None`` for a continuous label.
+      text), in the order of ``info``'s histogram; ``None`` for a continuous label;
+    - ``label``: the label column's name, where the data have one (a table's ``--label-column``).
     """
 
     kind: str
     input_shape: tuple[int, ...]
     classes: tuple[str, ...] | None
     features: tuple[Feature, ...] = ()
+    label: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.kind in DATA_KINDS, f"data kind must be one of {', '.join(DATA_KINDS)}, not {describe(self.kind)}")
@@ -260,6 +269,7 @@ class DataSchema:
         if self.classes is not None:
             _check_names(self.classes, "classes", MAX_CLASSES)
             _check(len(self.classes) > 0, "classes must not be empty (a continuous label has none: null)")
+        _check_label(self.label)
         _check(
             isinstance(self.features, (list, tuple))
             and len(self.features) <= MAX_TABLE_FEATURES
@@ -302,12 +312,13 @@ class DataSchema:
                 [f.type for f in self.features],
                 [f.categories for f in self.features if f.type == "categorical"],
             ),
+            **_label_body(self.label),
         }
 
     @classmethod
     def from_body(cls, body: Any) -> DataSchema:
         _check(isinstance(body, Mapping), "schema must be a map")
-        _fields(body, "schema", {"kind", "input_shape", "classes"}, _COLUMNS)
+        _fields(body, "schema", {"kind", "input_shape", "classes"}, _COLUMNS | {"label"})
         names, types, vocabularies = _columns_from(body)
         held = iter(vocabularies)
         return cls(
@@ -318,11 +329,17 @@ class DataSchema:
                 Feature(name, kind, next(held) if kind == "categorical" else ())
                 for name, kind in zip(names, types, strict=True)
             ),
+            body.get("label"),
         )
 
 
 #: A body's optional fields that describe a table's columns.
 _COLUMNS: Final = frozenset({"features", "types", "categories", "category_counts"})
+
+
+def _label_body(label: str | None) -> dict[str, Any]:
+    """The optional ``label`` field: absent without a name, so a body reads as before."""
+    return {} if label is None else {"label": label}
 
 
 def _classes_from(body: Mapping[str, Any]) -> tuple[str, ...] | None:
@@ -349,7 +366,9 @@ class DataPlan:
       channel for images (``C`` numbers) and per model input value otherwise
       (``prod(input_shape)``), or both empty for none. A table's one-hot and
       "other" slots keep mean 0 and std 1: a plan that scaled them could weigh
-      a slot to read a rare category's count out of pooled sums.
+      a slot to read a rare category's count out of pooled sums;
+    - ``label``: the label column's name when every site names it the same, else ``None``
+      (a console names a regression's errors by it).
     """
 
     kind: str
@@ -359,9 +378,11 @@ class DataPlan:
     categories: Mapping[str, tuple[str, ...]] | None = None
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    label: str | None = None
 
     def __post_init__(self) -> None:
         _check(self.kind in DATA_KINDS, f"data kind must be one of {', '.join(DATA_KINDS)}, not {describe(self.kind)}")
+        _check_label(self.label)
         _check_shape(self.input_shape, self.kind)
         object.__setattr__(self, "input_shape", tuple(self.input_shape))
         if self.classes is not None:
@@ -463,12 +484,13 @@ class DataPlan:
                 list(categories.values()),
             ),
             **(statistics if self.mean else {}),
+            **_label_body(self.label),
         }
 
     @classmethod
     def from_body(cls, body: Any) -> DataPlan:
         _check(isinstance(body, Mapping), "data plan must be a map")
-        _fields(body, "data plan", {"kind", "input_shape", "classes"}, _COLUMNS | {"mean", "std"})
+        _fields(body, "data plan", {"kind", "input_shape", "classes"}, _COLUMNS | {"mean", "std", "label"})
         names, types, vocabularies = _columns_from(body)
         categorical = (name for name, kind in zip(names, types, strict=True) if kind == "categorical")
         mean, std = _statistics_from(body)
@@ -480,6 +502,7 @@ class DataPlan:
             dict(zip(categorical, vocabularies, strict=True)),
             mean,  # type: ignore[arg-type]  # checked and stored as a tuple on construction
             std,  # type: ignore[arg-type]
+            body.get("label"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -491,6 +514,7 @@ class DataPlan:
             **({"features": list(self.features)} if self.features else {}),
             **({"categories": {name: list(v) for name, v in self.categories.items()}} if self.categories else {}),
             **({"mean": list(self.mean), "std": list(self.std)} if self.mean else {}),
+            **_label_body(self.label),
         }
 
     @classmethod
@@ -502,7 +526,10 @@ class DataPlan:
         """
         _check(isinstance(value, Mapping), "data plan must be a map")
         _fields(
-            value, "data plan", {"kind", "input_shape", "classes"}, frozenset({"features", "categories", "mean", "std"})
+            value,
+            "data plan",
+            {"kind", "input_shape", "classes"},
+            frozenset({"features", "categories", "mean", "std", "label"}),
         )
         categories = value.get("categories", {})
         _check(isinstance(categories, Mapping), "categories must be a map")
@@ -514,6 +541,7 @@ class DataPlan:
             {name: _list(vocabulary) for name, vocabulary in categories.items()},
             _list(value.get("mean", [])),
             _list(value.get("std", [])),
+            value.get("label"),
         )
 
     def digest(self) -> str:
@@ -523,7 +551,7 @@ class DataPlan:
 
     def without_statistics(self) -> DataPlan:
         """The plan before standardisation: what a normalisation query is asked over."""
-        return DataPlan(self.kind, self.input_shape, self.classes, self.features, self.categories)
+        return DataPlan(self.kind, self.input_shape, self.classes, self.features, self.categories, label=self.label)
 
 
 def plan_from(body: Mapping[str, Any]) -> DataPlan | None:

@@ -11,10 +11,13 @@ data plan (``syncfed.shaped_models``).
 An evaluation's reply may carry the task's metric sums (:data:`METRICS`):
 named int64 or float64 tensors that add up across sites, so every metric a
 coordinator prints is computed exactly from them (docs/protocol.md, "Tasks").
+A user task may add sums of its own, named ``user.<name>``
+(:data:`USER_SUM`), bounded in number and size but otherwise its own affair.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, Final, Protocol
@@ -35,6 +38,11 @@ __all__ = [
     "METRICS",
     "REGRESSION_SUMS",
     "MAX_CONFUSION_CLASSES",
+    "USER_SUM",
+    "MAX_USER_SUMS",
+    "MAX_USER_SUM_SIZE",
+    "MAX_USER_INT",
+    "MAX_HUBER_DELTA",
     "Recipe",
     "check_recipe",
     "recipe_field",
@@ -68,6 +76,14 @@ REGRESSION_SUMS: Final = ("n", "error", "abs_error", "squared_error", "y", "y_sq
 #: The most classes a confusion matrix may have: 1,024 classes make 8 MiB of int64. A worker scoring more
 #: classes sends no metrics; accuracy and per-class recall still travel in the result's other fields.
 MAX_CONFUSION_CLASSES: Final = 1024
+#: A user task's own sums: ``user.`` and a short lowercase name; at most 16 of them, each int64 or float64 of at
+#: most 65,536 elements (8 MiB in all). An int64 entry lies within +-2**42, so 2**20 sites' sum cannot wrap.
+USER_SUM: Final = re.compile(r"user\.[a-z][a-z0-9_]{0,31}")
+MAX_USER_SUMS: Final = 16
+MAX_USER_SUM_SIZE: Final = 65_536
+MAX_USER_INT: Final = 2**42
+#: The Huber loss's largest delta, in standardised target units: far beyond it Huber is MSE.
+MAX_HUBER_DELTA: Final = 1000.0
 
 _COUNTS: Final = ("confusion", "scores")  # int64; the other metrics are float64
 #: Per task, the metrics it must send and those it may.
@@ -145,8 +161,8 @@ class Recipe:
             f"bins must be an integer from {MIN_SCORE_BINS} to {MAX_SCORE_BINS}, not {describe(self.bins)}",
         )
         _check(
-            _is_number(self.huber_delta) and self.huber_delta > 0,
-            f"huber_delta must be a positive finite number, not {describe(self.huber_delta)}",
+            _is_number(self.huber_delta) and 0 < self.huber_delta <= MAX_HUBER_DELTA,
+            f"huber_delta must be a number above 0 and at most {MAX_HUBER_DELTA:g}, not {describe(self.huber_delta)}",
         )
         _check(_is_number(self.target_mean), f"target_mean must be a finite number, not {describe(self.target_mean)}")
         _check(
@@ -279,21 +295,26 @@ def check_metrics(
 ) -> None:
     """An evaluation's metric sums, consistent with the result's own counts (already checked).
 
-    ``per_class`` is the result's class counts and class correct, when it has them.
+    ``per_class`` is the result's class counts and class correct, when it has them. A user task's own
+    sums (:data:`USER_SUM`) are only bounded; the built-in sums beside them, if any, are checked in full.
 
     Raises:
         LocalProtocolError: if a name, dtype, shape or count is wrong, or the sums disagree with the counts.
     """
     _check_weights(metrics)
-    names = set(metrics)
+    own = {name for name in metrics if name.startswith("user.")}
+    _check_user_sums({name: metrics[name] for name in own})
+    names = set(metrics) - own
+    if own and not names:  # a user task's own sums alone
+        return
     task = "regression" if "regression" in names else "binary" if "scores" in names else "classification"
     _check(
         _REQUIRED[task] <= names <= _ALLOWED[task],
         f"metrics {describe(sorted(names))} are not a task's: confusion (classification);"
-        " confusion, scores and optionally auc, pr_auc (binary); regression (regression)",
+        " confusion, scores and optionally auc, pr_auc (binary); regression (regression); user.<name> (a user task)",
     )
-    for name, array in metrics.items():
-        dtype = np.dtype(np.int64 if name in _COUNTS else np.float64)
+    for name in names:
+        array, dtype = metrics[name], np.dtype(np.int64 if name in _COUNTS else np.float64)
         _check(array.dtype == dtype, f"metric {name} must be {dtype}, not {array.dtype}")
     if task == "regression":
         _check_regression(metrics["regression"], num_examples, correct, predictions)
@@ -318,6 +339,22 @@ def check_metrics(
     if task == "binary":
         _check(classes == 2, f"a binary result has 2 classes, not {classes}")
         _check_scores(metrics, confusion.sum(axis=1).tolist())
+
+
+def _check_user_sums(sums: Mapping[str, np.ndarray]) -> None:
+    _check(len(sums) <= MAX_USER_SUMS, f"{len(sums)} user sums exceed limit of {MAX_USER_SUMS}")
+    for name, array in sums.items():
+        _check(bool(USER_SUM.fullmatch(name)), f"user sum name {describe(name)} must look like user.name_2")
+        _check(array.dtype in (np.int64, np.float64), f"user sum {name} must be int64 or float64, not {array.dtype}")
+        _check(
+            array.size <= MAX_USER_SUM_SIZE,
+            f"user sum {name} of {array.size} elements exceeds limit of {MAX_USER_SUM_SIZE} elements",
+        )
+        if array.dtype == np.float64:
+            _check(bool(np.isfinite(array).all()), f"user sum {name} must be finite")
+        else:
+            within = (array >= -MAX_USER_INT) & (array <= MAX_USER_INT)  # not abs(): abs(-2**63) wraps
+            _check(bool(within.all()), f"user sum {name} must lie within +-2**42")
 
 
 def _check_regression(sums: np.ndarray, num_examples: int, correct: int, predictions: tuple[int, ...]) -> None:
@@ -368,7 +405,7 @@ def metrics_from(body: Mapping[str, Any]) -> Weights | None:
         isinstance(value, Mapping) and all(isinstance(t, Mapping) and "encoding" not in t for t in value.values()),
         "metrics must be a map of tensors without an encoding: they are exact sums",
     )
-    return decode_weights(value, max_tensors=len(METRICS))
+    return decode_weights(value, max_tensors=len(METRICS) + MAX_USER_SUMS)
 
 
 def metrics_field(metrics: Weights | None) -> dict[str, Any]:

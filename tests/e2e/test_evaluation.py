@@ -220,7 +220,7 @@ def test_matrix_table_json_and_accuracy() -> None:
         "federated                 75.00%          12.50%",
         "  - alice on testing: worker testing is unavailable: gone",
     ]
-    np.testing.assert_array_equal(matrix.accuracy(), [[0.9, np.nan], [0.75, 0.125]])
+    np.testing.assert_array_equal(matrix.values(), [[0.9, np.nan], [0.75, 0.125]])
     data = matrix.to_json()
     assert data["cells"][0][1] == {"error": "worker testing is unavailable: gone"}
     assert data["cells"][1][1] == {"loss": 1.5, "accuracy": 0.125, "correct": 1, "n": 8}
@@ -534,7 +534,7 @@ def test_cross_site_matrix_shape_cells_and_files(
     assert matrix.models == (*TRAINERS, FEDERATED)
     assert matrix.sites == (*TRAINERS, "testing")
     assert matrix.splits == ("validation",) * 3 + ("test",)
-    assert matrix.accuracy().shape == (4, 4) and not np.isnan(matrix.accuracy()).any()
+    assert matrix.values().shape == (4, 4) and not np.isnan(matrix.values()).any()
 
     images, labels = site_data(digits_train, "bob", 1)
     loss, correct = score(result.weights, images, labels)

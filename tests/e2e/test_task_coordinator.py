@@ -32,7 +32,9 @@ VAL_FRACTION = 0.1  # the workers' default hold-out, never trained on
 AUC = re.compile(
     r"^Federated model: AUC (\d\.\d+), PR AUC (\d\.\d+), sensitivity ([\d.]+)%, specificity ([\d.]+)%$", re.M
 )
-REGRESSION = re.compile(r"^Federated model: MAE ([\d.]+), RMSE ([\d.]+), R² (-?[\d.e-]+)$", re.M)
+REGRESSION = re.compile(
+    r"^Federated model: MAE ([\d.]+)( points| \(progression\)), RMSE ([\d.]+)( points)?, R² (-?[\d.e-]+)$", re.M
+)
 TARGET = re.compile(r"^Regression target: mean ([-\d.e+]+), standard deviation ([\d.e+]+) over 3 sites", re.M)
 
 
@@ -176,7 +178,8 @@ def test_auto_trains_a_regression_on_the_federated_target_scale(
 ) -> None:
     model = tmp_path / "model.safetensors"
     metrics = tmp_path / "metrics.jsonl"
-    privacy = ["--secure-agg"] if secure else []
+    # Under --secure-agg no site's own model is known; plain, the cross-site table shows MAE in the target's units.
+    privacy = ["--secure-agg"] if secure else ["--target-units", "points", "--cross-site-validation"]
     done = run(
         *sites(diabetes, "progression", "--label-type", "continuous"),
         "--training-rounds",
@@ -204,4 +207,15 @@ def test_auto_trains_a_regression_on_the_federated_target_scale(
     assert recipe["task"] == "regression" and recipe["target_mean"] == pytest.approx(targets.mean(), rel=1e-6)
     last = events(metrics, "eval")[-1]
     assert "accuracy" not in last and last["rmse"] == pytest.approx(np.sqrt(last["mse"]))
-    assert REGRESSION.search(done.stdout) and "Final federated model at round 5: MAE" in done.stdout
+    shown = [*REGRESSION.finditer(done.stdout)][-1]  # the last evaluation's
+    assert "Final federated model at round 5: MAE" in done.stdout, done.stdout
+    if secure:  # no units given: the agreed label column names the error
+        assert (shown[2], shown[4], "target_units" in last) == (" (progression)", None, False)
+        return
+    assert (shown[2], shown[4], last["target_units"]) == (" points", " points", "points")
+    assert "Cross-site validation after round 5 (MAE in points; rows: models, columns: data):" in done.stdout
+    table = json.loads((tmp_path / "cross-site" / "cross_site.json").read_text())
+    federated = table["cells"][table["models"].index("federated")][table["sites"].index("testing")]
+    assert f"{federated['mae']:.4g}" == shown[1] and federated["target_units"] == "points"
+    row = next(line for line in done.stdout.splitlines() if line.startswith("federated "))
+    assert row.split()[-1] == shown[1]  # the evaluator's column: the federated model's MAE, as in its headline

@@ -33,6 +33,9 @@ from sklearn.metrics import (
 from units import MS
 
 from syncfed.compatibility import agreed_plan
+from syncfed.config import CoordinatorConfig
+from syncfed.coordinator.task_setup import task_readout
+from syncfed.evaluation import headline, pool, result_json
 from syncfed.exceptions import RemoteError
 from syncfed.models import get_weights
 from syncfed.net.link import WorkerLink
@@ -73,7 +76,16 @@ USER_TASK_SOURCE = '''
         def batch_sums(self, output, labels):
             c = self.num_outputs
             cells = labels.astype(np.int64) * c + output.argmax(dim=1).cpu().numpy()
-            return {"confusion": np.bincount(cells, minlength=c * c).reshape(c, c).astype(np.int64)}
+            one_hot = np.eye(c)[labels.astype(np.int64)]
+            squared = ((F.softmax(output, dim=1).double().cpu().numpy() - one_hot) ** 2).sum()
+            return {
+                "confusion": np.bincount(cells, minlength=c * c).reshape(c, c).astype(np.int64),
+                "user.brier": np.array([squared, len(labels)]),
+            }
+
+        def metrics(self, sums):
+            squared, n = sums["user.brier"]
+            return {"brier": squared / n}
 '''
 
 
@@ -298,13 +310,27 @@ def test_a_restarted_worker_goes_on_with_the_state_in_its_state_dir(
     assert same(resumed, kept) and not same(resumed, reset)
 
 
-def test_a_users_task_trains_by_the_path_the_worker_was_started_with(workers: dict[str, WorkerProcess]) -> None:
+def test_a_users_task_trains_by_the_path_the_worker_was_started_with_and_sends_its_own_sums(
+    folder: Path, workers: dict[str, WorkerProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
     losses, weights, scored = train_and_score(workers["binary"], Recipe(USER_TASK), rounds=3)
     assert losses[-1] < 0.8 * losses[0], losses
     x, labels = tables()["binary"]
     y = (labels == "pos").astype(np.int64)
+    logits = outputs(weights, x)
     assert scored.metrics is not None
-    assert scored.metrics["confusion"].tolist() == confusion_matrix(y, outputs(weights, x).argmax(axis=1)).tolist()
+    assert scored.metrics["confusion"].tolist() == confusion_matrix(y, logits.argmax(axis=1)).tolist()
+    probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    brier = float(((probabilities - np.eye(2)[y]) ** 2).sum(axis=1).mean())
+    assert scored.metrics["user.brier"].tolist() == pytest.approx([brier * ROWS, ROWS], rel=1e-5)
+    # The coordinator started with the same path imports the task to turn the summed sums into its figures.
+    monkeypatch.syspath_prepend(str(folder))
+    config = CoordinatorConfig(workers={"binary": workers["binary"].uri}, evaluator={}, task=USER_TASK)
+    readout = task_readout(config, Recipe(USER_TASK), None, 2, report=pytest.fail)
+    summed = pool([scored, scored])  # two sites' sums add up; the Brier score of both is the same
+    assert result_json(summed, (), readout)["user.brier"] == pytest.approx(brier, rel=1e-5)
+    assert headline(summed, readout).endswith(f", brier {result_json(summed, (), readout)['user.brier']:.4g}")
 
 
 def test_a_task_the_worker_was_not_started_with_is_refused(workers: dict[str, WorkerProcess]) -> None:

@@ -82,6 +82,16 @@ def table(name: str, classes: tuple[str, ...] | None, histogram: tuple[int, ...]
             "--threshold goes with a binary task, not --task classification",
         ),
         ({"threshold": 1.0}, "threshold must be strictly between 0 and 1, not 1.0"),
+        ({"loss": "huber", "huber_delta": 0.0}, "huber_delta must be above 0 and at most 1000, not 0.0"),
+        ({"loss": "huber", "huber_delta": math.inf}, "huber_delta must be above 0 and at most 1000, not inf"),
+        ({"loss": "huber", "huber_delta": 1000.5}, "huber_delta must be above 0 and at most 1000, not 1000.5"),
+        ({"huber_delta": 0.5}, "--huber-delta goes with --loss huber, not the task's default loss"),
+        ({"loss": "mae", "huber_delta": 0.5}, "--huber-delta goes with --loss huber, not --loss mae"),
+        ({"target_units": ""}, "target units '' must be 1 to 32 printable characters"),
+        ({"target_units": "d" * 33}, f"target units '{'d' * 33}' must be 1 to 32 printable characters"),
+        ({"target_units": "days\x1b[2J"}, "target units 'days\\x1b[2J' must be 1 to 32 printable characters"),
+        ({"target_units": " days"}, "target units ' days' must be 1 to 32 printable characters"),
+        ({"task": "binary", "target_units": "days"}, "--target-units goes with a regression task, not --task binary"),
         ({"dropout": 1.0}, "dropout must be from 0 to below 1, not 1.0"),
         ({"hidden": (64, 0)}, "hidden must be at most 16 layer widths from 1 to 65536, not (64, 0)"),
         ({"allow_partial_weights": True}, "--allow-partial-weights needs --initial-weights"),
@@ -101,6 +111,14 @@ def test_initial_weights_cannot_start_a_resumed_run(tmp_path: Path) -> None:
     assert refusal(initial_weights=weights, resume=True, checkpoint_dir=tmp_path) == (
         "--initial-weights starts a new run, --resume continues a checkpointed one: give one of them"
     )
+
+
+def test_huber_delta_and_target_units_reach_the_recipe_and_the_config() -> None:
+    flags = "--loss huber --huber-delta 1000 --target-units days".split()
+    made = config_from_args(parse_arguments(build_parser(), flags), WORKERS, {})
+    assert (made.huber_delta, made.target_units) == (1000.0, "days")
+    assert chosen_recipe(made, plan(None), 0) == Recipe("regression", "huber", huber_delta=1000.0)
+    assert chosen_recipe(config(loss="huber"), plan(None), 0) == Recipe("regression", "huber")  # delta 1
 
 
 def test_the_flags_reach_the_config_and_local_epochs_replace_the_batch_count() -> None:
@@ -184,6 +202,7 @@ def test_the_bundled_demos_carry_no_recipe_unless_asked() -> None:
             "--class-weights goes with a classification task, not regression (a continuous label)",
         ),
         ({"threshold": 0.2}, ("a", "b", "c"), "--threshold goes with a binary task, not classification (3 classes)"),
+        ({"target_units": "days"}, ("no", "yes"), "--target-units goes with a regression task, not binary (2 classes)"),
     ],
 )
 def test_a_task_the_data_cannot_serve_is_refused_at_the_handshake(

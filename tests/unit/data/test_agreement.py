@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 
@@ -88,6 +89,15 @@ def test_a_categorical_column_no_site_reveals_a_category_of_keeps_its_other_slot
 def test_continuous_labels_agree_on_no_classes() -> None:
     plan = agree({"alice": table("x", classes=None), "bob": table("x", classes=None)})
     assert plan.classes is None and plan.num_classes == 1
+
+
+def test_the_plan_names_the_label_only_when_every_site_names_it_the_same() -> None:
+    def named(label: str | None) -> DataSchema:
+        return dataclasses.replace(table("x", classes=None), label=label)
+
+    assert agree({"a": named("length_of_stay"), "b": named("length_of_stay")}).label == "length_of_stay"
+    assert agree({"a": named("length_of_stay"), "b": named("los")}).label is None  # sites may name it as they like
+    assert agree({"a": named("length_of_stay"), "b": named(None)}).label is None
 
 
 def test_arrays_agree_on_shape_and_named_features() -> None:

@@ -57,13 +57,14 @@ def frame(rows: int = 40, seed: int = 0) -> pd.DataFrame:
 # Schema
 
 
-def test_schema_lists_features_in_file_order_with_types_and_site_classes(tmp_path: Path) -> None:
+def test_schema_lists_features_in_file_order_with_types_site_classes_and_the_label(tmp_path: Path) -> None:
     source = read(write(tmp_path, CLAIMS), categorical_columns=("region",), min_group_size=1)
     assert source.schema() == DataSchema(
         "table",
         (3,),
         ("0", "1"),
         (Feature("age"), Feature("region", "categorical", ("north", "south")), Feature("smoker")),
+        "fraud",
     )
     assert len(source) == 3
     assert source.name == "table"

@@ -93,7 +93,7 @@ def schemas(draw: st.DrawFn) -> DataSchema:
         return DataSchema(kind, shape, classes)
     if kind == "table":
         columns = draw(st.lists(features(), min_size=1, max_size=6, unique_by=lambda f: f.name))
-        return DataSchema(kind, (len(columns),), classes, tuple(columns))
+        return DataSchema(kind, (len(columns),), classes, tuple(columns), draw(st.none() | names))
     if draw(st.booleans()):
         named = draw(st.lists(names, min_size=1, max_size=6, unique=True))
         return DataSchema(kind, (len(named),), classes, tuple(Feature(name) for name in named))
@@ -108,7 +108,7 @@ def data_plans(draw: st.DrawFn) -> DataPlan:
     shape = (encoded_width(columns, categories),) if schema.kind == "table" else schema.input_shape
     count = shape[0] if schema.kind == "images" else math.prod(shape)
     statistics = draw(st.booleans()) and count <= 256  # hypothesis draws lists of a few thousand at most
-    plan = DataPlan(schema.kind, shape, schema.classes, columns, categories)
+    plan = DataPlan(schema.kind, shape, schema.classes, columns, categories, label=schema.label)
     if not statistics:
         return plan
     mean = np.array(draw(st.lists(finite, min_size=count, max_size=count)))
@@ -117,7 +117,9 @@ def data_plans(draw: st.DrawFn) -> DataPlan:
         one_hot = np.ones(count, dtype=bool)
         one_hot[plan.numeric_slots()] = False
         mean[one_hot], std[one_hot] = 0.0, 1.0
-    return DataPlan(schema.kind, shape, schema.classes, columns, categories, tuple(mean.tolist()), tuple(std.tolist()))
+    return DataPlan(
+        schema.kind, shape, schema.classes, columns, categories, tuple(mean.tolist()), tuple(std.tolist()), schema.label
+    )
 
 
 @st.composite
@@ -570,7 +572,7 @@ def test_unknown_fields_of_a_plan_or_schema_are_refused() -> None:
         decode(envelope("describe", {"model": "m", "data": plan}))
     assert str(info.value) == (
         "data plan body has fields ['classes', 'input_shape', 'kind', 'scale'], expected ['classes', 'input_shape',"
-        " 'kind'] and optionally ['categories', 'category_counts', 'features', 'mean', 'std', 'types']"
+        " 'kind'] and optionally ['categories', 'category_counts', 'features', 'label', 'mean', 'std', 'types']"
     )
 
 

@@ -18,6 +18,7 @@ from syncfed.protocol import (
     LOSSES,
     MAX_CONFUSION_CLASSES,
     MAX_HIDDEN,
+    MAX_HUBER_DELTA,
     MAX_ID,
     MAX_LOCAL_EPOCHS,
     MAX_PLAN_SIZE,
@@ -25,6 +26,7 @@ from syncfed.protocol import (
     MAX_SHARD,
     MAX_WEIGHT_DECAY,
     MAX_WIDTH,
+    METRICS,
     MIN_SCORE_BINS,
     OPTIMIZERS,
     REGRESSION_SUMS,
@@ -41,6 +43,7 @@ from syncfed.protocol import (
     encode,
     encode_fragments,
 )
+from syncfed.protocol.task_messages import MAX_USER_INT, MAX_USER_SUM_SIZE, MAX_USER_SUMS
 from syncfed.tensors import encode_tensor, encode_weights
 
 WEIGHTS = {"conv.weight": np.arange(12, dtype=np.float32).reshape(3, 4), "fc.bias": np.zeros(2, np.float32)}
@@ -80,7 +83,7 @@ def recipes(draw: st.DrawFn) -> Recipe:
         return Recipe(task, threshold=draw(unit_open), bins=bins, **shape)
     if task == "regression":
         loss = draw(st.sampled_from(LOSSES["regression"]))
-        delta = draw(positive) if loss == "huber" else 1.0
+        delta = draw(st.floats(1e-6, MAX_HUBER_DELTA)) if loss == "huber" else 1.0
         return Recipe(task, loss, huber_delta=delta, target_mean=draw(finite), target_std=draw(positive), **shape)
     # A user's own task may read any setting, and names its loss as it likes.
     return Recipe(task, draw(st.sampled_from(["", "focal"])), (2.0,), draw(unit_open), target_std=2.0, **shape)
@@ -322,6 +325,7 @@ def describe_body(recipe: dict[str, object], data: DataPlan | None = None) -> di
         {"task": "binary", "loss": "bce", "bins": MIN_SCORE_BINS, "threshold": 5e-324},
         {"task": "binary", "loss": "bce", "bins": MAX_SCORE_BINS, "threshold": BELOW_ONE},
         {"task": "regression", "loss": "huber", "huber_delta": 0.5, "target_std": 5e-324, "target_mean": -3.5},
+        {"task": "regression", "loss": "huber", "huber_delta": MAX_HUBER_DELTA},
         {"task": "classification", "loss": "cross_entropy", "hidden": [MAX_WIDTH] * MAX_HIDDEN},
         {"task": "classification", "loss": "cross_entropy", "dropout": BELOW_ONE, "class_weights": [0.5, 2]},
         {"task": "mypkg.tasks:Task", "loss": "", "threshold": 0.2, "class_weights": [1.0]},
@@ -342,6 +346,14 @@ def test_recipes_at_their_limits_decode(recipe: dict[str, Any]) -> None:
         ({"task": "binary", "threshold": 1.0}, "threshold must be a number strictly between 0 and 1, not 1.0"),
         ({"task": "binary", "threshold": 0}, "threshold must be a number strictly between 0 and 1, not 0"),
         ({"task": "regression", "target_std": 0.0}, "target_std must be a positive finite number, not 0.0"),
+        (
+            {"task": "regression", "loss": "huber", "huber_delta": 1000.0000000000001},
+            "huber_delta must be a number above 0 and at most 1000, not 1000.0000000000001",
+        ),
+        (
+            {"task": "regression", "loss": "huber", "huber_delta": 0.0},
+            "huber_delta must be a number above 0 and at most 1000, not 0.0",
+        ),
         ({"hidden": [MAX_WIDTH + 1]}, "hidden must be at most 16 layer widths from 1 to 65536, not [65537]"),
         (
             {"hidden": [1] * (MAX_HIDDEN + 1)},
@@ -454,7 +466,10 @@ def scores(bins: int = MIN_SCORE_BINS, negatives: int = 3, positives: int = 2) -
     return histogram
 
 
-NAMES = "confusion (classification); confusion, scores and optionally auc, pr_auc (binary); regression (regression)"
+NAMES = (
+    "confusion (classification); confusion, scores and optionally auc, pr_auc (binary); regression (regression);"
+    " user.<name> (a user task)"
+)
 
 
 def test_metric_names_must_be_one_tasks() -> None:
@@ -466,6 +481,45 @@ def test_metric_names_must_be_one_tasks() -> None:
         ({"confusion": BINARY, "regression": np.zeros(6)}, "['confusion', 'regression']"),
     ]:
         refused_result(metrics, 3, 5, [3, 2], f"metrics {shown} are not a task's: {NAMES}")
+
+
+def test_a_user_tasks_own_sums_at_their_limits_are_accepted_alone_or_beside_built_in_ones() -> None:
+    own = {f"user.s{i}": np.zeros(1, I64) for i in range(MAX_USER_SUMS - 2)}
+    own["user.a" + "b" * 31] = np.full(MAX_USER_SUM_SIZE, -1.5e300)
+    own["user.counts"] = np.array([-MAX_USER_INT, MAX_USER_INT], I64).reshape(2, 1)
+    result = accepted_result(own, 0, 5, [5])  # what it predicts is the task's affair
+    assert result.metrics is not None and set(result.metrics) == set(own)
+    accepted_result({**own, "confusion": BINARY}, 3, 5, [3, 2])
+
+
+@pytest.mark.parametrize(
+    ("metrics", "reason"),
+    [
+        (
+            {f"user.s{i}": np.zeros(1, I64) for i in range(MAX_USER_SUMS + 1)},
+            f"{MAX_USER_SUMS + 1} user sums exceed limit of {MAX_USER_SUMS}",
+        ),
+        ({"user.Brier": np.zeros(1)}, "user sum name 'user.Brier' must look like user.name_2"),
+        ({"user.": np.zeros(1)}, "user sum name 'user.' must look like user.name_2"),
+        ({"user.a" + "b" * 32: np.zeros(1)}, f"user sum name 'user.a{'b' * 32}' must look like user.name_2"),
+        ({"user.x": np.zeros(1, np.float32)}, "user sum user.x must be int64 or float64, not float32"),
+        ({"user.x": np.zeros(1, np.int32)}, "user sum user.x must be int64 or float64, not int32"),
+        (
+            {"user.x": np.zeros(MAX_USER_SUM_SIZE + 1)},
+            f"user sum user.x of {MAX_USER_SUM_SIZE + 1} elements exceeds limit of {MAX_USER_SUM_SIZE} elements",
+        ),
+        ({"user.x": np.array([1.0, math.inf])}, "user sum user.x must be finite"),
+        ({"user.x": np.array([math.nan])}, "user sum user.x must be finite"),
+        ({"user.x": np.array([MAX_USER_INT + 1], I64)}, "user sum user.x must lie within +-2**42"),
+        ({"user.x": np.array([np.iinfo(I64).min], I64)}, "user sum user.x must lie within +-2**42"),
+        # Built-in sums beside a user task's own are checked as ever.
+        ({"user.x": np.zeros(1), "confusion": BINARY}, "confusion's diagonal must sum to correct"),
+        ({"user.x": np.zeros(1), "scores": scores()}, f"metrics ['scores'] are not a task's: {NAMES}"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else None,
+)
+def test_a_user_tasks_own_sums_past_their_limits_are_refused(metrics: dict[str, np.ndarray], reason: str) -> None:
+    refused_result(metrics, 2, 5, [3, 2], reason)
 
 
 def test_metric_dtypes_are_fixed() -> None:
@@ -563,7 +617,9 @@ def test_peer_metrics_must_be_exact_tensors() -> None:
         decode(envelope("eval_result", body, 42))
     reason = "metrics must be a map of tensors without an encoding: they are exact sums"
     assert (str(raised.value), raised.value.code) == (reason, "malformed")
-    body["metrics"] = {name: encode_tensor(np.zeros(1)) for name in ("a", "b", "c", "d", "e", "f")}
+    limit = len(METRICS) + MAX_USER_SUMS  # the built-in sums and a user task's own
+    body["metrics"] = {f"user.s{i}": encode_tensor(np.zeros(1)) for i in range(limit + 1)}
     with pytest.raises(RemoteProtocolError) as raised:
         decode(envelope("eval_result", body, 42))
-    assert (str(raised.value), raised.value.code) == ("weights with 6 tensors exceed limit of 5 tensors", "bad_tensor")
+    reason = f"weights with {limit + 1} tensors exceed limit of {limit} tensors"
+    assert (str(raised.value), raised.value.code) == (reason, "bad_tensor")
