@@ -1,4 +1,4 @@
-"""The model registry: every global model version, its lineage and its scores.
+"""The model registry: recorded global model versions, their lineage and their scores.
 
 A registry is a directory::
 
@@ -135,7 +135,7 @@ def export_format(path: Path, format: str | None = None) -> str:
     if named is None:
         return format or "safetensors"
     if format is not None and format != named:
-        raise ConfigError(f"export format {format} does not match {path.name}, a {named} file name")
+        raise ConfigError(f"export format {format} does not match {path.name}, which names {named}")
     return named
 
 

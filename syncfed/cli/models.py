@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = Parser(prog=PROGRAM, description="list, show, pick and export recorded model versions")
+    parser = Parser(prog=PROGRAM, description="list, show, pick, export, prune and measure recorded model versions")
     configure(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -229,10 +229,11 @@ def _plan_line(plan: RunPlan, args: argparse.Namespace, *, done: bool) -> str:
     rules = [f"last {args.keep_last}"] if args.keep_last is not None else []
     if args.keep_best is not None:
         rules.append(f"best {args.keep_best} by {plan.metric}" if plan.metric else "no metric to rank by")
-    rounds = ", ".join(str(version.round) for version in plan.keep) or "none"
+    rounds = ("round " if len(plan.keep) == 1 else "rounds ") + ", ".join(str(version.round) for version in plan.keep)
     keep, remove = ("kept", "removed") if done else ("keeps", "removes")
+    kept = rounds if plan.keep else "nothing"
     total = len(plan.keep) + len(plan.remove)
-    return f"run {plan.run_id}: {keep} rounds {rounds} ({', '.join(rules)}), {remove} {len(plan.remove)} of {total}"
+    return f"run {plan.run_id}: {keep} {kept} ({', '.join(rules)}), {remove} {len(plan.remove)} of {total}"
 
 
 def _usage(registry: ModelRegistry) -> str:

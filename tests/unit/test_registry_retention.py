@@ -271,8 +271,8 @@ def test_the_extension_picks_the_export_format(name: str, given: str | None, exp
 @pytest.mark.parametrize(
     ("name", "given", "message"),
     [
-        ("m.onnx", "safetensors", "export format safetensors does not match m.onnx, a onnx file name"),
-        ("m.safetensors", "onnx", "export format onnx does not match m.safetensors, a safetensors file name"),
+        ("m.onnx", "safetensors", "export format safetensors does not match m.onnx, which names onnx"),
+        ("m.safetensors", "onnx", "export format onnx does not match m.safetensors, which names safetensors"),
         (
             "m.pt",
             None,
