@@ -3,7 +3,7 @@
 Usage::
 
     python -m syncfed provision project.toml -o startup/
-    python -m syncfed models --registry runs/registry list|show ID|best METRIC|export ID PATH
+    python -m syncfed models --registry runs/registry list|show ID|best METRIC|export ID PATH|prune|du
     python -m syncfed analytics --workers alice=ws://localhost:8777,... label-histogram|feature-stats|quantiles
 """
 
@@ -35,8 +35,8 @@ def _main(argv: list[str] | None) -> int:
     models.configure(
         commands.add_parser(
             "models",
-            help="list, show, pick and export recorded model versions",
-            description="list, show, pick and export recorded model versions",
+            help="list, show, pick, export, prune and measure recorded model versions",
+            description="list, show, pick, export, prune and measure recorded model versions",
         )
     )
     analytics.configure(

@@ -342,7 +342,8 @@ class CoordinatorConfig:
     metrics_out: Path | None = None
     checkpoint_dir: Path | None = None
     resume: bool = False
-    registry: Path | None = None  # record every global version here (SQLite + safetensors; syncfed.registry)
+    registry: Path | None = None  # record global versions here (SQLite + safetensors; syncfed.registry)
+    registry_every_round: bool = False  # record every round, not only the evaluated ones and the final model
     # A user's own data (docs/data.md)
     normalize: str | None = None  # federated, fixed or none; None: the data kind's default
     # Reliability

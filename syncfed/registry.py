@@ -1,4 +1,4 @@
-"""The model registry: every global model version, its lineage and its scores.
+"""The model registry: recorded global model versions, their lineage and their scores.
 
 A registry is a directory::
 
@@ -34,7 +34,7 @@ Usage::
                               settings={"input_shape": [1, 8, 8]})
     registry.add_metrics("demo", 3, {"accuracy": 0.97, "loss": 0.11})
     best = registry.best("accuracy")
-    registry.export(best, Path("model.onnx"), format="onnx")
+    registry.export(best, Path("model.onnx"))  # the format comes from the extension
 """
 
 from __future__ import annotations
@@ -43,10 +43,12 @@ import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import math
 import os
 import re
 import sqlite3
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,12 +60,25 @@ from .checkpoint import save_weights
 from .exceptions import CheckpointError, ConfigError, ModelError, describe
 from .tensors import DTYPES, Weights, encode_tensor
 
-__all__ = ["DATABASE_FILE", "EXPORT_FORMATS", "SCHEMA_VERSION", "ModelVersion", "ModelRegistry", "content_hash"]
+__all__ = [
+    "DATABASE_FILE",
+    "EXPORT_FORMATS",
+    "SCHEMA_VERSION",
+    "WEIGHTS_FOLDER",
+    "ModelVersion",
+    "ModelRegistry",
+    "content_hash",
+    "export_format",
+]
 
 DATABASE_FILE: Final = "registry.sqlite3"
 WEIGHTS_FOLDER: Final = "weights"
 SCHEMA_VERSION: Final = 2  # 2: the version id covers the model name and the settings
 EXPORT_FORMATS: Final = ("safetensors", "onnx")
+#: The file extensions that name an export format; a file named otherwise is written as the caller says.
+FORMAT_OF_SUFFIX: Final = {".safetensors": "safetensors", ".onnx": "onnx"}
+#: Extensions of torch's pickled files, which syncfed never writes: torch.load would fail on what it got.
+PICKLE_SUFFIXES: Final = (".pt", ".pth")
 
 #: Upper bound on a run id's length: it is shown in tables and error lines.
 MAX_RUN_ID = 200
@@ -97,6 +112,31 @@ CREATE TABLE metrics (
 );
 """
 _COLUMNS = "id, run_id, round, model, created, participants, strategy, settings, hash"
+
+
+def export_format(path: Path, format: str | None = None) -> str:
+    """The format to write ``path`` in: the one its extension names, else ``format``, else safetensors.
+
+    A file's name is what its reader goes by, so a ``format`` that contradicts
+    the extension is refused rather than silently written under the wrong name.
+
+    Raises:
+        ConfigError: for an unknown format, a format the extension contradicts, or a ``.pt`` name.
+    """
+    if format is not None and format not in EXPORT_FORMATS:
+        raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ConfigError(
+            f"{path.name} names a torch pickle, which syncfed does not write: name it .safetensors"
+            " (safetensors.torch.load_file reads it for load_state_dict) or .onnx"
+        )
+    named = FORMAT_OF_SUFFIX.get(suffix)
+    if named is None:
+        return format or "safetensors"
+    if format is not None and format != named:
+        raise ConfigError(f"export format {format} does not match {path.name}, which names {named}")
+    return named
 
 
 def content_hash(weights: Mapping[str, np.ndarray]) -> str:
@@ -407,12 +447,15 @@ class ModelRegistry:
         self,
         version: ModelVersion | str,
         path: Path,
-        format: str = "safetensors",
+        format: str | None = None,
         *,
         input_shape: Sequence[int] | None = None,
         models: Sequence[str] = (),
     ) -> Path:
         """Write the weights of ``version`` to ``path`` as safetensors or as an ONNX model, atomically.
+
+        The format is the one ``path``'s extension names (:func:`export_format`): ``.onnx`` or
+        ``.safetensors``; ``format`` is needed only for other names, and must agree with the extension.
 
         ONNX export builds the model with ``resolve_model``, loads the checked
         weights and traces it with a dummy input of ``input_shape`` (default:
@@ -423,13 +466,12 @@ class ModelRegistry:
         ``models`` names it too: the database alone never decides what code runs.
 
         Raises:
-            ConfigError: for an unknown format, a missing input shape, missing onnx packages, or
-                an import path that ``models`` does not name.
+            ConfigError: for an unknown format or one the extension contradicts, a missing input
+                shape, missing onnx packages, or an import path that ``models`` does not name.
             CheckpointError: if the weights do not check out or ``path`` cannot be written.
             ModelError: if the model cannot be built, does not fit the weights or cannot be exported.
         """
-        if format not in EXPORT_FORMATS:
-            raise ConfigError(f"export format {format!r} is not one of {', '.join(EXPORT_FORMATS)}")
+        format = export_format(path, format)
         entry = version if isinstance(version, ModelVersion) else self.get(version)
         _check_id(entry)
         if format == "onnx":
@@ -451,6 +493,12 @@ class ModelRegistry:
             raise CheckpointError(f"cannot write {path}: {exc}") from None
         return path
 
+    def delete(self, versions: Sequence[ModelVersion]) -> int:
+        """Remove ``versions`` and each weights file no remaining version uses; the bytes freed."""
+        with self._db.transaction() as connection:
+            connection.executemany("DELETE FROM versions WHERE id = ?", [(version.id,) for version in versions])
+        return sum(self._drop_unreferenced(digest) for digest in sorted({version.hash for version in versions}))
+
     # Storage
 
     def _store(self, digest: str, weights: Mapping[str, np.ndarray]) -> None:
@@ -465,11 +513,16 @@ class ModelRegistry:
         except OSError as exc:
             raise CheckpointError(f"cannot write weights to {path}: {exc}") from None
 
-    def _drop_unreferenced(self, digest: str) -> None:
+    def _drop_unreferenced(self, digest: str) -> int:
+        """Delete the weights file of ``digest`` if no version uses it; the bytes freed."""
         with self._db.connection() as connection:
             used = connection.execute("SELECT 1 FROM versions WHERE hash = ? LIMIT 1", (digest,)).fetchone()
-        if used is None:
-            self._weights_path(digest).unlink(missing_ok=True)
+        path = self._weights_path(digest)
+        if used is not None or not path.is_file():
+            return 0
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        return size
 
     def _weights_path(self, digest: str) -> Path:
         return self.directory / WEIGHTS_FOLDER / f"{digest}.safetensors"
@@ -608,16 +661,17 @@ def _export_onnx(model_name: str, weights: Weights, input_shape: tuple[int, ...]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     try:
-        torch.onnx.export(
-            model,
-            (dummy,),
-            str(partial),
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_shapes=({0: torch.export.Dim("batch")},),
-            external_data=False,
-            verbose=False,
-        )
+        with _quiet_exporter():
+            torch.onnx.export(
+                model,
+                (dummy,),
+                str(partial),
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                external_data=False,
+                verbose=False,
+            )
     except Exception as exc:  # the exporter raises many types for a model it cannot trace
         partial.unlink(missing_ok=True)
         if isinstance(exc, OSError):
@@ -626,3 +680,25 @@ def _export_onnx(model_name: str, weights: Weights, input_shape: tuple[int, ...]
     with partial.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(partial, path)
+
+
+#: The logger torch's exporter names each torchvision operator it skips on: a note for torchvision's users.
+_REGISTRATION_LOGGER: Final = "torch.onnx._internal.exporter._registration"
+
+
+def _not_torchvision(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("torchvision is not installed")
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Hide what torch's exporter says about itself during one export: that it skips torchvision's operators
+    (which no syncfed model uses) and its own internal deprecations. The model's own warnings still show."""
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    logger.addFilter(_not_torchvision)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|copyreg)(\.|$)")
+            yield
+    finally:
+        logger.removeFilter(_not_torchvision)

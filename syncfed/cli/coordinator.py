@@ -271,10 +271,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--registry",
         type=Path,
         metavar="DIR",
-        help="record every global model version in this model registry (python -m syncfed models);"
-        " default: registry/ beside --metrics-out when that is given",
+        help="record the evaluated rounds' and the final global model in this model registry"
+        " (python -m syncfed models); default: registry/ beside --metrics-out when that is given",
     )
     output.add_argument("--no-registry", action="store_true", help="record no model versions")
+    output.add_argument(
+        "--registry-every-round", action="store_true", help="record every round's model in the registry"
+    )
     output.add_argument(
         "--no-progress", action="store_true", help="plain lines per round instead of a progress bar on a terminal"
     )

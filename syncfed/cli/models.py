@@ -1,29 +1,31 @@
-"""``python -m syncfed models``: list, show, pick and export recorded model versions.
+"""``python -m syncfed models``: list, show, pick, export, prune and measure recorded model versions.
 
 Usage::
 
     python -m syncfed models --registry runs/registry list [--run RUN]
     python -m syncfed models --registry runs/registry show 2883a75b
-    python -m syncfed models --registry runs/registry best accuracy
+    python -m syncfed models --registry runs/registry best accuracy [--json]
     python -m syncfed models --registry runs/registry best loss --lowest --run demo
-    python -m syncfed models --registry runs/registry export demo:40 model.onnx --format onnx
-    python -m syncfed models --registry runs/registry export demo:40 model.onnx --format onnx --model mypkg:Net
+    python -m syncfed models --registry runs/registry export demo:40 model.onnx
+    python -m syncfed models --registry runs/registry export demo:40 model.onnx --model mypkg:Net
+    python -m syncfed models --registry runs/registry prune --keep-last 1 --keep-best 1 [--yes]
+    python -m syncfed models --registry runs/registry du
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
+import math
 import os
 import sys
-import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from ..exceptions import SyncfedError
+from ..exceptions import ConfigError, SyncfedError
 from ..registry import EXPORT_FORMATS, ModelRegistry, ModelVersion
+from ..retention import RunPlan, disk_usage, prune_plan, reclaimable
 from .common import INTERRUPTED, Parser, fail, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "configure", "run", "main"]
@@ -33,7 +35,7 @@ _COLUMNS = ("ID", "RUN", "ROUND", "MODEL", "CREATED (UTC)", "METRICS")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    """Add the registry flag and the four actions to ``parser`` (its own, or ``python -m syncfed``'s subparser)."""
+    """Add the registry flag and the actions to ``parser`` (its own, or ``python -m syncfed``'s subparser)."""
     parser.add_argument("--registry", type=Path, required=True, metavar="DIR", help="the model registry directory")
     actions = parser.add_subparsers(dest="action", required=True)
     listing = actions.add_parser("list", help="list versions, oldest first")
@@ -44,10 +46,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     best.add_argument("metric", help="a metric name, such as accuracy or loss")
     best.add_argument("--lowest", action="store_true", help="lowest is best (for a loss)")
     best.add_argument("--run", help="only among the versions of this run")
+    best.add_argument("--json", action="store_true", help="print the whole record as JSON, not one line")
     export = actions.add_parser("export", help="write a version's weights to a file")
     export.add_argument("version", metavar="ID", help="a version id, a unique prefix of one, or RUN:ROUND")
     export.add_argument("path", type=Path, metavar="PATH", help="the file to write")
-    export.add_argument("--format", choices=EXPORT_FORMATS, default="safetensors", help="(default: %(default)s)")
+    export.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="needed only for a PATH not ending .onnx or .safetensors, and must agree with the one it ends in"
+        " (default: from PATH; safetensors for other names)",
+    )
     export.add_argument(
         "--input-shape",
         type=_shape,
@@ -61,6 +69,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="onnx: let the export import this user model, which the version names (repeatable);"
         " built-in models need no flag",
     )
+    prune = actions.add_parser(
+        "prune", help="remove versions, keeping per run the last N and the best N; lists them unless --yes"
+    )
+    prune.add_argument("--keep-last", type=int, metavar="N", help="keep each run's last N rounds")
+    prune.add_argument(
+        "--keep-best",
+        type=int,
+        metavar="N",
+        help="keep each run's best N by its headline metric: auc, mae, accuracy, else loss",
+    )
+    prune.add_argument("--run", help="only the versions of this run")
+    prune.add_argument("--yes", action="store_true", help="remove them (without it, only say what would go)")
+    actions.add_parser("du", help="the disk space each run's versions take, and the total")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -73,12 +94,17 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "show":
             print(_describe(registry.get(args.version)))
         elif args.action == "best":
-            print(_describe(registry.best(args.metric, run_id=args.run, lowest=args.lowest)))
-        else:
+            best = registry.best(args.metric, run_id=args.run, lowest=args.lowest)
+            score = _metrics({args.metric: best.metrics[args.metric]})
+            print(json.dumps(_record(best)) if args.json else f"{_name(best)}: {score}")
+        elif args.action == "export":
             version = registry.get(args.version)
-            with _quiet_exporter():
-                registry.export(version, args.path, args.format, input_shape=args.input_shape, models=args.model)
-            print(f"exported {version.id[:12]} (run {version.run_id}, round {version.round}) to {args.path}")
+            registry.export(version, args.path, args.format, input_shape=args.input_shape, models=args.model)
+            print(f"exported {_name(version)} to {args.path}")
+        elif args.action == "prune":
+            print(_prune(registry, args))
+        else:
+            print(_usage(registry))
         sys.stdout.flush()  # here, where a closed pipe is caught, not at exit
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
@@ -97,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    parser = Parser(prog=PROGRAM, description="list, show, pick and export recorded model versions")
+    parser = Parser(prog=PROGRAM, description="list, show, pick, export, prune and measure recorded model versions")
     configure(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -107,10 +133,14 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _table(versions: Sequence[ModelVersion]) -> str:
-    """Aligned columns, numbers right-aligned; empty when there are no versions."""
+    """The versions in aligned columns; empty when there are none."""
     if not versions:
         return ""
-    rows = [
+    return _aligned([_COLUMNS, *_rows(versions)], right={2})
+
+
+def _rows(versions: Sequence[ModelVersion]) -> list[tuple[str, ...]]:
+    return [
         (
             version.id[:12],
             version.run_id,
@@ -121,15 +151,41 @@ def _table(versions: Sequence[ModelVersion]) -> str:
         )
         for version in versions
     ]
-    widths = [max(len(row[column]) for row in [_COLUMNS, *rows]) for column in range(len(_COLUMNS))]
+
+
+def _aligned(rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """Rows in columns two spaces apart, the ``right`` ones (numbers) right-aligned."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
     lines = []
-    for row in [_COLUMNS, *rows]:
+    for row in rows:
         cells = [
-            cell.rjust(width) if column == 2 else cell.ljust(width)
+            cell.rjust(width) if column in right else cell.ljust(width)
             for column, (cell, width) in enumerate(zip(row, widths, strict=True))
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _name(version: ModelVersion) -> str:
+    """A version as one short phrase: its id as the commands take it, its run and round."""
+    return f"{version.id[:12]} (run {version.run_id}, round {version.round})"
+
+
+def _record(version: ModelVersion) -> dict[str, Any]:
+    """Every field of a version as JSON values: a NaN metric (a diverged run) is null."""
+    return {
+        "id": version.id,
+        "run": version.run_id,
+        "round": version.round,
+        "model": version.model,
+        "created": version.created,
+        "participants": list(version.participants),
+        "strategy": version.strategy,
+        "settings": version.settings,
+        "metrics": {name: None if math.isnan(value) else value for name, value in version.metrics.items()},
+        "hash": version.hash,
+        "weights": str(version.path),
+    }
 
 
 def _describe(version: ModelVersion) -> str:
@@ -150,6 +206,58 @@ def _describe(version: ModelVersion) -> str:
     return "\n".join(f"{(name + ':').ljust(width)} {value}" for name, value in fields.items())
 
 
+def _prune(registry: ModelRegistry, args: argparse.Namespace) -> str:
+    """Remove (with ``--yes``) or list what ``--keep-last`` and ``--keep-best`` leave out, run by run.
+
+    Raises:
+        ConfigError: if neither count is given, or one is negative.
+    """
+    if args.keep_last is None and args.keep_best is None:
+        raise ConfigError("prune needs --keep-last N, --keep-best N or both: it keeps only what they name")
+    every = registry.versions()
+    plans = prune_plan(registry.versions(args.run), keep_last=args.keep_last or 0, keep_best=args.keep_best or 0)
+    remove = [version for plan in plans for version in plan.remove]
+    lines = [_plan_line(plan, args, done=args.yes) for plan in plans]
+    if not remove:
+        return "\n".join([*lines, "nothing to remove"])
+    if args.yes:
+        return "\n".join([*lines, f"freed {_size(registry.delete(remove))}"])
+    return "\n".join([*lines, f"would free {_size(reclaimable(remove, every))}; pass --yes to remove them"])
+
+
+def _plan_line(plan: RunPlan, args: argparse.Namespace, *, done: bool) -> str:
+    rules = [f"last {args.keep_last}"] if args.keep_last is not None else []
+    if args.keep_best is not None:
+        rules.append(f"best {args.keep_best} by {plan.metric}" if plan.metric else "no metric to rank by")
+    rounds = ("round " if len(plan.keep) == 1 else "rounds ") + ", ".join(str(version.round) for version in plan.keep)
+    keep, remove = ("kept", "removed") if done else ("keeps", "removes")
+    kept = rounds if plan.keep else "nothing"
+    total = len(plan.keep) + len(plan.remove)
+    return f"run {plan.run_id}: {keep} {kept} ({', '.join(rules)}), {remove} {len(plan.remove)} of {total}"
+
+
+def _usage(registry: ModelRegistry) -> str:
+    """The ``du`` table: each run's versions and bytes, weights no version uses, the database, the total."""
+    usage = disk_usage(registry)
+    rows = [("RUN", "VERSIONS", "SIZE")]
+    rows += [(run_id, str(count), _size(size)) for run_id, (count, size) in usage.runs.items()]
+    if usage.unreferenced:
+        rows.append(("weights no version uses", "", _size(usage.unreferenced)))
+    rows.append(("database", "", _size(usage.database)))
+    rows.append(("total", str(sum(count for count, _ in usage.runs.values())), _size(usage.total)))
+    return _aligned(rows, right={1, 2})
+
+
+def _size(size: int) -> str:
+    """Bytes in binary units, as --max-message-size takes them: 512 B, 2.3 MiB."""
+    value, unit = float(size), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
+
+
 def _metrics(metrics: Mapping[str, float]) -> str:
     return " ".join(f"{name}={value:.4g}" for name, value in metrics.items())
 
@@ -162,12 +270,3 @@ def _shape(text: str) -> tuple[int, ...]:
     if not shape or min(shape) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 1,8,8")
     return shape
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Hide torch's ONNX exporter chatter (deprecations, optional torchvision ops): the user asked for a file."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        yield

@@ -113,6 +113,7 @@ class Coordinator:
             journal.open_metrics(result)
             rounds = BufferedRounds(context) if config.mode == "async" else SyncRounds(context, self._private)
             await rounds.run(start, result, groups)
+            await journal.finish(result)
             if config.cross_site_validation:
                 await cross_site_validation(context, result)
         finally:

@@ -88,6 +88,7 @@ class Journal:
         #: Names this run in the model registry: the start time and a random suffix, kept across --resume.
         self.run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
         self._registry = ModelRegistry(config.registry) if config.registry is not None else None
+        self._unregistered: int | None = None  # the latest round, when the registry skipped it
         self._metrics: IO[str] | None = None
         self._resumed: Checkpoint | None = None
         self._model_name = ""
@@ -213,10 +214,25 @@ class Journal:
         self._metrics.seek(0, os.SEEK_END)
 
     async def version_done(self, round_number: int, result: RunResult) -> None:
-        """Record a finished round (or asynchronous version): in the model registry, then in the checkpoint."""
+        """Record a finished round (or asynchronous version): in the model registry, then in the checkpoint.
+
+        The registry keeps the evaluated rounds, the ones with scores to choose by, and the final model
+        (:meth:`finish`); every round only with ``registry_every_round``, as a model takes MiBs a round.
+        """
         if self._registry is not None:
-            await asyncio.to_thread(self._register, round_number, result)
+            if self.config.registry_every_round or self.config.is_eval_round(round_number):
+                await asyncio.to_thread(self._register, round_number, result)
+                self._unregistered = None
+            else:
+                self._unregistered = round_number
         self._checkpoint(round_number, result)
+
+    async def finish(self, result: RunResult) -> None:
+        """Record the final model when the rounds stopped early, after a round the registry skipped
+        (``--dp-target-epsilon``); the last round of a full run is an evaluated one, recorded already."""
+        if self._registry is not None and self._unregistered is not None:
+            await asyncio.to_thread(self._register, self._unregistered, result)
+            self._unregistered = None
 
     def _identity(self) -> dict[str, Any]:
         assert self._reference is not None
