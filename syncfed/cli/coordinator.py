@@ -629,7 +629,7 @@ async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
     """One row of the status table: who the worker is and how fast it answers."""
     client = WorkerLink.from_settings(name, uri, link_settings(args, uri))
     try:
-        await client.connect()
+        await client.connect(wait_for_start=False)  # a status table says who is down now
         try:
             info = await client.request(Hello(), timeout=args.connect_timeout)
             assert isinstance(info, Info)
