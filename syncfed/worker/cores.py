@@ -131,9 +131,9 @@ class CoreShare:
             torch.set_num_threads(threads)
         if (threads, workers) != self.said:
             logger.info(
-                "%s trains with %s, its share of %d cores among %s on this machine (--threads fixes the count)",
+                "%s runs torch with %s, its share of %d cores among %s on this machine (--threads fixes the count)",
                 self.worker_id,
-                counted(threads, "torch thread"),
+                counted(threads, "thread"),
                 self.cores,
                 counted(max(1, workers), "syncfed worker"),
             )

@@ -28,7 +28,7 @@ def test_a_worker_without_threads_shares_the_cores_with_the_workers_it_can_see(
         with running_workers([("frank", ["--digits", "1,2"])]) as workers:
             frank = workers["frank"]
             assert count_workers(registry) == cores + 1
-            started = f"frank trains with 1 torch thread, its share of {cores} cores among {cores + 1} syncfed workers"
+            started = f"frank runs torch with 1 thread, its share of {cores} cores among {cores + 1} syncfed workers"
             assert any(started in line for line in frank.output), list(frank.output)
             others.close()  # they stop: the next job takes more
 

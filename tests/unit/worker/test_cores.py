@@ -89,8 +89,8 @@ def test_the_share_shrinks_when_workers_start_and_applies_to_the_calling_thread(
             workers.enter_context(registered(tmp_path))
         assert in_thread(apply) == (1, 1)
     assert [record.getMessage() for record in caplog.records] == [
-        "alice trains with 4 torch threads, its share of 4 cores among 1 syncfed worker on this machine"
+        "alice runs torch with 4 threads, its share of 4 cores among 1 syncfed worker on this machine"
         " (--threads fixes the count)",
-        "alice trains with 1 torch thread, its share of 4 cores among 4 syncfed workers on this machine"
+        "alice runs torch with 1 thread, its share of 4 cores among 4 syncfed workers on this machine"
         " (--threads fixes the count)",
     ]
