@@ -107,8 +107,7 @@ class WorkerLink:
         self.max_message_size = max_message_size
         self.chunk_size = chunk_size  # larger requests are streamed in fragments of this size
         self.connect_timeout = connect_timeout
-        # A refused connection is tried again after retry_delay, doubling up to max_retry_delay, within
-        # connect_timeout: a worker started a moment ago may still be importing torch.
+        # A refused connection is tried again, retry_delay doubling up to max_retry_delay: the worker may be starting.
         self.retry_delay = retry_delay
         self.max_retry_delay = max_retry_delay
         self.request_timeout = request_timeout
@@ -154,10 +153,8 @@ class WorkerLink:
     async def connect(self, *, wait_for_start: bool = True) -> None:
         """Open the connection: TLS for wss:// addresses, then the token handshake when one is set.
 
-        While the worker refuses the connection (``wait_for_start``: it may
-        still be starting), try again with backoff until ``connect_timeout``,
-        saying once who is waited for. A rejoin attempt passes ``False``: it
-        has a backoff of its own.
+        While nothing listens (``wait_for_start``: the worker may be starting), try again with backoff until
+        ``connect_timeout``, saying once whom it waits for. A rejoin passes ``False``: it has a backoff of its own.
 
         Raises:
             WorkerUnavailable: if the worker cannot be reached within ``connect_timeout``.
@@ -194,8 +191,7 @@ class WorkerLink:
                                 self.connect_timeout,
                             )
                             refused = True
-                        # Jitter: workers started together are not all tried at the same instant.
-                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: workers started together
                         delay = min(2 * delay, self.max_retry_delay)
                 if self.auth_token is not None:
                     try:
