@@ -202,10 +202,6 @@ def test_worker_args_are_checked_before_anything_starts() -> None:
         (["--spawn-workers", "--worker-args=--data_dir=/x"], "--worker-args cannot set --data-dir: --spawn-workers"),
         (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
         (
-            ["--spawn-workers", "--worker-args", "erin=--digits 1"],
-            "--worker-args 'erin=--digits 1' names 'erin', not a",
-        ),
-        (
             ["--spawn-workers", "--workers", "alice=ws://localhost:1,dave=ws://localhost:2"],
             "worker id 'dave' has no default digits (only alice, bob, charlie do): give them with"
             " --worker-args dave='--digits 0,5,9' (or --shard K/N)",
