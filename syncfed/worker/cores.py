@@ -17,6 +17,7 @@ torch keeps its default.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
@@ -66,22 +67,25 @@ def registered(directory: Path | None = None) -> Iterator[None]:
     """Count this process among the host's live workers while the block runs.
 
     The file is locked before it takes its counted name, so a counter never
-    finds it unlocked and takes it for stale.
+    finds it unlocked and takes it for stale. A folder that cannot be
+    written is said in one line, and the worker serves uncounted.
     """
     if sys.platform == "win32":
         yield
         return
     folder = registry_dir() if directory is None else directory
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    staging = folder / f".{os.getpid()}-{uuid.uuid4().hex}"
-    final = staging.with_name(staging.name[1:] + SUFFIX)
-    with staging.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        staging.rename(final)
+    with contextlib.ExitStack() as held:
         try:
-            yield
-        finally:
-            final.unlink(missing_ok=True)
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            staging = folder / f".{os.getpid()}-{uuid.uuid4().hex}"
+            final = staging.with_name(staging.name[1:] + SUFFIX)
+            handle = held.enter_context(staging.open("w"))
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            staging.rename(final)
+            held.callback(final.unlink, missing_ok=True)
+        except OSError as exc:
+            logger.warning("cannot register in %s (%s): other workers here will not count this one", folder, exc)
+        yield
 
 
 def count_workers(directory: Path | None = None) -> int:
@@ -91,7 +95,7 @@ def count_workers(directory: Path | None = None) -> int:
     folder = registry_dir() if directory is None else directory
     try:
         entries = [path for path in folder.iterdir() if path.name.endswith(SUFFIX)]
-    except FileNotFoundError:
+    except OSError:  # none registered yet, or not ours to read
         return 0
     live = 0
     for path in entries:
@@ -105,6 +109,8 @@ def count_workers(directory: Path | None = None) -> int:
                 path.unlink(missing_ok=True)  # nobody holds it: its worker is gone
         except FileNotFoundError:  # removed by its worker or another counter meanwhile
             continue
+        except OSError:  # cannot be opened, so cannot be told stale: counted
+            live += 1
     return live
 
 

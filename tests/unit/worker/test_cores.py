@@ -51,6 +51,16 @@ def test_a_dead_workers_file_is_not_counted_and_is_removed(tmp_path: Path) -> No
     assert not stale.exists()
 
 
+def test_a_registry_that_cannot_be_written_leaves_the_worker_serving_uncounted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    taken = tmp_path / "a file, not a folder"
+    taken.write_text("")
+    with caplog.at_level(logging.WARNING, logger="syncfed.worker"), registered(taken):
+        assert count_workers(taken) == 0
+    assert [record.getMessage().split(" (")[0] for record in caplog.records] == [f"cannot register in {taken}"]
+
+
 def test_the_registry_is_under_the_runtime_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     assert registry_dir() == tmp_path / "syncfed-workers"
