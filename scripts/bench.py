@@ -24,6 +24,11 @@ Sections (``--only``, comma-separated; all by default):
 5. ``flower``: the overhead tasks under Flower's legacy gRPC mode
    (``start_server``/``start_client``, 512 MiB message limit, offline), when
    ``flwr`` is installed; it is never a dependency of syncfed.
+6. ``walkthrough``: the README's four-terminal walk-through (four
+   ``run_websocket_server.py`` processes started as the README starts them,
+   default threads, then ``run_websocket_client.py``) against the one-command
+   ``run_websocket_client.py --spawn-workers``, the demo's recipe for
+   ``--walkthrough-rounds`` rounds each (issue 18: within 1.5x).
 
 Every figure is the median of the rounds after the first, a warm-up; MB is
 10**6 bytes. Wall and CPU seconds are both reported: ratios come from one run,
@@ -62,7 +67,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -80,7 +86,7 @@ from syncfed.worker import load_holdings, load_shard, run_worker  # noqa: E402
 __all__ = ["Plan", "FULL", "QUICK", "main"]
 
 MB = 1e6
-SECTIONS = ("overhead", "transfer", "scale", "memory", "flower")
+SECTIONS = ("overhead", "transfer", "scale", "memory", "flower", "walkthrough")
 TRAINERS = ("alice", "bob", "charlie")
 #: The recipe every run shares: the demo's batch size and seed, a learning rate the MLPs train with.
 BATCH_SIZE, SEED, LR = 32, 1, 0.05
@@ -119,6 +125,7 @@ class Plan:
     max_processes: int = 10  # more workers than this run as asyncio servers in a few processes
     per_host: int = 25
     threads: int = 1  # torch threads of each worker, each Flower client and the plain loop
+    walkthrough_rounds: int = 40  # the demo's
 
 
 FULL = Plan()
@@ -139,6 +146,7 @@ QUICK = Plan(
     websocket_bytes=20 * 10**6,
     max_processes=0,  # one host process for all: fewer imports of torch, and hosting gets tested
     per_host=4,
+    walkthrough_rounds=3,
 )
 
 
@@ -984,6 +992,96 @@ async def flower(plan: Plan, results: Mapping[str, Any]) -> dict[str, Any]:
     return {"version": flwr.__version__, "rows": rows}
 
 
+# The README's walk-through
+
+#: The README's four terminals: the worker flags beside --id, and the coordinator's per-round line.
+WALKTHROUGH = (("alice", ()), ("bob", ()), ("charlie", ()), ("testing", ("--testing",)))
+_ROUND_DONE = re.compile(r"^Round \d+/\d+ done in ([0-9.]+) s")
+WALKTHROUGH_LIMIT = 1.5  # issue 18
+
+
+async def timed_command(arguments: Sequence[str]) -> tuple[float, list[float]]:
+    """Run ``python ARGUMENTS`` from the repository root: its wall seconds and the rounds' seconds it printed."""
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, *arguments, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    try:
+        async with asyncio.timeout(SECTION_TIMEOUT):
+            output, _ = await process.communicate()
+    finally:
+        await _stop(process)
+    seconds = time.perf_counter() - started
+    text = output.decode(errors="replace")
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(arguments)} exited with status {process.returncode}: {text[-2000:]}")
+    return seconds, [float(match.group(1)) for match in map(_ROUND_DONE.match, text.splitlines()) if match]
+
+
+@asynccontextmanager
+async def terminals() -> AsyncIterator[dict[str, str]]:
+    """The walk-through's four workers, each a process as a terminal would start it, on free ports: ``{id: uri}``."""
+    processes: list[asyncio.subprocess.Process] = []
+    drains: list[asyncio.Task[None]] = []
+
+    async def start(name: str, flags: Sequence[str]) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "run_websocket_server.py",
+            "--id",
+            name,
+            "--port",
+            "0",  # the README's 8777-8780 may be taken on a shared machine
+            *flags,
+            cwd=REPO,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        processes.append(process)
+        lines: collections.deque[str] = collections.deque(maxlen=40)
+        assert process.stdout is not None
+        async with asyncio.timeout(STARTUP_TIMEOUT):
+            while True:
+                line = (await process.stdout.readline()).decode(errors="replace").rstrip()
+                if not line and process.stdout.at_eof():
+                    raise RuntimeError(f"worker {name} exited with status {await process.wait()}: {' | '.join(lines)}")
+                lines.append(line)
+                match = _READY.match(line)
+                if match:
+                    drains.append(asyncio.create_task(_drain(process, lines)))
+                    return match.group(2)
+
+    try:
+        uris = await asyncio.gather(*(start(name, flags) for name, flags in WALKTHROUGH))
+        yield {name: uri for (name, _), uri in zip(WALKTHROUGH, uris, strict=True)}
+    finally:
+        await asyncio.gather(*(_stop(process) for process in processes))
+        for task in drains:
+            task.cancel()
+
+
+async def walkthrough(plan: Plan) -> dict[str, Any]:
+    """The walk-through's coordinator over four separately started workers, then the spawned demo, same rounds."""
+    common = ["run_websocket_client.py", "--training-rounds", str(plan.walkthrough_rounds), "--no-progress"]
+    async with terminals() as uris:
+        workers = ",".join(f"{name}={uris[name]}" for name, _ in WALKTHROUGH[:3])
+        separate = await timed_command([*common, "--workers", workers, "--evaluator", f"testing={uris['testing']}"])
+    spawned = await timed_command([*common, "--spawn-workers"])
+    rows = []
+    for name, (seconds, rounds) in (("four terminals", separate), ("--spawn-workers", spawned)):
+        rows.append({"run": name, "wall_s": seconds, "rounds_s": sum(rounds), "median_round_s": steady(rounds)})
+    ratio = rows[0]["rounds_s"] / rows[1]["rounds_s"]
+    print_table(
+        f"6. The README's walk-through against the spawned demo, {plan.walkthrough_rounds} rounds"
+        " (wall: the coordinator's command, which for --spawn-workers starts the workers too)",
+        ["run", "wall s", "rounds s", "median round s"],
+        [[r["run"], f"{r['wall_s']:.1f}", f"{r['rounds_s']:.1f}", f"{r['median_round_s']:.2f}"] for r in rows],
+    )
+    met = "met" if ratio <= WALKTHROUGH_LIMIT else "NOT met"
+    print(f"  walk-through / spawned demo, rounds: {ratio:.2f}x (target {WALKTHROUGH_LIMIT:g}x: {met})")
+    return {"rounds": plan.walkthrough_rounds, "rows": rows, "ratio": ratio, "limit": WALKTHROUGH_LIMIT}
+
+
 # Targets
 
 
@@ -1102,6 +1200,10 @@ async def run(plan: Plan, sections: Sequence[str], profile: bool) -> dict[str, A
         started = time.perf_counter()
         results["flower"] = await flower(plan, results)
         wall["flower"] = time.perf_counter() - started
+    if "walkthrough" in sections:
+        started = time.perf_counter()
+        results["walkthrough"] = await walkthrough(plan)
+        wall["walkthrough"] = time.perf_counter() - started
     found = targets(plan, results)
     results["targets"] = [dataclasses.asdict(target) for target in found]
     if found:
@@ -1140,6 +1242,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-processes", type=int, help="more workers than this are hosted several to a process (default: 10)"
     )
     parser.add_argument("--per-host", type=int, help="workers per host process above --max-processes (default: 25)")
+    parser.add_argument(
+        "--walkthrough-rounds",
+        type=int,
+        help="rounds of each walkthrough run (default: 40, the demo's; 3 with --quick)",
+    )
     return parser
 
 
@@ -1162,7 +1269,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     plan = QUICK if args.quick else FULL
-    overrides = {"threads": args.threads, "max_processes": args.max_processes, "per_host": args.per_host}
+    overrides = {
+        "threads": args.threads,
+        "max_processes": args.max_processes,
+        "per_host": args.per_host,
+        "walkthrough_rounds": args.walkthrough_rounds,
+    }
     plan = dataclasses.replace(plan, **{name: value for name, value in overrides.items() if value is not None})
     started = time.perf_counter()
     try:

@@ -160,7 +160,10 @@ class WorkerConfig:
     tasks: tuple[str, ...] = ()  # import paths of user tasks (mypkg.tasks:Task) a request's recipe may name
     state_dir: Path | None = None  # where optimizer state kept between rounds (keep_state) is saved; None: memory
     cuda: bool = False
-    threads: int | None = None  # torch threads; None keeps torch's default
+    threads: int | None = None  # torch threads; None keeps torch's default, or shares the cores (share_cores)
+    # With threads None: before each job, torch's threads are this process's share of the host's cores among the
+    # syncfed workers running on it (syncfed.worker.cores). The command line's workers do; an embedded one does not.
+    share_cores: bool = False
     download: bool = True
     # Limits
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE

@@ -199,7 +199,8 @@ def add_connection_limits(limits: argparse._ArgumentGroup) -> None:
         "--connect-timeout",
         type=float,
         default=DEFAULT_CONNECT_TIMEOUT,
-        help="seconds to connect and greet each worker (default: %(default)s)",
+        help="seconds to connect and greet each worker; one that refuses (still starting) is tried again"
+        " until then; --status asks once (default: %(default)s)",
     )
 
 

@@ -44,6 +44,7 @@ from ..models import DEMO_MODELS
 from ..monitor import Progress, TensorBoardWriter
 from ..net.link import WorkerLink
 from ..net.spawn import spawn_workers
+from ..partition import DEFAULT_CLASSES
 from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS, Hello, Info, Ping
 from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
@@ -211,9 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     common.add_argument(
         "--worker-args",
-        metavar="ARGS",
+        action="append",
+        default=[],
+        metavar="[NAME=]ARGS",
         help="with --spawn-workers: more flags for every training worker, as one shell-quoted string, e.g."
-        " --worker-args='--val-fraction 0.2 --slowdown 0.1' (see run_websocket_server.py --help)",
+        " --worker-args='--val-fraction 0.2 --slowdown 0.1', or for worker NAME alone (the evaluator too), e.g."
+        " --worker-args dave='--digits 0,5,9'; repeatable (see run_websocket_server.py --help)",
     )
     common.add_argument(
         "--site",
@@ -223,7 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="spawn a local worker NAME over its own data DATA (a worker's --data: csv:PATH, images:DIR, ...),"
         " optionally followed by flags for that site alone, e.g. --site 'bob=csv:b.csv --label-column y';"
         " repeat per site; the site named as the evaluator (testing, unless --evaluator names another) holds"
-        " the test data; implies --spawn-workers, and --worker-args go to every site (docs/data.md)",
+        " the test data; implies --spawn-workers, and --worker-args go to every site, or NAME=ARGS to one"
+        " (docs/data.md)",
     )
     workers.add_argument(
         "--centralized",
@@ -540,10 +545,50 @@ def _worker_args(text: str | None, what: str = "--worker-args") -> list[str]:
     except ValueError as exc:
         raise ConfigError(f"{what} {text!r}: {exc}") from None
     for token in tokens:
-        flag = token.split("=", 1)[0].replace("_", "-")
-        if flag in SPAWNER_FLAGS:
-            raise ConfigError(f"{what} cannot set {flag}: --spawn-workers sets it for each worker")
+        if _flag(token) in SPAWNER_FLAGS:
+            raise ConfigError(f"{what} cannot set {_flag(token)}: --spawn-workers sets it for each worker")
     return tokens
+
+
+def _flag(token: str) -> str:
+    """``--digits_x=1`` -> ``--digits-x``: the flag a worker's argument names, as the worker reads it."""
+    return token.split("=", 1)[0].replace("_", "-")
+
+
+def parse_worker_args(entries: Sequence[str], spawned: Sequence[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """``--worker-args`` entries as the flags for every spawned training worker and ``{name: its own flags}``.
+
+    An entry that starts with a flag is for every training worker; ``NAME=ARGS``
+    for the spawned worker NAME alone, whose own flags come last and so win.
+
+    Raises:
+        ConfigError: if an entry cannot be split, sets a flag the spawner sets, or names no spawned worker.
+    """
+    every: list[str] = []
+    own: dict[str, list[str]] = {}
+    for entry in entries:
+        name, sep, rest = entry.partition("=")
+        if not sep or entry.lstrip().startswith("-"):
+            every += _worker_args(entry)
+            continue
+        name = name.strip()
+        if name not in spawned:
+            raise ConfigError(f"--worker-args {entry!r} names {name!r}, not a spawned worker ({', '.join(spawned)})")
+        own.setdefault(name, []).extend(_worker_args(rest, f"--worker-args {name}"))
+    return every, own
+
+
+def _check_classes(name: str, arguments: Sequence[str]) -> None:
+    """A spawned training worker whose id has no default digits must be given some, before any process starts.
+
+    Raises:
+        ConfigError: naming the per-worker form that gives them.
+    """
+    if name not in DEFAULT_CLASSES and not {"--digits", "--shard"} & {_flag(token) for token in arguments}:
+        raise ConfigError(
+            f"worker id {name!r} has no default digits (only {', '.join(DEFAULT_CLASSES)} do): give them with"
+            f" --worker-args {name}='--digits 0,5,9' (or --shard K/N)"
+        )
 
 
 def parse_sites(entries: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
@@ -592,19 +637,24 @@ async def _with_workers(
             "--centralized trains one spawned worker that holds all the training data: add --spawn-workers"
         )
     if not args.spawn_workers:
-        if args.worker_args is not None:
+        if args.worker_args:
             raise ConfigError("--worker-args only applies with --spawn-workers")
         return await action(workers, evaluator)
-    extra = _worker_args(args.worker_args)
-    if args.dataset == "mnist":
-        ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
+    extra, own = parse_worker_args(args.worker_args, [*workers, *evaluator])
     common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
     if args.cuda:
         common.append("--cuda")
     if args.model and args.model not in DEMO_MODELS:  # a user model, or a benchmark model: workers serve it only so
         common += ["--model", args.model]
-    plan = [(name, [*common, "--digits", "0-9", *extra] if name == CENTRAL else [*common, *extra]) for name in workers]
-    plan += [(name, [*common, "--testing"]) for name in evaluator]
+    plan = [
+        (name, [*common, *(["--digits", "0-9"] if name == CENTRAL else []), *extra, *own.get(name, [])])
+        for name in workers
+    ]
+    for name, arguments in plan:
+        _check_classes(name, arguments)
+    plan += [(name, [*common, "--testing", *own.get(name, [])]) for name in evaluator]
+    if args.dataset == "mnist":
+        ensure_mnist(args.data_dir)  # once, rather than four workers downloading at the same time
     async with spawn_workers(plan) as processes:
         spawned = {name: processes[name].uri for name in workers}
         spawned_evaluator = {name: processes[name].uri for name in evaluator}
@@ -621,7 +671,9 @@ async def _with_sites(
     if args.centralized:
         raise ConfigError("--centralized pools the bundled data set; it does not apply to --site")
     sites = parse_sites(args.site)
-    extra = _worker_args(args.worker_args)
+    extra, named = parse_worker_args(args.worker_args, list(sites))
+    for name, words in named.items():
+        sites[name][1].extend(words)  # after the site's own flags: NAME=ARGS wins
     common = ["--threads", "1", *(["--cuda"] if args.cuda else [])]
     if args.model and args.model not in DEMO_MODELS and args.model not in SHAPED_MODELS:  # sites serve mlp and cnn
         common += ["--model", args.model]
@@ -649,7 +701,7 @@ async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
     """One row of the status table: who the worker is and how fast it answers."""
     client = WorkerLink.from_settings(name, uri, link_settings(args, uri))
     try:
-        await client.connect()
+        await client.connect(wait_for_start=False)  # a status table says who is down now
         try:
             info = await client.request(Hello(), timeout=args.connect_timeout)
             assert isinstance(info, Info)

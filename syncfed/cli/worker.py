@@ -32,6 +32,7 @@ from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..protocol import DEFAULT_CHUNK_SIZE
 from ..worker import Holding, SourceHolding, load_holdings, run_worker
+from ..worker.cores import available_cores, count_workers, counted, fair_threads, registered
 from .common import (
     INTERRUPTED,
     FromFlags,
@@ -168,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the benchmark models mlp-1m, mlp-10m and mlp-100m (scripts/bench.py)",
     )
     parser.add_argument("--cuda", action="store_true", help="train on the GPU when one is available")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads (default: this worker's share of the cores among the syncfed workers running on"
+        " this machine, max(1, cores // workers), re-counted before each job and never above torch's own default)",
+    )
     parser.add_argument("--no-download", action="store_true", help="never download MNIST")
     parser.add_argument(
         "--max-message-size",
@@ -356,6 +362,7 @@ CONFIG_FROM_FLAGS: Final[dict[str, FromFlags | None]] = {
     "tasks": lambda args: tuple(args.task),
     "download": lambda args: not args.no_download,
     "idle_timeout": lambda args: args.idle_timeout or None,  # 0: never
+    "share_cores": lambda args: args.threads is None,
     "dp_sgd_noise_multiplier": lambda args: args.dp_sgd,
     "allow_coordinators": lambda args: tuple(args.allow_coordinator),
 }
@@ -428,6 +435,19 @@ def _held_out(config: WorkerConfig, validation_size: int, trained: int) -> list[
     ]
 
 
+def _warn_oversubscribed(worker_id: str, threads: int) -> None:
+    """One line when a fixed ``--threads`` is more than this worker's share of the cores, counted now."""
+    cores, workers = available_cores(), count_workers()
+    share = fair_threads(cores, workers, threads)
+    if threads > share:
+        print(
+            f"WARNING: {worker_id} runs --threads {threads}, more than its share of {cores} cores among"
+            f" {counted(workers, 'syncfed worker')} on this machine: leave --threads out to take {share}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     """The program; ``argv`` defaults to the command line."""
     return run_program(lambda: _main(argv))
@@ -451,24 +471,26 @@ def _main(argv: list[str] | None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        if config.threads is not None:
-            torch.set_num_threads(config.threads)
-        holdings = load_holdings(config)
-        for holding in holdings:
-            described = (
-                _describe_own(config, holding)
-                if isinstance(holding, SourceHolding)
-                else _describe(config, holding, args.digits)
-            )
-            for line in described:
-                print(line, flush=True)
-        if config.dp_sgd_noise_multiplier is not None:
-            print(
-                f"{config.worker_id} trains with DP-SGD: noise multiplier {config.dp_sgd_noise_multiplier:g},"
-                f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
-                flush=True,
-            )
-        asyncio.run(run_worker(config, holdings, ready=lambda line: print(line, flush=True)))
+        with registered():  # counted among this machine's workers, which share its cores
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
+                _warn_oversubscribed(config.worker_id, config.threads)
+            holdings = load_holdings(config)
+            for holding in holdings:
+                described = (
+                    _describe_own(config, holding)
+                    if isinstance(holding, SourceHolding)
+                    else _describe(config, holding, args.digits)
+                )
+                for line in described:
+                    print(line, flush=True)
+            if config.dp_sgd_noise_multiplier is not None:
+                print(
+                    f"{config.worker_id} trains with DP-SGD: noise multiplier {config.dp_sgd_noise_multiplier:g},"
+                    f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
+                    flush=True,
+                )
+            asyncio.run(run_worker(config, holdings, ready=lambda line: print(line, flush=True)))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
         return INTERRUPTED

@@ -239,8 +239,8 @@ class Pool:
         await asyncio.gather(*self.joining.values(), return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self.links.values()))
 
-    async def _greet(self, link: WorkerLink) -> Info:
-        await link.connect()
+    async def _greet(self, link: WorkerLink, *, wait_for_start: bool = True) -> Info:
+        await link.connect(wait_for_start=wait_for_start)
         try:
             info = await link.request(Hello(), timeout=self.config.connect_timeout)
         except BaseException:
@@ -256,7 +256,7 @@ class Pool:
         """Reconnect and greet ``link``, checking it like at the start; back off on failure."""
         assert self.reference is not None
         try:
-            info = await self._greet(link)
+            info = await self._greet(link, wait_for_start=False)  # its backoff paces the tries
             check_rejoining(self.config, link.name, info, self.reference, self.model_name, self.plan)
         except (WorkerUnavailable, IncompatibleWorkers, RemoteError, ProtocolError, AuthenticationFailed) as exc:
             await link.close()

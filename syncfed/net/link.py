@@ -7,10 +7,14 @@ old name :class:`WorkerClient` stays an alias for one release.
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import logging
+import random
+import re
 import ssl
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
@@ -57,6 +61,19 @@ class LinkSettings:
     auth_token: bytes | None = None  # answer the workers' token challenge with this
 
 
+def _refused_everywhere(exc: OSError) -> bool:
+    """Whether every address of the worker refused the connection: nothing listens there (yet).
+
+    asyncio joins one failure per address (``localhost`` may be ``::1`` and
+    ``127.0.0.1``) into a plain ``OSError("Multiple exceptions: ...")``.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    text = str(exc)
+    codes = re.findall(r"\[Errno (\d+)\]", text)
+    return text.startswith("Multiple exceptions") and bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
+
+
 class WorkerLink:
     """One connection to a worker; several requests may be in flight at once.
 
@@ -79,6 +96,8 @@ class WorkerLink:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         ping_interval: float | None = DEFAULT_PING_INTERVAL,
         ping_timeout: float | None = DEFAULT_PING_TIMEOUT,
+        retry_delay: float = 0.1,
+        max_retry_delay: float = 2.0,
         # Security
         tls: ssl.SSLContext | None = None,
         auth_token: bytes | None = None,
@@ -88,6 +107,9 @@ class WorkerLink:
         self.max_message_size = max_message_size
         self.chunk_size = chunk_size  # larger requests are streamed in fragments of this size
         self.connect_timeout = connect_timeout
+        # A refused connection is tried again, retry_delay doubling up to max_retry_delay: the worker may be starting.
+        self.retry_delay = retry_delay
+        self.max_retry_delay = max_retry_delay
         self.request_timeout = request_timeout
         # Liveness: websockets pings every ping_interval and drops the
         # connection when a pong is ping_timeout late. A training worker
@@ -128,8 +150,11 @@ class WorkerLink:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    async def connect(self) -> None:
+    async def connect(self, *, wait_for_start: bool = True) -> None:
         """Open the connection: TLS for wss:// addresses, then the token handshake when one is set.
+
+        While nothing listens (``wait_for_start``: the worker may be starting), try again with backoff until
+        ``connect_timeout``, saying once whom it waits for. A rejoin passes ``False``: it has a backoff of its own.
 
         Raises:
             WorkerUnavailable: if the worker cannot be reached within ``connect_timeout``.
@@ -137,19 +162,37 @@ class WorkerLink:
                 refuses the other (client certificate, allow-list, token).
         """
         secure = self.uri.startswith("wss://")
+        refused = False
         try:
             async with asyncio.timeout(self.connect_timeout):
-                connection = await connect(
-                    self.uri,
-                    open_timeout=None,
-                    # Short: on a missed pong websockets waits this long for a
-                    # closing handshake the frozen peer cannot answer.
-                    close_timeout=1.0,
-                    ping_interval=self.ping_interval,
-                    ping_timeout=self.ping_timeout,
-                    ssl=(self.tls or ssl.create_default_context()) if secure else None,
-                    **connection_options(self.max_message_size),
-                )
+                delay = self.retry_delay
+                while True:
+                    try:
+                        connection = await connect(
+                            self.uri,
+                            open_timeout=None,
+                            # Short: on a missed pong websockets waits this long for a
+                            # closing handshake the frozen peer cannot answer.
+                            close_timeout=1.0,
+                            ping_interval=self.ping_interval,
+                            ping_timeout=self.ping_timeout,
+                            ssl=(self.tls or ssl.create_default_context()) if secure else None,
+                            **connection_options(self.max_message_size),
+                        )
+                        break
+                    except OSError as exc:
+                        if not (wait_for_start and _refused_everywhere(exc)):
+                            raise
+                        if not refused:
+                            logger.warning(
+                                "waiting for %s at %s (connection refused), up to %g s",
+                                self.name,
+                                urlsplit(self.uri).netloc or self.uri,
+                                self.connect_timeout,
+                            )
+                            refused = True
+                        await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # jitter: workers started together
+                        delay = min(2 * delay, self.max_retry_delay)
                 if self.auth_token is not None:
                     try:
                         await self._authenticate(connection, self.auth_token)
@@ -158,8 +201,9 @@ class WorkerLink:
                         raise
                 self._connection = connection
         except TimeoutError:
+            why = " (connection refused)" if refused else ""
             raise WorkerUnavailable(
-                self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s"
+                self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s{why}"
             ) from None
         except ssl.SSLCertVerificationError as exc:
             raise AuthenticationFailed(

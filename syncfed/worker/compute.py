@@ -51,6 +51,7 @@ from ..tasks import Task, make_task, resolve_task
 from ..tensors import Weights
 from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
 from .catalog import ModelCatalog, ModelKey
+from .cores import CoreShare
 from .holdings import Holding, Served, SourceHolding
 from .optimizer_states import OptimizerStates
 
@@ -91,6 +92,9 @@ class Compute:
         z = config.dp_sgd_noise_multiplier
         self._dp_sgd = DPSGD(z, config.dp_sgd_clip) if z is not None else None
         self._accountant = ExampleAccountant(z, config.dp_sgd_delta) if z is not None else None
+        self._cores = CoreShare(config.worker_id) if config.share_cores and config.threads is None else None
+        if self._cores is not None:
+            self._cores.apply()  # says at start what it takes
 
     async def run(self, message: Fit | Evaluate) -> Message:
         """Run a fit or an evaluation in a thread, one at a time."""
@@ -206,6 +210,8 @@ class Compute:
     def _compute_sync(
         self, message: Fit | Evaluate, key: ModelKey, holding: Served, task: Task | None, abandoned: threading.Event
     ) -> Message:
+        if self._cores is not None:
+            self._cores.apply()  # in this thread: torch keeps the count per thread, and workers come and go
         data = self._examples(message, holding)
         model = self.catalog.model(key, message.data, message.recipe)
         try:

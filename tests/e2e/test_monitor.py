@@ -193,9 +193,14 @@ def test_centralized_needs_spawned_workers() -> None:
     )
 
 
-def test_worker_args_reach_every_spawned_training_worker() -> None:
+def test_worker_args_reach_every_spawned_training_worker_and_name_one() -> None:
+    workers = "alice=ws://localhost:1,bob=ws://localhost:2,charlie=ws://localhost:3,dave=ws://localhost:4"
     completed = subprocess.run(
-        [sys.executable, CLIENT, "--spawn-workers", "--status", "--worker-args=--val-fraction 0.5 --min-group-size 3"],
+        [
+            *(sys.executable, CLIENT, "--spawn-workers", "--status", "--workers", workers),
+            "--worker-args=--val-fraction 0.5 --min-group-size 3",
+            *("--worker-args", "bob=--val-fraction 0", "--worker-args", "dave=--digits 0,5,9"),
+        ],
         capture_output=True,
         text=True,
         timeout=180_000 * MS,
@@ -203,8 +208,9 @@ def test_worker_args_reach_every_spawned_training_worker() -> None:
     assert completed.returncode == 0, completed.stderr
     rows = [line.split() for line in completed.stdout.splitlines()[1:]]
     examples = {row[0]: int(row[row.index("digits") + 1]) for row in rows}  # id ... dataset examples ...
-    # Half of each shard held out (576, 433 and 426 digits), the evaluator's test set untouched.
-    assert examples == {"alice": 288, "bob": 217, "charlie": 213, "testing": 360}
+    # Half of each shard held out (576, 435 and 426 digits), the evaluator's test set untouched; bob's own
+    # --val-fraction 0 wins over everyone's, and dave holds the digits named for him (0, 5 and 9), half of them held out.
+    assert examples == {"alice": 288, "bob": 435, "charlie": 213, "dave": 215, "testing": 360}
 
 
 def test_worker_args_are_checked_before_anything_starts() -> None:
@@ -213,8 +219,13 @@ def test_worker_args_are_checked_before_anything_starts() -> None:
         (["--spawn-workers", "--worker-args=--port 9000"], "--worker-args cannot set --port: --spawn-workers sets it"),
         (["--spawn-workers", "--worker-args=--data_dir=/x"], "--worker-args cannot set --data-dir: --spawn-workers"),
         (["--spawn-workers", "--worker-args=--slowdown '0.1"], '--worker-args "--slowdown \'0.1": No closing'),
+        (
+            ["--spawn-workers", "--workers", "alice=ws://localhost:1,dave=ws://localhost:2"],
+            "worker id 'dave' has no default digits (only alice, bob, charlie do): give them with"
+            " --worker-args dave='--digits 0,5,9' (or --shard K/N)",
+        ),
     )
-    # All four at once: each spends its seconds importing torch before it refuses.
+    # All at once: each spends its seconds importing torch before it refuses.
     processes = [
         subprocess.Popen(
             [sys.executable, CLIENT, "--status", *arguments],

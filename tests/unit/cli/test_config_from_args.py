@@ -119,6 +119,7 @@ def hand_written_worker_config(args: argparse.Namespace) -> WorkerConfig:
         bench_models=args.bench_models,
         cuda=args.cuda,
         threads=args.threads,
+        share_cores=args.threads is None,
         download=not args.no_download,
         max_message_size=args.max_message_size,
         max_in_flight=args.max_in_flight,
