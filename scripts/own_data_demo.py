@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -94,8 +95,9 @@ def write_diabetes(out: Path) -> dict[str, int]:
     return counts
 
 
-def write_digits(out: Path) -> dict[str, int]:
-    """Write each site's digits as ``<site>/<digit>/<index>.<ext>`` in its size and format."""
+def write_digits(out: Path, sites: Mapping[str, tuple[range, int, str, str]] = IMAGE_SITES) -> dict[str, int]:
+    """Write each site's digits as ``<site>/<digit>/<index>.<ext>`` in its size and format (``sites``: as
+    :data:`IMAGE_SITES`)."""
     from PIL import Image
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -104,7 +106,7 @@ def write_digits(out: Path) -> dict[str, int]:
     indices = np.arange(len(bunch.target))
     train, test = train_test_split(indices, test_size=0.2, random_state=SEED, stratify=bunch.target)
     counts = {}
-    for site, (classes, size, mode, extension) in IMAGE_SITES.items():
+    for site, (classes, size, mode, extension) in sites.items():
         chosen = [i for i in (test if site == "testing" else train) if bunch.target[i] in classes]
         for index in chosen:
             pixels = bunch.images[index] / 16.0  # scikit-learn's digits are 0..16

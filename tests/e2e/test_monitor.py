@@ -209,7 +209,7 @@ def test_worker_args_reach_every_spawned_training_worker_and_name_one() -> None:
     rows = [line.split() for line in completed.stdout.splitlines()[1:]]
     examples = {row[0]: int(row[row.index("digits") + 1]) for row in rows}  # id ... dataset examples ...
     # Half of each shard held out (576, 435 and 426 digits), the evaluator's test set untouched; bob's own
-    # --val-fraction 0 wins over everyone's, and dave holds the digits named for him (0, 5 and 9), half of them held out.
+    # --val-fraction 0 wins over everyone's, and dave holds the digits named for him (0, 5 and 9), half held out.
     assert examples == {"alice": 288, "bob": 435, "charlie": 213, "dave": 215, "testing": 360}
 
 
