@@ -251,7 +251,9 @@ def test_secure_aggregation_agrees_on_the_statistics_within_the_documented_bound
 
     metrics, model = tmp_path / "metrics.jsonl", tmp_path / "model.safetensors"
     done = train(hospitals, "--secure-agg", "--metrics-out", str(metrics), "--save-model", str(model))
-    assert done.stdout.splitlines()[0] == f"{NORMALISATION} (secure sums)"
+    first, second = done.stdout.splitlines()[:2]
+    assert first.startswith("Secure aggregation: the coordinator learns only the sum") and "from 3 workers" in first
+    assert second == f"{NORMALISATION} (secure sums)"
     rounds = [event for event in read_events(metrics) if event["event"] == "round"]
     assert [event["privacy"]["secure_agg"]["summed"] for event in rounds] == [3] * 4
     assert "train_loss" not in rounds[0]  # only the sum of the updates was learnt
