@@ -132,19 +132,24 @@ class PrivateRounds:
         Every round of the run so far counts, resumed ones included: each was
         a private round with the same noise.
         """
-        target = self.config.dp_target_epsilon
-        if self.accountant is None or target is None:
+        if not self.over_budget(round_number):
             return False
-        after = self.accountant.epsilon_after(round_number)
-        if after <= target:
-            return False
-        spent = self.accountant.epsilon_after(round_number - 1)
+        assert self.accountant is not None and self.config.dp_target_epsilon is not None, "over_budget said so"
+        after, spent = self.accountant.epsilon_after(round_number), self.accountant.epsilon_after(round_number - 1)
         self.report(
             f"Privacy budget reached: round {round_number} would spend epsilon {after:.3f}, above the target"
-            f" {target:g} at delta {self.accountant.delta:g}; stopping after round {round_number - 1}"
-            f" (epsilon {spent:.3f})"
+            f" {self.config.dp_target_epsilon:g} at delta {self.accountant.delta:g}; stopping after round"
+            f" {round_number - 1} (epsilon {spent:.3f})"
         )
         return True
+
+    def over_budget(self, round_number: int) -> bool:
+        """Whether round ``round_number`` would spend more than ``--dp-target-epsilon``, silently: the round
+        before it is the run's last, and is evaluated as the last round is."""
+        target = self.config.dp_target_epsilon
+        return (
+            self.accountant is not None and target is not None and self.accountant.epsilon_after(round_number) > target
+        )
 
     async def collect(
         self,

@@ -47,7 +47,8 @@ class SyncRounds:
         for round_number in range(start, config.training_rounds + 1):
             if self.private is not None and self.private.exhausted(round_number):  # --dp-target-epsilon
                 break
-            evaluating = config.is_eval_round(round_number)
+            last = self.private is not None and self.private.over_budget(round_number + 1)
+            evaluating = config.is_eval_round(round_number) or last
             keep = (evaluator is not None and evaluating) or config.cross_site_validation
             updates = await self.train_round(round_number, result, trainers, keep=keep)
             if config.cross_site_validation:

@@ -623,7 +623,8 @@ def test_the_target_epsilon_stops_the_run_cleanly_before_the_round_that_would_ex
     code = client_main(
         [
             *("--workers", workers, "--evaluator", f"testing={digits_workers['testing'].uri}", "--no-progress"),
-            *("--training-rounds", "5", "--eval-every", "1", "--federate-after-n-batches", str(BATCHES)),
+            # --eval-every 5 evaluates rounds 1 and 5 as planned: the stop makes round 2 the last, evaluated too
+            *("--training-rounds", "5", "--eval-every", "5", "--federate-after-n-batches", str(BATCHES)),
             *("--dp", "central", "--dp-clip", "0.01", "--dp-noise-multiplier", str(z)),
             *("--dp-target-epsilon", str(target)),
             *("--save-model", str(model), "--metrics-out", str(metrics)),
