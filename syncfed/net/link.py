@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import CloseCode
 
@@ -118,7 +119,7 @@ class WorkerLink:
         self.ping_timeout = ping_timeout
         self.tls = tls
         self.auth_token = auth_token
-        self._connection: ClientConnection | None = None
+        self._connection: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
@@ -236,8 +237,13 @@ class WorkerLink:
             raise
         except Exception as exc:  # invalid URI or handshake: websockets raises several types
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        self._attach(self._connection)
+
+    def _attach(self, connection: Connection) -> None:
+        """Serve requests over an open, authenticated ``connection``: start reading its replies."""
+        self._connection = connection
         self._closing = None
-        self._reader = asyncio.create_task(self._read_replies(self._connection))
+        self._reader = asyncio.create_task(self._read_replies(connection))
 
     async def _authenticate(self, connection: ClientConnection, token: bytes) -> None:
         """Answer the worker's challenge and check its proof; see :mod:`syncfed.auth`."""
@@ -306,7 +312,7 @@ class WorkerLink:
             raise RemoteProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
         return answer
 
-    async def _read_replies(self, connection: ClientConnection) -> None:
+    async def _read_replies(self, connection: Connection) -> None:
         """Route each reply to the request waiting for it; fail them all when the connection ends."""
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
