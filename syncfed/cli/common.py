@@ -52,6 +52,7 @@ __all__ = [
     "fail",
     "add_client_security_flags",
     "add_connection_limits",
+    "add_listen_flags",
     "add_secure_agg_flags",
     "link_settings",
     "FromFlags",

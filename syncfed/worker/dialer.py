@@ -50,7 +50,9 @@ async def dial_out(worker: Worker, *, report: Callable[[str], None] = print, red
     uri = config.connect
     assert uri is not None, "dial_out serves a worker configured with connect"
     tls = client_tls(config.tls_ca, config.tls_cert, config.tls_key) if uri.startswith("wss://") else None
-    redial = redial if redial is not None else Redial(cap=config.redial_max_delay)
+    redial = (
+        redial if redial is not None else Redial(first=min(0.5, config.redial_max_delay), cap=config.redial_max_delay)
+    )
     name = config.worker_id
     unreachable = False  # said once until the next connection, however many attempts fail
     while True:
@@ -71,7 +73,7 @@ async def dial_out(worker: Worker, *, report: Callable[[str], None] = print, red
         await connection.wait_closed()
         refusal = _refusal(connection)
         if refusal is not None:
-            raise AuthenticationFailed(f"{name}: refused by the coordinator at {uri}: {refusal}")
+            raise _refused(name, uri, refusal)
         delay = redial.next_delay()
         report(f"{name}: connection lost ({_closed(connection)}), retrying in {delay:.1f} s")
         await asyncio.sleep(delay)
@@ -96,11 +98,11 @@ async def _dial(worker: Worker, uri: str, tls: ssl.SSLContext | None) -> ClientC
     except InvalidStatus as exc:
         if exc.response.status_code not in _REFUSED:
             raise
-        raise AuthenticationFailed(
-            f"{config.worker_id}: refused by the coordinator at {uri}: {exc.response.body.decode(errors='replace')}".strip()
-        ) from None
+        raise _refused(config.worker_id, uri, exc.response.body.decode(errors="replace").strip()) from None
     except ssl.SSLCertVerificationError as exc:
-        raise AuthenticationFailed(f"the coordinator at {uri} failed certificate verification: {exc.verify_message}")
+        raise AuthenticationFailed(
+            f"the coordinator at {uri} failed certificate verification: {exc.verify_message}"
+        ) from None
     try:
         if config.allow_coordinators:
             identity = common_name(connection.transport.get_extra_info("peercert"))
@@ -113,7 +115,7 @@ async def _dial(worker: Worker, uri: str, tls: ssl.SSLContext | None) -> ClientC
         refusal = _refusal(connection)
         if refusal is None:
             raise
-        raise AuthenticationFailed(f"{config.worker_id}: refused by the coordinator at {uri}: {refusal}") from None
+        raise _refused(config.worker_id, uri, refusal) from None
     except BaseException:
         connection.transport.abort()  # never leave a half-authenticated connection open
         raise
@@ -134,6 +136,10 @@ async def _prove(connection: ClientConnection, token: bytes, name: str, timeout:
     except (AuthenticationFailed, MessageTooLarge) as exc:
         await connection.close(CloseCode.POLICY_VIOLATION, "authentication failed")
         raise AuthenticationFailed(f"the coordinator failed authentication: {exc}") from None
+
+
+def _refused(name: str, uri: str, reason: str) -> AuthenticationFailed:
+    return AuthenticationFailed(f"{name}: refused by the coordinator at {uri}: {reason}")
 
 
 def _refusal(connection: ClientConnection) -> str | None:
