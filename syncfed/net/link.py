@@ -75,6 +75,16 @@ def _refused_everywhere(exc: OSError) -> bool:
     return text.startswith("Multiple exceptions") and bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
 
 
+def _settle(future: asyncio.Future[Message], outcome: Message | Exception) -> None:
+    """Give a waiting request its reply or its failure, unless it has given up already."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class WorkerLink:
     """One connection to a worker; several requests may be in flight at once.
 
@@ -333,7 +343,7 @@ class WorkerLink:
         finally:
             # Whatever ended the loop, nobody may wait for a reply that cannot come.
             for request_id in list(self._pending):
-                self._resolve(request_id, failure)
+                _settle(self._pending.pop(request_id), failure)
 
     async def _deliver(self, incoming: MessageDecoder) -> None:
         """Hand one received reply to the request waiting for it.
@@ -350,13 +360,13 @@ class WorkerLink:
             envelope = await off_loop(incoming.size, incoming.finish)  # a large reply decodes in a thread
         except ProtocolError as exc:
             if exc.request_id in self._pending:
-                self._resolve(exc.request_id, exc)
+                _settle(self._pending.pop(exc.request_id), exc)
                 return
             if incoming.frame is not None and auth.is_challenge(incoming.frame):
                 raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
             raise
         if envelope.id in self._pending:
-            self._resolve(envelope.id, envelope.message)
+            _settle(self._pending.pop(envelope.id), envelope.message)
         elif envelope.id == 0 and isinstance(envelope.message, Error):
             # The worker could not tell which request it refuses (e.g. too_large with no readable id):
             # any of those in flight may be the one, and none would get a reply, so all fail now.
@@ -365,20 +375,11 @@ class WorkerLink:
                 "%s: error %s with id 0 fails %d requests: %s", self.name, error.code, len(self._pending), error.reason
             )
             for request_id in list(self._pending):
-                self._resolve(request_id, RemoteError(self.name, error.code, error.reason))
+                _settle(self._pending.pop(request_id), RemoteError(self.name, error.code, error.reason))
         elif isinstance(envelope.message, Error):
             logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
         else:  # a reply to a request that timed out
             logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
-
-    def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
-        future = self._pending.pop(request_id)
-        if future.done():
-            return
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 #: The old name, kept for one release: "client" meant three different things.
