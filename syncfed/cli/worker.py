@@ -306,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve wss:// with this certificate")
     security.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
     security.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="require coordinators to present a certificate this CA signed"
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="require coordinators to present a certificate this CA signed (with --connect: verify the coordinator's)",
     )
     security.add_argument(
         "--allow-coordinator",
@@ -316,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="let in only coordinators whose certificate has this common name (repeatable)",
     )
     security.add_argument(
-        "--auth-token-file", type=Path, metavar="FILE", help="require coordinators to prove they know this token"
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require coordinators to prove they know this token (with --connect: prove this worker's id with it)",
     )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
