@@ -2,8 +2,9 @@
 
 In one process, over real sockets on 127.0.0.1: the coordinator's listener
 with the provisioned coordinator certificate (mutual TLS), and dial-out
-workers with their startup kits. alice gets in as alice; a worker that
-presents alice's certificate as bob is refused before any request.
+workers with their startup kits. alice gets in as alice, and again after her
+connection is dropped; a worker that presents alice's certificate as bob is
+refused before any request.
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ def test_a_dial_out_worker_is_let_in_as_the_id_its_certificate_names(kits: dict[
             await links["alice"].connect()
             info = await links["alice"].request(Hello())
             assert isinstance(info, Info)
+            # Dropped (the coordinator closes it, as after a timeout), alice dials again and is served again.
+            await links["alice"].close()
+            await links["alice"].connect()
+            again = await links["alice"].request(Hello())
+            assert isinstance(again, Info) and again.worker_id == "alice"
             impostor = dialing(kits, "bob", "alice", uri)  # bob's id, alice's certificate
             with pytest.raises(AuthenticationFailed) as refused:
                 await dial_out(impostor, report=reports.append, redial=Redial(first=0.01, cap=0.01))
@@ -87,6 +93,8 @@ def test_a_dial_out_worker_is_let_in_as_the_id_its_certificate_names(kits: dict[
     assert refusal.startswith("bob: refused by the coordinator at wss://127.0.0.1:")
     assert refusal.endswith(": a certificate for 'alice' cannot claim worker id 'bob'")
     assert reports[0].startswith("alice: connected to wss://127.0.0.1:")
+    assert reports[1].startswith("alice: connection lost (closed by the coordinator: 1000), retrying in ")
+    assert reports[2] == reports[0]
     assert [line for line in reports if line.startswith("Refused")] == [
         line for line in reports if line.endswith("a certificate for 'alice' cannot claim worker id 'bob'")
     ]
