@@ -10,6 +10,7 @@ refused before any request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -17,8 +18,9 @@ from units import MS
 
 from syncfed.cli import coordinator, worker
 from syncfed.cli.common import parse_arguments
-from syncfed.config import DIAL_IN, WorkerConfig
-from syncfed.exceptions import AuthenticationFailed
+from syncfed.config import DIAL_IN, CoordinatorConfig, WorkerConfig
+from syncfed.coordinator.pool import Pool, worker_links
+from syncfed.exceptions import AuthenticationFailed, WorkerUnavailable
 from syncfed.net.dial_in import DialInLink, DialInListener
 from syncfed.net.transport import server_tls
 from syncfed.protocol import Hello, Info
@@ -110,3 +112,40 @@ def test_the_startup_kits_of_dial_out_workers_dial_the_coordinators_listen_port(
     run = coordinator.config_from_args(args, *coordinator._endpoints(args))
     assert run.listen == "0.0.0.0:8765" and run.dial_in == ("alice", "bob")
     assert run.tls_ca == kits["coordinator"] / "ca.crt"  # the listener asks for client certificates
+
+
+def test_a_worker_whose_hello_names_another_id_is_refused_on_both_sides() -> None:
+    """What a hand-written client could do: prove (here: claim, under --insecure-listen) one id, greet as another."""
+
+    async def scenario() -> tuple[str, str, list[str]]:
+        reports: list[str] = []
+        config = CoordinatorConfig(
+            workers={"alice": DIAL_IN},
+            evaluator={},
+            listen="127.0.0.1:0",
+            insecure_listen=True,
+            connect_timeout=TIMEOUT,
+        )
+        pool = Pool(config, worker_links(config), report=reports.append)
+        starting = asyncio.create_task(pool.start())
+        while not reports:
+            await asyncio.sleep(10 * MS)
+        uri = reports[0].rsplit(" ", 1)[1]
+        config = WorkerConfig("alice", connect=uri, digits=(0, 1))
+        alice = Worker(config, load_holdings(config))
+        greeting = alice.info()
+        alice.info = lambda: dataclasses.replace(greeting, worker_id="mallory")  # type: ignore[method-assign]
+        try:
+            with pytest.raises(AuthenticationFailed) as worker_side:
+                await dial_out(alice, report=reports.append)
+            with pytest.raises(WorkerUnavailable) as coordinator_side:
+                await starting
+        finally:
+            await pool.close()
+        return str(worker_side.value), str(coordinator_side.value), reports
+
+    worker_side, coordinator_side, reports = asyncio.run(asyncio.wait_for(scenario(), TIMEOUT))
+    reason = "hello names worker 'mallory', but the credential proves 'alice'"
+    assert worker_side.endswith(f": refused by the coordinator at {reports[0].rsplit(' ', 1)[1]}: {reason}")
+    assert reason in coordinator_side
+    assert [line for line in reports if line.startswith("Refused")] == [f"Refused dial-in worker alice: {reason}"]
