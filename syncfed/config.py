@@ -8,6 +8,7 @@ usable.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
@@ -41,6 +42,8 @@ __all__ = [
     "WorkerConfig",
     "CoordinatorConfig",
     "parse_endpoints",
+    "parse_listen",
+    "DIAL_IN",
     "ATTACKS",
     "DP_MODES",
     "TASKS",
@@ -101,21 +104,43 @@ DEFAULT_WORKERS: Final = "alice=ws://localhost:8777,bob=ws://localhost:8778,char
 DEFAULT_EVALUATOR: Final = "testing=ws://localhost:8780"
 
 
-def parse_endpoints(text: str) -> dict[str, str]:
-    """Parse ``"alice=ws://host:8777,bob=ws://host:8778"`` into ``{id: uri}``.
+#: A worker's address in ``--workers``/``--evaluator`` when it connects to the coordinator's ``--listen``.
+DIAL_IN: Final = "dial-in"
+#: A worker id a dial-out worker may claim: it travels in an HTTP header and in file names.
+_WORKER_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def parse_endpoints(text: str, *, dial_in: bool = False) -> dict[str, str]:
+    """Parse ``"alice=ws://host:8777,bob=ws://host:8778"`` into ``{id: uri}``; with ``dial_in``,
+    ``bob=dial-in`` too: bob connects to the coordinator's ``--listen`` address.
 
     Raises:
-        ConfigError: if an entry lacks ``=``, a uri is not ws:// or wss://, or an id repeats.
+        ConfigError: if an entry lacks ``=``, a uri is not ws:// or wss:// (or dial-in), or an id repeats.
     """
     endpoints: dict[str, str] = {}
     for entry in filter(None, (part.strip() for part in text.split(","))):
         name, sep, uri = entry.partition("=")
-        if not sep or not name or not uri.startswith(("ws://", "wss://")):
+        if dial_in and sep and uri == DIAL_IN:
+            if not _WORKER_ID.fullmatch(name):
+                raise ConfigError(f"dial-in worker id {name!r} must be letters, digits, '.', '_' or '-', up to 64")
+        elif not sep or not name or not uri.startswith(("ws://", "wss://")):
             raise ConfigError(f"worker entry {entry!r} must look like alice=ws://localhost:8777")
         if name in endpoints:
             raise ConfigError(f"worker id {name!r} appears twice")
         endpoints[name] = uri
     return endpoints
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """Parse ``--listen HOST:PORT`` (``[::1]:8765`` for IPv6; port 0: a free one).
+
+    Raises:
+        ConfigError: if the port is missing or not in 0..65535.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen {text!r} must look like 0.0.0.0:8765")
+    return host.strip("[]"), int(port)
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:
@@ -188,6 +213,9 @@ class WorkerConfig:
     tls_ca: Path | None = None  # require client certificates signed by this CA
     allow_coordinators: tuple[str, ...] = ()  # certificate common names let in; empty: any the CA signed
     auth_token_file: Path | None = None
+    # Dialing out (--connect): no listening socket; the coordinator's --listen address instead
+    connect: str | None = None
+    redial_max_delay: float = 30.0  # cap of the jittered backoff between dial attempts
     # Timeouts
     handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # TLS, HTTP upgrade, then the token or hello
     idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT  # no request (pings aside) for this long; None or 0: off
@@ -217,8 +245,14 @@ class WorkerConfig:
         if not 2 <= self.max_secagg_clients <= MAX_CLIENTS:
             raise ConfigError(f"max secure aggregation clients {self.max_secagg_clients} is not in 2..{MAX_CLIENTS}")
         _check_tls(self.tls_cert, self.tls_key)
-        if self.tls_ca is not None and self.tls_cert is None:
+        if self.tls_ca is not None and self.tls_cert is None and self.connect is None:
             raise ConfigError("--tls-ca needs --tls-cert and --tls-key: mutual TLS runs over TLS")
+        if self.connect is not None:
+            if not self.connect.startswith(("ws://", "wss://")):
+                raise ConfigError(f"--connect {self.connect!r} must be a ws:// or wss:// address")
+            if not _WORKER_ID.fullmatch(self.worker_id):
+                raise ConfigError(f"worker id {self.worker_id!r} must be letters, digits, '.', '_' or '-' to dial out")
+            _positive("redial_max_delay", self.redial_max_delay)
         if self.allow_coordinators and self.tls_ca is None:
             raise ConfigError("--allow-coordinator needs --tls-ca: identities come from client certificates")
         if not (math.isfinite(self.batch_delay) and self.batch_delay >= 0):
@@ -364,6 +398,12 @@ class CoordinatorConfig:
     ping_interval: float | None = DEFAULT_PING_INTERVAL  # None: no liveness pings
     ping_timeout: float | None = DEFAULT_PING_TIMEOUT
     reconnect_max_delay: float = DEFAULT_RECONNECT_MAX_DELAY
+    # Dial-in workers (docs/protocol.md, "Dial-out workers"): those named NAME=dial-in connect to this address
+    listen: str | None = None  # HOST:PORT
+    worker_tokens: Path | None = None  # "ID TOKEN-FILE" lines: the token each dial-in worker must prove
+    insecure_listen: bool = False  # let dial-in workers in unproven: local tests only
+    max_pending_connections: int = 64  # dial-ins still authenticating; a newcomer evicts the oldest
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT  # a dial-in's TLS, HTTP upgrade and token
     # Security
     tls_ca: Path | None = None  # verify wss:// workers against this CA (the system's when None)
     tls_cert: Path | None = None  # client certificate for mutual TLS
@@ -464,6 +504,7 @@ class CoordinatorConfig:
         if self.chunk_size < MIN_CHUNK_SIZE:
             raise ConfigError(f"chunk size {self.chunk_size} is below the minimum of {MIN_CHUNK_SIZE} bytes")
         self._check_privacy(strategy.streaming and not strategy.uses_control)
+        _check_listen(self)
         _check_task(self)
         _check_local_training(self)
 
@@ -524,6 +565,11 @@ class CoordinatorConfig:
         return self.sample_size(len(self.workers)) / len(self.workers)
 
     @property
+    def dial_in(self) -> tuple[str, ...]:
+        """The workers (and evaluator) that connect to ``listen`` rather than being connected to."""
+        return tuple(name for name, uri in {**self.workers, **self.evaluator}.items() if uri == DIAL_IN)
+
+    @property
     def quorum(self) -> int:
         """How many training workers must contribute for a round to count (at most the round's sample)."""
         return len(self.workers) if self.min_workers is None else self.min_workers
@@ -546,6 +592,27 @@ class CoordinatorConfig:
     def is_eval_round(self, round_number: int) -> bool:
         """Rounds 1, 1 + eval_every, 1 + 2 * eval_every, ... and the last."""
         return (round_number - 1) % self.eval_every == 0 or round_number == self.training_rounds
+
+
+def _check_listen(config: CoordinatorConfig) -> None:
+    """Dial-in workers need an address to dial, and, unless told otherwise, a way to prove who they are."""
+    if config.listen is None:
+        if config.dial_in:
+            raise ConfigError(f"worker {config.dial_in[0]} dials in: add --listen HOST:PORT")
+        return
+    parse_listen(config.listen)
+    if not config.dial_in:
+        raise ConfigError("--listen needs a worker that dials in, named as NAME=dial-in in --workers or --evaluator")
+    if config.worker_tokens is None and config.tls_ca is None and not config.insecure_listen:
+        raise ConfigError(
+            "--listen lets in only workers that prove their id: add --worker-tokens FILE, or --tls-ca with"
+            " --tls-cert and --tls-key for client certificates (--insecure-listen: local tests only)"
+        )
+    if config.tls_ca is not None and config.tls_cert is None:
+        raise ConfigError("--tls-ca with --listen needs --tls-cert and --tls-key: the listener serves wss://")
+    if config.max_pending_connections < 1:
+        raise ConfigError(f"max pending connections {config.max_pending_connections} is below the minimum of 1")
+    _positive("handshake_timeout", config.handshake_timeout)
 
 
 def _check_task(config: CoordinatorConfig) -> None:

@@ -8,18 +8,25 @@
 
     [coordinator]
     id = "coordinator"              # the identity workers allow in
+    hosts = ["fl.example.org"]      # with dial-out workers: names they dial; in the certificate
+    listen = 8765                   # with dial-out workers: the port they dial (default 8765)
 
     [[workers]]
     id = "alice"
     hosts = ["localhost", "127.0.0.1"]   # names the coordinator dials; in the certificate
     port = 8777
     role = "trainer"                # or "evaluator"
+    dial_out = false                # true: the site opens no port, it dials the coordinator
 
 and writes ``startup/ca/`` (the CA's key: keep it offline), and for each
 participant ``startup/<id>/`` with the CA certificate, its own key (mode
 0600) and certificate, and a config file the scripts accept with
 ``--config`` (``worker.toml`` or ``coordinator.toml``). Keys are made with
 the ``cryptography`` package; nothing is hand-rolled.
+
+A dial-out worker's certificate is a client certificate whose common name is
+its id: the coordinator's ``--listen`` lets it in as that id and no other.
+With dial-out workers, the coordinator's certificate serves ``--listen`` too.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Participant:
     hosts: tuple[str, ...] = ()
     port: int = 0
     role: str = "trainer"
+    dial_out: bool = False  # it connects to the coordinator's listen port; its certificate is a client's
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class Project:
     coordinator: str
     workers: tuple[Participant, ...]
     days: int = 365
+    coordinator_hosts: tuple[str, ...] = ()  # what dial-out workers dial; in the coordinator's certificate
+    listen: int = 8765
 
 
 def load_project(path: Path) -> Project:
@@ -81,7 +91,10 @@ def load_project(path: Path) -> Project:
         port = entry.get("port", 8777 + index)
         if not isinstance(port, int) or not 1 <= port <= 65535:
             raise ConfigError(f"{path}: worker {entry['id']} has port {port!r}, not in 1..65535")
-        workers.append(Participant(entry["id"], tuple(hosts), port, role))
+        dial_out = entry.get("dial_out", False)
+        if not isinstance(dial_out, bool):
+            raise ConfigError(f"{path}: worker {entry['id']} has dial_out {dial_out!r}, not true or false")
+        workers.append(Participant(entry["id"], tuple(hosts), port, role, dial_out))
     if not workers:
         raise ConfigError(f"{path}: no [[workers]] entries")
     ids = [worker.id for worker in workers] + [coordinator]
@@ -90,7 +103,22 @@ def load_project(path: Path) -> Project:
         raise ConfigError(f"{path}: id {duplicate!r} appears twice")
     if sum(worker.role == "evaluator" for worker in workers) > 1:
         raise ConfigError(f"{path}: at most one worker may be the evaluator")
-    return Project(str(project.get("name", path.stem)), coordinator, tuple(workers), int(project.get("days", 365)))
+    coordinator_hosts = data.get("coordinator", {}).get("hosts", [])
+    if not isinstance(coordinator_hosts, list) or not all(isinstance(host, str) and host for host in coordinator_hosts):
+        raise ConfigError(f"{path}: coordinator hosts must be a list of host names or addresses")
+    if any(worker.dial_out for worker in workers) and not coordinator_hosts:
+        raise ConfigError(f"{path}: workers that dial out need the coordinator's hosts, the names they dial")
+    listen = data.get("coordinator", {}).get("listen", 8765)
+    if not isinstance(listen, int) or not 1 <= listen <= 65535:
+        raise ConfigError(f"{path}: coordinator listen port {listen!r} is not in 1..65535")
+    return Project(
+        str(project.get("name", path.stem)),
+        coordinator,
+        tuple(workers),
+        int(project.get("days", 365)),
+        tuple(coordinator_hosts),
+        listen,
+    )
 
 
 def _name(common_name: str, project: str) -> Any:
@@ -122,8 +150,16 @@ def _write_cert(path: Path, certificate: Any) -> None:
 
 
 def _issue(
-    project: Project, common_name: str, hosts: Sequence[str], ca_key: Any, ca_cert: Any, *, server: bool
+    project: Project,
+    common_name: str,
+    hosts: Sequence[str],
+    ca_key: Any,
+    ca_cert: Any,
+    *,
+    server: bool,
+    client: bool,
 ) -> tuple[Any, Any]:
+    """A key and a certificate for ``common_name``: to serve TLS (``server``), to prove itself as a client, or both."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -144,7 +180,9 @@ def _issue(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH] * server + [ExtendedKeyUsageOID.CLIENT_AUTH] * client
+            ),
             critical=False,
         )
     )
@@ -220,19 +258,22 @@ def provision(project: Project, output: Path) -> dict[str, Path]:
     _write_key(output / "ca" / "ca.key", ca_key)
     _write_cert(output / "ca" / "ca.crt", ca_cert)
     kits: dict[str, Path] = {}
+    coordinator_uri = f"wss://{project.coordinator_hosts[0]}:{project.listen}" if project.coordinator_hosts else ""
     for worker in project.workers:
         kit = output / worker.id
         kit.mkdir(exist_ok=True)
-        key, cert = _issue(project, worker.id, worker.hosts, ca_key, ca_cert, server=True)
+        key, cert = _issue(
+            project, worker.id, worker.hosts, ca_key, ca_cert, server=not worker.dial_out, client=worker.dial_out
+        )
         _write_key(kit / f"{worker.id}.key", key)
         _write_cert(kit / f"{worker.id}.crt", cert)
         _write_cert(kit / "ca.crt", ca_cert)
+        address = {"connect": coordinator_uri} if worker.dial_out else {"host": worker.hosts[0], "port": worker.port}
         _write_config(
             kit / "worker.toml",
             {
                 "id": worker.id,
-                "host": worker.hosts[0],
-                "port": worker.port,
+                **address,
                 "testing": worker.role == "evaluator",
                 "tls-cert": f"{worker.id}.crt",
                 "tls-key": f"{worker.id}.key",
@@ -245,19 +286,23 @@ def provision(project: Project, output: Path) -> dict[str, Path]:
         kits[worker.id] = kit
     kit = output / project.coordinator
     kit.mkdir(exist_ok=True)
-    key, cert = _issue(project, project.coordinator, (), ca_key, ca_cert, server=False)
+    listens = any(worker.dial_out for worker in project.workers)
+    key, cert = _issue(
+        project, project.coordinator, project.coordinator_hosts, ca_key, ca_cert, server=listens, client=True
+    )
     _write_key(kit / f"{project.coordinator}.key", key)
     _write_cert(kit / f"{project.coordinator}.crt", cert)
     _write_cert(kit / "ca.crt", ca_cert)
 
     def endpoint(worker: Participant) -> str:
-        return f"{worker.id}=wss://{worker.hosts[0]}:{worker.port}"
+        return f"{worker.id}=dial-in" if worker.dial_out else f"{worker.id}=wss://{worker.hosts[0]}:{worker.port}"
 
     _write_config(
         kit / "coordinator.toml",
         {
             "workers": ",".join(endpoint(worker) for worker in project.workers if worker.role == "trainer"),
             "evaluator": ",".join(endpoint(worker) for worker in project.workers if worker.role == "evaluator"),
+            **({"listen": f"0.0.0.0:{project.listen}"} if listens else {}),
             "tls-cert": f"{project.coordinator}.crt",
             "tls-key": f"{project.coordinator}.key",
             "tls-ca": "ca.crt",

@@ -18,7 +18,12 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 from ..auth import read_token
-from ..config import DEFAULT_CONNECT_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_REQUEST_TIMEOUT
+from ..config import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_REQUEST_TIMEOUT,
+)
 from ..exceptions import (
     AuthenticationFailed,
     CheckpointError,
@@ -47,6 +52,7 @@ __all__ = [
     "fail",
     "add_client_security_flags",
     "add_connection_limits",
+    "add_listen_flags",
     "add_secure_agg_flags",
     "link_settings",
     "FromFlags",
@@ -184,6 +190,42 @@ def add_client_security_flags(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--tls-key", type=Path, metavar="FILE", help="the client certificate's private key")
     security.add_argument(
         "--auth-token-file", type=Path, metavar="FILE", help="prove to workers that this coordinator knows the token"
+    )
+
+
+def add_listen_flags(parser: argparse.ArgumentParser) -> None:
+    """The coordinator's flags for workers that dial in (docs/protocol.md, "Dial-out workers")."""
+    group = parser.add_argument_group("workers that dial in (name them as NAME=dial-in in --workers or --evaluator)")
+    group.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="accept the dial-in workers here (their run_websocket_server.py --connect); wss:// with --tls-cert"
+        " and --tls-key, client certificates whose common name is the worker id with --tls-ca",
+    )
+    group.add_argument(
+        "--worker-tokens",
+        type=Path,
+        metavar="FILE",
+        help="lines 'ID TOKEN-FILE' (paths relative to FILE): the token each dial-in worker must prove",
+    )
+    group.add_argument(
+        "--insecure-listen",
+        action="store_true",
+        help="let dial-in workers in without a token or a client certificate: local tests only",
+    )
+    group.add_argument(
+        "--max-pending-connections",
+        type=int,
+        default=64,
+        metavar="N",
+        help="dial-ins still authenticating; a newcomer beyond N closes the oldest (default: %(default)s)",
+    )
+    group.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="time a dial-in has for the TLS handshake, the websocket upgrade and the token (default: %(default)s)",
     )
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final, TypeVar
@@ -39,13 +37,12 @@ from ..coordinator import Coordinator, RunResult
 from ..data.normalization import NORMALIZATIONS
 from ..datasets import DATASETS, ensure_mnist
 from ..evaluation import headline, is_regression
-from ..exceptions import ConfigError, SyncfedError, WorkerUnavailable
+from ..exceptions import ConfigError, SyncfedError
 from ..models import DEMO_MODELS
 from ..monitor import Progress, TensorBoardWriter
-from ..net.link import WorkerLink
 from ..net.spawn import spawn_workers
 from ..partition import DEFAULT_CLASSES
-from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS, Hello, Info, Ping
+from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS
 from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
 from .common import (
@@ -54,17 +51,17 @@ from .common import (
     Parser,
     add_client_security_flags,
     add_connection_limits,
+    add_listen_flags,
     add_secure_agg_flags,
     config_from_flags,
-    exit_code,
     fail,
-    link_settings,
     parse_arguments,
     run_program,
     setup_logging,
     size,
     stdout_closed,
 )
+from .status import print_status
 
 __all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
 
@@ -290,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     common.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
     add_client_security_flags(parser)
+    add_listen_flags(parser)
 
     reliability = parser.add_argument_group("reliability")
     reliability.add_argument(
@@ -615,12 +613,12 @@ def parse_sites(entries: Sequence[str]) -> dict[str, tuple[str, list[str]]]:
 def _endpoints(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, str]]:
     """The training workers and the evaluator as ``{id: uri}``; spawned ``--site`` and ``--centralized`` workers
     have no uri yet."""
-    evaluator = parse_endpoints(args.evaluator)
+    evaluator = parse_endpoints(args.evaluator, dial_in=True)
     if args.centralized:
         return {CENTRAL: ""}, evaluator
     sites = parse_sites(args.site)
     if not sites:
-        return parse_endpoints(args.workers), evaluator
+        return parse_endpoints(args.workers, dial_in=True), evaluator
     tester = next(iter(evaluator), None)
     return {name: "" for name in sites if name != tester}, {name: "" for name in sites if name == tester}
 
@@ -697,54 +695,9 @@ async def _train(args: argparse.Namespace, progress: Progress, listeners: list[L
     return await _with_workers(args, action)
 
 
-async def _probe(name: str, uri: str, args: argparse.Namespace) -> list[str]:
-    """One row of the status table: who the worker is and how fast it answers."""
-    client = WorkerLink.from_settings(name, uri, link_settings(args, uri))
-    try:
-        await client.connect(wait_for_start=False)  # a status table says who is down now
-        try:
-            info = await client.request(Hello(), timeout=args.connect_timeout)
-            assert isinstance(info, Info)
-            times = []
-            for _ in range(3):
-                started = time.perf_counter()
-                await client.request(Ping(), timeout=args.connect_timeout)
-                times.append(time.perf_counter() - started)
-        finally:
-            await client.close()
-    except SyncfedError as exc:
-        return [name, uri, f"unreachable: {exc}", "", "", "", "", ""]
-    withheld = info.histogram is None
-    # Own data names its classes (a continuous label has one count); the bundled data sets' are their digits.
-    names = info.schema.classes if info.schema is not None else None
-    histogram = (
-        "withheld"
-        if withheld
-        else " ".join(
-            f"{label if names is None else names[label]}:{n}" for label, n in enumerate(info.histogram or ()) if n
-        )
-    )
-    return [
-        name,
-        uri,
-        f"reachable ({info.role})",
-        str(info.protocol_version),
-        info.dataset,
-        f"at most {info.num_examples}" if withheld else str(info.num_examples),
-        histogram,
-        f"{statistics.median(times) * 1000:.1f}",
-    ]
-
-
 async def _status(args: argparse.Namespace) -> int:
     async def action(workers: dict[str, str], evaluator: dict[str, str]) -> int:
-        endpoints = {**workers, **evaluator}
-        rows = await asyncio.gather(*(_probe(name, uri, args) for name, uri in endpoints.items()))
-        header = ["id", "address", "status", "protocol", "dataset", "examples", "classes", "rtt ms"]
-        widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-        for row in [header, *rows]:
-            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
-        return 0 if all(row[2].startswith("reachable") for row in rows) else exit_code(WorkerUnavailable("", ""))
+        return await print_status({**workers, **evaluator}, args)
 
     return await _with_workers(args, action)
 

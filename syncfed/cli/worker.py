@@ -5,6 +5,7 @@ Usage::
     python run_websocket_server.py --id alice --port 8777
     python run_websocket_server.py --id testing --port 8780 --testing
     python run_websocket_server.py --id north --port 8781 --data npz:north.npz  # own data (docs/data.md)
+    python run_websocket_server.py --id alice --connect wss://coordinator:8765 --auth-token-file alice.token  # dial out
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -31,8 +33,9 @@ from ..datasets import DATASETS, parse_dataset_spec
 from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..protocol import DEFAULT_CHUNK_SIZE
-from ..worker import Holding, SourceHolding, load_holdings, run_worker
+from ..worker import Holding, SourceHolding, Worker, load_holdings, run_worker
 from ..worker.cores import available_cores, count_workers, counted, fair_threads, registered
+from ..worker.dialer import dial_out
 from .common import (
     INTERRUPTED,
     FromFlags,
@@ -61,6 +64,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--id", help="worker id, e.g. alice, bob, charlie or testing (required)")
     parser.add_argument("--host", default="localhost", help="address to bind (default: %(default)s; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, default=8777, help="port to bind, 0 for a free one (default: %(default)s)")
+    parser.add_argument(
+        "--connect",
+        metavar="URI",
+        help="dial out to a coordinator's --listen address (ws:// or wss://) instead of listening: for sites that"
+        " open no inbound port; dials again with backoff for as long as it runs (--host and --port unused)",
+    )
+    parser.add_argument(
+        "--redial-max-delay",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with --connect: cap of the jittered backoff between attempts (default: %(default)s)",
+    )
     parser.add_argument(
         "--testing", action="store_true", help="hold the test set and serve as the evaluator (implied by --id testing)"
     )
@@ -290,7 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     security.add_argument("--tls-cert", type=Path, metavar="FILE", help="serve wss:// with this certificate")
     security.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
     security.add_argument(
-        "--tls-ca", type=Path, metavar="FILE", help="require coordinators to present a certificate this CA signed"
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="require coordinators to present a certificate this CA signed (with --connect: verify the coordinator's)",
     )
     security.add_argument(
         "--allow-coordinator",
@@ -300,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="let in only coordinators whose certificate has this common name (repeatable)",
     )
     security.add_argument(
-        "--auth-token-file", type=Path, metavar="FILE", help="require coordinators to prove they know this token"
+        "--auth-token-file",
+        type=Path,
+        metavar="FILE",
+        help="require coordinators to prove they know this token (with --connect: prove this worker's id with it)",
     )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
@@ -490,7 +512,11 @@ def _main(argv: list[str] | None) -> int:
                     f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
                     flush=True,
                 )
-            asyncio.run(run_worker(config, holdings, ready=lambda line: print(line, flush=True)))
+            say = partial(print, flush=True)
+            if config.connect is not None:
+                asyncio.run(dial_out(Worker(config, holdings), report=say))
+            else:
+                asyncio.run(run_worker(config, holdings, ready=say))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
         return INTERRUPTED

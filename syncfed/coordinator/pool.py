@@ -15,12 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..auth import read_token
+from ..auth import read_token, read_worker_tokens
 from ..compatibility import check_compatible, check_rejoining, chosen_data
-from ..config import DEFAULT_PING_TIMEOUT, CoordinatorConfig
+from ..config import DEFAULT_PING_TIMEOUT, DIAL_IN, CoordinatorConfig, parse_listen
 from ..disclosure import holdings
 from ..exceptions import (
     AuthenticationFailed,
+    ConfigError,
     IncompatibleWorkers,
     ProtocolError,
     RemoteError,
@@ -28,11 +29,12 @@ from ..exceptions import (
     WorkerUnavailable,
 )
 from ..failure import Failure
+from ..net.dial_in import DialInLink, DialInListener
 from ..net.link import LinkSettings, WorkerLink
-from ..net.transport import client_tls
+from ..net.transport import client_tls, server_tls
 from ..protocol import DataPlan, Hello, Info, Recipe
 
-__all__ = ["Backoff", "Pool", "traffic", "worker_links"]
+__all__ = ["Backoff", "Pool", "dial_in_listener", "traffic", "worker_links"]
 
 logger = logging.getLogger("syncfed.coordinator")
 
@@ -41,7 +43,8 @@ _SAMPLING_STREAM = 0x53414D50
 
 
 def worker_links(config: CoordinatorConfig) -> dict[str, WorkerLink]:
-    """A connection (not yet open) to each worker and the evaluator, with the run's limits, TLS and token."""
+    """A connection (not yet open) to each worker and the evaluator, with the run's limits, TLS and token;
+    a :class:`DialInLink` for each worker that dials in."""
     tls = (
         client_tls(config.tls_ca, config.tls_cert, config.tls_key)
         if config.tls_ca is not None or config.tls_cert is not None
@@ -59,9 +62,43 @@ def worker_links(config: CoordinatorConfig) -> dict[str, WorkerLink]:
         auth_token=token,
     )
     return {
-        name: WorkerLink.from_settings(name, uri, settings)
+        name: (DialInLink if uri == DIAL_IN else WorkerLink).from_settings(name, uri, settings)
         for name, uri in {**config.workers, **config.evaluator}.items()
     }
+
+
+def dial_in_listener(
+    config: CoordinatorConfig, links: dict[str, WorkerLink], *, report: Callable[[str], None]
+) -> DialInListener | None:
+    """The listener of the run's dial-in workers (``--listen``), not yet open; ``None`` without one.
+
+    Raises:
+        ConfigError: if a token or TLS file cannot be read, or a dial-in worker has no token.
+    """
+    if config.listen is None:
+        return None
+    dialing = {name: link for name, link in links.items() if isinstance(link, DialInLink)}
+    tokens = read_worker_tokens(config.worker_tokens) if config.worker_tokens is not None else None
+    missing = sorted(set(dialing) - set(tokens or dialing))
+    if missing:
+        raise ConfigError(f"dial-in worker {missing[0]} has no token in {config.worker_tokens}")
+    host, port = parse_listen(config.listen)
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = server_tls(config.tls_cert, config.tls_key, config.tls_ca)
+    return DialInListener(
+        dialing,
+        host=host,
+        port=port,
+        report=report,
+        tokens=tokens,
+        tls=tls,
+        max_message_size=config.max_message_size,
+        max_pending=config.max_pending_connections,
+        handshake_timeout=config.handshake_timeout,
+        ping_interval=config.ping_interval,
+        ping_timeout=config.ping_timeout,
+    )
 
 
 def traffic(links: Sequence[WorkerLink]) -> tuple[int, int]:
@@ -98,6 +135,7 @@ class Pool:
         self.config = config
         self.report = report
         self.links = links
+        self.listener = dial_in_listener(config, links, report=report)
         self.trainers = [links[name] for name in config.workers]
         self.evaluator = links[next(iter(config.evaluator))] if config.evaluator else None
         self.backoff = {name: Backoff() for name in links}
@@ -136,6 +174,8 @@ class Pool:
             WorkerUnavailable: fewer trainers than the quorum answered, or the evaluator did not.
             IncompatibleWorkers: workers disagree with each other or with the model.
         """
+        if self.listener is not None:
+            self.report(f"Listening for dial-in workers on {await self.listener.open()}")
         evaluator, trainers = self.evaluator, self.trainers
         links = [*trainers, *([evaluator] if evaluator else [])]
         outcomes = await asyncio.gather(*(self._greet(link) for link in links), return_exceptions=True)
@@ -238,6 +278,8 @@ class Pool:
             task.cancel()
         await asyncio.gather(*self.joining.values(), return_exceptions=True)
         await asyncio.gather(*(link.close() for link in self.links.values()))
+        if self.listener is not None:
+            await self.listener.close()
 
     async def _greet(self, link: WorkerLink, *, wait_for_start: bool = True) -> Info:
         await link.connect(wait_for_start=wait_for_start)
@@ -247,6 +289,11 @@ class Pool:
             await link.close()
             raise
         assert isinstance(info, Info)
+        if isinstance(link, DialInLink) and info.worker_id != link.name:  # its credential proved link.name
+            reason = f"hello names worker {info.worker_id!r}, but the credential proves {link.name!r}"
+            self.report(f"Refused dial-in worker {link.name}: {reason}")
+            await link.refuse(reason)
+            raise WorkerUnavailable(link.name, reason)
         info = chosen_data(self.config, link.name, info)
         self.num_examples[link.name] = info.num_examples
         logger.info("%s holds %s", link.name, holdings(info, secure=self.config.secure_agg))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed, InvalidMessage, InvalidStatus
 from websockets.frames import CloseCode
 
@@ -74,6 +75,16 @@ def _refused_everywhere(exc: OSError) -> bool:
     return text.startswith("Multiple exceptions") and bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
 
 
+def _settle(future: asyncio.Future[Message], outcome: Message | Exception) -> None:
+    """Give a waiting request its reply or its failure, unless it has given up already."""
+    if future.done():
+        return
+    if isinstance(outcome, Exception):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
 class WorkerLink:
     """One connection to a worker; several requests may be in flight at once.
 
@@ -118,7 +129,7 @@ class WorkerLink:
         self.ping_timeout = ping_timeout
         self.tls = tls
         self.auth_token = auth_token
-        self._connection: ClientConnection | None = None
+        self._connection: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
         self._ids = itertools.count(1)
@@ -236,8 +247,13 @@ class WorkerLink:
             raise
         except Exception as exc:  # invalid URI or handshake: websockets raises several types
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
+        self._attach(self._connection)
+
+    def _attach(self, connection: Connection) -> None:
+        """Serve requests over an open, authenticated ``connection``: start reading its replies."""
+        self._connection = connection
         self._closing = None
-        self._reader = asyncio.create_task(self._read_replies(self._connection))
+        self._reader = asyncio.create_task(self._read_replies(connection))
 
     async def _authenticate(self, connection: ClientConnection, token: bytes) -> None:
         """Answer the worker's challenge and check its proof; see :mod:`syncfed.auth`."""
@@ -306,7 +322,7 @@ class WorkerLink:
             raise RemoteProtocolError(f"{self.name} answered {message.kind} with {answer.kind}, expected {expected}")
         return answer
 
-    async def _read_replies(self, connection: ClientConnection) -> None:
+    async def _read_replies(self, connection: Connection) -> None:
         """Route each reply to the request waiting for it; fail them all when the connection ends."""
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
@@ -327,7 +343,7 @@ class WorkerLink:
         finally:
             # Whatever ended the loop, nobody may wait for a reply that cannot come.
             for request_id in list(self._pending):
-                self._resolve(request_id, failure)
+                _settle(self._pending.pop(request_id), failure)
 
     async def _deliver(self, incoming: MessageDecoder) -> None:
         """Hand one received reply to the request waiting for it.
@@ -344,13 +360,13 @@ class WorkerLink:
             envelope = await off_loop(incoming.size, incoming.finish)  # a large reply decodes in a thread
         except ProtocolError as exc:
             if exc.request_id in self._pending:
-                self._resolve(exc.request_id, exc)
+                _settle(self._pending.pop(exc.request_id), exc)
                 return
             if incoming.frame is not None and auth.is_challenge(incoming.frame):
                 raise ProtocolError("it requires a shared token: pass --auth-token-file") from None
             raise
         if envelope.id in self._pending:
-            self._resolve(envelope.id, envelope.message)
+            _settle(self._pending.pop(envelope.id), envelope.message)
         elif envelope.id == 0 and isinstance(envelope.message, Error):
             # The worker could not tell which request it refuses (e.g. too_large with no readable id):
             # any of those in flight may be the one, and none would get a reply, so all fail now.
@@ -359,20 +375,11 @@ class WorkerLink:
                 "%s: error %s with id 0 fails %d requests: %s", self.name, error.code, len(self._pending), error.reason
             )
             for request_id in list(self._pending):
-                self._resolve(request_id, RemoteError(self.name, error.code, error.reason))
+                _settle(self._pending.pop(request_id), RemoteError(self.name, error.code, error.reason))
         elif isinstance(envelope.message, Error):
             logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
         else:  # a reply to a request that timed out
             logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
-
-    def _resolve(self, request_id: int, outcome: Message | Exception) -> None:
-        future = self._pending.pop(request_id)
-        if future.done():
-            return
-        if isinstance(outcome, Exception):
-            future.set_exception(outcome)
-        else:
-            future.set_result(outcome)
 
 
 #: The old name, kept for one release: "client" meant three different things.

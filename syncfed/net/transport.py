@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -22,6 +23,8 @@ __all__ = [
     "send_message",
     "server_tls",
     "client_tls",
+    "common_name",
+    "small_frames",
 ]
 
 T = TypeVar("T")
@@ -135,3 +138,27 @@ def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLC
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"cannot load TLS files {ca}, {cert}, {key}: {exc}") from None
     return context
+
+
+def common_name(peercert: object) -> str | None:
+    """The subject common name of a verified peer certificate (``ssl`` getpeercert form)."""
+    if not isinstance(peercert, dict):
+        return None
+    for entry in peercert.get("subject", ()):
+        for key, value in entry:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+@contextmanager
+def small_frames(connection: Connection, limit: int) -> Iterator[None]:
+    """While authenticating, websockets itself refuses frames over ``limit``: an unproven peer
+    cannot make us buffer a large message. The connection's own limits come back afterwards."""
+    protocol = connection.protocol
+    limits = protocol.max_message_size, protocol.max_fragment_size
+    protocol.max_message_size = protocol.max_fragment_size = limit
+    try:
+        yield
+    finally:
+        protocol.max_message_size, protocol.max_fragment_size = limits

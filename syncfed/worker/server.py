@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 
+from websockets.asyncio.connection import Connection
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
@@ -21,7 +22,7 @@ from ..admission import Admission
 from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..exceptions import ConfigError
-from ..net.transport import connection_options, server_tls
+from ..net.transport import common_name, connection_options, server_tls
 from ..protocol import Info
 from .compute import Compute
 from .holdings import Holding, Served
@@ -33,17 +34,6 @@ logger = logging.getLogger("syncfed.worker")
 
 
 LOOPBACK = ("localhost", "127.0.0.1", "::1")
-
-
-def _common_name(peercert: object) -> str | None:
-    """The subject common name of a verified peer certificate (``ssl`` getpeercert form)."""
-    if not isinstance(peercert, dict):
-        return None
-    for entry in peercert.get("subject", ()):
-        for key, value in entry:
-            if key == "commonName":
-                return str(value)
-    return None
 
 
 class Worker:
@@ -91,7 +81,7 @@ class Worker:
             logger.warning("refused a connection: %d authenticated connections already open", self.admission.counts[0])
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         if self.config.allow_coordinators:
-            identity = _common_name(connection.transport.get_extra_info("peercert"))
+            identity = common_name(connection.transport.get_extra_info("peercert"))
             if identity not in self.config.allow_coordinators:
                 logger.warning("refused coordinator identity %r: not on the allow-list", identity)
                 return connection.respond(
@@ -99,8 +89,8 @@ class Worker:
                 )
         return None
 
-    async def handle(self, connection: ServerConnection) -> None:
-        """Serve one connection until it closes."""
+    async def handle(self, connection: Connection, *, authenticated: bool = False) -> None:
+        """Serve one connection until it closes; ``authenticated``: the peer already proved itself."""
         peer = "{}:{}".format(*connection.remote_address[:2]) if connection.remote_address else "?"
         session = Session(self, connection, peer)
         evicted = self.admission.arrive(session)
@@ -110,7 +100,7 @@ class Worker:
             )
             evicted.connection.transport.abort()
         try:
-            await session.run()
+            await session.run(authenticated=authenticated)
         finally:
             self.admission.leave(session)
             session.abandon()

@@ -17,14 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from websockets.asyncio.server import ServerConnection
+from websockets.asyncio.connection import Connection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .. import auth
 from ..admission import IdleClock
 from ..exceptions import AuthenticationFailed, MessageTooLarge, ProtocolError, RequestFailed, TensorError
-from ..net.transport import off_loop, receive, receive_message, send_message
+from ..net.transport import off_loop, receive, receive_message, send_message, small_frames
 from ..protocol import (
     Describe,
     Envelope,
@@ -64,7 +64,7 @@ Handler = Callable[[Any], Awaitable[Message]]
 class Session:
     """One connection: authentication, its slot, its idle clock, and its requests as its rules allow."""
 
-    def __init__(self, worker: Worker, connection: ServerConnection, peer: str) -> None:
+    def __init__(self, worker: Worker, connection: Connection, peer: str) -> None:
         self.worker = worker
         self.connection = connection
         self.peer = peer
@@ -90,16 +90,20 @@ class Session:
             SecAggUnmask.kind: steps.run,
         }
 
-    async def run(self) -> None:
+    async def run(self, *, authenticated: bool = False) -> None:
         """Authenticate, then serve requests until the connection closes.
 
         A connection takes one of the worker's ``max_connections`` slots once it
         has authenticated: by the token when the worker has one, else by its
         client certificate under mutual TLS (checked before this runs), else
         by a valid ``hello``, the most a worker without either can ask.
+        ``authenticated``: the peer already proved itself (a connection the worker dialed out on).
         """
         config = self.worker.config
-        if self.worker.token is not None:
+        if authenticated:
+            if not await self.enter():
+                return
+        elif self.worker.token is not None:
             if not await self.authenticate(self.worker.token) or not await self.enter():
                 return
         elif config.tls_ca is not None and not await self.enter():
@@ -167,15 +171,13 @@ class Session:
         size, so an unauthenticated peer cannot make the worker buffer a large message.
         """
         frame, nonce = auth.challenge()
-        protocol = self.connection.protocol
-        limits = protocol.max_message_size, protocol.max_fragment_size
-        protocol.max_message_size = protocol.max_fragment_size = auth.MAX_AUTH_FRAME
         try:
-            async with asyncio.timeout(self.worker.config.handshake_timeout):
-                await self.connection.send(frame)
-                response = await receive(self.connection, auth.MAX_AUTH_FRAME)
-                client_nonce = auth.verify_response(token, nonce, response)
-                await self.connection.send(auth.confirm(token, nonce, client_nonce))
+            with small_frames(self.connection, auth.MAX_AUTH_FRAME):
+                async with asyncio.timeout(self.worker.config.handshake_timeout):
+                    await self.connection.send(frame)
+                    response = await receive(self.connection, auth.MAX_AUTH_FRAME)
+                    client_nonce = auth.verify_response(token, nonce, response)
+                    await self.connection.send(auth.confirm(token, nonce, client_nonce))
         except ConnectionClosed:
             return False
         except (TimeoutError, MessageTooLarge, AuthenticationFailed) as exc:
@@ -184,7 +186,6 @@ class Session:
             self.worker.admission.leave(self)  # the place is free now, not after a closing handshake
             await self.connection.close(CloseCode.POLICY_VIOLATION, f"authentication failed: {reason}"[:120])
             return False
-        protocol.max_message_size, protocol.max_fragment_size = limits
         return True
 
     async def handle_message(self, incoming: MessageDecoder) -> None:
