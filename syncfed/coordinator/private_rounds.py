@@ -78,7 +78,8 @@ def secure_agg_line(config: CoordinatorConfig) -> str:
     tolerance = "no dropout" if t >= n else f"{n - t} dropout{'s' if n - t > 1 else ''}"
     return (
         f"Secure aggregation: the coordinator learns only the sum of each round's updates from {among}, never one"
-        f" worker's update, loss or example count; a round needs {t} of them to unmask its sum (tolerates {tolerance})"
+        f" worker's update (losses and example counts are not hidden); a round needs {t} of them to unmask its sum"
+        f" (tolerates {tolerance})"
     )
 
 

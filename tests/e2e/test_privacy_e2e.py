@@ -204,13 +204,14 @@ def test_the_default_threshold_is_two_thirds_and_a_majority(n: int) -> None:
     [
         (
             {"secagg_threshold": 3},
-            "from 3 workers, never one worker's update, loss or example count; a round needs 3"
+            "from 3 workers, never one worker's update (losses and example counts are not hidden); a round needs 3"
             " of them to unmask its sum (tolerates no dropout)",
         ),
         (
             {"workers": {f"w{i}": "" for i in range(10)}, "fraction_fit": 0.5},
             "from 5 of the 10 workers, never one"
-            " worker's update, loss or example count; a round needs 4 of them to unmask its sum (tolerates 1 dropout)",
+            " worker's update (losses and example counts are not hidden); a round needs 4 of them to unmask its sum"
+            " (tolerates 1 dropout)",
         ),
         ({"workers": {f"w{i}": "" for i in range(9)}}, "needs 6 of them to unmask its sum (tolerates 3 dropouts)"),
     ],
@@ -325,7 +326,8 @@ def test_secure_aggregation_equals_plain_fedavg_within_the_quantization_bound(
     secure = run(Coordinator(replace(settings, secure_agg=True, metrics_out=metrics), report=said.append).run())
     assert said == [
         "Secure aggregation: the coordinator learns only the sum of each round's updates from 3 workers, never one"
-        " worker's update, loss or example count; a round needs 2 of them to unmask its sum (tolerates 1 dropout)",
+        " worker's update (losses and example counts are not hidden); a round needs 2 of them to unmask its sum"
+        " (tolerates 1 dropout)",
         "Round 1: secure aggregation summed 3 of 3 updates (threshold 2)",
     ]
     (event,) = rounds_of(metrics)
