@@ -27,8 +27,8 @@ one of its examples.
 - **Shape.** ``--channels`` turns colour into luminance (the ITU-R 601-2 weights
   of Pillow's ``L`` conversion, in float) or repeats gray three times;
   ``--image-size`` resizes on float (``F``) planes, so 16-bit depth survives:
-  a shrink averages the source pixels each target pixel covers (Pillow's
-  box filter, which undoes an enlargement by a whole factor exactly), and an
+  a shrink filters with Lanczos-3 (Pillow's ``LANCZOS``: of its filters, the
+  one that best recovers an image enlarged before it was stored), and an
   enlargement interpolates bilinearly. Without them every image of the
   folder must have one size and one channel count.
 
@@ -200,7 +200,7 @@ def _fit(pixels: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     planes = pixels.transpose(2, 0, 1)
     if planes.shape[1:] != (height, width):
         shrink = planes.shape[1] >= height and planes.shape[2] >= width
-        method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+        method = Image.Resampling.LANCZOS if shrink else Image.Resampling.BILINEAR
         planes = np.stack(
             [
                 np.asarray(Image.fromarray(np.ascontiguousarray(plane)).resize((width, height), method))
