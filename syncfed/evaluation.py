@@ -365,6 +365,7 @@ class CrossSiteMatrix:
             value = float(values[row, column])
             darkness = value / top if not lower_is_better else 1 - value / top  # viridis is dark at its low end
             text, colour = ("n/a", "black") if math.isnan(value) else (self._shown(value), _ink(darkness))
+            axes.text(column, row, text, ha="center", va="center", color=colour, fontsize=9)
         axes.set_xticks(
             range(len(self.sites)), [f"{site}\n({split})" for site, split in zip(self.sites, self.splits, strict=True)]
         )

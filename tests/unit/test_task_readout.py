@@ -187,8 +187,15 @@ def test_a_regression_cross_site_table_shows_mae_in_the_target_s_units(tmp_path:
         "federated                  9.833               -",
     ]
     assert matrix(((near, near), (near, near)), Readout("", "los")).metric_title == "MAE (los)"
-    pytest.importorskip("matplotlib")
-    assert shown.draw(tmp_path / "mae.png") and (tmp_path / "mae.png").stat().st_size > 0
+    matplotlib = pytest.importorskip("matplotlib.axes")
+    written: list[str] = []
+    text = matplotlib.Axes.text
+    with pytest.MonkeyPatch.context() as patch:  # the cells' labels, as the heat map writes them
+        patch.setattr(
+            matplotlib.Axes, "text", lambda axes, x, y, s, **kw: written.append(s) or text(axes, x, y, s, **kw)
+        )
+        assert shown.draw(tmp_path / "mae.png") and (tmp_path / "mae.png").stat().st_size > 0
+    assert written == ["0.8333", "9.833", "9.833", "n/a"]
 
 
 def binary_result(labels: np.ndarray, scores: np.ndarray) -> EvalResult:
