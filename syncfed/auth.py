@@ -74,7 +74,8 @@ def read_worker_tokens(path: Path) -> dict[str, bytes]:
     """Read a coordinator's dial-in token list: ``ID TOKEN-FILE`` per line, ``#`` comments, paths relative to it.
 
     Raises:
-        ConfigError: if a line is malformed, an id repeats, or a token file cannot be read.
+        ConfigError: if a line is malformed, an id repeats, two ids share a token (either could prove the
+            other's id), or a token file cannot be read.
     """
     try:
         text = path.read_text()
@@ -90,7 +91,11 @@ def read_worker_tokens(path: Path) -> dict[str, bytes]:
         name, file = words
         if name in tokens:
             raise ConfigError(f"{path} line {number}: worker id {name!r} appears twice")
-        tokens[name] = read_token(path.parent / file)
+        token = read_token(path.parent / file)
+        shared = [other for other, known in tokens.items() if hmac.compare_digest(known, token)]
+        if shared:
+            raise ConfigError(f"{path} line {number}: worker {name!r} has the same token as {shared[0]!r}")
+        tokens[name] = token
     return tokens
 
 

@@ -79,7 +79,7 @@ def dial_in_listener(
         return None
     dialing = {name: link for name, link in links.items() if isinstance(link, DialInLink)}
     tokens = read_worker_tokens(config.worker_tokens) if config.worker_tokens is not None else None
-    missing = sorted(set(dialing) - set(tokens or dialing))
+    missing = sorted(set(dialing) - set(tokens)) if tokens is not None else []
     if missing:
         raise ConfigError(f"dial-in worker {missing[0]} has no token in {config.worker_tokens}")
     host, port = parse_listen(config.listen)

@@ -4,6 +4,7 @@ schedule, and the handshake's binding of the claimed id. Pure: no sockets, no ev
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from syncfed import auth
 from syncfed.cli import coordinator, worker
 from syncfed.cli.common import parse_arguments
 from syncfed.config import CoordinatorConfig, WorkerConfig, parse_endpoints, parse_listen
+from syncfed.coordinator.pool import dial_in_listener, worker_links
 from syncfed.exceptions import AuthenticationFailed, ConfigError
 from syncfed.redial import Redial
 
@@ -99,6 +101,7 @@ def test_the_worker_token_list_reads_ids_and_files_relative_to_it(tmp_path: Path
         ("alice a.token\nalice a.token\n", "line 2: worker id 'alice' appears twice"),
         ("alice short.token\n", "has 5 bytes, below the minimum of 16 bytes"),
         ("alice missing.token\n", "cannot read auth token file"),
+        ("alice a.token\nbob a.token\n", "line 2: worker 'bob' has the same token as 'alice'"),
     ],
 )
 def test_a_bad_token_list_is_one_clear_line(tmp_path: Path, text: str, message: str) -> None:
@@ -136,3 +139,11 @@ def test_a_dial_in_proof_holds_only_for_the_id_it_claims() -> None:
     for context in (auth.dial_in_context("alice"), b""):  # another id, or the connect-in direction
         with pytest.raises(AuthenticationFailed, match="^wrong token$"):
             auth.verify_response(TOKEN, nonce, response, context=context)
+
+
+def test_a_dial_in_worker_missing_from_the_token_list_stops_the_run_before_it_listens(tmp_path: Path) -> None:
+    listing = tmp_path / "tokens.txt"
+    listing.write_text("# nobody yet\n")  # an empty list: no worker can prove an id
+    config = CoordinatorConfig(workers={"alice": "dial-in"}, evaluator={}, listen="127.0.0.1:0", worker_tokens=listing)
+    with pytest.raises(ConfigError, match=rf"^dial-in worker alice has no token in {re.escape(str(listing))}$"):
+        dial_in_listener(config, worker_links(config), report=print)
