@@ -60,7 +60,8 @@ class RunPlan:
 def prune_plan(versions: Sequence[ModelVersion], *, keep_last: int = 0, keep_best: int = 0) -> list[RunPlan]:
     """Per run of ``versions``: keep its last ``keep_last`` rounds and its best ``keep_best`` by the headline
     metric (ties to the earlier round, as :meth:`ModelRegistry.best` breaks them; NaN never counts), remove
-    the rest. Runs come in the order of their first version.
+    the rest. A run with no metric to rank by keeps its last ``keep_best`` rounds instead: pruning never
+    empties a run it cannot judge. Runs come in the order of their first version.
 
     Raises:
         ConfigError: if a count is not an integer of at least 0.
@@ -81,6 +82,8 @@ def prune_plan(versions: Sequence[ModelVersion], *, keep_last: int = 0, keep_bes
             scored = [version for version in entries if not math.isnan(version.metrics.get(name, math.nan))]
             scored.sort(key=lambda version: version.metrics[name] if lowest else -version.metrics[name])
             kept |= {version.id for version in scored[:keep_best]}
+        elif keep_best:
+            kept |= {version.id for version in entries[-keep_best:]}
         plans.append(
             RunPlan(
                 run_id,

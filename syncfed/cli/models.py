@@ -228,7 +228,9 @@ def _prune(registry: ModelRegistry, args: argparse.Namespace) -> str:
 def _plan_line(plan: RunPlan, args: argparse.Namespace, *, done: bool) -> str:
     rules = [f"last {args.keep_last}"] if args.keep_last is not None else []
     if args.keep_best is not None:
-        rules.append(f"best {args.keep_best} by {plan.metric}" if plan.metric else "no metric to rank by")
+        rules.append(
+            f"best {args.keep_best} by {plan.metric}" if plan.metric else f"no metric to rank by: last {args.keep_best}"
+        )
     rounds = ("round " if len(plan.keep) == 1 else "rounds ") + ", ".join(str(version.round) for version in plan.keep)
     keep, remove = ("kept", "removed") if done else ("keeps", "removes")
     kept = rounds if plan.keep else "nothing"

@@ -140,6 +140,17 @@ def test_prune_keeps_the_last_and_the_best_of_each_run(
         prune_plan(registry.versions(), keep_last=-1)
 
 
+def test_a_run_without_a_metric_keeps_its_last_rounds_under_keep_best() -> None:
+    def version(round_number: int) -> ModelVersion:
+        return ModelVersion(
+            f"{round_number:064x}", "quiet", round_number, "digits-cnn", "", (), {}, {}, {}, "b" * 64, Path("w")
+        )
+
+    (plan,) = prune_plan([version(number) for number in (1, 2, 3)], keep_best=2)
+    assert plan.metric is None
+    assert [v.round for v in plan.keep] == [2, 3] and [v.round for v in plan.remove] == [1]
+
+
 def files(registry: ModelRegistry) -> dict[Path, int]:
     return {path: path.stat().st_size for path in (registry.directory / "weights").iterdir()}
 
