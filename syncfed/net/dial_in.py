@@ -161,13 +161,15 @@ class DialInListener:
     def admit(self, connection: ServerConnection, request: Request) -> Response | None:
         """Refuse the HTTP upgrade of a claim that cannot stand: no id, one not in the run,
         one the client certificate does not name, or one already connected."""
-        claimed = request.headers.get(auth.WORKER_HEADER)
-        if claimed is None:
-            reason = f"a dial-in worker must name its id in the {auth.WORKER_HEADER} header"
+        claims = request.headers.get_all(auth.WORKER_HEADER)
+        if len(claims) != 1:
+            reason = f"a dial-in worker must name its id in one {auth.WORKER_HEADER} header, not {len(claims)}"
             return self._refuse_upgrade(connection, HTTPStatus.BAD_REQUEST, reason)
+        (claimed,) = claims
         link = self.links.get(claimed)
         if link is None:
-            return self._refuse_upgrade(connection, HTTPStatus.FORBIDDEN, f"worker {claimed!r} is not in this run")
+            shown = repr(claimed[:64]) + ("..." if len(claimed) > 64 else "")  # a stranger's header, bounded
+            return self._refuse_upgrade(connection, HTTPStatus.FORBIDDEN, f"worker {shown} is not in this run")
         if self.certified:
             certified = common_name(connection.transport.get_extra_info("peercert"))
             if certified != claimed:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Callable
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -27,7 +28,7 @@ from .. import auth
 from ..exceptions import AuthenticationFailed, MessageTooLarge
 from ..net.transport import client_tls, common_name, connection_options, receive, small_frames
 from ..redial import Redial
-from .server import Worker
+from .server import LOOPBACK, Worker, logger
 
 __all__ = ["dial_out"]
 
@@ -54,6 +55,15 @@ async def dial_out(worker: Worker, *, report: Callable[[str], None] = print, red
         redial if redial is not None else Redial(first=min(0.5, config.redial_max_delay), cap=config.redial_max_delay)
     )
     name = config.worker_id
+    host = urlsplit(uri).hostname or ""
+    if worker.token is None and tls is None and host not in LOOPBACK:
+        logger.warning(
+            "WORKER %s SERVES WHOEVER ANSWERS AT %s: nothing proves the coordinator (no TLS, no token), so anyone"
+            " who can take that address trains on this data; use wss:// with --tls-ca (see python -m syncfed"
+            " provision) or --auth-token-file",
+            name.upper(),
+            uri,
+        )
     unreachable = False  # said once until the next connection, however many attempts fail
     while True:
         try:

@@ -10,7 +10,9 @@ refused before any request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import logging
 from pathlib import Path
 
 import pytest
@@ -149,3 +151,30 @@ def test_a_worker_whose_hello_names_another_id_is_refused_on_both_sides() -> Non
     assert worker_side.endswith(f": refused by the coordinator at {reports[0].rsplit(' ', 1)[1]}: {reason}")
     assert reason in coordinator_side
     assert [line for line in reports if line.startswith("Refused")] == [f"Refused dial-in worker alice: {reason}"]
+
+
+@pytest.mark.parametrize(
+    ("uri", "token", "warned"),
+    [("ws://192.0.2.1:9", False, True), ("ws://127.0.0.1:9", False, False), ("ws://192.0.2.1:9", True, False)],
+)
+def test_a_dial_out_worker_that_nothing_proves_the_coordinator_to_says_so_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, uri: str, token: bool, warned: bool
+) -> None:
+    secret = tmp_path / "alice.token"
+    secret.write_bytes(b"t" * 32)
+    config = WorkerConfig("alice", connect=uri, digits=(0, 1), auth_token_file=secret if token else None)
+    alice = Worker(config, load_holdings(config))
+
+    async def a_moment_of_dialing() -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(dial_out(alice, report=lambda _: None), 0.3)
+
+    with caplog.at_level(logging.WARNING, logger="syncfed.worker"):
+        asyncio.run(a_moment_of_dialing())
+    loud = [record.getMessage() for record in caplog.records if "SERVES WHOEVER ANSWERS" in record.getMessage()]
+    said = (
+        f"WORKER ALICE SERVES WHOEVER ANSWERS AT {uri}: nothing proves the coordinator (no TLS, no token), so"
+        " anyone who can take that address trains on this data; use wss:// with --tls-ca (see python -m"
+        " syncfed provision) or --auth-token-file"
+    )
+    assert loud == ([said] if warned else [])
