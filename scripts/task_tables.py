@@ -52,9 +52,7 @@ from own_data_demo import (  # noqa: E402
     write_diabetes,
     write_digits,
 )
-from own_data_demo import (
-    IMAGE_SITES as DEMO_IMAGE_SITES,
-)
+from own_data_demo import IMAGE_SITES as DEMO_IMAGE_SITES  # noqa: E402
 
 from syncfed.config import CoordinatorConfig  # noqa: E402
 from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
