@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from own_data_demo import HOSPITALS, write_breast_cancer  # noqa: E402
 
 from syncfed.config import CoordinatorConfig  # noqa: E402
-from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
+from syncfed.coordinator import FEDERATED, Coordinator, EvalRecord  # noqa: E402
 from syncfed.exceptions import SyncfedError  # noqa: E402
 from syncfed.net.spawn import spawn_workers  # noqa: E402
 
@@ -109,14 +109,21 @@ def describe_split(sites: Mapping[str, Path]) -> str:
     return ", ".join(parts)
 
 
-async def train(workers: Mapping[str, str], evaluator: Mapping[str, str], **settings: Any) -> dict[str, Any]:
-    """One seeded run; the federated model's last evaluation, or why the run stopped."""
+async def last_federated(workers: Mapping[str, str], evaluator: Mapping[str, str], **settings: Any) -> EvalRecord | str:
+    """One seeded, silent run; the federated model's last evaluation, or why the run stopped."""
     config = CoordinatorConfig(workers=dict(workers), evaluator=dict(evaluator), connect_timeout=60.0, **settings)
     try:
         result = await Coordinator(config, report=lambda _: None).run()
     except SyncfedError as exc:
-        return {"error": str(exc)}
-    last = [record for record in result.evaluations if record.model == FEDERATED][-1]
+        return str(exc)
+    return [record for record in result.evaluations if record.model == FEDERATED][-1]
+
+
+async def train(workers: Mapping[str, str], evaluator: Mapping[str, str], **settings: Any) -> dict[str, Any]:
+    """One seeded run; the federated model's last accuracy, loss and recall, or why the run stopped."""
+    last = await last_federated(workers, evaluator, **settings)
+    if isinstance(last, str):
+        return {"error": last}
     reply = last.result
     return {"round": last.round, "accuracy": reply.accuracy, "loss": reply.loss, "recall": list(reply.recall or ())}
 

@@ -44,6 +44,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from normalization_table import last_federated  # noqa: E402
 from own_data_demo import (  # noqa: E402
     CLINICS,
     DIABETES_LABEL,
@@ -54,10 +55,7 @@ from own_data_demo import (  # noqa: E402
 )
 from own_data_demo import IMAGE_SITES as DEMO_IMAGE_SITES  # noqa: E402
 
-from syncfed.config import CoordinatorConfig  # noqa: E402
-from syncfed.coordinator import FEDERATED, Coordinator  # noqa: E402
 from syncfed.evaluation import result_json  # noqa: E402
-from syncfed.exceptions import SyncfedError  # noqa: E402
 from syncfed.net.spawn import spawn_workers  # noqa: E402
 
 EVALUATOR = "testing"
@@ -89,12 +87,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 async def train(workers: Mapping[str, str], evaluator: Mapping[str, str], **settings: Any) -> dict[str, Any]:
     """One seeded run; the federated model's metrics at its last evaluation, or why the run stopped."""
-    config = CoordinatorConfig(workers=dict(workers), evaluator=dict(evaluator), connect_timeout=60.0, **settings)
-    try:
-        result = await Coordinator(config, report=lambda _: None).run()
-    except SyncfedError as exc:
-        return {"error": str(exc)}
-    last = [record for record in result.evaluations if record.model == FEDERATED][-1]
+    last = await last_federated(workers, evaluator, **settings)
+    if isinstance(last, str):
+        return {"error": last}
     fields = result_json(last.result)
     return {"round": last.round, **{k: v for k, v in fields.items() if not isinstance(v, (list, dict))}}
 
