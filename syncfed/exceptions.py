@@ -19,8 +19,11 @@ Every error derives from :class:`SyncfedError`, so callers can catch one type::
     │   └── WorkerTimeout    a worker did not answer a request in time
     ├── IncompatibleWorkers  workers disagree with each other or with the model
     ├── AuthenticationFailed a peer failed authentication (token, certificate, allow-list)
+    │   └── PermissionDenied an admin's role does not allow the action
     ├── QuorumNotMet         too few workers answered a round, even after retries
-    └── CheckpointError      a checkpoint cannot be read or does not fit the run
+    ├── CheckpointError      a checkpoint cannot be read or does not fit the run
+    ├── UnknownJob           the job service has no job of this id
+    └── JobStateError        a job's state does not allow what was asked
 
 Messages name the offending value and the limit, in lowercase, without a
 trailing period, as in "message with 12 bytes exceeds limit of 8 bytes".
@@ -51,6 +54,9 @@ __all__ = [
     "AuthenticationFailed",
     "QuorumNotMet",
     "CheckpointError",
+    "UnknownJob",
+    "JobStateError",
+    "PermissionDenied",
 ]
 
 
@@ -193,3 +199,15 @@ class CheckpointError(SyncfedError):
 
 class AuthenticationFailed(SyncfedError):
     """A peer could not prove who it is, or is not allowed in."""
+
+
+class UnknownJob(SyncfedError):
+    """No job of the service has this id."""
+
+
+class JobStateError(SyncfedError):
+    """What was asked of a job does not fit its state: aborting a finished job, downloading an unsaved round."""
+
+
+class PermissionDenied(AuthenticationFailed):
+    """An admin proved who they are, but their role does not allow the action."""
