@@ -45,7 +45,7 @@ PAGE_TIMEOUT = 20_000 * MS
 
 
 @contextlib.contextmanager
-def chromium(pin: str, *, size: tuple[int, int] = (1280, 1000)) -> Iterator[webdriver.Chrome]:
+def chromium(pin: str, *, size: tuple[int, int] = (1280, 900)) -> Iterator[webdriver.Chrome]:
     """A headless Chromium that trusts the certificate whose public key ``pin`` names, and no other error."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if shutil.which(path) is None]
     if missing:
