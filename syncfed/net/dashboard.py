@@ -23,11 +23,11 @@ import hmac
 import secrets
 import ssl
 import time
-from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from ..curves import curves
 from ..exceptions import ConfigError, SyncfedError
@@ -115,9 +115,9 @@ async def start_dashboard(
         raise ConfigError(f"max_jobs {max_jobs} must be at least 1")
     files = _static_files()
     # The cookie holds a keyed digest of the token, not the token: a new start makes old cookies worthless.
-    session = hmac.new(secrets.token_bytes(32), (token or "").encode(), hashlib.sha256).hexdigest()
+    session = hmac.new(secrets.token_bytes(32), token.encode(), hashlib.sha256).hexdigest() if token else None
     app = web.Application(
-        middlewares=[_gate(token, session if token is not None else None)],
+        middlewares=[_gate(token, session)],
         client_max_size=1024,  # it reads no request bodies
     )
 
@@ -174,10 +174,9 @@ async def _state(service: FederationService, max_jobs: int) -> dict[str, Any]:
     }
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _gate(token: str | None, session: str | None) -> Any:
+def _gate(token: str | None, session: str | None) -> Middleware:
     """The middleware that lets in an admin certificate, the token cookie, or ``?token=`` (swapped for the
     cookie); and answers 401 otherwise."""
 

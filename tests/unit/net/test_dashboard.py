@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -14,10 +15,11 @@ from dashboard_kit import Kit, make_kit
 from fake_service import FakeService
 from units import MS
 
-from syncfed.exceptions import ConfigError
+from syncfed.exceptions import ConfigError, UnknownJob
 from syncfed.net.dashboard import COOKIE, start_dashboard
 from syncfed.net.transport import server_tls
 from syncfed.net.web import https_tls
+from syncfed.service_api import WorkerRecord
 
 TOKEN = "a-local-token-0123456789"
 TIMEOUT = 10_000 * MS
@@ -38,14 +40,16 @@ def client_tls(kit: Kit, identity: tuple[Path, Path] | None = None) -> ssl.SSLCo
 Scenario = Callable[[str, FakeService], Awaitable[Any]]
 
 
-def serving(kit: Kit, scenario: Scenario, *, token: str | None = TOKEN, service: FakeService | None = None) -> Any:
+def serving(
+    kit: Kit, scenario: Scenario, *, token: str | None = TOKEN, service: FakeService | None = None, **settings: Any
+) -> Any:
     """Run ``scenario(url, service)`` against a dashboard on a free port of 127.0.0.1."""
     service = service or FakeService()
 
     async def run() -> Any:
         async with asyncio.timeout(TIMEOUT):
             tls = https_tls(*kit.server, kit.ca, require_certificate=False)
-            dashboard = await start_dashboard(service, host="127.0.0.1", port=0, tls=tls, token=token)
+            dashboard = await start_dashboard(service, host="127.0.0.1", port=0, tls=tls, token=token, **settings)
             try:
                 return await scenario(dashboard.url, service)
             finally:
@@ -149,6 +153,39 @@ def test_the_state_holds_workers_jobs_and_the_running_jobs_curves_and_the_servic
     ]
     assert [len(line["points"]) for line in curves["scores"] + curves["seconds"] + curves["epsilon"]] == [3] * 6
     assert set(service.calls) == {"workers", "jobs", "metrics"}
+
+
+class Failing(FakeService):
+    """A service that cannot list its workers, or takes too long to."""
+
+    def __init__(self, delay: float | None) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def workers(self) -> list[WorkerRecord]:
+        if self.delay is None:
+            raise UnknownJob("the job store is locked")
+        await asyncio.sleep(self.delay)
+        return []
+
+
+@pytest.mark.parametrize(
+    ("delay", "error"), [(None, "the job store is locked"), (1.0, "the service did not answer in 0.05 s")]
+)
+def test_a_failing_or_stalled_service_is_answered_503_with_one_line(kit: Kit, delay: float | None, error: str) -> None:
+    async def scenario(url: str, service: FakeService) -> tuple[int, str]:
+        status, _, body, _ = await get(url + "api/state", client_tls(kit, kit.viewer))
+        return status, json.loads(body)["error"]
+
+    assert serving(kit, scenario, service=Failing(delay), state_timeout=0.05) == (503, error)
+
+
+def test_the_state_lists_at_most_max_jobs_newest_first(kit: Kit) -> None:
+    async def scenario(url: str, service: FakeService) -> list[str]:
+        _, _, body, _ = await get(url + "api/state", client_tls(kit, kit.viewer))
+        return [job["id"] for job in json.loads(body)["jobs"]]
+
+    assert serving(kit, scenario, max_jobs=1) == ["2"]
 
 
 def test_every_answer_forbids_framing_inline_script_and_other_origins(kit: Kit) -> None:
