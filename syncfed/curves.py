@@ -6,10 +6,11 @@ one event per line; this module turns them into JSON-ready series of
 server or a browser:
 
 - the headline score per round: the task's readout, AUC for a binary task,
-  MAE for a regression, accuracy otherwise. ``eval`` events give the
-  federated model's score and each site's own model's (both on the
-  evaluator's test data); ``federated_eval`` events give the federated model's
-  score on each site's validation split and their weighted average;
+  MAE for a regression, accuracy for a classification, else the loss.
+  ``eval`` events give the federated model's score and each site's own
+  model's (both on the evaluator's test data); ``federated_eval`` events
+  give the federated model's score on each site's validation split and
+  their weighted average;
 - each round's time (``round`` events' ``seconds``);
 - the privacy spent: the federation's epsilon (``round`` events'
   ``privacy.epsilon``, with ``--dp``) and each ``--dp-sgd`` site's own.
@@ -28,8 +29,9 @@ from typing import Any, Final, TypedDict
 __all__ = ["HEADLINES", "Curves", "Series", "curves", "headline_metric"]
 
 #: The headline metrics, in the order a score's fields are searched for one: AUC only binary tasks report,
-#: MAE only regressions, accuracy every classification.
-HEADLINES: Final = ("auc", "mae", "accuracy")
+#: MAE only regressions, accuracy every classification; the loss, which every score has, when none of them
+#: is there (a user task's, or a regression scored without metric sums).
+HEADLINES: Final = ("auc", "mae", "accuracy", "loss")
 
 
 class Series(TypedDict):

@@ -67,6 +67,7 @@ def test_the_headline_is_the_tasks_readout_auc_for_binary_mae_for_regression() -
     assert lines(curves(binary)["scores"]) == {"federated": [[1, 0.95]]}
     assert headline_metric(regression) == "mae"
     assert lines(curves(regression)["scores"]) == {"federated": [[1, 3.1]]}
+    assert headline_metric([evaluation(1, "federated", **{"user.brier": 0.07})]) == "loss"  # a user task's
     assert curves([round_event(1)])["metric"] == ""
 
 

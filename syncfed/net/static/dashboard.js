@@ -11,6 +11,7 @@
     accuracy: {title: "Accuracy", format: (y) => `${+(100 * y).toPrecision(3)}%`},
     auc: {title: "AUC", format: (y) => y.toFixed(3)},
     mae: {title: "MAE", format: (y) => String(+y.toPrecision(3))},
+    loss: {title: "Loss", format: (y) => String(+y.toPrecision(3))},
   };
 
   function cell(row, text, className) {
