@@ -120,8 +120,11 @@ async def start_admin_api(
     ``require_certificate=True``: the role is read from the client's certificate.
 
     Raises:
+        ConfigError: if ``tls`` does not require a client certificate.
         OSError: if the address cannot be bound.
     """
+    if tls.verify_mode != ssl.CERT_REQUIRED:
+        raise ConfigError("the admin API's TLS context must require client certificates (require_certificate=True)")
     settings = _Settings(service, audit, max_body, request_timeout, download_timeout)
     app = web.Application(middlewares=[_json_errors], client_max_size=max_body)
     routes = (

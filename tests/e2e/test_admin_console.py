@@ -26,6 +26,7 @@ from units import MS
 from syncfed.__main__ import main as syncfed_main
 from syncfed.audit import AuditLog, read_audit
 from syncfed.cli import admin
+from syncfed.exceptions import ConfigError
 from syncfed.net.admin_api import AdminAPI, start_admin_api
 from syncfed.net.web import https_tls
 from syncfed.provision import Admin, Participant, Project, provision
@@ -315,3 +316,16 @@ def test_a_service_that_is_down_is_named_in_one_line(tmp_path: Path, capsys: pyt
         1,
         f"python -m syncfed admin: error: cannot reach https://127.0.0.1:{port}: connection refused\n",
     )
+
+
+def test_the_api_will_not_serve_without_client_certificates(federation: Federation) -> None:
+    coordinator = federation.kits["coordinator"]
+    tls = https_tls(
+        coordinator / "coordinator.crt",
+        coordinator / "coordinator.key",
+        coordinator / "ca.crt",
+        require_certificate=False,
+    )
+    started = start_admin_api(federation.service, host="127.0.0.1", port=0, tls=tls, audit=AuditLog(federation.audit))
+    with pytest.raises(ConfigError, match=r"^the admin API's TLS context must require client certificates"):
+        asyncio.run(started)
