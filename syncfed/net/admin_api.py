@@ -42,7 +42,7 @@ from aiohttp import web
 
 from ..audit import AuditLog
 from ..exceptions import ConfigError, JobStateError, PermissionDenied, SyncfedError, UnknownJob
-from ..service_api import FederationService, allowed
+from ..service_api import ADMIN_ROLES, FederationService, allowed
 from .web import Peer, peer_from_certificate
 
 __all__ = [
@@ -178,7 +178,9 @@ class _Settings:
             target = request.match_info.get("job", "")
             if peer is None or not allowed(role, action):
                 refusal = PermissionDenied(
-                    f"{role} {who} may not {action}" if role else f"the certificate of {who!r} names no admin role"
+                    f"{role} {who} may not {action}"
+                    if role in ADMIN_ROLES
+                    else f"the certificate of {who!r} names no admin role"
                 )
                 await self._record(who, role, action, target, "denied")
                 return _error(refusal)
