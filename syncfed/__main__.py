@@ -5,13 +5,14 @@ Usage::
     python -m syncfed provision project.toml -o startup/
     python -m syncfed models --registry runs/registry list|show ID|best METRIC|export ID PATH|prune|du
     python -m syncfed analytics --workers alice=ws://localhost:8777,... label-histogram|feature-stats|quantiles
+    python -m syncfed admin --config admin.toml workers|submit FILE|jobs|status JOB|abort JOB|logs JOB|...
 """
 
 from __future__ import annotations
 
 import sys
 
-from .cli import analytics, models, provision
+from .cli import admin, analytics, models, provision
 from .cli.common import Parser, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
@@ -46,7 +47,12 @@ def _main(argv: list[str] | None) -> int:
             description="statistics over all workers' data, without moving it",
         )
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    # The console reads its own --config (admin.toml), so it parses its own arguments, --help included.
+    commands.add_parser("admin", help="the console of a running federation service: workers, jobs, logs, models")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["admin"]:
+        return admin.main(argv[1:])
+    args = parser.parse_args(argv)
     run = {"provision": provision.run, "models": models.run, "analytics": analytics.run}[args.command]
     try:
         return run(args)

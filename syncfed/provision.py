@@ -18,6 +18,10 @@
     role = "trainer"                # or "evaluator"
     dial_out = false                # true: the site opens no port, it dials the coordinator
 
+    [[admins]]
+    id = "ops@hospital-a.org"       # who the admin console proves to be
+    role = "project-admin"          # or "viewer": may only read
+
 and writes ``startup/ca/`` (the CA's key: keep it offline), and for each
 participant ``startup/<id>/`` with the CA certificate, its own key (mode
 0600) and certificate, and a config file the scripts accept with
@@ -27,6 +31,13 @@ the ``cryptography`` package; nothing is hand-rolled.
 A dial-out worker's certificate is a client certificate whose common name is
 its id: the coordinator's ``--listen`` lets it in as that id and no other.
 With dial-out workers, the coordinator's certificate serves ``--listen`` too.
+
+An admin's certificate is a client certificate whose common name is the
+admin's id and whose organizational unit is the role
+(:data:`syncfed.service_api.ADMIN_ROLES`); the kit's ``admin.toml`` points
+``python -m syncfed admin`` at the service's admin API,
+``https://<the coordinator's first host>:<[coordinator] admin>`` (port 8443
+by default), which the coordinator's certificate then serves too.
 """
 
 from __future__ import annotations
@@ -41,8 +52,9 @@ from pathlib import Path
 from typing import Any
 
 from .exceptions import ConfigError
+from .service_api import ADMIN_ROLES
 
-__all__ = ["Participant", "Project", "load_project", "provision"]
+__all__ = ["Admin", "Participant", "Project", "load_project", "provision"]
 
 _ROLES = ("trainer", "evaluator")
 
@@ -57,6 +69,12 @@ class Participant:
 
 
 @dataclass(frozen=True)
+class Admin:
+    id: str  # the certificate's common name, e.g. an e-mail address
+    role: str  # one of ADMIN_ROLES: the certificate's organizational unit
+
+
+@dataclass(frozen=True)
 class Project:
     name: str
     coordinator: str
@@ -64,6 +82,8 @@ class Project:
     days: int = 365
     coordinator_hosts: tuple[str, ...] = ()  # what dial-out workers dial; in the coordinator's certificate
     listen: int = 8765
+    admins: tuple[Admin, ...] = ()
+    admin_port: int = 8443  # the service's admin API, on the coordinator's first host
 
 
 def load_project(path: Path) -> Project:
@@ -97,7 +117,8 @@ def load_project(path: Path) -> Project:
         workers.append(Participant(entry["id"], tuple(hosts), port, role, dial_out))
     if not workers:
         raise ConfigError(f"{path}: no [[workers]] entries")
-    ids = [worker.id for worker in workers] + [coordinator]
+    admins = _load_admins(path, data.get("admins", []))
+    ids = [worker.id for worker in workers] + [coordinator] + [admin.id for admin in admins]
     duplicate = next((name for name in ids if ids.count(name) > 1), None)
     if duplicate is not None:
         raise ConfigError(f"{path}: id {duplicate!r} appears twice")
@@ -108,26 +129,59 @@ def load_project(path: Path) -> Project:
         raise ConfigError(f"{path}: coordinator hosts must be a list of host names or addresses")
     if any(worker.dial_out for worker in workers) and not coordinator_hosts:
         raise ConfigError(f"{path}: workers that dial out need the coordinator's hosts, the names they dial")
-    listen = data.get("coordinator", {}).get("listen", 8765)
-    if not isinstance(listen, int) or not 1 <= listen <= 65535:
-        raise ConfigError(f"{path}: coordinator listen port {listen!r} is not in 1..65535")
+    if admins and not coordinator_hosts:
+        raise ConfigError(f"{path}: admins need the coordinator's hosts, the names their console connects to")
+    ports = {}
+    for key, default in (("listen", 8765), ("admin", 8443)):
+        ports[key] = data.get("coordinator", {}).get(key, default)
+        if isinstance(ports[key], bool) or not isinstance(ports[key], int) or not 1 <= ports[key] <= 65535:
+            raise ConfigError(f"{path}: coordinator {key} port {ports[key]!r} is not in 1..65535")
     return Project(
         str(project.get("name", path.stem)),
         coordinator,
         tuple(workers),
         int(project.get("days", 365)),
         tuple(coordinator_hosts),
-        listen,
+        ports["listen"],
+        admins,
+        ports["admin"],
     )
 
 
-def _name(common_name: str, project: str) -> Any:
+def _load_admins(path: Path, entries: object) -> tuple[Admin, ...]:
+    """The ``[[admins]]`` entries; an id becomes a folder name, so it may not be a path.
+
+    Raises:
+        ConfigError: naming the file and the entry.
+    """
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: admins must be [[admins]] entries")
+    admins = []
+    for index, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not entry["id"]:
+            raise ConfigError(f"{path}: admins entry {index} needs an id")
+        name = entry["id"]
+        if "/" in name or "\\" in name or name in (".", "..") or not name.isprintable():
+            raise ConfigError(f"{path}: admin id {name!r} is not a plain name (no slashes)")
+        role = entry.get("role")
+        if role not in ADMIN_ROLES:
+            raise ConfigError(f"{path}: admin {name} has role {role!r}, not one of {', '.join(ADMIN_ROLES)}")
+        unknown = sorted(set(entry) - {"id", "role"})
+        if unknown:
+            raise ConfigError(f"{path}: admin {name} has unknown key {unknown[0]!r}")
+        admins.append(Admin(name, role))
+    return tuple(admins)
+
+
+def _name(common_name: str, project: str, unit: str = "") -> Any:
+    """O = the project, OU = an admin's role (only admins have one), CN = who."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    return x509.Name(
-        [x509.NameAttribute(NameOID.ORGANIZATION_NAME, project), x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    )
+    attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, project)]
+    if unit:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit))
+    return x509.Name([*attributes, x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _write_key(path: Path, key: Any) -> None:
@@ -158,6 +212,7 @@ def _issue(
     *,
     server: bool,
     client: bool,
+    unit: str = "",
 ) -> tuple[Any, Any]:
     """A key and a certificate for ``common_name``: to serve TLS (``server``), to prove itself as a client, or both."""
     from cryptography import x509
@@ -169,7 +224,7 @@ def _issue(
     now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name, project.name))
+        .subject_name(_name(common_name, project.name, unit))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -287,8 +342,9 @@ def provision(project: Project, output: Path) -> dict[str, Path]:
     kit = output / project.coordinator
     kit.mkdir(exist_ok=True)
     listens = any(worker.dial_out for worker in project.workers)
+    serves = listens or bool(project.admins)  # the admin API is served with the coordinator's certificate
     key, cert = _issue(
-        project, project.coordinator, project.coordinator_hosts, ca_key, ca_cert, server=listens, client=True
+        project, project.coordinator, project.coordinator_hosts, ca_key, ca_cert, server=serves, client=True
     )
     _write_key(kit / f"{project.coordinator}.key", key)
     _write_cert(kit / f"{project.coordinator}.crt", cert)
@@ -310,4 +366,32 @@ def provision(project: Project, output: Path) -> dict[str, Path]:
         f"syncfed coordinator of project {project.name}: python run_websocket_client.py --config coordinator.toml",
     )
     kits[project.coordinator] = kit
+    for admin in project.admins:
+        kits[admin.id] = _admin_kit(project, admin, output / admin.id, ca_key, ca_cert)
     return kits
+
+
+def _admin_kit(project: Project, admin: Admin, kit: Path, ca_key: Any, ca_cert: Any) -> Path:
+    """An admin's client certificate (CN the id, OU the role) and the console's ``admin.toml``."""
+    kit.mkdir(exist_ok=True)
+    key, cert = _issue(project, admin.id, (), ca_key, ca_cert, server=False, client=True, unit=admin.role)
+    _write_key(kit / f"{admin.id}.key", key)
+    _write_cert(kit / f"{admin.id}.crt", cert)
+    _write_cert(kit / "ca.crt", ca_cert)
+    _write_config(
+        kit / "admin.toml",
+        {
+            "server": f"https://{_host_in_url(project.coordinator_hosts[0])}:{project.admin_port}",
+            "tls-cert": f"{admin.id}.crt",
+            "tls-key": f"{admin.id}.key",
+            "tls-ca": "ca.crt",
+        },
+        f"syncfed admin {admin.id} ({admin.role}) of project {project.name}:"
+        " python -m syncfed admin --config admin.toml workers",
+    )
+    return kit
+
+
+def _host_in_url(host: str) -> str:
+    """An IPv6 address goes in brackets in a URL."""
+    return f"[{host}]" if ":" in host else host

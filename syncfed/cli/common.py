@@ -50,6 +50,7 @@ __all__ = [
     "setup_logging",
     "size",
     "fail",
+    "aligned",
     "add_client_security_flags",
     "add_connection_limits",
     "add_listen_flags",
@@ -120,6 +121,19 @@ def fail(program: str, error: SyncfedError) -> int:
     """Print one clear line for ``error`` and return its exit status."""
     print(f"{program}: error: {error}", file=sys.stderr)
     return exit_code(error)
+
+
+def aligned(rows: Sequence[Sequence[str]], right: set[int]) -> str:
+    """Rows in columns two spaces apart, the ``right`` ones (numbers) right-aligned."""
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = [
+            cell.rjust(width) if column in right else cell.ljust(width)
+            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
 
 
 class Parser(argparse.ArgumentParser):

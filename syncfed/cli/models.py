@@ -26,7 +26,7 @@ from typing import Any
 from ..exceptions import ConfigError, SyncfedError
 from ..registry import EXPORT_FORMATS, ModelRegistry, ModelVersion
 from ..retention import RunPlan, disk_usage, prune_plan, reclaimable
-from .common import INTERRUPTED, Parser, fail, run_program, stdout_closed
+from .common import INTERRUPTED, Parser, aligned, fail, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "configure", "run", "main"]
 
@@ -136,7 +136,7 @@ def _table(versions: Sequence[ModelVersion]) -> str:
     """The versions in aligned columns; empty when there are none."""
     if not versions:
         return ""
-    return _aligned([_COLUMNS, *_rows(versions)], right={2})
+    return aligned([_COLUMNS, *_rows(versions)], right={2})
 
 
 def _rows(versions: Sequence[ModelVersion]) -> list[tuple[str, ...]]:
@@ -151,19 +151,6 @@ def _rows(versions: Sequence[ModelVersion]) -> list[tuple[str, ...]]:
         )
         for version in versions
     ]
-
-
-def _aligned(rows: Sequence[Sequence[str]], right: set[int]) -> str:
-    """Rows in columns two spaces apart, the ``right`` ones (numbers) right-aligned."""
-    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
-    lines = []
-    for row in rows:
-        cells = [
-            cell.rjust(width) if column in right else cell.ljust(width)
-            for column, (cell, width) in enumerate(zip(row, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
 
 
 def _name(version: ModelVersion) -> str:
@@ -247,7 +234,7 @@ def _usage(registry: ModelRegistry) -> str:
         rows.append(("weights no version uses", "", _size(usage.unreferenced)))
     rows.append(("database", "", _size(usage.database)))
     rows.append(("total", str(sum(count for count, _ in usage.runs.values())), _size(usage.total)))
-    return _aligned(rows, right={1, 2})
+    return aligned(rows, right={1, 2})
 
 
 def _size(size: int) -> str:
