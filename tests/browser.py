@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -54,9 +55,11 @@ def chromium(pin: str, *, size: tuple[int, int] = (1280, 900)) -> Iterator[webdr
             " (apt-get install -y chromium chromium-driver; .ci/run does) to test the dashboard",
             pytrace=False,
         )
+    profile = tempfile.TemporaryDirectory(prefix="syncfed-chromium-")  # else each run leaves one in /tmp
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for argument in (
+        f"--user-data-dir={profile.name}",
         "--headless=new",
         "--disable-gpu",
         "--disable-dev-shm-usage",
@@ -72,6 +75,7 @@ def chromium(pin: str, *, size: tuple[int, int] = (1280, 900)) -> Iterator[webdr
         yield browser
     finally:
         browser.quit()
+        profile.cleanup()
 
 
 def wait_until(browser: webdriver.Chrome, condition: Callable[[], object], what: str = "") -> None:
