@@ -5,13 +5,14 @@ Usage::
     python -m syncfed provision project.toml -o startup/
     python -m syncfed models --registry runs/registry list|show ID|best METRIC|export ID PATH|prune|du
     python -m syncfed analytics --workers alice=ws://localhost:8777,... label-histogram|feature-stats|quantiles
+    python -m syncfed serve --config server.toml
 """
 
 from __future__ import annotations
 
 import sys
 
-from .cli import analytics, models, provision
+from .cli import analytics, models, provision, serve
 from .cli.common import Parser, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
@@ -25,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:  # its own parser: it reads --config like the run_websocket_*.py programs
+        return serve.main(argv[1:])
     parser = Parser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
     provision.configure(
@@ -46,7 +50,8 @@ def _main(argv: list[str] | None) -> int:
             description="statistics over all workers' data, without moving it",
         )
     )
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    commands.add_parser("serve", help="the job service: keep dial-in workers connected and run jobs from a queue")
+    args = parser.parse_args(argv)
     run = {"provision": provision.run, "models": models.run, "analytics": analytics.run}[args.command]
     try:
         return run(args)

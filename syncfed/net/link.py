@@ -277,6 +277,13 @@ class WorkerLink:
         return self._connection is not None and self._reader is not None and not self._reader.done()
 
     @property
+    def latency(self) -> float | None:
+        """The last keepalive ping's round trip in seconds; ``None`` while not connected or before the first."""
+        if self._connection is None or not self.connected or not self._connection.latency:
+            return None
+        return float(self._connection.latency)
+
+    @property
     def closed_reason(self) -> str:
         return self._closed_reason
 
@@ -288,6 +295,23 @@ class WorkerLink:
             await self._connection.close()
         if self._reader is not None:
             await self._reader
+
+    async def ping(self, *, timeout: float) -> float:
+        """A websocket ping: the round trip in seconds. The job service keeps an idle worker's figures so.
+
+        Raises:
+            WorkerUnavailable: if the connection is gone.
+            WorkerTimeout: if no pong came within ``timeout``.
+        """
+        if self._connection is None or not self.connected:
+            raise WorkerUnavailable(self.name, self._closed_reason)
+        try:
+            async with asyncio.timeout(timeout):
+                return await (await self._connection.ping())
+        except TimeoutError:
+            raise WorkerTimeout(self.name, f"no pong within {timeout:g} s") from None
+        except ConnectionClosed:
+            raise WorkerUnavailable(self.name, self._closed_reason) from None
 
     async def request(self, message: Message, *, timeout: float | None = None) -> Message:
         """Send a request and wait for its reply.
