@@ -107,7 +107,7 @@ def read_job(text: str, *, known: Collection[str], folder: Path) -> JobFile:
         settings = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{SOURCE}: invalid TOML: {exc}") from None
-    own = {key.replace("-", "_"): value for key, value in settings.items()}
+    own = dict(settings)
     for key in settings:
         if key.replace("-", "_") in SERVICE_KEYS:
             raise ConfigError(f"{SOURCE}: key {key!r} is set by the service, not by a job")

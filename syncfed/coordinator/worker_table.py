@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from ..disclosure import holdings
 from ..exceptions import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable
 from ..net.dial_in import DialInLink, DialInListener
+from ..net.link import latency, ping
 from ..service_api import WorkerRecord
 from .pool import greet
 
@@ -110,7 +111,7 @@ class WorkerTable:
         if name in self.lent:  # its job's pool reconnects it; read what its keepalive measured
             if link.connected:
                 record["last_seen"] = now
-                record["rtt_ms"] = _ms(link.latency)
+                record["rtt_ms"] = _ms(latency(link))
             self._set_connected(name, link.connected, now)
             return
         if not link.connected:
@@ -125,14 +126,14 @@ class WorkerTable:
             record["role"], record["data"] = info.role, holdings(info, secure=False)
             record["version"] = f"protocol {info.protocol_version}"
             record["last_seen"] = time.time()
-            record["rtt_ms"] = _ms(link.latency)
+            record["rtt_ms"] = _ms(latency(link))
             self._set_connected(name, True, time.time())
             self.report(f"Worker {name} connected: {info.role}, {record['data']}")
             return
         if now - self._pinged[name] >= self.ping_interval:
             self._pinged[name] = now
             try:
-                rtt = await link.ping(timeout=self.ping_timeout)
+                rtt = await ping(link, timeout=self.ping_timeout)
             except (WorkerUnavailable, WorkerTimeout) as exc:
                 await link.close(str(exc))
                 return
