@@ -290,8 +290,9 @@ class Service:
             self._fail(job_id, f"internal error: {type(exc).__name__}: {exc}")
         else:
             self.store.finish(job_id, "done", result=result)
-            self._log(job_id, f"Done: {result}")
-            self.report(f"Job {job_id} done: {result}")
+            figures = ", ".join(f"{name} {value:.4g}" for name, value in (result or {}).items()) or "not evaluated"
+            self._log(job_id, f"Done: {figures}")
+            self.report(f"Job {job_id} done: {figures}")
         finally:
             self._running.pop(job_id, None)
             self.table.give_back(job_id)
