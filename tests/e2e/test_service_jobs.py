@@ -3,7 +3,8 @@
 Five in-process workers dial the service (alice and bob with the evaluator
 testing for one job, charlie with the evaluator checker for the other); a
 third job on alice waits behind the first and is aborted while queued; a
-job naming a worker that is not connected is refused at submission. The
+fourth, on charlie after the second, fails with one line and the service
+goes on; a job naming an unknown worker is refused at submission. The
 workers stay connected from the first job to the end.
 """
 
@@ -70,11 +71,25 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
                 return all(record["connected"] for record in await service.workers())
 
             await until(all_connected, "workers")
+
+            async def pinged() -> bool:
+                return all(record["rtt_ms"] is not None for record in await service.workers())
+
+            await until(pinged, "a ping of each idle worker")
+            alice = (await service.workers())[0]
+            assert (alice["id"], alice["role"], alice["data"], alice["job"]) == (
+                "alice",
+                "trainer",
+                "518 examples of digits (classes 0-3)",
+                None,
+            )
+            assert alice["version"].startswith("protocol ") and alice["last_seen"] >= alice["connected_since"]
             with pytest.raises(ConfigError, match="^job file: worker 'dave' is not one of the service's"):
                 await service.submit(job(["dave"], "testing", 1, "nobody"), by="ada")
             first = await service.submit(job(["alice", "bob"], "testing", 3, "first"), by="ada")
             second = await service.submit(job(["charlie"], "checker", 3, "second"), by="ada")
             third = await service.submit(job(["alice"], "testing", 1, "third"), by="ada")
+            broken = await service.submit(job(["charlie"], "checker", 1, "broken") + 'model = "mnist-cnn"\n', by="ada")
 
             async def finished() -> bool:
                 states = {record["id"]: record["state"] for record in await service.jobs()}
@@ -82,7 +97,7 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
                     overlap.add("both running")
                 if states[third["id"]] == "queued" and states[first["id"]] == "running":
                     await service.abort(third["id"], by="ada")
-                return states[first["id"]] in FINISHED_STATES and states[second["id"]] in FINISHED_STATES
+                return all(states[record["id"]] in FINISHED_STATES for record in (first, second, broken))
 
             await until(finished, "jobs")
             with pytest.raises(JobStateError, match=f"^job {first['id']} has done already$"):
@@ -101,6 +116,8 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
     assert overlap == {"both running"}
     assert [by_name[name]["state"] for name in ("first", "second", "third")] == ["done", "done", "aborted"], records
     assert by_name["third"]["reason"] == "aborted by ada"
+    assert by_name["broken"]["state"] == "failed", by_name["broken"]
+    assert "mnist-cnn" in by_name["broken"]["reason"] and "\n" not in by_name["broken"]["reason"]
     assert by_name["first"]["round"] == 3 and by_name["first"]["result"]["round"] == 3.0
     assert by_name["second"]["workers"] == ["charlie"] and by_name["second"]["evaluator"] == "checker"
     assert sorted(connected) == sorted(IDS)  # no job closed the links it was lent
