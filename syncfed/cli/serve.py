@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         metavar="JOB",
-        help="queue this job file (TOML) as the service starts, before its workers connect; repeatable",
+        help="queue this job file (TOML) as the service starts, before its workers connect (again at each start"
+        " that names it); repeatable",
     )
     add_listen_flags(parser)
     security = parser.add_argument_group("security (the coordinator's startup kit from provision)")

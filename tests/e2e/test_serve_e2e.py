@@ -5,8 +5,9 @@ join a service started with two queued jobs: the demo's 40-round digits job
 and a 3-round one on the same workers, which waits. The service is killed
 mid-job and started again with the same config: the workers dial back by
 themselves, the job resumes from its checkpoint, every round is once in its
-metrics file, and its final accuracy is the classic demo's, bit for bit;
-then the second job runs.
+metrics file, and its final accuracy is the classic demo's (a resumed run
+recomputes the round cut off as the uninterrupted run did); then the second
+job runs.
 """
 
 from __future__ import annotations
