@@ -107,6 +107,10 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
             rounds = [event["round"] for event in metrics if event["event"] == "round"]
             assert rounds == [1, 2, 3]
             assert (await service.model(first["id"])).is_file()
+            lines, following = await service.logs(first["id"])
+            assert lines[0].endswith(" Queued by ada: first, 3 rounds")
+            assert any(" Evaluation at round 3/3:" in line for line in lines)
+            assert await service.logs(first["id"], since=following) == ([], following)
             with pytest.raises(JobStateError, match=r"kept no model of round 2 \(rounds kept: 1, 3\)"):
                 await service.model(first["id"], round=2)
             return await service.jobs(), overlap, workers, service
