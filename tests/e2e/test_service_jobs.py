@@ -4,8 +4,9 @@ Five in-process workers dial the service (alice and bob with the evaluator
 testing for one job, charlie with the evaluator checker for the other); a
 third job on alice waits behind the first and is aborted while queued; a
 fourth, on charlie after the second, fails with one line and the service
-goes on; a job naming an unknown worker is refused at submission. The
-workers stay connected from the first job to the end.
+goes on; a long job is aborted while it trains; a job naming an unknown
+worker is refused at submission. The workers stay connected from the first
+job to the end.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ async def until(condition: object, what: str) -> None:
             await asyncio.sleep(POLL)
 
 
-def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tmp_path: Path) -> None:
+def test_two_jobs_on_disjoint_workers_run_at_once_and_aborts_leave_the_workers_connected(tmp_path: Path) -> None:
     reports: list[str] = []
 
     async def scenario() -> tuple[list[JobRecord], set[str], list[str], Service]:
@@ -102,6 +103,14 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
             await until(finished, "jobs")
             with pytest.raises(JobStateError, match=f"^job {first['id']} has done already$"):
                 await service.abort(first["id"], by="ada")
+            long = await service.submit(job(["alice", "bob"], "testing", 500, "long"), by="ada")
+
+            async def training() -> bool:
+                return (await service.job(long["id"]))["round"] >= 1
+
+            await until(training, "the long job's first round")
+            await service.abort(long["id"], by="bo")
+            await asyncio.sleep(200 * MS)  # the workers may still be training: they stay connected all the same
             workers = [record["id"] for record in await service.workers() if record["connected"]]
             metrics = await service.metrics(first["id"])
             rounds = [event["round"] for event in metrics if event["event"] == "round"]
@@ -120,6 +129,7 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_a_queued_one_is_aborted(tm
     assert overlap == {"both running"}
     assert [by_name[name]["state"] for name in ("first", "second", "third")] == ["done", "done", "aborted"], records
     assert by_name["third"]["reason"] == "aborted by ada"
+    assert (by_name["long"]["state"], by_name["long"]["reason"]) == ("aborted", "aborted by bo")
     assert by_name["broken"]["state"] == "failed", by_name["broken"]
     assert "mnist-cnn" in by_name["broken"]["reason"] and "\n" not in by_name["broken"]["reason"]
     assert by_name["first"]["round"] == 3 and by_name["first"]["result"]["round"] == 3.0
