@@ -29,10 +29,16 @@ from ..exceptions import ConfigError
 
 __all__ = ["SERVICE_KEYS", "JobFile", "read_job"]
 
-#: Flags (their argparse dests) whose value the service sets for every job: its listener and credentials, the job's
-#: files under the state folder, and the local-run conveniences that mean nothing in a service.
+#: Flags (their argparse dests) whose value the service sets for every job: its listener and credentials, the
+#: settings of the connections it keeps (made before any job), the job's files under the state folder, and the
+#: local-run conveniences that mean nothing in a service.
 SERVICE_KEYS: Final = frozenset(
     {
+        "max_message_size",
+        "chunk_size",
+        "request_timeout",
+        "ping_interval",
+        "ping_timeout",
         "listen",
         "worker_tokens",
         "insecure_listen",

@@ -45,6 +45,10 @@ def test_a_job_becomes_a_run_over_dial_in_workers_with_the_services_files(tmp_pa
             "job file: key 'save-model' is set by the service, not by a job",
         ),
         ('workers = ["alice"]\nlisten = "0.0.0.0:1"', "job file: key 'listen' is set by the service, not by a job"),
+        (
+            'workers = ["alice"]\nrequest-timeout = 600',
+            "job file: key 'request-timeout' is set by the service, not by a job",
+        ),
         ('workers = ["alice", "dave"]', "job file: worker 'dave' is not one of the service's (alice, bob, testing)"),
         (
             'workers = "alice,bob"',
