@@ -5,6 +5,7 @@ Usage::
     python -m syncfed provision project.toml -o startup/
     python -m syncfed models --registry runs/registry list|show ID|best METRIC|export ID PATH|prune|du
     python -m syncfed analytics --workers alice=ws://localhost:8777,... label-histogram|feature-stats|quantiles
+    python -m syncfed serve --config server.toml
     python -m syncfed admin --config admin.toml workers|submit FILE|jobs|status JOB|abort JOB|logs JOB|...
 """
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from .cli import admin, analytics, models, provision
+from .cli import admin, analytics, models, provision, serve
 from .cli.common import Parser, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
@@ -26,6 +27,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # Their own parsers: they read --config (server.toml, admin.toml) like the run_websocket_*.py programs.
+    if argv[:1] == ["serve"]:
+        return serve.main(argv[1:])
+    if argv[:1] == ["admin"]:
+        return admin.main(argv[1:])
     parser = Parser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
     provision.configure(
@@ -47,11 +54,9 @@ def _main(argv: list[str] | None) -> int:
             description="statistics over all workers' data, without moving it",
         )
     )
-    # The console reads its own --config (admin.toml), so it parses its own arguments, --help included.
+    # Listed for --help; each parses its own arguments (above), as it reads its own --config.
+    commands.add_parser("serve", help="the job service: keep dial-in workers connected and run jobs from a queue")
     commands.add_parser("admin", help="the console of a running federation service: workers, jobs, logs, models")
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["admin"]:
-        return admin.main(argv[1:])
     args = parser.parse_args(argv)
     run = {"provision": provision.run, "models": models.run, "analytics": analytics.run}[args.command]
     try:

@@ -62,6 +62,7 @@ from .tensors import DTYPES, Weights, encode_tensor
 
 __all__ = [
     "DATABASE_FILE",
+    "Database",
     "EXPORT_FORMATS",
     "SCHEMA_VERSION",
     "WEIGHTS_FOLDER",
@@ -196,16 +197,28 @@ class ModelVersion:
             raise ConfigError(f"participants {describe(self.participants)} must be strings")
 
 
-class _Database:
-    """The registry's SQLite file: its schema, WAL mode, one connection per call and explicit transactions.
+class Database:
+    """A SQLite file: its schema, WAL mode, one connection per call and explicit transactions.
+
+    The registry's by default; the job service's job store (:mod:`syncfed.coordinator.job_store`) passes its own
+    ``schema``, ``version`` and the ``what`` its errors name.
 
     Raises:
         CheckpointError: if the database cannot be opened or has another schema version.
     """
 
-    def __init__(self, path: Path, timeout: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        timeout: float,
+        *,
+        schema: str = _SCHEMA,
+        version: int = SCHEMA_VERSION,
+        what: str = "model registry",
+    ) -> None:
         self.path = path
         self.timeout = timeout
+        self.schema, self.version, self.what = schema, version, what
         self._initialize()
 
     def _initialize(self) -> None:
@@ -214,23 +227,23 @@ class _Database:
             with self.connection() as connection:
                 connection.execute("PRAGMA journal_mode = WAL")
         except sqlite3.Error as exc:
-            raise CheckpointError(f"cannot open model registry {self.path}: {exc}") from None
+            raise CheckpointError(f"cannot open {self.what} {self.path}: {exc}") from None
         with self.transaction() as connection:
             exists = connection.execute(
                 "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
             ).fetchone()
             if exists is None:
                 # One statement at a time: executescript() would commit the open transaction first.
-                for statement in _SCHEMA.split(";"):
+                for statement in self.schema.split(";"):
                     if statement.strip():
                         connection.execute(statement)
-                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+                connection.execute("INSERT INTO schema_version (version) VALUES (?)", (self.version,))
                 return
             row = connection.execute("SELECT version FROM schema_version").fetchone()
         version = row[0] if row is not None else None
-        if version != SCHEMA_VERSION:
+        if version != self.version:
             raise CheckpointError(
-                f"model registry {self.path} has schema version {version}, this syncfed reads {SCHEMA_VERSION}"
+                f"{self.what} {self.path} has schema version {version}, this syncfed reads {self.version}"
             )
 
     @contextlib.contextmanager
@@ -257,7 +270,7 @@ class _Database:
                     raise
                 connection.execute("COMMIT")
         except sqlite3.Error as exc:
-            raise CheckpointError(f"model registry {self.path} failed: {exc}") from None
+            raise CheckpointError(f"{self.what} {self.path} failed: {exc}") from None
 
 
 class ModelRegistry:
@@ -279,7 +292,7 @@ class ModelRegistry:
                 (self.directory / WEIGHTS_FOLDER).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise CheckpointError(f"cannot create model registry in {directory}: {exc}") from None
-        self._db = _Database(self.database, timeout)
+        self._db = Database(self.database, timeout)
 
     # Writing
 

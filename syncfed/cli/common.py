@@ -47,6 +47,7 @@ __all__ = [
     "Parser",
     "normalize_flags",
     "parse_arguments",
+    "settings_defaults",
     "setup_logging",
     "size",
     "fail",
@@ -379,6 +380,19 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, A
         settings = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    return settings_defaults(parser, settings, folder=path.parent, source=f"config file {path}")
+
+
+def settings_defaults(
+    parser: argparse.ArgumentParser, settings: Mapping[str, Any], *, folder: Path, source: str
+) -> dict[str, Any]:
+    """Parsed TOML ``settings`` as parser defaults, each checked as its flag would be; see :func:`_config_defaults`.
+
+    A job file (:mod:`syncfed.coordinator.job_file`) is read with it too; ``source`` starts each error line.
+
+    Raises:
+        ConfigError: one line naming ``source`` and the key, for any value its flag would refuse.
+    """
     actions: dict[str, argparse.Action] = {}
     for action in parser._actions:
         if action.dest in ("help", "config"):
@@ -390,11 +404,11 @@ def _config_defaults(parser: argparse.ArgumentParser, path: Path) -> dict[str, A
     for key, value in settings.items():
         found = actions.get(key.replace("-", "_"))
         if found is None:
-            raise ConfigError(f"config file {path}: key {key!r}: not a setting of {parser.prog}")
+            raise ConfigError(f"{source}: key {key!r}: not a setting of {parser.prog}")
         try:
-            defaults[found.dest] = _config_value(found, value, path.parent)
+            defaults[found.dest] = _config_value(found, value, folder)
         except argparse.ArgumentTypeError as exc:
-            raise ConfigError(f"config file {path}: key {key!r}: {exc}") from None
+            raise ConfigError(f"{source}: key {key!r}: {exc}") from None
     return defaults
 
 

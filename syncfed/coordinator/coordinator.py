@@ -20,6 +20,7 @@ from ..checkpoint import save_weights
 from ..compatibility import chosen_data
 from ..config import CoordinatorConfig
 from ..disclosure import held_classes
+from ..net.link import WorkerLink
 from ..protocol import Info
 from ..strategies import Strategy, make_strategy
 from .buffered_rounds import BufferedRounds
@@ -61,13 +62,26 @@ class Coordinator:
         *,
         report: Callable[[str], None] = print,
         listeners: Sequence[Callable[[Mapping[str, Any]], None]] = (),
+        links: Mapping[str, WorkerLink] | None = None,
     ) -> None:
-        """``report`` gets the human-readable lines; ``listeners`` get every metrics event as it happens."""
+        """``report`` gets the human-readable lines; ``listeners`` get every metrics event as it happens.
+
+        ``links``: connections to the config's workers that someone else keeps (the job service), which the run
+        uses and leaves open; by default the run makes its own, and its own listener, and closes them at the end.
+        """
         self.config = config
         self.report = report
         self.listeners = tuple(listeners)
         self.strategy: Strategy = make_strategy(config.strategy, **config.strategy_settings)
-        pool = Pool(config, worker_links(config), report=report)
+        if links is None:
+            pool = Pool(config, worker_links(config), report=report)
+        else:
+            pool = Pool(
+                config,
+                {name: links[name] for name in {**config.workers, **config.evaluator}},
+                report=report,
+                owned=False,
+            )
         journal = Journal(config, self.strategy, report=report, listeners=self.listeners)
         self._context = RunContext(
             config,
@@ -80,6 +94,11 @@ class Coordinator:
         )
         # Secure aggregation and differential privacy; it needs each worker's example count.
         self._private = PrivateRounds(config, self.strategy, report=report) if config.private else None
+
+    @property
+    def run_id(self) -> str:
+        """The run's name in the model registry (kept across ``--resume``)."""
+        return self._context.journal.run_id
 
     async def run(self) -> RunResult:
         """Connect, check the workers, train for the configured rounds, save.

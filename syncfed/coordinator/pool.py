@@ -34,7 +34,7 @@ from ..net.link import LinkSettings, WorkerLink
 from ..net.transport import client_tls, server_tls
 from ..protocol import DataPlan, Hello, Info, Recipe
 
-__all__ = ["Backoff", "Pool", "dial_in_listener", "traffic", "worker_links"]
+__all__ = ["Backoff", "Pool", "dial_in_listener", "greet", "traffic", "worker_links"]
 
 logger = logging.getLogger("syncfed.coordinator")
 
@@ -101,6 +101,32 @@ def dial_in_listener(
     )
 
 
+async def greet(
+    link: WorkerLink, *, timeout: float, report: Callable[[str], None], wait_for_start: bool = True
+) -> Info:
+    """Connect ``link`` unless it is connected (a service's links stay so), and ask what the worker holds.
+
+    Raises:
+        WorkerUnavailable: it cannot be reached, or a dial-in worker's hello names another id than its credential
+            proved (it is refused, with one line to ``report``).
+        RemoteError, ProtocolError: it answered hello with an error or an invalid info.
+    """
+    if not link.connected:
+        await link.connect(wait_for_start=wait_for_start)
+    try:
+        info = await link.request(Hello(), timeout=timeout)
+    except BaseException:
+        await link.close()
+        raise
+    assert isinstance(info, Info)
+    if isinstance(link, DialInLink) and info.worker_id != link.name:  # its credential proved link.name
+        reason = f"hello names worker {info.worker_id!r}, but the credential proves {link.name!r}"
+        report(f"Refused dial-in worker {link.name}: {reason}")
+        await link.refuse(reason)
+        raise WorkerUnavailable(link.name, reason)
+    return info
+
+
 def traffic(links: Sequence[WorkerLink]) -> tuple[int, int]:
     """Message bytes sent to and received from ``links`` so far."""
     return sum(link.bytes_sent for link in links), sum(link.bytes_received for link in links)
@@ -127,15 +153,25 @@ class Backoff:
 
 
 class Pool:
-    """The run's worker connections and what is known of each: its backoff, its example count, the checked model."""
+    """The run's worker connections and what is known of each: its backoff, its example count, the checked model.
+
+    With ``owned`` false the links (and their listener) belong to someone else, the job service
+    (:mod:`.service`): the pool opens no listener, greets a link that is connected already, and closes nothing.
+    """
 
     def __init__(
-        self, config: CoordinatorConfig, links: dict[str, WorkerLink], *, report: Callable[[str], None]
+        self,
+        config: CoordinatorConfig,
+        links: dict[str, WorkerLink],
+        *,
+        report: Callable[[str], None],
+        owned: bool = True,
     ) -> None:
         self.config = config
         self.report = report
         self.links = links
-        self.listener = dial_in_listener(config, links, report=report)
+        self.owned = owned
+        self.listener = dial_in_listener(config, links, report=report) if owned else None
         self.trainers = [links[name] for name in config.workers]
         self.evaluator = links[next(iter(config.evaluator))] if config.evaluator else None
         self.backoff = {name: Backoff() for name in links}
@@ -273,27 +309,18 @@ class Pool:
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        """Stop the rejoining in progress and close every connection."""
+        """Stop the rejoining in progress and close every connection the pool owns."""
         for task in list(self.joining.values()):
             task.cancel()
         await asyncio.gather(*self.joining.values(), return_exceptions=True)
+        if not self.owned:
+            return
         await asyncio.gather(*(link.close() for link in self.links.values()))
         if self.listener is not None:
             await self.listener.close()
 
     async def _greet(self, link: WorkerLink, *, wait_for_start: bool = True) -> Info:
-        await link.connect(wait_for_start=wait_for_start)
-        try:
-            info = await link.request(Hello(), timeout=self.config.connect_timeout)
-        except BaseException:
-            await link.close()
-            raise
-        assert isinstance(info, Info)
-        if isinstance(link, DialInLink) and info.worker_id != link.name:  # its credential proved link.name
-            reason = f"hello names worker {info.worker_id!r}, but the credential proves {link.name!r}"
-            self.report(f"Refused dial-in worker {link.name}: {reason}")
-            await link.refuse(reason)
-            raise WorkerUnavailable(link.name, reason)
+        info = await greet(link, timeout=self.config.connect_timeout, report=self.report, wait_for_start=wait_for_start)
         info = chosen_data(self.config, link.name, info)
         self.num_examples[link.name] = info.num_examples
         logger.info("%s holds %s", link.name, holdings(info, secure=self.config.secure_agg))

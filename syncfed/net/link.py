@@ -35,7 +35,7 @@ from ..exceptions import (
 from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, encode_fragments, reply_kind
 from .transport import connection_options, off_loop, receive, receive_message, send_message
 
-__all__ = ["LinkSettings", "WorkerLink", "WorkerClient"]
+__all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "latency", "ping"]
 
 logger = logging.getLogger("syncfed.client")  # the name it had before the move: --verbose lines are unchanged
 
@@ -380,6 +380,33 @@ class WorkerLink:
             logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
         else:  # a reply to a request that timed out
             logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
+
+
+async def ping(link: WorkerLink, *, timeout: float) -> float:
+    """A websocket ping over ``link``: the round trip in seconds. The job service keeps an idle worker's figures so.
+
+    Raises:
+        WorkerUnavailable: if the connection is gone.
+        WorkerTimeout: if no pong came within ``timeout``.
+    """
+    connection = link._connection
+    if connection is None or not link.connected:
+        raise WorkerUnavailable(link.name, link.closed_reason)
+    try:
+        async with asyncio.timeout(timeout):
+            return await (await connection.ping())
+    except TimeoutError:
+        raise WorkerTimeout(link.name, f"no pong within {timeout:g} s") from None
+    except ConnectionClosed:
+        raise WorkerUnavailable(link.name, link.closed_reason) from None
+
+
+def latency(link: WorkerLink) -> float | None:
+    """The round trip of ``link``'s last keepalive ping in seconds; ``None`` while not connected or before one."""
+    connection = link._connection
+    if connection is None or not link.connected or not connection.latency:
+        return None
+    return float(connection.latency)
 
 
 #: The old name, kept for one release: "client" meant three different things.

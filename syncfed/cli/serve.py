@@ -1,0 +1,170 @@
+"""``python -m syncfed serve``: the job service, a coordinator that stays up and runs jobs from a queue.
+
+Usage::
+
+    python -m syncfed serve --config server.toml
+    python -m syncfed serve --config server.toml --queue job.toml   # queue a job file as the service starts
+
+``server.toml`` holds this command's flags as keys (``listen``, ``state``,
+``workers``, ``worker-tokens`` or ``tls-cert``/``tls-key``/``tls-ca``, ...);
+flags given on the command line win. See :mod:`syncfed.coordinator.service`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import signal
+import sys
+from pathlib import Path
+
+from ..coordinator.service import Service, ServiceSettings
+from ..exceptions import ConfigError, SyncfedError
+from .common import (
+    INTERRUPTED,
+    Parser,
+    add_connection_limits,
+    add_listen_flags,
+    fail,
+    parse_arguments,
+    run_program,
+    setup_logging,
+)
+
+__all__ = ["PROGRAM", "build_parser", "main"]
+
+PROGRAM = "python -m syncfed serve"
+#: Who ``--queue`` submits as, in the job's record.
+QUEUED_BY = "serve --queue"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog=PROGRAM,
+        description="Keep dial-in workers connected and run jobs from a queue. Settings may come from --config.",
+    )
+    parser.add_argument("--config", type=Path, metavar="FILE", help="read settings from this TOML file (flags win)")
+    parser.add_argument(
+        "--state",
+        type=Path,
+        default=Path("state"),
+        metavar="DIR",
+        help="jobs.sqlite3, the model registry registry/ and each job's files in jobs/ID/ (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="the ids of the workers let in, trainers and evaluators; in the config file a list",
+    )
+    parser.add_argument(
+        "--queue",
+        action="append",
+        type=Path,
+        default=[],
+        metavar="JOB",
+        help="queue this job file (TOML) as the service starts, before its workers connect (again at each start"
+        " that names it); repeatable",
+    )
+    add_listen_flags(parser)
+    security = parser.add_argument_group("security (the coordinator's startup kit from provision)")
+    security.add_argument("--tls-cert", type=Path, metavar="FILE", help="the service's certificate: it serves wss://")
+    security.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
+    security.add_argument(
+        "--tls-ca",
+        type=Path,
+        metavar="FILE",
+        help="require worker certificates signed by this CA; their name is the id",
+    )
+    limits = parser.add_argument_group("limits and timeouts")
+    add_connection_limits(limits)
+    limits.add_argument(
+        "--ping-interval", type=float, default=20.0, help="seconds between pings of each worker (default: %(default)s)"
+    )
+    limits.add_argument(
+        "--ping-timeout", type=float, default=20.0, help="a worker silent this long is dropped (default: %(default)s)"
+    )
+    parser.add_argument("--verbose", action="store_true", help="log requests and connections")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
+    """Raises ConfigError: no --listen."""
+    if args.listen is None:
+        raise ConfigError("the service needs --listen HOST:PORT for its workers to dial")
+    return ServiceSettings(
+        state=args.state,
+        listen=args.listen,
+        workers=tuple(args.workers),
+        worker_tokens=args.worker_tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+        insecure_listen=args.insecure_listen,
+        max_message_size=args.max_message_size,
+        max_pending_connections=args.max_pending_connections,
+        connect_timeout=args.connect_timeout,
+        handshake_timeout=args.handshake_timeout,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout,
+    )
+
+
+async def serve(args: argparse.Namespace) -> None:
+    """Run the service until SIGTERM or Ctrl-C; running jobs stay "running", to resume at the next start.
+
+    Raises:
+        ConfigError: invalid settings, or a --queue job file that is unreadable or invalid.
+    """
+    service = Service(settings_from_args(args), report=functools.partial(print, flush=True))
+    queued = []
+    for path in args.queue:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read job file {path}: {exc}") from None
+        try:
+            queued.append((text, service.check(text)))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await service.start()
+    try:
+        for text, job in queued:
+            record = service.queue(text, job, by=QUEUED_BY)
+            print(f"Queued job {record['id']} ({record['name']})", flush=True)
+        # The admin API and the dashboard start here, beside the service, in this event loop.
+        await stop.wait()
+    finally:
+        with contextlib.suppress(NotImplementedError):
+            loop.remove_signal_handler(signal.SIGTERM)
+        await service.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The program; ``argv`` defaults to the command line after ``serve``."""
+    return run_program(lambda: _main(argv))
+
+
+def _main(argv: list[str] | None) -> int:
+    try:
+        args = parse_arguments(build_parser(), sys.argv[2:] if argv is None else argv)
+    except ConfigError as exc:
+        return fail(PROGRAM, exc)
+    setup_logging(args.verbose, default=30)
+    try:
+        asyncio.run(serve(args))
+    except KeyboardInterrupt:
+        print(f"{PROGRAM}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except SyncfedError as exc:
+        return fail(PROGRAM, exc)
+    except OSError as exc:  # the listen address is taken, say
+        print(f"{PROGRAM}: error: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""``python -m syncfed serve`` refuses bad settings and bad queued jobs in one line, before it listens."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from syncfed.__main__ import main
+
+SERVER = 'listen = "127.0.0.1:0"\nstate = "state"\nworkers = ["alice", "testing"]\ninsecure-listen = true\n'
+
+
+@pytest.mark.parametrize(
+    ("server", "job", "error"),
+    [
+        (
+            SERVER.replace('listen = "127.0.0.1:0"\n', ""),
+            None,
+            "the service needs --listen HOST:PORT for its workers to dial",
+        ),
+        (
+            SERVER + "rounds = 3\n",
+            None,
+            "config file server.toml: key 'rounds': not a setting of python -m syncfed serve",
+        ),
+        (
+            SERVER.replace("insecure-listen = true\n", ""),
+            None,
+            "--listen lets in only workers that prove their id: add",
+        ),
+        (
+            SERVER.replace('workers = ["alice", "testing"]\n', ""),
+            None,
+            "the service needs the ids of the workers it lets in: give",
+        ),
+        (SERVER, 'workers = ["bob"]', "job.toml: job file: worker 'bob' is not one of the service's (alice, testing)"),
+        (SERVER, 'workers = ["alice"]\nsave-model = "m.safetensors"', "job.toml: job file: key 'save-model' is set by"),
+    ],
+)
+def test_bad_settings_or_a_bad_queued_job_stop_the_service_with_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    server: str,
+    job: str | None,
+    error: str,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "server.toml").write_text(server)
+    (tmp_path / "job.toml").write_text(job or "")
+    queue = ["--queue", "job.toml"] if job is not None else []
+    assert main(["serve", "--config", "server.toml", *queue]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"python -m syncfed serve: error: {error}"), lines
