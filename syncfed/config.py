@@ -131,15 +131,15 @@ def parse_endpoints(text: str, *, dial_in: bool = False) -> dict[str, str]:
     return endpoints
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """Parse ``--listen HOST:PORT`` (``[::1]:8765`` for IPv6; port 0: a free one).
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
+    """Parse the ``HOST:PORT`` of ``flag`` (``[::1]:8765`` for IPv6; port 0: a free one).
 
     Raises:
         ConfigError: if the port is missing or not in 0..65535.
     """
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"--listen {text!r} must look like 0.0.0.0:8765")
+        raise ConfigError(f"{flag} {text!r} must look like 0.0.0.0:8765")
     return host.strip("[]"), int(port)
 
 

@@ -38,6 +38,11 @@ admin's id and whose organizational unit is the role
 ``python -m syncfed admin`` at the service's admin API,
 ``https://<the coordinator's first host>:<[coordinator] admin>`` (port 8443
 by default), which the coordinator's certificate then serves too.
+
+With dial-out workers, the coordinator's kit also holds ``server.toml``, the
+job service's settings (``python -m syncfed serve --config server.toml``):
+where the workers dial, their ids, the TLS files, and the admin API's
+address when the project has admins.
 """
 
 from __future__ import annotations
@@ -365,6 +370,21 @@ def provision(project: Project, output: Path) -> dict[str, Path]:
         },
         f"syncfed coordinator of project {project.name}: python run_websocket_client.py --config coordinator.toml",
     )
+    dialing = [worker.id for worker in project.workers if worker.dial_out]
+    if dialing:
+        _write_config(
+            kit / "server.toml",
+            {
+                "listen": f"0.0.0.0:{project.listen}",
+                "state": "state",
+                "workers": dialing,
+                **({"admin": f"0.0.0.0:{project.admin_port}"} if project.admins else {}),
+                "tls-cert": f"{project.coordinator}.crt",
+                "tls-key": f"{project.coordinator}.key",
+                "tls-ca": "ca.crt",
+            },
+            f"syncfed job service of project {project.name}: python -m syncfed serve --config server.toml",
+        )
     kits[project.coordinator] = kit
     for admin in project.admins:
         kits[admin.id] = _admin_kit(project, admin, output / admin.id, ca_key, ca_cert)

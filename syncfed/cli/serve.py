@@ -18,10 +18,17 @@ import contextlib
 import functools
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+from ..audit import AuditLog
+from ..auth import read_token
+from ..config import parse_listen
 from ..coordinator.service import Service, ServiceSettings
 from ..exceptions import ConfigError, SyncfedError
+from ..net.admin_api import start_admin_api
+from ..net.dashboard import start_dashboard
+from ..net.web import https_tls
 from .common import (
     INTERRUPTED,
     Parser,
@@ -70,6 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
         " that names it); repeatable",
     )
     add_listen_flags(parser)
+    consoles = parser.add_argument_group("the admin API and the dashboard (HTTPS with the service's certificate)")
+    consoles.add_argument(
+        "--admin",
+        metavar="HOST:PORT",
+        help="serve the admin API here (python -m syncfed admin); admins prove themselves with a certificate"
+        " from provision, and every request is appended to STATE/audit.jsonl",
+    )
+    consoles.add_argument(
+        "--dashboard",
+        metavar="HOST:PORT",
+        help="serve the read-only dashboard here, to viewer or project-admin certificates",
+    )
+    consoles.add_argument(
+        "--dashboard-token-file",
+        type=Path,
+        metavar="FILE",
+        help="also let in whoever opens the dashboard with ?token= this file's token (local use)",
+    )
     security = parser.add_argument_group("security (the coordinator's startup kit from provision)")
     security.add_argument("--tls-cert", type=Path, metavar="FILE", help="the service's certificate: it serves wss://")
     security.add_argument("--tls-key", type=Path, metavar="FILE", help="the certificate's private key")
@@ -119,6 +144,10 @@ async def serve(args: argparse.Namespace) -> None:
     Raises:
         ConfigError: invalid settings, or a --queue job file that is unreadable or invalid.
     """
+    for flag, address in (("--admin", args.admin), ("--dashboard", args.dashboard)):
+        if address is not None:  # before any worker is let in
+            parse_listen(address, flag)
+            _kit(args, flag)
     service = Service(settings_from_args(args), report=functools.partial(print, flush=True))
     queued = []
     for path in args.queue:
@@ -138,12 +167,53 @@ async def serve(args: argparse.Namespace) -> None:
         for text, job in queued:
             record = service.queue(text, job, by=QUEUED_BY)
             print(f"Queued job {record['id']} ({record['name']})", flush=True)
-        # The admin API and the dashboard start here, beside the service, in this event loop.
-        await stop.wait()
+        async with consoles(args, service):
+            await stop.wait()
     finally:
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGTERM)
         await service.close()
+
+
+@contextlib.asynccontextmanager
+async def consoles(args: argparse.Namespace, service: Service) -> AsyncIterator[None]:
+    """The admin API and the dashboard, as asked for, served beside the service in its event loop.
+
+    Raises:
+        ConfigError: one is asked for without the service's certificate, key and CA.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        if args.admin is not None:
+            host, port = parse_listen(args.admin, "--admin")
+            api = await start_admin_api(
+                service,
+                host=host,
+                port=port,
+                tls=https_tls(*_kit(args, "--admin"), require_certificate=True),
+                audit=AuditLog(args.state / "audit.jsonl"),
+            )
+            stack.push_async_callback(api.close)
+            print(f"Admin API on {api.url}", flush=True)
+        if args.dashboard is not None:
+            host, port = parse_listen(args.dashboard, "--dashboard")
+            token = read_token(args.dashboard_token_file) if args.dashboard_token_file is not None else None
+            page = await start_dashboard(
+                service,
+                host=host,
+                port=port,
+                tls=https_tls(*_kit(args, "--dashboard"), require_certificate=False),
+                token=token.decode() if token is not None else None,
+            )
+            stack.push_async_callback(page.close)
+            print(f"Dashboard on {page.url}", flush=True)
+        yield
+
+
+def _kit(args: argparse.Namespace, flag: str) -> tuple[Path, Path, Path]:
+    """The certificate, key and CA an HTTPS console serves with. Raises ConfigError: one is missing."""
+    if args.tls_cert is None or args.tls_key is None or args.tls_ca is None:
+        raise ConfigError(f"{flag} needs --tls-cert, --tls-key and --tls-ca: the service's kit from provision")
+    return args.tls_cert, args.tls_key, args.tls_ca
 
 
 def main(argv: list[str] | None = None) -> int:
