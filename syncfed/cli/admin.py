@@ -362,7 +362,7 @@ def _describe(record: dict[str, Any]) -> list[tuple[str, str]]:
     if record["reason"]:
         lines.append(("reason", record["reason"]))
     if record["result"]:
-        lines.append(("result", ", ".join(f"{key} {value}" for key, value in record["result"].items())))
+        lines.append(("result", ", ".join(f"{key} {_figure(value)}" for key, value in record["result"].items())))
     return [(label, value) for label, value in lines if value]
 
 
@@ -407,6 +407,13 @@ def _metrics(client: _Client, args: argparse.Namespace) -> int:
     else:
         print(_metrics_table(events) or "no metrics yet")
     return 0
+
+
+def _figure(value: object) -> str:
+    """A result's figure: its round as a whole number, a score to four decimals."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    return str(int(value)) if float(value).is_integer() and abs(value) > 1 else f"{value:.4f}"
 
 
 def _metrics_table(events: Sequence[dict[str, Any]]) -> str:
