@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-from .cli import admin, analytics, models, provision, serve
 from .cli.common import Parser, run_program, stdout_closed
 
 __all__ = ["PROGRAM", "main"]
@@ -29,10 +28,17 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # Their own parsers: they read --config (server.toml, admin.toml) like the run_websocket_*.py programs.
+    # Imported when chosen: the console would otherwise load torch (through analytics) for every command.
     if argv[:1] == ["serve"]:
+        from .cli import serve
+
         return serve.main(argv[1:])
     if argv[:1] == ["admin"]:
+        from .cli import admin
+
         return admin.main(argv[1:])
+    from .cli import analytics, models, provision
+
     parser = Parser(prog=PROGRAM, description="syncfed project tools")
     commands = parser.add_subparsers(dest="command", required=True)
     provision.configure(
