@@ -324,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require coordinators to prove they know this token (with --connect: prove this worker's id with it)",
     )
+    security.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help='serve only jobs this site policy allows (TOML; docs/security.md, "Site policies")',
+    )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
 
