@@ -10,6 +10,8 @@ check each one against the job it belongs to. See docs/security.md, "Site polici
 from __future__ import annotations
 
 import asyncio
+import secrets
+import time
 from collections.abc import Callable, Sequence
 
 from ..config import CoordinatorConfig
@@ -17,7 +19,12 @@ from ..exceptions import RemoteError, SyncfedError
 from ..net.link import WorkerLink
 from ..protocol import Accepted, Propose, Terms
 
-__all__ = ["training_terms", "propose", "refused_event", "refusal_line"]
+__all__ = ["new_job_id", "training_terms", "propose", "refused_event", "refusal_line"]
+
+
+def new_job_id(kind: str) -> str:
+    """A fresh job id for a run that has none: its kind, the time and a random suffix."""
+    return f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
 
 
 def training_terms(config: CoordinatorConfig, model: str, job: str) -> Terms:
@@ -36,13 +43,18 @@ def training_terms(config: CoordinatorConfig, model: str, job: str) -> Terms:
 
 
 async def propose(
-    links: Sequence[WorkerLink], terms: Terms, *, timeout: float, report: Callable[[str], None]
+    links: Sequence[WorkerLink],
+    terms: Terms,
+    *,
+    timeout: float | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> dict[str, str]:
     """Propose ``terms`` to every worker at once; each site that refuses them, with its reason.
 
     A worker that accepts, or that is unreachable now (it is checked per request when it
     comes back), declares the terms from now on; one that does not know the proposal (a
     worker before site policies, ``unknown_kind``) has no policy, and gets requests as before.
+    ``timeout``: seconds each worker has to answer (``None``: its link's request timeout);
     ``report`` gets one line per refusal.
     """
     for link in links:
@@ -57,7 +69,8 @@ async def propose(
         if isinstance(outcome, RemoteError) and outcome.code == "policy":
             refusals[link.name] = outcome.reason
             link.terms = None
-            report(refusal_line(link.name, outcome.reason))
+            if report is not None:
+                report(refusal_line(link.name, outcome.reason))
         elif isinstance(outcome, RemoteError) and outcome.code == "unknown_kind":
             link.terms = None
         elif isinstance(outcome, BaseException) and not isinstance(outcome, SyncfedError):
