@@ -89,12 +89,19 @@ class QueryAnswers:
     query: Query | None = None
     results: dict[str, QueryResult] = field(default_factory=dict)
     failures: dict[str, SyncfedError] = field(default_factory=dict)
-    #: The sites whose policy refused the job, with their reasons; among ``failures`` too.
-    refusals: dict[str, str] = field(default_factory=dict)
     secure: dict[str, Any] | None = None
     #: Why there is no answer at all (workers that disagree, a secure round that could not
     #: finish), reported after the workers' own failures.
     error: SyncfedError | None = None
+
+    @property
+    def refusals(self) -> dict[str, str]:
+        """The failures that are a site's policy refusing the job or its query, with the reasons."""
+        return {
+            name: error.reason
+            for name, error in self.failures.items()
+            if isinstance(error, RemoteError) and error.code == "policy"
+        }
 
 
 def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
@@ -205,8 +212,7 @@ class QueryRound:
             dp=None if settings.dp_epsilon is None else "central",
             dp_epsilon=settings.dp_epsilon,
         )
-        answers.refusals = await propose(list(links.values()), terms)
-        for name, reason in answers.refusals.items():
+        for name, reason in (await propose(list(links.values()), terms)).items():
             answers.failures[name] = RemoteError(name, "policy", reason)
             await links.pop(name).close()
 
