@@ -518,6 +518,8 @@ def _main(argv: list[str] | None) -> int:
                     f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
                     flush=True,
                 )
+            if config.policy is not None:
+                print(f"{config.worker_id} serves only the jobs its site policy {config.policy} allows", flush=True)
             say = partial(print, flush=True)
             if config.connect is not None:
                 asyncio.run(dial_out(Worker(config, holdings), report=say))

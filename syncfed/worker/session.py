@@ -305,14 +305,8 @@ class Session:
         except RequestFailed as exc:
             declared = getattr(task, "terms", None)
             job = f"job {declared.job}" if declared is not None else "a request without terms"
-            logger.warning(
-                "policy: refused %s (%s) of coordinator %s at %s: %s",
-                job,
-                message.kind,
-                self.coordinator,
-                self.peer,
-                exc,
-            )
+            who = "an unverified coordinator" if self.coordinator is None else f"coordinator {self.coordinator!r}"
+            logger.warning("policy: refused %s (%s) of %s at %s: %s", job, message.kind, who, self.peer, exc)
             raise
 
     async def accept(self, message: Propose) -> Message:

@@ -76,9 +76,9 @@ def test_a_site_with_a_policy_refuses_before_any_work(
         asyncio.run(asyncio.wait_for(scenario(), 60))
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("policy: ")]
     assert len(lines) == 5
-    assert lines[0].startswith("policy: refused job j1 (propose) of coordinator None at 127.0.0.1:")
+    assert lines[0].startswith("policy: refused job j1 (propose) of an unverified coordinator at 127.0.0.1:")
     assert lines[0].endswith(": max_rounds: the job asks 3 rounds, the policy allows at most 2")
-    assert lines[1].startswith("policy: refused a request without terms (fit) of coordinator None")
+    assert lines[1].startswith("policy: refused a request without terms (fit) of an unverified coordinator")
 
 
 def test_a_policy_that_lists_coordinators_refuses_one_it_cannot_verify(tmp_path: Path) -> None:
