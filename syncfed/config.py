@@ -213,6 +213,7 @@ class WorkerConfig:
     tls_ca: Path | None = None  # require client certificates signed by this CA
     allow_coordinators: tuple[str, ...] = ()  # certificate common names let in; empty: any the CA signed
     auth_token_file: Path | None = None
+    policy: Path | None = None  # the site's policy (syncfed.policy): which jobs its data may serve; None: any
     # Dialing out (--connect): no listening socket; the coordinator's --listen address instead
     connect: str | None = None
     redial_max_delay: float = 30.0  # cap of the jittered backoff between dial attempts

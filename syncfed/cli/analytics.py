@@ -53,6 +53,7 @@ from ..analytics import (
     private_quantiles,
 )
 from ..config import DEFAULT_WORKERS, parse_endpoints
+from ..coordinator.proposal import refusal_line
 from ..coordinator.query_round import DEFAULT_QUERY_TIMEOUT, QueryAnswers, QueryRound, QuerySettings
 from ..exceptions import ConfigError, ProtocolError, SyncfedError
 from ..net.link import WorkerLink
@@ -249,6 +250,7 @@ async def _ask(args: argparse.Namespace) -> QueryAnswers:
         clip_range=tuple(args.clip_range) if getattr(args, "clip_range", None) is not None else None,
         secure_agg=args.secure_agg,
         secagg_threshold=args.secagg_threshold,
+        dp_epsilon=args.dp_epsilon,
         request_timeout=args.request_timeout,
     )
 
@@ -409,8 +411,9 @@ def run(args: argparse.Namespace) -> int:
         _check_privacy(args)
         answers = asyncio.run(_ask(args))
         query, results, failures, secure = answers.query, answers.results, answers.failures, answers.secure
-        for error in failures.values():
-            print(f"{PROGRAM}: {error}", file=sys.stderr)
+        for name, error in failures.items():
+            refused = answers.refusals.get(name)
+            print(f"{PROGRAM}: {error if refused is None else refusal_line(name, refused)}", file=sys.stderr)
         if answers.error is not None:
             return fail(PROGRAM, answers.error)
         if query is not None and results:

@@ -32,6 +32,7 @@ from ..data.base import LABEL_TYPES, MISSING_POLICIES, SourceOptions
 from ..datasets import DATASETS, parse_dataset_spec
 from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
+from ..policy import load_policy
 from ..protocol import DEFAULT_CHUNK_SIZE
 from ..worker import Holding, SourceHolding, Worker, load_holdings, run_worker
 from ..worker.cores import available_cores, count_workers, counted, fair_threads, registered
@@ -324,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="require coordinators to prove they know this token (with --connect: prove this worker's id with it)",
     )
+    security.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help='serve only jobs this site policy allows (TOML; docs/security.md, "Site policies")',
+    )
     parser.add_argument("--verbose", action="store_true", help="log every message")
     return parser
 
@@ -493,6 +500,9 @@ def _main(argv: list[str] | None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        if config.policy is not None:
+            load_policy(config.policy)  # a bad file stops the worker before it reads its data
+            print(f"{config.worker_id} serves only the jobs its site policy {config.policy} allows", flush=True)
         with registered():  # counted among this machine's workers, which share its cores
             if config.threads is not None:
                 torch.set_num_threads(config.threads)

@@ -5,8 +5,9 @@ Usage::
     result = asyncio.run(Coordinator(CoordinatorConfig(training_rounds=5)).run())
 
 A run: greet and check the workers (:mod:`.pool`, :mod:`syncfed.compatibility`)
-→ start fresh or resume from the checkpoint (:mod:`.journal`) → the rounds,
-synchronous (:mod:`.sync_rounds`) or asynchronous (:mod:`.buffered_rounds`)
+→ propose the job's terms to them (:mod:`.proposal`) → start fresh or resume
+from the checkpoint (:mod:`.journal`) → the rounds, synchronous
+(:mod:`.sync_rounds`) or asynchronous (:mod:`.buffered_rounds`)
 → cross-site validation (:mod:`.cross_site`) → save the model.
 """
 
@@ -32,6 +33,7 @@ from .evaluation import Evaluation
 from .journal import Journal
 from .pool import Pool, worker_links
 from .private_rounds import PrivateRounds
+from .proposal import propose, refused_event, training_terms
 from .results import RunResult
 from .sync_rounds import SyncRounds
 from .task_setup import agree_task, task_readout
@@ -104,7 +106,8 @@ class Coordinator:
         """Connect, check the workers, train for the configured rounds, save.
 
         Raises:
-            WorkerUnavailable: fewer workers than the quorum, or no evaluator, at the start.
+            WorkerUnavailable: fewer workers than the quorum, or no evaluator, at the start (or
+                that accept the job's terms: the reason names the refusals).
             IncompatibleWorkers: workers disagree with each other or with the model.
             QuorumNotMet: a round could not gather the quorum within its retries.
             CheckpointError: the checkpoint cannot be resumed.
@@ -115,6 +118,13 @@ class Coordinator:
             infos = await pool.start()
             assert pool.reference is not None
             result, start = journal.initial_state(pool.model_name, pool.reference, pool.plan, pool.recipe)
+            # Before any query or training: the sites whose policy refuses the job leave the run.
+            terms = training_terms(config, pool.model_name, journal.run_id)
+            links = [*pool.trainers, *([pool.evaluator] if pool.evaluator is not None else [])]
+            refusals = await propose(links, terms, timeout=config.connect_timeout, report=self.report)
+            for name, reason in refusals.items():
+                journal.write(refused_event(name, reason))
+            await pool.exclude(refusals)
             ready = {link.name: link for link in pool.trainers if pool.ready(link)}
             if pool.plan is not None:
                 pool.plan = journal.resumed_plan() or await agree_statistics(

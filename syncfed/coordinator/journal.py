@@ -90,6 +90,7 @@ class Journal:
         self._registry = ModelRegistry(config.registry) if config.registry is not None else None
         self._unregistered: int | None = None  # the latest round, when the registry skipped it
         self._metrics: IO[str] | None = None
+        self._early: list[str] | None = []  # the lines written before the metrics file opened; None once it has
         self._resumed: Checkpoint | None = None
         self._model_name = ""
         self._reference: Info | None = None
@@ -97,10 +98,16 @@ class Journal:
         self._recipe: Recipe | None = None  # the run's task, with its class weights and target statistics
 
     def write(self, event: dict[str, Any]) -> None:
-        """One metrics event: a line in the metrics file, and a call of each listener."""
+        """One metrics event: a line in the metrics file, and a call of each listener.
+
+        An event before the file opens (a site that refused the job) reaches the listeners at once
+        and the file first thing when it opens.
+        """
         if self._metrics is not None:
             self._metrics.write(json.dumps(event) + "\n")
             self._metrics.flush()
+        elif self._early is not None:
+            self._early.append(json.dumps(event) + "\n")
         for listener in self.listeners:
             listener(event)
 
@@ -199,11 +206,13 @@ class Journal:
     def open_metrics(self, result: RunResult) -> None:
         """Open the metrics file: new for a new run; cut back to the checkpoint's length and appended to on resume."""
         path = self.config.metrics_out
+        early, self._early = self._early or [], None
         if path is None:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         if result.first_round == 1 or not path.exists():
             self._metrics = path.open("w", encoding="utf-8")
+            self._metrics.writelines(early)
             return
         if self._resumed is not None and self._resumed.metrics_size is not None:
             _check_metrics_file(path, self._resumed)
@@ -212,6 +221,7 @@ class Journal:
             # Lines written after the checkpoint belong to the round in progress at the crash: drop them.
             self._metrics.truncate(self._resumed.metrics_size)
         self._metrics.seek(0, os.SEEK_END)
+        self._metrics.writelines(early)
 
     async def version_done(self, round_number: int, result: RunResult) -> None:
         """Record a finished round (or asynchronous version): in the model registry, then in the checkpoint.

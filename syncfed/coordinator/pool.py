@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,6 +33,7 @@ from ..net.dial_in import DialInLink, DialInListener
 from ..net.link import LinkSettings, WorkerLink
 from ..net.transport import client_tls, server_tls
 from ..protocol import DataPlan, Hello, Info, Recipe
+from .proposal import refusal_line
 
 __all__ = ["Backoff", "Pool", "dial_in_listener", "greet", "traffic", "worker_links"]
 
@@ -249,6 +250,27 @@ class Pool:
             self.report(f"Worker {error.worker} is unreachable ({error.reason}); it will be retried each round")
         self.model_name, self.reference, self.plan, self.recipe = check_compatible(self.config, infos)
         return infos
+
+    async def exclude(self, refusals: Mapping[str, str]) -> None:
+        """Take the sites that refused the job out of the run, closing their connections.
+
+        Raises:
+            WorkerUnavailable: if the evaluator refused, or fewer trainers than the quorum accepted;
+                the reason names each refusal.
+        """
+        if not refusals:
+            return
+        why = "; ".join(refusal_line(name, reason) for name, reason in refusals.items())
+        await asyncio.gather(*(self.links[name].close("refused the job") for name in refusals))
+        if self.evaluator is not None and self.evaluator.name in refusals:
+            raise WorkerUnavailable(self.evaluator.name, f"the run needs its evaluator ({why})")
+        self.trainers = [link for link in self.trainers if link.name not in refusals]
+        if len(self.trainers) < self.config.quorum:
+            raise WorkerUnavailable(
+                ", ".join(refusals),
+                f"{len(self.trainers)} of {len(self.config.workers)} training workers accepted the job,"
+                f" quorum is {self.config.quorum} ({why})",
+            )
 
     async def rejoin(self, links: Sequence[WorkerLink]) -> None:
         """Start reconnecting the lost workers whose backoff has elapsed, and give them a moment.

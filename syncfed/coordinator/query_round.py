@@ -27,11 +27,12 @@ from typing import Any, Final
 
 from ..analytics import from_sums, secure_clip, sums_length
 from ..compatibility import agreed_plan
-from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, SecAggError, SyncfedError
+from ..exceptions import ConfigError, IncompatibleWorkers, QuorumNotMet, RemoteError, SecAggError, SyncfedError
 from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
-from ..protocol import DataPlan, Hello, Info, Query, QueryResult
+from ..protocol import DataPlan, Hello, Info, Query, QueryResult, Terms
 from ..secagg import SecAggConfig
+from .proposal import new_job_id, propose
 
 __all__ = [
     "DEFAULT_QUERY_TIMEOUT",
@@ -70,6 +71,9 @@ class QuerySettings:
     # Secure aggregation
     secure_agg: bool = False  # learn only the sum of the answers (Bonawitz et al. 2017)
     secagg_threshold: int | None = None  # None: two thirds of the workers that answered the greeting
+    # The job's terms, which a site's policy checks (syncfed.policy)
+    job: str | None = None  # None: a fresh id
+    dp_epsilon: float | None = None  # the epsilon of the noise the caller adds to the answer (central DP)
     # Timeouts
     request_timeout: float = DEFAULT_QUERY_TIMEOUT  # the secure round's steps; plain queries use the link's own
 
@@ -89,6 +93,15 @@ class QueryAnswers:
     #: Why there is no answer at all (workers that disagree, a secure round that could not
     #: finish), reported after the workers' own failures.
     error: SyncfedError | None = None
+
+    @property
+    def refusals(self) -> dict[str, str]:
+        """The failures that are a site's policy refusing the job or its query, with the reasons."""
+        return {
+            name: error.reason
+            for name, error in self.failures.items()
+            if isinstance(error, RemoteError) and error.code == "policy"
+        }
 
 
 def build_query(settings: QuerySettings, infos: Mapping[str, Info]) -> Query:
@@ -171,6 +184,7 @@ class QueryRound:
                     links[name], infos[name] = greeting
             if unexpected is not None:
                 raise unexpected
+            await self._propose(links, answers)
             try:
                 if links:
                     answers.query = query = build_query(self.settings, infos)
@@ -187,6 +201,20 @@ class QueryRound:
             await asyncio.gather(*(link.close() for link in links.values()))
         answers.failures = {name: failures[name] for name in self.endpoints if name in failures}
         return answers
+
+    async def _propose(self, links: dict[str, WorkerLink], answers: QueryAnswers) -> None:
+        """Propose the job's terms before any query: the sites that refuse them leave ``links`` for ``answers``."""
+        settings = self.settings
+        terms = Terms(
+            job=settings.job or new_job_id("analytics"),
+            sites=len(self.endpoints),
+            secure_agg=settings.secure_agg,
+            dp=None if settings.dp_epsilon is None else "central",
+            dp_epsilon=settings.dp_epsilon,
+        )
+        for name, reason in (await propose(list(links.values()), terms)).items():
+            answers.failures[name] = RemoteError(name, "policy", reason)
+            await links.pop(name).close()
 
     async def _greet(self, name: str, uri: str) -> tuple[WorkerLink, Info]:
         """Connect and say hello, within the link's connect timeout."""

@@ -32,7 +32,8 @@ from ..exceptions import (
     WorkerTimeout,
     WorkerUnavailable,
 )
-from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, encode_fragments, reply_kind
+from ..policy import with_terms
+from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, Terms, encode_fragments, reply_kind
 from .transport import connection_options, off_loop, receive, receive_message, send_message
 
 __all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "latency", "ping"]
@@ -137,6 +138,8 @@ class WorkerLink:
         self._closing: str | None = None  # why we are closing, when it is our doing
         self.bytes_sent = 0  # message bytes over all connections, for metrics
         self.bytes_received = 0
+        #: The job's terms, which every fit, evaluate and query declares once the worker accepted them.
+        self.terms: Terms | None = None
 
     @classmethod
     def from_settings(cls, name: str, uri: str, settings: LinkSettings) -> WorkerLink:
@@ -299,6 +302,7 @@ class WorkerLink:
         """
         if self._connection is None or self._reader is None or self._reader.done():
             raise WorkerUnavailable(self.name, self._closed_reason)
+        message = with_terms(message, self.terms)
         request_id = next(self._ids)
         reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply

@@ -5,6 +5,7 @@ The package is layered, each module importing only those above it:
 
 - :mod:`~syncfed.protocol.base`: the version, error codes, limits and field checks;
 - :mod:`~syncfed.protocol.task_messages`: the task a request trains for and the metric sums it scores;
+- :mod:`~syncfed.protocol.terms`: a job's terms, which a site's policy accepts or refuses;
 - :mod:`~syncfed.protocol.messages`, :mod:`~syncfed.protocol.training_messages`,
   :mod:`~syncfed.protocol.queries`, :mod:`~syncfed.protocol.secagg_messages`: the messages;
 - :mod:`~syncfed.protocol.unpacking`: msgpack decoding bounded by what it may cost;
@@ -53,6 +54,7 @@ from .task_messages import MAX_HUBER_DELTA as MAX_HUBER_DELTA
 from .task_messages import MAX_SCORE_BINS as MAX_SCORE_BINS
 from .task_messages import MAX_WIDTH as MAX_WIDTH
 from .task_messages import MIN_SCORE_BINS as MIN_SCORE_BINS
+from .terms import DP_MODES, Accepted, Propose, Terms
 from .training_messages import (
     COMPRESSIONS,
     EVAL_SPLITS,
@@ -124,6 +126,10 @@ __all__ = [
     "OPTIMIZERS",
     "METRICS",
     "REGRESSION_SUMS",
+    "DP_MODES",
+    "Terms",
+    "Propose",
+    "Accepted",
 ]
 
 #: The old name of the bound on claimed example counts, kept for one release.

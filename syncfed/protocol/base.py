@@ -47,6 +47,7 @@ ERROR_CODES: Final[dict[str, str]] = {
     "internal": "the worker failed while serving the request; details are in its log",
     "refused": "the answer would describe a group smaller than the worker's minimum group size,"
     " or a secure aggregation step has fewer clients than the round's threshold",
+    "policy": "the site's policy refuses the job's terms, or the request has none or strays from them",
 }
 
 MAX_ID: Final = 2**63 - 1

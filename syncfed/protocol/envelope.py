@@ -45,6 +45,7 @@ from .secagg_messages import (
     SecAggUnmask,
     SecAggUnmasked,
 )
+from .terms import Accepted, Propose
 from .training_messages import EvalResult, Evaluate, Fetch, Fit, FitHeld, FitResult
 
 __all__ = ["REQUESTS", "reply_kind", "Envelope", "Opened", "encode"]
@@ -66,6 +67,8 @@ _KINDS: Final[dict[str, type[Message]]] = {
         SecAggMasked,
         SecAggUnmask,
         SecAggUnmasked,
+        Propose,
+        Accepted,
     )
 }
 
@@ -82,6 +85,7 @@ REQUESTS: Final[dict[str, str]] = {
     "secagg_share": "secagg_shares",
     "secagg_mask": "secagg_masked",
     "secagg_unmask": "secagg_unmasked",
+    "propose": "accepted",
 }
 
 

@@ -29,6 +29,7 @@ from .base import (
     _weights_equal,
 )
 from .data_messages import DataPlan, plan_field, plan_from
+from .terms import Terms, terms_field, terms_from
 
 __all__ = ["QUERIES", "MAX_FEATURES", "MAX_BINS", "MAX_CELLS", "Query", "QueryResult"]
 
@@ -60,9 +61,11 @@ class Query(Message):
     bins: int | None = None
     value_range: tuple[float, float] | None = None
     data: DataPlan | None = None  # over a user's own data: the plan to prepare it with (syncfed.data.normalization)
+    terms: Terms | None = None  # the job this query belongs to, for a site's policy (syncfed.policy)
 
     def __post_init__(self) -> None:
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
+        _check(self.terms is None or isinstance(self.terms, Terms), "terms must be Terms")
         _check(self.query in QUERIES, f"query must be one of {', '.join(QUERIES)}, not {describe(self.query)}")
         _check(
             isinstance(self.features, (list, tuple))
@@ -128,12 +131,13 @@ class Query(Message):
             "bins": self.bins,
             "range": None if self.value_range is None else list(self.value_range),
             **plan_field(self.data),
+            **terms_field(self.terms),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Query:
-        _fields(body, cls.kind, {"query", "features", "bins", "range"}, frozenset({"data"}))
-        return cls(body["query"], body["features"], body["bins"], body["range"], plan_from(body))
+        _fields(body, cls.kind, {"query", "features", "bins", "range"}, frozenset({"data", "terms"}))
+        return cls(body["query"], body["features"], body["bins"], body["range"], plan_from(body), terms_from(body))
 
 
 #: The tensors of each query's answer and their dtypes.

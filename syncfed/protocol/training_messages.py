@@ -31,6 +31,7 @@ from .base import (
 )
 from .data_messages import DataPlan, plan_field, plan_from
 from .task_messages import Recipe, check_metrics, check_recipe, metrics_field, metrics_from, recipe_field, recipe_from
+from .terms import Terms, terms_field, terms_from
 
 __all__ = [
     "COMPRESSIONS",
@@ -231,11 +232,13 @@ class Fit(Message):
     dataset_key: str | None = None  # which named data set to train on; None: the worker's default
     data: DataPlan | None = None  # what the federation agreed about its own data; None: a bundled data set
     recipe: Recipe | None = None  # the task; None: classification with cross-entropy
+    terms: Terms | None = None  # the job this fit belongs to, for a site's policy (syncfed.policy)
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
         _check_weights(self.weights)
         _check(isinstance(self.plan, TrainingPlan), "plan must be a TrainingPlan")
+        _check(self.terms is None or isinstance(self.terms, Terms), "terms must be Terms")
         if self.control is not None:
             _check_weights(self.control)
         _check_optional_name(self.dataset_key, "dataset_key")
@@ -251,6 +254,7 @@ class Fit(Message):
             and self.dataset_key == other.dataset_key
             and self.data == other.data
             and self.recipe == other.recipe
+            and self.terms == other.terms
             and _weights_equal(self.weights, other.weights)
             and _optional_weights_equal(self.control, other.control)
         )
@@ -261,11 +265,16 @@ class Fit(Message):
             body["control"] = encode_weights(self.control)
         if self.dataset_key is not None:
             body["dataset_key"] = self.dataset_key
-        return {**body, **plan_field(self.data), **recipe_field(self.recipe)}
+        return {**body, **plan_field(self.data), **recipe_field(self.recipe), **terms_field(self.terms)}
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Fit:
-        _fields(body, cls.kind, {"model", "weights", "plan"}, frozenset({"control", "dataset_key", "data", "recipe"}))
+        _fields(
+            body,
+            cls.kind,
+            {"model", "weights", "plan"},
+            frozenset({"control", "dataset_key", "data", "recipe", "terms"}),
+        )
         control = decode_weights(body["control"]) if "control" in body else None
         return cls(
             body["model"],
@@ -275,6 +284,7 @@ class Fit(Message):
             body.get("dataset_key"),
             plan_from(body),
             recipe_from(body),
+            terms_from(body),
         )
 
 
@@ -413,6 +423,7 @@ class Evaluate(Message):
     dataset_key: str | None = None
     data: DataPlan | None = None  # as in :class:`Fit`
     recipe: Recipe | None = None  # as in :class:`Fit`
+    terms: Terms | None = None  # as in :class:`Fit`
 
     def __post_init__(self) -> None:
         _check_name(self.model, "model")
@@ -428,17 +439,19 @@ class Evaluate(Message):
         _check_optional_name(self.dataset_key, "dataset_key")
         _check(self.data is None or isinstance(self.data, DataPlan), "data must be a DataPlan")
         check_recipe(self.recipe, self.data)
+        _check(self.terms is None or isinstance(self.terms, Terms), "terms must be Terms")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Evaluate):
             return NotImplemented
-        return (self.model, self.batch_size, self.split, self.dataset_key, self.data, self.recipe) == (
+        return (self.model, self.batch_size, self.split, self.dataset_key, self.data, self.recipe, self.terms) == (
             other.model,
             other.batch_size,
             other.split,
             other.dataset_key,
             other.data,
             other.recipe,
+            other.terms,
         ) and _weights_equal(self.weights, other.weights)
 
     def to_body(self) -> dict[str, Any]:
@@ -450,12 +463,16 @@ class Evaluate(Message):
             **({"dataset_key": self.dataset_key} if self.dataset_key is not None else {}),
             **plan_field(self.data),
             **recipe_field(self.recipe),
+            **terms_field(self.terms),
         }
 
     @classmethod
     def from_body(cls, body: Mapping[str, Any]) -> Evaluate:
         _fields(
-            body, cls.kind, {"model", "weights", "batch_size"}, frozenset({"split", "dataset_key", "data", "recipe"})
+            body,
+            cls.kind,
+            {"model", "weights", "batch_size"},
+            frozenset({"split", "dataset_key", "data", "recipe", "terms"}),
         )
         return cls(
             body["model"],
@@ -465,6 +482,7 @@ class Evaluate(Message):
             body.get("dataset_key"),
             plan_from(body),
             recipe_from(body),
+            terms_from(body),
         )
 
 

@@ -23,6 +23,7 @@ from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..exceptions import ConfigError
 from ..net.transport import common_name, connection_options, server_tls
+from ..policy import SitePolicy, load_policy
 from ..protocol import Info
 from .compute import Compute
 from .holdings import Holding, Served
@@ -59,6 +60,14 @@ class Worker:
             max_connections=config.max_connections, max_pending=config.max_pending_connections
         )
         self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
+        self.policy: SitePolicy | None = load_policy(config.policy) if config.policy is not None else None
+        # What a policy's data_keys call the data set a request naming none uses: its key, or its data set's name.
+        default = self.holdings[0]
+        self.default_key = default.spec.key if default.spec is not None else self.info().dataset
+
+    def data_key(self, dataset_key: str | None) -> str:
+        """The name a site policy knows the data set a request uses by (see ``default_key``)."""
+        return dataset_key if dataset_key is not None else self.default_key
 
     def info(self) -> Info:
         """What hello answers: who this worker is, what it holds and which models it builds."""

@@ -24,8 +24,9 @@ from websockets.frames import CloseCode
 from .. import auth
 from ..admission import IdleClock
 from ..exceptions import AuthenticationFailed, MessageTooLarge, ProtocolError, RequestFailed, TensorError
-from ..net.transport import off_loop, receive, receive_message, send_message, small_frames
+from ..net.transport import common_name, off_loop, receive, receive_message, send_message, small_frames
 from ..protocol import (
+    Accepted,
     Describe,
     Envelope,
     Error,
@@ -40,6 +41,7 @@ from ..protocol import (
     ModelLayout,
     Ping,
     Pong,
+    Propose,
     Query,
     SecAggMask,
     SecAggShare,
@@ -88,7 +90,13 @@ class Session:
             SecAggShare.kind: steps.run,
             SecAggMask.kind: steps.run,
             SecAggUnmask.kind: steps.run,
+            Propose.kind: self.accept,
         }
+
+    @property
+    def coordinator(self) -> str | None:
+        """The name the peer's verified certificate proves: a listening worker's client, a dial-out worker's server."""
+        return common_name(self.connection.transport.get_extra_info("peercert"))
 
     async def run(self, *, authenticated: bool = False) -> None:
         """Authenticate, then serve requests until the connection closes.
@@ -270,8 +278,41 @@ class Session:
         return FitHeld(token), "none"
 
     async def compute_reply(self, message: Message) -> Message:
-        """What the handler of ``message``'s kind answers."""
+        """What the handler of ``message``'s kind answers, once the site's policy allows it."""
+        if self.worker.policy is not None:
+            self.judge(message)
         return await self.handlers[message.kind](message)
+
+    def judge(self, message: Message) -> None:
+        """Refuse, before any work, a job the site's policy does not allow, or a request that strays from its job.
+
+        Raises:
+            RequestFailed: code ``policy``, logged in one line.
+        """
+        policy, worker = self.worker.policy, self.worker
+        assert policy is not None
+        task = message.task if isinstance(message, SecAggMask) else message
+        try:
+            if isinstance(task, Propose):
+                terms = task.terms
+                policy.check_terms(terms, coordinator=self.coordinator, data_key=worker.data_key(terms.dataset_key))
+            elif isinstance(task, Fit | Evaluate):
+                key = worker.data_key(task.dataset_key)
+                policy.check_request(task, coordinator=self.coordinator, data_key=key, secure=task is not message)
+            elif isinstance(task, Query):  # over the default data set, which a query cannot change
+                key = worker.data_key(None)
+                policy.check_request(task, coordinator=self.coordinator, data_key=key, secure=task is not message)
+        except RequestFailed as exc:
+            declared = getattr(task, "terms", None)
+            job = f"job {declared.job}" if declared is not None else "a request without terms"
+            who = "an unverified coordinator" if self.coordinator is None else f"coordinator {self.coordinator!r}"
+            logger.warning("policy: refused %s (%s) of %s at %s: %s", job, message.kind, who, self.peer, exc)
+            raise
+
+    async def accept(self, message: Propose) -> Message:
+        """Propose: the job's terms, checked by :meth:`judge` when the site has a policy."""
+        logger.info("%s proposed %s", self.peer, message.terms.describe())
+        return Accepted()
 
     async def greet(self, message: Hello) -> Message:
         """Hello: what this worker serves, when the peer speaks its protocol version."""

@@ -44,6 +44,7 @@ from syncfed.net.link import WorkerLink
 from syncfed.net.spawn import WorkerProcess
 from syncfed.net.transport import receive, receive_message, send_message
 from syncfed.protocol import (
+    Accepted,
     Error,
     EvalResult,
     Evaluate,
@@ -54,6 +55,7 @@ from syncfed.protocol import (
     Hello,
     Info,
     Message,
+    Propose,
     TrainingPlan,
     encode_fragments,
 )
@@ -233,6 +235,8 @@ class Fake:
     async def _reply(self, message: Message) -> Reply:
         if isinstance(message, Hello):
             return self.info()
+        if isinstance(message, Propose):  # a site without a policy serves any job
+            return Accepted()
         if isinstance(message, Fit):
             reply = await self.on_fit(self, message)
             if not message.plan.hold or not isinstance(reply, (FitResult, Raw)):
@@ -375,7 +379,7 @@ def test_a_worker_with_the_token_is_accepted_by_the_same_check(tmp_path: Path) -
     token_file.write_bytes(TOKEN + b"\n")
     outcome = run(coordinate([honest], tmp_path, auth_token_file=token_file, training_rounds=1))
     assert outcome.error is None, outcome.error
-    assert honest.kinds()[:2] == ["hello", "fit"]
+    assert honest.kinds()[:3] == ["hello", "propose", "fit"]
 
 
 # -- 2. A worker too slow for --round-timeout -----------------------------------------------
@@ -406,7 +410,7 @@ def test_a_worker_too_slow_for_the_round_timeout_is_dropped_and_its_connection_c
     # The coordinator closed the late worker's connection at the deadline, so that it abandons the work;
     # it came back for round 2 on a new connection, and was closed again.
     assert len(slow.connections) == 2, slow.connections
-    assert slow.kinds(0) == ["hello", "fit"] and slow.kinds(1) == ["hello", "fit"]
+    assert slow.kinds(0) == ["hello", "propose", "fit"] and slow.kinds(1) == ["hello", "fit"]
     (first_open, first_closed), (second_open, second_closed) = slow.connections
     assert first_closed is not None and second_closed is not None
     assert first_closed <= second_open
@@ -431,7 +435,7 @@ def test_a_worker_answering_a_fit_with_an_error_is_dropped_with_its_code_and_rea
     ] * 2
     # An error reply is data, not a broken link: carol stays connected and is asked again.
     assert len(fakes[2].connections) == 1
-    assert fakes[2].kinds() == ["hello", "fit", "fit"]
+    assert fakes[2].kinds() == ["hello", "propose", "fit", "fit"]
 
 
 @pytest.mark.parametrize(
@@ -694,7 +698,7 @@ def test_a_quorum_of_three_of_three_stops_after_its_retries(tmp_path: Path) -> N
         (1, attempt, {"carol": reason}) for attempt in (1, 2, 3)
     ]
     assert outcome.of("round") == []
-    assert fakes[2].kinds() == ["hello", "fit", "fit", "fit"]
+    assert fakes[2].kinds() == ["hello", "propose", "fit", "fit", "fit"]
 
 
 def test_a_quorum_that_cannot_be_met_exits_the_cli_with_status_8_and_one_line(

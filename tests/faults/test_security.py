@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -40,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import Criticality, DNSName, ExtensionPolicy, IPAddress, PolicyBuilder, Store
+from linkpair import tiny_digits
 from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -49,10 +51,14 @@ from syncfed.__main__ import main as syncfed_main
 from syncfed.cli import coordinator as client_cli
 from syncfed.cli import worker as server_cli
 from syncfed.cli.common import parse_arguments
-from syncfed.exceptions import AuthenticationFailed
+from syncfed.config import WorkerConfig
+from syncfed.exceptions import AuthenticationFailed, RemoteError
 from syncfed.net.link import WorkerLink
 from syncfed.net.transport import client_tls, server_tls
-from syncfed.protocol import Hello, Info, decode, encode
+from syncfed.policy import SitePolicy
+from syncfed.protocol import Accepted, Hello, Info, Propose, Terms, decode, encode
+from syncfed.worker import Worker
+from syncfed.worker.server import serving
 
 T = TypeVar("T")
 
@@ -773,3 +779,28 @@ def test_workers_keep_serving_after_refusals(
     assert run(greet("dave", token_worker.uri, token=TOKEN)).worker_id == "dave"
     assert_trained(coordinator(demo.site, *QUICK_START_RUN))
     assert all(worker.alive for worker in demo_workers.values())
+
+
+def test_a_site_policy_knows_the_coordinator_by_the_certificate_it_verified(demo: Kit, tmp_path: Path) -> None:
+    """Under mutual TLS a policy's coordinators name the client certificate's common name."""
+    policy = tmp_path / "site-policy.toml"
+    policy.write_text('coordinators = ["coordinator"]\n')
+    kit, own = demo.startup / "alice", demo.startup / "coordinator"
+    config = WorkerConfig(
+        "alice", host="127.0.0.1", port=0, tls_cert=kit / "alice.crt", tls_key=kit / "alice.key", tls_ca=kit / "ca.crt"
+    )
+    worker = Worker(dataclasses.replace(config, policy=policy), tiny_digits())
+    terms = Terms(job="j1", sites=3, model="digits-cnn", rounds=1)
+
+    async def scenario() -> None:
+        async with serving(worker) as (_, uri):
+            tls = client_tls(demo.ca, own / "coordinator.crt", own / "coordinator.key")
+            async with WorkerLink("alice", uri, max_message_size=2**20, tls=tls) as link:
+                await link.request(Hello())
+                assert await link.request(Propose(terms)) == Accepted()
+                worker.policy = SitePolicy(coordinators=("central",))
+                with pytest.raises(RemoteError) as raised:
+                    await link.request(Propose(terms))
+                assert raised.value.reason == "coordinators: coordinator 'coordinator' is not one of 'central'"
+
+    run(scenario())

@@ -397,7 +397,7 @@ VALID_QUERY = {"query": "quantiles", "features": [0, 3], "bins": 4, "range": [0.
         (
             {"extra": 1},
             "query body has fields ['bins', 'extra', 'features', 'query', 'range'],"
-            " expected ['bins', 'features', 'query', 'range'] and optionally ['data']",
+            " expected ['bins', 'features', 'query', 'range'] and optionally ['data', 'terms']",
         ),
     ],
 )

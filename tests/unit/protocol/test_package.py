@@ -77,6 +77,7 @@ LAYERS = [
     "task_messages",
     "unpacking",
     "data_messages",
+    "terms",
     "messages",
     "training_messages",
     "queries",
@@ -87,7 +88,8 @@ LAYERS = [
 ]
 
 
-#: Names added since: the own-data schema and plan (docs/data.md), then the task and its metrics (issue 17).
+#: Names added since: the own-data schema and plan (docs/data.md), then the task and its metrics (issue 17),
+#: then a job's terms for site policies (issue 19).
 NEW_ALL = [
     "DATA_KINDS",
     "FEATURE_TYPES",
@@ -100,6 +102,10 @@ NEW_ALL = [
     "OPTIMIZERS",
     "METRICS",
     "REGRESSION_SUMS",
+    "DP_MODES",
+    "Terms",
+    "Propose",
+    "Accepted",
 ]
 
 

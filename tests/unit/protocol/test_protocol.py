@@ -14,11 +14,13 @@ from hypothesis.extra import numpy as hnp
 
 from syncfed.exceptions import MessageTooLarge, ProtocolError, SyncfedError, describe
 from syncfed.protocol import (
+    DP_MODES,
     ERROR_CODES,
     MAX_ID,
     MAX_SHARD,
     PROTOCOL_VERSION,
     REQUESTS,
+    Accepted,
     Describe,
     Envelope,
     Error,
@@ -34,6 +36,7 @@ from syncfed.protocol import (
     ModelLayout,
     Ping,
     Pong,
+    Propose,
     Query,
     QueryResult,
     SecAggKeys,
@@ -44,6 +47,7 @@ from syncfed.protocol import (
     SecAggStart,
     SecAggUnmask,
     SecAggUnmasked,
+    Terms,
     TrainingPlan,
     decode,
     encode,
@@ -75,6 +79,8 @@ KINDS = {
     "secagg_masked",
     "secagg_unmask",
     "secagg_unmasked",
+    "propose",
+    "accepted",
 }
 
 
@@ -151,7 +157,29 @@ def eval_results(draw: st.DrawFn) -> EvalResult:
     )
 
 
+@st.composite
+def job_terms(draw: st.DrawFn) -> Terms:
+    """A job's terms: training or analytics, with or without privacy and a data key."""
+    model = draw(st.none() | names)
+    dp = draw(st.none() | st.sampled_from(DP_MODES))
+    return Terms(
+        job=draw(names),
+        sites=draw(st.integers(1, MAX_ID)),
+        model=model,
+        rounds=0 if model is None else draw(st.integers(1, MAX_ID)),
+        secure_agg=draw(st.booleans()),
+        dp=dp,
+        dp_epsilon=None if dp is None else draw(st.none() | st.floats(min_value=1e-9, max_value=1e9)),
+        dp_delta=None if dp is None else draw(st.none() | st.floats(min_value=1e-12, max_value=0.5)),
+        dataset_key=draw(st.none() | names),
+    )
+
+
 messages = st.one_of(
+    st.builds(Propose, terms=job_terms()),
+    st.just(Accepted()),
+    st.builds(Fit, model=names, weights=weights, plan=plans, terms=job_terms()),
+    st.builds(Evaluate, model=names, weights=weights, batch_size=st.integers(1, 1_000_000), terms=job_terms()),
     st.builds(Hello, protocol_version=st.integers(-(2**63), 2**63 - 1)),
     infos(),
     st.just(Ping()),
@@ -195,7 +223,7 @@ def test_every_kind_is_covered_by_the_strategy() -> None:
         SecAggUnmask,
         SecAggUnmasked,
     )
-    assert {cls.kind for cls in kinds + secagg + (Describe, ModelLayout)} == KINDS
+    assert {cls.kind for cls in kinds + secagg + (Describe, ModelLayout, Propose, Accepted)} == KINDS
     assert REQUESTS == {
         "hello": "info",
         "ping": "pong",
@@ -208,6 +236,7 @@ def test_every_kind_is_covered_by_the_strategy() -> None:
         "secagg_share": "secagg_shares",
         "secagg_mask": "secagg_masked",
         "secagg_unmask": "secagg_unmasked",
+        "propose": "accepted",
     }
 
 
@@ -471,6 +500,8 @@ VALID_BODIES: dict[str, dict[str, object]] = {
         "seed_shares": [[0, b"\x01" * SHARE_SIZE]],
         "key_shares": [[2, b"\x02" * SHARE_SIZE]],
     },
+    "propose": {"terms": {"job": "j1", "sites": 3, "model": "m", "rounds": 3, "dp": "central", "dp_epsilon": 2.0}},
+    "accepted": {},
 }
 
 

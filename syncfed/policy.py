@@ -1,0 +1,269 @@
+"""A site's policy: which jobs its data may serve, read from a TOML file and checked against a job's terms.
+
+A worker started with ``--policy site-policy.toml`` checks the terms a
+coordinator proposes at the start of a run, and every later request against
+both its policy and the terms the request declares (see
+:mod:`syncfed.protocol.terms`), so that a job it refuses trains nothing here.
+A rule left out of the file restricts nothing; a file that lists
+coordinators refuses one whose certificate proves no name. Pure: no I/O
+beyond reading the file. Usage::
+
+    policy = load_policy(Path("site-policy.toml"))
+    policy.check_terms(terms, coordinator="coordinator", data_key="digits")  # RequestFailed("policy", ...)
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Final, NoReturn
+
+from .exceptions import ConfigError, RequestFailed
+from .protocol import QUERIES, Evaluate, Fit, Message, Query, SecAggMask, Terms
+
+__all__ = ["SitePolicy", "load_policy", "policy_from", "with_terms"]
+
+#: The error code of every refusal.
+CODE: Final = "policy"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site allows; ``None`` leaves a rule out (anything goes), an empty tuple allows nothing."""
+
+    # For every job, training or analytics
+    coordinators: tuple[str, ...] | None = None  # the names their TLS certificates prove
+    data_keys: tuple[str, ...] | None = None  # a named data set's key; the default one by its key or data set name
+    min_other_sites: int = 0  # training sites a job must have besides this one
+    # Training
+    models: tuple[str, ...] | None = None
+    max_rounds: int | None = None
+    require_secure_agg: bool = False
+    require_dp: bool = False
+    max_epsilon: float | None = None  # implies require_dp; a job that names no target epsilon is refused
+    max_delta: float | None = None
+    # Analytics
+    queries: tuple[str, ...] | None = None
+    analytics_secure_agg: bool = False
+
+    def check_terms(self, terms: Terms, *, coordinator: str | None, data_key: str) -> None:
+        """Refuse a job this site does not serve: the first broken rule, in one line naming it and the values.
+
+        ``coordinator``: the name the peer's verified certificate proves (``None``: none);
+        ``data_key``: the data set the job uses here.
+
+        Raises:
+            RequestFailed: code ``policy``.
+        """
+        if self.coordinators is not None:
+            if coordinator is None:
+                _refuse("coordinators", "the coordinator proved no name (no verified certificate)")
+            _one_of("coordinators", "coordinator", coordinator, self.coordinators)
+        if self.data_keys is not None:
+            _one_of("data_keys", "data set", data_key, self.data_keys)
+        if terms.sites - 1 < self.min_other_sites:
+            _refuse(
+                "min_other_sites",
+                f"the job has {terms.sites - 1} other sites, the policy needs at least {self.min_other_sites}",
+            )
+        if terms.analytics:
+            self._check_analytics(terms)
+        else:
+            self._check_training(terms)
+
+    def _check_analytics(self, terms: Terms) -> None:
+        if self.queries == ():
+            _refuse("queries", "the policy allows no analytics queries")
+        if self.analytics_secure_agg and not terms.secure_agg:
+            _refuse("analytics.require_secure_agg", "the job does not use secure aggregation")
+
+    def _check_training(self, terms: Terms) -> None:
+        assert terms.model is not None
+        if self.models is not None:
+            _one_of("models", "model", terms.model, self.models)
+        if self.max_rounds is not None and terms.rounds > self.max_rounds:
+            _refuse("max_rounds", f"the job asks {terms.rounds} rounds, the policy allows at most {self.max_rounds}")
+        if self.require_secure_agg and not terms.secure_agg:
+            _refuse("require_secure_agg", "the job does not use secure aggregation")
+        if (self.require_dp or self.max_epsilon is not None or self.max_delta is not None) and terms.dp is None:
+            _refuse("require_dp", "the job uses no differential privacy")
+        if self.max_epsilon is not None:
+            if terms.dp_epsilon is None:
+                _refuse(
+                    "max_epsilon", f"the job names no target epsilon, the policy allows at most {self.max_epsilon:g}"
+                )
+            if terms.dp_epsilon > self.max_epsilon:
+                _refuse("max_epsilon", f"the job's epsilon {terms.dp_epsilon:g} exceeds {self.max_epsilon:g}")
+        if self.max_delta is not None:
+            if terms.dp_delta is None:
+                _refuse("max_delta", f"the job names no delta, the policy allows at most {self.max_delta:g}")
+            if terms.dp_delta > self.max_delta:
+                _refuse("max_delta", f"the job's delta {terms.dp_delta:g} exceeds {self.max_delta:g}")
+
+    def check_request(
+        self, request: Fit | Evaluate | Query, *, coordinator: str | None, data_key: str, secure: bool = False
+    ) -> Terms:
+        """The terms ``request`` declares, once they pass :meth:`check_terms` and the request keeps to them.
+
+        ``secure``: the request came inside a secure aggregation round (``secagg_mask``).
+
+        Raises:
+            RequestFailed: code ``policy``.
+        """
+        terms = request.terms
+        if terms is None:
+            _refuse("terms", f"the {request.kind} carries no job terms, and this site has a policy")
+        self.check_terms(terms, coordinator=coordinator, data_key=data_key)
+        if isinstance(request, Query):
+            if self.queries is not None:
+                _one_of("queries", "query", request.query, self.queries)
+            if self.analytics_secure_agg and not secure:
+                _refuse("analytics.require_secure_agg", "the query is not part of a secure aggregation round")
+            return terms
+        if terms.model is None:
+            _refuse("terms", f"a {request.kind} under the terms of an analytics job {terms.job}")
+        if request.model != terms.model:
+            _refuse("terms", f"the {request.kind} names model {request.model!r}, the job {terms.model!r}")
+        if request.dataset_key != terms.dataset_key:
+            _refuse("terms", f"the {request.kind} uses data set {request.dataset_key!r}, the job {terms.dataset_key!r}")
+        if isinstance(request, Fit):
+            _check_fit(request, terms, secure)
+        return terms
+
+
+def with_terms(message: Message, terms: Terms | None) -> Message:
+    """``message`` declaring the job's ``terms``: a fit, evaluate or query, or the task a ``secagg_mask`` carries.
+
+    The coordinator's half of the rules above; other requests, and those that declare terms already, go as they are.
+    """
+    if terms is None:
+        return message
+    if isinstance(message, Fit | Evaluate | Query) and message.terms is None:
+        return replace(message, terms=terms)
+    if isinstance(message, SecAggMask) and message.task.terms is None:
+        return replace(message, task=replace(message.task, terms=terms))
+    return message
+
+
+def _check_fit(fit: Fit, terms: Terms, secure: bool) -> None:
+    """What a site verifies of a fit itself: its round, its clipping and noise, and that it is masked."""
+    plan = fit.plan
+    if plan.round > terms.rounds:
+        _refuse("terms", f"fit round {plan.round} exceeds the job's {terms.rounds} rounds")
+    if terms.secure_agg and not secure:
+        _refuse("terms", "the job declares secure aggregation, but the fit is not part of a secure round")
+    if terms.dp is not None and plan.clip is None:
+        _refuse("terms", f"the job declares {terms.dp} dp, but the fit's plan has no clip")
+    if terms.dp == "distributed" and not plan.noise_std:
+        _refuse("terms", "the job declares distributed dp, but the fit's plan adds no noise")
+
+
+def _refuse(rule: str, why: str) -> NoReturn:
+    raise RequestFailed(CODE, f"{rule}: {why}")
+
+
+def _one_of(rule: str, what: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        listed = ", ".join(repr(name) for name in allowed[:8]) if allowed else "none"
+        _refuse(rule, f"{what} {value!r} is not one of {listed}")
+
+
+# The policy file: each key, the table it belongs to, and its check.
+_Check = Callable[[Any], Any]
+
+
+def _names(value: Any) -> tuple[str, ...] | None:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ValueError("expected a list of non-empty strings")
+    return tuple(value)
+
+
+def _count(value: Any) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError("expected a non-negative integer")
+    return value
+
+
+def _flag(value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError("expected true or false")
+    return value
+
+
+def _positive(value: Any) -> float:
+    if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):
+        raise ValueError("expected a positive number")
+    return float(value)
+
+
+def _queries(value: Any) -> tuple[str, ...] | None:
+    names = _names(value)
+    unknown = [name for name in names or () if name not in QUERIES]
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not one of {', '.join(QUERIES)}")
+    return names
+
+
+_KEYS: Final[dict[str, dict[str, tuple[str, _Check]]]] = {
+    "": {
+        "coordinators": ("coordinators", _names),
+        "data_keys": ("data_keys", _names),
+        "min_other_sites": ("min_other_sites", _count),
+    },
+    "training": {
+        "models": ("models", _names),
+        "max_rounds": ("max_rounds", _count),
+        "require_secure_agg": ("require_secure_agg", _flag),
+        "require_dp": ("require_dp", _flag),
+        "max_epsilon": ("max_epsilon", _positive),
+        "max_delta": ("max_delta", _positive),
+    },
+    "analytics": {
+        "queries": ("queries", _queries),
+        "require_secure_agg": ("analytics_secure_agg", _flag),
+    },
+}
+
+
+def load_policy(path: Path) -> SitePolicy:
+    """Read and check a site policy file.
+
+    Raises:
+        ConfigError: one line naming the file and the key, for an unreadable file,
+            an unknown key or a wrong value.
+    """
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc}") from None
+    return policy_from(data, str(path))
+
+
+def policy_from(data: Mapping[str, Any], source: str) -> SitePolicy:
+    """The policy a parsed TOML document describes; ``source`` names it in errors.
+
+    Raises:
+        ConfigError: for an unknown key or a wrong value.
+    """
+    settings: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _KEYS and key:
+            if not isinstance(value, dict):
+                raise ConfigError(f"policy file {source}: key {key!r}: expected a table")
+            entries = [(f"{key}.{name}", _KEYS[key].get(name), item) for name, item in value.items()]
+        else:
+            entries = [(key, _KEYS[""].get(key), value)]
+        for name, known, item in entries:
+            if known is None:
+                raise ConfigError(f"policy file {source}: key {name!r}: not a policy setting")
+            field, check = known
+            try:
+                settings[field] = check(item)
+            except ValueError as exc:
+                raise ConfigError(f"policy file {source}: key {name!r}: {exc}, not {item!r}") from None
+    if settings.get("max_delta", 0) >= 1:
+        raise ConfigError(f"policy file {source}: key 'training.max_delta': expected a number below 1")
+    return SitePolicy(**settings)
