@@ -252,7 +252,8 @@ class Pool:
         return infos
 
     async def exclude(self, refusals: Mapping[str, str]) -> None:
-        """Take the sites that refused the job out of the run, closing their connections.
+        """Take the sites that refused the job out of the run, closing their connections if the run owns
+        them (the job service's stay open for its other jobs).
 
         Raises:
             WorkerUnavailable: if the evaluator refused, or fewer trainers than the quorum accepted;
@@ -261,7 +262,8 @@ class Pool:
         if not refusals:
             return
         why = "; ".join(refusal_line(name, reason) for name, reason in refusals.items())
-        await asyncio.gather(*(self.links[name].close("refused the job") for name in refusals))
+        if self.owned:
+            await asyncio.gather(*(self.links[name].close("refused the job") for name in refusals))
         if self.evaluator is not None and self.evaluator.name in refusals:
             raise WorkerUnavailable(self.evaluator.name, f"the run needs its evaluator ({why})")
         self.trainers = [link for link in self.trainers if link.name not in refusals]

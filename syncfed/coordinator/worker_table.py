@@ -111,7 +111,8 @@ class WorkerTable:
         if name in self.lent:  # its job's pool reconnects it; read what its keepalive measured
             if link.connected:
                 record["last_seen"] = now
-                record["rtt_ms"] = _ms(latency(link))
+                measured = _ms(latency(link))  # None until the first keepalive: keep the figure of the greeting
+                record["rtt_ms"] = measured if measured is not None else record["rtt_ms"]
             self._set_connected(name, link.connected, now)
             return
         if not link.connected:
@@ -125,9 +126,11 @@ class WorkerTable:
                 return
             record["role"], record["data"] = info.role, holdings(info, secure=False)
             record["version"] = f"protocol {info.protocol_version}"
-            record["last_seen"] = time.time()
-            record["rtt_ms"] = _ms(latency(link))
-            self._set_connected(name, True, time.time())
+            record["rtt_ms"] = None
+            with contextlib.suppress(WorkerUnavailable, WorkerTimeout):  # a worker that left is noticed next time
+                record["rtt_ms"] = round(await ping(link, timeout=self.ping_timeout) * 1000, 3)
+            record["last_seen"] = self._pinged[name] = now = time.time()
+            self._set_connected(name, True, now)
             self.report(f"Worker {name} connected: {info.role}, {record['data']}")
             return
         if now - self._pinged[name] >= self.ping_interval:
