@@ -70,6 +70,9 @@ ERRORS: Final[dict[int, type[SyncfedError]]] = {
     409: JobStateError,
 }
 
+#: How much of a job's reason the jobs table shows; ``status JOB`` prints all of it.
+REASON_WIDTH = 60
+
 
 def main(argv: list[str] | None = None) -> int:
     """The program; ``argv`` defaults to the command line."""
@@ -311,6 +314,11 @@ def _round(record: dict[str, Any]) -> str:
     return f"{record['round']}/{record['rounds']}"
 
 
+def _shortened(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters with an ellipsis: the table stays readable, ``status`` has it whole."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def _jobs(client: _Client, args: argparse.Namespace) -> int:
     records = client.get("/v1/jobs")
     if args.json:
@@ -326,7 +334,7 @@ def _jobs(client: _Client, args: argparse.Namespace) -> int:
             ",".join(record["workers"]),
             _when(record["submitted_at"]),
             record["submitted_by"],
-            record["reason"] or "",
+            _shortened(record["reason"] or "", REASON_WIDTH),
         )
         for record in records
     ]

@@ -24,6 +24,7 @@ from ..exceptions import (
     ConfigError,
     IncompatibleWorkers,
     ProtocolError,
+    QuorumNotMet,
     RemoteError,
     WorkerTimeout,
     WorkerUnavailable,
@@ -256,8 +257,8 @@ class Pool:
         them (the job service's stay open for its other jobs).
 
         Raises:
-            WorkerUnavailable: if the evaluator refused, or fewer trainers than the quorum accepted;
-                the reason names each refusal.
+            WorkerUnavailable: if the evaluator refused.
+            QuorumNotMet: if fewer trainers than the quorum accepted; the message names each refusal.
         """
         if not refusals:
             return
@@ -268,10 +269,9 @@ class Pool:
             raise WorkerUnavailable(self.evaluator.name, f"the run needs its evaluator ({why})")
         self.trainers = [link for link in self.trainers if link.name not in refusals]
         if len(self.trainers) < self.config.quorum:
-            raise WorkerUnavailable(
-                ", ".join(refusals),
+            raise QuorumNotMet(
                 f"{len(self.trainers)} of {len(self.config.workers)} training workers accepted the job,"
-                f" quorum is {self.config.quorum} ({why})",
+                f" quorum is {self.config.quorum} ({why})"
             )
 
     async def rejoin(self, links: Sequence[WorkerLink]) -> None:

@@ -152,9 +152,12 @@ def test_a_viewer_reads_but_may_neither_abort_nor_submit(
     federation: Federation, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     running = federation.service.add("long", "running", refusals={"carol": "requires --secure-agg"})
+    failed = federation.service.add("wordy", "failed", reason="0 of 3 training workers accepted the job " + "x" * 80)
     config = federation.config(VIEWER)
     status, out, err = console(capsys, config, "jobs")
     assert (status, err) == (0, "")
+    wordy = next(line for line in out.splitlines() if line.split()[:2] == [failed["id"], "wordy"])
+    assert wordy.endswith("0 of 3 training workers accepted the job " + "x" * 18 + "…")  # status has it whole
     assert out.splitlines()[0].split() == ["id", "name", "state", "round", "workers", "submitted", "by", "reason"]
     assert any(line.split()[:4] == [running["id"], "long", "running", "0/3"] for line in out.splitlines())
     status, out, err = console(capsys, config, "abort", running["id"])

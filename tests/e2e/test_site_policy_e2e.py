@@ -20,7 +20,7 @@ from units import MS
 from syncfed.config import CoordinatorConfig
 from syncfed.coordinator import Coordinator
 from syncfed.coordinator.query_round import QueryRound, QuerySettings
-from syncfed.exceptions import WorkerUnavailable
+from syncfed.exceptions import QuorumNotMet
 from syncfed.net.link import WorkerLink
 from syncfed.net.spawn import WorkerProcess
 
@@ -76,14 +76,14 @@ def test_a_refusing_site_leaves_a_secure_run_that_goes_on_without_it(
 
 def test_without_a_quorum_the_error_names_the_refusals(policy_workers: dict[str, WorkerProcess]) -> None:
     said: list[str] = []
-    with pytest.raises(WorkerUnavailable) as raised:
+    with pytest.raises(QuorumNotMet) as raised:
         run(Coordinator(settings(policy_workers, min_workers=2), report=said.append).run())
     assert said[-2:] == [
         "ana refused the job: require_secure_agg: the job does not use secure aggregation",
         f"carl refused the job: {CARL_REFUSES}",
     ]
     assert str(raised.value) == (
-        "worker ana, carl is unavailable: 1 of 3 training workers accepted the job, quorum is 2"
+        "1 of 3 training workers accepted the job, quorum is 2"
         f" (ana refused the job: require_secure_agg: the job does not use secure aggregation;"
         f" carl refused the job: {CARL_REFUSES})"
     )
