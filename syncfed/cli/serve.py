@@ -148,6 +148,9 @@ async def serve(args: argparse.Namespace) -> None:
         if address is not None:  # before any worker is let in
             parse_listen(address, flag)
             _kit(args, flag)
+    if args.dashboard_token_file is not None and args.dashboard is None:
+        raise ConfigError("--dashboard-token-file goes with --dashboard HOST:PORT")
+    token = read_token(args.dashboard_token_file).decode() if args.dashboard_token_file is not None else None
     service = Service(settings_from_args(args), report=functools.partial(print, flush=True))
     queued = []
     for path in args.queue:
@@ -167,7 +170,7 @@ async def serve(args: argparse.Namespace) -> None:
         for text, job in queued:
             record = service.queue(text, job, by=QUEUED_BY)
             print(f"Queued job {record['id']} ({record['name']})", flush=True)
-        async with consoles(args, service):
+        async with consoles(args, service, token):
             await stop.wait()
     finally:
         with contextlib.suppress(NotImplementedError):
@@ -176,8 +179,9 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 @contextlib.asynccontextmanager
-async def consoles(args: argparse.Namespace, service: Service) -> AsyncIterator[None]:
-    """The admin API and the dashboard, as asked for, served beside the service in its event loop.
+async def consoles(args: argparse.Namespace, service: Service, token: str | None) -> AsyncIterator[None]:
+    """The admin API and the dashboard (which also lets in ``token``), as asked for, served beside the
+    service in its event loop.
 
     Raises:
         ConfigError: one is asked for without the service's certificate, key and CA.
@@ -196,13 +200,12 @@ async def consoles(args: argparse.Namespace, service: Service) -> AsyncIterator[
             print(f"Admin API on {api.url}", flush=True)
         if args.dashboard is not None:
             host, port = parse_listen(args.dashboard, "--dashboard")
-            token = read_token(args.dashboard_token_file) if args.dashboard_token_file is not None else None
             page = await start_dashboard(
                 service,
                 host=host,
                 port=port,
                 tls=https_tls(*_kit(args, "--dashboard"), require_certificate=False),
-                token=token.decode() if token is not None else None,
+                token=token,
             )
             stack.push_async_callback(page.close)
             print(f"Dashboard on {page.url}", flush=True)

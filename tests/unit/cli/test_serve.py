@@ -47,6 +47,11 @@ SERVER = 'listen = "127.0.0.1:0"\nstate = "state"\nworkers = ["alice", "testing"
             None,
             "--dashboard '127.0.0.1' must look like 0.0.0.0:8765",
         ),
+        (
+            SERVER + 'dashboard-token-file = "token"\n',
+            None,
+            "--dashboard-token-file goes with --dashboard HOST:PORT",
+        ),
         (SERVER, 'workers = ["bob"]', "job.toml: job file: worker 'bob' is not one of the service's (alice, testing)"),
         (SERVER, 'workers = ["alice"]\nsave-model = "m.safetensors"', "job.toml: job file: key 'save-model' is set by"),
     ],
