@@ -172,6 +172,7 @@ async def serve(args: argparse.Namespace) -> None:
             print(f"Queued job {record['id']} ({record['name']})", flush=True)
         async with consoles(args, service, token):
             await stop.wait()
+        print("Stopping (SIGTERM): a running job resumes from its checkpoint at the next start", flush=True)
     finally:
         with contextlib.suppress(NotImplementedError):
             loop.remove_signal_handler(signal.SIGTERM)
