@@ -118,10 +118,13 @@ class SitePolicy:
             _refuse("terms", f"the {request.kind} carries no job terms, and this site has a policy")
         self.check_terms(terms, coordinator=coordinator, data_key=data_key)
         if isinstance(request, Query):
-            if self.queries is not None:
-                _one_of("queries", "query", request.query, self.queries)
-            if self.analytics_secure_agg and not secure:
-                _refuse("analytics.require_secure_agg", "the query is not part of a secure aggregation round")
+            if terms.analytics:
+                if self.queries is not None:
+                    _one_of("queries", "query", request.query, self.queries)
+                if self.analytics_secure_agg and not secure:
+                    _refuse("analytics.require_secure_agg", "the query is not part of a secure aggregation round")
+            elif self.require_secure_agg and not secure:  # a training job's own statistics: its rules
+                _refuse("require_secure_agg", "the job's statistics query is not part of a secure aggregation round")
             return terms
         if terms.model is None:
             _refuse("terms", f"a {request.kind} under the terms of an analytics job {terms.job}")

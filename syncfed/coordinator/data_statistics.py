@@ -131,7 +131,9 @@ async def every_answer(
                 failures=failures,
             )
         except QuorumNotMet as exc:
-            raise IncompatibleWorkers(f"{what} failed: {exc}") from None
+            # Why the workers left the secure sum says more than its count: a policy refusal, a timeout.
+            why = "".join(f"; {name}: {failure}" for name, failure in list(failures.items())[:3])
+            raise IncompatibleWorkers(f"{what} failed: {exc}{why}") from None
         results, error = {SECURE_SUM: answer}, float(round_["sum_error_bound"])
     if failures:
         name, failure = next(iter(failures.items()))

@@ -236,6 +236,17 @@ def test_a_query_answers_to_the_allowed_queries() -> None:
     secure.check_request(in_the_clear, coordinator=None, data_key="digits", secure=True)
 
 
+def test_a_training_jobs_own_statistics_queries_answer_to_its_training_rules() -> None:
+    # Federated normalisation asks feature-stats of a job the site accepted: [analytics] is for analytics jobs.
+    policy = SitePolicy(queries=("label-histogram",), analytics_secure_agg=True, require_secure_agg=True)
+    statistics = Query("feature-stats", (0, 1), terms=dataclasses.replace(JOB, secure_agg=True))
+    policy.check_request(statistics, coordinator=None, data_key="digits", secure=True)
+    assert request_refusal(policy, statistics) == (
+        "require_secure_agg: the job's statistics query is not part of a secure aggregation round"
+    )
+    SitePolicy(queries=()).check_request(statistics, coordinator=None, data_key="digits")
+
+
 def test_with_terms_declares_the_job_on_data_requests_only() -> None:
     bare = fit(terms=None)
     assert with_terms(bare, JOB) == fit()
