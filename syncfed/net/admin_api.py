@@ -44,6 +44,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..audit import AuditLog
+from ..config import url_host
 from ..exceptions import ConfigError, JobStateError, PermissionDenied, SyncfedError, UnknownJob
 from ..service_api import ADMIN_ROLES, WRITE_ACTIONS, FederationService, allowed, whole_number
 from .web import Peer, peer_from_certificate
@@ -96,7 +97,7 @@ class AdminAPI:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"https://{url_host(host)}:{port}"
 
     async def close(self) -> None:
         """Stop listening and end the open requests."""
