@@ -7,9 +7,13 @@ goes out, so a crash loses no acknowledged action::
     {"time": 1765082400.5, "who": "ops@hospital-a.org", "role": "viewer", "action": "abort",
      "target": "job-3", "result": "denied"}
 
-``result`` is ``"ok"``, ``"denied"`` or ``"error: <the one line>"``; other
-keys say what matters about the action (the ``job`` a submit made). The file
-is created readable by its owner only: it names people and jobs.
+``result`` is ``"ok"``, ``"denied"``, ``"error: <the one line>"``, or
+``"attempt"``: a submit or an abort is recorded before it is carried out, so
+that an action never stands unaudited (one whose attempt cannot be written is
+not carried out). Other keys say what matters about the action (the ``job`` a
+submit made). Lines are pure ASCII (``\u2028`` and the like escaped), so no
+value can split or forge one. The file is created readable by its owner only:
+it names people and jobs.
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ class AuditLog:
         """
         fixed = {"time": round(time.time(), 3), "who": who, "role": role, "action": action, "target": target}
         entry = {**fixed, "result": result, **details}
-        line = (json.dumps(entry, ensure_ascii=False, separators=(", ", ": ")) + "\n").encode("utf-8")
+        line = (json.dumps(entry, ensure_ascii=True, separators=(", ", ": ")) + "\n").encode("utf-8")
         with self._lock:
             descriptor = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -74,7 +78,7 @@ def read_audit(path: Path) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read audit log {path}: {exc}") from None
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(text.split("\n")[:-1], start=1):  # record() ends every line with "\n"
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:

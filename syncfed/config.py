@@ -43,6 +43,7 @@ __all__ = [
     "CoordinatorConfig",
     "parse_endpoints",
     "parse_listen",
+    "url_host",
     "DIAL_IN",
     "ATTACKS",
     "DP_MODES",
@@ -141,6 +142,11 @@ def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or int(port) > 65535:
         raise ConfigError(f"{flag} {text!r} must look like 0.0.0.0:8765")
     return host.strip("[]"), int(port)
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL has it: an IPv6 address in brackets (the reverse of :func:`parse_listen`)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import url_host
 from .exceptions import ConfigError
 from .service_api import ADMIN_ROLES
 
@@ -401,7 +402,7 @@ def _admin_kit(project: Project, admin: Admin, kit: Path, ca_key: Any, ca_cert: 
     _write_config(
         kit / "admin.toml",
         {
-            "server": f"https://{_host_in_url(project.coordinator_hosts[0])}:{project.admin_port}",
+            "server": f"https://{url_host(project.coordinator_hosts[0])}:{project.admin_port}",
             "tls-cert": f"{admin.id}.crt",
             "tls-key": f"{admin.id}.key",
             "tls-ca": "ca.crt",
@@ -410,8 +411,3 @@ def _admin_kit(project: Project, admin: Admin, kit: Path, ca_key: Any, ca_cert: 
         " python -m syncfed admin --config admin.toml workers",
     )
     return kit
-
-
-def _host_in_url(host: str) -> str:
-    """An IPv6 address goes in brackets in a URL."""
-    return f"[{host}]" if ":" in host else host

@@ -10,6 +10,7 @@ API sends and ``--json`` prints.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Final, Literal, Protocol, TypedDict
 
@@ -23,6 +24,7 @@ __all__ = [
     "JobRecord",
     "WorkerRecord",
     "allowed",
+    "whole_number",
 ]
 
 #: The roles an admin certificate names in its organizational unit (``provision``'s ``[[admins]]``).
@@ -35,6 +37,16 @@ WRITE_ACTIONS: Final = frozenset({"submit", "abort"})
 JobState = Literal["queued", "running", "done", "failed", "aborted"]
 JOB_STATES: Final = ("queued", "running", "done", "failed", "aborted")
 FINISHED_STATES: Final = frozenset({"done", "failed", "aborted"})
+
+
+#: A whole number as the API takes it (a job id, ``since``, ``round``): ASCII digits in their one canonical form, at
+#: most 18 of them (an SQLite integer). ``str.isdigit`` would let in "01" (job 1 under another name), "١" and "²".
+_WHOLE_NUMBER: Final = re.compile(r"0|[1-9][0-9]{0,17}")
+
+
+def whole_number(text: str) -> int | None:
+    """``text`` as a whole number, or ``None`` when it is not one in canonical form (so ``str(n) == text``)."""
+    return int(text) if _WHOLE_NUMBER.fullmatch(text) else None
 
 
 def allowed(role: str, action: str) -> bool:
@@ -52,7 +64,7 @@ class WorkerRecord(TypedDict):
     connected: bool
     connected_since: float | None  # this connection's start; None while not connected
     last_seen: float | None  # the last message or ping answered; None if never connected
-    version: str  # the syncfed and protocol versions it announced, e.g. "syncfed 0.9, protocol 7"
+    version: str  # the protocol version its hello announced, e.g. "protocol 7" (hello has no syncfed version)
     rtt_ms: float | None  # the last ping's round trip
     data: str  # one-line summary of what it holds, e.g. "digits train: 449 examples, 10 classes"
     job: str | None  # the running job it serves, if any

@@ -45,7 +45,7 @@ class FakeService:
                 connected=True,
                 connected_since=now - 60,
                 last_seen=now - 1,
-                version="syncfed 0.9, protocol 7",
+                version="protocol 7",
                 rtt_ms=1.25,
                 data="digits train: 449 examples, 10 classes",
                 job=None,

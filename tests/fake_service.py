@@ -39,7 +39,7 @@ class FakeService:
                 "connected": True,
                 "connected_since": now - 3600 + index,
                 "last_seen": now - 1,
-                "version": "syncfed 0.9.0, protocol 7",
+                "version": "protocol 7",
                 "rtt_ms": 1.2 + index / 2,
                 "data": "digits test: 360 examples, 10 classes"
                 if name == "testing"
@@ -52,7 +52,7 @@ class FakeService:
             "connected": False,
             "connected_since": None,
             "last_seen": now - 600,
-            "version": "syncfed 0.9.0, protocol 7",
+            "version": "protocol 7",
             "rtt_ms": None,
             "data": "digits train: 300 examples, digits 0-9",
             "job": None,

@@ -18,17 +18,20 @@ import contextlib
 import functools
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from ..audit import AuditLog
 from ..auth import read_token
 from ..config import parse_listen
+from ..coordinator.job_file import SOURCE, JobFlags
 from ..coordinator.service import Service, ServiceSettings
 from ..exceptions import ConfigError, SyncfedError
 from ..net.admin_api import start_admin_api
 from ..net.dashboard import start_dashboard
 from ..net.web import https_tls
+from . import coordinator
 from .common import (
     INTERRUPTED,
     Parser,
@@ -37,6 +40,7 @@ from .common import (
     fail,
     parse_arguments,
     run_program,
+    settings_defaults,
     setup_logging,
 )
 
@@ -45,6 +49,18 @@ __all__ = ["PROGRAM", "build_parser", "main"]
 PROGRAM = "python -m syncfed serve"
 #: Who ``--queue`` submits as, in the job's record.
 QUEUED_BY = "serve --queue"
+
+
+def _job_flags(settings: Mapping[str, Any], folder: Path) -> argparse.Namespace:
+    """A job's keys as the coordinator's flags, each checked as ``run_websocket_client.py --config`` checks it."""
+    parser = coordinator.build_parser()
+    parser.prog = "a job"
+    parser.set_defaults(**settings_defaults(parser, settings, folder=folder, source=SOURCE))
+    return parser.parse_args([])
+
+
+#: How the service reads a job file: with the coordinator's own parser and config builder.
+JOB_FLAGS = JobFlags(parse=_job_flags, build=coordinator.config_from_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=[],
         metavar="JOB",
-        help="queue this job file (TOML) as the service starts, before its workers connect (again at each start"
-        " that names it); repeatable",
+        help="queue this job file (TOML) as the service starts, before its workers connect, unless a job of the"
+        " same text is queued or running already (a restart does not queue it twice); repeatable",
+    )
+    parser.add_argument(
+        "--allow-imports",
+        nargs="+",
+        default=[],
+        metavar="MOD:NAME",
+        help="import paths a job's strategy, task or model may name (they run in the service's process);"
+        " by default only the built-in ones; in the config file a list",
     )
     add_listen_flags(parser)
     consoles = parser.add_argument_group("the admin API and the dashboard (HTTPS with the service's certificate)")
@@ -135,6 +159,7 @@ def settings_from_args(args: argparse.Namespace) -> ServiceSettings:
         handshake_timeout=args.handshake_timeout,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout,
+        allow_imports=tuple(args.allow_imports),
     )
 
 
@@ -151,7 +176,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.dashboard_token_file is not None and args.dashboard is None:
         raise ConfigError("--dashboard-token-file goes with --dashboard HOST:PORT")
     token = read_token(args.dashboard_token_file).decode() if args.dashboard_token_file is not None else None
-    service = Service(settings_from_args(args), report=functools.partial(print, flush=True))
+    service = Service(settings_from_args(args), flags=JOB_FLAGS, report=functools.partial(print, flush=True))
     queued = []
     for path in args.queue:
         try:
@@ -159,7 +184,7 @@ async def serve(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read job file {path}: {exc}") from None
         try:
-            queued.append((text, service.check(text)))
+            queued.append((path, text, service.check(text)))
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     stop = asyncio.Event()
@@ -167,7 +192,11 @@ async def serve(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await service.start()
     try:
-        for text, job in queued:
+        for path, text, job in queued:
+            pending = service.store.unfinished(text)
+            if pending is not None:
+                print(f"Not queued again: {path} is job {pending['id']}, {pending['state']}", flush=True)
+                continue
             record = service.queue(text, job, by=QUEUED_BY)
             print(f"Queued job {record['id']} ({record['name']})", flush=True)
         async with consoles(args, service, token):

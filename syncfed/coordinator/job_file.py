@@ -10,24 +10,29 @@ and choices are checked the same way, except for three:
 
 Where the job's connections, files and credentials are is the service's to
 decide (:data:`SERVICE_KEYS`): a job that sets one is refused by name,
-rather than the key being ignored.
+rather than the key being ignored. A job runs in the service's process, so
+it may not make the service import code or read files of its choosing:
+``strategy``, ``task`` and ``model`` name a built-in one, or an import path
+the service's ``allow-imports`` lists; ``initial-weights`` must lie in the
+service's state folder (its model registry included).
+
+The coordinator's parser and config builder live in the CLI layer, which
+this package does not import: ``serve`` hands them in as :class:`JobFlags`.
 """
 
 from __future__ import annotations
 
 import argparse
 import tomllib
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from ..cli.common import settings_defaults
-from ..cli.coordinator import build_parser, config_from_args
 from ..config import DIAL_IN, CoordinatorConfig
 from ..exceptions import ConfigError
 
-__all__ = ["SERVICE_KEYS", "JobFile", "read_job"]
+__all__ = ["IMPORT_KEYS", "SERVICE_KEYS", "JobFile", "JobFlags", "read_job"]
 
 #: Flags (their argparse dests) whose value the service sets for every job: its listener and credentials, the
 #: settings of the connections it keeps (made before any job), the job's files under the state folder, and the
@@ -68,9 +73,22 @@ SERVICE_KEYS: Final = frozenset(
         "verbose",
     }
 )
+#: Keys whose value may be an import path (``mypkg.mod:Name``), imported in the service's process.
+IMPORT_KEYS: Final = ("strategy", "task", "model")
 #: The most characters of a job's name.
 MAX_NAME = 100
 SOURCE = "job file"
+
+
+@dataclass(frozen=True)
+class JobFlags:
+    """The coordinator's flags as a job reads them, handed in by the CLI layer (``serve``)."""
+
+    #: A job's settings (TOML keys) as the coordinator's parsed flags, each checked as its flag checks it; relative
+    #: paths from the folder. Raises ConfigError: one line that starts with ``job file: key '...'``.
+    parse: Callable[[Mapping[str, Any], Path], argparse.Namespace]
+    #: The run the parsed flags, the training workers and the evaluator make. Raises ConfigError.
+    build: Callable[[argparse.Namespace, dict[str, str], dict[str, str]], CoordinatorConfig]
 
 
 @dataclass(frozen=True)
@@ -81,6 +99,7 @@ class JobFile:
     workers: tuple[str, ...]
     evaluator: str | None
     args: argparse.Namespace
+    flags: JobFlags = field(repr=False, compare=False)
 
     @property
     def rounds(self) -> int:
@@ -97,17 +116,21 @@ class JobFile:
         args = argparse.Namespace(**{**vars(self.args), **service})
         evaluator = {self.evaluator: DIAL_IN} if self.evaluator is not None else {}
         try:
-            return config_from_args(args, {name: DIAL_IN for name in self.workers}, evaluator)
+            return self.flags.build(args, {name: DIAL_IN for name in self.workers}, evaluator)
         except ConfigError as exc:
             raise ConfigError(f"{SOURCE}: {exc}") from None
 
 
-def read_job(text: str, *, known: Collection[str], folder: Path) -> JobFile:
-    """Check a job's TOML ``text``; ``known`` are the worker ids the service lets in, ``folder`` anchors relative
-    paths (``initial-weights``).
+def read_job(
+    text: str, *, known: Collection[str], folder: Path, flags: JobFlags, allow_imports: Collection[str] = ()
+) -> JobFile:
+    """Check a job's TOML ``text``; ``known`` are the worker ids the service lets in, ``folder`` (the service's
+    state) anchors relative paths and holds any ``initial-weights``, ``allow_imports`` are the import paths a job
+    may name.
 
     Raises:
-        ConfigError: invalid TOML, an unknown key, a key the service sets, a wrong type, an unknown worker; one line.
+        ConfigError: invalid TOML, an unknown key, a key the service sets, a wrong type, an unknown worker, an
+            import path not allowed, weights outside ``folder``; one line.
     """
     try:
         settings = tomllib.loads(text)
@@ -120,6 +143,8 @@ def read_job(text: str, *, known: Collection[str], folder: Path) -> JobFile:
     name = own.pop("name", "job")
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME:
         raise ConfigError(f"{SOURCE}: key 'name': expected a string of 1 to {MAX_NAME} characters, not {name!r}")
+    if not name.isprintable():  # it goes into logs, reports and other admins' terminals
+        raise ConfigError(f"{SOURCE}: key 'name': {name[:MAX_NAME]!r} has a character that is not printable")
     workers = _workers(own.pop("workers", None), known)
     evaluator = own.pop("evaluator", None)
     if evaluator is not None:
@@ -128,7 +153,26 @@ def read_job(text: str, *, known: Collection[str], folder: Path) -> JobFile:
         _check_known(evaluator, known)
         if evaluator in workers:
             raise ConfigError(f"{SOURCE}: worker {evaluator} cannot both train and evaluate")
-    return JobFile(name.strip(), workers, evaluator, _parsed(own, folder))
+    args = flags.parse(own, folder)
+    for key in IMPORT_KEYS:  # read from the parsed flags: a key may be an alias (aggregation for strategy)
+        _check_import(key, getattr(args, key), allow_imports)
+    _check_weights(args.initial_weights, folder)
+    return JobFile(name.strip(), workers, evaluator, args, flags)
+
+
+def _check_import(key: str, value: object, allowed: Collection[str]) -> None:
+    """A built-in name passes (its flag checks it); an import path must be one the service allows."""
+    if isinstance(value, str) and ":" in value and value not in allowed:
+        shown = ", ".join(sorted(allowed)) or "none"
+        raise ConfigError(
+            f"{SOURCE}: key {key!r}: import path {value[:100]!r} is not one the service allows (allow-imports: {shown})"
+        )
+
+
+def _check_weights(path: Path | None, folder: Path) -> None:
+    """Weights are read in the service's process: only from its state folder, where its registry keeps models."""
+    if path is not None and not path.resolve().is_relative_to(folder.resolve()):
+        raise ConfigError(f"{SOURCE}: key 'initial-weights': {path} is not in the service's state folder {folder}")
 
 
 def _workers(value: object, known: Collection[str]) -> tuple[str, ...]:
@@ -147,11 +191,3 @@ def _check_known(name: str, known: Collection[str]) -> None:
     if name not in known:
         shown = repr(name[:64])
         raise ConfigError(f"{SOURCE}: worker {shown} is not one of the service's ({', '.join(sorted(known))})")
-
-
-def _parsed(settings: Mapping[str, Any], folder: Path) -> argparse.Namespace:
-    """The coordinator's flags with the job's settings as their values, each checked as its flag checks it."""
-    parser = build_parser()
-    parser.prog = "a job"
-    parser.set_defaults(**settings_defaults(parser, settings, folder=folder, source=SOURCE))
-    return parser.parse_args([])

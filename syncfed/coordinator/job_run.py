@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Final
 
+from ..config import CoordinatorConfig
 from ..evaluation import scalar_metrics
 from ..net.link import WorkerLink
 from .coordinator import Coordinator
@@ -22,12 +23,28 @@ from .job_file import JobFile
 from .job_store import JobStore
 from .results import RunResult
 
-__all__ = ["CHECKPOINT", "LOG", "METRICS", "MODEL", "JobRun", "append_log", "final_figures"]
+__all__ = ["CHECKPOINT", "LOG", "METRICS", "MODEL", "JobRun", "append_log", "final_figures", "run_config"]
 
 CHECKPOINT: Final = "checkpoint"
 METRICS: Final = "metrics.jsonl"
 LOG: Final = "log.txt"
 MODEL: Final = "model.safetensors"
+
+
+def run_config(
+    job: JobFile, folder: Path, *, service: Mapping[str, Any], registry: Path, resume: bool
+) -> CoordinatorConfig:
+    """The coordinator's config of ``job`` with its files in ``folder``: built at launch, and at submit so that a
+    job that could never run is refused then. Raises ConfigError (one line)."""
+    return job.config(
+        **service,
+        checkpoint_dir=folder / CHECKPOINT,
+        metrics_out=folder / METRICS,
+        save_model=folder / MODEL,
+        registry=registry,
+        cross_site_out=folder / "cross-site",
+        resume=resume,
+    )
 
 
 class JobRun:
@@ -47,15 +64,7 @@ class JobRun:
     ) -> None:
         """``service``: the settings the service decides for every job (its listener and credentials)."""
         self.job_id, self.store, self.folder = job_id, store, folder
-        self.config = job.config(
-            **service,
-            checkpoint_dir=folder / CHECKPOINT,
-            metrics_out=folder / METRICS,
-            save_model=folder / MODEL,
-            registry=registry,
-            cross_site_out=folder / "cross-site",
-            resume=resume,
-        )
+        self.config = run_config(job, folder, service=service, registry=registry, resume=resume)
         self.refusals: dict[str, str] = dict(store.get(job_id)["refusals"])
         self.coordinator = Coordinator(self.config, report=self.report, listeners=[self.event], links=links)
         self._run_id: str | None = None

@@ -18,7 +18,7 @@ from typing import Any, Final
 
 from ..exceptions import JobStateError, UnknownJob
 from ..registry import Database
-from ..service_api import FINISHED_STATES, JobRecord
+from ..service_api import FINISHED_STATES, JobRecord, whole_number
 
 __all__ = ["JOBS_FILE", "JobStore"]
 
@@ -99,6 +99,15 @@ class JobStore:
             rows = connection.execute("SELECT * FROM jobs WHERE state = ? ORDER BY id", (state,)).fetchall()
         return [_record(row) for row in rows]
 
+    def unfinished(self, job: str) -> JobRecord | None:
+        """The oldest queued or running job submitted as the text ``job``, if any: ``serve --queue`` skips it."""
+        with self._db.transaction(write=False) as connection:
+            connection.row_factory = sqlite3.Row
+            row = connection.execute(
+                "SELECT * FROM jobs WHERE job = ? AND state IN ('queued', 'running') ORDER BY id LIMIT 1", (job,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
     def update(self, job_id: str, **fields: Any) -> JobRecord:
         """Set some of a job's columns (``refusals`` and ``result`` as dicts). Raises UnknownJob."""
         unknown = sorted(set(fields) - _UPDATABLE)
@@ -135,10 +144,11 @@ class JobStore:
 
 
 def _key(job_id: str) -> int:
-    """A job id as the table's key. Raises UnknownJob for one that cannot be any job's."""
-    if not job_id.isdigit() or len(job_id) > 18:
+    """A job id as the table's key. Raises UnknownJob for one that cannot be any job's, "01" for job 1 included."""
+    key = whole_number(job_id)
+    if key is None:
         raise UnknownJob(f"no job {job_id[:64]!r}")
-    return int(job_id)
+    return key
 
 
 def _record(row: Mapping[str, Any]) -> JobRecord:

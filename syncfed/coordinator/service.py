@@ -3,7 +3,7 @@
 Usage::
 
     service = Service(ServiceSettings(state=Path("state"), listen="0.0.0.0:8765", workers=("alice", "testing"),
-                                      worker_tokens=Path("tokens.txt")))
+                                      worker_tokens=Path("tokens.txt")), flags=syncfed.cli.serve.JOB_FLAGS)
     await service.start()
     record = await service.submit(Path("job.toml").read_text(), by="ada")
     ...
@@ -34,8 +34,8 @@ from ..config import DEFAULT_MAX_MESSAGE_SIZE, DIAL_IN, CoordinatorConfig
 from ..exceptions import ConfigError, JobStateError, SyncfedError
 from ..registry import ModelRegistry
 from ..service_api import JobRecord, WorkerRecord
-from .job_file import JobFile, read_job
-from .job_run import LOG, METRICS, MODEL, JobRun, append_log
+from .job_file import JobFile, JobFlags, read_job
+from .job_run import LOG, METRICS, MODEL, JobRun, append_log, run_config
 from .job_store import JobStore
 from .pool import dial_in_listener, worker_links
 from .worker_table import WorkerTable
@@ -67,6 +67,8 @@ class ServiceSettings:
     ping_interval: float = 20.0
     ping_timeout: float = 20.0
     poll_interval: float = 0.2  # how often idle workers are checked, and the queue when nothing else wakes it
+    # What a job may make the service import (strategy, task, model): built-in names and these import paths
+    allow_imports: tuple[str, ...] = ()
 
     def listener_config(self) -> CoordinatorConfig:
         """The settings of the listener and the links, as a coordinator's: checked as ``--listen``'s are.
@@ -97,14 +99,16 @@ class ServiceSettings:
 class Service:
     """A :class:`~syncfed.service_api.FederationService`; see the module docstring."""
 
-    def __init__(self, settings: ServiceSettings, *, report: Callable[[str], None] = print) -> None:
-        """``report`` gets the service's own lines (workers joining and leaving, jobs starting and ending).
+    def __init__(self, settings: ServiceSettings, *, flags: JobFlags, report: Callable[[str], None] = print) -> None:
+        """``flags`` reads job files (the CLI's coordinator flags); ``report`` gets the service's own lines (workers
+        joining and leaving, jobs starting and ending).
 
         Raises:
             ConfigError: if the settings are not a valid listener, or a token or TLS file cannot be read.
             CheckpointError: if the job store cannot be opened.
         """
         self.settings = settings
+        self.flags = flags
         self.report = report
         config = settings.listener_config()
         links = worker_links(config)
@@ -179,6 +183,7 @@ class Service:
 
     async def abort(self, job_id: str, *, by: str) -> JobRecord:
         record = self.store.finish(job_id, "aborted", reason=f"aborted by {by}")
+        job_id = record["id"]  # the store's own form of the id, which keys the running tasks
         self._cut_off.discard(job_id)
         task = self._running.get(job_id)
         if task is not None:
@@ -189,17 +194,14 @@ class Service:
         return record
 
     async def logs(self, job_id: str, *, since: int = 0) -> tuple[list[str], int]:
-        self.store.get(job_id)
-        path = self._folder(job_id) / LOG
-        lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        path = self._folder(self.store.get(job_id)["id"]) / LOG
+        lines = await asyncio.to_thread(_whole_lines, path)
         return lines[max(since, 0) :], len(lines)
 
     async def metrics(self, job_id: str) -> list[dict[str, Any]]:
-        self.store.get(job_id)
-        path = self._folder(job_id) / METRICS
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        path = self._folder(self.store.get(job_id)["id"]) / METRICS
+        lines = await asyncio.to_thread(_whole_lines, path)
+        return [json.loads(line) for line in lines if line.strip()]
 
     async def model(self, job_id: str, *, round: int | None = None) -> Path:
         record = self.store.get(job_id)
@@ -219,8 +221,14 @@ class Service:
     # Scheduling
 
     def check(self, job: str) -> JobFile:
-        """A job file's text, checked against this service's workers. Raises ConfigError: it is invalid."""
-        return read_job(job, known=self.settings.workers, folder=self.settings.state)
+        """A job file's text, checked against this service's workers, and its run built as its launch would
+        build it, so that every error shows now. Raises ConfigError: it is invalid (one line)."""
+        settings = self.settings
+        parsed = read_job(
+            job, known=settings.workers, folder=settings.state, flags=self.flags, allow_imports=settings.allow_imports
+        )
+        run_config(parsed, self._folder("new"), service=settings.job_settings(), registry=self.registry, resume=False)
+        return parsed
 
     @staticmethod
     def _needs(job: JobFile) -> list[str]:
@@ -231,7 +239,11 @@ class Service:
 
     async def _schedule(self) -> None:
         while True:
-            self._start_ready()
+            try:
+                self._start_ready()
+            except Exception as exc:  # a disk or database error: this pass is lost, the next one may do better
+                logger.exception("scheduling failed")
+                self.report(f"Scheduling failed, trying again: {type(exc).__name__}: {exc}")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.poll_interval * 25):
                     await self._wake.wait()
@@ -248,6 +260,11 @@ class Service:
         held: set[str] = set()
         for record in waiting:
             needs = [*record["workers"], *([record["evaluator"]] if record["evaluator"] is not None else [])]
+            gone = [name for name in needs if name not in self.table.links]
+            if gone:  # the service was restarted without them: the job cannot run here
+                self._cut_off.discard(record["id"])
+                self._fail(record["id"], f"worker {gone[0]} is not one of the service's any more")
+                continue
             free = all(self.table.ready(name) and name not in self.table.lent for name in needs)
             if free and not held & set(needs):
                 self._launch(record)
@@ -308,3 +325,12 @@ class Service:
 
     def _log(self, job_id: str, line: str) -> None:
         append_log(self._folder(job_id), line)
+
+
+def _whole_lines(path: Path) -> list[str]:
+    """The lines of a file being appended to, without a last one still half-written; none if it does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    return text.split("\n")[:-1]  # what follows the last newline is unfinished (or empty)

@@ -1,10 +1,11 @@
 """The job service's workers: one link each that outlives the jobs, their listener, and what each said of itself.
 
 A worker dials in once and stays: the table greets it (hello: its role, its
-data, its protocol), lends its link to the jobs that use it, and while it
-serves none pings it, so that ``last_seen`` and ``rtt_ms`` stay current.
-While a job holds a link, the job's pool reconnects it after a loss, and the
-table only reads the figures the link's keepalive pings keep.
+data, its protocol), lends its link to the jobs that use it, and pings it
+every ``ping_interval``, so that ``rtt_ms`` stays current and ``last_seen``
+is when it last answered a ping or sent a message (a hung worker does not
+look fresh). While a job holds a link, the job's pool reconnects it after a
+loss: the table only measures it, and leaves a silent one to the pool.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable, Mapping
 from ..disclosure import holdings
 from ..exceptions import ProtocolError, RemoteError, WorkerTimeout, WorkerUnavailable
 from ..net.dial_in import DialInLink, DialInListener
-from ..net.link import latency, ping
+from ..net.link import ping
 from ..service_api import WorkerRecord
 from .pool import greet
 
@@ -108,11 +109,9 @@ class WorkerTable:
         """Greet a worker that dialed in, notice one that left, ping an idle one that is due."""
         link, record = self.links[name], self._records[name]
         now = time.time()
-        if name in self.lent:  # its job's pool reconnects it; read what its keepalive measured
+        if name in self.lent:  # its job's pool reconnects it and drops it when silent; the table only measures it
             if link.connected:
-                record["last_seen"] = now
-                measured = _ms(latency(link))  # None until the first keepalive: keep the figure of the greeting
-                record["rtt_ms"] = measured if measured is not None else record["rtt_ms"]
+                await self._measure(name, drop=False)
             self._set_connected(name, link.connected, now)
             return
         if not link.connected:
@@ -133,15 +132,26 @@ class WorkerTable:
             self._set_connected(name, True, now)
             self.report(f"Worker {name} connected: {info.role}, {record['data']}")
             return
-        if now - self._pinged[name] >= self.ping_interval:
-            self._pinged[name] = now
+        await self._measure(name, drop=True)
+
+    async def _measure(self, name: str, *, drop: bool) -> None:
+        """Ping a connected worker when due; ``last_seen`` becomes the later of its pong and its last message.
+        A worker that does not answer is dropped if ``drop`` (an idle one: a lent one is its job's pool's)."""
+        link, record = self.links[name], self._records[name]
+        if time.time() - self._pinged[name] >= self.ping_interval:
+            self._pinged[name] = time.time()
             try:
                 rtt = await ping(link, timeout=self.ping_timeout)
             except (WorkerUnavailable, WorkerTimeout) as exc:
-                await link.close(str(exc))
-                return
-            record["last_seen"] = time.time()
-            record["rtt_ms"] = round(rtt * 1000, 3)
+                if drop:
+                    await link.close(str(exc))
+                    return
+            else:
+                record["last_seen"] = time.time()
+                record["rtt_ms"] = round(rtt * 1000, 3)
+        heard = link.last_heard
+        if heard is not None and (record["last_seen"] is None or heard > record["last_seen"]):
+            record["last_seen"] = heard
 
     def _set_connected(self, name: str, connected: bool, now: float) -> None:
         record = self._records[name]
@@ -166,7 +176,3 @@ def _unknown(name: str) -> WorkerRecord:
         data="",
         job=None,
     )
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)

@@ -4,7 +4,10 @@ Every client proves who it is with an admin certificate from ``provision``
 (mutual TLS: a certificate of another CA fails the handshake); its common
 name is the admin, its organizational unit the role, and
 :func:`syncfed.service_api.allowed` decides each request. Every request,
-granted or refused, is one line of the audit log before it is answered.
+granted or refused, an unknown path or method included, is one line of the
+audit log before it is answered; a submit or an abort is also recorded as an
+attempt before it is carried out, and is not carried out if that line cannot
+be written. A request whose line cannot be written is answered 500.
 
 Endpoints (docs/protocol.md, "Admin API")::
 
@@ -41,8 +44,9 @@ from typing import Any, Final
 from aiohttp import web
 
 from ..audit import AuditLog
+from ..config import url_host
 from ..exceptions import ConfigError, JobStateError, PermissionDenied, SyncfedError, UnknownJob
-from ..service_api import ADMIN_ROLES, FederationService, allowed
+from ..service_api import ADMIN_ROLES, WRITE_ACTIONS, FederationService, allowed, whole_number
 from .web import Peer, peer_from_certificate
 
 __all__ = [
@@ -93,7 +97,7 @@ class AdminAPI:
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"https://{f'[{host}]' if ':' in host else host}:{port}"
+        return f"https://{url_host(host)}:{port}"
 
     async def close(self) -> None:
         """Stop listening and end the open requests."""
@@ -126,7 +130,7 @@ async def start_admin_api(
     if tls.verify_mode != ssl.CERT_REQUIRED:
         raise ConfigError("the admin API's TLS context must require client certificates (require_certificate=True)")
     settings = _Settings(service, audit, max_body, request_timeout, download_timeout)
-    app = web.Application(middlewares=[_json_errors], client_max_size=max_body)
+    app = web.Application(middlewares=[settings.refusals], client_max_size=max_body)
     routes = (
         ("GET", "/v1/workers", "workers", _workers),
         ("GET", "/v1/jobs", "jobs", _jobs),
@@ -172,8 +176,7 @@ class _Settings:
         """A handler that checks the role, runs ``body`` within the timeout, audits and answers."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
-            transport = request.transport
-            peer = peer_from_certificate(transport.get_extra_info("peercert") if transport is not None else None)
+            peer = _peer(request)
             who, role = peer if peer is not None else ("", "")
             target = request.match_info.get("job", "")
             if peer is None or not allowed(role, action):
@@ -184,6 +187,8 @@ class _Settings:
                 )
                 await self._record(who, role, action, target, "denied")
                 return _error(refusal)
+            if action in WRITE_ACTIONS:  # on record before it is done: it never stands unaudited
+                await self._record(who, role, action, target, "attempt")
             try:
                 async with asyncio.timeout(self.request_timeout):
                     answer, details = await body(self, request, peer)
@@ -207,10 +212,34 @@ class _Settings:
         return handle
 
     async def _record(self, who: str, role: str, action: str, target: str, result: str, **details: Any) -> None:
-        """One audit line, written off the event loop (it waits for the disk)."""
-        await asyncio.to_thread(
-            self.audit.record, who=who, role=role, action=action, target=target, result=result, **details
-        )
+        """One audit line, written off the event loop (it waits for the disk).
+
+        Raises:
+            web.HTTPInternalServerError: it cannot be written; :meth:`refusals` answers it as JSON.
+        """
+        try:
+            await asyncio.to_thread(
+                self.audit.record, who=who, role=role, action=action, target=target, result=result, **details
+            )
+        except OSError as exc:
+            logger.error("cannot write the audit log %s: %s", self.audit.path, exc)
+            raise web.HTTPInternalServerError(reason="the audit log cannot be written") from None
+
+    @web.middleware
+    async def refusals(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """aiohttp's own refusals (unknown path, wrong method) audited and answered as one JSON line like ours."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            if exc.status != 500:  # 500 is an audit line that could not be written: do not try again
+                who, role = _peer(request) or ("", "")
+                target = f"{request.method} {request.path}"[:200]
+                await self._record(who, role, "unknown", target, f"error: {exc.reason.lower()}")
+            return web.json_response({"error": exc.reason.lower()}, status=exc.status)
 
     async def _send_file(self, request: web.Request, path: Path) -> web.StreamResponse:
         """Stream ``path`` to the client within the download timeout, a chunk in memory at a time."""
@@ -235,17 +264,9 @@ def _error(error: SyncfedError) -> web.Response:
     return web.json_response({"error": str(error)}, status=status)
 
 
-@web.middleware
-async def _json_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """aiohttp's own refusals (unknown path, wrong method) as one JSON line like ours."""
-    try:
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return web.json_response({"error": exc.reason.lower()}, status=exc.status)
+def _peer(request: web.Request) -> Peer | None:
+    transport = request.transport
+    return peer_from_certificate(transport.get_extra_info("peercert") if transport is not None else None)
 
 
 def _number(request: web.Request, name: str) -> int | None:
@@ -257,9 +278,10 @@ def _number(request: web.Request, name: str) -> int | None:
     text = request.query.get(name)
     if text is None:
         return None
-    if not text.isdigit() or len(text) > 18:
+    number = whole_number(text)
+    if number is None:
         raise ConfigError(f"{name} {text[:32]!r} is not a whole number from 0 on")
-    return int(text)
+    return number
 
 
 async def _workers(settings: _Settings, request: web.Request, peer: Peer) -> tuple[Any, dict[str, Any]]:

@@ -29,6 +29,7 @@ from typing import Any, Final
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from ..config import url_host
 from ..curves import curves
 from ..exceptions import ConfigError, SyncfedError
 from ..service_api import ADMIN_ROLES, FederationService
@@ -74,8 +75,7 @@ class Dashboard:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"https://{host}:{self.port}/"
+        return f"https://{url_host(self.host)}:{self.port}/"
 
     async def close(self) -> None:
         """Stop listening and close open connections."""
@@ -172,8 +172,6 @@ async def _state(service: FederationService, max_jobs: int) -> dict[str, Any]:
         "jobs": jobs,
         "curves": {job: curves(job_events) for job, job_events in zip(running, events, strict=True)},
     }
-
-
 
 
 def _gate(token: str | None, session: str | None) -> Middleware:

@@ -13,6 +13,7 @@ import logging
 import random
 import re
 import ssl
+import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -36,7 +37,7 @@ from ..policy import with_terms
 from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, Terms, encode_fragments, reply_kind
 from .transport import connection_options, off_loop, receive, receive_message, send_message
 
-__all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "latency", "ping"]
+__all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "ping"]
 
 logger = logging.getLogger("syncfed.client")  # the name it had before the move: --verbose lines are unchanged
 
@@ -138,6 +139,7 @@ class WorkerLink:
         self._closing: str | None = None  # why we are closing, when it is our doing
         self.bytes_sent = 0  # message bytes over all connections, for metrics
         self.bytes_received = 0
+        self.last_heard: float | None = None  # when the worker last sent a message (time.time())
         #: The job's terms, which every fit, evaluate and query declares once the worker accepted them.
         self.terms: Terms | None = None
 
@@ -360,6 +362,7 @@ class WorkerLink:
             ProtocolError: if the reply is invalid and no request can take the blame.
         """
         self.bytes_received += incoming.size
+        self.last_heard = time.time()
         try:
             envelope = await off_loop(incoming.size, incoming.finish)  # a large reply decodes in a thread
         except ProtocolError as exc:
@@ -403,14 +406,6 @@ async def ping(link: WorkerLink, *, timeout: float) -> float:
         raise WorkerTimeout(link.name, f"no pong within {timeout:g} s") from None
     except ConnectionClosed:
         raise WorkerUnavailable(link.name, link.closed_reason) from None
-
-
-def latency(link: WorkerLink) -> float | None:
-    """The round trip of ``link``'s last keepalive ping in seconds; ``None`` while not connected or before one."""
-    connection = link._connection
-    if connection is None or not link.connected or not connection.latency:
-        return None
-    return float(connection.latency)
 
 
 #: The old name, kept for one release: "client" meant three different things.

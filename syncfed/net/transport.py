@@ -24,6 +24,7 @@ __all__ = [
     "server_tls",
     "client_tls",
     "common_name",
+    "subject",
     "small_frames",
 ]
 
@@ -140,15 +141,20 @@ def client_tls(ca: Path | None, cert: Path | None, key: Path | None) -> ssl.SSLC
     return context
 
 
+def subject(peercert: object) -> dict[str, str]:
+    """The subject of a verified peer certificate (``ssl`` getpeercert form) by field, the first of each; ``{}``
+    without one. The one reader of certificate subjects: workers' ids and admins' names and roles alike."""
+    fields: dict[str, str] = {}
+    if isinstance(peercert, dict):
+        for entry in peercert.get("subject", ()):
+            for key, value in entry:
+                fields.setdefault(str(key), str(value))
+    return fields
+
+
 def common_name(peercert: object) -> str | None:
     """The subject common name of a verified peer certificate (``ssl`` getpeercert form)."""
-    if not isinstance(peercert, dict):
-        return None
-    for entry in peercert.get("subject", ()):
-        for key, value in entry:
-            if key == "commonName":
-                return str(value)
-    return None
+    return subject(peercert).get("commonName")
 
 
 @contextmanager

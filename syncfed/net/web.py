@@ -12,7 +12,7 @@ import ssl
 from pathlib import Path
 from typing import NamedTuple
 
-from .transport import server_tls
+from .transport import server_tls, subject
 
 __all__ = ["Peer", "https_tls", "peer_from_certificate"]
 
@@ -39,12 +39,7 @@ def https_tls(cert: Path, key: Path, ca: Path, *, require_certificate: bool) -> 
 
 def peer_from_certificate(peercert: object) -> Peer | None:
     """The name and role of a verified peer certificate (``SSLObject.getpeercert()`` form); ``None`` without one."""
-    if not isinstance(peercert, dict) or not peercert:
-        return None
-    fields: dict[str, str] = {}
-    for entry in peercert.get("subject", ()):
-        for key, value in entry:
-            fields.setdefault(str(key), str(value))
+    fields = subject(peercert)
     name = fields.get("commonName")
     if not name:
         return None

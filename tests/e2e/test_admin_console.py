@@ -9,8 +9,10 @@ log says about it.
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +62,22 @@ class Federation:
 
     def entries(self) -> list[dict[str, Any]]:
         return read_audit(self.audit)
+
+
+def request(federation: Federation, kit: str, method: str, path: str) -> tuple[int, str]:
+    """A raw HTTPS request to the API with ``kit``'s certificate: its status and its error line (or body)."""
+    folder = federation.kits[kit]
+    context = ssl.create_default_context(cafile=str(folder / "ca.crt"))
+    context.load_cert_chain(folder / f"{kit}.crt", folder / f"{kit}.key")
+    host, port = federation.api.address
+    connection = http.client.HTTPSConnection(host, port, context=context, timeout=TIMEOUT)
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        body = json.loads(response.read())
+    finally:
+        connection.close()
+    return response.status, body["error"] if isinstance(body, dict) and "error" in body else body
 
 
 def project(name: str) -> Project:
@@ -124,7 +142,14 @@ def test_a_project_admin_submits_and_aborts_and_the_audit_log_says_so(
     status, out, err = console(capsys, config, "status", job_id)
     assert status == 0
     assert f"reason     aborted by {ADMIN}" in out.splitlines()
-    submitted, aborted, looked = federation.entries()[-3:]
+    attempted, submitted, abort_attempted, aborted, looked = federation.entries()[-5:]
+    # A submit and an abort are on record before they are carried out.
+    assert (attempted["action"], attempted["result"], abort_attempted["action"], abort_attempted["result"]) == (
+        "submit",
+        "attempt",
+        "abort",
+        "attempt",
+    )
     assert submitted | {"time": 0} == {
         "time": 0,
         "who": ADMIN,
@@ -332,3 +357,52 @@ def test_the_api_will_not_serve_without_client_certificates(federation: Federati
     started = start_admin_api(federation.service, host="127.0.0.1", port=0, tls=tls, audit=AuditLog(federation.audit))
     with pytest.raises(ConfigError, match=r"^the admin API's TLS context must require client certificates"):
         asyncio.run(started)
+
+
+def test_every_request_is_audited_and_no_value_splits_an_audit_line(federation: Federation) -> None:
+    assert request(federation, VIEWER, "DELETE", "/v1/jobs/1") == (405, "method not allowed")
+    assert request(federation, VIEWER, "GET", "/v2/nothing") == (404, "not found")
+    assert request(federation, VIEWER, "GET", "/v1/jobs/%E2%80%A8") == (404, "no job '\\u2028'")
+    unknown_method, unknown_path, separator = federation.entries()[-3:]  # the log still reads, line by line
+    assert (unknown_method["who"], unknown_method["action"], unknown_method["target"], unknown_method["result"]) == (
+        VIEWER,
+        "unknown",
+        "DELETE /v1/jobs/1",
+        "error: method not allowed",
+    )
+    assert (unknown_path["target"], unknown_path["result"]) == ("GET /v2/nothing", "error: not found")
+    assert (separator["action"], separator["target"]) == ("status", "\u2028")
+    assert b"\\u2028" in federation.audit.read_bytes() and federation.audit.read_bytes().isascii()
+
+
+@pytest.mark.parametrize("number", ["01", "%D9%A1", "%C2%B2", "-1", "1" * 19, ""])
+def test_numbers_are_taken_in_one_canonical_form_only(federation: Federation, number: str) -> None:
+    done = federation.service.add("numbered", "done")
+    for query in ("logs?since", "model?round"):
+        status, error = request(federation, VIEWER, "GET", f"/v1/jobs/{done['id']}/{query}={number}")
+        assert status == 400 and error.endswith("is not a whole number from 0 on"), (query, status, error)
+
+
+def test_an_action_whose_attempt_cannot_be_audited_is_not_carried_out(
+    federation: Federation, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    audit = tmp_path / "audit.jsonl"
+    tls = https_tls(
+        *(federation.kits["coordinator"] / name for name in ("coordinator.crt", "coordinator.key", "ca.crt")),
+        require_certificate=True,
+    )
+    started = start_admin_api(federation.service, host="127.0.0.1", port=0, tls=tls, audit=AuditLog(audit))
+    api = asyncio.run_coroutine_threadsafe(started, federation.loop).result(TIMEOUT)
+    try:
+        audit.unlink()
+        audit.mkdir()  # no line can be appended to it now
+        running = federation.service.add("kept", "running")
+        broken = Federation(api, federation.service, audit, federation.kits, {}, federation.loop, federation.folder)
+        assert request(broken, ADMIN, "POST", f"/v1/jobs/{running['id']}/abort") == (
+            500,
+            "the audit log cannot be written",
+        )
+        assert federation.service.records[running["id"]]["state"] == "running"
+        assert request(broken, VIEWER, "GET", "/v1/jobs") == (500, "the audit log cannot be written")
+    finally:
+        asyncio.run_coroutine_threadsafe(api.close(), federation.loop).result(TIMEOUT)

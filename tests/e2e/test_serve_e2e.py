@@ -144,7 +144,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
             service.wait(10_000 * MS)
             for name, dialer in dialers.items():  # each notices, and dials again by itself
                 dialer.wait_for(f"{name}: connection lost", 10_000 * MS)
-            service = start_service()
+            service = start_service("--queue", str(folder / "demo.toml"))  # as a restart with the same flags
             wait_for(
                 lambda: (folder / "serve.out").read_text().count("Dashboard on ") == 2,
                 STARTUP_TIMEOUT,
@@ -206,7 +206,9 @@ def test_the_workers_dial_back_by_themselves_and_prove_their_ids(served: Served)
     for name in IDS:
         connected = [line for line in served.dialers[name].splitlines() if line.startswith(f"{name}: connected to ")]
         assert len(connected) == 2, served.dialers[name]  # once per start of the service: kept across both jobs
-    assert "Job 1 (demo) resumes on alice, bob, charlie, testing" in (served.folder / "serve.out").read_text()
+    said = (served.folder / "serve.out").read_text()
+    assert "Job 1 (demo) resumes on alice, bob, charlie, testing" in said
+    assert f"Not queued again: {served.folder / 'demo.toml'} is job 1, running" in said  # the restart's --queue
 
 
 def test_the_second_job_runs_after_the_first_without_the_site_whose_policy_refused_it(served: Served) -> None:
@@ -234,7 +236,8 @@ def test_a_viewer_reads_and_downloads_but_cannot_abort_and_the_audit_log_says_so
         (entry["who"], entry["action"], entry["target"], entry["result"])
         for entry in read_audit(served.state / "audit.jsonl")
     ]
-    assert entries[:3] == [
+    assert entries[:4] == [
+        ("ada@example.org", "submit", "", "attempt"),
         ("ada@example.org", "submit", "", "ok"),
         ("grace@example.org", "abort", "1", "denied"),
         ("grace@example.org", "jobs", "", "ok"),

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from units import MS
 
+from syncfed.cli.serve import JOB_FLAGS
 from syncfed.config import WorkerConfig
 from syncfed.coordinator.service import Service, ServiceSettings
 from syncfed.exceptions import ConfigError, JobStateError
@@ -40,7 +41,7 @@ async def service_with_workers(state: Path, reports: list[str]) -> AsyncIterator
     settings = ServiceSettings(
         state=state, listen="127.0.0.1:0", workers=IDS, insecure_listen=True, poll_interval=20 * MS
     )
-    service = Service(settings, report=reports.append)
+    service = Service(settings, flags=JOB_FLAGS, report=reports.append)
     uri = await service.start()
     dialers = []
     for name in IDS:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from syncfed.cli.serve import JOB_FLAGS
 from syncfed.config import DIAL_IN
 from syncfed.coordinator.job_file import read_job
 from syncfed.coordinator.job_run import LOG, JobRun
@@ -56,16 +57,18 @@ def test_a_job_ends_once_and_its_record_outlives_the_store(tmp_path: Path) -> No
     assert JobStore(tmp_path).get(job) == done  # a restarted service reads the same file
 
 
-@pytest.mark.parametrize("job_id", ["7", "abc", "1; DROP TABLE jobs", ""])
+@pytest.mark.parametrize("job_id", ["7", "abc", "1; DROP TABLE jobs", "", "01", "\u0661", "\u00b2", "-1", "1" * 19])
 def test_an_unknown_job_is_named(tmp_path: Path, job_id: str) -> None:
+    store = JobStore(tmp_path)
+    add(store, "one")
     with pytest.raises(UnknownJob, match="^no job "):
-        JobStore(tmp_path).get(job_id)
+        store.get(job_id)
 
 
 def test_a_site_refusal_event_is_kept_in_the_jobs_record_and_rounds_advance_it(tmp_path: Path) -> None:
     store = JobStore(tmp_path)
     job_id = add(store, "one")
-    job = read_job('workers = ["alice", "bob"]', known=("alice", "bob"), folder=tmp_path)
+    job = read_job('workers = ["alice", "bob"]', known=("alice", "bob"), folder=tmp_path, flags=JOB_FLAGS)
     links = {name: DialInLink(name, DIAL_IN, max_message_size=2**20) for name in ("alice", "bob")}
     run = JobRun(
         job_id,
@@ -89,8 +92,96 @@ def test_a_job_on_a_worker_that_is_not_connected_is_refused(tmp_path: Path) -> N
     settings = ServiceSettings(state=tmp_path, listen="127.0.0.1:0", workers=("alice", "bob"), insecure_listen=True)
 
     async def submit() -> None:
-        await Service(settings).submit('workers = ["alice"]', by="ada")
+        await Service(settings, flags=JOB_FLAGS).submit('workers = ["alice"]', by="ada")
 
     with pytest.raises(ConfigError, match="^job file: worker alice is not connected$"):
         asyncio.run(submit())
     assert JobStore(tmp_path).all() == []
+
+
+def settings(folder: Path, *workers: str) -> ServiceSettings:
+    return ServiceSettings(
+        state=folder, listen="127.0.0.1:0", workers=workers, insecure_listen=True, poll_interval=0.01
+    )
+
+
+@pytest.mark.parametrize("job_id", ["01", "\u0661", "\u00b2", "-1", "1" * 19])
+def test_an_abort_names_the_job_in_one_form_only_and_stops_its_task(tmp_path: Path, job_id: str) -> None:
+    async def scenario() -> tuple[str, str, bool]:
+        service = Service(settings(tmp_path, "alice"), flags=JOB_FLAGS, report=lambda line: None)
+        record = service.queue('workers = ["alice"]', service.check('workers = ["alice"]'), by="ada")
+        service.store.update(record["id"], state="running")
+        task = service._running[record["id"]] = asyncio.create_task(asyncio.sleep(3600))
+        with pytest.raises(UnknownJob, match="^no job "):
+            await service.abort(job_id, by="ada")
+        with pytest.raises(UnknownJob, match="^no job "):
+            await service.logs(job_id)
+        state = service.store.get(record["id"])["state"]
+        aborted = await service.abort(record["id"], by="ada")
+        return state, aborted["state"], task.cancelled()
+
+    assert asyncio.run(scenario()) == ("running", "aborted", True)
+
+
+def test_the_scheduler_fails_a_job_whose_worker_is_gone_and_goes_on(tmp_path: Path) -> None:
+    reports: list[str] = []
+
+    async def scenario() -> tuple[str, str | None, bool]:
+        before = Service(settings(tmp_path, "alice", "bob"), flags=JOB_FLAGS)
+        before.queue('workers = ["bob"]', before.check('workers = ["bob"]'), by="ada")  # then bob leaves server.toml
+        service = Service(settings(tmp_path, "alice"), flags=JOB_FLAGS, report=reports.append)
+        await service.start()
+        try:
+            for _ in range(200):
+                if service.store.get("1")["state"] != "queued":
+                    break
+                await asyncio.sleep(0.01)
+            service.store._db = None  # type: ignore[assignment]  # every scheduling pass fails from now on
+            service._wake_up()
+            await asyncio.sleep(0.05)
+            alive = not service._scheduler.done()  # type: ignore[union-attr]
+        finally:
+            await service.close()
+        record = JobStore(tmp_path).get("1")
+        return record["state"], record["reason"], alive
+
+    assert asyncio.run(scenario()) == ("failed", "worker bob is not one of the service's any more", True)
+    assert any(line.startswith("Scheduling failed, trying again: AttributeError") for line in reports), reports
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('strategy = "nope"', "job file: strategy 'nope' is not one of"),
+        ("min-workers = 5", "job file: min_workers 5 is not between 1 and 1 training workers"),
+        ("dp-target-epsilon = 1.0", "job file: --dp-noise-multiplier and --dp-target-epsilon need --dp central or"),
+        ("training-rounds = 0", "job file: training_rounds must be at least 1, not 0"),
+    ],
+)
+def test_a_job_that_could_never_run_is_refused_when_it_is_checked(tmp_path: Path, text: str, error: str) -> None:
+    service = Service(settings(tmp_path, "alice"), flags=JOB_FLAGS)
+    with pytest.raises(ConfigError) as caught:
+        service.check(f'workers = ["alice"]\n{text}')
+    assert str(caught.value).startswith(error) and "\n" not in str(caught.value)
+
+
+def test_a_job_text_queued_or_running_is_found_and_a_finished_one_is_not(tmp_path: Path) -> None:
+    store = JobStore(tmp_path)
+    first = add(store, "one")
+    assert store.unfinished('workers = ["alice"]\nname = "one"') == store.get(first)
+    store.update(first, state="running")
+    assert store.unfinished('workers = ["alice"]\nname = "one"') == store.get(first)
+    store.finish(first, "done")
+    assert store.unfinished('workers = ["alice"]\nname = "one"') is None
+
+
+def test_logs_and_metrics_leave_out_a_half_written_last_line(tmp_path: Path) -> None:
+    async def scenario() -> tuple[tuple[list[str], int], list[dict[str, object]]]:
+        service = Service(settings(tmp_path, "alice"), flags=JOB_FLAGS)
+        job_id = service.queue('workers = ["alice"]', service.check('workers = ["alice"]'), by="ada")["id"]
+        folder = tmp_path / "jobs" / job_id
+        (folder / "log.txt").write_text("one\ntwo\nthr", encoding="utf-8")
+        (folder / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2, "los', encoding="utf-8")
+        return await service.logs(job_id), await service.metrics(job_id)
+
+    assert asyncio.run(scenario()) == ((["one", "two"], 2), [{"round": 1}])

@@ -54,6 +54,19 @@ SERVER = 'listen = "127.0.0.1:0"\nstate = "state"\nworkers = ["alice", "testing"
         ),
         (SERVER, 'workers = ["bob"]', "job.toml: job file: worker 'bob' is not one of the service's (alice, testing)"),
         (SERVER, 'workers = ["alice"]\nsave-model = "m.safetensors"', "job.toml: job file: key 'save-model' is set by"),
+        (
+            SERVER,
+            'workers = ["alice"]\nstrategy = "this:x"',
+            "job.toml: job file: key 'strategy': import path 'this:x' is not one the service allows"
+            " (allow-imports: none)",
+        ),
+        (
+            SERVER + 'allow-imports = ["mine.s:S"]\n',
+            'workers = ["alice"]\ntask = "this:x"',
+            "job.toml: job file: key 'task': import path 'this:x' is not one the service allows"
+            " (allow-imports: mine.s:S)",
+        ),
+        (SERVER, 'workers = ["alice"]\nmin-workers = 5', "job.toml: job file: min_workers 5 is not between 1 and 1"),
     ],
 )
 def test_bad_settings_or_a_bad_queued_job_stop_the_service_with_one_line(
