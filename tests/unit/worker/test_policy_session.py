@@ -19,6 +19,7 @@ from syncfed.exceptions import RemoteError
 from syncfed.protocol import Accepted, Fit, FitResult, Hello, Message, Propose, Query, Terms, TrainingPlan
 
 JOB = Terms(job="j1", sites=3, model="digits-cnn", rounds=2)
+ANALYTICS = Terms(job="a1", sites=3)  # [analytics] rules: a training job's own queries answer to [training]
 PLAN = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.05, seed=3)
 
 
@@ -59,7 +60,7 @@ def test_a_site_with_a_policy_refuses_before_any_work(
             assert await refused(pair, Fit("digits-cnn", weights, late, terms=JOB)) == (
                 "terms: fit round 3 exceeds the job's 2 rounds"
             )
-            assert await refused(pair, Query("feature-stats", (0,), terms=JOB)) == (
+            assert await refused(pair, Query("feature-stats", (0,), terms=ANALYTICS)) == (
                 "queries: query 'feature-stats' is not one of 'label-histogram'"
             )
             alone = dataclasses.replace(JOB, sites=1)
