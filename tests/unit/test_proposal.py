@@ -1,14 +1,19 @@
-"""Proposing a job until the sites left agree: after refusals the terms count only the sites that train."""
+"""The terms a coordinator declares: proposed until the sites left agree, and in each fit the sites its round trains."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Mapping
 
+import numpy as np
+import pytest
+
+from syncfed.coordinator.dispatch import Dispatch
 from syncfed.coordinator.proposal import agree
 from syncfed.exceptions import RemoteError, RequestFailed
 from syncfed.policy import SitePolicy
-from syncfed.protocol import Accepted, Message, Propose, Terms
+from syncfed.protocol import Accepted, Fit, Message, Propose, Terms, TrainingPlan
 
 
 class PolicyLink:
@@ -66,3 +71,16 @@ def test_without_refusals_one_proposal_is_all() -> None:
 
     assert asyncio.run(agree([link], terms, leave)) == terms  # type: ignore[list-item]
     assert link.proposed == [1]
+
+
+def test_a_rounds_fits_declare_the_sites_it_trains() -> None:
+    link = PolicyLink("alice", SitePolicy(min_other_sites=2))
+    plan = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.1, seed=0)
+    fit = Fit("digits-cnn", {"w": np.zeros(2, np.float32)}, plan)
+    assert Dispatch.in_round(fit, link, 2) is fit  # type: ignore[arg-type]  # a site that declared no terms
+    link.terms = Terms(job="j1", sites=3, model="digits-cnn", rounds=3)
+    declared = Dispatch.in_round(fit, link, 2)  # type: ignore[arg-type]
+    assert declared.terms == dataclasses.replace(link.terms, sites=2)
+    with pytest.raises(RequestFailed) as raised:  # two in the round: alice's one other is too few
+        link.policy.check_request(declared, coordinator=None, data_key="digits")
+    assert raised.value.reason == "min_other_sites: the job has 1 other sites, the policy needs at least 2"
