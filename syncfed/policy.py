@@ -14,6 +14,7 @@ beyond reading the file. Usage::
 
 from __future__ import annotations
 
+import functools
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -22,12 +23,15 @@ from pathlib import Path
 from typing import Any, Final, NoReturn
 
 from .exceptions import ConfigError, RequestFailed
+from .privacy import noise_for_epsilon, noise_std
 from .protocol import QUERIES, Evaluate, Fit, Message, Query, SecAggMask, Terms
 
-__all__ = ["SitePolicy", "load_policy", "policy_from", "with_terms"]
+__all__ = ["SitePolicy", "load_policy", "policy_from", "required_noise_std", "with_terms"]
 
 #: The error code of every refusal.
 CODE: Final = "policy"
+#: Relative slack on a distributed-dp fit's noise: the site computes it as the coordinator does, to the last bit.
+NOISE_SLACK: Final = 1e-9
 
 
 @dataclass(frozen=True)
@@ -64,15 +68,23 @@ class SitePolicy:
             _one_of("coordinators", "coordinator", coordinator, self.coordinators)
         if self.data_keys is not None:
             _one_of("data_keys", "data set", data_key, self.data_keys)
-        if terms.sites - 1 < self.min_other_sites:
-            _refuse(
-                "min_other_sites",
-                f"the job has {terms.sites - 1} other sites, the policy needs at least {self.min_other_sites}",
-            )
+        self.check_sites(terms.sites, "the job")
         if terms.analytics:
             self._check_analytics(terms)
         else:
             self._check_training(terms)
+
+    def check_sites(self, sites: int, what: str) -> None:
+        """Refuse ``what`` (a job, or a secure round) whose ``sites``, this one included, leave too few others.
+
+        Raises:
+            RequestFailed: code ``policy``.
+        """
+        if sites - 1 < self.min_other_sites:
+            _refuse(
+                "min_other_sites",
+                f"{what} has {sites - 1} other sites, the policy needs at least {self.min_other_sites}",
+            )
 
     def _check_analytics(self, terms: Terms) -> None:
         if self.queries == ():
@@ -162,6 +174,40 @@ def _check_fit(fit: Fit, terms: Terms, secure: bool) -> None:
         _refuse("terms", f"the job declares {terms.dp} dp, but the fit's plan has no clip")
     if terms.dp == "distributed" and not plan.noise_std:
         _refuse("terms", "the job declares distributed dp, but the fit's plan adds no noise")
+    if terms.dp == "distributed" and terms.dp_epsilon is not None:
+        assert plan.clip is not None and plan.noise_std is not None
+        required = required_noise_std(terms, plan.clip)
+        if plan.noise_std < required * (1 - NOISE_SLACK):
+            _refuse(
+                "terms",
+                f"the fit's noise std {plan.noise_std:.6g} is below the {required:.6g} that the job's epsilon"
+                f" {terms.dp_epsilon:g} over {terms.rounds} rounds and {terms.sites} sites needs at clip {plan.clip:g}",
+            )
+
+
+def required_noise_std(terms: Terms, clip: float) -> float:
+    """The least noise each site adds to a distributed-dp fit at ``clip`` for the job to keep its declared budget.
+
+    The multiplier the coordinator calibrates (:func:`syncfed.privacy.noise_for_epsilon`) for the terms'
+    epsilon and delta over all their rounds, with every site in every round (sampling rate 1: the
+    coordinator knows whom it samples, so sampling hides nothing from it), shared by the terms' sites.
+
+    Raises:
+        RequestFailed: code ``policy``, when the terms name no delta or the site cannot do the accounting.
+    """
+    assert terms.dp_epsilon is not None
+    if terms.dp_delta is None:
+        _refuse("terms", f"the job names epsilon {terms.dp_epsilon:g} but no delta, so its noise cannot be checked")
+    try:
+        return noise_std(_multiplier(terms.dp_epsilon, terms.rounds, terms.dp_delta), clip, terms.sites)
+    except ConfigError as exc:
+        _refuse("terms", f"the site cannot check the job's noise: {exc}")
+
+
+@functools.lru_cache(maxsize=64)
+def _multiplier(epsilon: float, rounds: int, delta: float) -> float:
+    """Cached: every fit of a job asks the same, and a calibration takes milliseconds."""
+    return noise_for_epsilon(epsilon, rounds, 1.0, delta)
 
 
 def _refuse(rule: str, why: str) -> NoReturn:

@@ -33,7 +33,7 @@ from .evaluation import Evaluation
 from .journal import Journal
 from .pool import Pool, worker_links
 from .private_rounds import PrivateRounds
-from .proposal import propose, refused_event, training_terms
+from .proposal import agree, refused_event, training_terms
 from .results import RunResult
 from .sync_rounds import SyncRounds
 from .task_setup import agree_task, task_readout
@@ -121,10 +121,7 @@ class Coordinator:
             # Before any query or training: the sites whose policy refuses the job leave the run.
             terms = training_terms(config, pool.model_name, journal.run_id)
             links = [*pool.trainers, *([pool.evaluator] if pool.evaluator is not None else [])]
-            refusals = await propose(links, terms, timeout=config.connect_timeout, report=self.report)
-            for name, reason in refusals.items():
-                journal.write(refused_event(name, reason))
-            await pool.exclude(refusals)
+            await agree(links, terms, self._refused, timeout=config.connect_timeout, report=self.report)
             ready = {link.name: link for link in pool.trainers if pool.ready(link)}
             if pool.plan is not None:
                 pool.plan = journal.resumed_plan() or await agree_statistics(
@@ -154,6 +151,13 @@ class Coordinator:
             save_weights(config.save_model, result.weights, {"format": "pt", "model": result.model, **plan, **recipe})
             self.report(f"Saved the {result.global_model} model to {config.save_model}")
         return result
+
+    async def _refused(self, refusals: Mapping[str, str]) -> int:
+        """Record the sites that refused the job and take them out of the run; how many training sites remain."""
+        for name, reason in refusals.items():
+            self._context.journal.write(refused_event(name, reason))
+        await self._context.pool.exclude(refusals)
+        return len(self._context.pool.trainers)
 
     def _chosen_data(self, name: str, info: Info) -> Info:
         """Kept for one release: :func:`syncfed.compatibility.chosen_data` with this run's config."""

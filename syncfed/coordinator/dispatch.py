@@ -70,6 +70,14 @@ class Dispatch:
         pool = self.pool
         return Fit(pool.model_name, weights, plan, needs.control, config.dataset_key, pool.plan, pool.recipe)
 
+    @staticmethod
+    def in_round(fit: Fit, link: WorkerLink, sites: int) -> Fit:
+        """``fit`` declaring the job's terms with the ``sites`` its synchronous round trains, so that each site
+        checks its ``min_other_sites`` and its share of distributed noise against the round, not the whole job."""
+        if link.terms is None:
+            return fit
+        return dataclasses.replace(fit, terms=dataclasses.replace(link.terms, sites=sites))
+
     async def train(self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
         """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.
 
@@ -111,13 +119,17 @@ class Dispatch:
             asyncio.ensure_future(
                 self.train(
                     link,
-                    self.fit(
-                        round_number,
-                        plan_seed(self.config.seed, round_number, index[link.name]),
-                        lr,
-                        weights,
-                        needs,
-                        delta=False,
+                    self.in_round(
+                        self.fit(
+                            round_number,
+                            plan_seed(self.config.seed, round_number, index[link.name]),
+                            lr,
+                            weights,
+                            needs,
+                            delta=False,
+                        ),
+                        link,
+                        len(selected),
                     ),
                     functools.partial(fold.add, link.name),
                 )

@@ -10,16 +10,17 @@ check each one against the job it belongs to. See docs/security.md, "Site polici
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from ..config import CoordinatorConfig
 from ..exceptions import RemoteError, SyncfedError
 from ..net.link import WorkerLink
 from ..protocol import Accepted, Propose, Terms
 
-__all__ = ["new_job_id", "training_terms", "propose", "refused_event", "refusal_line"]
+__all__ = ["new_job_id", "training_terms", "propose", "agree", "refused_event", "refusal_line"]
 
 
 def new_job_id(kind: str) -> str:
@@ -76,6 +77,28 @@ async def propose(
         elif isinstance(outcome, BaseException) and not isinstance(outcome, SyncfedError):
             raise outcome
     return refusals
+
+
+async def agree(
+    links: Sequence[WorkerLink],
+    terms: Terms,
+    leave: Callable[[Mapping[str, str]], Awaitable[int]],
+    *,
+    timeout: float | None = None,
+    report: Callable[[str], None] | None = None,
+) -> Terms:
+    """Propose ``terms`` until the sites left all accept; the terms they accepted.
+
+    After refusals the others accepted a job of more sites than will train: ``leave`` takes the
+    refusing sites out of the run (it may raise, for a quorum) and says how many training sites
+    remain, and the terms, declaring that many, are proposed again, so that each site's
+    ``min_other_sites`` holds for the sites that train. Each pass drops a site, so this ends.
+    """
+    remaining = list(links)
+    while refusals := await propose(remaining, terms, timeout=timeout, report=report):
+        terms = dataclasses.replace(terms, sites=await leave(refusals))
+        remaining = [link for link in remaining if link.name not in refusals]
+    return terms
 
 
 def refusal_line(name: str, reason: str) -> str:

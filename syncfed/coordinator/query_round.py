@@ -32,7 +32,7 @@ from ..net.link import WorkerLink
 from ..net.secure_round import SESSION_SIZE, SecureRound, secagg_threshold
 from ..protocol import DataPlan, Hello, Info, Query, QueryResult, Terms
 from ..secagg import SecAggConfig
-from .proposal import new_job_id, propose
+from .proposal import agree, new_job_id
 
 __all__ = [
     "DEFAULT_QUERY_TIMEOUT",
@@ -203,7 +203,8 @@ class QueryRound:
         return answers
 
     async def _propose(self, links: dict[str, WorkerLink], answers: QueryAnswers) -> None:
-        """Propose the job's terms before any query: the sites that refuse them leave ``links`` for ``answers``."""
+        """Propose the job's terms before any query: the sites that refuse them leave ``links`` for ``answers``,
+        and those left are asked again with terms that count only the sites that answer."""
         settings = self.settings
         terms = Terms(
             job=settings.job or new_job_id("analytics"),
@@ -212,9 +213,14 @@ class QueryRound:
             dp=None if settings.dp_epsilon is None else "central",
             dp_epsilon=settings.dp_epsilon,
         )
-        for name, reason in (await propose(list(links.values()), terms)).items():
-            answers.failures[name] = RemoteError(name, "policy", reason)
-            await links.pop(name).close()
+
+        async def leave(refusals: Mapping[str, str]) -> int:
+            for name, reason in refusals.items():
+                answers.failures[name] = RemoteError(name, "policy", reason)
+                await links.pop(name).close()
+            return max(len(links), 1)  # the sites that answer; terms count at least one
+
+        await agree(list(links.values()), terms, leave)
 
     async def _greet(self, name: str, uri: str) -> tuple[WorkerLink, Info]:
         """Connect and say hello, within the link's connect timeout."""

@@ -145,13 +145,17 @@ class SyncRounds:
             lr = config.learning_rate(round_number)
             return await self.private.collect(
                 selected,
-                lambda link: context.dispatch.fit(
-                    round_number,
-                    plan_seed(config.seed, round_number, trainers.index(link)),
-                    lr,
-                    weights,
-                    needs,
-                    delta=True,
+                lambda link: context.dispatch.in_round(
+                    context.dispatch.fit(
+                        round_number,
+                        plan_seed(config.seed, round_number, trainers.index(link)),
+                        lr,
+                        weights,
+                        needs,
+                        delta=True,
+                    ),
+                    link,
+                    len(selected),
                 ),
                 weights,
                 context.pool.num_examples,

@@ -3,9 +3,12 @@
 A coordinator proposes the terms once at the start of a run (:class:`Propose`,
 answered :class:`Accepted` or an ``error`` with code ``policy``), then sends
 them again in every ``fit``, ``evaluate`` and ``query`` (a ``secagg_mask``
-carries them in its task), so that a worker keeps no state per coordinator
-and checks each request against the terms it declares. A worker without a
-site policy accepts any terms and serves requests without them as before.
+carries them in its task), so that a worker checks each request against the
+terms it declares, keeping only a bounded count of the fits it served per
+job (:mod:`syncfed.fit_ledger`). After refusals the coordinator proposes
+again with ``sites`` counting the sites left, and a synchronous round's fits
+declare the sites that round trains. A worker without a site policy accepts
+any terms and serves requests without them as before.
 """
 
 from __future__ import annotations
@@ -28,8 +31,8 @@ class Terms:
     """What a job is: its id, model, rounds and sites, its privacy, and the data set it uses.
 
     ``model`` ``None`` and ``rounds`` 0 declare an analytics job, which trains
-    nothing. ``sites`` counts the training sites the job asks for, this one
-    included. ``dp_epsilon`` (and ``dp_delta``) is the privacy budget the
+    nothing. ``sites`` counts the training sites, this one included: that the
+    job has, or in a synchronous round's fit, that the round trains. ``dp_epsilon`` (and ``dp_delta``) is the privacy budget the
     coordinator promises to stop within; ``None`` with ``dp`` set: it names none.
     """
 

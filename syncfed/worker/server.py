@@ -22,6 +22,7 @@ from ..admission import Admission
 from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..exceptions import ConfigError
+from ..fit_ledger import FitLedger
 from ..net.transport import common_name, connection_options, server_tls
 from ..policy import SitePolicy, load_policy
 from ..protocol import Info
@@ -61,6 +62,7 @@ class Worker:
         )
         self.token = auth.read_token(config.auth_token_file) if config.auth_token_file is not None else None
         self.policy: SitePolicy | None = load_policy(config.policy) if config.policy is not None else None
+        self.ledger = FitLedger()  # the fits served per job, which a policy bounds by the job's rounds
         # What a policy's data_keys call the data set a request naming none uses: its key, or its data set's name.
         default = self.holdings[0]
         self.default_key = default.spec.key if default.spec is not None else self.info().dataset

@@ -298,10 +298,16 @@ class Session:
                 policy.check_terms(terms, coordinator=self.coordinator, data_key=worker.data_key(terms.dataset_key))
             elif isinstance(task, Fit | Evaluate):
                 key = worker.data_key(task.dataset_key)
-                policy.check_request(task, coordinator=self.coordinator, data_key=key, secure=task is not message)
+                terms = policy.check_request(
+                    task, coordinator=self.coordinator, data_key=key, secure=task is not message
+                )
+                if isinstance(task, Fit):  # last: a refused fit counts for nothing
+                    worker.ledger.admit(self.coordinator, terms, task.plan.round)
             elif isinstance(task, Query):  # over the default data set, which a query cannot change
                 key = worker.data_key(None)
                 policy.check_request(task, coordinator=self.coordinator, data_key=key, secure=task is not message)
+            elif isinstance(task, SecAggStart):  # the masks need every client, so their number is no claim
+                policy.check_sites(task.config.num_clients, "the secure round")
         except RequestFailed as exc:
             declared = getattr(task, "terms", None)
             job = f"job {declared.job}" if declared is not None else "a request without terms"

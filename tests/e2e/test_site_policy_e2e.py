@@ -3,12 +3,14 @@
 ana requires secure aggregation, the session's bob has no policy, carl allows at
 most 2 rounds and only feature statistics. A 3-round ``--secure-agg`` job goes
 on with ana and bob (ana's fits come masked, so her policy serves them), carl's
-refusal is in the report, the metrics file and carl's log; an analytics query
-gets the same treatment.
+refusal is in the report, the metrics file and carl's log, and ana and bob are
+proposed the job again as one of 2 sites; an analytics query gets the same
+treatment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,6 +74,19 @@ def test_a_refusing_site_leaves_a_secure_run_that_goes_on_without_it(
     assert [line["round"] for line in rounds] == [1, 2, 3]
     assert all(line["workers"] == ["ana", "bob"] for line in rounds)  # ana served every masked fit
     assert any("policy: refused job" in line and CARL_REFUSES in line for line in policy_workers["carl"].output)
+    # Proposed again without carl: the sites that train are the sites the terms count.
+    assert any(
+        line.endswith(": 3 rounds of digits-cnn over 2 sites secure-agg") for line in policy_workers["ana"].output
+    )
+
+
+def test_an_honest_distributed_dp_job_passes_the_sites_noise_checks(policy_workers: dict[str, WorkerProcess]) -> None:
+    # carl allows 2 rounds: every site takes part, and ana and carl check each fit's noise against epsilon 8.
+    config = dataclasses.replace(
+        settings(policy_workers, secure_agg=True, dp="distributed", dp_target_epsilon=8.0), training_rounds=2
+    )
+    result = run(Coordinator(config, report=lambda line: None).run())
+    assert [record.workers for record in result.rounds] == [("ana", "bob", "carl")] * 2
 
 
 def test_without_a_quorum_the_error_names_the_refusals(policy_workers: dict[str, WorkerProcess]) -> None:

@@ -11,7 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncfed.exceptions import ConfigError, RequestFailed
-from syncfed.policy import SitePolicy, load_policy, policy_from, with_terms
+from syncfed.policy import SitePolicy, load_policy, policy_from, required_noise_std, with_terms
+from syncfed.privacy import noise_for_epsilon, noise_std
 from syncfed.protocol import Evaluate, Fit, Ping, Query, Terms, TrainingPlan
 
 JOB = Terms(job="j1", sites=3, model="digits-cnn", rounds=3)
@@ -255,3 +256,54 @@ def test_with_terms_declares_the_job_on_data_requests_only() -> None:
     declared = fit(terms=ANALYTICS)
     assert with_terms(declared, JOB) is declared  # terms already declared are kept
     assert with_terms(Evaluate("digits-cnn", WEIGHTS, 8), JOB).terms == JOB  # type: ignore[attr-defined]
+
+
+# Distributed dp: the noise each site adds, against the budget its terms declare ---------------------------------
+
+DP_JOB = dataclasses.replace(JOB, dp="distributed", dp_epsilon=1.0, dp_delta=1e-5)
+
+
+def test_distributed_noise_below_the_declared_budget_is_refused() -> None:
+    # The review's case: epsilon 1 declared, noise 1e-12 at clip 100.
+    policy = SitePolicy(max_rounds=3, max_epsilon=1.0)
+    assert request_refusal(policy, fit(terms=DP_JOB, delta=True, clip=100.0, noise_std=1e-12)) == (
+        "terms: the fit's noise std 1e-12 is below the 404.539 that the job's epsilon 1 over 3 rounds"
+        " and 3 sites needs at clip 100"
+    )
+
+
+def test_the_coordinators_own_calibration_passes_and_a_hair_less_does_not() -> None:
+    policy = SitePolicy()
+    # What PrivateRounds asks of each of 3 sites: the multiplier for epsilon 1 over 3 rounds, shared by 3.
+    std = noise_std(noise_for_epsilon(1.0, 3, 1.0, 1e-5), 2.0, 3)
+    policy.check_request(fit(terms=DP_JOB, delta=True, clip=2.0, noise_std=std), coordinator=None, data_key="d")
+    assert request_refusal(policy, fit(terms=DP_JOB, delta=True, clip=2.0, noise_std=std * (1 - 1e-6))).startswith(
+        "terms: the fit's noise std"
+    )
+
+
+@given(st.integers(min_value=1, max_value=6), st.integers(min_value=1, max_value=6))
+def test_fewer_sites_or_more_rounds_need_more_noise_from_each(sites: int, rounds: int) -> None:
+    terms = dataclasses.replace(DP_JOB, sites=sites, rounds=rounds)
+    required = required_noise_std(terms, 1.0)
+    assert required_noise_std(dataclasses.replace(terms, sites=sites + 1), 1.0) < required
+    assert required_noise_std(dataclasses.replace(terms, rounds=rounds + 1), 1.0) > required
+    assert required_noise_std(terms, 2.0) == pytest.approx(2 * required)
+
+
+def test_a_budget_without_delta_cannot_be_checked() -> None:
+    no_delta = dataclasses.replace(DP_JOB, dp_delta=None)
+    assert request_refusal(SitePolicy(), fit(terms=no_delta, delta=True, clip=1.0, noise_std=100.0)) == (
+        "terms: the job names epsilon 1 but no delta, so its noise cannot be checked"
+    )
+
+
+# The sites of a secure round ------------------------------------------------------------------------------------
+
+
+def test_a_secure_round_needs_min_other_sites_besides_this_one() -> None:
+    policy = SitePolicy(min_other_sites=2)
+    policy.check_sites(3, "the secure round")
+    with pytest.raises(RequestFailed) as raised:
+        policy.check_sites(2, "the secure round")
+    assert raised.value.reason == "min_other_sites: the secure round has 1 other sites, the policy needs at least 2"

@@ -16,9 +16,23 @@ import pytest
 from linkpair import LinkPair, digits_weights
 
 from syncfed.exceptions import RemoteError
-from syncfed.protocol import Accepted, Fit, FitResult, Hello, Message, Propose, Query, Terms, TrainingPlan
+from syncfed.fit_ledger import FitLedger
+from syncfed.protocol import (
+    Accepted,
+    Fit,
+    FitResult,
+    Hello,
+    Message,
+    Propose,
+    Query,
+    SecAggStart,
+    Terms,
+    TrainingPlan,
+)
+from syncfed.secagg import SecAggConfig
 
 JOB = Terms(job="j1", sites=3, model="digits-cnn", rounds=2)
+ANALYTICS = Terms(job="a1", sites=3)  # [analytics] rules: a training job's own queries answer to [training]
 PLAN = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.05, seed=3)
 
 
@@ -59,7 +73,7 @@ def test_a_site_with_a_policy_refuses_before_any_work(
             assert await refused(pair, Fit("digits-cnn", weights, late, terms=JOB)) == (
                 "terms: fit round 3 exceeds the job's 2 rounds"
             )
-            assert await refused(pair, Query("feature-stats", (0,), terms=JOB)) == (
+            assert await refused(pair, Query("feature-stats", (0,), terms=ANALYTICS)) == (
                 "queries: query 'feature-stats' is not one of 'label-histogram'"
             )
             alone = dataclasses.replace(JOB, sites=1)
@@ -103,5 +117,37 @@ def test_a_site_without_a_policy_serves_as_before(weights: dict[str, np.ndarray]
             assert isinstance(await pair.client.request(Fit("digits-cnn", weights, PLAN)), FitResult)
             late = dataclasses.replace(PLAN, round=3)
             assert isinstance(await pair.client.request(Fit("digits-cnn", weights, late, terms=JOB)), FitResult)
+
+    asyncio.run(asyncio.wait_for(scenario(), 60))
+
+
+def test_a_site_refuses_repeated_rounds_starved_noise_and_a_small_secure_round(
+    weights: dict[str, np.ndarray], tmp_path: Path
+) -> None:
+    policy = tmp_path / "site-policy.toml"
+    policy.write_text("min_other_sites = 2\n")
+    transfer = dataclasses.replace(PLAN, num_batches=0)  # a round of pure transfer: the rules, not the training
+    private = Terms(job="j2", sites=3, model="digits-cnn", rounds=2, dp="distributed", dp_epsilon=1.0, dp_delta=1e-5)
+
+    async def scenario() -> None:
+        async with LinkPair(policy=policy) as pair:
+            pair.worker.ledger = FitLedger(max_fits_per_round=2)
+            await pair.client.request(Hello())
+            for _ in range(2):
+                assert isinstance(await pair.client.request(Fit("digits-cnn", weights, transfer, terms=JOB)), FitResult)
+            assert await refused(pair, Fit("digits-cnn", weights, transfer, terms=JOB)) == (
+                "terms: round 1 of job j1 was served 2 times, the limit is 2"
+            )
+            starved = dataclasses.replace(transfer, delta=True, clip=100.0, noise_std=1e-12)
+            assert (await refused(pair, Fit("digits-cnn", weights, starved, terms=private))).startswith(
+                "terms: the fit's noise std 1e-12 is below the "
+            )
+            small = SecAggConfig(num_clients=2, threshold=2, length=4, clip=1.0, session=bytes(16))
+            assert await refused(pair, SecAggStart(small, 0)) == (
+                "min_other_sites: the secure round has 1 other sites, the policy needs at least 2"
+            )
+            # The refused fits counted for nothing: round 2 of the job still has its two.
+            later = dataclasses.replace(transfer, round=2)
+            assert isinstance(await pair.client.request(Fit("digits-cnn", weights, later, terms=JOB)), FitResult)
 
     asyncio.run(asyncio.wait_for(scenario(), 60))
