@@ -199,7 +199,8 @@ def test_a_killed_service_resumes_the_demo_job_to_the_demo_accuracy(served: Serv
     assert demo["result"] is not None and f"{demo['result']['accuracy']:.2%}" == f"{demo_accuracy()}%"
     log = (served.state / "jobs" / "1" / "log.txt").read_text()
     assert "The service restarted: the job resumes from its checkpoint" in log
-    assert re.search(r"Resuming after round (1[2-9]|[2-3]\d) from ", log), log
+    # Killed once round 12's metrics were written: its checkpoint may not have been, so 11 counts too.
+    assert re.search(r"Resuming after round (1[1-9]|[2-3]\d) from ", log), log
 
 
 def test_the_workers_dial_back_by_themselves_and_prove_their_ids(served: Served) -> None:
