@@ -1158,15 +1158,13 @@ def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     for row in rows:
         seconds = [point[1] for point in row["points"]]
         accuracies = [point[2] for point in row["points"]]
-        (line,) = axes.plot(seconds, accuracies, marker=".", label=f"syncfed {row['mode']}")
-        if row["reached_s"] is not None:
-            axes.annotate(
-                f"{row['reached_s']:.1f} s, round {row['reached_round']}",
-                (row["reached_s"], accuracies[-1]),
-                textcoords="offset points",
-                xytext=(6, -14),
-                color=line.get_color(),
-            )
+        reached = row["reached_s"] is not None
+        label = f"syncfed {row['mode']}: " + (
+            f"{row['reached_s']:.1f} s, round {row['reached_round']}" if reached else "not reached"
+        )
+        (line,) = axes.plot(seconds, accuracies, marker=".", label=label)
+        if reached:
+            axes.plot([seconds[-1]], [accuracies[-1]], marker="o", markersize=9, color=line.get_color())
     axes.axhline(ACCURACY_TARGET, color="grey", linestyle="--", linewidth=1, label=f"{ACCURACY_TARGET:.0%}")
     axes.set_xlabel("seconds from a cold start (workers spawned by the coordinator's command)")
     axes.set_ylabel("federated test accuracy")
