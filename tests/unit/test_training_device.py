@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from syncfed.cli import coordinator as coordinator_cli
 from syncfed.cli import worker as worker_cli
 from syncfed.datasets import Dataset
 from syncfed.exceptions import ConfigError
@@ -57,6 +58,28 @@ def test_the_worker_stops_at_start_with_one_line(
     error = capsys.readouterr().err.strip().splitlines()
     assert status != 0
     assert len(error) == 1 and error[0].startswith("run_websocket_server.py: error: --cuda asks for a GPU, but torch")
+
+
+@pytest.mark.parametrize("where", [[], ["--site", "ana=csv:a.csv"]])
+def test_the_coordinator_spawns_no_cuda_workers_without_a_gpu(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: list[str]
+) -> None:
+    cuda_present(monkeypatch, False)
+
+    def spawned(*_: object) -> None:
+        raise AssertionError("workers were spawned")
+
+    monkeypatch.setattr(coordinator_cli, "spawn_workers", spawned)
+    status = coordinator_cli.main(["--spawn-workers", "--cuda", *where, "--training-rounds", "1", "--no-progress"])
+    error = capsys.readouterr().err.strip().splitlines()
+    assert status == 2
+    assert error == [f"run_websocket_client.py: error: {_absent_line()}"]
+
+
+def _absent_line() -> str:
+    with pytest.raises(ConfigError) as raised:
+        training_device(True)
+    return str(raised.value)
 
 
 def test_the_loss_summed_on_the_device_is_the_per_batch_sum_to_the_last_bit() -> None:
