@@ -29,6 +29,12 @@ Sections (``--only``, comma-separated; all by default):
    default threads, then ``run_websocket_client.py``) against the one-command
    ``run_websocket_client.py --spawn-workers``, the demo's recipe for
    ``--walkthrough-rounds`` rounds each (issue 18: within 1.5x).
+7. ``accuracy``: time to accuracy (issue 20). Seconds from a cold start (the
+   demo's ``run_websocket_client.py --spawn-workers`` launched, workers not yet
+   started) to 95% federated test accuracy on the digits demo, evaluated every
+   round, in sync and in async (FedBuff) mode; ``--accuracy-plot PNG`` draws
+   the curves. Flower is not run here: installing it changes the venv's
+   packages (see docs/performance.md).
 
 Every figure is the median of the rounds after the first, a warm-up; MB is
 10**6 bytes. Wall and CPU seconds are both reported: ratios come from one run,
@@ -86,7 +92,7 @@ from syncfed.worker import load_holdings, load_shard, run_worker  # noqa: E402
 __all__ = ["Plan", "FULL", "QUICK", "main"]
 
 MB = 1e6
-SECTIONS = ("overhead", "transfer", "scale", "memory", "flower", "walkthrough")
+SECTIONS = ("overhead", "transfer", "scale", "memory", "flower", "walkthrough", "accuracy")
 TRAINERS = ("alice", "bob", "charlie")
 #: The recipe every run shares: the demo's batch size and seed, a learning rate the MLPs train with.
 BATCH_SIZE, SEED, LR = 32, 1, 0.05
@@ -126,6 +132,7 @@ class Plan:
     per_host: int = 25
     threads: int = 1  # torch threads of each worker, each Flower client and the plain loop
     walkthrough_rounds: int = 40  # the demo's
+    accuracy_rounds: int = 80  # at most, each mode: a run stops once it reaches the target
 
 
 FULL = Plan()
@@ -147,6 +154,7 @@ QUICK = Plan(
     max_processes=0,  # one host process for all: fewer imports of torch, and hosting gets tested
     per_host=4,
     walkthrough_rounds=3,
+    accuracy_rounds=3,
 )
 
 
@@ -1082,6 +1090,117 @@ async def walkthrough(plan: Plan) -> dict[str, Any]:
     return {"rounds": plan.walkthrough_rounds, "rows": rows, "ratio": ratio, "limit": WALKTHROUGH_LIMIT}
 
 
+# Time to accuracy
+
+ACCURACY_TARGET = 0.95
+ACCURACY_MODES = ("sync", "async")
+_EVALUATION = re.compile(r"^Evaluation at (?:round|version) (\d+)/\d+:$")
+_FEDERATED = re.compile(r"^Federated model: Average loss: \S+, Accuracy: (\d+)/(\d+) ")
+
+
+async def accuracy_curve(mode: str, rounds: int) -> dict[str, Any]:
+    """The demo from a cold start in ``mode``: (round, seconds, accuracy) at each evaluation, until the target.
+
+    Seconds run from the launch of the coordinator's command, which starts
+    the workers, to the moment its federated accuracy line is printed.
+    """
+    arguments = ["run_websocket_client.py", "--spawn-workers", "--mode", mode, "--training-rounds", str(rounds)]
+    started = time.perf_counter()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *arguments,
+        "--eval-every",
+        "1",
+        "--no-progress",
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line as printed, so its time is the coordinator's
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    points: list[tuple[int, float, float]] = []
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    evaluated = 0
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(SECTION_TIMEOUT):
+            async for raw in process.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                tail.append(line)
+                heading, score = _EVALUATION.match(line), _FEDERATED.match(line)
+                if heading:
+                    evaluated = int(heading.group(1))
+                elif score:
+                    correct, total = int(score.group(1)), int(score.group(2))
+                    points.append((evaluated, time.perf_counter() - started, correct / total))
+                    if correct / total >= ACCURACY_TARGET:
+                        break
+    finally:
+        await _stop(process)
+    if not points:
+        raise RuntimeError(f"{' '.join(arguments)} printed no evaluation (status {process.returncode}): {list(tail)}")
+    reached = next((point for point in points if point[2] >= ACCURACY_TARGET), None)
+    return {
+        "mode": mode,
+        "points": points,
+        "first_evaluation_s": points[0][1],
+        "reached_round": reached[0] if reached else None,
+        "reached_s": reached[1] if reached else None,
+    }
+
+
+def plot_accuracy(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Federated accuracy against seconds from a cold start, one line per mode, the target dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4.2), dpi=110)
+    axes = figure.add_subplot()
+    for row in rows:
+        seconds = [point[1] for point in row["points"]]
+        accuracies = [point[2] for point in row["points"]]
+        reached = row["reached_s"] is not None
+        label = f"syncfed {row['mode']}: " + (
+            f"{row['reached_s']:.1f} s, round {row['reached_round']}" if reached else "not reached"
+        )
+        (line,) = axes.plot(seconds, accuracies, marker=".", label=label)
+        if reached:
+            axes.plot([seconds[-1]], [accuracies[-1]], marker="o", markersize=9, color=line.get_color())
+    axes.axhline(ACCURACY_TARGET, color="grey", linestyle="--", linewidth=1, label=f"{ACCURACY_TARGET:.0%}")
+    axes.set_xlabel("seconds from a cold start (workers spawned by the coordinator's command)")
+    axes.set_ylabel("federated test accuracy")
+    axes.set_xlim(left=0)  # from the launch: the start-up is part of the time
+    axes.set_ylim(0, 1)
+    axes.set_title("Digits demo: time to 95% accuracy, evaluated every round")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    FigureCanvasAgg(figure).print_png(str(path))
+
+
+async def time_to_accuracy(plan: Plan, plot: Path | None) -> dict[str, Any]:
+    rows = [await accuracy_curve(mode, plan.accuracy_rounds) for mode in ACCURACY_MODES]
+    print_table(
+        f"7. Time to {ACCURACY_TARGET:.0%} federated accuracy on the digits demo from a cold start"
+        f" (at most {plan.accuracy_rounds} rounds, evaluated every round)",
+        ["mode", "first evaluation s", "rounds", "seconds", "last accuracy"],
+        [
+            [
+                r["mode"],
+                f"{r['first_evaluation_s']:.1f}",
+                r["reached_round"] if r["reached_round"] is not None else "not reached",
+                f"{r['reached_s']:.1f}" if r["reached_s"] is not None else "-",
+                f"{r['points'][-1][2]:.2%}",
+            ]
+            for r in rows
+        ],
+    )
+    print("  Flower: not run (installing flwr changes the venv's packages; see docs/performance.md)")
+    if plot is not None:
+        plot_accuracy(rows, plot)
+        print(f"  Wrote {plot}")
+    return {"target": ACCURACY_TARGET, "rows": rows}
+
+
 # Targets
 
 
@@ -1170,7 +1289,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-async def run(plan: Plan, sections: Sequence[str], profile: bool) -> dict[str, Any]:
+async def run(plan: Plan, sections: Sequence[str], profile: bool, accuracy_plot: Path | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "plan": dataclasses.asdict(plan), "sections": list(sections)}
     wall: dict[str, float] = {}
     started = time.perf_counter()
@@ -1204,6 +1323,10 @@ async def run(plan: Plan, sections: Sequence[str], profile: bool) -> dict[str, A
         started = time.perf_counter()
         results["walkthrough"] = await walkthrough(plan)
         wall["walkthrough"] = time.perf_counter() - started
+    if "accuracy" in sections:
+        started = time.perf_counter()
+        results["accuracy"] = await time_to_accuracy(plan, accuracy_plot)
+        wall["accuracy"] = time.perf_counter() - started
     found = targets(plan, results)
     results["targets"] = [dataclasses.asdict(target) for target in found]
     if found:
@@ -1247,6 +1370,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="rounds of each walkthrough run (default: 40, the demo's; 3 with --quick)",
     )
+    parser.add_argument(
+        "--accuracy-plot", type=Path, metavar="PNG", help="draw the accuracy section's curves to this PNG file"
+    )
     return parser
 
 
@@ -1278,7 +1404,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = dataclasses.replace(plan, **{name: value for name, value in overrides.items() if value is not None})
     started = time.perf_counter()
     try:
-        results = asyncio.run(run(plan, sections, args.profile))
+        results = asyncio.run(run(plan, sections, args.profile, args.accuracy_plot))
     except KeyboardInterrupt:
         print("bench.py: stopped", file=sys.stderr)
         return 130

@@ -48,6 +48,7 @@ __all__ = [
     "OPTIMIZERS",
     "batch_size",
     "num_steps",
+    "training_device",
     "train",
     "evaluate",
     "corrupt",
@@ -301,6 +302,25 @@ def _portable(name: str, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     return {"optimizer": name, "torch": {"state": moments, "param_groups": saved["param_groups"]}}
 
 
+def training_device(cuda: bool) -> torch.device:
+    """The device a worker trains on: the GPU when asked for (``--cuda``), else the CPU.
+
+    Asking for a GPU that is not there is an error, not a quiet fallback: a
+    site that means to train on its GPU should learn at start that it cannot.
+
+    Raises:
+        ConfigError: if ``cuda`` is set and torch sees no CUDA device.
+    """
+    if not cuda:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"torch {torch.__version__} " + (
+            "has CUDA but sees no GPU" if torch.version.cuda else "is built without CUDA"
+        )
+        raise ConfigError(f"--cuda asks for a GPU, but {build}: drop --cuda to train on the CPU")
+    return torch.device("cuda")
+
+
 def train(
     model: nn.Module,
     data: Dataset,
@@ -391,7 +411,9 @@ def train(
             if correction is not None
             else {}
         )
-        total_loss = 0.0
+        # Summed on the device, read once: a per-batch ``item()`` would wait for a GPU at every step.
+        # float64, as Python's float was, so the loss is the same to the last bit.
+        total_loss = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         for batch in _batches(len(data), plan, steps):
             if abandoned is not None and abandoned.is_set():
@@ -421,13 +443,13 @@ def train(
             if grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(list(parameters.values()), grad_clip)
             local.step()
-            total_loss += loss.item() * len(index)
+            total_loss += loss.detach().double() * len(index)
             seen += len(index)
     finally:
         if sampler is not None:
             sampler._close()  # removes Opacus's hooks and attributes from the cached model
         model.cpu()  # also when abandoned or out of memory: the cached model lives on the CPU
-    return TrainResult(total_loss / seen if seen else 0.0, steps, _portable(optimizer, local))
+    return TrainResult(total_loss.item() / seen if seen else 0.0, steps, _portable(optimizer, local))
 
 
 def _summed_loss(task: Task, output: torch.Tensor, target: torch.Tensor) -> float:

@@ -45,6 +45,7 @@ from ..partition import DEFAULT_CLASSES
 from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS
 from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
+from ..training import training_device
 from .common import (
     INTERRUPTED,
     FromFlags,
@@ -639,9 +640,7 @@ async def _with_workers(
             raise ConfigError("--worker-args only applies with --spawn-workers")
         return await action(workers, evaluator)
     extra, own = parse_worker_args(args.worker_args, [*workers, *evaluator])
-    common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1"]
-    if args.cuda:
-        common.append("--cuda")
+    common = ["--dataset", args.dataset, "--data-dir", str(args.data_dir), "--threads", "1", *_cuda_flag(args)]
     if args.model and args.model not in DEMO_MODELS:  # a user model, or a benchmark model: workers serve it only so
         common += ["--model", args.model]
     plan = [
@@ -659,6 +658,18 @@ async def _with_workers(
         return await action(spawned, spawned_evaluator)
 
 
+def _cuda_flag(args: argparse.Namespace) -> list[str]:
+    """``--cuda`` for the spawned workers, checked here first: they run on this machine, and would each stop.
+
+    Raises:
+        ConfigError: if ``--cuda`` is given and torch sees no GPU here.
+    """
+    if not args.cuda:
+        return []
+    training_device(True)
+    return ["--cuda"]
+
+
 async def _with_sites(
     args: argparse.Namespace,
     workers: dict[str, str],
@@ -672,7 +683,7 @@ async def _with_sites(
     extra, named = parse_worker_args(args.worker_args, list(sites))
     for name, words in named.items():
         sites[name][1].extend(words)  # after the site's own flags: NAME=ARGS wins
-    common = ["--threads", "1", *(["--cuda"] if args.cuda else [])]
+    common = ["--threads", "1", *_cuda_flag(args)]
     if args.model and args.model not in DEMO_MODELS and args.model not in SHAPED_MODELS:  # sites serve mlp and cnn
         common += ["--model", args.model]
     plan = [

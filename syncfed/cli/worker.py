@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also serve the benchmark models mlp-1m, mlp-10m and mlp-100m (scripts/bench.py)",
     )
-    parser.add_argument("--cuda", action="store_true", help="train on the GPU when one is available")
+    parser.add_argument(
+        "--cuda", action="store_true", help="train on the GPU (the worker stops at start if torch sees none)"
+    )
     parser.add_argument(
         "--threads",
         type=int,

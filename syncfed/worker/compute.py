@@ -49,7 +49,7 @@ from ..protocol import (
 )
 from ..tasks import Task, make_task, resolve_task
 from ..tensors import Weights
-from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train
+from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train, training_device
 from .catalog import ModelCatalog, ModelKey
 from .cores import CoreShare
 from .holdings import Holding, Served, SourceHolding
@@ -82,7 +82,7 @@ class Compute:
         for path in config.tasks:  # a bad path stops the worker at start, as a bad --model does
             resolve_task(path, _num_classes(holdings[0]))
         self._states = OptimizerStates(config.state_dir)
-        self.device = torch.device("cuda" if config.cuda and torch.cuda.is_available() else "cpu")
+        self.device = training_device(config.cuda)
         # One compute job at a time: it owns the cached models and the CPU.
         self._lock = asyncio.Lock()
         # SCAFFOLD's client control variates c_i, per model; see ``_control``.
