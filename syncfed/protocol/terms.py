@@ -32,8 +32,9 @@ class Terms:
 
     ``model`` ``None`` and ``rounds`` 0 declare an analytics job, which trains
     nothing. ``sites`` counts the training sites, this one included: that the
-    job has, or in a synchronous round's fit, that the round trains. ``dp_epsilon`` (and ``dp_delta``) is the privacy budget the
-    coordinator promises to stop within; ``None`` with ``dp`` set: it names none.
+    job has, or in a synchronous round's fit, that the round trains.
+    ``dp_epsilon`` (and ``dp_delta``) is the privacy budget the coordinator
+    promises to stop within; ``None`` with ``dp`` set: it names none.
     """
 
     job: str
