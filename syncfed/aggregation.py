@@ -176,14 +176,24 @@ class RunningMean:
         if not self.count:
             raise AggregationError("no updates to aggregate")
         divisor = self.total if self.weighted else self.count
-        if self.origin is None:
-            return {
-                name: from_float64(total / divisor, self._template[name].dtype) for name, total in self._sums.items()
-            }
-        return {
-            name: from_float64(total / divisor + self.origin[name], self._template[name].dtype)
-            for name, total in self._sums.items()
-        }
+        # In blocks, as in add: whole-tensor float64 temporaries would be the coordinator's memory peak.
+        scratch = np.empty(_BLOCK, dtype=np.float64)
+        mean: Weights = {}
+        for name, total in self._sums.items():
+            dtype = self._template[name].dtype
+            result = mean[name] = np.empty(total.shape, dtype=dtype)
+            flat, out = total.reshape(-1), result.reshape(-1)
+            origin = None if self.origin is None else np.ravel(self.origin[name])
+            for start in range(0, flat.size, _BLOCK):
+                stop = min(start + _BLOCK, flat.size)
+                part = scratch[: stop - start]
+                np.divide(flat[start:stop], divisor, out=part)
+                if origin is not None:
+                    np.add(part, origin[start:stop], out=part)
+                if not np.issubdtype(dtype, np.floating):
+                    np.rint(part, out=part)  # as from_float64
+                np.copyto(out[start:stop], part, casting="unsafe")
+        return mean
 
 
 def _average(updates: Sequence[Update], *, weighted: bool) -> Weights:

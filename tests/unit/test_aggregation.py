@@ -362,3 +362,26 @@ def test_running_mean_origin_must_fit_the_updates() -> None:
     running = RunningMean(origin={"w": np.zeros(3, np.float32)})
     with pytest.raises(AggregationError, match=r"update 0 has tensor w of shape \(4,\), the origin has \(3,\)"):
         running.add({"w": np.zeros(4, np.float32)}, 1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.booleans(), st.booleans())
+def test_running_mean_result_is_the_whole_tensor_formula_bit_for_bit(
+    seed: int, blocks: int, weighted: bool, with_origin: bool
+) -> None:
+    """result() works in blocks to bound its temporaries; across block edges it must equal the plain formula."""
+    rng = np.random.default_rng(seed)
+    size = blocks * 65_536 + int(rng.integers(1, 999))
+    origin = {"w": rng.normal(0, 1, size).astype(np.float32), "n": np.array([3, 8], dtype=np.int64)}
+    ups = [
+        ({"w": rng.normal(0, 1, size).astype(np.float32), "n": rng.integers(0, 9, 2)}, int(rng.integers(1, 500)))
+        for _ in range(3)
+    ]
+    running = RunningMean(weighted=weighted, origin=origin if with_origin else None)
+    for weights, count in ups:
+        running.add(weights, count)
+    divisor = sum(count for _, count in ups) if weighted else len(ups)
+    for name, array in running.result().items():
+        total = running._sums[name] / divisor
+        expected = from_float64(total + origin[name] if with_origin else total, origin[name].dtype)
+        assert array.dtype == expected.dtype and array.tobytes() == expected.tobytes()
