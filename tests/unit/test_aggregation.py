@@ -385,3 +385,31 @@ def test_running_mean_result_is_the_whole_tensor_formula_bit_for_bit(
         total = running._sums[name] / divisor
         expected = from_float64(total + origin[name] if with_origin else total, origin[name].dtype)
         assert array.dtype == expected.dtype and array.tobytes() == expected.tobytes()
+
+
+def test_running_mean_reuses_released_sums_and_gives_the_same_bits() -> None:
+    rng = np.random.default_rng(5)
+    origin = {"w": rng.normal(0, 1, (70, 1000)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    rounds = [
+        [
+            ({name: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32) for name, a in origin.items()}, 3 + k)
+            for k in range(3)
+        ]
+        for _ in range(2)
+    ]
+    first = RunningMean(origin=origin)
+    for weights, count in rounds[0]:
+        first.add(weights, count)
+    first.result()
+    spare = first.release()
+    assert first.count == 0 and set(spare) == {"w", "b"}
+    with pytest.raises(AggregationError, match="no updates to aggregate"):
+        first.result()
+    spare["b"] = np.full(4, 9.0)  # another shape: not reused
+    reused, fresh = RunningMean(origin=origin, spare=spare), RunningMean(origin=origin)
+    for weights, count in rounds[1]:
+        reused.add(weights, count)
+        fresh.add(weights, count)
+    assert reused._sums["w"] is spare["w"] and reused._sums["b"] is not spare["b"]
+    for name, array in fresh.result().items():
+        assert reused.result()[name].tobytes() == array.tobytes()
