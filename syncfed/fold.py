@@ -70,17 +70,23 @@ class StreamingFold:
         delta: bool,
         held: Mapping[str, int],
         control: Weights | None = None,
+        spare: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """``held``: each worker's example count as its hello said, the most its updates may weigh;
-        ``control``: the server control variate sent with the round (SCAFFOLD), which updates must match."""
+        ``control``: the server control variate sent with the round (SCAFFOLD), which updates must match;
+        ``spare``: a previous fold's :meth:`release`, arrays the running sums may reuse (see :class:`RunningMean`)."""
         self.strategy = strategy
         self.streamed = strategy.streamed()
         self.reference = reference
         self.keep = keep
         self.delta = delta  # replies carry updates relative to ``reference``
         self.held = held
-        self.mean = (
-            RunningMean(weighted=self.streamed.weighted, origin=None if delta else reference)
+        self.mean: RunningMean | None = (
+            RunningMean(
+                weighted=self.streamed.weighted,
+                origin=None if delta else reference,
+                spare=spare,
+            )
             if self.streamed is not None
             else None
         )
@@ -124,6 +130,10 @@ class StreamingFold:
             self.dp_epsilons[name] = reply.dp_epsilon
         self.examples[name] = reply.num_examples
         return None
+
+    def release(self) -> dict[str, np.ndarray]:
+        """The running sums' arrays, for the next round's fold to reuse (``spare``); call after :meth:`aggregate`."""
+        return self.mean.release() if self.mean is not None else {}
 
     def aggregate(self, num_workers: int) -> Weights:
         """The next global model: the strategy's step from the running mean, or its rule over every update."""

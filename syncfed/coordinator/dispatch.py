@@ -47,6 +47,7 @@ class Dispatch:
         self.pool = pool
         # Flow control: updates received at once, so the peak holds a few updates however many workers finish.
         self._slots = asyncio.Semaphore(config.receive_slots) if config.receive_slots else None
+        self._folding = asyncio.Lock()  # one fold at a time, in arrival order (asyncio.Lock is fair)
 
     def fit(self, version: int, seed: int, lr: float, weights: Weights, needs: WorkerNeeds, *, delta: bool) -> Fit:
         """The request that trains one worker from ``weights``, with what the strategy ``needs``."""
@@ -90,7 +91,7 @@ class Dispatch:
         if self._slots is None:
             reply = await link.request(fit, timeout=timeout)
             assert isinstance(reply, FitResult)  # request() checked the reply's kind
-            return take(reply)
+            return await self._fold(take, reply)
         held = await link.request(
             dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
         )
@@ -98,7 +99,18 @@ class Dispatch:
         async with self._slots:
             reply = await link.request(Fetch(held.token), timeout=timeout)
             assert isinstance(reply, FitResult)
-            return take(reply)
+            return await self._fold(take, reply)
+
+    async def _fold(self, take: Callable[[FitResult], _T], reply: FitResult) -> _T:
+        """``take(reply)`` in a thread, one at a time: numpy releases the GIL, so the event loop keeps
+        reading the other workers' replies (and answering pings) on the second core meanwhile."""
+        async with self._folding:
+            work = asyncio.ensure_future(asyncio.to_thread(take, reply))
+            try:
+                return await asyncio.shield(work)
+            except asyncio.CancelledError:
+                await asyncio.wait([work])  # a thread cannot be stopped: the next fold waits for this one
+                raise
 
     async def collect_updates(
         self,

@@ -14,6 +14,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..disclosure import losses_text, round_figures
 from ..exceptions import QuorumNotMet
 from ..failure import Failure
@@ -39,6 +41,7 @@ class SyncRounds:
     def __init__(self, context: RunContext, private: PrivateRounds | None) -> None:
         self.context = context
         self.private = private
+        self._spare: dict[str, np.ndarray] = {}  # the last fold's sums, reused: fresh ones cost page faults
 
     async def run(self, start: int, result: RunResult, groups: Mapping[str, Sequence[int]]) -> None:
         """Rounds ``start`` to ``training_rounds``: train, evaluate, record."""
@@ -72,6 +75,8 @@ class SyncRounds:
         fold, failures, selected = await self._gather(round_number, result.weights, trainers, keep=keep)
         self.context.strategy.note_failures(round_number, failures)
         result.weights = finite_model(fold.aggregate(len(trainers)), round_number)
+        if isinstance(fold, StreamingFold):
+            self._spare = fold.release()
         contributors = [link.name for link in trainers if link.name in fold.losses]  # in the workers' order
         record = RoundRecord(
             round_number,
@@ -168,7 +173,9 @@ class SyncRounds:
             delta=config.compress != "none",
             held=context.pool.num_examples,
             control=needs.control,
+            spare=self._spare,
         )
+        self._spare = {}
         lost = await context.dispatch.collect_updates(round_number, weights, needs, trainers, selected, fold)
         return fold, lost
 

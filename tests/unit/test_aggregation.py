@@ -362,3 +362,54 @@ def test_running_mean_origin_must_fit_the_updates() -> None:
     running = RunningMean(origin={"w": np.zeros(3, np.float32)})
     with pytest.raises(AggregationError, match=r"update 0 has tensor w of shape \(4,\), the origin has \(3,\)"):
         running.add({"w": np.zeros(4, np.float32)}, 1)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 3), st.booleans(), st.booleans())
+def test_running_mean_result_is_the_whole_tensor_formula_bit_for_bit(
+    seed: int, blocks: int, weighted: bool, with_origin: bool
+) -> None:
+    """result() works in blocks to bound its temporaries; across block edges it must equal the plain formula."""
+    rng = np.random.default_rng(seed)
+    size = blocks * 65_536 + int(rng.integers(1, 999))
+    origin = {"w": rng.normal(0, 1, size).astype(np.float32), "n": np.array([3, 8], dtype=np.int64)}
+    ups = [
+        ({"w": rng.normal(0, 1, size).astype(np.float32), "n": rng.integers(0, 9, 2)}, int(rng.integers(1, 500)))
+        for _ in range(3)
+    ]
+    running = RunningMean(weighted=weighted, origin=origin if with_origin else None)
+    for weights, count in ups:
+        running.add(weights, count)
+    divisor = sum(count for _, count in ups) if weighted else len(ups)
+    for name, array in running.result().items():
+        total = running._sums[name] / divisor
+        expected = from_float64(total + origin[name] if with_origin else total, origin[name].dtype)
+        assert array.dtype == expected.dtype and array.tobytes() == expected.tobytes()
+
+
+def test_running_mean_reuses_released_sums_and_gives_the_same_bits() -> None:
+    rng = np.random.default_rng(5)
+    origin = {"w": rng.normal(0, 1, (70, 1000)).astype(np.float32), "b": np.zeros(3, np.float32)}
+    rounds = [
+        [
+            ({name: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32) for name, a in origin.items()}, 3 + k)
+            for k in range(3)
+        ]
+        for _ in range(2)
+    ]
+    first = RunningMean(origin=origin)
+    for weights, count in rounds[0]:
+        first.add(weights, count)
+    first.result()
+    spare = first.release()
+    assert first.count == 0 and set(spare) == {"w", "b"}
+    with pytest.raises(AggregationError, match="no updates to aggregate"):
+        first.result()
+    spare["b"] = np.full(4, 9.0)  # another shape: not reused
+    reused, fresh = RunningMean(origin=origin, spare=spare), RunningMean(origin=origin)
+    for weights, count in rounds[1]:
+        reused.add(weights, count)
+        fresh.add(weights, count)
+    assert reused._sums["w"] is spare["w"] and reused._sums["b"] is not spare["b"]
+    for name, array in fresh.result().items():
+        assert reused.result()[name].tobytes() == array.tobytes()

@@ -120,7 +120,7 @@ def test_the_magic_cannot_start_a_single_frame_message() -> None:
     assert STREAM_MAGIC[:1] == b"\xc7"
     with pytest.raises(ProtocolError):
         decode(STREAM_MAGIC[:3])
-    assert DEFAULT_CHUNK_SIZE == 4 * MiB
+    assert DEFAULT_CHUNK_SIZE == MiB
 
 
 @settings(max_examples=60, deadline=None)
