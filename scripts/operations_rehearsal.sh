@@ -73,7 +73,7 @@ done
 for id in hospital-a hospital-b hospital-c; do
     cat > "startup/$id/site-policy.toml" <<'T'
 coordinators = ["coordinator"]
-min_other_sites = 2
+min_other_sites = 1
 
 [training]
 max_rounds = 100
