@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -53,3 +54,26 @@ def test_help_and_unknown_options() -> None:
     refused = subprocess.run(["bash", str(SCRIPT), "--runtim"], capture_output=True, text=True, timeout=30)
     assert refused.returncode == 2
     assert refused.stderr == "setup.sh: unknown option --runtim (use --runtime, --dry-run or --help)\n"
+
+
+def test_for_the_tests_it_installs_chromium_when_missing_and_not_for_the_runtime(tmp_path: Path) -> None:
+    shims = tmp_path / "bin"  # the tools the script needs, without chromium
+    shims.mkdir()
+    for tool in ("bash", "python3", "apt-get", "id", "dirname", "sed"):
+        found = shutil.which(tool)
+        assert found is not None, tool
+        (shims / tool).symlink_to(found)
+
+    def steps(*flags: str) -> list[str]:
+        done = subprocess.run(
+            [str(shims / "bash"), str(SCRIPT), *flags, "--dry-run"],
+            env={"PATH": str(shims), "VENV": str(tmp_path / "venv")},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 0, done.stderr
+        return [line.removeprefix("sudo ") for line in done.stdout.splitlines() if "apt-get" in line]
+
+    assert steps() == ["apt-get update -qq", "apt-get install -y -qq chromium chromium-driver"]
+    assert steps("--runtime") == []
