@@ -125,7 +125,7 @@ curl -sk -o /dev/null -w "%{http_code}\n" https://127.0.0.1:18444/api/state
 
 # A site drops out mid-job and comes back; then the service restarts under a running job.
 printf 'name = "site-down"\nworkers = ["hospital-a", "hospital-b", "hospital-c"]\nevaluator = "registry"\n' > down.toml
-printf 'training-rounds = 100\neval-every = 25\nsecure-agg = true\nmin-workers = 2\nlocal-epochs = 30\n' >> down.toml
+printf 'training-rounds = 100\neval-every = 25\nsecure-agg = true\nmin-workers = 2\nlocal-epochs = 150\n' >> down.toml
 say python -m syncfed admin --config admin.toml submit down.toml; "${ADMIN[@]}" submit down.toml
 sleep 3
 kill "$SITE_hospital_c"; echo "(hospital-c stopped)"

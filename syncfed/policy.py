@@ -26,7 +26,7 @@ from .exceptions import ConfigError, RequestFailed
 from .privacy import noise_for_epsilon, noise_std
 from .protocol import QUERIES, Evaluate, Fit, Message, Query, SecAggMask, Terms
 
-__all__ = ["SitePolicy", "load_policy", "policy_from", "required_noise_std", "with_terms"]
+__all__ = ["SitePolicy", "check_accepted", "load_policy", "policy_from", "required_noise_std", "with_terms"]
 
 #: The error code of every refusal.
 CODE: Final = "policy"
@@ -149,6 +149,28 @@ class SitePolicy:
         return terms
 
 
+def check_accepted(terms: Terms, accepted: Terms | None, *, secure_clients: int | None = None) -> None:
+    """Refuse a request whose terms are not a job this site accepted on this connection, as accepted.
+
+    Only ``sites`` may differ, and only downwards: the coordinator declares the sites a round trains,
+    never more than the site accepted. Inside a secure round (``secure_clients``: its number of clients,
+    which the masks prove) a request may not declare more sites than that either, since a larger
+    count would lower the noise a site must add. So a coordinator can neither skip the proposal
+    (which the worker logs) nor change a job's terms after it was accepted.
+
+    Raises:
+        RequestFailed: code ``policy``.
+    """
+    if accepted is None:
+        _refuse("terms", f"job {terms.job} was not proposed on this connection")
+    if replace(terms, sites=accepted.sites) != accepted:
+        _refuse("terms", f"the request's terms of job {terms.job} differ from those the site accepted")
+    if terms.sites > accepted.sites:
+        _refuse("terms", f"the request declares {terms.sites} sites, the job was accepted for {accepted.sites}")
+    if secure_clients is not None and terms.sites > secure_clients:
+        _refuse("terms", f"the request declares {terms.sites} sites, its secure round has {secure_clients} clients")
+
+
 def with_terms(message: Message, terms: Terms | None) -> Message:
     """``message`` declaring the job's ``terms``: a fit, evaluate or query, or the task a ``secagg_mask`` carries.
 
@@ -202,6 +224,8 @@ def required_noise_std(terms: Terms, clip: float) -> float:
         return noise_std(_multiplier(terms.dp_epsilon, terms.rounds, terms.dp_delta), clip, terms.sites)
     except ConfigError as exc:
         _refuse("terms", f"the site cannot check the job's noise: {exc}")
+    except Exception as exc:  # the accountant's own errors on budgets it cannot solve: a refusal, not a crash
+        _refuse("terms", f"the site cannot check the job's noise: {type(exc).__name__}: {exc}")
 
 
 @functools.lru_cache(maxsize=64)

@@ -34,7 +34,7 @@ from ..net.dial_in import DialInLink, DialInListener
 from ..net.link import LinkSettings, WorkerLink
 from ..net.transport import client_tls, server_tls
 from ..protocol import DataPlan, Hello, Info, Recipe
-from .proposal import refusal_line
+from .proposal import propose, refusal_line
 
 __all__ = ["Backoff", "Pool", "dial_in_listener", "greet", "traffic", "worker_links"]
 
@@ -106,12 +106,14 @@ def dial_in_listener(
 async def greet(
     link: WorkerLink, *, timeout: float, report: Callable[[str], None], wait_for_start: bool = True
 ) -> Info:
-    """Connect ``link`` unless it is connected (a service's links stay so), and ask what the worker holds.
+    """Connect ``link`` unless it is connected (a service's links stay so), and ask what the worker holds;
+    propose its job's terms again when it has some (a worker back mid-job).
 
     Raises:
         WorkerUnavailable: it cannot be reached, or a dial-in worker's hello names another id than its credential
             proved (it is refused, with one line to ``report``).
-        RemoteError, ProtocolError: it answered hello with an error or an invalid info.
+        RemoteError, ProtocolError: it answered hello with an error or an invalid info, or its policy refused
+            the job's terms (code ``policy``).
     """
     if not link.connected:
         await link.connect(wait_for_start=wait_for_start)
@@ -126,6 +128,10 @@ async def greet(
         report(f"Refused dial-in worker {link.name}: {reason}")
         await link.refuse(reason)
         raise WorkerUnavailable(link.name, reason)
+    if link.terms is not None:  # a worker back mid-job: a site with a policy serves only what it accepted anew
+        refused = await propose([link], link.terms, timeout=timeout)
+        if refused:
+            raise RemoteError(link.name, "policy", refused[link.name])
     return info
 
 

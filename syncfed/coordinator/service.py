@@ -279,6 +279,10 @@ class Service:
         except ConfigError as exc:  # it was checked at submission: this service's workers changed since
             self._fail(job_id, str(exc))
             return
+        except Exception as exc:  # an allowed import that breaks, say: this job fails, the queue behind it goes on
+            logger.exception("job %s cannot start", job_id)
+            self._fail(job_id, f"cannot start: {type(exc).__name__}: {exc}")
+            return
         started = record["started_at"] or time.time()
         self.store.update(job_id, state="running", started_at=started)
         links = self.table.lend(self._needs(parsed), job_id)

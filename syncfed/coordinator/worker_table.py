@@ -94,6 +94,7 @@ class WorkerTable:
     def give_back(self, job: str) -> None:
         for name in [name for name, holder in self.lent.items() if holder == job]:
             del self.lent[name]
+            self.links[name].terms = None  # the job's: the next job proposes its own
         self.on_change()
 
     async def _watch_links(self) -> None:

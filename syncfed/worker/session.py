@@ -50,6 +50,7 @@ from ..protocol import (
     encode_fragments,
 )
 from ..protocol.session_rules import SessionRules
+from .policy_gate import PolicyGate
 from .secure_steps import SecureSteps
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ class Session:
             time.monotonic(), handshake_timeout=config.handshake_timeout, idle_timeout=config.idle_timeout
         )
         steps = SecureSteps(config, worker.compute, self.rules)
+        self.gate = PolicyGate(worker)  # what a site with a policy accepted on this connection
         # One table from request kind to what serves it (NVFlare's ``execute(task_name, ...)``);
         # fetch is not computed but handed over by the rules (see ``reply_for``).
         self.handlers: dict[str, Handler] = {
@@ -280,40 +282,8 @@ class Session:
     async def compute_reply(self, message: Message) -> Message:
         """What the handler of ``message``'s kind answers, once the site's policy allows it."""
         if self.worker.policy is not None:
-            self.judge(message)
+            self.gate.judge(message, coordinator=self.coordinator, peer=self.peer)
         return await self.handlers[message.kind](message)
-
-    def judge(self, message: Message) -> None:
-        """Refuse, before any work, a job the site's policy does not allow, or a request that strays from its job.
-
-        Raises:
-            RequestFailed: code ``policy``, logged in one line.
-        """
-        policy, worker = self.worker.policy, self.worker
-        assert policy is not None
-        task = message.task if isinstance(message, SecAggMask) else message
-        try:
-            if isinstance(task, Propose):
-                terms = task.terms
-                policy.check_terms(terms, coordinator=self.coordinator, data_key=worker.data_key(terms.dataset_key))
-            elif isinstance(task, Fit | Evaluate):
-                key = worker.data_key(task.dataset_key)
-                terms = policy.check_request(
-                    task, coordinator=self.coordinator, data_key=key, secure=task is not message
-                )
-                if isinstance(task, Fit):  # last: a refused fit counts for nothing
-                    worker.ledger.admit(self.coordinator, terms, task.plan.round)
-            elif isinstance(task, Query):  # over the default data set, which a query cannot change
-                key = worker.data_key(None)
-                policy.check_request(task, coordinator=self.coordinator, data_key=key, secure=task is not message)
-            elif isinstance(task, SecAggStart):  # the masks need every client, so their number is no claim
-                policy.check_sites(task.config.num_clients, "the secure round")
-        except RequestFailed as exc:
-            declared = getattr(task, "terms", None)
-            job = f"job {declared.job}" if declared is not None else "a request without terms"
-            who = "an unverified coordinator" if self.coordinator is None else f"coordinator {self.coordinator!r}"
-            logger.warning("policy: refused %s (%s) of %s at %s: %s", job, message.kind, who, self.peer, exc)
-            raise
 
     async def accept(self, message: Propose) -> Message:
         """Propose: the job's terms, checked by :meth:`judge` when the site has a policy."""

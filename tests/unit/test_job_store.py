@@ -9,12 +9,13 @@ import pytest
 
 from syncfed.cli.serve import JOB_FLAGS
 from syncfed.config import DIAL_IN
-from syncfed.coordinator.job_file import read_job
+from syncfed.coordinator.job_file import JobFile, read_job
 from syncfed.coordinator.job_run import LOG, JobRun
 from syncfed.coordinator.job_store import JobStore
 from syncfed.coordinator.service import Service, ServiceSettings
 from syncfed.exceptions import ConfigError, JobStateError, UnknownJob
 from syncfed.net.dial_in import DialInLink
+from syncfed.service_api import JobRecord
 
 
 def add(store: JobStore, name: str) -> str:
@@ -185,3 +186,31 @@ def test_logs_and_metrics_leave_out_a_half_written_last_line(tmp_path: Path) -> 
         return await service.logs(job_id), await service.metrics(job_id)
 
     assert asyncio.run(scenario()) == ((["one", "two"], 2), [{"round": 1}])
+
+
+def test_a_job_that_cannot_start_fails_and_the_queue_behind_it_goes_on(tmp_path: Path) -> None:
+    async def scenario() -> tuple[JobRecord, list[str]]:
+        service = Service(settings(tmp_path, "alice", "bob"), flags=JOB_FLAGS, report=lambda line: None)
+        first = service.queue('workers = ["alice"]', service.check('workers = ["alice"]'), by="ada")
+        service.queue('workers = ["bob"]', service.check('workers = ["bob"]'), by="ada")
+        checked, started = service.check, []
+
+        def check(text: str) -> JobFile:  # an allowed import that breaks when the job starts, say
+            if "alice" in text:
+                raise RuntimeError("module exploded")
+            return checked(text)
+
+        async def run(job_id: str, job: JobFile, links: object, *, resume: bool) -> None:
+            started.append(job_id)
+
+        service.check = check  # type: ignore[method-assign]
+        service._run = run  # type: ignore[method-assign]
+        service.table.ready = lambda name: True  # type: ignore[method-assign]
+        service.table.lend = lambda names, job: dict.fromkeys(names)  # type: ignore[method-assign,assignment]
+        service._start_ready()
+        await asyncio.sleep(0)
+        return service.store.get(first["id"]), started
+
+    first, started = asyncio.run(scenario())
+    assert (first["state"], first["reason"]) == ("failed", "cannot start: RuntimeError: module exploded")
+    assert started == ["2"]

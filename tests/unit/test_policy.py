@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from syncfed.exceptions import ConfigError, RequestFailed
-from syncfed.policy import SitePolicy, load_policy, policy_from, required_noise_std, with_terms
+from syncfed.policy import SitePolicy, check_accepted, load_policy, policy_from, required_noise_std, with_terms
 from syncfed.privacy import noise_for_epsilon, noise_std
 from syncfed.protocol import Evaluate, Fit, Ping, Query, Terms, TrainingPlan
 
@@ -307,3 +307,31 @@ def test_a_secure_round_needs_min_other_sites_besides_this_one() -> None:
     with pytest.raises(RequestFailed) as raised:
         policy.check_sites(2, "the secure round")
     assert raised.value.reason == "min_other_sites: the secure round has 1 other sites, the policy needs at least 2"
+
+
+def test_a_request_must_declare_the_terms_the_site_accepted_with_at_most_its_sites() -> None:
+    def reason(terms: Terms, accepted: Terms | None, secure_clients: int | None = None) -> str:
+        with pytest.raises(RequestFailed) as raised:
+            check_accepted(terms, accepted, secure_clients=secure_clients)
+        return raised.value.reason
+
+    check_accepted(JOB, JOB)
+    check_accepted(dataclasses.replace(JOB, sites=2), JOB, secure_clients=2)  # a round of fewer sites
+    assert reason(JOB, None) == "terms: job j1 was not proposed on this connection"
+    assert reason(dataclasses.replace(JOB, rounds=30), JOB) == (
+        "terms: the request's terms of job j1 differ from those the site accepted"
+    )
+    # More sites would lower the noise a site must add: refused, and inside a secure round bounded by its clients.
+    assert reason(dataclasses.replace(JOB, sites=10**6), JOB) == (
+        "terms: the request declares 1000000 sites, the job was accepted for 3"
+    )
+    assert reason(JOB, JOB, secure_clients=2) == "terms: the request declares 3 sites, its secure round has 2 clients"
+
+
+def test_a_budget_the_accountant_cannot_solve_is_a_refusal_not_a_crash() -> None:
+    impossible = Terms(job="j", sites=3, model="m", rounds=10**9, dp="distributed", dp_epsilon=0.001, dp_delta=1e-5)
+    with pytest.raises(RequestFailed) as raised:
+        required_noise_std(impossible, 1.0)
+    assert raised.value.code == "policy" and raised.value.reason.startswith(
+        "terms: the site cannot check the job's noise"
+    )

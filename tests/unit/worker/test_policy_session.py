@@ -133,6 +133,17 @@ def test_a_site_refuses_repeated_rounds_starved_noise_and_a_small_secure_round(
         async with LinkPair(policy=policy) as pair:
             pair.worker.ledger = FitLedger(max_fits_per_round=2)
             await pair.client.request(Hello())
+            assert await refused(pair, Fit("digits-cnn", weights, transfer, terms=JOB)) == (
+                "terms: job j1 was not proposed on this connection"
+            )
+            for terms in (JOB, private):
+                assert isinstance(await pair.client.request(Propose(terms)), Accepted)
+            assert await refused(
+                pair, Fit("digits-cnn", weights, transfer, terms=dataclasses.replace(JOB, sites=9))
+            ) == ("terms: the request declares 9 sites, the job was accepted for 3")
+            assert await refused(
+                pair, Fit("digits-cnn", weights, transfer, terms=dataclasses.replace(JOB, rounds=9))
+            ) == ("terms: the request's terms of job j1 differ from those the site accepted")
             for _ in range(2):
                 assert isinstance(await pair.client.request(Fit("digits-cnn", weights, transfer, terms=JOB)), FitResult)
             assert await refused(pair, Fit("digits-cnn", weights, transfer, terms=JOB)) == (
