@@ -37,6 +37,7 @@ from syncfed.net.link import WorkerLink
 from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     PROTOCOL_VERSION,
+    Accepted,
     Error,
     Fetch,
     Fit,
@@ -46,6 +47,7 @@ from syncfed.protocol import (
     Info,
     Ping,
     Pong,
+    Propose,
     decode,
     encode,
 )
@@ -119,7 +121,8 @@ def packed(request_id: int, kind: str, body: dict[str, Any]) -> bytes:
 
 
 def greeter(info: Info, fit: Callable[[int, Fit], bytes]) -> Answer:
-    """Greets with ``info``, answers pings, and answers fit requests with ``fit`` (held first when asked to)."""
+    """Greets with ``info``, answers pings, accepts proposals, and answers fit requests with ``fit`` (held first
+    when asked to)."""
     held: dict[int, Fit] = {}
 
     def answer(request_id: int, message: Any) -> bytes:
@@ -127,6 +130,8 @@ def greeter(info: Info, fit: Callable[[int, Fit], bytes]) -> Answer:
             return encode(request_id, info)
         if isinstance(message, Ping):
             return encode(request_id, Pong())
+        if isinstance(message, Propose):  # a worker without a site policy accepts every job
+            return encode(request_id, Accepted())
         if isinstance(message, Fetch):
             return fit(request_id, held.pop(message.token))
         assert isinstance(message, Fit), message
