@@ -34,7 +34,16 @@ from ..exceptions import (
     WorkerUnavailable,
 )
 from ..policy import with_terms
-from ..protocol import DEFAULT_CHUNK_SIZE, Error, Message, MessageDecoder, Terms, encode_fragments, reply_kind
+from ..protocol import (
+    DEFAULT_CHUNK_SIZE,
+    Error,
+    Message,
+    MessageDecoder,
+    Outgoing,
+    Terms,
+    encode_fragments,
+    reply_kind,
+)
 from .transport import connection_options, off_loop, receive, receive_message, send_message
 
 __all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "ping"]
@@ -75,6 +84,22 @@ def _refused_everywhere(exc: OSError) -> bool:
     text = str(exc)
     codes = re.findall(r"\[Errno (\d+)\]", text)
     return text.startswith("Multiple exceptions") and bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
+
+
+async def _send_whole(connection: Connection, outgoing: Outgoing) -> None:
+    """Send ``outgoing``, finishing it even when the request is given up midway (aborted, timed out).
+
+    A message cut off after its first fragment leaves the connection unusable, and websockets closes
+    it: the worker would be lost to a cancelled request. Sent whole, its late reply is dropped like
+    any reply to a request that gave up (:meth:`WorkerLink._deliver`), and the connection goes on.
+    """
+    sending = asyncio.ensure_future(send_message(connection, outgoing))
+    try:
+        await asyncio.shield(sending)
+    except asyncio.CancelledError:
+        # Its failure, if any (the connection closing), is the connection's news, not this request's.
+        sending.add_done_callback(lambda task: None if task.cancelled() else task.exception())
+        raise
 
 
 def _settle(future: asyncio.Future[Message], outcome: Message | Exception) -> None:
@@ -312,7 +337,7 @@ class WorkerLink:
         try:
             async with asyncio.timeout(limit):
                 outgoing = encode_fragments(request_id, message, chunk_size=self.chunk_size)
-                await send_message(self._connection, outgoing)
+                await _send_whole(self._connection, outgoing)
                 self.bytes_sent += outgoing.size
                 answer = await reply
         except TimeoutError:

@@ -111,8 +111,7 @@ def test_two_jobs_on_disjoint_workers_run_at_once_and_aborts_leave_the_workers_c
 
             await until(training, "the long job's first round")
             await service.abort(long["id"], by="bo")
-            # A request cut off mid-message closes its connection: such a worker dials again by itself.
-            await until(all_connected, "the workers after the abort")
+            await asyncio.sleep(200 * MS)  # the workers may still be training: they stay connected all the same
             workers = [record["id"] for record in await service.workers() if record["connected"]]
             metrics = await service.metrics(first["id"])
             rounds = [event["round"] for event in metrics if event["event"] == "round"]

@@ -1,13 +1,17 @@
-"""WorkerLink: one way to build it from shared settings, and its old name kept for one release."""
+"""WorkerLink: one way to build it from shared settings, its old name kept for one release, and a request given
+up midway that leaves the connection usable."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import ssl
 from pathlib import Path
 
+import numpy as np
 import pytest
+from linkpair import LinkPair
 
 import syncfed.client
 import syncfed.spawn
@@ -16,6 +20,7 @@ from syncfed.cli.common import link_settings
 from syncfed.exceptions import ConfigError
 from syncfed.net import spawn, transport
 from syncfed.net.link import LinkSettings, WorkerClient, WorkerLink
+from syncfed.protocol import Fit, Hello, Ping, Pong, TrainingPlan
 
 #: What a link is made of: the settings it was given.
 SETTINGS = [field.name for field in dataclasses.fields(LinkSettings)]
@@ -101,3 +106,23 @@ def test_tls_files_are_read_for_wss_workers_only(tmp_path: Path) -> None:
     assert link_settings(missing, "ws://localhost:1").tls is None
     with pytest.raises(ConfigError, match="^cannot load TLS files"):
         link_settings(missing, "wss://localhost:1")
+
+
+def test_a_request_given_up_mid_message_is_sent_whole_and_the_connection_goes_on() -> None:
+    async def scenario() -> tuple[bool, bool]:
+        async with LinkPair() as pair:
+            link = WorkerLink("linked", pair.uri, max_message_size=pair.config.max_message_size, chunk_size=16384)
+            async with link:
+                await link.request(Hello())
+                plan = TrainingPlan(round=1, batch_size=8, num_batches=1, lr=0.1, seed=0)
+                big = Fit("digits-cnn", {"w": np.ones(4_000_000, np.float32)}, plan)  # 16 MB in 16 KiB fragments
+                request = asyncio.create_task(link.request(big))
+                for _ in range(5):  # into the send, a few fragments out
+                    await asyncio.sleep(0)
+                request.cancel()  # an aborted job, say
+                with pytest.raises(asyncio.CancelledError):
+                    await request
+                answer = await link.request(Ping(), timeout=10)
+                return link.connected, isinstance(answer, Pong)
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True)
