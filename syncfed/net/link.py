@@ -89,10 +89,14 @@ def _refused_everywhere(exc: OSError) -> bool:
 async def _send_whole(connection: Connection, outgoing: Outgoing) -> None:
     """Send ``outgoing``, finishing it even when the request is given up midway (aborted, timed out).
 
-    A message cut off after its first fragment leaves the connection unusable, and websockets closes
-    it: the worker would be lost to a cancelled request. Sent whole, its late reply is dropped like
+    A streamed message cut off after its first fragment leaves the connection unusable
+    (:func:`~syncfed.net.transport.send_message` then aborts it): the worker would be lost to a
+    cancelled request. Sent whole, its late reply is dropped like
     any reply to a request that gave up (:meth:`WorkerLink._deliver`), and the connection goes on.
     """
+    if not outgoing.streamed:  # one frame goes out whole or not at all: sent in the request's own task
+        await send_message(connection, outgoing)
+        return
     sending = asyncio.ensure_future(send_message(connection, outgoing))
     try:
         await asyncio.shield(sending)
