@@ -6,6 +6,7 @@ here only what ties it to the coordinator's output is checked, cheaply.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -38,8 +39,26 @@ def test_the_federated_score_line_gives_its_accuracy(bench: ModuleType) -> None:
 
 def test_the_curves_are_drawn_whether_or_not_a_mode_reached_the_target(bench: ModuleType, tmp_path: Path) -> None:
     rows = [
-        {"mode": "sync", "points": [(1, 9.0, 0.5), (2, 9.6, 0.96)], "reached_round": 2, "reached_s": 9.6},
-        {"mode": "async", "points": [(1, 9.5, 0.3)], "reached_round": None, "reached_s": None},
+        bench.curve("sync", "syncfed sync", [(1, 9.0, 0.5), (2, 9.6, 0.96)]),
+        bench.curve("async", "syncfed async", [(1, 9.5, 0.3)]),
+        bench.curve("flower", "Flower 1.42.0", [(1, 12.0, 0.4), (2, 12.5, 0.95)]),
     ]
     bench.plot_accuracy(rows, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_a_curve_says_where_it_first_reached_the_target(bench: ModuleType) -> None:
+    points = [(1, 9.0, 0.5), (2, 9.6, bench.ACCURACY_TARGET), (3, 10.1, 0.99)]
+    row = bench.curve("flower", "Flower 1.42.0", points)
+    assert (row["first_evaluation_s"], row["reached_round"], row["reached_s"]) == (9.0, 2, 9.6)
+    assert bench.curve("sync", "syncfed sync", points[:1])["reached_round"] is None
+
+
+def test_a_named_flower_python_without_flwr_is_an_error_not_a_skip(bench: ModuleType, tmp_path: Path) -> None:
+    """--flower-python names a venv on purpose: where flwr does not import there, the run says so."""
+    (tmp_path / "flwr.py").write_text("raise ImportError('no flwr in this venv')\n")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\nPYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    with pytest.raises(RuntimeError, match="flwr does not import: .*no flwr in this venv"):
+        bench.flower_version(str(python))
