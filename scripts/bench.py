@@ -1236,9 +1236,8 @@ async def flower_accuracy_curve(plan: Plan, version: str) -> dict[str, Any]:
     The same shards, initial model, plan seeds, batch size and learning
     rates as the demo's trainers, and FedAvg weighted by their examples;
     Flower's server evaluates on the demo evaluator's test set. Seconds run
-    from the launch of Flower's server; its clients start once it listens
-    (Flower's legacy client does not wait for a server), as ``--spawn-workers``
-    starts the workers before the coordinator dials them.
+    from the launch of Flower's server; its clients start once it listens,
+    as in the flower section.
     """
     demo = CoordinatorConfig()
     assert (demo.batch_size, demo.seed) == (BATCH_SIZE, SEED), "the Flower side trains with the bench's recipe"
