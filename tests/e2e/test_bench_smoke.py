@@ -50,7 +50,7 @@ def figures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     command = [sys.executable, str(SCRIPT), "--quick", "--only", "overhead,transfer,scale,memory", "--json", str(out)]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300_000 * MS)
     assert completed.returncode == 0, completed.stdout[-4000:] + completed.stderr[-4000:]
-    assert "Targets of issue 9" in completed.stdout
+    assert "Targets of issues 9 and 20" in completed.stdout
     return dict(json.loads(out.read_text()))
 
 
