@@ -6,6 +6,8 @@ here only what ties it to the coordinator's output is checked, cheaply.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,3 +64,21 @@ def test_a_named_flower_python_without_flwr_is_an_error_not_a_skip(bench: Module
     python.chmod(0o755)
     with pytest.raises(RuntimeError, match="flwr does not import: .*no flwr in this venv"):
         bench.flower_version(str(python))
+
+
+def test_the_flower_curve_reads_its_servers_evaluation_lines(bench: ModuleType, tmp_path: Path) -> None:
+    """Flower's run without flwr: a stand-in server prints two evaluations and exits; the curve stops at the target."""
+    python = tmp_path / "python"
+    python.write_text(
+        "#!/bin/sh\n"
+        '[ "$2" = flower-server ] || exit 0\n'
+        f"echo '{bench.FLOWER_EVALUATION} 1 180 360'\n"
+        f"echo '{bench.FLOWER_EVALUATION} 2 350 360'\n"
+        "echo 'never read: the run stops at the target'\n"
+    )
+    python.chmod(0o755)
+    plan = dataclasses.replace(bench.QUICK, flower_python=str(python))
+    row = asyncio.run(bench.flower_accuracy_curve(plan, "0.0-test"))
+    assert row["label"] == "Flower 0.0-test"
+    assert [(point[0], point[2]) for point in row["points"]] == [(1, 0.5), (2, 350 / 360)]
+    assert row["reached_round"] == 2 and row["points"][0][1] <= row["reached_s"]
