@@ -1193,28 +1193,57 @@ async def accuracy_curve(mode: str, rounds: int) -> dict[str, Any]:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
-    points: list[tuple[int, float, float]] = []
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    evaluated = 0
-    assert process.stdout is not None
     try:
-        async with asyncio.timeout(SECTION_TIMEOUT):
-            async for raw in process.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                tail.append(line)
-                heading, score = _EVALUATION.match(line), _FEDERATED.match(line)
-                if heading:
-                    evaluated = int(heading.group(1))
-                elif score:
-                    correct, total = int(score.group(1)), int(score.group(2))
-                    points.append((evaluated, time.perf_counter() - started, correct / total))
-                    if correct / total >= ACCURACY_TARGET:
-                        break
+        points, tail = await evaluations(process, started, demo_accuracy())
     finally:
         await _stop(process)
     if not points:
-        raise RuntimeError(f"{' '.join(arguments)} printed no evaluation (status {process.returncode}): {list(tail)}")
+        raise RuntimeError(f"{' '.join(arguments)} printed no evaluation (status {process.returncode}): {tail}")
     return curve(mode, f"syncfed {mode}", points)
+
+
+async def evaluations(
+    process: asyncio.subprocess.Process, started: float, accuracy: Callable[[str], tuple[int, float] | None]
+) -> tuple[list[tuple[int, float, float]], list[str]]:
+    """(round, seconds since ``started``, accuracy) of each evaluation ``process`` prints, until one reaches the
+    target, and its last lines; ``accuracy`` reads a line's round and accuracy, if it reports them."""
+    points: list[tuple[int, float, float]] = []
+    tail: collections.deque[str] = collections.deque(maxlen=40)
+    assert process.stdout is not None
+    async with asyncio.timeout(SECTION_TIMEOUT):
+        async for raw in process.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            tail.append(line)
+            found = accuracy(line)
+            if found is not None:
+                points.append((found[0], time.perf_counter() - started, found[1]))
+                if found[1] >= ACCURACY_TARGET:
+                    break
+    return points, list(tail)
+
+
+def demo_accuracy() -> Callable[[str], tuple[int, float] | None]:
+    """A reader of the coordinator's console: the federated accuracy under each evaluation heading."""
+    evaluated = 0
+
+    def read(line: str) -> tuple[int, float] | None:
+        nonlocal evaluated
+        heading, score = _EVALUATION.match(line), _FEDERATED.match(line)
+        if heading:
+            evaluated = int(heading.group(1))
+        elif score:
+            return evaluated, int(score.group(1)) / int(score.group(2))
+        return None
+
+    return read
+
+
+def flower_accuracy(line: str) -> tuple[int, float] | None:
+    """The round and accuracy of a Flower server's evaluation line (``flower_evaluation``), if it is one."""
+    if not line.startswith(FLOWER_EVALUATION + " "):
+        return None
+    round_number, correct, total = (int(field) for field in line.split()[1:])
+    return round_number, correct / total
 
 
 def curve(mode: str, label: str, points: Sequence[tuple[int, float, float]]) -> dict[str, Any]:
@@ -1268,19 +1297,8 @@ async def flower_accuracy_curve(plan: Plan, version: str) -> dict[str, Any]:
         clients.extend(flower_clients(spec, plan.flower_python))
 
     launcher = asyncio.create_task(start_clients())
-    points: list[tuple[int, float, float]] = []
-    tail: collections.deque[str] = collections.deque(maxlen=40)
-    assert server.stdout is not None
     try:
-        async with asyncio.timeout(SECTION_TIMEOUT):
-            async for raw in server.stdout:
-                line = raw.decode(errors="replace").rstrip()
-                tail.append(line)
-                if line.startswith(FLOWER_EVALUATION + " "):
-                    round_number, correct, total = (int(field) for field in line.split()[1:])
-                    points.append((round_number, time.perf_counter() - started, correct / total))
-                    if correct / total >= ACCURACY_TARGET:
-                        break
+        points, tail = await evaluations(server, started, flower_accuracy)
     finally:
         launcher.cancel()
         for task in clients:
@@ -1288,7 +1306,7 @@ async def flower_accuracy_curve(plan: Plan, version: str) -> dict[str, Any]:
         await asyncio.gather(launcher, *clients, return_exceptions=True)
         await _stop(server)
     if not points:
-        raise RuntimeError(f"Flower's demo run printed no evaluation (status {server.returncode}): {list(tail)}")
+        raise RuntimeError(f"Flower's demo run printed no evaluation (status {server.returncode}): {tail}")
     return curve("flower", f"Flower {version}", points)
 
 

@@ -82,3 +82,14 @@ def test_the_flower_curve_reads_its_servers_evaluation_lines(bench: ModuleType, 
     assert row["label"] == "Flower 0.0-test"
     assert [(point[0], point[2]) for point in row["points"]] == [(1, 0.5), (2, 350 / 360)]
     assert row["reached_round"] == 2 and row["points"][0][1] <= row["reached_s"]
+
+
+def test_the_demos_reader_gives_each_federated_score_its_headings_round(bench: ModuleType) -> None:
+    read = bench.demo_accuracy()
+    reply = EvalResult(0.1234, 343, 360, (36,) * 10)
+    lines = [
+        "Evaluation at round 7/80:",
+        f"Model update alice: {score_line(reply)}",
+        f"Federated model: {score_line(reply)}",
+    ]
+    assert [read(line) for line in lines] == [None, None, (7, 343 / 360)]
