@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import difflib
 import logging
 import os
 import re
+import signal
 import sys
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -77,6 +79,8 @@ EXIT_CODES: tuple[tuple[type[SyncfedError], int], ...] = (
     (SyncfedError, 1),
 )
 INTERRUPTED = 130
+#: The exit status of a program stopped by SIGTERM (128 + 15), once it has cleaned up.
+TERMINATED = 143
 
 Config = TypeVar("Config", bound="DataclassInstance")
 #: How a config field is read from the parsed flags when it is not simply the flag of its name.
@@ -85,6 +89,50 @@ FromFlags = Callable[[argparse.Namespace], Any]
 
 def exit_code(error: SyncfedError) -> int:
     return next(code for kind, code in EXIT_CODES if isinstance(error, kind))
+
+
+_T = TypeVar("_T")
+
+
+class Terminated(Exception):
+    """The program was sent SIGTERM and its run was cancelled (its ``finally`` blocks ran)."""
+
+
+def run_terminable(main: Callable[[], Awaitable[_T]]) -> _T:
+    """``asyncio.run(main())``, with SIGTERM cancelling it as Ctrl-C does, so that what the run started
+    (spawned worker processes, above all) is stopped on the way out rather than orphaned.
+
+    Raises:
+        Terminated: if SIGTERM ended the run.
+    """
+    terminated = False
+
+    async def body() -> _T:
+        nonlocal terminated
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def terminate() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        try:
+            loop.add_signal_handler(signal.SIGTERM, terminate)
+        except (ValueError, RuntimeError):  # not the main thread: the caller handles its own signals
+            return await main()
+        try:
+            return await main()
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(body())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated from None
+        raise
 
 
 #: The exit status of a program whose output's reader went away (128 + SIGPIPE), as Unix tools end.

@@ -9,7 +9,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shlex
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -48,8 +47,10 @@ from ..strategies import STRATEGIES
 from ..training import training_device
 from .common import (
     INTERRUPTED,
+    TERMINATED,
     FromFlags,
     Parser,
+    Terminated,
     add_client_security_flags,
     add_connection_limits,
     add_listen_flags,
@@ -58,6 +59,7 @@ from .common import (
     fail,
     parse_arguments,
     run_program,
+    run_terminable,
     setup_logging,
     size,
     stdout_closed,
@@ -730,14 +732,17 @@ def _main(argv: list[str] | None) -> int:
     tensorboard: TensorBoardWriter | None = None
     try:
         if args.status:
-            return asyncio.run(_status(args))
+            return run_terminable(lambda: _status(args))
         if args.tensorboard is not None:
             tensorboard = TensorBoardWriter(args.tensorboard)
             listeners.append(tensorboard)
-        result = asyncio.run(_train(args, progress, listeners))
+        result = run_terminable(lambda: _train(args, progress, listeners))
     except KeyboardInterrupt:
         print(f"{PROGRAM}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Terminated:  # by SIGTERM, after the spawned workers were stopped
+        print(f"{PROGRAM}: terminated", file=sys.stderr)
+        return TERMINATED
     except SyncfedError as exc:
         return fail(PROGRAM, exc)
     except BrokenPipeError:

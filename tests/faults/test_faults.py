@@ -875,7 +875,17 @@ def interruptible() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_the_cli_and_its_spawned_workers(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("sent", "status", "line"),
+    [
+        pytest.param(signal.SIGINT, 130, "run_websocket_client.py: interrupted", id="ctrl-c"),
+        pytest.param(signal.SIGTERM, 143, "run_websocket_client.py: terminated", id="sigterm"),
+    ],
+)
+def test_ctrl_c_or_sigterm_stops_the_cli_and_its_spawned_workers(
+    tmp_path: Path, sent: signal.Signals, status: int, line: str
+) -> None:
+    """SIGTERM (kill, a service manager, a benchmark's timeout) stops the spawned workers too, as Ctrl-C does."""
     metrics = tmp_path / "metrics.jsonl"
     process = subprocess.Popen(
         [
@@ -905,15 +915,15 @@ def test_ctrl_c_stops_the_cli_and_its_spawned_workers(tmp_path: Path) -> None:
             time.sleep(100 * MS)
         workers = children_of(process.pid)
         assert len(workers) == 1
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sent)
         out, err = process.communicate(timeout=30_000 * MS)
     finally:
         if process.poll() is None:
             process.kill()
             process.communicate(timeout=10_000 * MS)
-    assert process.returncode == 130
+    assert process.returncode == status
     assert "Traceback" not in err
-    assert err.splitlines() == ["run_websocket_client.py: interrupted"]
+    assert err.splitlines() == [line]
     assert not any(is_running(pid) for pid in workers), "a spawned worker outlived the coordinator"
 
 
