@@ -762,8 +762,11 @@ def flower_client(spec: Mapping[str, Any]) -> dict[str, Any]:
     return {}
 
 
+@functools.cache
 def flower_version(python: str | None) -> str | None:
     """Flower's version under ``python`` (this interpreter when None); None where it is not installed.
+
+    Asked once per run, for the Flower and the accuracy sections alike.
 
     Raises:
         RuntimeError: if ``python`` is named but flwr does not import under it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import logging
@@ -118,14 +119,12 @@ def run_terminable(main: Callable[[], Awaitable[_T]]) -> _T:
             terminated = True
             task.cancel()
 
-        try:
+        with contextlib.suppress(ValueError, RuntimeError):  # not the main thread: the caller handles signals
             loop.add_signal_handler(signal.SIGTERM, terminate)
-        except (ValueError, RuntimeError):  # not the main thread: the caller handles its own signals
-            return await main()
         try:
             return await main()
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGTERM)  # False, and nothing done, when none was added
 
     try:
         return asyncio.run(body())
