@@ -19,6 +19,7 @@ Updates may list their tensors in any order; the result follows the first.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from fractions import Fraction
 
@@ -139,6 +140,7 @@ class RunningMean:
         self._template: dict[str, np.ndarray] = {}
         self._sums: dict[str, np.ndarray] = {}
         self._spare = dict(spare or {})
+        self._lock = threading.Lock()  # parts of updates may be added from the event loop and a fold thread
 
     def add(self, weights: Mapping[str, np.ndarray], num_examples: int) -> None:
         """Fold one update in; a rejected update leaves the mean unchanged.
@@ -148,39 +150,79 @@ class RunningMean:
                 the update differs from the first one in tensor names, shapes or dtypes.
         """
         _check_count(self.count, num_examples)
-        if self.count:
-            check_tensors(weights, self._template, what=f"update {self.count}", against="update 0")
-        else:
-            if self.origin is not None:
-                check_tensors(weights, self.origin, what="update 0", against="the origin")
-            self._template = {
-                name: np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape) for name, array in weights.items()
-            }
-            spare, self._spare = self._spare, {}
-            self._sums = {name: _zeros(spare.get(name), array.shape) for name, array in weights.items()}
-        factor = float(num_examples) if self.weighted else 1.0
+        self.check(weights)
+        self.start(weights)
+        factor = self.factor(num_examples)
         # In blocks, through one small float64 scratch that stays in cache: a whole-tensor
         # float64 temporary would cost a model-sized allocation and most of the fold's time.
-        scratch = np.empty(_BLOCK, dtype=np.float64)
-        for name, total in self._sums.items():
-            flat = total.reshape(-1)
-            values = np.ravel(weights[name])
-            origin = None if self.origin is None else np.ravel(self.origin[name])
-            for start in range(0, values.size, _BLOCK):
-                stop = min(start + _BLOCK, values.size)
-                part = scratch[: stop - start]
-                if origin is None:
-                    np.multiply(values[start:stop], factor, out=part, dtype=np.float64)
-                else:
-                    np.subtract(values[start:stop], origin[start:stop], out=part, dtype=np.float64)
-                    part *= factor
-                flat[start:stop] += part
+        scratch = self.scratch()
+        for name in self._sums:
+            self.add_part(name, 0, np.ravel(weights[name]), factor, scratch)
+        self.count_in(num_examples)
+
+    def check(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Check an update's tensor names, shapes and dtypes against update 0's (or the origin's, before it).
+
+        Raises:
+            AggregationError: naming the first tensor that differs.
+        """
+        if self._template:
+            check_tensors(weights, self._template, what=f"update {self.count}", against="update 0")
+        elif self.origin is not None:
+            check_tensors(weights, self.origin, what="update 0", against="the origin")
+
+    def start(self, like: Mapping[str, np.ndarray]) -> None:
+        """Make the sums, shaped as ``like`` (a checked update), unless they exist."""
+        with self._lock:
+            if self._template:
+                return
+            self._template = {
+                name: np.broadcast_to(np.zeros((), dtype=array.dtype), array.shape) for name, array in like.items()
+            }
+            spare, self._spare = self._spare, {}
+            self._sums = {name: _zeros(spare.get(name), array.shape) for name, array in like.items()}
+
+    @staticmethod
+    def scratch() -> np.ndarray:
+        """A float64 block buffer for :meth:`add_part` (one per thread that adds)."""
+        return np.empty(_BLOCK, dtype=np.float64)
+
+    def factor(self, num_examples: int) -> float:
+        """What an update of ``num_examples`` examples is multiplied by in the sums."""
+        return float(num_examples) if self.weighted else 1.0
+
+    def add_part(self, name: str, start: int, values: np.ndarray, factor: float, scratch: np.ndarray) -> None:
+        """Add ``factor * values`` (less the origin's) into tensor ``name``'s flat sums from element ``start``.
+
+        Parts of one update may arrive in any order and interleave with other
+        updates' (a streamed reply folded fragment by fragment, see
+        :mod:`syncfed.absorption`); the update counts once :meth:`count_in`
+        runs. ``scratch``: the caller's float64 block buffer, so that callers
+        in two threads never share one. The sums are written under a lock, a
+        block at a time.
+        """
+        flat = self._sums[name].reshape(-1)
+        origin = None if self.origin is None else np.ravel(self.origin[name])
+        for first in range(0, values.size, _BLOCK):
+            last = min(first + _BLOCK, values.size)
+            part = scratch[: last - first]
+            where = slice(start + first, start + last)
+            if origin is None:
+                np.multiply(values[first:last], factor, out=part, dtype=np.float64)
+            else:
+                np.subtract(values[first:last], origin[where], out=part, dtype=np.float64)
+                part *= factor
+            with self._lock:
+                flat[where] += part
+
+    def count_in(self, num_examples: int) -> None:
+        """Count an update whose every part was added."""
         self.count += 1
         self.total += int(num_examples)
 
     def release(self) -> dict[str, np.ndarray]:
         """Hand the float64 sums over for another mean to reuse (``spare``); this one is emptied."""
-        sums, self._sums, self.count, self.total = self._sums, {}, 0, 0
+        sums, self._sums, self._template, self.count, self.total = self._sums, {}, {}, 0, 0
         return sums
 
     def result(self) -> Weights:

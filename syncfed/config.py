@@ -397,6 +397,7 @@ class CoordinatorConfig:
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE
     chunk_size: int = DEFAULT_CHUNK_SIZE  # larger messages are streamed in fragments of this size
     receive_slots: int = DEFAULT_RECEIVE_SLOTS  # updates received at once (flow control); 0: no limit
+    fold_fragments: bool = True  # fold a streamed update as it arrives (syncfed.absorption); False: decode it whole
     # Timeouts
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     request_timeout: float = DEFAULT_REQUEST_TIMEOUT  # evaluation replies

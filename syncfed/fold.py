@@ -7,7 +7,9 @@ kept for the evaluator, and :meth:`Fold.aggregate`. Two kinds exist:
 - :class:`StreamingFold`, for plain rounds: a mean-based strategy folds each
   update into running sums and lets it go, so the coordinator holds the sums
   plus the update in flight, whatever the number of workers; a robust one
-  keeps them all (it needs every update at once).
+  keeps them all (it needs every update at once). With ``fragments``, a
+  streamed update is folded as its fragments arrive and never held whole
+  (:mod:`syncfed.absorption`).
 - :class:`PrivateFold`, for secure aggregation and differential privacy: the
   updates were summed under masks (or clipped and noised) before the
   coordinator saw them, so it only holds the round's mean update.
@@ -22,6 +24,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .absorption import FragmentRoute
 from .aggregation import RunningMean, from_float64
 from .exceptions import AggregationError
 from .failure import Failure
@@ -31,7 +34,7 @@ from .protocol import FitResult
 from .strategies import MeanStrategy, Strategy
 from .tensors import Weights
 
-__all__ = ["Fold", "PrivateFold", "StreamingFold", "floating", "invalid_update", "mismatch"]
+__all__ = ["Fold", "PrivateFold", "StreamingFold", "floating", "invalid_header", "invalid_update", "mismatch"]
 
 
 class Fold(Protocol):
@@ -71,10 +74,12 @@ class StreamingFold:
         held: Mapping[str, int],
         control: Weights | None = None,
         spare: Mapping[str, np.ndarray] | None = None,
+        fragments: bool = False,
     ) -> None:
         """``held``: each worker's example count as its hello said, the most its updates may weigh;
         ``control``: the server control variate sent with the round (SCAFFOLD), which updates must match;
-        ``spare``: a previous fold's :meth:`release`, arrays the running sums may reuse (see :class:`RunningMean`)."""
+        ``spare``: a previous fold's :meth:`release`, arrays the running sums may reuse (see :class:`RunningMean`);
+        ``fragments``: fold streamed updates from their fragments (:meth:`route`) where the round allows it."""
         self.strategy = strategy
         self.streamed = strategy.streamed()
         self.reference = reference
@@ -99,9 +104,40 @@ class StreamingFold:
         self.examples: dict[str, int] = {}
         self.kept: dict[str, Weights] = {}
         self.total_examples: int | None = None
+        # From fragments only where each update goes into the mean and nowhere else: a plain mean of whole
+        # weights (not deltas, not compressed), no control variates, nothing kept for the evaluator.
+        self.fragments = fragments and self.mean is not None and not (keep or delta or control is not None)
+        self._routes: dict[str, FragmentRoute] = {}
+
+    def route(self, name: str) -> FragmentRoute | None:
+        """Where ``name``'s streamed reply may be folded as it arrives; None when this fold takes whole ones.
+
+        Close the route when the request is over (:meth:`FragmentRoute.close`).
+        """
+        if not self.fragments or self.mean is None:
+            return None
+        held, reference = self.held.get(name, 0), self.reference  # not self: a cycle would keep old folds alive
+        route = self._routes[name] = FragmentRoute(
+            self.mean, lambda num_examples, like: invalid_header(num_examples, like, reference, held)
+        )
+        return route
+
+    @property
+    def poisoned(self) -> list[str]:
+        """The workers whose reply left part of itself in the sums without counting (see :mod:`syncfed.absorption`):
+        the mean is wrong, and the round must be folded again from whole updates."""
+        return [name for name, route in self._routes.items() if route.poisoned]
 
     def add(self, name: str, reply: FitResult) -> Failure | None:
         """Fold in ``name``'s ``reply``; why it is invalid, if it is (then nothing is folded)."""
+        route = self._routes.get(name)
+        sink = None if route is None else route.sink
+        if sink is not None and sink.reply is reply:  # its weights went into the sums as they arrived
+            if sink.failure is not None:
+                return Failure("invalid update", sink.failure)
+            sink.commit()
+            self._note(name, reply)
+            return None
         reason = invalid_update(reply, self.reference, self.held.get(name, 0))
         if reason is None and self.control is not None:
             reason = (
@@ -124,12 +160,16 @@ class StreamingFold:
             self.controls.add(reply.control_delta, 1)
         if self.keep:
             self.kept[name] = weights
+        self._note(name, reply)
+        return None
+
+    def _note(self, name: str, reply: FitResult) -> None:
+        """Record a folded reply's figures."""
         self.losses[name] = reply.loss
         self.compression_errors[name] = reply.compression_error
         if reply.dp_epsilon is not None:
             self.dp_epsilons[name] = reply.dp_epsilon
         self.examples[name] = reply.num_examples
-        return None
 
     def release(self) -> dict[str, np.ndarray]:
         """The running sums' arrays, for the next round's fold to reuse (``spare``); call after :meth:`aggregate`."""
@@ -215,9 +255,16 @@ def mismatch(update: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarra
     return None
 
 
+def invalid_header(
+    num_examples: int, weights: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray], held: int
+) -> str | None:
+    """Why an update cannot be aggregated, read before its values: more examples than its worker said it
+    holds (which would outweigh the others), or tensors unlike the model's (only shapes and dtypes are read)."""
+    if num_examples > held:
+        return f"num_examples {num_examples} exceeds the {held} examples the worker's hello claimed"
+    return mismatch(weights, reference)
+
+
 def invalid_update(reply: FitResult, reference: Mapping[str, np.ndarray], held: int) -> str | None:
-    """Why an update cannot be aggregated: tensors unlike the model's, a non-finite value (after
-    decompression), or more examples than its worker said it holds (which would outweigh the others)."""
-    if reply.num_examples > held:
-        return f"num_examples {reply.num_examples} exceeds the {held} examples the worker's hello claimed"
-    return mismatch(reply.weights, reference) or nonfinite(reply.weights)
+    """Why an update cannot be aggregated: :func:`invalid_header`, or a non-finite value (after decompression)."""
+    return invalid_header(reply.num_examples, reply.weights, reference, held) or nonfinite(reply.weights)

@@ -54,6 +54,7 @@ class Plan:
     memory_model: str = "mlp-10m"
     memory_workers: tuple[int, ...] = (3, 10, 30)
     memory_slots: tuple[int, ...] = (0, DEFAULT_RECEIVE_SLOTS)  # no flow control, then the default
+    memory_whole: bool = True  # also a run that decodes each update whole (--whole-updates) at the default slots
     memory_rounds: int = 3
     copy_bytes: int = 400 * 10**6
     socket_bytes: int = 2**30

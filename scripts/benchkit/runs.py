@@ -112,7 +112,7 @@ def coordinator_process(spec: Mapping[str, Any]) -> dict[str, Any]:
             samples.append(resident()[0])
 
     config = recipe(spec["uris"], spec["model"], spec["batches"], spec["rounds"])
-    config = dataclasses.replace(config, receive_slots=spec["receive_slots"])
+    config = dataclasses.replace(config, receive_slots=spec["receive_slots"], fold_fragments=spec["fold_fragments"])
     asyncio.run(Coordinator(config, report=lambda _: None, listeners=[listen]).run())
     return {
         "baseline_rss": baseline,

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from syncfed.config import DEFAULT_RECEIVE_SLOTS
+
 from .figures import MB, print_table, steady
 from .fleet import Fleet, fleet
 from .limits import SOCKET
@@ -160,13 +162,16 @@ async def memory(plan: Plan, trio: Fleet) -> dict[str, Any]:
     for count in plan.memory_workers:
         async with contextlib.AsyncExitStack() as stack:
             workers = trio if count == len(trio.uris) else await stack.enter_async_context(fleet(count, plan))
-            for slots in plan.memory_slots:
+            runs = [(slots, True) for slots in plan.memory_slots]
+            runs += [(DEFAULT_RECEIVE_SLOTS, False)] if plan.memory_whole else []
+            for slots, fragments in runs:
                 spec = {
                     "uris": workers.uris,
                     "model": plan.memory_model,
                     "batches": 0,
                     "rounds": plan.memory_rounds,
                     "receive_slots": slots,
+                    "fold_fragments": fragments,
                 }
                 figures = await child("coordinator", spec)
                 if figures["failed"]:
@@ -176,6 +181,7 @@ async def memory(plan: Plan, trio: Fleet) -> dict[str, Any]:
                     {
                         "workers": count,
                         "receive_slots": slots,
+                        "fold": "fragments" if fragments else "whole",
                         "hosting": workers.hosting,
                         **figures,
                         "excess": excess,
@@ -184,12 +190,23 @@ async def memory(plan: Plan, trio: Fleet) -> dict[str, Any]:
                 )
     print_table(
         f"4. Coordinator memory: {plan.memory_model} ({size / MB:.0f} MB), rounds of no training, coordinator alone"
-        " in its process; receive slots 0 is no flow control",
-        ["workers", "receive slots", "hosted as", "baseline MB", "peak MB", "peak - baseline", "in model sizes"],
+        " in its process; receive slots 0 is no flow control; updates folded from their fragments as they arrive,"
+        " or decoded whole first (--whole-updates)",
+        [
+            "workers",
+            "receive slots",
+            "updates",
+            "hosted as",
+            "baseline MB",
+            "peak MB",
+            "peak - baseline",
+            "in model sizes",
+        ],
         [
             [
                 r["workers"],
                 r["receive_slots"],
+                r["fold"],
                 r["hosting"],
                 f"{r['baseline_rss'] / MB:.0f}",
                 f"{r['peak_rss'] / MB:.0f}",

@@ -46,8 +46,10 @@ def targets(plan: Plan, results: Mapping[str, Any]) -> list[Target]:
         if row["model"] == "mlp-10m":
             used = row["coordinator_cpu_s"]
             found.append(Target("coordinator CPU per 10M transfer round", used, 0.08, used <= 0.08, f"{used:.3f} s"))
-    memory_rows = [
-        row for row in results.get("memory", {}).get("rows", []) if row["receive_slots"] == DEFAULT_RECEIVE_SLOTS
+    memory_rows = [  # the defaults: two receive slots, updates folded from their fragments
+        row
+        for row in results.get("memory", {}).get("rows", [])
+        if row["receive_slots"] == DEFAULT_RECEIVE_SLOTS and row.get("fold", "fragments") == "fragments"
     ]
     if memory_rows and memory_rows[-1]["workers"] >= 30:
         row, fewest = memory_rows[-1], memory_rows[0]

@@ -349,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
         " the coordinator's memory however many workers there are (0: no limit; default: %(default)s)",
     )
     limits.add_argument(
+        "--whole-updates",
+        dest="fold_fragments",
+        action="store_false",
+        help="decode each training update whole before folding it in, rather than folding a streamed one as its"
+        " fragments arrive; costs a model-sized buffer per receive slot, but a reply that breaks off midway never"
+        " makes the round train again (docs/performance.md)",
+    )
+    limits.add_argument(
         "--compress",
         choices=COMPRESSIONS,
         default="none",

@@ -14,6 +14,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from ..absorption import FragmentRoute
 from ..config import CoordinatorConfig
 from ..failure import Failure
 from ..fold import StreamingFold
@@ -79,27 +80,35 @@ class Dispatch:
             return fit
         return dataclasses.replace(fit, terms=dataclasses.replace(link.terms, sites=sites))
 
-    async def train(self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T]) -> _T:
+    async def train(
+        self, link: WorkerLink, fit: Fit, take: Callable[[FitResult], _T], route: FragmentRoute | None = None
+    ) -> _T:
         """``take`` of ``link``'s reply to ``fit``: with receive slots, held at the worker until one is free.
 
         The slot is taken only for the transfer and ``take`` (the fold), never
         while the worker trains, so at most K updates are in memory at once;
         a worker waiting for a slot keeps answering pings and is not taken for
         frozen. Training and the transfer each have the round timeout.
+        ``route``: where the reply may be folded as its fragments arrive; it is
+        closed when the request is over, so nothing of a late reply comes after.
         """
         timeout = self.config.round_timeout
-        if self._slots is None:
-            reply = await link.request(fit, timeout=timeout)
-            assert isinstance(reply, FitResult)  # request() checked the reply's kind
-            return await self._fold(take, reply)
-        held = await link.request(
-            dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
-        )
-        assert isinstance(held, FitHeld)
-        async with self._slots:
-            reply = await link.request(Fetch(held.token), timeout=timeout)
-            assert isinstance(reply, FitResult)
-            return await self._fold(take, reply)
+        try:
+            if self._slots is None:
+                reply = await link.request(fit, timeout=timeout, route=route)
+                assert isinstance(reply, FitResult)  # request() checked the reply's kind
+                return await self._fold(take, reply)
+            held = await link.request(
+                dataclasses.replace(fit, plan=dataclasses.replace(fit.plan, hold=True)), timeout=timeout
+            )
+            assert isinstance(held, FitHeld)
+            async with self._slots:
+                reply = await link.request(Fetch(held.token), timeout=timeout, route=route)
+                assert isinstance(reply, FitResult)
+                return await self._fold(take, reply)
+        finally:
+            if route is not None:
+                route.close()
 
     async def _fold(self, take: Callable[[FitResult], _T], reply: FitResult) -> _T:
         """``take(reply)`` in a thread, one at a time: numpy releases the GIL, so the event loop keeps
@@ -144,6 +153,7 @@ class Dispatch:
                         len(selected),
                     ),
                     functools.partial(fold.add, link.name),
+                    fold.route(link.name),
                 )
             ): link
             for link in selected

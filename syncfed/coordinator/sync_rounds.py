@@ -22,6 +22,7 @@ from ..failure import Failure
 from ..finite import finite_model
 from ..fold import Fold, StreamingFold
 from ..net.link import WorkerLink
+from ..strategies import WorkerNeeds
 from ..tensors import Weights
 from .context import RunContext
 from .dispatch import plan_seed
@@ -143,7 +144,12 @@ class SyncRounds:
         *,
         keep: bool,
     ) -> tuple[Fold, dict[str, Failure]]:
-        """Send the round's requests to ``selected`` and fold the replies: plainly, or through a private round."""
+        """Send the round's requests to ``selected`` and fold the replies: plainly, or through a private round.
+
+        A plain fold from fragments that a reply poisoned (it broke off after
+        part of it was folded, see :mod:`syncfed.absorption`) is thrown away,
+        and the round's workers train again, their updates folded whole.
+        """
         context, config = self.context, self.context.config
         needs = context.strategy.needs(weights)
         if self.private is not None:  # secure aggregation and differential privacy
@@ -166,6 +172,34 @@ class SyncRounds:
                 context.pool.num_examples,
                 context.pool.failure,
             )
+        fold, lost = await self._plain(
+            round_number, weights, needs, trainers, selected, keep=keep, fragments=config.fold_fragments
+        )
+        if not fold.poisoned:
+            return fold, lost
+        poisoned = {name: str(lost.get(name, "abandoned")) for name in fold.poisoned}
+        self._spare = fold.release()
+        self.context.journal.write({"event": "round_refold", "round": round_number, "poisoned": poisoned})
+        self.context.report(
+            f"Round {round_number}: a streamed update broke off after part of it was folded"
+            f" ({'; '.join(f'{name}: {why}' for name, why in poisoned.items())});"
+            " training the round again, folding whole updates"
+        )
+        return await self._plain(round_number, weights, needs, trainers, selected, keep=keep, fragments=False)
+
+    async def _plain(
+        self,
+        round_number: int,
+        weights: Weights,
+        needs: WorkerNeeds,
+        trainers: Sequence[WorkerLink],
+        selected: Sequence[WorkerLink],
+        *,
+        keep: bool,
+        fragments: bool,
+    ) -> tuple[StreamingFold, dict[str, Failure]]:
+        """A plain round's requests and fold (``fragments``: streamed updates folded as they arrive)."""
+        context, config = self.context, self.context.config
         fold = StreamingFold(
             context.strategy,
             weights,
@@ -174,6 +208,7 @@ class SyncRounds:
             held=context.pool.num_examples,
             control=needs.control,
             spare=self._spare,
+            fragments=fragments,
         )
         self._spare = {}
         lost = await context.dispatch.collect_updates(round_number, weights, needs, trainers, selected, fold)

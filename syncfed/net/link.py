@@ -14,7 +14,9 @@ import random
 import re
 import ssl
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -30,6 +32,7 @@ from ..exceptions import (
     ProtocolError,
     RemoteError,
     RemoteProtocolError,
+    SyncfedError,
     WorkerTimeout,
     WorkerUnavailable,
 )
@@ -39,7 +42,10 @@ from ..protocol import (
     Error,
     Message,
     MessageDecoder,
+    Opened,
     Outgoing,
+    Route,
+    Sink,
     Terms,
     encode_fragments,
     reply_kind,
@@ -163,6 +169,7 @@ class WorkerLink:
         self._connection: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
+        self._routes: dict[int, Route] = {}  # where a pending request's streamed reply may go as it arrives
         self._ids = itertools.count(1)
         self._closed_reason = "not connected"
         self._closing: str | None = None  # why we are closing, when it is our doing
@@ -250,31 +257,8 @@ class WorkerLink:
             raise WorkerUnavailable(
                 self.name, f"no connection to {self.uri} within {self.connect_timeout:g} s{why}"
             ) from None
-        except ssl.SSLCertVerificationError as exc:
-            raise AuthenticationFailed(
-                f"worker {self.name} at {self.uri} failed certificate verification: {exc.verify_message}"
-            ) from None
-        except ssl.SSLError as exc:
-            raise AuthenticationFailed(
-                f"worker {self.name} at {self.uri} refused the TLS handshake ({exc.reason});"
-                " it may require a client certificate: pass --tls-cert and --tls-key"
-            ) from None
-        except InvalidStatus as exc:
-            status, body = exc.response.status_code, exc.response.body.decode(errors="replace").strip()
-            if status == 403:
-                raise AuthenticationFailed(f"worker {self.name} refused this coordinator: {body}") from None
-            raise WorkerUnavailable(self.name, f"{self.uri} answered HTTP {status}: {body}") from None
-        except InvalidMessage:
-            if secure:
-                # Under TLS 1.3 a refused client certificate shows up here: the
-                # worker hangs up after the TLS handshake, before answering HTTP.
-                raise AuthenticationFailed(
-                    f"worker {self.name} at {self.uri} hung up after the TLS handshake: it did not accept this"
-                    " coordinator's client certificate (pass --tls-cert and --tls-key signed by its CA)"
-                ) from None
-            raise WorkerUnavailable(
-                self.name, f"{self.uri} did not answer a websocket handshake (is it a wss:// worker?)"
-            ) from None
+        except (ssl.SSLError, InvalidStatus, InvalidMessage) as exc:
+            raise _handshake_failure(self.name, self.uri, exc) from None
         except (OSError, ConnectionClosed) as exc:
             raise WorkerUnavailable(self.name, f"cannot connect to {self.uri}: {exc}") from None
         except (AuthenticationFailed, WorkerUnavailable):
@@ -323,8 +307,8 @@ class WorkerLink:
         if self._reader is not None:
             await self._reader
 
-    async def request(self, message: Message, *, timeout: float | None = None) -> Message:
-        """Send a request and wait for its reply.
+    async def request(self, message: Message, *, timeout: float | None = None, route: Route | None = None) -> Message:
+        """Send a request and wait for its reply; ``route`` may take a streamed reply's tensors as they arrive.
 
         Raises:
             RemoteError: if the worker answered with an error reply.
@@ -337,6 +321,8 @@ class WorkerLink:
         request_id = next(self._ids)
         reply: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = reply
+        if route is not None:
+            self._routes[request_id] = route
         limit = self.request_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -350,6 +336,7 @@ class WorkerLink:
             raise WorkerUnavailable(self.name, self._closed_reason) from None
         finally:
             self._pending.pop(request_id, None)
+            self._routes.pop(request_id, None)
         if isinstance(answer, Error):
             raise RemoteError(self.name, answer.code, answer.reason)
         expected = reply_kind(message)
@@ -362,7 +349,7 @@ class WorkerLink:
         failure: Exception = WorkerUnavailable(self.name, "connection closed")
         try:
             while True:
-                await self._deliver(await receive_message(connection, self.max_message_size))
+                await self._deliver(await receive_message(connection, self.max_message_size, route=self._route))
         except ConnectionClosed as exc:
             if self._closing is not None:
                 self._closed_reason = self._closing
@@ -379,6 +366,11 @@ class WorkerLink:
             # Whatever ended the loop, nobody may wait for a reply that cannot come.
             for request_id in list(self._pending):
                 _settle(self._pending.pop(request_id), failure)
+
+    def _route(self, opened: Opened, entries: Sequence[dict[str, Any]]) -> Sink | None:
+        """The sink of the request ``opened`` answers, if that request gave a route and it takes the reply."""
+        route = self._routes.get(opened.id)
+        return None if route is None else route(opened, entries)
 
     async def _deliver(self, incoming: MessageDecoder) -> None:
         """Hand one received reply to the request waiting for it.
@@ -416,6 +408,30 @@ class WorkerLink:
             logger.warning("%s: error %s: %s", self.name, envelope.message.code, envelope.message.reason)
         else:  # a reply to a request that timed out
             logger.debug("%s: dropped late reply to request %d", self.name, envelope.id)
+
+
+def _handshake_failure(name: str, uri: str, exc: ssl.SSLError | InvalidStatus | InvalidMessage) -> SyncfedError:
+    """What a failed TLS or websocket handshake with worker ``name`` at ``uri`` means: the error to raise."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return AuthenticationFailed(f"worker {name} at {uri} failed certificate verification: {exc.verify_message}")
+    if isinstance(exc, ssl.SSLError):
+        return AuthenticationFailed(
+            f"worker {name} at {uri} refused the TLS handshake ({exc.reason});"
+            " it may require a client certificate: pass --tls-cert and --tls-key"
+        )
+    if isinstance(exc, InvalidStatus):
+        status, body = exc.response.status_code, exc.response.body.decode(errors="replace").strip()
+        if status == 403:
+            return AuthenticationFailed(f"worker {name} refused this coordinator: {body}")
+        return WorkerUnavailable(name, f"{uri} answered HTTP {status}: {body}")
+    if uri.startswith("wss://"):
+        # Under TLS 1.3 a refused client certificate shows up here: the
+        # worker hangs up after the TLS handshake, before answering HTTP.
+        return AuthenticationFailed(
+            f"worker {name} at {uri} hung up after the TLS handshake: it did not accept this"
+            " coordinator's client certificate (pass --tls-cert and --tls-key signed by its CA)"
+        )
+    return WorkerUnavailable(name, f"{uri} did not answer a websocket handshake (is it a wss:// worker?)")
 
 
 async def ping(link: WorkerLink, *, timeout: float) -> float:

@@ -13,7 +13,7 @@ from typing import Any, Final, TypeVar
 from websockets.asyncio.connection import Connection
 
 from ..exceptions import ConfigError, MessageTooLarge
-from ..protocol import MessageDecoder, Outgoing
+from ..protocol import MessageDecoder, Outgoing, Route
 
 __all__ = [
     "connection_options",
@@ -67,7 +67,11 @@ async def receive(connection: Connection, max_size: int) -> bytes:
 
 
 async def receive_message(
-    connection: Connection, max_size: int, *, on_fragment: Callable[[], None] | None = None
+    connection: Connection,
+    max_size: int,
+    *,
+    on_fragment: Callable[[], None] | None = None,
+    route: Route | None = None,
 ) -> MessageDecoder:
     """Read one protocol message through a :class:`MessageDecoder`, fragment by fragment.
 
@@ -76,11 +80,12 @@ async def receive_message(
     to its end and dropped. Call ``finish()`` on the result for the envelope
     (it raises what was wrong) and read ``size`` for the bytes received.
     ``on_fragment`` is called as each fragment arrives: a slow upload is not an idle peer.
+    ``route`` may hand a streamed message's tensors to a sink instead (see :class:`MessageDecoder`).
 
     Raises:
         websockets.ConnectionClosed: when the connection ends.
     """
-    decoder = MessageDecoder(max_size=max_size)
+    decoder = MessageDecoder(max_size=max_size, route=route)
     async for fragment in connection.recv_streaming(decode=False):
         if on_fragment is not None:
             on_fragment()

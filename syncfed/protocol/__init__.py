@@ -45,7 +45,7 @@ from .secagg_messages import (
     SecAggUnmask,
     SecAggUnmasked,
 )
-from .streaming import DEFAULT_CHUNK_SIZE, STREAM_MAGIC, MessageDecoder, Outgoing, decode, encode_fragments
+from .streaming import DEFAULT_CHUNK_SIZE, STREAM_MAGIC, MessageDecoder, Outgoing, Route, Sink, decode, encode_fragments
 from .streaming import Buffer as Buffer
 from .task_messages import LOSSES, METRICS, REGRESSION_SUMS, TASK_KINDS, Recipe
 from .task_messages import MAX_CONFUSION_CLASSES as MAX_CONFUSION_CLASSES
@@ -130,6 +130,8 @@ __all__ = [
     "Terms",
     "Propose",
     "Accepted",
+    "Route",
+    "Sink",
 ]
 
 #: The old name of the bound on claimed example counts, kept for one release.

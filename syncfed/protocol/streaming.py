@@ -13,9 +13,9 @@ from __future__ import annotations
 import enum
 import itertools
 import struct
-from collections.abc import Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import numpy as np
 
@@ -34,6 +34,8 @@ __all__ = [
     "encode_fragments",
     "decode",
     "MessageDecoder",
+    "Route",
+    "Sink",
 ]
 
 #: A streamed message starts with these four bytes. 0xC7 opens a msgpack
@@ -46,6 +48,26 @@ _PREFIX: Final = struct.Struct(">4sI")  # the magic, then the header's length
 DEFAULT_CHUNK_SIZE: Final = 2**20
 
 Buffer = bytes | memoryview
+
+
+class Sink(Protocol):
+    """Takes a streamed message's tensor bytes as they arrive, in place of the buffers a decoder would fill."""
+
+    def write(self, index: int, data: memoryview) -> None:
+        """The next bytes of tensor ``index`` (the header's order), following the bytes written before.
+
+        It must not raise: a decoder's :meth:`~MessageDecoder.feed` never does.
+        """
+        ...
+
+    def message(self) -> Message:
+        """The message, once every byte was written."""
+        ...
+
+
+#: Chooses a sink for a streamed message once its header is checked: given the opened envelope (each
+#: tensor map holds ``nbytes`` in place of ``data``) and those maps in the order their bytes come.
+Route = Callable[[Opened, Sequence[dict[str, Any]]], Sink | None]
 
 
 @dataclass(frozen=True, eq=False)
@@ -195,13 +217,16 @@ class MessageDecoder:
     checked first (envelope, id, version, kind, each tensor's dtype, shape
     and byte count, the declared total against ``max_size``); only then is
     one buffer allocated per tensor, and later fragments are copied straight
-    into them. :meth:`feed` never raises: once a message is too large or
+    into them. With a ``route``, the header is offered to it first, and a
+    :class:`Sink` it returns takes the tensors' bytes instead: nothing the
+    size of a tensor is allocated. :meth:`feed` never raises: once a message is too large or
     invalid, the rest is only counted, so the caller reads it to its end and
     the connection goes on. :meth:`finish` raises what was found.
     """
 
-    def __init__(self, *, max_size: int | None = None) -> None:
+    def __init__(self, *, max_size: int | None = None, route: Route | None = None) -> None:
         self.max_size = max_size
+        self._route = route
         #: Bytes fed so far.
         self.size = 0
         self._state = _State.START
@@ -211,7 +236,9 @@ class MessageDecoder:
         self._expected = 0  # the streamed message's total size, once its header is read
         self._opened: tuple[int, str, dict[str, Any]] | None = None
         self._entries: list[tuple[str, dict[str, Any]]] = []
+        self._sizes: list[int] = []  # each tensor's byte count
         self._buffers: list[np.ndarray] = []
+        self._sink: Sink | None = None
         self._current = 0  # the tensor being filled
         self._filled = 0  # its bytes so far
         self._error: RemoteProtocolError | None = None
@@ -275,11 +302,14 @@ class MessageDecoder:
                 if len(self._header) == self._header_size:
                     self._open_header()
             else:  # PAYLOAD, or past its end, which finish reports
-                if self._current == len(self._buffers):
+                if self._current == len(self._sizes):
                     return
-                buffer = self._buffers[self._current]
-                take = min(buffer.size - self._filled, len(view))
-                buffer[self._filled : self._filled + take] = np.frombuffer(view[:take], dtype=np.uint8)
+                take = min(self._sizes[self._current] - self._filled, len(view))
+                if self._sink is not None:
+                    self._sink.write(self._current, view[:take])
+                else:
+                    buffer = self._buffers[self._current]
+                    buffer[self._filled : self._filled + take] = np.frombuffer(view[:take], dtype=np.uint8)
                 view = view[take:]
                 self._filled += take
                 self._next_tensor()
@@ -304,12 +334,16 @@ class MessageDecoder:
         if self.max_size is not None and self._expected > self.max_size:
             self._discard()
             return
-        self._buffers = [np.empty(size, dtype=np.uint8) for size in sizes]
+        self._sizes = sizes
+        if self._route is not None:
+            self._sink = self._route(Opened(request_id, self._opened[1], body), [entry for _, entry in self._entries])
+        if self._sink is None:
+            self._buffers = [np.empty(size, dtype=np.uint8) for size in sizes]
         self._state = _State.PAYLOAD
         self._next_tensor()
 
     def _next_tensor(self) -> None:
-        while self._current < len(self._buffers) and self._filled == self._buffers[self._current].size:
+        while self._current < len(self._sizes) and self._filled == self._sizes[self._current]:
             self._current += 1
             self._filled = 0
 
@@ -317,7 +351,7 @@ class MessageDecoder:
         if self._state in (_State.START, _State.FRAME):
             self._head = b"".join(itertools.islice(self._kept, unpacking.HEAD_SIZE))[: unpacking.HEAD_SIZE]
         self._state = _State.DISCARD
-        self._kept, self._header, self._buffers = [], bytearray(), []
+        self._kept, self._header, self._sizes, self._buffers = [], bytearray(), [], []
 
     def _readable_id(self) -> int | None:
         """The id of a dropped message, when its envelope was read or its first bytes hold it."""
@@ -326,19 +360,23 @@ class MessageDecoder:
         return unpacking.peek_id(self._head) if self._head else None
 
     def finish(self) -> Envelope:
-        """Decode the message, once its last fragment was fed: :meth:`open`, then build it.
+        """Decode the message, once its last fragment was fed: :meth:`open`, then build it (or the sink's).
 
         Raises:
             MessageTooLarge: if it was longer than ``max_size`` (it was counted, not kept).
             RemoteProtocolError: if it is invalid; ``request_id`` holds the id when the envelope was readable.
         """
-        return self.open().build()
+        opened = self.open()
+        if self._sink is not None:
+            return Envelope(opened.id, self._sink.message())
+        return opened.build()
 
     def open(self) -> Opened:
         """Read the message's envelope, once its last fragment was fed, leaving its body a plain map.
 
         Decoding is bounded by the message's size (see :mod:`syncfed.protocol.unpacking`);
-        building the message from its body is left to :meth:`Opened.build`.
+        building the message from its body is left to :meth:`Opened.build`. When a sink took the
+        tensors, their maps still hold ``nbytes``: :meth:`finish` builds the sink's message instead.
 
         Raises:
             MessageTooLarge: if it was longer than ``max_size`` (it was counted, not kept); ``request_id``
@@ -366,8 +404,9 @@ class MessageDecoder:
                 f"streamed message has {self.size} bytes, not the {self._expected} its header declares",
                 request_id=request_id,
             )
-        for (_, entry), buffer in zip(self._entries, self._buffers, strict=True):
-            del entry["nbytes"]
-            entry["data"] = buffer
+        if self._sink is None:
+            for (_, entry), buffer in zip(self._entries, self._buffers, strict=True):
+                del entry["nbytes"]
+                entry["data"] = buffer
         self._buffers = []
         return Opened(request_id, kind, body)

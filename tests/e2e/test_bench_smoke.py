@@ -106,8 +106,12 @@ def test_scale_hosts_workers_in_one_process(figures: dict[str, Any]) -> None:
     assert math.isfinite(figures["scale"]["slope_s_per_worker"])
 
 
-def test_memory_is_measured_in_the_coordinators_own_process(figures: dict[str, Any]) -> None:
-    (row,) = figures["memory"]["rows"]
+@pytest.mark.parametrize("fold", ["fragments", "whole"])
+def test_memory_is_measured_in_the_coordinators_own_process(figures: dict[str, Any], fold: str) -> None:
+    """Updates folded from their fragments (the default), then decoded whole (--whole-updates)."""
+    rows = figures["memory"]["rows"]
+    assert [row["fold"] for row in rows] == ["fragments", "whole"]
+    row = rows[["fragments", "whole"].index(fold)]
     assert row["workers"] == WORKERS and row["receive_slots"] == DEFAULT_RECEIVE_SLOTS
     assert figures["memory"]["model_bytes"] == MLP_1M_BYTES
     # A whole torch process, but not the workers' memory: they live elsewhere.
@@ -145,8 +149,10 @@ def test_targets_of_a_full_run(benchkit: ModuleType) -> None:
             "rows": [
                 {"workers": 3, "receive_slots": 0, "models": 6.5},
                 {"workers": 3, "receive_slots": DEFAULT_RECEIVE_SLOTS, "models": 3.3},
+                {"workers": 3, "receive_slots": DEFAULT_RECEIVE_SLOTS, "fold": "whole", "models": 5.0},
                 {"workers": 30, "receive_slots": 0, "models": 40.0},
                 {"workers": 30, "receive_slots": DEFAULT_RECEIVE_SLOTS, "models": 3.9},
+                {"workers": 30, "receive_slots": DEFAULT_RECEIVE_SLOTS, "fold": "whole", "models": 9.0},
             ]
         },
         "scale": {

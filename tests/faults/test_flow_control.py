@@ -155,8 +155,8 @@ def test_the_client_keeps_nothing_of_a_reply_once_it_is_delivered(
     decoders: list[weakref.ref[MessageDecoder]] = []
     original = client_module.receive_message
 
-    async def receive_message(connection: Any, max_size: int) -> MessageDecoder:
-        decoder = await original(connection, max_size)
+    async def receive_message(connection: Any, max_size: int, **options: Any) -> MessageDecoder:
+        decoder = await original(connection, max_size, **options)
         decoders.append(weakref.ref(decoder))
         return decoder
 

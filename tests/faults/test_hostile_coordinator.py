@@ -17,7 +17,7 @@ import dataclasses
 import json
 import shutil
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 from units import MS
 from websockets.asyncio.server import ServerConnection, serve
 
+from syncfed.absorption import FragmentSink
 from syncfed.checkpoint import CHECKPOINT_FILE
 from syncfed.cli.coordinator import main as client_main
 from syncfed.coordinator import _mismatch
@@ -50,6 +51,7 @@ from syncfed.protocol import (
     Propose,
     decode,
     encode,
+    encode_fragments,
 )
 
 PROGRAM = "run_websocket_client.py: error: "
@@ -83,8 +85,9 @@ def alice_info(workers: dict[str, WorkerProcess]) -> Info:
 
 # -- A fake worker in a thread of its own ----------------------------------------------------
 
-#: Answers one decoded request (its id and message) with the bytes to send back.
-Answer = Callable[[int, Any], bytes]
+#: Answers one decoded request (its id and message) with the bytes to send back: one frame, or the fragments
+#: of a streamed message (websockets sends an iterable as one fragmented message).
+Answer = Callable[[int, Any], bytes | Iterable[bytes]]
 
 
 @contextlib.contextmanager
@@ -120,12 +123,12 @@ def packed(request_id: int, kind: str, body: dict[str, Any]) -> bytes:
     return msgpack.packb({"v": PROTOCOL_VERSION, "id": request_id, "kind": kind, "body": body}, use_bin_type=True)
 
 
-def greeter(info: Info, fit: Callable[[int, Fit], bytes]) -> Answer:
+def greeter(info: Info, fit: Callable[[int, Fit], bytes | Iterable[bytes]]) -> Answer:
     """Greets with ``info``, answers pings, accepts proposals, and answers fit requests with ``fit`` (held first
     when asked to)."""
     held: dict[int, Fit] = {}
 
-    def answer(request_id: int, message: Any) -> bytes:
+    def answer(request_id: int, message: Any) -> bytes | Iterable[bytes]:
         if isinstance(message, Hello):
             return encode(request_id, info)
         if isinstance(message, Ping):
@@ -342,6 +345,87 @@ def test_a_hello_claiming_2_to_the_63_examples_under_secure_agg_drops_that_worke
     assert_dropped(tmp_path, code, err, "mallory", {"alice", "bob"})
     assert "Worker mallory is unreachable (bad reply to hello: histogram of 92233720368547" in out
     assert "examples exceeds limit of 4294967296" in out
+
+
+# -- Issue 20: updates folded from their fragments ------------------------------------------------
+
+
+def test_streamed_updates_folded_as_they_arrive_give_the_model_of_whole_updates_bit_for_bit(
+    workers: dict[str, WorkerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The digits CNN's updates (2.4 MB) come in 1 MiB fragments: by default each is folded as they arrive."""
+    folded: list[int] = []
+    commit = FragmentSink.commit
+    monkeypatch.setattr(FragmentSink, "commit", lambda sink: (folded.append(sink.reply.num_examples), commit(sink))[1])
+    names = f"alice={workers['alice'].uri},bob={workers['bob'].uri}"
+    for run, flags in (("fragments", []), ("whole", ["--whole-updates"])):
+        code = train("--workers", names, "--training-rounds", "2", "--save-model", str(tmp_path / run), *flags)
+        assert code == 0
+        assert len(folded) == 4  # two workers in two rounds, all in the first run
+    with (
+        safe_open(str(tmp_path / "fragments"), framework="np") as ours,
+        safe_open(str(tmp_path / "whole"), "np") as theirs,
+    ):
+        assert list(ours.keys()) == list(theirs.keys())
+        for name in ours.keys():
+            assert np.array_equal(ours.get_tensor(name), theirs.get_tensor(name)), name
+
+
+def streamed_update(spoil: str) -> Callable[[int, Fit], Iterator[bytes]]:
+    """Fit replies of the global weights, streamed in 64 KiB fragments: with a NaN in the last fragment
+    (``late-nan``), or broken off half way (``cut``: the connection fails, as when a worker dies mid-send)."""
+
+    def fit(request_id: int, message: Fit) -> Iterator[bytes]:
+        weights = {name: np.array(array) for name, array in message.weights.items()}
+        if spoil == "late-nan":
+            weights[list(weights)[-1]].reshape(-1)[-1] = np.nan
+        fragments = [
+            bytes(part)
+            for part in encode_fragments(request_id, FitResult(weights, 100, 0.5), chunk_size=2**16).fragments()
+        ]
+        yield from fragments[: len(fragments) // 2]
+        if spoil == "cut":
+            raise ConnectionAbortedError("mallory dies mid-send")
+        yield from fragments[len(fragments) // 2 :]
+
+    return fit
+
+
+@pytest.mark.parametrize("spoil", ["late-nan", "cut"])
+def test_an_update_that_breaks_off_after_part_of_it_was_folded_makes_the_round_train_again_whole(
+    workers: dict[str, WorkerProcess],
+    alice_info: Info,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    spoil: str,
+) -> None:
+    """Part of mallory's update is in the sums and cannot be taken out bit for bit: each round is trained
+    again and folded from whole updates, and the run ends where it ends with --whole-updates throughout."""
+    info = dataclasses.replace(alice_info, worker_id="mallory")
+    saved = {}
+    with fake_worker(greeter(info, streamed_update(spoil))) as uri:
+        names = f"alice={workers['alice'].uri},bob={workers['bob'].uri},mallory={uri}"
+        for run, flags in (("fragments", []), ("whole", ["--whole-updates"])):
+            (tmp_path / run).mkdir()
+            code = train("--workers", names, "--training-rounds", "2", *outputs(tmp_path / run), *flags)
+            out, err = capsys.readouterr()
+            assert_dropped(tmp_path / run, code, err, "mallory", {"alice", "bob"})
+            events = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            refolds = [event for event in events if event["event"] == "round_refold"]
+            if run == "fragments":
+                # A cut connection may still be down at round 2 (then mallory is only "not connected").
+                expected = [(1, ["mallory"]), (2, ["mallory"])]
+                got = [(event["round"], list(event["poisoned"])) for event in refolds]
+                assert got == expected if spoil == "late-nan" else got in (expected, expected[:1])
+                assert out.count("a streamed update broke off after part of it was folded (mallory: ") == len(got)
+                assert "training the round again, folding whole updates" in out
+            else:
+                assert refolds == []
+            with safe_open(str(tmp_path / run / "model.pt"), framework="np") as handle:
+                saved[run] = {name: handle.get_tensor(name) for name in handle.keys()}
+    assert saved["fragments"].keys() == saved["whole"].keys()
+    for name, array in saved["whole"].items():
+        assert np.array_equal(saved["fragments"][name], array), name
 
 
 # -- Item 5: resuming from a bad checkpoint ---------------------------------------------------------

@@ -89,7 +89,8 @@ LAYERS = [
 
 
 #: Names added since: the own-data schema and plan (docs/data.md), then the task and its metrics (issue 17),
-#: then a job's terms for site policies (issue 19).
+#: then a job's terms for site policies (issue 19), then where a streamed message's tensors may go as they arrive
+#: (issue 20).
 NEW_ALL = [
     "DATA_KINDS",
     "FEATURE_TYPES",
@@ -106,6 +107,8 @@ NEW_ALL = [
     "Terms",
     "Propose",
     "Accepted",
+    "Route",
+    "Sink",
 ]
 
 
