@@ -1,47 +1,33 @@
-"""Fault tests: peers that send garbage, break the rules, stall or die.
+"""Fault tests, worker side: peers that send garbage or break the rules.
 
-Worker side: a raw websockets client sends a real worker process bad bytes,
-bad envelopes, bad tensors and oversized messages; each gets an error reply
-with a code and a short reason, and the worker keeps serving. Coordinator
-side: fake workers that stall, send garbage or vanish, workers that disagree,
-and workers that are not there.
+A raw websockets client sends a real worker process bad bytes, bad envelopes,
+bad tensors and oversized messages; each gets an error reply with a code and
+a short reason, and the worker keeps serving. The ``weights`` fixture comes
+from faults_kit.py, imported by name so that pytest finds it here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
 import re
-import selectors
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgpack
 import numpy as np
 import pytest
-import torch
-from conftest import REPO
+from faults_kit import PLAN, MiB, run
+from faults_kit import weights as weights
 from units import MS
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from syncfed.config import CoordinatorConfig
-from syncfed.coordinator import Coordinator
-from syncfed.exceptions import IncompatibleWorkers, MessageTooLarge, ProtocolError, RemoteError, WorkerUnavailable
-from syncfed.models import DigitsCNN, get_weights
-from syncfed.net.link import WorkerLink
-from syncfed.net.spawn import WorkerProcess, spawn_workers
+from syncfed.net.spawn import WorkerProcess
 from syncfed.protocol import (
     Envelope,
     Error,
@@ -59,26 +45,9 @@ from syncfed.protocol import (
 )
 from syncfed.tensors import encode_weights
 
-T = TypeVar("T")
-
 FAULT_LIMIT = 3 * 2**20  # dave's --max-message-size in conftest.py
-MiB = 2**20
 REPLY_TIMEOUT = 30_000 * MS  # any one reply, a short fit included
-TEST_TIMEOUT = 90_000 * MS  # one test's event loop
 QUIET = 300 * MS  # of silence that show no further reply is coming
-CLI_TIMEOUT = 60_000 * MS
-
-PLAN = TrainingPlan(round=1, batch_size=8, num_batches=3, lr=0.05, seed=3)
-
-
-def run(coroutine: Coroutine[Any, Any, T], timeout: float = TEST_TIMEOUT) -> T:
-    """Run ``coroutine`` in a fresh event loop, bounded by ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        async with asyncio.timeout(timeout):
-            return await coroutine
-
-    return asyncio.run(bounded())
 
 
 def pack(request_id: Any, kind: Any, body: Any, *, v: Any = 1) -> bytes:
@@ -159,12 +128,6 @@ def assert_trained(result: FitResult, weights: dict[str, np.ndarray], num_exampl
         assert result.weights[name].shape == array.shape and result.weights[name].dtype == array.dtype, name
         assert np.isfinite(result.weights[name]).all(), name
     assert any(not np.array_equal(result.weights[name], weights[name]) for name in weights), "nothing was trained"
-
-
-@pytest.fixture(scope="module")
-def weights() -> dict[str, np.ndarray]:
-    torch.manual_seed(0)
-    return get_weights(DigitsCNN())
 
 
 @pytest.fixture(scope="module")
@@ -575,399 +538,3 @@ def test_two_connections_with_the_same_ids_get_only_their_own_replies(
     first, second = run(scenario())
     assert first == {1: "info", 2: "fit_result", 3: "pong"}
     assert second == {1: "info", 2: "pong", 3: "eval_result"}
-
-
-# -- Coordinator side: workers that disagree ----------------------------------------------
-
-
-def incompatible(workers: dict[str, str], evaluator: dict[str, str], tmp_path: Path, **settings: Any) -> str:
-    metrics = tmp_path / "metrics.jsonl"
-    config = CoordinatorConfig(
-        workers=workers,
-        evaluator=evaluator,
-        training_rounds=1,
-        metrics_out=metrics,
-        connect_timeout=10_000 * MS,
-        **settings,
-    )
-    with pytest.raises(IncompatibleWorkers) as raised:
-        run(Coordinator(config, report=lambda _: None).run())
-    assert not metrics.exists(), "the run started although the workers disagree"
-    return str(raised.value)
-
-
-def test_workers_with_different_data_sets_are_refused(
-    digits_workers: dict[str, WorkerProcess], mnist_worker: WorkerProcess, tmp_path: Path
-) -> None:
-    message = incompatible(
-        {"alice": mnist_worker.uri, "bob": digits_workers["bob"].uri},
-        {"testing": digits_workers["testing"].uri},
-        tmp_path,
-    )
-    assert message == "bob has dataset digits, but alice has mnist"
-
-
-def test_roles_and_names_must_match_the_listing(digits_workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
-    uri = {name: worker.uri for name, worker in digits_workers.items()}
-    assert (
-        incompatible({"alice": uri["alice"], "testing": uri["testing"]}, {}, tmp_path)
-        == "testing is an evaluator (started with --testing) but is listed as the trainer"
-    )
-    assert incompatible({"bob": uri["alice"]}, {}, tmp_path) == "the worker listed as bob says it is alice"
-
-
-def test_a_trainer_listed_as_the_evaluator_is_refused(digits_workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
-    message = incompatible({"alice": digits_workers["alice"].uri}, {"bob": digits_workers["bob"].uri}, tmp_path)
-    assert message == "bob is a trainer (started without --testing) but is listed as the evaluator"
-
-
-def test_models_the_workers_cannot_use_are_refused(digits_workers: dict[str, WorkerProcess], tmp_path: Path) -> None:
-    workers = {"alice": digits_workers["alice"].uri}
-    assert incompatible(workers, {}, tmp_path, model="mypkg.models:Net") == (
-        "alice cannot build model mypkg.models:Net (it has mnist-cnn, digits-cnn);"
-        " start it with --model mypkg.models:Net"
-    )
-    message = incompatible(workers, {}, tmp_path, model="mnist-cnn")
-    assert message.startswith(
-        "model mnist-cnn does not fit the workers' digits data: model fails on input of shape (1, 1, 8, 8)"
-    )
-
-
-# -- Coordinator side: workers that are not there, stall, send garbage or die ---------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def test_client_fails_fast_on_a_closed_port_when_not_waiting_for_a_start() -> None:
-    """As a rejoin attempt does: its own backoff paces the tries (tests/unit/net/test_connect_wait.py waits)."""
-    port = free_port()
-
-    async def scenario() -> None:
-        client = WorkerLink("ghost", f"ws://127.0.0.1:{port}", max_message_size=MiB, connect_timeout=20_000 * MS)
-        with pytest.raises(WorkerUnavailable) as raised:
-            await client.connect(wait_for_start=False)
-        assert raised.value.worker == "ghost"
-        assert str(raised.value).startswith(f"worker ghost is unavailable: cannot connect to ws://127.0.0.1:{port}")
-        with pytest.raises(WorkerUnavailable, match="not connected"):
-            await client.request(Ping())
-
-    started = time.perf_counter()
-    run(scenario(), timeout=10_000 * MS)
-    assert time.perf_counter() - started < 3, "a refused connection must not wait for the connect timeout"
-
-
-def test_client_gives_up_on_a_silent_listener() -> None:
-    """A port that accepts TCP but never answers the websocket handshake."""
-
-    async def scenario() -> None:
-        with socket.socket() as listener:
-            listener.bind(("127.0.0.1", 0))
-            listener.listen()
-            uri = f"ws://127.0.0.1:{listener.getsockname()[1]}"
-            client = WorkerLink("mute", uri, max_message_size=MiB, connect_timeout=500 * MS)
-            with pytest.raises(WorkerUnavailable) as raised:
-                await client.connect()
-            assert str(raised.value) == f"worker mute is unavailable: no connection to {uri} within 0.5 s"
-
-    run(scenario(), timeout=10_000 * MS)
-
-
-Handler = Callable[[ServerConnection], Awaitable[None]]
-
-
-@asynccontextmanager
-async def fake_worker(handler: Handler) -> AsyncIterator[str]:
-    """A websocket server on 127.0.0.1 that answers as ``handler`` likes."""
-    async with serve(handler, "127.0.0.1", 0, compression=None, max_size=None) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        yield f"ws://127.0.0.1:{port}"
-
-
-async def stalls(connection: ServerConnection) -> None:
-    async for _ in connection:
-        pass  # reads every request, answers none
-
-
-async def sends_garbage(connection: ServerConnection) -> None:
-    async for _ in connection:
-        await connection.send(b"\xc1garbage")
-
-
-async def hangs_up(connection: ServerConnection) -> None:
-    await connection.recv()
-    await connection.close(1011, "gone")
-
-
-async def answers_wrong_kind(connection: ServerConnection) -> None:
-    async for data in connection:
-        await connection.send(encode(decode(data).id, Pong()))
-
-
-async def answers_error(connection: ServerConnection) -> None:
-    async for data in connection:
-        await connection.send(encode(decode(data).id, Error("busy", "3 requests in flight exceed limit of 2")))
-
-
-async def request_via(handler: Handler, message: Any, timeout: float = 5000 * MS) -> Any:
-    async with fake_worker(handler) as uri:
-        async with WorkerLink(
-            "fake", uri, max_message_size=MiB, connect_timeout=5000 * MS, request_timeout=timeout
-        ) as client:
-            return await client.request(message)
-
-
-def test_client_times_out_on_a_stalled_worker() -> None:
-    with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(stalls, Ping(), timeout=300 * MS), timeout=10_000 * MS)
-    assert str(raised.value) == "worker fake is unavailable: no reply to ping within 0.3 s"
-
-
-def test_client_drops_a_worker_that_sends_garbage() -> None:
-    with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(sends_garbage, Ping()), timeout=10_000 * MS)
-    assert str(raised.value).startswith("worker fake is unavailable: sent an invalid reply: invalid msgpack")
-
-
-def test_client_reports_a_worker_that_hangs_up() -> None:
-    with pytest.raises(WorkerUnavailable) as raised:
-        run(request_via(hangs_up, Hello()), timeout=10_000 * MS)
-    assert str(raised.value).startswith("worker fake is unavailable: connection lost (")
-    assert "1011" in str(raised.value)
-
-
-def test_client_refuses_a_reply_of_the_wrong_kind() -> None:
-    with pytest.raises(ProtocolError) as raised:
-        run(request_via(answers_wrong_kind, Hello()), timeout=10_000 * MS)
-    assert str(raised.value) == "fake answered hello with pong, expected info"
-
-
-def test_client_turns_an_error_reply_into_a_remote_error() -> None:
-    with pytest.raises(RemoteError) as raised:
-        run(request_via(answers_error, Ping()), timeout=10_000 * MS)
-    assert (raised.value.peer, raised.value.code) == ("fake", "busy")
-    assert str(raised.value) == "fake answered with error busy: 3 requests in flight exceed limit of 2"
-
-
-def test_a_reply_over_the_client_limit_fails_its_request_clearly(
-    digits_workers: dict[str, WorkerProcess], weights: dict[str, np.ndarray]
-) -> None:
-    """The coordinator's limit holds for replies too: a 2.4 MB fit result against a 2 MiB limit.
-
-    The reply comes streamed (1 MiB fragments by default), so it is read to its end
-    and dropped: its request fails naming the limit, and the connection goes on."""
-
-    async def scenario() -> None:
-        uri = digits_workers["alice"].uri
-        async with WorkerLink("alice", uri, max_message_size=2 * MiB, connect_timeout=10_000 * MS) as client:
-            await client.request(Hello())
-            with pytest.raises(MessageTooLarge) as raised:
-                await client.request(Fit("digits-cnn", weights, PLAN), timeout=30_000 * MS)
-            assert re.fullmatch(rf"message with \d+ bytes exceeds limit of {2 * MiB} bytes", str(raised.value))
-            assert raised.value.size > 2 * MiB
-            assert isinstance(await client.request(Hello()), Info)  # the connection goes on
-
-    run(scenario())
-
-
-def test_a_worker_that_dies_mid_fit_fails_the_request(
-    disposable_worker: WorkerProcess, weights: dict[str, np.ndarray]
-) -> None:
-    async def scenario() -> None:
-        async with WorkerLink(
-            "erin", disposable_worker.uri, max_message_size=2**30, connect_timeout=10_000 * MS
-        ) as client:
-            await client.request(Hello())
-            long_plan = TrainingPlan(round=1, batch_size=1, num_batches=100_000, lr=0.01, seed=1)
-            fit = asyncio.create_task(client.request(Fit("digits-cnn", weights, long_plan), timeout=60_000 * MS))
-            await asyncio.sleep(500 * MS)
-            assert not fit.done()
-            os.kill(disposable_worker.process.pid, signal.SIGKILL)
-            started = time.perf_counter()
-            with pytest.raises(WorkerUnavailable) as raised:
-                await fit
-            assert time.perf_counter() - started < 5
-            assert str(raised.value).startswith("worker erin is unavailable: connection lost (")
-            with pytest.raises(WorkerUnavailable):
-                await client.request(Ping())
-
-    run(scenario(), timeout=30_000 * MS)
-
-
-def test_a_worker_that_cannot_start_is_reported_with_its_last_words() -> None:
-    async def scenario() -> None:
-        with pytest.raises(WorkerUnavailable) as raised:
-            async with spawn_workers([("zed", ["--threads", "1", "--digits", "42"])], startup_timeout=60_000 * MS):
-                raise AssertionError("the worker started")
-        message = str(raised.value)
-        assert message.startswith("worker zed is unavailable: process exited with status 2: ")
-        assert "run_websocket_server.py: error: digits entry '42' is not within 0..9" in message
-        assert "Traceback" not in message
-
-    run(scenario(), timeout=90_000 * MS)
-
-
-# -- The command line ---------------------------------------------------------------------
-
-
-def run_cli(arguments: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "run_websocket_client.py", *arguments],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT,
-    )
-
-
-def test_cli_waits_for_an_unreachable_worker_then_exits_with_one_line() -> None:
-    """It may still be starting: the coordinator says whom it waits for, then gives up at --connect-timeout."""
-    port = free_port()
-    done = run_cli(["--workers", f"alice=ws://127.0.0.1:{port}", "--evaluator", "", "--connect-timeout", "2"])
-    assert done.returncode == 5  # WorkerUnavailable
-    assert done.stdout == ""
-    assert "Traceback" not in done.stderr
-    lines = done.stderr.splitlines()
-    assert len(lines) == 2, done.stderr
-    assert lines[0].endswith(f"WARNING waiting for alice at 127.0.0.1:{port} (connection refused), up to 2 s")
-    assert lines[1] == (
-        f"run_websocket_client.py: error: worker alice is unavailable: no connection to ws://127.0.0.1:{port}"
-        " within 2 s (connection refused)"
-    )
-
-
-def test_cli_exits_with_one_line_when_workers_disagree(digits_workers: dict[str, WorkerProcess]) -> None:
-    workers = f"alice={digits_workers['alice'].uri},testing={digits_workers['testing'].uri}"
-    done = run_cli(["--workers", workers, "--evaluator", "", "--connect_timeout", "10"])
-    assert done.returncode == 4  # IncompatibleWorkers
-    assert "Traceback" not in done.stderr
-    assert done.stderr.splitlines() == [
-        "run_websocket_client.py: error: testing is an evaluator (started with --testing) but is listed as the trainer"
-    ]
-
-
-def children_of(pid: int) -> list[int]:
-    """Ids of the processes whose parent is ``pid`` (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended meanwhile
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def is_running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def interruptible() -> None:
-    """Default Ctrl-C handling in the child, even when this test run was started with SIGINT ignored (``cmd &``)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@pytest.mark.parametrize(
-    ("sent", "status", "line"),
-    [
-        pytest.param(signal.SIGINT, 130, "run_websocket_client.py: interrupted", id="ctrl-c"),
-        pytest.param(signal.SIGTERM, 143, "run_websocket_client.py: terminated", id="sigterm"),
-    ],
-)
-def test_ctrl_c_or_sigterm_stops_the_cli_and_its_spawned_workers(
-    tmp_path: Path, sent: signal.Signals, status: int, line: str
-) -> None:
-    """SIGTERM (kill, a service manager, a benchmark's timeout) stops the spawned workers too, as Ctrl-C does."""
-    metrics = tmp_path / "metrics.jsonl"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "run_websocket_client.py",
-            "--spawn-workers",
-            "--workers",
-            "alice=ws://localhost:1",
-            "--evaluator",
-            "",
-            "--training-rounds",
-            "100000",
-            "--metrics-out",
-            str(metrics),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=interruptible,
-    )
-    try:
-        deadline = time.monotonic() + CLI_TIMEOUT
-        while not (metrics.exists() and metrics.read_text().strip()):  # training has begun
-            assert process.poll() is None, process.communicate(timeout=5000 * MS)
-            assert time.monotonic() < deadline, "no round finished in time"
-            time.sleep(100 * MS)
-        workers = children_of(process.pid)
-        assert len(workers) == 1
-        process.send_signal(sent)
-        out, err = process.communicate(timeout=30_000 * MS)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10_000 * MS)
-    assert process.returncode == status
-    assert "Traceback" not in err
-    assert err.splitlines() == [line]
-    assert not any(is_running(pid) for pid in workers), "a spawned worker outlived the coordinator"
-
-
-def test_ctrl_c_stops_a_worker_with_one_line() -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "run_websocket_server.py",
-            "--id",
-            "alice",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        bufsize=0,
-        preexec_fn=interruptible,
-    )
-    ready = re.compile(r"syncfed worker alice listening on ws://127\.0\.0\.1:\d+")
-    try:
-        assert process.stdout is not None
-        output = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + CLI_TIMEOUT
-            while not any(ready.fullmatch(line) for line in output.decode().splitlines()):
-                left = deadline - time.monotonic()
-                assert left > 0 and selector.select(left), f"no ready line in time: {output!r}"
-                chunk = os.read(process.stdout.fileno(), 4096)
-                assert chunk, f"the worker exited: {output!r}"
-                output += chunk
-        first = output.decode().splitlines()[0]
-        assert first == "alice holds 576 training examples of digits, digits 0-3 (0: 142, 1: 146, 2: 142, 3: 146)"
-        process.send_signal(signal.SIGINT)
-        _, err = process.communicate(timeout=30_000 * MS)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=10_000 * MS)
-    assert process.returncode == 130
-    assert b"Traceback" not in err
-    assert err.decode().splitlines() == ["run_websocket_server.py: stopped"]
