@@ -1,15 +1,16 @@
-"""Security: provisioned startup kits, mutual TLS with an allow-list, the token handshake.
+"""Security: the secured quick start over mutual TLS, the allow-list and the token handshake.
 
-The kits are made by the real command (``python -m syncfed provision``) in a
-temporary folder, which stands for the repository root of the README's
-secured quick start: the workers are real processes started from their
-``worker.toml`` and the coordinator from its ``coordinator.toml``, exactly as
-the README writes them; only the ports differ, free ones picked here and
-written into the project file. Every refusal goes through the coordinator's
-command line and pins its one line of error and its exit status; the
-handshake attacks (a replayed response, a hello before authentication) use a
-raw websockets client. Every wait has a deadline, and every process started
-here is stopped in a ``finally``.
+The kits are made by the real command (``python -m syncfed provision``, see
+security_kit.py) in a temporary folder, which stands for the repository root
+of the README's secured quick start: the workers are real processes started
+from their ``worker.toml`` and the coordinator from its ``coordinator.toml``,
+exactly as the README writes them; only the ports differ, free ones picked
+here and written into the project file. Every refusal goes through the
+coordinator's command line and pins its one line of error and its exit status;
+the handshake attacks (a replayed response, a hello before authentication) use
+a raw websockets client. Every wait has a deadline, and every process started
+here is stopped in a ``finally``. The ``demo`` fixture comes from
+security_kit.py, imported by name so that pytest finds it here.
 """
 
 from __future__ import annotations
@@ -18,17 +19,11 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
-import ipaddress
-import json
-import os
 import re
-import socket
 import ssl
-import stat
 import subprocess
 import sys
 import time
-import tomllib
 from collections.abc import Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +35,28 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from cryptography.x509.verification import Criticality, DNSName, ExtensionPolicy, IPAddress, PolicyBuilder, Store
 from linkpair import tiny_digits
+from security_kit import (
+    CLI_TIMEOUT,
+    ENV,
+    EVALUATOR,
+    TRAINERS,
+    Kit,
+    free_ports,
+    load_certificate,
+    provision_site,
+    write_project,
+)
+from security_kit import demo as demo
 from units import MS
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from syncfed import auth
-from syncfed.__main__ import main as syncfed_main
-from syncfed.cli import coordinator as client_cli
-from syncfed.cli import worker as server_cli
-from syncfed.cli.common import parse_arguments
 from syncfed.config import WorkerConfig
 from syncfed.exceptions import AuthenticationFailed, RemoteError
 from syncfed.net.link import WorkerLink
-from syncfed.net.transport import client_tls, server_tls
+from syncfed.net.transport import client_tls
 from syncfed.policy import SitePolicy
 from syncfed.protocol import Accepted, Hello, Info, Propose, Terms, decode, encode
 from syncfed.worker import Worker
@@ -68,24 +70,17 @@ CLIENT = REPO / "run_websocket_client.py"
 # Durations, in seconds.
 STARTUP_TIMEOUT = 90_000 * MS  # a set of workers importing torch on a busy 2-core machine
 STOP_TIMEOUT = 10_000 * MS
-CLI_TIMEOUT = 120_000 * MS  # one command-line run
 RAW_TIMEOUT = 10_000 * MS  # one exchange of a raw client
 CLOSE_TIMEOUT = 3000 * MS  # far above the moment a refusing worker closes (it closes at once)
 POLL = 10 * MS  # how often a worker's output is looked at
 
-TRAINERS = ("alice", "bob", "charlie")
-EVALUATOR = "testing"
 TOKEN = b"0123456789abcdef0123456789abcdef"
 WRONG_TOKEN = b"fedcba9876543210fedcba9876543210"
-
-#: Four workers on two cores: one torch thread each, set without adding flags to the README's commands.
-ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 
 READY = re.compile(r"^syncfed worker (\S+) listening on (wss?://\S+)$", re.MULTILINE)
 ACCURACY = re.compile(r"^Final federated accuracy at round 2: (\d+\.\d\d)%$", re.MULTILINE)
 
-#: The README's secured quick start, run in the folder that holds project.toml.
-PROVISION = ("-m", "syncfed", "provision", "project.toml", "-o", "startup")
+#: The coordinator's command in the README's secured quick start, run in the folder that holds project.toml.
 QUICK_START_RUN = ("--config", "startup/coordinator/coordinator.toml", "--training-rounds", "2")
 
 
@@ -99,65 +94,7 @@ def run(coroutine: Coroutine[Any, Any, T], timeout: float = RAW_TIMEOUT) -> T:
     return asyncio.run(bounded())
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct ports of 127.0.0.1 that are free now (all held open until each is picked)."""
-    with contextlib.ExitStack() as stack:
-        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [int(probe.getsockname()[1]) for probe in probes]
-
-
-# -- Projects and their kits --------------------------------------------------------------
-
-
-def write_project(path: Path, name: str, workers: Sequence[tuple[str, Sequence[str], int, str]]) -> None:
-    """A project file in provision.py's format: ``workers`` as (id, hosts, port, role)."""
-    lines = ["[project]", f'name = "{name}"', "", "[coordinator]", 'id = "coordinator"']
-    for worker_id, hosts, port, role in workers:
-        lines += ["", "[[workers]]", f'id = "{worker_id}"', f"hosts = {json.dumps(list(hosts))}"]
-        lines += [f"port = {port}", f'role = "{role}"']
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-@dataclass(frozen=True)
-class Kit:
-    """A provisioned project: ``site`` holds project.toml and startup/, as the README's repository root does."""
-
-    site: Path
-    ports: dict[str, int]
-    output: str  # what the provision command printed
-
-    @property
-    def startup(self) -> Path:
-        return self.site / "startup"
-
-    @property
-    def ca(self) -> Path:
-        """The CA certificate the coordinator trusts."""
-        return self.startup / "coordinator" / "ca.crt"
-
-
-def provision_site(site: Path) -> str:
-    result = subprocess.run(
-        [sys.executable, *PROVISION], cwd=site, capture_output=True, text=True, timeout=CLI_TIMEOUT, env=ENV
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> Kit:
-    """The quick start's project: three trainers and the evaluator on localhost and 127.0.0.1."""
-    site = tmp_path_factory.mktemp("demo")
-    names = (*TRAINERS, EVALUATOR)
-    ports = dict(zip(names, free_ports(len(names)), strict=True))
-    workers = [
-        (name, ["localhost", "127.0.0.1"], ports[name], "evaluator" if name == EVALUATOR else "trainer")
-        for name in names
-    ]
-    write_project(site / "project.toml", "demo", workers)
-    return Kit(site, ports, provision_site(site))
+# -- Another project, and coordinator certificates made with a CA key ------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +103,6 @@ def other(tmp_path_factory: pytest.TempPathFactory) -> Kit:
     site = tmp_path_factory.mktemp("other")
     write_project(site / "project.toml", "other", [("erin", ["localhost"], 8777, "trainer")])
     return Kit(site, {"erin": 8777}, provision_site(site))
-
-
-def load_certificate(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def common_name(name: x509.Name) -> str:
-    return str(name.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
 
 
 def issue_client_certificate(ca_dir: Path, name: str, out: Path) -> tuple[Path, Path]:
@@ -385,191 +314,7 @@ async def frames_until_closed(connection: ClientConnection) -> list[bytes]:
     return frames
 
 
-# -- 1. Provisioning ---------------------------------------------------------------------------
-
-
-def test_provision_prints_every_kit_and_the_ca_key(demo: Kit) -> None:
-    assert demo.output.splitlines() == [
-        "alice: startup/alice",
-        "bob: startup/bob",
-        "charlie: startup/charlie",
-        "testing: startup/testing",
-        "coordinator: startup/coordinator",
-        "CA key (keep it offline): startup/ca/ca.key",
-    ]
-    kits = {path.name for path in demo.startup.iterdir()}
-    assert kits == {"ca", *TRAINERS, EVALUATOR, "coordinator"}
-
-
-def test_certificates_chain_to_the_project_ca(demo: Kit) -> None:
-    ca = load_certificate(demo.startup / "ca" / "ca.crt")
-    assert ca.issuer == ca.subject
-    ca.verify_directly_issued_by(ca)
-    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    now = datetime.datetime.now(datetime.UTC)
-    # The web-PKI profile, less what a private CA need not carry: key identifiers (see
-    # test_certificates_pass_strict_x509_verification) and a SAN on the coordinator, whose
-    # identity is its common name.
-    ee_policy = ExtensionPolicy.webpki_defaults_ee().may_be_present(
-        x509.AuthorityKeyIdentifier, Criticality.NON_CRITICAL, None
-    )
-    ca_policy = ExtensionPolicy.webpki_defaults_ca().may_be_present(
-        x509.SubjectKeyIdentifier, Criticality.NON_CRITICAL, None
-    )
-    verifiers = PolicyBuilder().store(Store([ca])).extension_policies(ca_policy=ca_policy, ee_policy=ee_policy)
-    client_verifiers = (
-        PolicyBuilder()
-        .store(Store([ca]))
-        .extension_policies(
-            ca_policy=ca_policy,
-            ee_policy=ee_policy.may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None),
-        )
-    )
-    for name in (*TRAINERS, EVALUATOR, "coordinator"):
-        kit = demo.startup / name
-        assert (kit / "ca.crt").read_bytes() == (demo.startup / "ca" / "ca.crt").read_bytes(), name
-        cert = load_certificate(kit / f"{name}.crt")
-        assert cert.issuer == ca.subject, name
-        cert.verify_directly_issued_by(ca)
-        assert cert.not_valid_before_utc <= now <= cert.not_valid_after_utc, name
-        assert common_name(cert.subject) == name
-        assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca, name
-        key = serialization.load_pem_private_key((kit / f"{name}.key").read_bytes(), password=None)
-        assert key.public_key() == cert.public_key(), f"{name}'s key does not match its certificate"
-        usages = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
-        if name == "coordinator":
-            assert usages == [ExtendedKeyUsageOID.CLIENT_AUTH]
-            chain = client_verifiers.build_client_verifier().verify(cert, []).chain
-        else:
-            assert usages == [ExtendedKeyUsageOID.SERVER_AUTH], name
-            san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            assert san.get_values_for_type(x509.DNSName) == ["localhost"], name
-            assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")], name
-            for host in (DNSName("localhost"), IPAddress(ipaddress.ip_address("127.0.0.1"))):
-                chain = verifiers.build_server_verifier(host).verify(cert, [])
-            with pytest.raises(Exception, match="no matching subjectAltName"):
-                verifiers.build_server_verifier(DNSName("example.com")).verify(cert, [])
-            # A worker's certificate cannot pass for a coordinator's.
-            with pytest.raises(Exception, match="required EKU not found"):
-                client_verifiers.build_client_verifier().verify(cert, [])
-        assert chain == [cert, ca], name
-
-
-def test_certificates_pass_strict_x509_verification(demo: Kit) -> None:
-    """On Python 3.13 and later the coordinator's context verifies with VERIFY_X509_STRICT."""
-    kit = demo.startup / "alice"
-    worker = server_tls(kit / "alice.crt", kit / "alice.key", kit / "ca.crt")
-    coordinator_kit = demo.startup / "coordinator"
-    client = client_tls(demo.ca, coordinator_kit / "coordinator.crt", coordinator_kit / "coordinator.key")
-    client.verify_flags |= ssl.VERIFY_X509_STRICT
-    handshake(worker, client, "localhost")
-    ca = load_certificate(demo.startup / "ca" / "ca.crt")
-    alice = load_certificate(kit / "alice.crt")
-    PolicyBuilder().store(Store([ca])).build_server_verifier(DNSName("localhost")).verify(alice, [])
-
-
-def handshake(server: ssl.SSLContext, client: ssl.SSLContext, host: str) -> None:
-    """A TLS handshake between two contexts through memory buffers; raises what either side raises."""
-    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
-    client_side = client.wrap_bio(to_client, to_server, server_hostname=host)
-    server_side = server.wrap_bio(to_server, to_client, server_side=True)
-    done: set[int] = set()
-    for _ in range(10):
-        for index, side in enumerate((client_side, server_side)):
-            if index not in done:
-                try:
-                    side.do_handshake()
-                    done.add(index)
-                except ssl.SSLWantReadError:
-                    pass
-        if len(done) == 2:
-            return
-    raise AssertionError("the handshake did not finish")
-
-
-def test_key_files_are_owner_only_and_the_ca_key_stays_in_ca(demo: Kit) -> None:
-    keys = sorted(demo.startup.rglob("*.key"))
-    assert [path.relative_to(demo.startup).as_posix() for path in keys] == [
-        "alice/alice.key",
-        "bob/bob.key",
-        "ca/ca.key",
-        "charlie/charlie.key",
-        "coordinator/coordinator.key",
-        "testing/testing.key",
-    ]
-    for path in keys:
-        assert stat.S_IMODE(path.stat().st_mode) == 0o600, f"{path} has mode {stat.S_IMODE(path.stat().st_mode):o}"
-
-
-def test_configs_parse_and_point_to_existing_files(demo: Kit) -> None:
-    for name in (*TRAINERS, EVALUATOR):
-        path = demo.startup / name / "worker.toml"
-        settings = tomllib.loads(path.read_text(encoding="utf-8"))
-        assert settings == {
-            "id": name,
-            "host": "localhost",
-            "port": demo.ports[name],
-            "testing": name == EVALUATOR,
-            "tls-cert": f"{name}.crt",
-            "tls-key": f"{name}.key",
-            "tls-ca": "ca.crt",
-            "allow-coordinator": ["coordinator"],
-        }
-        # The worker's command line accepts it, and resolves the files next to it.
-        config = server_cli.config_from_args(parse_arguments(server_cli.build_parser(), ["--config", str(path)]))
-        assert config.secured and config.allow_coordinators == ("coordinator",)
-        for file in (config.tls_cert, config.tls_key, config.tls_ca):
-            assert file is not None and file.is_file(), file
-    path = demo.startup / "coordinator" / "coordinator.toml"
-    settings = tomllib.loads(path.read_text(encoding="utf-8"))
-    endpoint = "{}=wss://localhost:{}".format
-    assert settings == {
-        "workers": ",".join(endpoint(name, demo.ports[name]) for name in TRAINERS),
-        "evaluator": endpoint(EVALUATOR, demo.ports[EVALUATOR]),
-        "tls-cert": "coordinator.crt",
-        "tls-key": "coordinator.key",
-        "tls-ca": "ca.crt",
-    }
-    args = parse_arguments(client_cli.build_parser(), ["--config", str(path)])
-    for file in (args.tls_cert, args.tls_key, args.tls_ca):
-        assert file.is_file(), file
-
-
-def test_second_provision_into_the_same_folder_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    project, startup = tmp_path / "project.toml", tmp_path / "startup"
-    write_project(project, "demo", [("alice", ["localhost"], 8777, "trainer")])
-    assert syncfed_main(["provision", str(project), "-o", str(startup)]) == 0
-    before = {path: path.read_bytes() for path in startup.rglob("*") if path.is_file()}
-    capsys.readouterr()
-    assert syncfed_main(["provision", str(project), "-o", str(startup)]) == 2
-    assert capsys.readouterr().err.splitlines() == [
-        f"python -m syncfed: error: {startup} already holds a provisioned project; choose another directory"
-    ]
-    assert {path: path.read_bytes() for path in startup.rglob("*") if path.is_file()} == before
-
-
-@pytest.mark.parametrize(
-    ("workers", "message"),
-    [
-        pytest.param([("alice", "trainer"), ("alice", "evaluator")], "id 'alice' appears twice", id="duplicate-worker"),
-        pytest.param([("coordinator", "trainer")], "id 'coordinator' appears twice", id="worker-named-coordinator"),
-        pytest.param([], "no [[workers]] entries", id="no-workers"),
-        pytest.param(
-            [("alice", "server")], "worker alice has role 'server', not one of trainer, evaluator", id="bad-role"
-        ),
-    ],
-)
-def test_bad_project_file_gives_one_clear_line(
-    workers: list[tuple[str, str]], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    project, startup = tmp_path / "project.toml", tmp_path / "startup"
-    write_project(project, "demo", [(name, ["localhost"], 8777, role) for name, role in workers])
-    assert syncfed_main(["provision", str(project), "-o", str(startup)]) == 2
-    assert capsys.readouterr().err.splitlines() == [f"python -m syncfed: error: {project}: {message}"]
-    assert not startup.exists(), "nothing is written for a bad project file"
-
-
-# -- 2. The secured quick start ----------------------------------------------------------------
+# -- The secured quick start -------------------------------------------------------------------
 
 
 def test_secured_quick_start_trains_over_mutual_tls(demo: Kit, demo_workers: dict[str, WorkerProcess]) -> None:
@@ -581,7 +326,7 @@ def test_secured_quick_start_trains_over_mutual_tls(demo: Kit, demo_workers: dic
         assert "ACCEPTS ANY COORDINATOR" not in worker.stderr()
 
 
-# -- 3. Refusals -----------------------------------------------------------------------------------
+# -- Refusals --------------------------------------------------------------------------------------
 
 
 def test_coordinator_without_client_certificate_is_refused(demo: Kit, demo_workers: dict[str, WorkerProcess]) -> None:
@@ -742,7 +487,7 @@ def test_an_unauthenticated_peer_cannot_send_a_large_frame(token_worker: TokenSi
     assert code == 1009  # message too big, refused by websockets before buffering it
 
 
-# -- 4. The loud warning ---------------------------------------------------------------------------
+# -- The loud warning ------------------------------------------------------------------------------
 
 
 def test_unsecured_worker_on_every_address_warns(tmp_path: Path) -> None:
@@ -761,7 +506,7 @@ def test_token_worker_on_every_address_does_not_warn(token_worker: TokenSite) ->
     assert "ACCEPTS ANY COORDINATOR" not in token_worker.worker.stderr()
 
 
-# -- 5. Refusals leave the workers serving ----------------------------------------------------------
+# -- Refusals leave the workers serving -------------------------------------------------------------
 
 
 def test_workers_keep_serving_after_refusals(
