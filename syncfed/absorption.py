@@ -104,6 +104,8 @@ class FragmentSink:
         self.started = True
         self._element += values.size
         self._folded += values.size
+        if self._folded == self._total:
+            self._scratch = None  # a round's finished sinks live as long as its fold: 512 KiB each
 
     @property
     def complete(self) -> bool:
@@ -124,6 +126,7 @@ class FragmentSink:
     def close(self) -> None:
         """Take no more bytes: a reply abandoned (late, cancelled) must not reach the sums afterwards."""
         self._closed = True
+        self._scratch = None
 
 
 class FragmentRoute:

@@ -19,7 +19,7 @@ Pure: no I/O. Validation comes before any arithmetic, as in Flower.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -75,11 +75,13 @@ class StreamingFold:
         control: Weights | None = None,
         spare: Mapping[str, np.ndarray] | None = None,
         fragments: bool = False,
+        whole: Collection[str] = (),
     ) -> None:
         """``held``: each worker's example count as its hello said, the most its updates may weigh;
         ``control``: the server control variate sent with the round (SCAFFOLD), which updates must match;
         ``spare``: a previous fold's :meth:`release`, arrays the running sums may reuse (see :class:`RunningMean`);
-        ``fragments``: fold streamed updates from their fragments (:meth:`route`) where the round allows it."""
+        ``fragments``: fold streamed updates from their fragments (:meth:`route`) where the round allows it,
+        except those of the workers in ``whole`` (each poisoned an earlier fold: it costs no more retraining)."""
         self.strategy = strategy
         self.streamed = strategy.streamed()
         self.reference = reference
@@ -107,6 +109,7 @@ class StreamingFold:
         # From fragments only where each update goes into the mean and nowhere else: a plain mean of whole
         # weights (not deltas, not compressed), no control variates, nothing kept for the evaluator.
         self.fragments = fragments and self.mean is not None and not (keep or delta or control is not None)
+        self.whole = frozenset(whole)
         self._routes: dict[str, FragmentRoute] = {}
 
     def route(self, name: str) -> FragmentRoute | None:
@@ -114,7 +117,7 @@ class StreamingFold:
 
         Close the route when the request is over (:meth:`FragmentRoute.close`).
         """
-        if not self.fragments or self.mean is None:
+        if not self.fragments or self.mean is None or name in self.whole:
             return None
         held, reference = self.held.get(name, 0), self.reference  # not self: a cycle would keep old folds alive
         route = self._routes[name] = FragmentRoute(

@@ -43,6 +43,7 @@ class SyncRounds:
         self.context = context
         self.private = private
         self._spare: dict[str, np.ndarray] = {}  # the last fold's sums, reused: fresh ones cost page faults
+        self._whole: set[str] = set()  # workers whose updates are decoded whole: each poisoned a fold
 
     async def run(self, start: int, result: RunResult, groups: Mapping[str, Sequence[int]]) -> None:
         """Rounds ``start`` to ``training_rounds``: train, evaluate, record."""
@@ -148,7 +149,9 @@ class SyncRounds:
 
         A plain fold from fragments that a reply poisoned (it broke off after
         part of it was folded, see :mod:`syncfed.absorption`) is thrown away,
-        and the round's workers train again, their updates folded whole.
+        and the round's workers train again, their updates folded whole. The
+        updates of the workers that poisoned it are decoded whole for the rest
+        of the run, so that each costs the run at most one retraining.
         """
         context, config = self.context, self.context.config
         needs = context.strategy.needs(weights)
@@ -179,11 +182,12 @@ class SyncRounds:
             return fold, lost
         poisoned = {name: str(lost.get(name, "abandoned")) for name in fold.poisoned}
         self._spare = fold.release()
+        self._whole.update(poisoned)
         self.context.journal.write({"event": "round_refold", "round": round_number, "poisoned": poisoned})
         self.context.report(
             f"Round {round_number}: a streamed update broke off after part of it was folded"
             f" ({'; '.join(f'{name}: {why}' for name, why in poisoned.items())});"
-            " training the round again, folding whole updates"
+            " training the round again, folding whole updates; theirs are decoded whole from now on"
         )
         return await self._plain(round_number, weights, needs, trainers, selected, keep=keep, fragments=False)
 
@@ -209,6 +213,7 @@ class SyncRounds:
             control=needs.control,
             spare=self._spare,
             fragments=fragments,
+            whole=self._whole,
         )
         self._spare = {}
         lost = await context.dispatch.collect_updates(round_number, weights, needs, trainers, selected, fold)

@@ -247,6 +247,14 @@ def test_a_fold_that_needs_the_whole_update_gives_no_route(options: dict[str, ob
     assert target.route("a") is None
 
 
+def test_a_worker_that_poisoned_a_fold_gets_no_route_in_later_rounds() -> None:
+    model = {"w": np.zeros(3, np.float32)}
+    target = StreamingFold(
+        make_strategy("fedavg"), model, keep=False, delta=False, held=HELD, fragments=True, whole={"a"}
+    )
+    assert target.route("a") is None and target.route("b") is not None
+
+
 def test_a_robust_strategy_gives_no_route() -> None:
     target = StreamingFold(
         make_strategy("median"), {"w": np.zeros(3, np.float32)}, keep=False, delta=False, held=HELD, fragments=True
