@@ -15,7 +15,7 @@ import re
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -54,6 +54,9 @@ from .transport import connection_options, off_loop, receive, receive_message, s
 
 __all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "ping"]
 
+#: Streamed requests a coordinator sends at once (see :attr:`LinkSettings.sends`).
+SEND_SLOTS = 4
+
 logger = logging.getLogger("syncfed.client")  # the name it had before the move: --verbose lines are unchanged
 
 
@@ -77,6 +80,9 @@ class LinkSettings:
     # Security
     tls: ssl.SSLContext | None = None  # for wss:// workers; None: the system's CAs
     auth_token: bytes | None = None  # answer the workers' token challenge with this
+    #: Streamed requests sent at once over all the links made from these settings: each holds a frame and its
+    #: masked copy in memory, so a model sent to 30 workers at once raised the coordinator's peak by half a model.
+    sends: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(SEND_SLOTS), compare=False)
 
 
 def _refused_everywhere(exc: OSError) -> bool:
@@ -92,8 +98,9 @@ def _refused_everywhere(exc: OSError) -> bool:
     return text.startswith("Multiple exceptions") and bool(codes) and all(int(c) == errno.ECONNREFUSED for c in codes)
 
 
-async def _send_whole(connection: Connection, outgoing: Outgoing) -> None:
-    """Send ``outgoing``, finishing it even when the request is given up midway (aborted, timed out).
+async def _send_whole(connection: Connection, outgoing: Outgoing, sends: asyncio.Semaphore | None = None) -> None:
+    """Send ``outgoing``, finishing it even when the request is given up midway (aborted, timed out);
+    a streamed one once ``sends`` has a slot free.
 
     A streamed message cut off after its first fragment leaves the connection unusable
     (:func:`~syncfed.net.transport.send_message` then aborts it): the worker would be lost to a
@@ -103,13 +110,22 @@ async def _send_whole(connection: Connection, outgoing: Outgoing) -> None:
     if not outgoing.streamed:  # one frame goes out whole or not at all: sent in the request's own task
         await send_message(connection, outgoing)
         return
-    sending = asyncio.ensure_future(send_message(connection, outgoing))
+    sending = asyncio.ensure_future(_send_in_slot(connection, outgoing, sends))
     try:
         await asyncio.shield(sending)
     except asyncio.CancelledError:
         # Its failure, if any (the connection closing), is the connection's news, not this request's.
         sending.add_done_callback(lambda task: None if task.cancelled() else task.exception())
         raise
+
+
+async def _send_in_slot(connection: Connection, outgoing: Outgoing, sends: asyncio.Semaphore | None) -> None:
+    """Send a streamed ``outgoing`` once ``sends`` (when given) has a slot free, holding it until sent."""
+    if sends is None:
+        await send_message(connection, outgoing)
+        return
+    async with sends:
+        await send_message(connection, outgoing)
 
 
 def _settle(future: asyncio.Future[Message], outcome: Message | Exception) -> None:
@@ -149,6 +165,7 @@ class WorkerLink:
         # Security
         tls: ssl.SSLContext | None = None,
         auth_token: bytes | None = None,
+        sends: asyncio.Semaphore | None = None,
     ) -> None:
         self.name = name
         self.uri = uri
@@ -166,6 +183,7 @@ class WorkerLink:
         self.ping_timeout = ping_timeout
         self.tls = tls
         self.auth_token = auth_token
+        self.sends = sends  # shared with other links: streamed requests sent at once (LinkSettings.sends)
         self._connection: Connection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Message]] = {}
@@ -193,6 +211,7 @@ class WorkerLink:
             ping_timeout=settings.ping_timeout,
             tls=settings.tls,
             auth_token=settings.auth_token,
+            sends=settings.sends,
         )
 
     async def __aenter__(self) -> WorkerLink:
@@ -327,7 +346,7 @@ class WorkerLink:
         try:
             async with asyncio.timeout(limit):
                 outgoing = encode_fragments(request_id, message, chunk_size=self.chunk_size)
-                await _send_whole(self._connection, outgoing)
+                await _send_whole(self._connection, outgoing, self.sends)
                 self.bytes_sent += outgoing.size
                 answer = await reply
         except TimeoutError:

@@ -18,9 +18,10 @@ import syncfed.spawn
 import syncfed.transport
 from syncfed.cli.common import link_settings
 from syncfed.exceptions import ConfigError
+from syncfed.net import link as link_module
 from syncfed.net import spawn, transport
-from syncfed.net.link import LinkSettings, WorkerClient, WorkerLink
-from syncfed.protocol import Fit, Hello, Ping, Pong, TrainingPlan
+from syncfed.net.link import SEND_SLOTS, LinkSettings, WorkerClient, WorkerLink
+from syncfed.protocol import Fit, Hello, Ping, Pong, TrainingPlan, encode_fragments
 
 #: What a link is made of: the settings it was given.
 SETTINGS = [field.name for field in dataclasses.fields(LinkSettings)]
@@ -54,14 +55,53 @@ def test_from_settings_builds_the_link_the_constructor_builds() -> None:
         ping_timeout=None,
         tls=tls,
         auth_token=b"t" * 16,
+        sends=settings.sends,
     )
     assert described(built) == described(by_hand)
     assert built.tls is tls and not built.connected
 
 
 def test_the_settings_defaults_are_the_constructors() -> None:
-    built = WorkerLink.from_settings("bob", "ws://localhost:2", LinkSettings(max_message_size=1000))
-    assert described(built) == described(WorkerLink("bob", "ws://localhost:2", max_message_size=1000))
+    """Except the streamed sends' limit: it is shared by the links made from one settings, so a link made
+    alone has none."""
+    settings = LinkSettings(max_message_size=1000)
+    built = WorkerLink.from_settings("bob", "ws://localhost:2", settings)
+    alone = WorkerLink("bob", "ws://localhost:2", max_message_size=1000)
+    assert alone.sends is None
+    assert described(built) == described(
+        WorkerLink("bob", "ws://localhost:2", max_message_size=1000, sends=settings.sends)
+    )
+    other = WorkerLink.from_settings("carol", "ws://localhost:3", settings)
+    assert other.sends is built.sends and LinkSettings(max_message_size=1000).sends is not settings.sends
+
+
+def test_the_links_of_one_settings_send_at_most_send_slots_streamed_requests_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each streamed send holds a frame and its masked copy: 30 at once raised the coordinator's peak."""
+    sending, most = 0, 0
+
+    async def send_message(connection: object, outgoing: object) -> None:
+        nonlocal sending, most
+        sending += 1
+        most = max(most, sending)
+        await asyncio.sleep(0.01)
+        sending -= 1
+
+    monkeypatch.setattr(link_module, "send_message", send_message)
+    weights = {"w": np.zeros(1000, np.float32)}
+    streamed = encode_fragments(1, Fit("digits-cnn", weights, TrainingPlan(1, 8, 1, 0.1, 1)), chunk_size=1024)
+    single = encode_fragments(1, Ping(), chunk_size=1024)
+    assert streamed.streamed and not single.streamed
+
+    async def scenario() -> None:
+        sends = LinkSettings(max_message_size=2**20).sends
+        await asyncio.gather(*(link_module._send_whole(object(), streamed, sends) for _ in range(3 * SEND_SLOTS)))
+        assert most == SEND_SLOTS
+        await asyncio.gather(*(link_module._send_whole(object(), single, sends) for _ in range(3 * SEND_SLOTS)))
+
+    asyncio.run(scenario())
+    assert most == 3 * SEND_SLOTS  # a single frame takes no slot
 
 
 def test_the_old_names_are_the_new_objects() -> None:
