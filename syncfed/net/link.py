@@ -7,6 +7,7 @@ old name :class:`WorkerClient` stays an alias for one release.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import itertools
 import logging
@@ -121,10 +122,7 @@ async def _send_whole(connection: Connection, outgoing: Outgoing, sends: asyncio
 
 async def _send_in_slot(connection: Connection, outgoing: Outgoing, sends: asyncio.Semaphore | None) -> None:
     """Send a streamed ``outgoing`` once ``sends`` (when given) has a slot free, holding it until sent."""
-    if sends is None:
-        await send_message(connection, outgoing)
-        return
-    async with sends:
+    async with sends or contextlib.nullcontext():
         await send_message(connection, outgoing)
 
 
