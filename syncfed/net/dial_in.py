@@ -30,6 +30,7 @@ from .. import auth
 from ..admission import Admission
 from ..exceptions import AuthenticationFailed, MessageTooLarge, WorkerUnavailable
 from .link import WorkerLink
+from .reader import ChunkedServerConnection
 from .transport import common_name, connection_options, receive, small_frames
 
 __all__ = ["DialInLink", "DialInListener"]
@@ -148,6 +149,7 @@ class DialInListener:
             close_timeout=1.0,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
+            create_connection=ChunkedServerConnection,
             **connection_options(self.max_message_size),
         )
         host, port = next(iter(self._server.sockets)).getsockname()[:2]

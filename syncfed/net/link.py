@@ -51,6 +51,7 @@ from ..protocol import (
     encode_fragments,
     reply_kind,
 )
+from .reader import ChunkedClientConnection
 from .transport import connection_options, off_loop, receive, receive_message, send_message
 
 __all__ = ["LinkSettings", "WorkerLink", "WorkerClient", "ping"]
@@ -246,6 +247,7 @@ class WorkerLink:
                             ping_interval=self.ping_interval,
                             ping_timeout=self.ping_timeout,
                             ssl=(self.tls or ssl.create_default_context()) if secure else None,
+                            create_connection=ChunkedClientConnection,
                             **connection_options(self.max_message_size),
                         )
                         break

@@ -26,6 +26,7 @@ from websockets.frames import CloseCode
 
 from .. import auth
 from ..exceptions import AuthenticationFailed, MessageTooLarge
+from ..net.reader import ChunkedClientConnection
 from ..net.transport import client_tls, common_name, connection_options, receive, small_frames
 from ..redial import Redial
 from .server import LOOPBACK, Worker, logger
@@ -103,6 +104,7 @@ async def _dial(worker: Worker, uri: str, tls: ssl.SSLContext | None) -> ClientC
             ssl=tls,
             open_timeout=config.handshake_timeout,
             close_timeout=1.0,
+            create_connection=ChunkedClientConnection,
             **connection_options(config.max_message_size),
         )
     except InvalidStatus as exc:

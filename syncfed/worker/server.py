@@ -23,6 +23,7 @@ from ..config import WorkerConfig
 from ..datasets import Dataset
 from ..exceptions import ConfigError
 from ..fit_ledger import FitLedger
+from ..net.reader import ChunkedServerConnection
 from ..net.transport import common_name, connection_options, server_tls
 from ..policy import SitePolicy, load_policy
 from ..protocol import Info
@@ -142,6 +143,7 @@ async def serving(worker: Worker) -> AsyncIterator[tuple[Server, str]]:
         process_request=worker.admit,
         ssl=tls,
         open_timeout=config.handshake_timeout,  # the TLS handshake and the HTTP upgrade, each
+        create_connection=ChunkedServerConnection,
         **connection_options(config.max_message_size),
     ) as server:
         host, port = next(iter(server.sockets)).getsockname()[:2]
