@@ -94,18 +94,24 @@ class FragmentSink:
         if self.failure is not None:
             return
         name = self._names[index]
-        reason = nonfinite({name: values})
+        # Until a byte is in the sums, a non-finite fragment is refused whole and the fold stays
+        # clean. Afterwards add_part checks each block in cache, cheaper than a scan beforehand:
+        # a failure there stops the fold part way, which poisons it as any later failure would.
+        reason = None if self.started else nonfinite({name: values})
+        if reason is None:
+            if self._scratch is None:
+                self._scratch = self.mean.scratch()
+            added = self.mean.add_part(name, self._element, values, self._factor, self._scratch, finite=True)
+            self.started = True
+            if added < values.size:  # (or, in a float64 model, values too large for the check)
+                reason = nonfinite({name: values[added:]}) or f"tensor {name} holds values beyond 1e150"
         if reason is not None:
             self.failure = f"{reason} among elements {self._element} to {self._element + values.size - 1}"
             return
-        if self._scratch is None:
-            self._scratch = self.mean.scratch()
-        self.mean.add_part(name, self._element, values, self._factor, self._scratch)
-        self.started = True
         self._element += values.size
         self._folded += values.size
         if self._folded == self._total:
-            self._scratch = None  # a round's finished sinks live as long as its fold: 512 KiB each
+            self._scratch = None  # a round's finished sinks live as long as its fold: 1 MiB each
 
     @property
     def complete(self) -> bool:

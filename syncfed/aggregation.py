@@ -97,7 +97,7 @@ def from_float64(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-#: Elements folded at a time: the float64 scratch (512 KiB) stays in cache.
+#: Elements folded at a time: the two float64 scratch blocks (512 KiB each) stay in cache.
 _BLOCK = 1 << 16
 
 
@@ -184,36 +184,53 @@ class RunningMean:
 
     @staticmethod
     def scratch() -> np.ndarray:
-        """A float64 block buffer for :meth:`add_part` (one per thread that adds)."""
-        return np.empty(_BLOCK, dtype=np.float64)
+        """Two float64 block buffers for :meth:`add_part` (one pair per thread that adds)."""
+        return np.empty((2, _BLOCK), dtype=np.float64)
 
     def factor(self, num_examples: int) -> float:
         """What an update of ``num_examples`` examples is multiplied by in the sums."""
         return float(num_examples) if self.weighted else 1.0
 
-    def add_part(self, name: str, start: int, values: np.ndarray, factor: float, scratch: np.ndarray) -> None:
+    def add_part(
+        self, name: str, start: int, values: np.ndarray, factor: float, scratch: np.ndarray, *, finite: bool = False
+    ) -> int:
         """Add ``factor * values`` (less the origin's) into tensor ``name``'s flat sums from element ``start``.
 
         Parts of one update may arrive in any order and interleave with other
         updates' (a streamed reply folded fragment by fragment, see
         :mod:`syncfed.absorption`); the update counts once :meth:`count_in`
-        runs. ``scratch``: the caller's float64 block buffer, so that callers
-        in two threads never share one. The sums are written under a lock, a
-        block at a time.
+        runs. ``scratch``: the caller's :meth:`scratch`, so that callers in two
+        threads never share one. The sums are written under a lock, a block at
+        a time.
+
+        ``finite``: check each block before adding it, and stop before the
+        first that holds a NaN or an infinity. The check is the block's scalar
+        product with itself while it is in cache, a fifth of the cost of
+        scanning ``values`` beforehand. It is finite exactly when every value
+        is, as long as the scaled differences stay below 1e150: float32's are
+        far below, and a float64 model beyond that only gets a false alarm
+        (a poisoned fold, folded again whole). Returns the elements added:
+        ``values.size`` unless a block was not finite.
         """
         flat = self._sums[name].reshape(-1)
         origin = None if self.origin is None else np.ravel(self.origin[name])
-        for first in range(0, values.size, _BLOCK):
-            last = min(first + _BLOCK, values.size)
-            part = scratch[: last - first]
-            where = slice(start + first, start + last)
-            if origin is None:
-                np.multiply(values[first:last], factor, out=part, dtype=np.float64)
-            else:
-                np.subtract(values[first:last], origin[where], out=part, dtype=np.float64)
+        with np.errstate(over="ignore"):  # an overflowing check is an answer, not a warning
+            for first in range(0, values.size, _BLOCK):
+                last = min(first + _BLOCK, values.size)
+                # Widened by plain copies, then float64 arithmetic: the same values as a mixed-dtype
+                # ufunc, without its buffered casts (a fifth of the fold's time).
+                part, other = scratch[0, : last - first], scratch[1, : last - first]
+                where = slice(start + first, start + last)
+                part[...] = values[first:last]
+                if origin is not None:
+                    other[...] = origin[where]
+                    part -= other
                 part *= factor
-            with self._lock:
-                flat[where] += part
+                if finite and not np.isfinite(np.dot(part, part)):
+                    return first
+                with self._lock:
+                    flat[where] += part
+        return values.size
 
     def count_in(self, num_examples: int) -> None:
         """Count an update whose every part was added."""

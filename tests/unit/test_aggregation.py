@@ -413,3 +413,41 @@ def test_running_mean_reuses_released_sums_and_gives_the_same_bits() -> None:
     assert reused._sums["w"] is spare["w"] and reused._sums["b"] is not spare["b"]
     for name, array in fresh.result().items():
         assert reused.result()[name].tobytes() == array.tobytes()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.integers(0, 2**32 - 1),
+    st.integers(1, 3 * 65_536),
+    st.lists(st.tuples(st.floats(0, 1), st.sampled_from([np.nan, np.inf, -np.inf])), max_size=3),
+    st.sampled_from([np.float32, np.float16, np.float64]),
+    st.booleans(),
+)
+def test_add_part_checking_finiteness_stops_before_the_first_block_that_is_not(
+    seed: int, size: int, bad: list[tuple[float, float]], dtype: type, with_origin: bool
+) -> None:
+    """add_part(finite=True) adds whole blocks up to the first holding a NaN or an infinity, each block
+    the float64 difference times the count, as the independent formula computes it bit for bit."""
+    rng = np.random.default_rng(seed)
+    origin = rng.normal(0, 1, size).astype(dtype)
+    values = (origin + rng.normal(0, 0.01, size)).astype(dtype)
+    positions = sorted(min(int(where * size), size - 1) for where, _ in bad)
+    for position, (_, value) in zip(positions, bad, strict=True):
+        values[position] = value
+    running = RunningMean(origin={"w": origin} if with_origin else None)
+    running.start({"w": values})
+    added = running.add_part("w", 0, values, 7.0, running.scratch(), finite=True)
+    block = 65_536
+    assert added == (size if not positions else positions[0] // block * block)
+    widened = values[:added].astype(np.float64) - (origin[:added].astype(np.float64) if with_origin else 0.0)
+    expected = np.concatenate([widened * 7.0, np.zeros(size - added)])
+    assert running._sums["w"].tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("position", [0, 65_535, 65_536, 2 * 65_536 + 4])
+def test_add_part_finds_a_non_finite_value_at_either_edge_of_a_block(position: int) -> None:
+    values = np.ones(2 * 65_536 + 5, np.float32)
+    values[position] = np.nan
+    running = RunningMean()
+    running.start({"w": values})
+    assert running.add_part("w", 0, values, 1.0, running.scratch(), finite=True) == position // 65_536 * 65_536
