@@ -103,8 +103,8 @@ class FragmentSink:
                 self._scratch = self.mean.scratch()
             added = self.mean.add_part(name, self._element, values, self._factor, self._scratch, finite=True)
             self.started = True
-            if added < values.size:  # (or, in a float64 model, values too large for the check)
-                reason = nonfinite({name: values[added:]}) or f"tensor {name} holds values beyond 1e150"
+            if added < values.size:  # (or, in a float64 model, values too near its range for the check)
+                reason = nonfinite({name: values[added:]}) or f"tensor {name} holds values near float64's range"
         if reason is not None:
             self.failure = f"{reason} among elements {self._element} to {self._element + values.size - 1}"
             return

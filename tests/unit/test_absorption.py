@@ -187,15 +187,15 @@ def test_a_value_turning_non_finite_in_a_later_fragment_poisons_the_fold() -> No
     assert target.poisoned == ["a"]
 
 
-def test_float64_values_too_large_for_the_blocks_check_poison_the_fold_instead_of_counting() -> None:
-    """Finite, but their squares overflow: the check in cache cannot vouch for them, so the fold is refolded whole."""
+def test_float64_values_too_near_its_range_for_the_blocks_check_poison_the_fold_instead_of_counting() -> None:
+    """Finite, but their sum overflows: the check in cache cannot vouch for them, so the fold is refolded whole."""
     model = reference()
     target = fold(model)
     route = target.route("a")
     weights = {key: np.array(array) for key, array in model.items()}
-    weights["fc.weight"].reshape(-1)[40] = 1e200
-    failure = target.add("a", receive(route, stream(FitResult(weights, 10, 0.5))))
-    assert failure is not None and "tensor fc.weight holds values beyond 1e150 among elements" in failure.reason
+    weights["fc.weight"].reshape(-1)[40:43] = 1e307  # times 10 examples: three values of 1e308
+    failure = target.add("a", receive(route, stream(FitResult(weights, 10, 0.5)), sizes=(4096,)))
+    assert failure is not None and "tensor fc.weight holds values near float64's range among elements" in failure.reason
     route.close()
     assert target.poisoned == ["a"]
 
