@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Generator
-from typing import Any
+from typing import Any, Final
 
 from websockets.asyncio import client, server
 from websockets.client import ClientProtocol
@@ -30,39 +30,48 @@ from websockets.streams import StreamReader
 
 __all__ = ["ChunkReader", "ChunkedClientConnection", "ChunkedServerConnection", "adopt"]
 
+#: What a read returns, generator-based as websockets' parsers call it.
+Read = Generator[None, None, bytes | bytearray]
+
+#: Chunks shorter than this are gathered into one ``bytearray`` (:meth:`ChunkReader.feed_data`).
+_SMALL: Final = 64 * 1024
+
 
 class ChunkReader:
     """A generator-based stream reader (``websockets.streams.StreamReader``'s interface) over a queue of chunks."""
 
     def __init__(self) -> None:
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
         self._offset = 0  # bytes of the first chunk already read
         self._size = 0  # bytes buffered and not yet read
         self.eof = False
 
-    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError) -> Generator[None, None, bytes]:
+    def read_line(self, m: int, too_long_exc_type: type[Exception] = RuntimeError) -> Read:
         """Read a line ending in LF, LF included, of at most ``m`` bytes (a security limit)."""
-        n = 0  # bytes before the chunk being searched
-        searched = 0  # chunks searched in full: only new chunks are searched after a wait
+        n = 0  # bytes searched so far
+        # Where the search goes on after a wait: nothing is read meanwhile, and only the last chunk grows.
+        index, position = 0, self._offset
         while True:
-            while searched < len(self._chunks):
-                chunk = self._chunks[searched]
-                start = self._offset if searched == 0 else 0
-                end = chunk.find(b"\n", start)
+            while index < len(self._chunks):
+                chunk = self._chunks[index]
+                end = chunk.find(b"\n", position)
                 if end >= 0:
-                    n += end + 1 - start
+                    n += end + 1 - position
                     if n > m:
                         raise too_long_exc_type(f"read {n} bytes, expected no more than {m} bytes")
                     return self._take(n)
-                n += len(chunk) - start
-                searched += 1
+                n += len(chunk) - position
+                position = len(chunk)
+                if index + 1 == len(self._chunks):
+                    break
+                index, position = index + 1, 0
             if n > m:
                 raise too_long_exc_type(f"read {n} bytes, expected no more than {m} bytes")
             if self.eof:
                 raise EOFError(f"stream ends after {n} bytes, before end of line")
             yield
 
-    def read_exact(self, n: int) -> Generator[None, None, bytes]:
+    def read_exact(self, n: int) -> Read:
         """Read exactly ``n`` bytes."""
         assert n >= 0
         while self._size < n:
@@ -71,7 +80,7 @@ class ChunkReader:
             yield
         return self._take(n)
 
-    def read_to_eof(self, m: int, too_long_exc_type: type[Exception] = RuntimeError) -> Generator[None, None, bytes]:
+    def read_to_eof(self, m: int, too_long_exc_type: type[Exception] = RuntimeError) -> Read:
         """Read everything until the stream ends, at most ``m`` bytes (a security limit)."""
         while not self.eof:
             if self._size > m:
@@ -89,12 +98,24 @@ class ChunkReader:
             yield
 
     def feed_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Buffer ``data``: kept as it is when it is ``bytes``, which nobody can change afterwards."""
+        """Buffer ``data``: kept as it is when it is large ``bytes``, which nobody can change afterwards.
+
+        Small chunks are copied into a growing ``bytearray`` instead: a peer that
+        trickles its bytes one TCP segment at a time must not cost a Python object
+        (some 40 bytes) per byte it has sent.
+        """
         if self.eof:
             raise EOFError("stream ended")
-        if data:
+        if not data:
+            return
+        last = self._chunks[-1] if self._chunks else None
+        if len(data) >= _SMALL:
             self._chunks.append(data if isinstance(data, bytes) else bytes(data))
-            self._size += len(data)
+        elif isinstance(last, bytearray) and len(last) < _SMALL:
+            last += data
+        else:
+            self._chunks.append(bytearray(data))
+        self._size += len(data)
 
     def feed_eof(self) -> None:
         """End the stream."""
@@ -107,7 +128,7 @@ class ChunkReader:
         self._chunks.clear()
         self._offset = self._size = 0
 
-    def _take(self, n: int) -> bytes:
+    def _take(self, n: int) -> bytes | bytearray:
         """The next ``n`` buffered bytes: a chunk itself when it is exactly those, else one join."""
         if not n:
             return b""

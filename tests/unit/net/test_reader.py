@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tracemalloc
 from collections.abc import Generator
 from typing import Any
+from unittest import mock
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import connect
@@ -15,6 +18,7 @@ from websockets.client import ClientProtocol
 from websockets.streams import StreamReader
 from websockets.uri import parse_uri
 
+from syncfed.net import reader as reader_module
 from syncfed.net.reader import ChunkedClientConnection, ChunkedServerConnection, ChunkReader, adopt
 from syncfed.net.transport import connection_options
 
@@ -73,39 +77,48 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], bool]:
 
 
 @settings(max_examples=400, deadline=None)
-@given(streams(), st.lists(reads, max_size=12))
-def test_chunk_reader_reads_as_websockets_stream_reader(stream: tuple[list[bytes], bool], operations: list) -> None:
+@given(streams(), st.lists(reads, max_size=12), st.integers(0, 20))
+def test_chunk_reader_reads_as_websockets_stream_reader(
+    stream: tuple[list[bytes], bool], operations: list[tuple[str, int]], small: int
+) -> None:
+    """``small``: where chunks stop being gathered into a bytearray, so that both kinds of chunk mix."""
     chunks, ends = stream
-    assert replay(ChunkReader(), chunks, ends, operations) == replay(StreamReader(), chunks, ends, operations)
+    with mock.patch.object(reader_module, "_SMALL", small):
+        assert replay(ChunkReader(), chunks, ends, operations) == replay(StreamReader(), chunks, ends, operations)
+
+
+def test_a_peer_trickling_bytes_costs_no_object_per_byte() -> None:
+    """256 KiB fed a byte at a time, as a slow peer's segments arrive: held in about that much memory."""
+    trickled = ChunkReader()
+    tracemalloc.start()
+    try:
+        for _ in range(256 * 1024):
+            trickled.feed_data(b"x")
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 512 * 1024, held  # a bytes object per byte would be some 9 MB
+    assert now(trickled.read_exact(256 * 1024)) == b"x" * (256 * 1024)
+
+
+def now(reading: Generator[None, None, Any]) -> Any:
+    """The value of a read that needs no more bytes than are buffered."""
+    with pytest.raises(StopIteration) as done:
+        next(reading)
+    return done.value.value
 
 
 def test_a_payload_is_joined_once_and_a_whole_chunk_is_handed_over() -> None:
-    reader = ChunkReader()
-    first, second = os.urandom(300), os.urandom(300)
-    reader.feed_data(first)
-    reader.feed_data(bytearray(second))  # not bytes: copied, as the caller may change it
-    head = reader.read_exact(100)
-    try:
-        next(head)
-    except StopIteration as done:
-        assert done.value == first[:100]
-    across = reader.read_exact(400)
-    try:
-        next(across)
-    except StopIteration as done:
-        assert done.value == first[100:] + second[:200]
-    reader.feed_data(third := os.urandom(50))
-    rest = reader.read_exact(150)
-    try:
-        next(rest)
-    except StopIteration as done:
-        assert done.value == second[200:] + third
-    reader.feed_data(fourth := os.urandom(64))
-    exact = reader.read_exact(64)
-    try:
-        next(exact)
-    except StopIteration as done:
-        assert done.value is fourth  # exactly one chunk: no copy
+    buffered = ChunkReader()
+    first, second = os.urandom(MiB), os.urandom(300)
+    buffered.feed_data(first)
+    buffered.feed_data(bytearray(second))  # small: gathered into a bytearray of its own
+    assert now(buffered.read_exact(100)) == first[:100]
+    assert now(buffered.read_exact(MiB)) == first[100:] + second[:100]
+    buffered.feed_data(third := os.urandom(50))
+    assert now(buffered.read_exact(250)) == second[100:] + third
+    buffered.feed_data(fourth := os.urandom(MiB))
+    assert now(buffered.read_exact(MiB)) is fourth  # exactly one large chunk: no copy
 
 
 def test_adopt_leaves_a_protocol_that_has_received_bytes() -> None:
