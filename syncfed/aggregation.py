@@ -205,7 +205,7 @@ class RunningMean:
 
         ``finite``: check each block before adding it, and stop before the
         first that holds a NaN or an infinity. The check is the block's sum,
-        taken while the block is in cache: a quarter of the cost of scanning
+        taken while the block is in cache: about a third of the cost of scanning
         ``values`` beforehand, and not BLAS, whose threads spin on the other
         core. The sum is finite exactly when every value is, as long as the
         scaled differences stay below 1e303: float32's are far below, and a

@@ -5,8 +5,8 @@ copy, and another whenever the bytearray outgrows its allocation), slices
 each frame's payload out of it (a second copy) and its message iterator
 turns that slice into ``bytes`` (a third). In a round of mlp-10m those copies
 were a sixth of the coordinator's CPU (docs/performance.md, issue 20).
-:class:`ChunkReader` keeps the ``bytes`` objects asyncio hands over and joins
-a payload from them once. :class:`ChunkedClientConnection` and
+:class:`ChunkReader` keeps the ``bytes`` objects asyncio hands over (small
+ones gathered into a ``bytearray``) and joins a payload from them once. :class:`ChunkedClientConnection` and
 :class:`ChunkedServerConnection` install it: every connection syncfed opens
 or accepts is one of them (``create_connection=``).
 
