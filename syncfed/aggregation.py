@@ -215,7 +215,7 @@ class RunningMean:
         """
         flat = self._sums[name].reshape(-1)
         origin = None if self.origin is None else np.ravel(self.origin[name])
-        with np.errstate(over="ignore"):  # an overflowing check is an answer, not a warning
+        with np.errstate(over="ignore", invalid="ignore"):  # a check that overflows, or meets inf - inf, answers
             for first in range(0, values.size, _BLOCK):
                 last = min(first + _BLOCK, values.size)
                 # Widened by plain copies, then float64 arithmetic: the same values as a mixed-dtype
