@@ -13,7 +13,7 @@ import re
 import signal
 import sys
 import tomllib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -132,6 +132,53 @@ def run_terminable(main: Callable[[], Awaitable[_T]]) -> _T:
         if terminated:
             raise Terminated from None
         raise
+
+
+class _EndOfInput(asyncio.Protocol):
+    """Resolves ``ended`` when standard input closes; what is written to it is ignored."""
+
+    def __init__(self, ended: asyncio.Future[None]) -> None:
+        self.ended = ended
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+
+async def until_input_ends(work: Coroutine[Any, Any, None]) -> bool:
+    """Run ``work`` until it ends, or until standard input reaches its end and it is cancelled.
+
+    A parent that starts a process with a pipe as its input holds the pipe's
+    other end: when the parent exits, however it exits (SIGKILL included), the
+    kernel closes that end, and the child stops instead of living on as an
+    orphan. Returns whether the input's end stopped ``work``.
+
+    Raises:
+        ConfigError: if standard input is a regular file, which has no end to wait for.
+    """
+    loop = asyncio.get_running_loop()
+    ended: asyncio.Future[None] = loop.create_future()
+    try:
+        transport, _ = await loop.connect_read_pipe(lambda: _EndOfInput(ended), sys.stdin)
+    except ValueError:  # asyncio reads only pipes, sockets and terminals
+        work.close()
+        raise ConfigError("standard input is a file, not a pipe: its end cannot stop the program") from None
+    running = asyncio.ensure_future(work)
+    try:
+        await asyncio.wait({running, ended}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        transport.close()
+        if not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+    if running.cancelled():
+        return True
+    running.result()  # what ended it, raised
+    return False
 
 
 #: The exit status of a program whose output's reader went away (128 + SIGPIPE), as Unix tools end.

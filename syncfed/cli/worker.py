@@ -48,6 +48,7 @@ from .common import (
     setup_logging,
     size,
     stdout_closed,
+    until_input_ends,
 )
 
 __all__ = ["PROGRAM", "build_parser", "config_from_args", "main"]
@@ -77,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="with --connect: cap of the jittered backoff between attempts (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--exit-with-stdin",
+        action="store_true",
+        help="stop when standard input ends: a parent that starts the worker with a pipe as its input"
+        " (--spawn-workers does) takes it down with it, even when the parent is killed",
     )
     parser.add_argument(
         "--testing", action="store_true", help="hold the test set and serve as the evaluator (implied by --id testing)"
@@ -525,10 +532,12 @@ def _main(argv: list[str] | None) -> int:
                     flush=True,
                 )
             say = partial(print, flush=True)
-            if config.connect is not None:
-                asyncio.run(dial_out(Worker(config, holdings), report=say))
-            else:
-                asyncio.run(run_worker(config, holdings, ready=say))
+            work = (
+                dial_out(Worker(config, holdings), report=say)
+                if config.connect is not None
+                else run_worker(config, holdings, ready=say)
+            )
+            asyncio.run(until_input_ends(work) if args.exit_with_stdin else work)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
         return INTERRUPTED

@@ -1,4 +1,9 @@
-"""Start workers as local processes on free ports, for one-command runs and tests."""
+"""Start workers as local processes on free ports, for one-command runs and tests.
+
+Each worker's input is a pipe this process holds (``--exit-with-stdin``):
+should this process die without stopping them, SIGKILL included, the kernel
+closes the pipe and each worker stops on its own instead of serving on as an orphan.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +56,9 @@ async def _start(
         "127.0.0.1",
         "--port",
         "0",
+        "--exit-with-stdin",  # its input is a pipe this process holds: should this process die, so does the worker
         *arguments,
+        stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         env=env,

@@ -97,12 +97,15 @@ def interruptible() -> None:
     [
         pytest.param(signal.SIGINT, 130, "run_websocket_client.py: interrupted", id="ctrl-c"),
         pytest.param(signal.SIGTERM, 143, "run_websocket_client.py: terminated", id="sigterm"),
+        # Nothing runs in the coordinator: the pipes it held as its workers' input close, and each worker stops.
+        pytest.param(signal.SIGKILL, -signal.SIGKILL, None, id="sigkill"),
     ],
 )
 def test_ctrl_c_or_sigterm_stops_the_cli_and_its_spawned_workers(
-    tmp_path: Path, sent: signal.Signals, status: int, line: str
+    tmp_path: Path, sent: signal.Signals, status: int, line: str | None
 ) -> None:
-    """SIGTERM (kill, a service manager, a benchmark's timeout) stops the spawned workers too, as Ctrl-C does."""
+    """SIGTERM (kill, a service manager, a benchmark's timeout) stops the spawned workers too, as Ctrl-C does,
+    and so does SIGKILL (the out-of-memory killer, a notebook's kernel restarted), which the coordinator never sees."""
     metrics = tmp_path / "metrics.jsonl"
     process = subprocess.Popen(
         [
@@ -140,44 +143,51 @@ def test_ctrl_c_or_sigterm_stops_the_cli_and_its_spawned_workers(
             process.communicate(timeout=10_000 * MS)
     assert process.returncode == status
     assert "Traceback" not in err
-    assert err.splitlines() == [line]
-    assert not any(is_running(pid) for pid in workers), "a spawned worker outlived the coordinator"
+    assert err.splitlines() == ([] if line is None else [line])
+    deadline = time.monotonic() + 30_000 * MS  # after SIGKILL, each worker's own stop
+    try:
+        while any(is_running(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a spawned worker outlived the coordinator"
+            time.sleep(100 * MS)
+    finally:
+        for pid in filter(is_running, workers):  # an orphan left by a failure here must not outlive the test
+            os.kill(pid, signal.SIGKILL)
 
 
-def test_ctrl_c_stops_a_worker_with_one_line() -> None:
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "run_websocket_server.py",
-            "--id",
-            "alice",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--threads",
-            "1",
-        ],
+def start_worker(*flags: str) -> subprocess.Popen[bytes]:
+    """Worker alice on a free port, with its input a pipe of this process."""
+    return subprocess.Popen(
+        [sys.executable, "run_websocket_server.py", "--id", "alice", "--host", "127.0.0.1", "--port", "0", *flags],
         cwd=REPO,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         bufsize=0,
         preexec_fn=interruptible,
     )
+
+
+def await_ready(process: subprocess.Popen[bytes]) -> str:
+    """The worker's output up to its ready line."""
     ready = re.compile(r"syncfed worker alice listening on ws://127\.0\.0\.1:\d+")
+    assert process.stdout is not None
+    output = b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + CLI_TIMEOUT
+        while not any(ready.fullmatch(line) for line in output.decode().splitlines()):
+            left = deadline - time.monotonic()
+            assert left > 0 and selector.select(left), f"no ready line in time: {output!r}"
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, f"the worker exited: {output!r}"
+            output += chunk
+    return output.decode()
+
+
+def test_ctrl_c_stops_a_worker_with_one_line() -> None:
+    process = start_worker("--threads", "1")
     try:
-        assert process.stdout is not None
-        output = b""
-        with selectors.DefaultSelector() as selector:
-            selector.register(process.stdout, selectors.EVENT_READ)
-            deadline = time.monotonic() + CLI_TIMEOUT
-            while not any(ready.fullmatch(line) for line in output.decode().splitlines()):
-                left = deadline - time.monotonic()
-                assert left > 0 and selector.select(left), f"no ready line in time: {output!r}"
-                chunk = os.read(process.stdout.fileno(), 4096)
-                assert chunk, f"the worker exited: {output!r}"
-                output += chunk
-        first = output.decode().splitlines()[0]
+        first = await_ready(process).splitlines()[0]
         assert first == "alice holds 576 training examples of digits, digits 0-3 (0: 142, 1: 146, 2: 142, 3: 146)"
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30_000 * MS)
@@ -188,3 +198,40 @@ def test_ctrl_c_stops_a_worker_with_one_line() -> None:
     assert process.returncode == 130
     assert b"Traceback" not in err
     assert err.decode().splitlines() == ["run_websocket_server.py: stopped"]
+
+
+def test_a_worker_with_exit_with_stdin_stops_when_its_input_ends() -> None:
+    """Its parent's end of the pipe closes when the parent exits, however it exits."""
+    process = start_worker("--threads", "1", "--exit-with-stdin")
+    try:
+        await_ready(process)
+        assert process.stdin is not None
+        process.stdin.write(b"anything written is ignored\n")
+        time.sleep(200 * MS)
+        assert process.poll() is None, "the worker stopped before its input ended"
+        _, err = process.communicate(timeout=30_000 * MS)  # which closes its input first
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10_000 * MS)
+    assert process.returncode == 0
+    assert err == b""
+
+
+def test_exit_with_stdin_refuses_a_file_as_input(tmp_path: Path) -> None:
+    """A file's end is there from the start: one line, rather than a worker that stops at once."""
+    given = tmp_path / "input.txt"
+    given.write_text("")
+    with given.open("rb") as stdin:
+        done = subprocess.run(
+            [sys.executable, "run_websocket_server.py", "--id", "alice", "--port", "0", "--exit-with-stdin"],
+            cwd=REPO,
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT,
+        )
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [
+        "run_websocket_server.py: error: standard input is a file, not a pipe: its end cannot stop the program"
+    ]
