@@ -79,6 +79,8 @@ from benchkit.sections import memory, overhead, scale, transfer  # noqa: E402
 from benchkit.targets import targets  # noqa: E402
 from benchkit.walkthrough import walkthrough  # noqa: E402
 
+from syncfed.cli.common import until_input_ends  # noqa: E402
+
 __all__ = ["Plan", "FULL", "QUICK", "main"]
 
 SECTIONS = ("overhead", "transfer", "scale", "memory", "flower", "walkthrough", "accuracy")
@@ -184,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         if spec["profile"] is not None:  # stopped like Ctrl-C, so the profile gets written
             signal.signal(signal.SIGTERM, signal.default_int_handler)
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(host(spec["workers"], spec["threads"], spec["profile"]))
+            asyncio.run(until_input_ends(host(spec["workers"], spec["threads"], spec["profile"])))
         return 0
     if arguments and arguments[0] in _CHILDREN:  # internal: one side of a run, in a process of its own
         print(RESULT + json.dumps(_CHILDREN[arguments[0]](json.loads(arguments[1]))), flush=True)

@@ -107,6 +107,7 @@ async def hosts(
             BENCH,
             "host",
             json.dumps(spec),
+            stdin=asyncio.subprocess.PIPE,  # its end stops the host: no orphans should bench.py be killed
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
         )
