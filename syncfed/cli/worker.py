@@ -537,7 +537,10 @@ def _main(argv: list[str] | None) -> int:
                 if config.connect is not None
                 else run_worker(config, holdings, ready=say)
             )
-            asyncio.run(until_input_ends(work) if args.exit_with_stdin else work)
+            if not args.exit_with_stdin:
+                asyncio.run(work)
+            elif asyncio.run(until_input_ends(work)):
+                print(f"{PROGRAM}: standard input ended (--exit-with-stdin): stopped", file=sys.stderr)
     except KeyboardInterrupt:
         print(f"{PROGRAM}: stopped", file=sys.stderr)
         return INTERRUPTED

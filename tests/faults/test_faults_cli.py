@@ -215,7 +215,7 @@ def test_a_worker_with_exit_with_stdin_stops_when_its_input_ends() -> None:
             process.kill()
             process.communicate(timeout=10_000 * MS)
     assert process.returncode == 0
-    assert err == b""
+    assert err.decode().splitlines() == ["run_websocket_server.py: standard input ended (--exit-with-stdin): stopped"]
 
 
 def test_exit_with_stdin_refuses_a_file_as_input(tmp_path: Path) -> None:
