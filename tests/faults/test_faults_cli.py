@@ -1,9 +1,10 @@
-"""Fault tests, the command line: one line of error, and a clean stop on Ctrl-C or SIGTERM.
+"""Fault tests, the command line: one line of error, and a clean stop on Ctrl-C, SIGTERM or SIGKILL.
 
 The coordinator's command gives up on a worker that is not there and on
 workers that disagree with one line and its exit status; Ctrl-C and SIGTERM
 stop it and the workers it spawned, and Ctrl-C stops a worker, each with one
-line and no traceback.
+line and no traceback. Spawned workers stop on their own when the coordinator
+is killed (``--exit-with-stdin``).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def interruptible() -> None:
         pytest.param(signal.SIGKILL, -signal.SIGKILL, None, id="sigkill"),
     ],
 )
-def test_ctrl_c_or_sigterm_stops_the_cli_and_its_spawned_workers(
+def test_ctrl_c_sigterm_or_sigkill_stops_the_cli_and_its_spawned_workers(
     tmp_path: Path, sent: signal.Signals, status: int, line: str | None
 ) -> None:
     """SIGTERM (kill, a service manager, a benchmark's timeout) stops the spawned workers too, as Ctrl-C does,
