@@ -377,6 +377,7 @@ class CoordinatorConfig:
     # Wire
     compress: str = "none"  # encoding of the workers' updates: none, fp16 or int8
     eval_every: int = 10
+    score_updates: bool = True  # at an evaluation, also score each worker's update (the classic demo's lines)
     # Evaluation at the sites
     federated_eval: bool = False  # each evaluation round, every trainer scores the global model on its validation split
     cross_site_validation: bool = False  # after the last round: every local model and the global one on every site

@@ -176,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--eval-every", type=int, default=10, help="evaluate at rounds 1, 1+N, ... and the last (default: %(default)s)"
     )
+    recipe.add_argument(
+        "--eval-global-only",
+        dest="score_updates",
+        action="store_false",
+        help="at an evaluation, score the global model alone, not each worker's update too as the classic demo"
+        " does: one evaluation instead of one per worker, and the round's updates still fold as they arrive",
+    )
     recipe.add_argument("--cuda", action="store_true", help="with --spawn-workers, let the workers train on the GPU")
     recipe.add_argument(
         "--normalize",

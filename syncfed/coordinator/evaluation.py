@@ -83,10 +83,12 @@ class Evaluation:
         evaluator: WorkerLink,
         groups: Mapping[str, Sequence[int]],
     ) -> None:
-        """Score each contributing worker's model and the global one; a lost evaluator skips this evaluation."""
+        """Score each contributing worker's model (unless ``--eval-global-only``) and the global one; a lost
+        evaluator skips this evaluation."""
         global_name = result.global_model
         # A centralized run's one worker trained the global model itself: its update would be scored twice.
-        candidates = {**(updates if global_name != CENTRALIZED else {}), global_name: result.weights}
+        scored = updates if global_name != CENTRALIZED and self.config.score_updates else {}
+        candidates = {**scored, global_name: result.weights}
         batch, key = self.config.test_batch_size, self.config.dataset_key
         await self.pool.rejoin([evaluator])
         try:

@@ -54,7 +54,7 @@ class SyncRounds:
                 break
             last = self.private is not None and self.private.over_budget(round_number + 1)
             evaluating = config.is_eval_round(round_number) or last
-            keep = (evaluator is not None and evaluating) or config.cross_site_validation
+            keep = (evaluator is not None and evaluating and config.score_updates) or config.cross_site_validation
             updates = await self.train_round(round_number, result, trainers, keep=keep)
             if config.cross_site_validation:
                 context.local_models.update(updates)

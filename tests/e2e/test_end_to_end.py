@@ -134,6 +134,31 @@ def test_report_names_each_model_per_evaluated_round(three_rounds: Run) -> None:
         assert sum(line.startswith(f"Model update {name}: Average loss: ") for line in report) == 3
 
 
+@pytest.mark.parametrize("cross_site", [False, True], ids=["updates-folded", "updates-kept-for-cross-site"])
+def test_eval_global_only_scores_the_global_model_alone_and_trains_the_same_model(
+    digits_workers: dict[str, WorkerProcess], three_rounds: Run, tmp_path: Path, cross_site: bool
+) -> None:
+    """--eval-global-only: one score per evaluation, the federated model's, with the same figures and the same
+    model as a run that scores every update too (three_rounds: same workers, seeds and rounds). Cross-site
+    validation keeps each round's updates for its matrix: the evaluator must still not score them."""
+    report: list[str] = []
+    settings = config(
+        digits_workers,
+        training_rounds=3,
+        eval_every=1,
+        score_updates=False,
+        cross_site_validation=cross_site,
+        cross_site_out=tmp_path / "cross-site",
+    )
+    result = run(Coordinator(settings, report=report.append).run())
+    assert [(record.round, record.model) for record in result.evaluations] == [(n, "federated") for n in (1, 2, 3)]
+    assert not any(line.startswith("Model update") for line in report)
+    assert [line for line in report if line.startswith("Federated model: ")] == [
+        line for line in three_rounds.report if line.startswith("Federated model: ")
+    ]
+    assert_same_weights(result.weights, three_rounds.result.weights)
+
+
 def test_saved_model_matches_the_result(three_rounds: Run) -> None:
     path = three_rounds.model
     assert path.is_file()
