@@ -48,7 +48,9 @@ async def accuracy_curve(mode: str, rounds: int) -> dict[str, Any]:
     """The demo from a cold start in ``mode``: (round, seconds, accuracy) at each evaluation, until the target.
 
     Seconds run from the launch of the coordinator's command, which starts
-    the workers, to the moment its federated accuracy line is printed.
+    the workers, to the moment its federated accuracy line is printed. The
+    evaluator scores the global model alone (``--eval-global-only``), as
+    Flower's server does, not each worker's update too as the classic demo does.
     """
     arguments = ["run_websocket_client.py", "--spawn-workers", "--mode", mode, "--training-rounds", str(rounds)]
     started = time.perf_counter()
@@ -57,6 +59,7 @@ async def accuracy_curve(mode: str, rounds: int) -> dict[str, Any]:
         *arguments,
         "--eval-every",
         "1",
+        "--eval-global-only",
         "--no-progress",
         cwd=REPO,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},  # each line as printed, so its time is the coordinator's
