@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="score_updates",
         action="store_false",
         help="at an evaluation, score the global model alone, not each worker's update too as the classic demo"
-        " does: one evaluation instead of one per worker, and the round's updates still fold as they arrive",
+        " does: one evaluation instead of one per worker, and the updates fold as they arrive, not kept whole",
     )
     recipe.add_argument("--cuda", action="store_true", help="with --spawn-workers, let the workers train on the GPU")
     recipe.add_argument(
