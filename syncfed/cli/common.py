@@ -135,13 +135,10 @@ def run_terminable(main: Callable[[], Awaitable[_T]]) -> _T:
 
 
 class _EndOfInput(asyncio.Protocol):
-    """Resolves ``ended`` when standard input closes; what is written to it is ignored."""
+    """Resolves ``ended`` when standard input closes; what is written to it is ignored (``Protocol``'s default)."""
 
     def __init__(self, ended: asyncio.Future[None]) -> None:
         self.ended = ended
-
-    def data_received(self, data: bytes) -> None:
-        pass
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ended.done():
