@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from syncfed.cli.allocator import keep_freed_memory
 from syncfed.config import WorkerConfig
 from syncfed.net.spawn import spawn_workers
 from syncfed.worker import load_holdings, run_worker
@@ -148,6 +149,7 @@ async def host(workers: Sequence[tuple[str, Sequence[int] | None]], threads: int
 
     The profile starts once the data is loaded, so it shows serving, not start-up.
     """
+    keep_freed_memory()  # as the worker program does
     torch.set_num_threads(threads)
     configs = [
         WorkerConfig(

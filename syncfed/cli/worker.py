@@ -37,6 +37,7 @@ from ..protocol import DEFAULT_CHUNK_SIZE
 from ..worker import Holding, SourceHolding, Worker, load_holdings, run_worker
 from ..worker.cores import available_cores, count_workers, counted, fair_threads, registered
 from ..worker.dialer import dial_out
+from .allocator import keep_freed_memory
 from .common import (
     INTERRUPTED,
     FromFlags,
@@ -512,6 +513,7 @@ def _main(argv: list[str] | None) -> int:
         if config.policy is not None:
             load_policy(config.policy)  # a bad file stops the worker before it reads its data
             print(f"{config.worker_id} serves only the jobs its site policy {config.policy} allows", flush=True)
+        keep_freed_memory()  # before the compute thread starts, which would make an arena of its own
         with registered():  # counted among this machine's workers, which share its cores
             if config.threads is not None:
                 torch.set_num_threads(config.threads)
