@@ -79,6 +79,7 @@ from benchkit.sections import memory, overhead, scale, transfer  # noqa: E402
 from benchkit.targets import targets  # noqa: E402
 from benchkit.walkthrough import walkthrough  # noqa: E402
 
+from syncfed.cli.allocator import keep_freed_memory  # noqa: E402
 from syncfed.cli.common import until_input_ends  # noqa: E402
 
 __all__ = ["Plan", "FULL", "QUICK", "main"]
@@ -191,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     if arguments and arguments[0] in _CHILDREN:  # internal: one side of a run, in a process of its own
         print(RESULT + json.dumps(_CHILDREN[arguments[0]](json.loads(arguments[1]))), flush=True)
         return 0
+    keep_freed_memory()  # as syncfed's programs do: this process runs the coordinator (and the plain loop)
     parser = build_parser()
     args = parser.parse_args(arguments)
     sections = [name.strip() for name in args.only.split(",") if name.strip()]

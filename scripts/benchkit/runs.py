@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import ctypes
 import dataclasses
 import gc
 import tempfile
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from syncfed.aggregation import fedavg
+from syncfed.cli.allocator import keep_freed_memory
 from syncfed.config import WorkerConfig
 from syncfed.coordinator import Coordinator, plan_seed
 from syncfed.models import MODELS, get_weights, set_weights
@@ -98,7 +100,10 @@ def coordinator_process(spec: Mapping[str, Any]) -> dict[str, Any]:
     The baseline is taken after the imports and the model's creation (as the
     coordinator creates it), the peak from then on.
     """
+    kept = keep_freed_memory()  # as the coordinator's programs do
     weights = initial_weights(spec["model"])
+    if kept:  # what glibc keeps of the model's creation is memory free for the rounds, not the baseline's
+        ctypes.CDLL(None).malloc_trim(0)
     baseline, _ = resident()
     del weights
     gc.collect()

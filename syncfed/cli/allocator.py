@@ -1,4 +1,4 @@
-"""How a worker process asks its C library to keep freed memory for the next round."""
+"""How syncfed's programs ask their C library to keep the memory a round frees for the next round."""
 
 from __future__ import annotations
 
@@ -24,13 +24,15 @@ def tuned_by_user(environ: Mapping[str, str]) -> bool:
 def keep_freed_memory() -> bool:
     """Have glibc keep the memory a round frees for the next round; returns whether it was set.
 
-    Each round a worker allocates and frees model-sized buffers: the received
-    weights, the gradients and activations, the trained copy it sends. By
-    default glibc hands them back to the system, and the next round's pages are
-    mapped and zeroed afresh: a fifth of a worker's CPU in rounds of mlp-10m
-    (docs/performance.md, "Keeping freed memory"). The training thread allocates
-    from an arena of its own, which the thresholds alone do not keep; so one
-    arena for every thread, and trim and mmap thresholds of :data:`KEEP`.
+    Each round allocates and frees model-sized buffers: in a worker the
+    received weights, the gradients and the trained copy it sends; in the
+    coordinator the messages and the new global model. By default glibc hands
+    them back to the system, and the next round's pages are mapped and zeroed
+    afresh: a fifth of the workers' CPU in rounds of mlp-10m, a quarter of the
+    coordinator's with mlp-100m (docs/performance.md). A worker's training
+    thread allocates from an arena of its own, which the thresholds alone do
+    not reach; so one arena for every thread, and trim and mmap thresholds of
+    :data:`KEEP`. The peak is what it was: the memory kept is reused.
 
     Call it before the process starts threads (an arena, once made, stays).
     Nothing happens on other C libraries than glibc, or where the environment

@@ -45,6 +45,7 @@ from ..protocol import DEFAULT_CHUNK_SIZE, LOSSES, OPTIMIZERS
 from ..shaped_models import SHAPED_MODELS
 from ..strategies import STRATEGIES
 from ..training import training_device
+from .allocator import keep_freed_memory
 from .common import (
     INTERRUPTED,
     TERMINATED,
@@ -741,6 +742,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return fail(PROGRAM, exc)
     setup_logging(args.verbose, default=30)
+    keep_freed_memory()  # before any thread: each round's model-sized buffers reuse the last round's pages
     unit = "version" if args.mode == "async" else "round"
     progress = Progress(args.training_rounds, enabled=not args.no_progress and not args.status, unit=unit)
     listeners: list[Listener] = [progress]

@@ -32,6 +32,7 @@ from ..net.admin_api import start_admin_api
 from ..net.dashboard import start_dashboard
 from ..net.web import https_tls
 from . import coordinator
+from .allocator import keep_freed_memory
 from .common import (
     INTERRUPTED,
     Parser,
@@ -260,6 +261,7 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return fail(PROGRAM, exc)
     setup_logging(args.verbose, default=30)
+    keep_freed_memory()  # before any thread: each round's model-sized buffers reuse the last round's pages
     try:
         asyncio.run(serve(args))
     except KeyboardInterrupt:

@@ -513,7 +513,7 @@ def _main(argv: list[str] | None) -> int:
         if config.policy is not None:
             load_policy(config.policy)  # a bad file stops the worker before it reads its data
             print(f"{config.worker_id} serves only the jobs its site policy {config.policy} allows", flush=True)
-        keep_freed_memory()  # before the compute thread starts, which would make an arena of its own
+        keep_freed_memory()  # before the compute thread: round after round, its buffers reuse the same pages
         with registered():  # counted among this machine's workers, which share its cores
             if config.threads is not None:
                 torch.set_num_threads(config.threads)
