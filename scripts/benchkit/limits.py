@@ -37,7 +37,7 @@ def copy_throughput(nbytes: int, repeats: int = 5) -> dict[str, float]:
         started = time.perf_counter()
         np.copyto(target, source)
         warm.append(time.perf_counter() - started)
-        pages = mmap.mmap(-1, nbytes)
+        pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # shared memory gets no huge pages
         started = time.perf_counter()
         if hasattr(mmap, "MADV_HUGEPAGE"):
             pages.madvise(mmap.MADV_HUGEPAGE)  # as numpy advises its large allocations
