@@ -28,7 +28,7 @@ def keep_freed_memory() -> bool:
     received weights, the gradients and the trained copy it sends; in the
     coordinator the messages and the new global model. By default glibc hands
     them back to the system, and the next round's pages are mapped and zeroed
-    afresh: a fifth of the workers' CPU in rounds of mlp-10m, a quarter of the
+    afresh: a sixth of the workers' CPU in rounds of mlp-10m, a quarter of the
     coordinator's with mlp-100m (docs/performance.md). A worker's training
     thread allocates from an arena of its own, which the thresholds alone do
     not reach; so one arena for every thread, and trim and mmap thresholds of
