@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,35 @@ def evaluations(lines: list[str]) -> dict[str, list[str]]:
         elif current is not None and line.startswith(("Model update ", "Federated model: ")):
             current.append(line)
     return sections
+
+
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def alike(sample: str, printed: str) -> bool:
+    """Whether ``printed`` is the README's ``sample`` line up to another CPU's last digits.
+
+    The run is seeded and repeats bit for bit on one machine, but torch's
+    vector code differs between CPUs (AVX-512 or AVX2, Intel or AMD), and after
+    40 rounds so do the losses' last digits (0.3172 and 0.3167). The words must
+    match; counts and shares may differ by 2, figures with decimals by 2%.
+    """
+    if NUMBER.split(sample) != NUMBER.split(printed):
+        return False
+    expected, got = NUMBER.findall(sample), NUMBER.findall(printed)
+    return len(expected) == len(got) and all(
+        abs(float(a) - float(b)) <= (0.02 * float(a) if "." in a else 2) for a, b in zip(expected, got, strict=True)
+    )
+
+
+def test_alike_allows_last_digits_not_other_words_or_figures() -> None:
+    line = "Model update alice: Average loss: 0.3172, Accuracy: 318/360 (88.33%)"
+    assert alike(line, line)
+    assert alike(line, "Model update alice: Average loss: 0.3167, Accuracy: 317/360 (88.06%)")
+    assert not alike(line, "Model update bob: Average loss: 0.3172, Accuracy: 318/360 (88.33%)")
+    assert not alike(line, "Model update alice: Average loss: 0.3472, Accuracy: 318/360 (88.33%)")
+    assert not alike(line, "Model update alice: Average loss: 0.3172, Accuracy: 312/360 (86.67%)")
+    assert not alike(line, "Model update alice: Average loss: 0.3172, Accuracy: 318/360")
 
 
 def readme_demo_sample() -> list[str]:
@@ -72,7 +102,7 @@ def test_default_demo_reaches_95_percent(tmp_path: Path) -> None:
     # The README shows this run's output: every line of its sample, under the same heading.
     printed = evaluations(completed.stdout.splitlines())
     for heading, lines in evaluations(readme_demo_sample()).items():
-        missing = [line for line in lines if line not in printed.get(heading, [])]
+        missing = [line for line in lines if not any(alike(line, out) for out in printed.get(heading, []))]
         assert not missing, f"README.md's demo sample under {heading!r} is not what the demo prints: {missing}"
     # The saved model is the one that reached it: scored here with plain torch, not by the evaluator.
     correct, total = independent_score(load_file(str(model)))
