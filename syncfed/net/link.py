@@ -137,6 +137,15 @@ def _settle(future: asyncio.Future[Message], outcome: Message | Exception) -> No
         future.set_result(outcome)
 
 
+def _forsake(future: asyncio.Future[Message]) -> None:
+    """Let go of a request's reply: its failure, set while the request itself failed (the reader saw the
+    connection end while the send was still going), is known already and must not be logged as unretrieved."""
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
+
+
 class WorkerLink:
     """One connection to a worker; several requests may be in flight at once.
 
@@ -356,6 +365,7 @@ class WorkerLink:
         finally:
             self._pending.pop(request_id, None)
             self._routes.pop(request_id, None)
+            _forsake(reply)
         if isinstance(answer, Error):
             raise RemoteError(self.name, answer.code, answer.reason)
         expected = reply_kind(message)

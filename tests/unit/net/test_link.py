@@ -6,18 +6,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import ssl
 from pathlib import Path
 
 import numpy as np
 import pytest
 from linkpair import LinkPair
+from websockets.exceptions import ConnectionClosed
 
 import syncfed.client
 import syncfed.spawn
 import syncfed.transport
 from syncfed.cli.common import link_settings
-from syncfed.exceptions import ConfigError
+from syncfed.exceptions import ConfigError, WorkerUnavailable
 from syncfed.net import link as link_module
 from syncfed.net import spawn, transport
 from syncfed.net.link import SEND_SLOTS, LinkSettings, WorkerClient, WorkerLink
@@ -166,3 +168,44 @@ def test_a_request_given_up_mid_message_is_sent_whole_and_the_connection_goes_on
                 return link.connected, isinstance(answer, Pong)
 
     assert asyncio.run(asyncio.wait_for(scenario(), 30)) == (True, True)
+
+
+def test_a_request_whose_send_fails_after_the_reader_failed_it_leaves_no_unretrieved_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The connection ends mid-send: the reader fails the waiting reply first, then the send raises.
+
+    The reply's failure is the request's own news; left unretrieved, asyncio logs it when the future is
+    collected, and that log line broke the CLI's one-line error (seen in CI when a killed worker left a
+    quorum unmet).
+    """
+    reported: list[dict[str, object]] = []
+
+    async def scenario() -> str:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: reported.append(context))
+        async with LinkPair() as pair:
+            link = WorkerLink("linked", pair.uri, max_message_size=pair.config.max_message_size)
+            async with link:
+                await link.request(Hello())
+                reader = link._reader
+                assert reader is not None and link._connection is not None
+
+                async def send_message(connection: object, outgoing: object) -> None:
+                    link._connection.transport.abort()  # the worker is gone mid-send
+                    await reader  # the reader sees it first and fails the waiting reply
+                    assert not link._pending
+                    raise ConnectionClosed(None, None)
+
+                monkeypatch.setattr(link_module, "send_message", send_message)
+                failure = ""
+                try:
+                    await link.request(Ping(), timeout=10)
+                except WorkerUnavailable as exc:
+                    failure = str(exc)  # not the exception: its traceback would keep the reply alive
+                gc.collect()
+                await asyncio.sleep(0)
+                return failure
+
+    failure = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert "linked is unavailable: connection lost" in failure
+    assert reported == []
