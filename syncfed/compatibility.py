@@ -15,9 +15,7 @@ from collections.abc import Mapping
 from .config import CoordinatorConfig
 from .data.agreement import agree
 from .exceptions import IncompatibleWorkers, ModelError, ProtocolError
-from .models import check_model, default_model, get_weights, resolve_model
 from .protocol import LOSSES, PROTOCOL_VERSION, TASK_KINDS, DataPlan, DataSchema, Info, Recipe
-from .shaped_models import default_shaped_model, shaped_factory
 from .tensors import DTYPES
 
 __all__ = [
@@ -45,6 +43,10 @@ def check_compatible(
         IncompatibleWorkers: a worker is not who, or what, the config lists; workers disagree
             on their data; one cannot build the model; or the model does not fit the data.
     """
+    # Imported here: the models load torch, which the other checks (a query round's among them) never need.
+    from .models import check_model, default_model, get_weights, resolve_model
+    from .shaped_models import default_shaped_model, shaped_factory
+
     for name, info in infos.items():
         check_identity(config, name, info)
     reference_name, reference = next(iter(infos.items()))

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Final
 
 import numpy as np
-import torch
 
 from ..config import (
     ATTACKS,
@@ -34,9 +33,8 @@ from ..exceptions import ConfigError, SyncfedError
 from ..partition import group_label, parse_classes, parse_shard
 from ..policy import load_policy
 from ..protocol import DEFAULT_CHUNK_SIZE
-from ..worker import Holding, SourceHolding, Worker, load_holdings, run_worker
 from ..worker.cores import available_cores, count_workers, counted, fair_threads, registered
-from ..worker.dialer import dial_out
+from ..worker.holdings import Holding, SourceHolding, load_holdings
 from .allocator import keep_freed_memory
 from .common import (
     INTERRUPTED,
@@ -516,7 +514,6 @@ def _main(argv: list[str] | None) -> int:
         keep_freed_memory()  # before the compute thread: round after round, its buffers reuse the same pages
         with registered():  # counted among this machine's workers, which share its cores
             if config.threads is not None:
-                torch.set_num_threads(config.threads)
                 _warn_oversubscribed(config.worker_id, config.threads)
             holdings = load_holdings(config)
             for holding in holdings:
@@ -533,6 +530,14 @@ def _main(argv: list[str] | None) -> int:
                     f" clip {config.dp_sgd_clip:g}, epsilon reported at delta {config.dp_sgd_delta:g}",
                     flush=True,
                 )
+            # Loaded once the data has: a bad file is refused in well under a second, not after torch's load.
+            import torch
+
+            from ..worker.dialer import dial_out
+            from ..worker.server import Worker, run_worker
+
+            if config.threads is not None:
+                torch.set_num_threads(config.threads)
             say = partial(print, flush=True)
             work = (
                 dial_out(Worker(config, holdings), report=say)

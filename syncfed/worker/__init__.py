@@ -21,19 +21,53 @@ Usage::
 
 from __future__ import annotations
 
-from ..exceptions import RequestFailed
-from .handle import WorkerHandle, serve_worker, start_worker
-from .holdings import (
-    Holding,
-    Served,
-    SourceHolding,
-    advertised_holdings,
-    hold_source,
-    load_holdings,
-    load_shard,
-    model_factories,
-)
-from .server import LOOPBACK, Worker, run_worker, serving
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
+    from ..exceptions import RequestFailed
+    from .catalog import model_factories
+    from .handle import (
+        WorkerHandle,
+        serve_worker,
+        start_worker,
+    )
+    from .holdings import (
+        Holding,
+        Served,
+        SourceHolding,
+        advertised_holdings,
+        hold_source,
+        load_holdings,
+        load_shard,
+    )
+    from .server import (
+        LOOPBACK,
+        Worker,
+        run_worker,
+        serving,
+    )
+
+#: Each name, by the module it lives in. Loaded on first use: the worker's program reads its data
+#: (:mod:`.holdings`) and stops on a bad file before anything loads torch.
+_HOMES: dict[str, str] = {
+    "LOOPBACK": ".server",
+    "Holding": ".holdings",
+    "RequestFailed": "..exceptions",
+    "Served": ".holdings",
+    "SourceHolding": ".holdings",
+    "Worker": ".server",
+    "WorkerHandle": ".handle",
+    "advertised_holdings": ".holdings",
+    "hold_source": ".holdings",
+    "load_holdings": ".holdings",
+    "load_shard": ".holdings",
+    "model_factories": ".catalog",
+    "run_worker": ".server",
+    "serve_worker": ".handle",
+    "serving": ".server",
+    "start_worker": ".handle",
+}
 
 __all__ = [
     "LOOPBACK",
@@ -53,3 +87,16 @@ __all__ = [
     "serving",
     "start_worker",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

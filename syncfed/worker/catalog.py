@@ -21,13 +21,12 @@ from torch import nn
 
 from ..config import WorkerConfig
 from ..exceptions import ConfigError, ModelError, ProtocolError, RequestFailed
-from ..models import Layout, describe_model, schema_parameters
+from ..models import BENCH_MODELS, DEMO_MODELS, Layout, ModelFactory, describe_model, resolve_model, schema_parameters
 from ..protocol import DataPlan, ModelLayout
 from ..protocol.task_messages import Recipe
 from ..shaped_models import SHAPED_MODELS, shaped_factory
-from .holdings import model_factories
 
-__all__ = ["ModelKey", "ModelCatalog"]
+__all__ = ["ModelKey", "ModelCatalog", "model_factories"]
 
 #: A model as a worker caches it: its name, and the digest of the plan and recipe it was sized from ("" for none).
 ModelKey: TypeAlias = tuple[str, str]
@@ -39,6 +38,14 @@ def sizing(plan: DataPlan, recipe: Recipe | None) -> str:
         return plan.digest()
     packed = msgpack.packb(recipe.to_body(), use_bin_type=True)
     return f"{plan.digest()}-{hashlib.sha256(packed).hexdigest()[:16]}"
+
+
+def model_factories(import_paths: tuple[str, ...], *, bench: bool = False) -> dict[str, ModelFactory]:
+    """The demo models, the benchmark models with ``bench``, and the models this worker was started with."""
+    factories = {**DEMO_MODELS, **(BENCH_MODELS if bench else {})}
+    for path in import_paths:
+        factories[path] = resolve_model(path)
+    return factories
 
 
 class ModelCatalog:

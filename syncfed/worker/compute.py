@@ -21,6 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -51,13 +52,46 @@ from ..tasks import Task, make_task, resolve_task
 from ..tensors import Weights
 from ..training import DPSGD, ExampleAccountant, batch_size, corrupt, evaluate, train, training_device
 from .catalog import ModelCatalog, ModelKey
-from .cores import CoreShare
+from .cores import available_cores, count_workers, counted, fair_threads
 from .holdings import Holding, Served, SourceHolding
 from .optimizer_states import OptimizerStates
 
-__all__ = ["Compute"]
+__all__ = ["Compute", "CoreShare"]
 
 logger = logging.getLogger("syncfed.worker")
+
+
+class CoreShare:
+    """Sets torch's threads in the calling thread to this worker's share of the cores.
+
+    Call :meth:`apply` at start and before each job, in the thread that runs
+    it: torch keeps the OpenMP thread count per thread, and workers that
+    start later shrink the share of those started earlier.
+    """
+
+    def __init__(self, worker_id: str, *, directory: Path | None = None, cores: int | None = None) -> None:
+        self.worker_id = worker_id
+        self.directory = directory
+        self.cores = available_cores() if cores is None else cores
+        self.ceiling = torch.get_num_threads()  # torch's default, before anyone changed it
+        self.said: tuple[int, int] | None = None  # the threads and workers of the last line logged
+
+    def apply(self) -> int:
+        """Take this worker's share now; the count of threads it set."""
+        workers = count_workers(self.directory)
+        threads = fair_threads(self.cores, workers, self.ceiling)
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        if (threads, workers) != self.said:
+            logger.info(
+                "%s runs torch with %s, its share of %d cores among %s on this machine (--threads fixes the count)",
+                self.worker_id,
+                counted(threads, "thread"),
+                self.cores,
+                counted(max(1, workers), "syncfed worker"),
+            )
+            self.said = (threads, workers)
+        return threads
 
 
 class Compute:

@@ -6,7 +6,9 @@ four workers on two cores run eight threads that wait on each other (issue
 ``--threads`` registers itself in a per-user folder of this host
 (``$XDG_RUNTIME_DIR/syncfed-workers``, else one in the temp dir) and,
 before each job, sets torch's threads to ``max(1, cores // live workers)``,
-never more than torch's own default.
+never more than torch's own default (``syncfed.worker.compute.CoreShare``;
+this module counts without torch, so the worker's program loads it only
+once its data has loaded).
 
 A worker holds an exclusive ``flock`` on its file for as long as it lives:
 the system drops the lock when the process ends, however it ends, so a file
@@ -28,12 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["CoreShare", "available_cores", "count_workers", "counted", "fair_threads", "registered", "registry_dir"]
+__all__ = ["available_cores", "count_workers", "counted", "fair_threads", "registered", "registry_dir"]
 
 logger = logging.getLogger("syncfed.worker")
 
@@ -112,39 +112,6 @@ def count_workers(directory: Path | None = None) -> int:
         except OSError:  # cannot be opened, so cannot be told stale: counted
             live += 1
     return live
-
-
-class CoreShare:
-    """Sets torch's threads in the calling thread to this worker's share of the cores.
-
-    Call :meth:`apply` at start and before each job, in the thread that runs
-    it: torch keeps the OpenMP thread count per thread, and workers that
-    start later shrink the share of those started earlier.
-    """
-
-    def __init__(self, worker_id: str, *, directory: Path | None = None, cores: int | None = None) -> None:
-        self.worker_id = worker_id
-        self.directory = directory
-        self.cores = available_cores() if cores is None else cores
-        self.ceiling = torch.get_num_threads()  # torch's default, before anyone changed it
-        self.said: tuple[int, int] | None = None  # the threads and workers of the last line logged
-
-    def apply(self) -> int:
-        """Take this worker's share now; the count of threads it set."""
-        workers = count_workers(self.directory)
-        threads = fair_threads(self.cores, workers, self.ceiling)
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-        if (threads, workers) != self.said:
-            logger.info(
-                "%s runs torch with %s, its share of %d cores among %s on this machine (--threads fixes the count)",
-                self.worker_id,
-                counted(threads, "thread"),
-                self.cores,
-                counted(max(1, workers), "syncfed worker"),
-            )
-            self.said = (threads, workers)
-        return threads
 
 
 def counted(count: int, noun: str) -> str:

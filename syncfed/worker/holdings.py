@@ -24,7 +24,6 @@ from ..data.sources import open_source
 from ..datasets import Dataset, DatasetSpec, Rows, load_dataset
 from ..evaluation import holdout, validation_seed
 from ..exceptions import ConfigError, DatasetError
-from ..models import BENCH_MODELS, DEMO_MODELS, ModelFactory, resolve_model
 from ..partition import class_indices, default_classes, iid_shard
 from ..protocol import DataPlan, DatasetInfo
 
@@ -36,7 +35,6 @@ __all__ = [
     "hold_source",
     "load_holdings",
     "load_shard",
-    "model_factories",
 ]
 
 
@@ -302,11 +300,3 @@ def _load(config: WorkerConfig, spec: DatasetSpec | None) -> Served:
         return load_shard(config, spec)
     # The one place a worker opens its own data.
     return hold_source(config, open_source(own, config.source_options), spec)
-
-
-def model_factories(import_paths: tuple[str, ...], *, bench: bool = False) -> dict[str, ModelFactory]:
-    """The demo models, the benchmark models with ``bench``, and the models this worker was started with."""
-    factories = {**DEMO_MODELS, **(BENCH_MODELS if bench else {})}
-    for path in import_paths:
-        factories[path] = resolve_model(path)
-    return factories

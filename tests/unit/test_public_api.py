@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -36,3 +37,16 @@ def test_importing_a_pure_module_loads_neither_the_protocol_nor_the_network() ->
     code = f"import sys, syncfed, syncfed.tensors; print({loaded})"
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert output.stdout.strip() == "[]"
+
+
+def test_the_tools_and_a_worker_refusing_its_data_never_load_torch(tmp_path: Path) -> None:
+    """torch takes about 2 s to import: ``python -m syncfed`` (analytics, models, provision) never needs it, and a
+    worker loads it only once its data has loaded, so a bad file is refused at once."""
+    flags = ["--id", "north", "--host", "127.0.0.1", "--port", "0", "--data", f"images:{tmp_path / 'nowhere'}"]
+    code = (
+        "import sys, syncfed.__main__, syncfed.cli.analytics, syncfed.cli.worker as w;"
+        f" status = w.main({flags!r}); print(status, 'torch' in sys.modules)"
+    )
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert output.stdout.split() == ["3", "False"], output.stdout + output.stderr
+    assert "no such folder" in output.stderr

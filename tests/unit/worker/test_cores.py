@@ -12,7 +12,8 @@ from typing import TypeVar
 import pytest
 import torch
 
-from syncfed.worker.cores import CoreShare, count_workers, fair_threads, registered, registry_dir
+from syncfed.worker.compute import CoreShare
+from syncfed.worker.cores import count_workers, fair_threads, registered, registry_dir
 
 T = TypeVar("T")
 
