@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import os
 import re
 import struct
@@ -33,6 +34,7 @@ from typing import Final, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from .exceptions import ConfigError, DatasetError
+from .partition import stratified_split
 
 __all__ = [
     "DATASETS",
@@ -264,16 +266,31 @@ def load_dataset(
 
 
 def _load_digits(split: Split) -> Dataset:
+    images, labels = digits_arrays()
+    train, test = stratified_split(labels, 0.2, _DIGITS_SPLIT_SEED)
+    chosen = train if split == "train" else test
+    normalized = (images[chosen] / 16.0 - _DIGITS_MEAN) / _DIGITS_STD
+    return Dataset("digits", normalized[:, None].astype(np.float32), labels[chosen].astype(np.int64))
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits: 1,797 images of 8x8 pixels in 0-16 (float64), and their labels.
+
+    Read from the file scikit-learn ships (``sklearn/datasets/data/digits.csv.gz``) without importing
+    scikit-learn, which would take longer than the rest of a worker's start but torch; through
+    ``load_digits`` where that file is not found.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    folders = [] if spec is None or spec.submodule_search_locations is None else spec.submodule_search_locations
+    for folder in folders:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    images = (bunch.images / 16.0 - _DIGITS_MEAN) / _DIGITS_STD
-    train_x, test_x, train_y, test_y = train_test_split(
-        images, bunch.target, test_size=0.2, random_state=_DIGITS_SPLIT_SEED, stratify=bunch.target
-    )
-    x, y = (train_x, train_y) if split == "train" else (test_x, test_y)
-    return Dataset("digits", x[:, None].astype(np.float32), y.astype(np.int64))
+    return bunch.images, bunch.target.astype(np.int64)
 
 
 def mnist_paths(split: Split, data_dir: Path) -> tuple[Path, Path]:

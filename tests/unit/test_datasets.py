@@ -6,7 +6,9 @@ Nothing here touches the network: MNIST downloads are either off or made to fail
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import struct
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from syncfed.datasets import DATASETS, Dataset, load_dataset, mnist_paths, read_idx
+from syncfed.datasets import DATASETS, Dataset, digits_arrays, load_dataset, mnist_paths, read_idx
 from syncfed.exceptions import DatasetError
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -102,6 +104,45 @@ def test_digits_are_the_normalised_scikit_learn_images(digits: dict[str, Dataset
     ours = np.concatenate([digits["train"].images, digits["test"].images]).reshape(len(raw), -1)
     # The same images, split: compare column-wise sorted pixel values.
     np.testing.assert_allclose(np.sort(ours, axis=0), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_digits_are_scikit_learns_own_stratified_split(digits: dict[str, Dataset]) -> None:
+    """Exactly what the demo trained on when it called scikit-learn: its images, split by train_test_split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    normalized = ((bunch.images / 16.0 - 0.3053) / 0.3760)[:, None].astype(np.float32)
+    train_x, test_x, train_y, test_y = train_test_split(
+        normalized, bunch.target, test_size=0.2, random_state=0, stratify=bunch.target
+    )
+    for split, images, labels in (("train", train_x, train_y), ("test", test_x, test_y)):
+        np.testing.assert_array_equal(digits[split].images, images)
+        np.testing.assert_array_equal(digits[split].labels, labels)
+
+
+def test_digits_load_without_importing_scikit_learn() -> None:
+    loaded = "sorted(name for name in sys.modules if name.startswith('sklearn.'))"
+    code = f"import sys; from syncfed.datasets import load_dataset; load_dataset('digits', 'train'); print({loaded})"
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert output.stdout.strip() == "[]"
+
+
+def test_digits_arrays_fall_back_to_load_digits_where_the_file_is_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.datasets import load_digits
+
+    images, labels = digits_arrays()
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    again, again_labels = digits_arrays()
+    bunch = load_digits()
+    for got, expected in (
+        (images, bunch.images),
+        (again, bunch.images),
+        (labels, bunch.target),
+        (again_labels, bunch.target),
+    ):
+        np.testing.assert_array_equal(got, expected)
+    assert labels.dtype == again_labels.dtype == np.int64
 
 
 def test_digits_deterministic(digits: dict[str, Dataset]) -> None:

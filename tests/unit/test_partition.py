@@ -16,6 +16,7 @@ from syncfed.partition import (
     iid_shard,
     parse_classes,
     parse_shard,
+    stratified_split,
 )
 
 FAST = settings(max_examples=60, deadline=None)
@@ -148,3 +149,30 @@ def test_parse_shard(text: str, expected: tuple[int, int]) -> None:
 def test_parse_shard_rejects(text: str) -> None:
     with pytest.raises(ConfigError, match="shard"):
         parse_shard(text)
+
+
+@FAST
+@given(
+    counts=st.lists(st.integers(2, 40), min_size=2, max_size=8),
+    test_fraction=st.floats(0.1, 0.6),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_stratified_split_is_scikit_learns(counts: list[int], test_fraction: float, seed: int) -> None:
+    from sklearn.model_selection import train_test_split
+
+    labels = np.random.default_rng(seed).permutation(np.repeat(np.arange(len(counts)) * 3 + 1, counts))
+    tested = int(np.ceil(test_fraction * len(labels)))
+    if min(tested, len(labels) - tested) < len(counts):
+        with pytest.raises(ConfigError, match="each class on both sides"):
+            stratified_split(labels, test_fraction, seed)
+        return
+    expected = train_test_split(np.arange(len(labels)), test_size=test_fraction, random_state=seed, stratify=labels)
+    train, test = stratified_split(labels, test_fraction, seed)
+    np.testing.assert_array_equal(train, expected[0])
+    np.testing.assert_array_equal(test, expected[1])
+    assert sorted([*train, *test]) == list(range(len(labels)))
+
+
+def test_stratified_split_refuses_a_class_of_one_example() -> None:
+    with pytest.raises(ConfigError, match=r"the smallest has 1\)"):
+        stratified_split(np.array([0, 0, 0, 1, 2, 2]), 0.5, 0)
