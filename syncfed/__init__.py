@@ -17,10 +17,10 @@ other pure module) loads neither the protocol nor the networking layer.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .exceptions import SyncfedError
+from .lazy import lazy_names
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
     from .config import CoordinatorConfig, WorkerConfig  # noqa: F401
@@ -75,19 +75,8 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
         "MultiKrum",
     ),
 }
-_HOMES = {name: module for module, names in _EXPORTS.items() for name in names}
+_HOMES = {name: f".{module}" for module, names in _EXPORTS.items() for name in names}
 
 __all__ = ["__version__", "SyncfedError", *_HOMES]
 
-
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'syncfed' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(globals(), _HOMES)

@@ -14,8 +14,9 @@ registry, checkpoint, resume) and :mod:`.results`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
     from ..fold import mismatch as _mismatch
@@ -31,20 +32,20 @@ if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported thr
         SiteEvalRecord,
     )
 
-#: Each name, by the module it lives in and its name there. Loaded on first use: the rooms that need no model
-#: (a query round, a proposal) are imported by ``python -m syncfed analytics`` without loading torch.
-_HOMES: dict[str, tuple[str, str]] = {
-    "CENTRALIZED": (".results", "CENTRALIZED"),
-    "FEDERATED": (".results", "FEDERATED"),
-    "Coordinator": (".coordinator", "Coordinator"),
-    "EvalRecord": (".results", "EvalRecord"),
-    "RoundRecord": (".results", "RoundRecord"),
-    "RunResult": (".results", "RunResult"),
-    "SiteEvalRecord": (".results", "SiteEvalRecord"),
-    "plan_seed": (".dispatch", "plan_seed"),
+#: Each name, by the module it lives in. Loaded on first use: the rooms that need no model (a query round,
+#: a proposal) are imported by ``python -m syncfed analytics`` without loading torch.
+_HOMES: dict[str, str] = {
+    "CENTRALIZED": ".results",
+    "FEDERATED": ".results",
+    "Coordinator": ".coordinator",
+    "EvalRecord": ".results",
+    "RoundRecord": ".results",
+    "RunResult": ".results",
+    "SiteEvalRecord": ".results",
+    "plan_seed": ".dispatch",
     # Kept for one release: old private names that tests import.
-    "_Backoff": (".pool", "Backoff"),
-    "_mismatch": ("..fold", "mismatch"),
+    "_Backoff": ".pool:Backoff",
+    "_mismatch": "..fold:mismatch",
 }
 
 __all__ = [
@@ -61,15 +62,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attribute = home
-    value = getattr(importlib.import_module(module, __name__), attribute)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(globals(), _HOMES)

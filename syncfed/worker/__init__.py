@@ -21,32 +21,16 @@ Usage::
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:  # the lazily loaded names, for type checkers (re-exported through __getattr__)
     from ..exceptions import RequestFailed
     from .catalog import model_factories
-    from .handle import (
-        WorkerHandle,
-        serve_worker,
-        start_worker,
-    )
-    from .holdings import (
-        Holding,
-        Served,
-        SourceHolding,
-        advertised_holdings,
-        hold_source,
-        load_holdings,
-        load_shard,
-    )
-    from .server import (
-        LOOPBACK,
-        Worker,
-        run_worker,
-        serving,
-    )
+    from .handle import WorkerHandle, serve_worker, start_worker
+    from .holdings import Holding, Served, SourceHolding, advertised_holdings, hold_source, load_holdings, load_shard
+    from .server import LOOPBACK, Worker, run_worker, serving
 
 #: Each name, by the module it lives in. Loaded on first use: the worker's program reads its data
 #: (:mod:`.holdings`) and stops on a bad file before anything loads torch.
@@ -89,14 +73,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(globals(), _HOMES)

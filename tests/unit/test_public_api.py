@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,18 @@ def test_public_names_are_the_objects_of_their_homes() -> None:
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         _ = syncfed.Nope  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("package", ["syncfed.coordinator", "syncfed.worker"])
+def test_the_packages_load_each_name_from_its_home_on_first_use(package: str) -> None:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        module_name, _, attribute = module._HOMES[name].partition(":")
+        assert getattr(module, name) is getattr(importlib.import_module(module_name, package), attribute or name)
+        assert name in vars(module)  # kept: the next look-up is a plain attribute
+    assert sorted(module.__all__) == sorted(module._HOMES) and set(module.__all__) <= set(dir(module))
+    with pytest.raises(AttributeError, match=f"^module '{package}' has no attribute 'Nope'$"):
+        _ = module.Nope
 
 
 def test_importing_a_pure_module_loads_neither_the_protocol_nor_the_network() -> None:
